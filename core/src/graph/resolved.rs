@@ -1,0 +1,51 @@
+//! A validated graph: node types looked up, inputs in schema order with literals converted, defaults and
+//! parameters filled in, links pointing at node indices and output slots, and the petgraph DAG.
+
+use std::path::PathBuf;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::registry::Entry;
+use crate::value::Value;
+
+/// A graph ready to schedule and run.
+pub struct ResolvedGraph {
+    /// The graph file, for messages.
+    pub file: PathBuf,
+    /// The directory relative input paths are also looked up in.
+    pub graph_dir: PathBuf,
+    /// The graph as run (parameters applied), as RON; saved images embed it.
+    pub source: String,
+    /// Nodes in file order; indices are also the DAG's node weights.
+    pub nodes: Vec<ResolvedNode>,
+    /// Edges run from the producing node to the consuming node.
+    pub dag: DiGraph<usize, ()>,
+}
+
+/// One node of a resolved graph.
+pub struct ResolvedNode {
+    pub id: String,
+    pub entry: Entry,
+    /// One per schema input, in schema order.
+    pub inputs: Vec<ResolvedInput>,
+    /// This node's vertex in [`ResolvedGraph::dag`].
+    pub vertex: NodeIndex,
+}
+
+/// An input after resolution.
+#[derive(Clone, Debug)]
+pub enum ResolvedInput {
+    /// A literal, a parameter's value or the schema default.
+    Value(Value),
+    /// Output `output` of node `node` (an index into [`ResolvedGraph::nodes`]).
+    Link { node: usize, output: usize },
+    /// An optional input left out.
+    Absent,
+}
+
+impl ResolvedGraph {
+    /// The index of the node with id `id`.
+    pub fn index_of(&self, id: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.id == id)
+    }
+}

@@ -1,0 +1,17 @@
+//! diffloom-core: the graph format, validation, the node trait and registry, and the cached executor.
+//! No model code lives here; nodes come from `diffloom-nodes` and Lua plugins.
+
+pub mod error;
+pub mod exec;
+pub mod graph;
+pub mod node;
+pub mod registry;
+pub mod validate;
+pub mod value;
+
+pub use error::{GraphError, NodeError, RunError, ValidationError, ValidationErrors, ValidationKind};
+pub use exec::{Executor, NodeReport, NodeStatus, RunOptions, RunReport};
+pub use graph::{GraphFile, ResolvedGraph};
+pub use node::{Args, Bool, Combo, Ctx, Float, InputKind, Int, Node, Schema, Str};
+pub use registry::{Origin, Registry};
+pub use value::{Handle, Latent, Shared, Value, ValueType};

@@ -1,0 +1,440 @@
+//! The node trait and the schema every node declares (inputs, outputs, defaults, ranges, choices).
+//!
+//! A schema is data: validation, `diffloom nodes`, the cache key and Lua plugins all read it, and a
+//! node's `execute` never re-checks what its schema already states.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+use tch::Device;
+
+use crate::error::NodeError;
+use crate::value::{Latent, Shared, Value, ValueType};
+
+/// What a node declares about itself, after ComfyUI's `INPUT_TYPES`/`RETURN_TYPES`/`OUTPUT_NODE`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Schema {
+    /// The node type name used in graph files (`"KSampler"`).
+    pub name: String,
+    /// ComfyUI's category path (`"sampling"`, `"image/upscaling"`).
+    pub category: String,
+    pub description: String,
+    /// Inputs in declaration order, which is also their order in the cache key.
+    pub inputs: Vec<InputSpec>,
+    pub outputs: Vec<OutputSpec>,
+    /// Output nodes (SaveImage, PreviewImage, …) are what a run evaluates; everything else runs only
+    /// when an output node needs it.
+    pub output_node: bool,
+    /// `false` for nodes whose result must never be reused (ComfyUI's `IS_CHANGED` returning NaN).
+    pub cacheable: bool,
+}
+
+/// One declared input.
+#[derive(Clone, Debug, Serialize)]
+pub struct InputSpec {
+    pub name: String,
+    pub kind: InputKind,
+    /// An optional input may be left out entirely; the node sees `None`.
+    pub optional: bool,
+    pub description: String,
+}
+
+/// One declared output.
+#[derive(Clone, Debug, Serialize)]
+pub struct OutputSpec {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub ty: ValueType,
+}
+
+/// What an input accepts. Widget kinds (numbers, strings, booleans, choices) take a literal or a link
+/// from an output of the same type; `Link` kinds take only a link.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum InputKind {
+    Int { default: Option<i128>, min: i128, max: i128, step: i128 },
+    Float { default: Option<f64>, min: f64, max: f64, step: f64 },
+    String { default: Option<String>, multiline: bool },
+    Boolean { default: Option<bool> },
+    Combo { choices: Vec<String>, default: Option<String> },
+    Link { ty: ValueType },
+}
+
+impl InputKind {
+    /// The value type this input carries (a choice is a STRING).
+    pub fn value_type(&self) -> ValueType {
+        match self {
+            InputKind::Int { .. } => ValueType::Int,
+            InputKind::Float { .. } => ValueType::Float,
+            InputKind::String { .. } | InputKind::Combo { .. } => ValueType::String,
+            InputKind::Boolean { .. } => ValueType::Boolean,
+            InputKind::Link { ty } => *ty,
+        }
+    }
+
+    /// The default used when a graph leaves the input out, if the schema gives one.
+    pub fn default_value(&self) -> Option<Value> {
+        match self {
+            InputKind::Int { default, .. } => default.map(Value::Int),
+            InputKind::Float { default, .. } => default.map(Value::Float),
+            InputKind::String { default, .. } => default.clone().map(Value::String),
+            InputKind::Boolean { default } => default.map(Value::Boolean),
+            InputKind::Combo { default, choices } => {
+                default.clone().or_else(|| choices.first().cloned()).map(Value::String)
+            }
+            InputKind::Link { .. } => None,
+        }
+    }
+}
+
+/// An INT widget, built as `Int::new(20).range(1, 10_000)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Int {
+    default: Option<i128>,
+    min: i128,
+    max: i128,
+    step: i128,
+}
+
+impl Int {
+    /// An integer input with a default and no bounds beyond i64's.
+    pub fn new(default: i128) -> Int {
+        Int { default: Some(default), min: i64::MIN as i128, max: i64::MAX as i128, step: 1 }
+    }
+    /// An integer input the graph must set.
+    pub fn required() -> Int {
+        Int { default: None, ..Int::new(0) }
+    }
+    pub fn range(self, min: i128, max: i128) -> Int {
+        Int { min, max, ..self }
+    }
+    pub fn min(self, min: i128) -> Int {
+        Int { min, ..self }
+    }
+    pub fn max(self, max: i128) -> Int {
+        Int { max, ..self }
+    }
+    /// The UI step; informational, as ComfyUI's (e.g. 8 for image sizes).
+    pub fn step(self, step: i128) -> Int {
+        Int { step, ..self }
+    }
+}
+
+impl From<Int> for InputKind {
+    fn from(i: Int) -> InputKind {
+        InputKind::Int { default: i.default, min: i.min, max: i.max, step: i.step }
+    }
+}
+
+/// A FLOAT widget, built as `Float::new(8.0).range(0.0, 100.0).step(0.5)`.
+#[derive(Clone, Copy, Debug)]
+pub struct Float {
+    default: Option<f64>,
+    min: f64,
+    max: f64,
+    step: f64,
+}
+
+impl Float {
+    pub fn new(default: f64) -> Float {
+        Float { default: Some(default), min: f64::MIN, max: f64::MAX, step: 0.01 }
+    }
+    pub fn range(self, min: f64, max: f64) -> Float {
+        Float { min, max, ..self }
+    }
+    pub fn step(self, step: f64) -> Float {
+        Float { step, ..self }
+    }
+}
+
+impl From<Float> for InputKind {
+    fn from(f: Float) -> InputKind {
+        InputKind::Float { default: f.default, min: f.min, max: f.max, step: f.step }
+    }
+}
+
+/// A STRING widget.
+#[derive(Clone, Debug)]
+pub struct Str {
+    default: Option<String>,
+    multiline: bool,
+}
+
+impl Str {
+    pub fn new(default: &str) -> Str {
+        Str { default: Some(default.to_owned()), multiline: false }
+    }
+    /// A string the graph must set (a file name, say).
+    pub fn required() -> Str {
+        Str { default: None, multiline: false }
+    }
+    pub fn multiline(self) -> Str {
+        Str { multiline: true, ..self }
+    }
+}
+
+impl From<Str> for InputKind {
+    fn from(s: Str) -> InputKind {
+        InputKind::String { default: s.default, multiline: s.multiline }
+    }
+}
+
+/// A BOOLEAN widget.
+pub struct Bool(pub bool);
+
+impl From<Bool> for InputKind {
+    fn from(b: Bool) -> InputKind {
+        InputKind::Boolean { default: Some(b.0) }
+    }
+}
+
+/// A list of choices; the first is the default, as in ComfyUI.
+pub struct Combo(pub Vec<String>);
+
+impl Combo {
+    pub fn of(choices: &[&str]) -> Combo {
+        Combo(choices.iter().map(|c| c.to_string()).collect())
+    }
+}
+
+impl From<Combo> for InputKind {
+    fn from(c: Combo) -> InputKind {
+        InputKind::Combo { default: c.0.first().cloned(), choices: c.0 }
+    }
+}
+
+impl From<ValueType> for InputKind {
+    fn from(ty: ValueType) -> InputKind {
+        InputKind::Link { ty }
+    }
+}
+
+impl Schema {
+    /// A schema with no inputs or outputs yet, cacheable, not an output node.
+    pub fn new(name: &str, category: &str) -> Schema {
+        Schema {
+            name: name.to_owned(),
+            category: category.to_owned(),
+            description: String::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            output_node: false,
+            cacheable: true,
+        }
+    }
+
+    pub fn describe(mut self, text: &str) -> Schema {
+        self.description = text.to_owned();
+        self
+    }
+
+    pub fn input(mut self, name: &str, kind: impl Into<InputKind>) -> Schema {
+        self.inputs.push(InputSpec { name: name.to_owned(), kind: kind.into(), optional: false, description: String::new() });
+        self
+    }
+
+    pub fn optional(mut self, name: &str, kind: impl Into<InputKind>) -> Schema {
+        self.inputs.push(InputSpec { name: name.to_owned(), kind: kind.into(), optional: true, description: String::new() });
+        self
+    }
+
+    /// Describes the input declared last.
+    pub fn doc(mut self, text: &str) -> Schema {
+        if let Some(last) = self.inputs.last_mut() {
+            last.description = text.to_owned();
+        }
+        self
+    }
+
+    pub fn output(mut self, name: &str, ty: ValueType) -> Schema {
+        self.outputs.push(OutputSpec { name: name.to_owned(), ty });
+        self
+    }
+
+    pub fn output_node(mut self) -> Schema {
+        self.output_node = true;
+        self
+    }
+
+    pub fn never_cache(mut self) -> Schema {
+        self.cacheable = false;
+        self
+    }
+
+    /// The input named `name`.
+    pub fn input_spec(&self, name: &str) -> Option<&InputSpec> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+
+    /// The index of the output named `name`.
+    pub fn output_index(&self, name: &str) -> Option<usize> {
+        self.outputs.iter().position(|o| o.name == name)
+    }
+}
+
+/// Everything a node may use besides its inputs: the device, where files go, the cancel flag.
+pub struct Ctx<'a> {
+    /// Where tensors are computed.
+    pub device: Device,
+    /// The id of the node being run, for messages.
+    pub node_id: &'a str,
+    /// Directory of the graph file; relative input paths are looked up in the working directory first,
+    /// then here.
+    pub graph_dir: &'a Path,
+    /// Where output nodes write their files.
+    pub output_dir: &'a Path,
+    /// The graph as run (RON, parameters applied), embedded in saved images.
+    pub graph_source: &'a str,
+    /// Set from another thread (Ctrl-C, a newer save in `watch`) to stop at the next step boundary.
+    pub cancel: &'a AtomicBool,
+    /// Lines a node wants in the run report (files written, previews).
+    pub messages: Vec<String>,
+}
+
+impl Ctx<'_> {
+    /// `Err(Cancelled)` once cancellation was asked for; long nodes call this between steps.
+    pub fn check_cancel(&self) -> Result<(), NodeError> {
+        if self.cancel.load(Ordering::Relaxed) {
+            Err(NodeError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Resolves a path from an input: absolute as is; relative in the working directory if it exists
+    /// there, else next to the graph file. The error names both places tried.
+    pub fn input_path(&self, input: &str, path: &str) -> Result<PathBuf, NodeError> {
+        resolve_input_path(self.graph_dir, input, path)
+    }
+}
+
+/// See [`Ctx::input_path`]; also used to compute change tokens before a run.
+pub fn resolve_input_path(graph_dir: &Path, input: &str, path: &str) -> Result<PathBuf, NodeError> {
+    let p = Path::new(path);
+    if path.is_empty() {
+        return Err(NodeError::input(input, "expected a file path, got an empty string"));
+    }
+    if p.is_absolute() || p.exists() {
+        return Ok(p.to_path_buf());
+    }
+    let beside = graph_dir.join(p);
+    if beside.exists() {
+        return Ok(beside);
+    }
+    Err(NodeError::input(
+        input,
+        format!("file {path:?} not found (looked in the working directory and in {})", graph_dir.display()),
+    ))
+}
+
+/// A node's inputs for one call, by name, with defaults filled in and parameters substituted.
+pub struct Args {
+    values: Vec<(String, Option<Value>)>,
+}
+
+impl Args {
+    pub fn new(values: Vec<(String, Option<Value>)>) -> Args {
+        Args { values }
+    }
+
+    /// The value of input `name`; `None` if it is optional and was left out.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.values.iter().find(|(n, _)| n == name).and_then(|(_, v)| v.as_ref())
+    }
+
+    fn required(&self, name: &str) -> Result<&Value, NodeError> {
+        self.get(name).ok_or_else(|| NodeError::input(name, "no value was given"))
+    }
+
+    fn wrong(name: &str, want: ValueType, got: &Value) -> NodeError {
+        NodeError::input(name, format!("expected {want}, got {}", got.value_type()))
+    }
+
+    pub fn int(&self, name: &str) -> Result<i128, NodeError> {
+        match self.required(name)? {
+            Value::Int(v) => Ok(*v),
+            v => Err(Self::wrong(name, ValueType::Int, v)),
+        }
+    }
+
+    /// An INT input that must fit an i64 (sizes, counts), as libtorch wants.
+    pub fn i64(&self, name: &str) -> Result<i64, NodeError> {
+        let v = self.int(name)?;
+        i64::try_from(v).map_err(|_| NodeError::input(name, format!("{v} does not fit a 64-bit integer")))
+    }
+
+    pub fn float(&self, name: &str) -> Result<f64, NodeError> {
+        match self.required(name)? {
+            Value::Float(v) => Ok(*v),
+            Value::Int(v) => Ok(*v as f64),
+            v => Err(Self::wrong(name, ValueType::Float, v)),
+        }
+    }
+
+    pub fn string(&self, name: &str) -> Result<&str, NodeError> {
+        match self.required(name)? {
+            Value::String(s) => Ok(s),
+            v => Err(Self::wrong(name, ValueType::String, v)),
+        }
+    }
+
+    pub fn boolean(&self, name: &str) -> Result<bool, NodeError> {
+        match self.required(name)? {
+            Value::Boolean(b) => Ok(*b),
+            v => Err(Self::wrong(name, ValueType::Boolean, v)),
+        }
+    }
+
+    pub fn image(&self, name: &str) -> Result<&Shared, NodeError> {
+        match self.required(name)? {
+            Value::Image(t) => Ok(t),
+            v => Err(Self::wrong(name, ValueType::Image, v)),
+        }
+    }
+
+    pub fn mask(&self, name: &str) -> Result<&Shared, NodeError> {
+        match self.required(name)? {
+            Value::Mask(t) => Ok(t),
+            v => Err(Self::wrong(name, ValueType::Mask, v)),
+        }
+    }
+
+    /// An optional MASK input.
+    pub fn opt_mask(&self, name: &str) -> Result<Option<&Shared>, NodeError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Mask(t)) => Ok(Some(t)),
+            Some(v) => Err(Self::wrong(name, ValueType::Mask, v)),
+        }
+    }
+
+    pub fn latent(&self, name: &str) -> Result<&Latent, NodeError> {
+        match self.required(name)? {
+            Value::Latent(l) => Ok(l),
+            v => Err(Self::wrong(name, ValueType::Latent, v)),
+        }
+    }
+
+    /// Any value (for `*` inputs).
+    pub fn any(&self, name: &str) -> Result<&Value, NodeError> {
+        self.required(name)
+    }
+}
+
+/// A node type: a schema and one function, like a ComfyUI `nodes.py` entry.
+pub trait Node {
+    /// The node's declaration; called once, when the node is registered.
+    fn schema(&self) -> Schema;
+
+    /// Computes the outputs, in the order the schema declares them.
+    fn execute(&self, cx: &mut Ctx, args: &Args) -> Result<Vec<Value>, NodeError>;
+
+    /// Something that changes when the node's result would change although its inputs did not (a hash
+    /// of the file LoadImage reads), like ComfyUI's `IS_CHANGED`. It sees the literal inputs only
+    /// (linked inputs are absent): keys are computed before anything runs, so that a cached node's
+    /// ancestors need not run at all.
+    fn change_token(&self, _graph_dir: &Path, _literals: &Args) -> Result<Option<String>, NodeError> {
+        Ok(None)
+    }
+}

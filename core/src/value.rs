@@ -1,0 +1,250 @@
+//! The values that flow along a graph's links, and their type names.
+//!
+//! Type names are ComfyUI's (`IMAGE`, `LATENT`, `MODEL`, …) so that graphs and plugin schemas read the
+//! same as ComfyUI's. Tensors keep ComfyUI's layouts: IMAGE is `[batch, height, width, 3]` (NHWC)
+//! float in 0..1, MASK is `[batch, height, width]` float in 0..1, LATENT is `[batch, channels, h, w]`.
+
+use std::any::Any;
+use std::fmt;
+use std::rc::Rc;
+
+use tch::Tensor;
+
+/// The type of a value, as named in schemas, graph errors and `diffloom nodes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ValueType {
+    Int,
+    Float,
+    String,
+    Boolean,
+    Image,
+    Mask,
+    Latent,
+    Conditioning,
+    Model,
+    Clip,
+    Vae,
+    Sigmas,
+    Sampler,
+    UpscaleModel,
+    /// Accepts any value; only used for inputs (e.g. `PreviewAny`).
+    Any,
+}
+
+impl ValueType {
+    /// Every type, in the order `diffloom nodes` lists them.
+    pub const ALL: [ValueType; 15] = [
+        ValueType::Int,
+        ValueType::Float,
+        ValueType::String,
+        ValueType::Boolean,
+        ValueType::Image,
+        ValueType::Mask,
+        ValueType::Latent,
+        ValueType::Conditioning,
+        ValueType::Model,
+        ValueType::Clip,
+        ValueType::Vae,
+        ValueType::Sigmas,
+        ValueType::Sampler,
+        ValueType::UpscaleModel,
+        ValueType::Any,
+    ];
+
+    /// ComfyUI's name for the type.
+    pub fn name(self) -> &'static str {
+        match self {
+            ValueType::Int => "INT",
+            ValueType::Float => "FLOAT",
+            ValueType::String => "STRING",
+            ValueType::Boolean => "BOOLEAN",
+            ValueType::Image => "IMAGE",
+            ValueType::Mask => "MASK",
+            ValueType::Latent => "LATENT",
+            ValueType::Conditioning => "CONDITIONING",
+            ValueType::Model => "MODEL",
+            ValueType::Clip => "CLIP",
+            ValueType::Vae => "VAE",
+            ValueType::Sigmas => "SIGMAS",
+            ValueType::Sampler => "SAMPLER",
+            ValueType::UpscaleModel => "UPSCALE_MODEL",
+            ValueType::Any => "*",
+        }
+    }
+
+    /// The type with ComfyUI name `name`, if there is one.
+    pub fn from_name(name: &str) -> Option<ValueType> {
+        ValueType::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// Whether an output of type `self` may feed an input declared as `input`.
+    pub fn feeds(self, input: ValueType) -> bool {
+        input == ValueType::Any || self == input || (self == ValueType::Int && input == ValueType::Float)
+    }
+}
+
+impl serde::Serialize for ValueType {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl fmt::Display for ValueType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A tensor that clones shallowly (shares storage), as values are shared between cache and consumers.
+/// Nodes never modify an input tensor in place; they build new tensors.
+pub struct Shared(pub Tensor);
+
+impl Clone for Shared {
+    fn clone(&self) -> Self {
+        Shared(self.0.shallow_clone())
+    }
+}
+
+impl fmt::Debug for Shared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Tensor{:?}/{:?}", self.0.size(), self.0.kind())
+    }
+}
+
+impl std::ops::Deref for Shared {
+    type Target = Tensor;
+    fn deref(&self) -> &Tensor {
+        &self.0
+    }
+}
+
+/// Bytes held by a tensor's elements (views count in full: an upper bound is what the cache needs).
+pub fn tensor_bytes(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
+}
+
+/// A latent batch, `[batch, channels, h, w]`, with ComfyUI's optional noise mask (1 = resample,
+/// 0 = keep), `[batch or 1, 1, H, W]` at any resolution.
+#[derive(Clone, Debug)]
+pub struct Latent {
+    pub samples: Shared,
+    pub noise_mask: Option<Shared>,
+}
+
+/// One conditioning entry: the text encoder's cross-attention states `[batch, tokens, dim]` and,
+/// where the encoder has one, the pooled output `[batch, dim]`.
+#[derive(Clone, Debug)]
+pub struct CondEntry {
+    pub cross_attn: Shared,
+    pub pooled: Option<Shared>,
+}
+
+/// A model-like object (checkpoint parts, samplers, upscalers) owned by the node crate that made it.
+/// The engine only needs to share it and to know roughly how much memory it holds.
+#[derive(Clone)]
+pub struct Handle {
+    inner: Rc<dyn Any>,
+    bytes: usize,
+    label: String,
+}
+
+impl Handle {
+    /// Wraps `value`; `bytes` is its approximate size (for the cache bound), `label` what to print.
+    pub fn new<T: Any>(value: T, bytes: usize, label: impl Into<String>) -> Handle {
+        Handle { inner: Rc::new(value), bytes, label: label.into() }
+    }
+
+    /// The wrapped object, if it is a `T`.
+    pub fn downcast<T: Any>(&self) -> Option<&T> {
+        self.inner.downcast_ref::<T>()
+    }
+
+    /// What the object is, for reports.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Handle({})", self.label)
+    }
+}
+
+/// A value on a link or a literal input.
+#[derive(Clone, Debug)]
+pub enum Value {
+    /// Wide enough for ComfyUI seeds (0..=2^64-1) as well as negative numbers.
+    Int(i128),
+    Float(f64),
+    String(String),
+    Boolean(bool),
+    /// `[batch, height, width, 3]`, float in 0..1.
+    Image(Shared),
+    /// `[batch, height, width]`, float in 0..1.
+    Mask(Shared),
+    Latent(Latent),
+    Conditioning(Vec<CondEntry>),
+    Model(Handle),
+    Clip(Handle),
+    Vae(Handle),
+    /// A decreasing 1-D list of noise levels, ending at 0 for a full run.
+    Sigmas(Shared),
+    Sampler(Handle),
+    UpscaleModel(Handle),
+}
+
+impl Value {
+    /// The type this value has.
+    pub fn value_type(&self) -> ValueType {
+        match self {
+            Value::Int(_) => ValueType::Int,
+            Value::Float(_) => ValueType::Float,
+            Value::String(_) => ValueType::String,
+            Value::Boolean(_) => ValueType::Boolean,
+            Value::Image(_) => ValueType::Image,
+            Value::Mask(_) => ValueType::Mask,
+            Value::Latent(_) => ValueType::Latent,
+            Value::Conditioning(_) => ValueType::Conditioning,
+            Value::Model(_) => ValueType::Model,
+            Value::Clip(_) => ValueType::Clip,
+            Value::Vae(_) => ValueType::Vae,
+            Value::Sigmas(_) => ValueType::Sigmas,
+            Value::Sampler(_) => ValueType::Sampler,
+            Value::UpscaleModel(_) => ValueType::UpscaleModel,
+        }
+    }
+
+    /// Approximate memory held, for the cache's bound. Handles report what their owner declared.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Value::Int(_) | Value::Float(_) | Value::Boolean(_) => 16,
+            Value::String(s) => s.len() + 24,
+            Value::Image(t) | Value::Mask(t) | Value::Sigmas(t) => tensor_bytes(t),
+            Value::Latent(l) => tensor_bytes(&l.samples) + l.noise_mask.as_ref().map_or(0, |m| tensor_bytes(m)),
+            Value::Conditioning(c) => c
+                .iter()
+                .map(|e| tensor_bytes(&e.cross_attn) + e.pooled.as_ref().map_or(0, |p| tensor_bytes(p)))
+                .sum(),
+            Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::UpscaleModel(h) => h.bytes,
+        }
+    }
+
+    /// A short description for reports and `PreviewAny`.
+    pub fn describe(&self) -> String {
+        match self {
+            Value::Int(v) => v.to_string(),
+            Value::Float(v) => v.to_string(),
+            Value::String(s) => s.clone(),
+            Value::Boolean(b) => b.to_string(),
+            Value::Image(t) | Value::Mask(t) | Value::Sigmas(t) => {
+                format!("{} {:?}", self.value_type(), t.size())
+            }
+            Value::Latent(l) => format!("LATENT {:?}", l.samples.size()),
+            Value::Conditioning(c) => format!("CONDITIONING ({} entries)", c.len()),
+            Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::UpscaleModel(h) => {
+                format!("{} {}", self.value_type(), h.label())
+            }
+        }
+    }
+}

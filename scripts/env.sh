@@ -1,0 +1,8 @@
+# Sourced by the other scripts: points tch's build (torch-sys) at the libtorch inside the project venv.
+# tch 0.26 is built against libtorch 2.13.0, which the torch==2.13.0 wheel from PyPI carries under
+# site-packages/torch (lib/ and include/); the wheel is built with the C++11 ABI.
+DIFFLOOM_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+DIFFLOOM_VENV=$DIFFLOOM_ROOT/.venv
+LIBTORCH=$(ls -d "$DIFFLOOM_VENV"/lib/python3*/site-packages/torch 2>/dev/null | head -n1)
+export DIFFLOOM_ROOT DIFFLOOM_VENV LIBTORCH
+export LIBTORCH_CXX11_ABI=1
