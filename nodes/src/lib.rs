@@ -1,0 +1,59 @@
+//! diffloom-nodes: the built-in nodes and what they need (image I/O, resampling; later the SD model
+//! stack and samplers).
+
+pub mod builtin;
+pub mod imageio;
+pub mod resample;
+
+use std::rc::Rc;
+
+use diffloom_core::{Node, Origin, Registry};
+
+use builtin::{image, primitive};
+
+/// Every built-in node, ordered by category as `diffloom nodes` lists them.
+pub fn builtin() -> Vec<Rc<dyn Node>> {
+    vec![
+        // image
+        Rc::new(image::LoadImage),
+        Rc::new(image::SaveImage),
+        Rc::new(image::PreviewImage),
+        Rc::new(image::ImageInvert),
+        Rc::new(image::ImageScale),
+        Rc::new(image::ImageScaleBy),
+        Rc::new(image::ImageBlend),
+        Rc::new(image::ImageCrop),
+        // mask
+        Rc::new(image::LoadImageMask),
+        // utils
+        Rc::new(primitive::PRIMITIVE_INT),
+        Rc::new(primitive::PRIMITIVE_FLOAT),
+        Rc::new(primitive::PRIMITIVE_STRING),
+        Rc::new(primitive::PRIMITIVE_STRING_MULTILINE),
+        Rc::new(primitive::PRIMITIVE_BOOLEAN),
+        Rc::new(primitive::StringConcatenate),
+        Rc::new(primitive::PreviewAny),
+    ]
+}
+
+/// A registry holding the built-in nodes.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    for node in builtin() {
+        // invariant: built-in names are distinct (the `builtin_names_are_unique` test).
+        r.register(node, Origin::Builtin).expect("built-in node names are unique");
+    }
+    r
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn builtin_names_are_unique() {
+        let mut names: Vec<String> = super::builtin().iter().map(|n| n.schema().name).collect();
+        let before = names.len();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), before);
+    }
+}

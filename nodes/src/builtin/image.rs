@@ -1,0 +1,264 @@
+//! ComfyUI's `image` category: loading, saving, previewing, scaling, inverting, blending, cropping.
+
+use std::path::Path;
+
+use diffloom_core::value::Shared;
+use diffloom_core::{Args, Combo, Ctx, Float, Int, Node, NodeError, Schema, Str, Value, ValueType};
+use tch::{Kind, Tensor};
+
+use crate::imageio;
+use crate::resample::{common_upscale, CROP_METHODS, IMAGE_METHODS};
+
+/// ComfyUI's MAX_RESOLUTION.
+pub const MAX_RESOLUTION: i128 = 16384;
+
+/// Hash of a file's bytes, so that editing an input file re-runs the node and touching it does not.
+fn file_token(graph_dir: &Path, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
+    let Some(Value::String(path)) = literals.get(input) else { return Ok(None) };
+    let path = diffloom_core::node::resolve_input_path(graph_dir, input, path)?;
+    let bytes = std::fs::read(&path).map_err(|e| NodeError::file(&path, format!("cannot read: {e}")))?;
+    Ok(Some(blake3::hash(&bytes).to_hex().to_string()))
+}
+
+fn nchw(image: &Tensor) -> Result<Tensor, NodeError> {
+    Ok(image.f_permute([0, 3, 1, 2])?)
+}
+
+fn nhwc(x: &Tensor) -> Result<Tensor, NodeError> {
+    Ok(x.f_permute([0, 2, 3, 1])?.f_contiguous()?)
+}
+
+pub struct LoadImage;
+impl Node for LoadImage {
+    fn schema(&self) -> Schema {
+        Schema::new("LoadImage", "image")
+            .describe("Loads a PNG, JPEG or WebP file. MASK is 1 - alpha (64×64 zeros without alpha), as ComfyUI.")
+            .input("image", Str::required())
+            .doc("path; relative paths are looked up in the working directory, then next to the graph")
+            .output("IMAGE", ValueType::Image)
+            .output("MASK", ValueType::Mask)
+    }
+    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_token(graph_dir, "image", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let img = imageio::load(&cx.input_path("image", a.string("image")?)?)?;
+        let mask = match img.alpha {
+            Some(alpha) => alpha.f_neg()?.f_add_scalar(1.0)?,
+            None => Tensor::f_zeros([1, 64, 64], (Kind::Float, tch::Device::Cpu))?,
+        };
+        Ok(vec![Value::Image(Shared(img.rgb)), Value::Mask(Shared(mask))])
+    }
+}
+
+pub struct LoadImageMask;
+impl Node for LoadImageMask {
+    fn schema(&self) -> Schema {
+        Schema::new("LoadImageMask", "mask")
+            .describe("Loads one channel of an image file as a MASK (alpha is inverted, as ComfyUI).")
+            .input("image", Str::required())
+            .input("channel", Combo::of(&["alpha", "red", "green", "blue"]))
+            .output("MASK", ValueType::Mask)
+    }
+    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_token(graph_dir, "image", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let img = imageio::load(&cx.input_path("image", a.string("image")?)?)?;
+        let mask = match (a.string("channel")?, img.alpha) {
+            ("alpha", Some(alpha)) => alpha.f_neg()?.f_add_scalar(1.0)?,
+            ("alpha", None) => Tensor::f_zeros([1, 64, 64], (Kind::Float, tch::Device::Cpu))?,
+            (channel, _) => {
+                let c = ["red", "green", "blue"].iter().position(|n| *n == channel).unwrap_or(0) as i64;
+                img.rgb.f_select(3, c)?.f_contiguous()?
+            }
+        };
+        Ok(vec![Value::Mask(Shared(mask))])
+    }
+}
+
+/// Saves every image of the batch into `dir` with the graph embedded, reporting each path.
+fn save_batch(cx: &mut Ctx, images: &Tensor, dir: &Path, prefix: &str) -> Result<(), NodeError> {
+    for i in 0..images.size()[0] {
+        cx.check_cancel()?;
+        let rgb = imageio::to_rgb8(&images.f_get(i)?)?;
+        let path = imageio::save_png(dir, prefix, &rgb, "diffloom", cx.graph_source)?;
+        cx.messages.push(format!("wrote {}", path.display()));
+    }
+    Ok(())
+}
+
+pub struct SaveImage;
+impl Node for SaveImage {
+    fn schema(&self) -> Schema {
+        Schema::new("SaveImage", "image")
+            .describe("Saves images as numbered PNGs (<prefix>_00001_.png, …) in the output directory, with the graph \
+                       embedded; never overwrites a file.")
+            .input("images", ValueType::Image)
+            .input("filename_prefix", Str::new("diffloom"))
+            .doc("file name prefix; may contain subfolders")
+            .output_node()
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let dir = cx.output_dir.to_path_buf();
+        save_batch(cx, a.image("images")?, &dir, a.string("filename_prefix")?)?;
+        Ok(vec![])
+    }
+}
+
+pub struct PreviewImage;
+impl Node for PreviewImage {
+    fn schema(&self) -> Schema {
+        Schema::new("PreviewImage", "image")
+            .describe("Writes images to a temporary folder (diffloom-preview in the system temp directory) to look at.")
+            .input("images", ValueType::Image)
+            .output_node()
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let dir = std::env::temp_dir().join("diffloom-preview");
+        save_batch(cx, a.image("images")?, &dir, "preview")?;
+        Ok(vec![])
+    }
+}
+
+/// ComfyUI's ImageScale: 0 for one side keeps the aspect ratio, 0 for both leaves the image as is.
+pub struct ImageScale;
+impl Node for ImageScale {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageScale", "image/upscaling")
+            .input("image", ValueType::Image)
+            .input("upscale_method", Combo::of(IMAGE_METHODS))
+            .input("width", Int::new(512).range(0, MAX_RESOLUTION))
+            .input("height", Int::new(512).range(0, MAX_RESOLUTION))
+            .input("crop", Combo::of(CROP_METHODS))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let (mut width, mut height) = (a.i64("width")?, a.i64("height")?);
+        if width == 0 && height == 0 {
+            return Ok(vec![Value::Image(image.clone())]);
+        }
+        let size = image.size();
+        let (h, w) = (size[1] as f64, size[2] as f64);
+        if width == 0 {
+            width = ((w * height as f64 / h).round_ties_even() as i64).max(1);
+        } else if height == 0 {
+            height = ((h * width as f64 / w).round_ties_even() as i64).max(1);
+        }
+        let out = common_upscale(&nchw(image)?, width, height, a.string("upscale_method")?, a.string("crop")?)?;
+        Ok(vec![Value::Image(Shared(nhwc(&out)?))])
+    }
+}
+
+pub struct ImageScaleBy;
+impl Node for ImageScaleBy {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageScaleBy", "image/upscaling")
+            .input("image", ValueType::Image)
+            .input("upscale_method", Combo::of(IMAGE_METHODS))
+            .input("scale_by", Float::new(1.0).range(0.01, 8.0))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let scale = a.float("scale_by")?;
+        let size = image.size();
+        let width = ((size[2] as f64 * scale).round_ties_even() as i64).max(1);
+        let height = ((size[1] as f64 * scale).round_ties_even() as i64).max(1);
+        let out = common_upscale(&nchw(image)?, width, height, a.string("upscale_method")?, "disabled")?;
+        Ok(vec![Value::Image(Shared(nhwc(&out)?))])
+    }
+}
+
+pub struct ImageInvert;
+impl Node for ImageInvert {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageInvert", "image").input("image", ValueType::Image).output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        Ok(vec![Value::Image(Shared(a.image("image")?.f_neg()?.f_add_scalar(1.0)?))])
+    }
+}
+
+/// ComfyUI's ImageBlend (comfy_extras/nodes_post_processing.py): image2 is resized (bicubic, centre
+/// crop) to image1's size when they differ, blended by mode, mixed by `blend_factor`, clamped to 0..1.
+pub struct ImageBlend;
+impl Node for ImageBlend {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageBlend", "image/postprocessing")
+            .input("image1", ValueType::Image)
+            .input("image2", ValueType::Image)
+            .input("blend_factor", Float::new(0.5).range(0.0, 1.0))
+            .input("blend_mode", Combo::of(&["normal", "multiply", "screen", "overlay", "soft_light", "difference"]))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (img1, img2) = (a.image("image1")?, a.image("image2")?);
+        let (s1, s2) = (img1.size(), img2.size());
+        if s1[0] != s2[0] && s1[0] != 1 && s2[0] != 1 {
+            return Err(NodeError::input(
+                "image2",
+                format!("batch of {} images does not match image1's batch of {} (one of them may be 1)", s2[0], s1[0]),
+            ));
+        }
+        let img2 = if s1[1..] != s2[1..] {
+            nhwc(&common_upscale(&nchw(img2)?, s1[2], s1[1], "bicubic", "center")?)?
+        } else {
+            img2.shallow_clone()
+        };
+        let f = a.float("blend_factor")?;
+        let blended = blend(img1, &img2, a.string("blend_mode")?)?;
+        let out = img1.f_mul_scalar(1.0 - f)?.f_add(&blended.f_mul_scalar(f)?)?.f_clamp(0.0, 1.0)?;
+        Ok(vec![Value::Image(Shared(out))])
+    }
+}
+
+fn blend(a: &Tensor, b: &Tensor, mode: &str) -> Result<Tensor, NodeError> {
+    let one = |t: &Tensor| -> Result<Tensor, NodeError> { Ok(t.f_neg()?.f_add_scalar(1.0)?) };
+    Ok(match mode {
+        "normal" => b.shallow_clone(),
+        "multiply" => a.f_mul(b)?,
+        "screen" => one(&one(a)?.f_mul(&one(b)?)?)?,
+        "overlay" => {
+            let low = a.f_mul(b)?.f_mul_scalar(2.0)?;
+            let high = one(&one(a)?.f_mul(&one(b)?)?.f_mul_scalar(2.0)?)?;
+            low.f_where_self(&a.f_le(0.5)?, &high)?
+        }
+        "soft_light" => {
+            // g(x) = ((16x - 12)x + 4)x for x <= 0.25, else sqrt(x)
+            let poly = a.f_mul_scalar(16.0)?.f_sub_scalar(12.0)?.f_mul(a)?.f_add_scalar(4.0)?.f_mul(a)?;
+            let g = poly.f_where_self(&a.f_le(0.25)?, &a.f_sqrt()?)?;
+            let low = a.f_sub(&one(&b.f_mul_scalar(2.0)?)?.f_mul(a)?.f_mul(&one(a)?)?)?;
+            let high = a.f_add(&b.f_mul_scalar(2.0)?.f_sub_scalar(1.0)?.f_mul(&g.f_sub(a)?)?)?;
+            low.f_where_self(&b.f_le(0.5)?, &high)?
+        }
+        "difference" => a.f_sub(b)?,
+        other => return Err(NodeError::Failed(format!("unknown blend mode {other:?}"))),
+    })
+}
+
+/// ComfyUI's ImageCrop: x and y are clamped inside the image; the crop is cut off at its edges.
+pub struct ImageCrop;
+impl Node for ImageCrop {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageCrop", "image/transform")
+            .input("image", ValueType::Image)
+            .input("width", Int::new(512).range(1, MAX_RESOLUTION))
+            .input("height", Int::new(512).range(1, MAX_RESOLUTION))
+            .input("x", Int::new(0).range(0, MAX_RESOLUTION))
+            .input("y", Int::new(0).range(0, MAX_RESOLUTION))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let size = image.size();
+        let (h, w) = (size[1], size[2]);
+        let x = a.i64("x")?.min(w - 1);
+        let y = a.i64("y")?.min(h - 1);
+        let width = a.i64("width")?.min(w - x);
+        let height = a.i64("height")?.min(h - y);
+        let out = image.f_narrow(1, y, height)?.f_narrow(2, x, width)?.f_contiguous()?;
+        Ok(vec![Value::Image(Shared(out))])
+    }
+}

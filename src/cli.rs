@@ -1,0 +1,62 @@
+//! The command-line definition (clap).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// Runs Stable Diffusion workflows saved as RON node graphs.
+#[derive(Parser, Debug)]
+#[command(name = "diffloom", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Where tensors are computed: cpu, cuda or cuda:N (default: CUDA when available, else CPU).
+    #[arg(long, global = true)]
+    pub device: Option<String>,
+    /// Print more (load times, memory).
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Validate and run a graph; writes what its output nodes produce.
+    Run {
+        /// The graph file (.ron).
+        file: PathBuf,
+        /// Override a graph parameter: --set seed=42 --set prompt="a cat". Repeatable.
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Directory output nodes write into.
+        #[arg(short, long, default_value = "output")]
+        output_dir: PathBuf,
+    },
+    /// Check a graph without running it; prints every problem found.
+    Validate {
+        file: PathBuf,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+    },
+    /// Print a graph: as Graphviz DOT, or as text in execution order.
+    Show {
+        file: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: ShowFormat,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+    },
+    /// List the available node types with their inputs and outputs.
+    Nodes {
+        /// Only this node type.
+        name: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ShowFormat {
+    Text,
+    Dot,
+}

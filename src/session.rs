@@ -1,0 +1,57 @@
+//! What every subcommand needs: the node registry, the device, and a graph file read, parameterised and
+//! validated.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Result};
+use diffloom_core::graph::file;
+use diffloom_core::validate::{apply_params, validate};
+use diffloom_core::{Registry, ResolvedGraph};
+use tch::Device;
+
+/// The node types available to graphs.
+pub fn registry() -> Registry {
+    diffloom_nodes::registry()
+}
+
+/// Parses `--device`: cpu, cuda, cuda:N; without it, CUDA when libtorch sees a GPU, else the CPU.
+pub fn device(arg: Option<&str>) -> Result<Device> {
+    let Some(arg) = arg else { return Ok(Device::cuda_if_available()) };
+    let cuda = |n: usize| {
+        let count = tch::Cuda::device_count() as usize;
+        if n < count {
+            Ok(Device::Cuda(n))
+        } else if count == 0 {
+            Err(anyhow!("--device {arg}: CUDA is not available (libtorch sees no GPU); use --device cpu"))
+        } else {
+            Err(anyhow!("--device {arg}: there are {count} CUDA devices (cuda:0 to cuda:{})", count - 1))
+        }
+    };
+    match arg {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match arg.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => cuda(n),
+            None => bail!("--device {arg}: expected cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// Splits `--set` arguments at the first `=`.
+pub fn parse_sets(sets: &[String]) -> Result<Vec<(String, String)>> {
+    sets.iter()
+        .map(|s| match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+            _ => bail!("--set {s:?}: expected NAME=VALUE"),
+        })
+        .collect()
+}
+
+/// Reads, parameterises and validates a graph file. Validation problems come back all together, one
+/// per line.
+pub fn load_graph(path: &Path, sets: &[String], registry: &Registry) -> Result<ResolvedGraph> {
+    let sets = parse_sets(sets)?;
+    let (_, mut graph) = file::read(path)?;
+    apply_params(path, &mut graph, &sets)?;
+    Ok(validate(path, &graph, registry)?)
+}
