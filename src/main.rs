@@ -18,7 +18,16 @@ fn main() -> ExitCode {
     match cmd::run(args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            match e.downcast_ref::<diffloom_core::ValidationErrors>() {
+                // One line per problem, each a complete sentence naming file, node and input.
+                Some(list) => {
+                    for problem in &list.0 {
+                        eprintln!("error: {problem}");
+                    }
+                    eprintln!("{} problem{} found", list.0.len(), if list.0.len() == 1 { "" } else { "s" });
+                }
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::from(1)
         }
     }

@@ -158,11 +158,11 @@ impl NodeError {
 
 /// A run that stopped: which node failed and why. Results computed before it stay cached.
 #[derive(Debug, Error)]
-#[error("{}: node {node:?} ({node_type}): {source}", .file.display())]
+#[error("{}: node {node:?} ({node_type}): {cause}", .file.display())]
 pub struct RunError {
     pub file: PathBuf,
     pub node: String,
     pub node_type: String,
-    #[source]
-    pub source: NodeError,
+    /// Part of the message above (not a `source`, so that it is printed once).
+    pub cause: NodeError,
 }

@@ -246,7 +246,7 @@ pub fn validate(file: &Path, graph: &GraphFile, registry: &Registry) -> Result<R
 fn literal_input(kind: &InputKind, lit: &Literal, report: impl FnOnce(ValidationKind)) -> Option<ResolvedInput> {
     if let InputKind::Link { ty } = kind {
         report(ValidationKind::TypeMismatch {
-            expected: format!("a link to a {ty} output"),
+            expected: format!("a link to an output of type {ty}"),
             found: format!("the literal {lit}"),
         });
         return None;

@@ -235,6 +235,10 @@ impl Value {
         match self {
             Value::Int(v) => v.to_string(),
             Value::Float(v) => v.to_string(),
+            Value::String(s) if s.chars().count() > 1000 => {
+                let head: String = s.chars().take(1000).collect();
+                format!("{head}… ({} more characters)", s.chars().count() - 1000)
+            }
             Value::String(s) => s.clone(),
             Value::Boolean(b) => b.to_string(),
             Value::Image(t) | Value::Mask(t) | Value::Sigmas(t) => {

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Component, Path, PathBuf};
 
 use diffloom_core::NodeError;
-use image::ImageReader;
+use image::ImageFormat;
 use tch::{Kind, Tensor};
 
 /// A decoded image: RGB `[1, H, W, 3]` float in 0..1, and the alpha channel `[1, H, W]` if it has one.
@@ -16,16 +16,14 @@ pub struct Decoded {
 
 /// Decodes a PNG, JPEG or WebP file (the format is read from the content, not the extension).
 pub fn load(path: &Path) -> Result<Decoded, NodeError> {
-    if path.is_dir() {
-        return Err(NodeError::file(path, "is a directory, expected an image file"));
-    }
-    let reader = ImageReader::open(path)
-        .and_then(|r| r.with_guessed_format())
-        .map_err(|e| NodeError::file(path, format!("cannot read: {e}")))?;
-    if reader.format().is_none() {
-        return Err(NodeError::file(path, "not a PNG, JPEG or WebP image"));
-    }
-    let img = reader.decode().map_err(|e| NodeError::file(path, format!("cannot decode the image: {e}")))?;
+    let bytes = read(path)?;
+    // The format comes from the content alone: a misnamed file still loads, a non-image is named as such.
+    let format = match image::guess_format(&bytes) {
+        Ok(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)) => f,
+        _ => return Err(NodeError::file(path, "not a PNG, JPEG or WebP image")),
+    };
+    let img = image::load_from_memory_with_format(&bytes, format)
+        .map_err(|e| NodeError::file(path, format!("cannot decode the image: {e}")))?;
     let has_alpha = img.color().has_alpha();
     let (w, h) = (img.width() as i64, img.height() as i64);
     let rgba = img.into_rgba32f();
@@ -33,6 +31,14 @@ pub fn load(path: &Path) -> Result<Decoded, NodeError> {
     let rgb = t.f_narrow(3, 0, 3)?.f_contiguous()?;
     let alpha = if has_alpha { Some(t.f_select(3, 3)?.f_contiguous()?) } else { None };
     Ok(Decoded { rgb, alpha })
+}
+
+/// Reads an input file whole, with a plain message for a directory.
+pub fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
+    if path.is_dir() {
+        return Err(NodeError::file(path, "is a directory, expected an image file"));
+    }
+    fs::read(path).map_err(|e| NodeError::file(path, format!("cannot read: {e}")))
 }
 
 /// Converts one image `[H, W, 3]` in 0..1 to 8-bit RGB as ComfyUI does (`clip(255 * x).astype(uint8)`,

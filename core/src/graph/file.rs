@@ -187,6 +187,14 @@ pub fn read(file: &Path) -> Result<(String, GraphFile), GraphError> {
 
 /// Parses graph text; `file` is only used in errors.
 pub fn parse(file: &Path, text: &str) -> Result<GraphFile, GraphError> {
+    if text.trim().is_empty() {
+        return Err(GraphError::Syntax {
+            file: file.to_path_buf(),
+            line: 1,
+            column: 1,
+            message: "the file is empty; a graph reads (version: 1, nodes: { ... })".to_owned(),
+        });
+    }
     ron_options().from_str::<GraphFile>(text).map_err(|e| GraphError::Syntax {
         file: file.to_path_buf(),
         line: e.span.start.line,

@@ -16,8 +16,7 @@ pub const MAX_RESOLUTION: i128 = 16384;
 fn file_token(graph_dir: &Path, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
     let Some(Value::String(path)) = literals.get(input) else { return Ok(None) };
     let path = diffloom_core::node::resolve_input_path(graph_dir, input, path)?;
-    let bytes = std::fs::read(&path).map_err(|e| NodeError::file(&path, format!("cannot read: {e}")))?;
-    Ok(Some(blake3::hash(&bytes).to_hex().to_string()))
+    Ok(Some(blake3::hash(&imageio::read(&path)?).to_hex().to_string()))
 }
 
 fn nchw(image: &Tensor) -> Result<Tensor, NodeError> {

@@ -1,0 +1,159 @@
+//! The executor's cache: after each kind of edit, exactly which nodes re-ran.
+
+use crate::util::{executor, run_graph, Dir};
+
+/// load → scale → invert → save, plus a second branch load → crop → save2.
+const BASE: &str = r#"(version: 1, params: {"factor": 2.0}, nodes: {
+    "load": (type: "LoadImage", inputs: {"image": "in.png"}),
+    "scale": (type: "ImageScaleBy", inputs: {"image": Link("load", "IMAGE"), "scale_by": Param("factor")}),
+    "invert": (type: "ImageInvert", inputs: {"image": Link("scale", "IMAGE")}),
+    "save": (type: "SaveImage", inputs: {"images": Link("invert", "IMAGE"), "filename_prefix": "a"}),
+    "crop": (type: "ImageCrop", inputs: {"image": Link("load", "IMAGE"), "width": 8, "height": 8}),
+    "save2": (type: "SaveImage", inputs: {"images": Link("crop", "IMAGE"), "filename_prefix": "b"}),
+})"#;
+
+const GIB: usize = 1 << 30;
+
+/// `base` with `extra` node entries appended.
+fn with_nodes(base: &str, extra: &str) -> String {
+    let end = base.rfind("})").unwrap();
+    format!("{}{extra}\n}})", &base[..end])
+}
+
+fn sorted(mut v: Vec<&str>) -> Vec<&str> {
+    v.sort_unstable();
+    v
+}
+
+#[test]
+fn unchanged_graph_runs_nothing_the_second_time() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    let (mut ex, reg) = executor(&d, GIB);
+    let first = run_graph(&mut ex, &reg, &d, BASE, &[]);
+    assert!(first.error.is_none(), "{:?}", first.error);
+    assert_eq!(first.ran(), ["load", "scale", "invert", "save", "crop", "save2"]);
+    let second = run_graph(&mut ex, &reg, &d, BASE, &[]);
+    assert!(second.ran().is_empty(), "{:?}", second.ran());
+    assert_eq!(sorted(second.cached()), ["save", "save2"]);
+    assert_eq!(d.files("output"), ["a_00001_.png", "b_00001_.png"]);
+}
+
+#[test]
+fn literal_change_reruns_the_node_and_its_dependents() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    let (mut ex, reg) = executor(&d, GIB);
+    run_graph(&mut ex, &reg, &d, BASE, &[]);
+    let edited = BASE.replace(r#""width": 8"#, r#""width": 4"#);
+    let r = run_graph(&mut ex, &reg, &d, &edited, &[]);
+    assert_eq!(r.ran(), ["crop", "save2"]);
+}
+
+#[test]
+fn param_change_reruns_exactly_its_users() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    let (mut ex, reg) = executor(&d, GIB);
+    run_graph(&mut ex, &reg, &d, BASE, &[]);
+    let r = run_graph(&mut ex, &reg, &d, BASE, &[("factor", "3")]);
+    assert_eq!(r.ran(), ["scale", "invert", "save"]);
+    // Back to the first value: everything is still cached.
+    let r = run_graph(&mut ex, &reg, &d, BASE, &[("factor", "2.0")]);
+    assert!(r.ran().is_empty(), "{:?}", r.ran());
+}
+
+#[test]
+fn link_change_reruns_the_consumer_and_its_dependents() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    let (mut ex, reg) = executor(&d, GIB);
+    run_graph(&mut ex, &reg, &d, BASE, &[]);
+    // save2 now reads the inverted image instead of the crop.
+    let edited = BASE.replace(r#""images": Link("crop", "IMAGE")"#, r#""images": Link("invert", "IMAGE")"#);
+    let r = run_graph(&mut ex, &reg, &d, &edited, &[]);
+    assert_eq!(r.ran(), ["save2"]);
+}
+
+#[test]
+fn added_node_runs_alone_and_removed_node_runs_nothing() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    let (mut ex, reg) = executor(&d, GIB);
+    run_graph(&mut ex, &reg, &d, BASE, &[]);
+    let added = with_nodes(
+        BASE,
+        r#""blur": (type: "ImageScaleBy", inputs: {"image": Link("invert", "IMAGE"), "scale_by": 0.5}),
+           "save3": (type: "SaveImage", inputs: {"images": Link("blur", "IMAGE"), "filename_prefix": "c"}),"#,
+    );
+    let r = run_graph(&mut ex, &reg, &d, &added, &[]);
+    assert_eq!(r.ran(), ["blur", "save3"]);
+    let removed = BASE.replace(r#""save2": (type: "SaveImage", inputs: {"images": Link("crop", "IMAGE"), "filename_prefix": "b"}),"#, "");
+    assert_ne!(removed, BASE);
+    let r = run_graph(&mut ex, &reg, &d, &removed, &[]);
+    assert!(r.ran().is_empty(), "{:?}", r.ran());
+    assert_eq!(r.cached(), ["save"]);
+}
+
+#[test]
+fn touched_input_file_runs_nothing_and_changed_input_file_reruns_its_readers() {
+    let d = Dir::new();
+    let img = d.png("in.png", 16, 12, 1);
+    let (mut ex, reg) = executor(&d, GIB);
+    run_graph(&mut ex, &reg, &d, BASE, &[]);
+    // Same bytes, new modification time.
+    let bytes = std::fs::read(&img).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(&img, &bytes).unwrap();
+    let r = run_graph(&mut ex, &reg, &d, BASE, &[]);
+    assert!(r.ran().is_empty(), "{:?}", r.ran());
+    d.png("in.png", 16, 12, 2);
+    let r = run_graph(&mut ex, &reg, &d, BASE, &[]);
+    assert_eq!(r.ran(), ["load", "scale", "invert", "save", "crop", "save2"]);
+}
+
+#[test]
+fn a_failed_node_stops_the_run_keeps_finished_results_and_resumes_there() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    d.write("broken.png", b"\x89PNG\r\n\x1a\n truncated");
+    let (mut ex, reg) = executor(&d, GIB);
+    let g = with_nodes(
+        BASE,
+        r#""bad": (type: "LoadImage", inputs: {"image": "broken.png"}),
+           "save3": (type: "SaveImage", inputs: {"images": Link("bad", "IMAGE"), "filename_prefix": "c"}),"#,
+    );
+    let r = run_graph(&mut ex, &reg, &d, &g, &[]);
+    let err = r.error.as_ref().expect("the run fails");
+    assert_eq!(err.node, "bad");
+    let msg = err.to_string();
+    assert!(msg.contains("graph.ron: node \"bad\" (LoadImage): ") && msg.contains("broken.png: cannot decode the image"), "{msg}");
+    let ran_before = r.ran();
+    assert_eq!(*ran_before.last().unwrap(), "bad");
+    // Fix the file: only the failed branch and what had not run yet run now.
+    d.png("broken.png", 4, 4, 9);
+    let r = run_graph(&mut ex, &reg, &d, &g, &[]);
+    assert!(r.error.is_none(), "{:?}", r.error);
+    for done in ran_before.iter().filter(|n| **n != "bad") {
+        assert!(!r.ran().contains(done), "{done} re-ran: {:?}", r.ran());
+    }
+    assert!(r.ran().contains(&"bad") && r.ran().contains(&"save3"));
+}
+
+#[test]
+fn results_over_the_memory_bound_are_recomputed_when_needed() {
+    let d = Dir::new();
+    d.png("in.png", 64, 64, 1);
+    // Room for about two 64×64×3 float images (48 KiB each) and the output nodes' empty results.
+    let (mut ex, reg) = executor(&d, 110 << 10);
+    run_graph(&mut ex, &reg, &d, BASE, &[]);
+    assert!(ex.cache.used_bytes() <= 110 << 10);
+    // Evicted intermediates are not recomputed while the output nodes stay cached...
+    let r = run_graph(&mut ex, &reg, &d, BASE, &[]);
+    assert!(r.ran().is_empty(), "{:?}", r.ran());
+    // ...but an edit below them has to recompute what was evicted.
+    let edited = BASE.replace(r#""filename_prefix": "a""#, r#""filename_prefix": "z""#);
+    let r = run_graph(&mut ex, &reg, &d, &edited, &[]);
+    assert!(r.ran().contains(&"save"));
+    assert!(r.ran().len() > 1, "the evicted inputs of save were recomputed: {:?}", r.ran());
+}

@@ -1,0 +1,213 @@
+//! The CLI end to end: example graphs, the written PNGs, no overwriting, and bad input.
+
+use std::fs::File;
+
+use crate::util::{repo, stderr, stdout, Dir};
+
+/// The text chunks of a PNG (tEXt and iTXt), and its size.
+fn png_info(path: &std::path::Path) -> (u32, u32, Vec<(String, String)>) {
+    let dec = png::Decoder::new(std::io::BufReader::new(File::open(path).unwrap()));
+    let reader = dec.read_info().unwrap();
+    let info = reader.info();
+    let mut texts: Vec<(String, String)> =
+        info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    for t in &info.utf8_text {
+        texts.push((t.keyword.clone(), t.get_text().unwrap()));
+    }
+    (info.width, info.height, texts)
+}
+
+fn example(name: &str) -> String {
+    repo().join("graphs").join(name).to_str().unwrap().to_owned()
+}
+
+#[test]
+fn image_ops_example_writes_pngs_with_the_graph_embedded() {
+    let d = Dir::new();
+    let out = d.diffloom(&["run", &example("image_ops.ron"), "-o", "out", "--set", "prefix=ops", "--set", "scale=2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(d.files("out"), ["ops_00001_.png", "ops_00002_.png"]);
+    let report = stdout(&out);
+    assert!(report.contains("8 nodes: 8 ran, 0 cached"), "{report}");
+    // Nodes run in file order where dependencies allow: "save" (128×128) before "save_mask" (a 64×64
+    // crop of the inverted image).
+    let (w, h, texts) = png_info(&d.join("out/ops_00001_.png"));
+    assert_eq!((w, h), (128, 128));
+    let (w, h, _) = png_info(&d.join("out/ops_00002_.png"));
+    assert_eq!((w, h), (64, 64));
+    let (_, graph_text) = texts.iter().find(|(k, _)| k == "diffloom").expect("graph chunk");
+    let graph = diffloom_core::graph::file::parse(std::path::Path::new("embedded"), graph_text).unwrap();
+    // The embedded graph carries the parameters as run.
+    assert_eq!(graph.params.get("scale"), Some(&diffloom_core::graph::Literal::Float(2.0)));
+    assert_eq!(graph.params.get("prefix"), Some(&diffloom_core::graph::Literal::String("ops".into())));
+    assert_eq!(graph.nodes.0.len(), 8);
+}
+
+#[test]
+fn a_second_run_never_overwrites() {
+    let d = Dir::new();
+    let out = d.diffloom(&["run", &example("image_ops.ron"), "-o", "out"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = std::fs::read(d.join("out/image_ops_00002_.png")).unwrap();
+    // A file the user made with the next number must survive too.
+    d.write("out/image_ops_00003_.png", b"mine");
+    let out = d.diffloom(&["run", &example("image_ops.ron"), "-o", "out", "--set", "scale=1.0"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        d.files("out"),
+        ["image_ops_00001_.png", "image_ops_00002_.png", "image_ops_00003_.png", "image_ops_00004_.png", "image_ops_00005_.png"]
+    );
+    assert_eq!(std::fs::read(d.join("out/image_ops_00002_.png")).unwrap(), first);
+    assert_eq!(std::fs::read(d.join("out/image_ops_00003_.png")).unwrap(), b"mine");
+}
+
+#[test]
+fn unicode_graph_text_goes_into_an_itxt_chunk() {
+    let d = Dir::new();
+    d.png("in.png", 8, 8, 3);
+    d.write(
+        "g.ron",
+        r#"(version: 1, nodes: {
+            "load": (type: "LoadImage", title: "入力 — ☂", inputs: {"image": "in.png"}),
+            "save": (type: "SaveImage", inputs: {"images": Link("load", "IMAGE")}),
+        })"#,
+    );
+    let out = d.diffloom(&["run", "g.ron"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_, _, texts) = png_info(&d.join("output/diffloom_00001_.png"));
+    assert!(texts.iter().any(|(k, t)| k == "diffloom" && t.contains("入力 — ☂")));
+}
+
+/// A one-node-plus-save graph around LoadImage of `image`.
+fn load_save(image: &str) -> String {
+    format!(
+        r#"(version: 1, nodes: {{
+            "load": (type: "LoadImage", inputs: {{"image": {image:?}}}),
+            "save": (type: "SaveImage", inputs: {{"images": Link("load", "IMAGE")}}),
+        }})"#
+    )
+}
+
+#[test]
+fn bad_image_files_name_the_node_input_and_file_and_leave_no_output() {
+    let d = Dir::new();
+    d.png("good.png", 8, 8, 1);
+    let good = std::fs::read(d.join("good.png")).unwrap();
+    d.write("truncated.png", &good[..good.len() / 2]);
+    d.write("text.png", b"hello, I am not an image");
+    std::fs::create_dir(d.join("folder.png")).unwrap();
+    for (file, want) in [
+        ("truncated.png", "node \"load\" (LoadImage): truncated.png: cannot decode the image"),
+        ("text.png", "node \"load\" (LoadImage): text.png: not a PNG, JPEG or WebP image"),
+        ("folder.png", "node \"load\" (LoadImage): folder.png: is a directory, expected an image file"),
+        ("missing.png", "node \"load\" (LoadImage): input \"image\": file \"missing.png\" not found"),
+    ] {
+        d.write("g.ron", load_save(file));
+        let out = d.diffloom(&["run", "g.ron"]);
+        assert_eq!(out.status.code(), Some(1), "{file}");
+        assert!(stderr(&out).contains(&format!("error: g.ron: {want}")), "{file}: {}", stderr(&out));
+        assert!(d.files("output").is_empty(), "{file}: {:?}", d.files("output"));
+    }
+}
+
+#[test]
+fn unwritable_output_directory_is_a_clear_error_with_nothing_left_behind() {
+    let d = Dir::new();
+    d.png("in.png", 8, 8, 1);
+    d.write("g.ron", load_save("in.png"));
+    d.write("afile", b"x");
+    let out = d.diffloom(&["run", "g.ron", "-o", "afile/out"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("node \"save\" (SaveImage): afile/out: cannot create the output directory"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(std::fs::read(d.join("afile")).unwrap(), b"x");
+}
+
+#[test]
+fn filename_prefix_cannot_escape_the_output_directory() {
+    let d = Dir::new();
+    d.png("in.png", 8, 8, 1);
+    d.write(
+        "g.ron",
+        r#"(version: 1, nodes: {
+            "load": (type: "LoadImage", inputs: {"image": "in.png"}),
+            "save": (type: "SaveImage", inputs: {"images": Link("load", "IMAGE"), "filename_prefix": "../escape"}),
+        })"#,
+    );
+    let out = d.diffloom(&["run", "g.ron", "-o", "out"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("input \"filename_prefix\": \"../escape\" must be a relative name"), "{}", stderr(&out));
+    assert!(!d.join("escape_00001_.png").exists());
+}
+
+#[test]
+fn relative_paths_are_found_next_to_the_graph() {
+    // The example's image is graphs/inputs/gradient.png; run from an unrelated directory.
+    let d = Dir::new();
+    let out = d.diffloom(&["run", &example("image_ops.ron")]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn show_prints_dot_and_the_execution_order() {
+    let d = Dir::new();
+    let out = d.diffloom(&["show", &example("image_ops.ron"), "--format", "dot"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dot = stdout(&out);
+    assert!(dot.starts_with("digraph {"), "{dot}");
+    assert!(dot.contains("label = \"bigger\\lImageScaleBy\""), "{dot}");
+    assert!(dot.contains("label = \"IMAGE → image1\""), "{dot}");
+    assert_eq!(dot.matches(" -> ").count(), 8);
+    let out = d.diffloom(&["show", &example("image_ops.ron")]);
+    let text = stdout(&out);
+    let pos = |id: &str| text.find(&format!("{id} (")).unwrap();
+    assert!(pos("load") < pos("bigger") && pos("bigger") < pos("blend") && pos("blend") < pos("save"));
+}
+
+#[test]
+fn nodes_lists_schemas_as_text_and_json() {
+    let d = Dir::new();
+    let out = d.diffloom(&["nodes", "--json"]);
+    assert!(out.status.success());
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let scale = list.iter().find(|n| n["name"] == "ImageScale").unwrap();
+    let width = scale["inputs"].as_array().unwrap().iter().find(|i| i["name"] == "width").unwrap();
+    assert_eq!(width["kind"]["kind"], "int");
+    assert_eq!(width["kind"]["max"], 16384);
+    assert_eq!(scale["outputs"][0]["type"], "IMAGE");
+    let out = d.diffloom(&["nodes", "ImageScale"]);
+    assert!(stdout(&out).contains("upscale_method     one of nearest-exact | bilinear | area | bicubic | lanczos"), "{}", stdout(&out));
+    let out = d.diffloom(&["nodes", "ImageScal"]);
+    assert_eq!(stderr(&out), "error: unknown node type \"ImageScal\" (did you mean \"ImageScale\"?)\n");
+}
+
+#[test]
+fn device_flag_is_checked() {
+    let d = Dir::new();
+    let out = d.diffloom(&["run", &example("image_ops.ron"), "--device", "tpu"]);
+    assert_eq!(stderr(&out), "error: --device tpu: expected cpu, cuda or cuda:N\n");
+    if !tch::Cuda::is_available() {
+        let out = d.diffloom(&["run", &example("image_ops.ron"), "--device", "cuda"]);
+        assert!(stderr(&out).contains("CUDA is not available"), "{}", stderr(&out));
+    }
+    let out = d.diffloom(&["run", &example("image_ops.ron"), "--device", "cpu", "-o", "o"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_long_chain_runs() {
+    let d = Dir::new();
+    let mut g = String::from("(version: 1, nodes: {\n\"n0\": (type: \"PrimitiveString\", inputs: {\"value\": \"a\"}),\n");
+    for i in 1..3000 {
+        g.push_str(&format!("\"n{i}\": (type: \"StringConcatenate\", inputs: {{\"string_a\": Link(\"n{}\", \"STRING\"), \"string_b\": \"b\"}}),\n", i - 1));
+    }
+    g.push_str("\"show\": (type: \"PreviewAny\", inputs: {\"source\": Link(\"n2999\", \"STRING\")}),\n})");
+    d.write("chain.ron", g);
+    let out = d.diffloom(&["run", "chain.ron"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&format!("a{}… (2000 more characters)", "b".repeat(999))), "preview truncated");
+    assert!(stdout(&out).contains("3001 nodes: 3001 ran, 0 cached"));
+}

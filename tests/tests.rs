@@ -1,0 +1,7 @@
+//! diffloom's integration tests: one binary, a module per topic.
+
+mod util;
+
+mod cache;
+mod cli;
+mod graph_format;

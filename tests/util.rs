@@ -1,0 +1,101 @@
+//! Helpers shared by the integration tests: a temporary directory per test, the `diffloom` binary, and
+//! running graphs in-process with an executor whose cache survives between runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use diffloom_core::graph::file;
+use diffloom_core::validate::{apply_params, validate};
+use diffloom_core::{Executor, Registry, RunOptions, RunReport};
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A temporary directory that a test works in; removed when dropped.
+pub struct Dir {
+    pub tmp: tempfile::TempDir,
+}
+
+impl Dir {
+    pub fn new() -> Dir {
+        Dir { tmp: tempfile::tempdir().expect("temp dir") }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let p = self.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(&p, contents).expect("write");
+        p
+    }
+
+    /// Writes a `w`×`h` RGB PNG whose pixels depend on `seed`.
+    pub fn png(&self, name: &str, w: u32, h: u32, seed: u8) -> PathBuf {
+        let img = image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x as u8).wrapping_mul(7) ^ seed, (y as u8).wrapping_mul(13), seed.wrapping_add(x as u8)])
+        });
+        let p = self.join(name);
+        img.save(&p).expect("save png");
+        p
+    }
+
+    /// `diffloom ARGS` run in this directory.
+    pub fn diffloom(&self, args: &[&str]) -> Output {
+        Command::new(env!("CARGO_BIN_EXE_diffloom"))
+            .args(args)
+            .current_dir(self.path())
+            .env_remove("DIFFLOOM_LOG")
+            .output()
+            .expect("run diffloom")
+    }
+
+    /// Sorted names of the files in `sub`.
+    pub fn files(&self, sub: &str) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.join(sub))
+            .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// An executor on the CPU writing into `dir/output`, and the built-in registry.
+pub fn executor(dir: &Dir, cache_limit: usize) -> (Executor, Registry) {
+    let options = RunOptions {
+        device: tch::Device::Cpu,
+        output_dir: dir.join("output"),
+        cancel: Arc::new(AtomicBool::new(false)),
+    };
+    (Executor::new(options, cache_limit), diffloom_nodes::registry())
+}
+
+/// Writes `text` as `dir/graph.ron`, validates it (with `--set`-style overrides) and runs it.
+pub fn run_graph(exec: &mut Executor, registry: &Registry, dir: &Dir, text: &str, sets: &[(&str, &str)]) -> RunReport {
+    let path = dir.write("graph.ron", text);
+    let (_, mut graph) = file::read(&path).expect("parse");
+    let sets: Vec<(String, String)> = sets.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    apply_params(&path, &mut graph, &sets).expect("params");
+    let resolved = validate(&path, &graph, registry).unwrap_or_else(|e| panic!("invalid graph: {e}"));
+    exec.run(&resolved)
+}
