@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Builds diffloom (release) after the set-up, then runs it with the given arguments.
+# Usage: scripts/run.sh run graphs/image_ops.ron [--set name=value ...]
+set -euo pipefail
+here=$(dirname "${BASH_SOURCE[0]}")
+"$here/setup.sh"
+source "$here/env.sh"
+(cd "$DIFFLOOM_ROOT" && cargo build --release --locked --quiet)
+exec "$DIFFLOOM_ROOT/target/release/diffloom" "$@"
