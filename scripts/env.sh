@@ -3,6 +3,7 @@
 # site-packages/torch (lib/ and include/); the wheel is built with the C++11 ABI.
 DIFFLOOM_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DIFFLOOM_VENV=$DIFFLOOM_ROOT/.venv
-LIBTORCH=$(ls -d "$DIFFLOOM_VENV"/lib/python3*/site-packages/torch 2>/dev/null | head -n1)
+LIBTORCH=
+for d in "$DIFFLOOM_VENV"/lib/python3*/site-packages/torch; do [[ -d $d ]] && LIBTORCH=$d; done
 export DIFFLOOM_ROOT DIFFLOOM_VENV LIBTORCH
 export LIBTORCH_CXX11_ABI=1
