@@ -2,7 +2,9 @@
 //! stack and samplers).
 
 pub mod builtin;
+pub mod checkpoint;
 pub mod imageio;
+pub mod models;
 pub mod resample;
 
 use std::rc::Rc;

@@ -1,0 +1,146 @@
+//! Random-weight checkpoints in the real single-file key layout, for tests, the quick start and
+//! benchmarks (no model hub is reachable). The model constructors themselves declare the tensors, so a
+//! synthetic file has exactly the keys and shapes a real one has; the parity tests load these files
+//! with diffusers' own converter, which catches a wrong layout.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, TensorView};
+use tch::{Kind, Tensor};
+
+use super::detect::{Family, ModelConfig, Prediction, CLIP_HF_PREFIX, CLIP_OPEN_PREFIX, CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX};
+use super::{LoadError, Weights};
+use crate::models::clip::{ClipConfig, ClipLayout, ClipTextModel};
+use crate::models::unet::{Unet, UnetConfig};
+use crate::models::vae::{AutoencoderKl, VaeConfig};
+
+/// A random value for tensor `name`: weights scaled by 1/sqrt(fan-in) so activations stay O(1) through
+/// the layers, norm scales near 1, small biases.
+pub(crate) fn init(name: &str, shape: &[i64], kind: Kind) -> Tensor {
+    let t = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu));
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    let is_norm = ["norm", "ln_", "layer_norm"].iter().any(|n| name.contains(n)) && shape.len() == 1;
+    let t = if is_norm && leaf == "weight" {
+        t * 0.1 + 1.0
+    } else if shape.len() >= 2 && !name.contains("embedding") {
+        let fan_in: i64 = shape[1..].iter().product();
+        t / (fan_in as f64).sqrt()
+    } else if name.contains("embedding") {
+        t * 0.5
+    } else {
+        t * 0.1
+    };
+    t.to_kind(kind)
+}
+
+/// The tiny SD 1.x-style test model: full CLIP vocabulary (so real prompts work), narrow layers, and a
+/// VAE with SD's ×8 downsampling.
+pub fn tiny_config(family: Family, inpaint: bool) -> ModelConfig {
+    let sd2 = family == Family::Sd2;
+    ModelConfig {
+        family,
+        prediction: Prediction::Eps,
+        unet: Some(UnetConfig {
+            in_channels: if inpaint { 9 } else { 4 },
+            out_channels: 4,
+            model_channels: 32,
+            channel_mult: vec![1, 2],
+            num_res_blocks: 1,
+            attention_resolutions: vec![1, 2],
+            num_heads: if sd2 { -1 } else { 2 },
+            num_head_channels: if sd2 { 16 } else { -1 },
+            transformer_depth: 1,
+            context_dim: 32,
+            use_linear_in_transformer: sd2,
+        }),
+        vae: Some(VaeConfig { ch: 32, ch_mult: vec![1, 1, 2, 2], num_res_blocks: 1, z_channels: 4, embed_dim: 4, in_channels: 3, out_ch: 3 }),
+        clip: Some(ClipConfig {
+            vocab_size: 49408,
+            hidden_size: 32,
+            num_layers: 3,
+            num_heads: 2,
+            intermediate_size: 64,
+            max_position_embeddings: 77,
+            hidden_act: if sd2 { "gelu".into() } else { "quick_gelu".into() },
+            layout: if sd2 { ClipLayout::OpenClip } else { ClipLayout::Hf },
+            projection_dim: 32,
+        }),
+    }
+}
+
+/// The full-size configuration of a family (random weights, for benchmarks and the loading test).
+pub fn full_config(family: Family) -> ModelConfig {
+    let sd2 = family == Family::Sd2;
+    ModelConfig {
+        family,
+        prediction: Prediction::Eps,
+        unet: Some(if sd2 { UnetConfig::sd2() } else { UnetConfig::sd1() }),
+        vae: Some(VaeConfig::sd()),
+        clip: Some(if sd2 { ClipConfig::vit_h() } else { ClipConfig::vit_l() }),
+    }
+}
+
+/// Writes a random-weight single-file checkpoint for `config` at `path` in `kind` (F32, Half or
+/// BFloat16), seeded by `seed`. With `embed_config` the config goes into the metadata, as the tiny test
+/// models need (their head counts cannot be detected); full-size files are detected like real ones.
+pub fn write_checkpoint(path: &Path, config: &ModelConfig, kind: Kind, seed: i64, embed_config: bool) -> Result<(), LoadError> {
+    tch::manual_seed(seed);
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut collect = |prefix: &str, w: Weights| {
+        if let Some(made) = w.synthetic {
+            tensors.extend(made.into_inner().into_iter().map(|(k, t)| (format!("{prefix}{k}"), t)));
+        }
+    };
+    if let Some(c) = &config.unet {
+        let w = Weights::synthetic(kind);
+        let _ = Unet::new(&w.root(), c.clone());
+        collect(UNET_PREFIX, w);
+    }
+    if let Some(c) = &config.vae {
+        let w = Weights::synthetic(kind);
+        let _ = AutoencoderKl::new(&w.root(), c.clone());
+        collect(VAE_PREFIX, w);
+    }
+    if let Some(c) = &config.clip {
+        let w = Weights::synthetic(kind);
+        let _ = ClipTextModel::new(&w.root(), c.clone());
+        match c.layout {
+            ClipLayout::Hf => collect(&format!("{CLIP_HF_PREFIX}text_model."), w),
+            ClipLayout::OpenClip => {
+                collect(CLIP_OPEN_PREFIX, w);
+                // Present in real OpenCLIP checkpoints although SD does not use them.
+                tensors.push((format!("{CLIP_OPEN_PREFIX}text_projection"), init("text_projection", &[c.hidden_size, c.projection_dim], kind)));
+                tensors.push((format!("{CLIP_OPEN_PREFIX}logit_scale"), Tensor::from(4.6052f32).to_kind(kind)));
+            }
+        }
+    }
+    let metadata = embed_config.then(|| {
+        HashMap::from([(CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default())])
+    });
+    write_safetensors(path, &tensors, metadata)
+}
+
+/// Writes `tensors` (contiguous CPU tensors of a float kind) to a safetensors file.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<(), LoadError> {
+    let err = |message: String| LoadError::Io { file: path.to_path_buf(), message };
+    let mut buffers = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.contiguous();
+        let dtype = match t.kind() {
+            Kind::Float => Dtype::F32,
+            Kind::Half => Dtype::F16,
+            Kind::BFloat16 => Dtype::BF16,
+            k => return Err(err(format!("cannot write {name}: unsupported kind {k:?}"))),
+        };
+        let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, t.numel())?;
+        buffers.push((name.clone(), dtype, t.size().iter().map(|d| *d as usize).collect::<Vec<_>>(), bytes));
+    }
+    let views: Vec<(String, TensorView)> = buffers
+        .iter()
+        .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(e.to_string()))?;
+    safetensors::serialize_to_file(views, metadata, path).map_err(|e| err(e.to_string()))
+}

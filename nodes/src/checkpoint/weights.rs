@@ -1,0 +1,185 @@
+//! Looking up a model's tensors by checkpoint key while its constructor runs, in the manner of candle's
+//! `VarBuilder`: `w.pp("input_blocks").pp(1).get("weight", &[320, 4, 3, 3])`.
+//!
+//! Constructors stay infallible: a missing key or a wrong shape is recorded, a placeholder returned, and
+//! [`Weights::finish`] reports every problem before the model is used.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::rc::Rc;
+
+use tch::{Device, Kind, Tensor};
+
+use super::safetensors::SafetensorsFile;
+use super::LoadError;
+
+/// Tensors of one or more safetensors files under logical (LDM) names.
+pub struct Weights {
+    files: Vec<Rc<SafetensorsFile>>,
+    /// Logical name → (file index, stored name).
+    index: HashMap<String, (usize, String)>,
+    pub device: Device,
+    /// The floating-point kind tensors are converted to.
+    pub kind: Kind,
+    errors: RefCell<Vec<LoadError>>,
+    bytes: Cell<usize>,
+    /// When set, lookups make random tensors and record them instead of reading files (see
+    /// `synthetic.rs`): the model constructors then define exactly the keys a real file has.
+    pub(crate) synthetic: Option<RefCell<Vec<(String, Tensor)>>>,
+}
+
+impl Weights {
+    /// Weights that invent every tensor asked for (random values, see `synthetic::init`).
+    pub(crate) fn synthetic(kind: Kind) -> Weights {
+        Weights::from_index(Vec::new(), HashMap::new(), Device::Cpu, kind).with_synthetic()
+    }
+
+    fn with_synthetic(mut self) -> Weights {
+        self.synthetic = Some(RefCell::default());
+        self
+    }
+
+    /// Weights whose logical names are the stored names with `prefix` removed (tensors without the
+    /// prefix are not visible).
+    pub fn from_prefix(file: Rc<SafetensorsFile>, prefix: &str, device: Device, kind: Kind) -> Weights {
+        let index = file
+            .tensors()
+            .keys()
+            .filter_map(|k| k.strip_prefix(prefix).map(|l| (l.to_owned(), (0, k.clone()))))
+            .collect();
+        Weights::from_index(vec![file], index, device, kind)
+    }
+
+    /// Weights with an explicit name table (logical name → (file index, stored name)), for diffusers
+    /// folders whose names are translated by `keymap`.
+    pub fn from_index(files: Vec<Rc<SafetensorsFile>>, index: HashMap<String, (usize, String)>, device: Device, kind: Kind) -> Weights {
+        Weights { files, index, device, kind, errors: RefCell::default(), bytes: Cell::new(0), synthetic: None }
+    }
+
+    /// The root path.
+    pub fn root(&self) -> WPath<'_> {
+        WPath { w: self, prefix: String::new() }
+    }
+
+    /// Whether a logical name exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The stored shape of a logical name.
+    pub fn shape(&self, name: &str) -> Option<Vec<i64>> {
+        let (f, stored) = self.index.get(name)?;
+        self.files[*f].info(stored).map(|i| i.shape.clone())
+    }
+
+    /// Every logical name (for detection).
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Bytes of the tensors loaded so far, in the target kind.
+    pub fn loaded_bytes(&self) -> usize {
+        self.bytes.get()
+    }
+
+    /// `Ok` when every lookup succeeded; otherwise the first problem, with a count of the others.
+    pub fn finish(&self) -> Result<(), LoadError> {
+        let mut errors = self.errors.take();
+        if errors.is_empty() {
+            return Ok(());
+        }
+        let more = errors.len() - 1;
+        let first = errors.remove(0);
+        Err(if more == 0 { first } else { LoadError::Many { first: Box::new(first), more } })
+    }
+
+    fn load(&self, name: &str, shape: Option<&[i64]>) -> Tensor {
+        if let Some(made) = &self.synthetic {
+            let t = super::synthetic::init(name, shape.unwrap_or(&[1]), self.kind);
+            made.borrow_mut().push((name.to_owned(), t.shallow_clone()));
+            return t;
+        }
+        let placeholder = |shape: Option<&[i64]>| {
+            Tensor::zeros(shape.unwrap_or(&[1]), (self.kind, Device::Cpu))
+        };
+        let Some((f, stored)) = self.index.get(name) else {
+            let file = self.files.first().map(|f| f.path.clone()).unwrap_or_default();
+            self.errors.borrow_mut().push(LoadError::Missing { file, key: name.to_owned() });
+            return placeholder(shape);
+        };
+        let file = &self.files[*f];
+        if let (Some(want), Some(info)) = (shape, file.info(stored)) {
+            // A 1×1 convolution stored as a linear layer (or the reverse) has the same elements.
+            let same_numel = want.iter().product::<i64>() == info.shape.iter().product::<i64>();
+            let squeezed = |s: &[i64]| s.iter().copied().filter(|d| *d != 1).collect::<Vec<_>>();
+            if info.shape != want && !(same_numel && squeezed(want) == squeezed(&info.shape)) {
+                self.errors.borrow_mut().push(LoadError::Shape {
+                    file: file.path.clone(),
+                    key: stored.clone(),
+                    expected: want.to_vec(),
+                    found: info.shape.clone(),
+                });
+                return placeholder(shape);
+            }
+        }
+        match file.load(stored, self.device, Some(self.kind)) {
+            Ok(t) => {
+                self.bytes.set(self.bytes.get() + t.numel() * t.kind().elt_size_in_bytes());
+                match shape {
+                    Some(want) if t.size() != want => t.reshape(want),
+                    _ => t,
+                }
+            }
+            Err(e) => {
+                self.errors.borrow_mut().push(e);
+                placeholder(shape)
+            }
+        }
+    }
+}
+
+/// A position in the key hierarchy (`input_blocks.1.0`).
+#[derive(Clone)]
+pub struct WPath<'a> {
+    w: &'a Weights,
+    prefix: String,
+}
+
+impl<'a> WPath<'a> {
+    /// The sub-path `seg` (a name or an `nn.Sequential` index).
+    pub fn pp(&self, seg: impl Display) -> WPath<'a> {
+        let prefix = if self.prefix.is_empty() { seg.to_string() } else { format!("{}.{seg}", self.prefix) };
+        WPath { w: self.w, prefix }
+    }
+
+    fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() { name.to_owned() } else { format!("{}.{name}", self.prefix) }
+    }
+
+    /// Tensor `name` under this path, which must have `shape`.
+    pub fn get(&self, name: &str, shape: &[i64]) -> Tensor {
+        self.w.load(&self.key(name), Some(shape))
+    }
+
+    /// Tensor `name` of whatever shape it has (embeddings whose size the config does not fix).
+    pub fn get_any(&self, name: &str) -> Tensor {
+        self.w.load(&self.key(name), None)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.w.contains(&self.key(name))
+    }
+
+    pub fn shape(&self, name: &str) -> Option<Vec<i64>> {
+        self.w.shape(&self.key(name))
+    }
+
+    pub fn device(&self) -> Device {
+        self.w.device
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.w.kind
+    }
+}

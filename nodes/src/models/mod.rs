@@ -1,0 +1,10 @@
+//! The Stable Diffusion model stack in tch, one file per part, each a config struct and a model whose
+//! constructor walks the checkpoint's own key names.
+
+pub mod attention;
+pub mod clip;
+pub mod layers;
+pub mod resnet;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;

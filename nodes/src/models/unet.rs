@@ -1,0 +1,193 @@
+//! The SD 1.x/2.x denoising UNet (LDM `openaimodel.UNetModel`), with the key names of single-file
+//! checkpoints under `model.diffusion_model.`: `time_embed.{0,2}`, `input_blocks.N.M`,
+//! `middle_block.{0,1,2}`, `output_blocks.N.M`, `out.{0,2}`.
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use super::attention::SpatialTransformer;
+use super::layers::{conv3x3, group_norm, linear, GroupNorm, Linear};
+use super::resnet::ResBlock;
+use super::unet_blocks::{Block, Downsample, Layer, Upsample};
+use crate::checkpoint::WPath;
+
+/// The UNet's hyper-parameters, named as in the LDM yaml configs (`unet_config.params`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UnetConfig {
+    /// 4, or 9 for inpainting models (latent + mask + masked-image latent).
+    pub in_channels: i64,
+    pub out_channels: i64,
+    /// Width of the first level (320 in SD 1.x/2.x).
+    pub model_channels: i64,
+    /// Width multiplier per level.
+    pub channel_mult: Vec<i64>,
+    pub num_res_blocks: i64,
+    /// Downsampling factors (1, 2, 4, …) whose levels have spatial transformers.
+    pub attention_resolutions: Vec<i64>,
+    /// Fixed head count (SD 1.x: 8), or -1 when `num_head_channels` is used.
+    pub num_heads: i64,
+    /// Fixed head width (SD 2.x: 64), or -1 when `num_heads` is used.
+    pub num_head_channels: i64,
+    pub transformer_depth: i64,
+    /// Width of the text encoder's states (768 for SD 1.x, 1024 for SD 2.x).
+    pub context_dim: i64,
+    /// Linear rather than 1×1-convolution projections in and out of the transformers (SD 2.x).
+    pub use_linear_in_transformer: bool,
+}
+
+impl UnetConfig {
+    /// SD 1.x, from `configs/stable-diffusion/v1-inference.yaml`.
+    pub fn sd1() -> Self {
+        UnetConfig {
+            in_channels: 4,
+            out_channels: 4,
+            model_channels: 320,
+            channel_mult: vec![1, 2, 4, 4],
+            num_res_blocks: 2,
+            attention_resolutions: vec![4, 2, 1],
+            num_heads: 8,
+            num_head_channels: -1,
+            transformer_depth: 1,
+            context_dim: 768,
+            use_linear_in_transformer: false,
+        }
+    }
+
+    /// SD 2.x, from `configs/stable-diffusion/v2-inference.yaml` (Stability-AI/stablediffusion).
+    pub fn sd2() -> Self {
+        UnetConfig { num_heads: -1, num_head_channels: 64, context_dim: 1024, use_linear_in_transformer: true, ..Self::sd1() }
+    }
+
+    /// SD 1.x inpainting (`v1-inpainting-inference.yaml`): 9 input channels.
+    pub fn sd1_inpaint() -> Self {
+        UnetConfig { in_channels: 9, ..Self::sd1() }
+    }
+
+    /// Heads and head width for a transformer over `channels` channels.
+    fn heads(&self, channels: i64) -> (i64, i64) {
+        if self.num_head_channels > 0 {
+            (channels / self.num_head_channels, self.num_head_channels)
+        } else {
+            (self.num_heads, channels / self.num_heads.max(1))
+        }
+    }
+}
+
+pub struct Unet {
+    pub config: UnetConfig,
+    time_embed: (Linear, Linear),
+    input_blocks: Vec<Block>,
+    middle_block: Block,
+    output_blocks: Vec<Block>,
+    out_norm: GroupNorm,
+    out_conv: super::layers::Conv2d,
+}
+
+impl Unet {
+    pub fn new(p: &WPath, config: UnetConfig) -> Self {
+        let c = &config;
+        let mc = c.model_channels;
+        let emb = mc * 4;
+        let attn = |p: &WPath, ch: i64| {
+            let (heads, dim_head) = c.heads(ch);
+            Layer::Attn(SpatialTransformer::new(p, ch, heads, dim_head, c.transformer_depth, c.context_dim, c.use_linear_in_transformer))
+        };
+
+        let ib = p.pp("input_blocks");
+        let mut input_blocks = vec![Block(vec![Layer::Conv(conv3x3(&ib.pp(0).pp(0), c.in_channels, mc))])];
+        // Channel counts of every input block's output, consumed in reverse by the output blocks.
+        let mut skips = vec![mc];
+        let mut ch = mc;
+        let mut ds = 1;
+        for (level, mult) in c.channel_mult.iter().enumerate() {
+            for _ in 0..c.num_res_blocks {
+                let bp = ib.pp(input_blocks.len());
+                let mut layers = vec![Layer::Res(ResBlock::new(&bp.pp(0), ch, mult * mc, emb))];
+                ch = mult * mc;
+                if c.attention_resolutions.contains(&ds) {
+                    layers.push(attn(&bp.pp(1), ch));
+                }
+                input_blocks.push(Block(layers));
+                skips.push(ch);
+            }
+            if level + 1 < c.channel_mult.len() {
+                let bp = ib.pp(input_blocks.len());
+                input_blocks.push(Block(vec![Layer::Down(Downsample::new(&bp.pp(0), ch))]));
+                skips.push(ch);
+                ds *= 2;
+            }
+        }
+
+        let mp = p.pp("middle_block");
+        let middle_block = Block(vec![
+            Layer::Res(ResBlock::new(&mp.pp(0), ch, ch, emb)),
+            attn(&mp.pp(1), ch),
+            Layer::Res(ResBlock::new(&mp.pp(2), ch, ch, emb)),
+        ]);
+
+        let ob = p.pp("output_blocks");
+        let mut output_blocks = Vec::new();
+        for (level, mult) in c.channel_mult.iter().enumerate().rev() {
+            for i in 0..=c.num_res_blocks {
+                let bp = ob.pp(output_blocks.len());
+                let skip = skips.pop().unwrap_or(ch);
+                let mut layers = vec![Layer::Res(ResBlock::new(&bp.pp(0), ch + skip, mult * mc, emb))];
+                ch = mult * mc;
+                if c.attention_resolutions.contains(&ds) {
+                    layers.push(attn(&bp.pp(1), ch));
+                }
+                if level > 0 && i == c.num_res_blocks {
+                    layers.push(Layer::Up(Upsample::new(&bp.pp(layers.len()), ch)));
+                    ds /= 2;
+                }
+                output_blocks.push(Block(layers));
+            }
+        }
+
+        let te = p.pp("time_embed");
+        Unet {
+            time_embed: (linear(&te.pp(0), mc, emb), linear(&te.pp(2), emb, emb)),
+            input_blocks,
+            middle_block,
+            output_blocks,
+            out_norm: group_norm(&p.pp("out").pp(0), ch, 1e-5),
+            out_conv: conv3x3(&p.pp("out").pp(2), ch, c.out_channels),
+            config,
+        }
+    }
+
+    /// Predicts noise (or v) for latents `x` `[b, in_channels, h, w]` at `timesteps` `[b]` (0..999,
+    /// fractional allowed) given text states `context` `[b, tokens, context_dim]`.
+    pub fn forward(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
+        let kind = self.out_conv.weight.kind();
+        let t_emb = timestep_embedding(timesteps, self.config.model_channels).to_kind(kind);
+        let emb = self.time_embed.1.forward(&self.time_embed.0.forward(&t_emb).silu());
+        let context = context.to_kind(kind);
+        let mut h = x.to_kind(kind);
+        let mut hs = Vec::with_capacity(self.input_blocks.len());
+        for block in &self.input_blocks {
+            h = block.forward(&h, &emb, &context, None);
+            hs.push(h.shallow_clone());
+        }
+        h = self.middle_block.forward(&h, &emb, &context, None);
+        for block in &self.output_blocks {
+            // invariant: there are as many output blocks as input blocks (one skip each).
+            let skip = hs.pop().expect("one skip per output block");
+            h = Tensor::cat(&[h, skip], 1);
+            // An upsampler must match the next skip's size, so odd latent sizes work.
+            let up = hs.last().map(|s| (s.size()[2], s.size()[3]));
+            h = block.forward(&h, &emb, &context, up);
+        }
+        self.out_conv.forward(&self.out_norm.forward(&h).silu())
+    }
+}
+
+/// Sinusoidal embedding of `timesteps` `[b]` into `[b, dim]`, cosines first (LDM's
+/// `timestep_embedding`, max period 10000).
+pub fn timestep_embedding(timesteps: &Tensor, dim: i64) -> Tensor {
+    let half = dim / 2;
+    let device = timesteps.device();
+    let freqs = (Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()) / half as f64)).exp();
+    let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
+    Tensor::cat(&[args.cos(), args.sin()], -1)
+}

@@ -1,0 +1,54 @@
+//! Writes the project's random-weight test checkpoints (real single-file key layout, no download):
+//!
+//!   make-test-models DIR            tiny SD1, SD2 and SD1-inpainting models (+ a standalone VAE)
+//!   make-test-models DIR --full     also full-size SD1 and SD2 files (fp16, ~2 and ~2.6 GB)
+//!
+//! Existing files are left as they are.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use diffloom_nodes::checkpoint::detect::Family;
+use diffloom_nodes::checkpoint::synthetic::{full_config, tiny_config, write_checkpoint};
+use tch::Kind;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(dir) = args.iter().find(|a| !a.starts_with("--")).map(PathBuf::from) else {
+        eprintln!("usage: make-test-models DIR [--full]");
+        return ExitCode::from(2);
+    };
+    let full = args.iter().any(|a| a == "--full");
+    match run(&dir, full) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(dir: &Path, full: bool) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut jobs = vec![
+        ("tiny-sd1.safetensors", tiny_config(Family::Sd1, false), Kind::Float, 1, true),
+        ("tiny-sd2.safetensors", tiny_config(Family::Sd2, false), Kind::Float, 2, true),
+        ("tiny-sd1-inpaint.safetensors", tiny_config(Family::Sd1, true), Kind::Float, 3, true),
+    ];
+    if full {
+        jobs.push(("full-sd1.safetensors", full_config(Family::Sd1), Kind::Half, 4, false));
+        jobs.push(("full-sd2.safetensors", full_config(Family::Sd2), Kind::Half, 5, false));
+    }
+    for (name, config, kind, seed, embed) in jobs {
+        let path = dir.join(name);
+        if path.exists() {
+            continue;
+        }
+        // Written under a temporary name first, so an interrupted run leaves no half file behind.
+        let tmp = dir.join(format!(".{name}.tmp"));
+        write_checkpoint(&tmp, &config, kind, seed, embed).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
