@@ -7,3 +7,5 @@ LIBTORCH=
 for d in "$DIFFLOOM_VENV"/lib/python3*/site-packages/torch; do [[ -d $d ]] && LIBTORCH=$d; done
 export DIFFLOOM_ROOT DIFFLOOM_VENV LIBTORCH
 export LIBTORCH_CXX11_ABI=1
+# The CLIP tokenizer vocabulary scripts/setup.sh writes (see nodes/src/tokenizer.rs).
+export DIFFLOOM_CLIP_VOCAB_DIR=${DIFFLOOM_CLIP_VOCAB_DIR:-$DIFFLOOM_ROOT/models/clip-tokenizer}

@@ -17,14 +17,25 @@ command -v "$PYTHON" >/dev/null || die "$PYTHON was not found: install Python 3.
 
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
 stamp=$DIFFLOOM_VENV/.diffloom-requirements
-if [[ -f $stamp && $(cat "$stamp") == "$want" && -n $LIBTORCH ]]; then
-    exit 0
+if [[ ! -f $stamp || $(cat "$stamp") != "$want" || -z $LIBTORCH ]]; then
+    echo "setup: installing requirements.txt into .venv (torch 2.13.0 is ~3 GB with its CUDA libraries; about a minute)"
+    [[ -x $DIFFLOOM_VENV/bin/python ]] || "$PYTHON" -m venv "$DIFFLOOM_VENV"
+    "$DIFFLOOM_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r requirements.txt \
+        || die "pip could not install requirements.txt (is the package registry reachable?)"
+    echo "$want" > "$stamp"
+    source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+    [[ -f $LIBTORCH/include/torch/csrc/api/include/torch/torch.h ]] || die "the torch wheel in .venv carries no libtorch headers at $LIBTORCH"
+    echo "setup: venv ready (LIBTORCH=$LIBTORCH)"
 fi
-echo "setup: installing requirements.txt into .venv (torch 2.13.0 is ~3 GB with its CUDA libraries; about a minute)"
-[[ -x $DIFFLOOM_VENV/bin/python ]] || "$PYTHON" -m venv "$DIFFLOOM_VENV"
-"$DIFFLOOM_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r requirements.txt \
-    || die "pip could not install requirements.txt (is the package registry reachable?)"
-echo "$want" > "$stamp"
-source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-[[ -f $LIBTORCH/include/torch/csrc/api/include/torch/torch.h ]] || die "the torch wheel in .venv carries no libtorch headers at $LIBTORCH"
-echo "setup: done (LIBTORCH=$LIBTORCH)"
+
+# The CLIP BPE vocabulary: no model hub is reachable, but the open-clip-torch wheel on PyPI ships
+# OpenAI's bpe_simple_vocab_16e6.txt.gz; scripts/clip_vocab.py turns it into vocab.json + merges.txt
+# exactly as transformers' CLIPTokenizer reads them.
+OPEN_CLIP=open-clip-torch==3.3.0
+if [[ ! -f $DIFFLOOM_CLIP_VOCAB_DIR/merges.txt ]]; then
+    echo "setup: extracting the CLIP vocabulary from $OPEN_CLIP"
+    wheels=$DIFFLOOM_VENV/wheels
+    "$DIFFLOOM_VENV/bin/python" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+        -d "$wheels" "$OPEN_CLIP" || die "pip could not download $OPEN_CLIP"
+    "$DIFFLOOM_VENV/bin/python" scripts/clip_vocab.py "$(ls "$wheels"/open_clip_torch-*.whl | head -n1)" "$DIFFLOOM_CLIP_VOCAB_DIR" >/dev/null
+fi

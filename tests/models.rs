@@ -56,3 +56,99 @@ fn detection_from_shapes_matches_the_written_config() {
     assert_eq!((clip.hidden_size, clip.num_layers, clip.vocab_size), (32, 3, 49408));
     assert_eq!((found.family, found.prediction), (Family::Sd1, Prediction::Eps));
 }
+
+/// Loads `bytes` as a checkpoint and returns the error message.
+fn load_error(d: &Dir, name: &str, bytes: &[u8]) -> String {
+    let path = d.write(name, bytes);
+    match load_checkpoint(&path, Device::Cpu, Kind::Float) {
+        Ok(_) => panic!("{name} loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+/// A valid tiny SD1 file's bytes.
+fn tiny_bytes(d: &Dir) -> Vec<u8> {
+    let path = d.join("valid.safetensors");
+    write_checkpoint(&path, &tiny_config(Family::Sd1, false), Kind::Float, 1, true).unwrap();
+    std::fs::read(&path).unwrap()
+}
+
+#[test]
+fn corrupt_and_unsupported_files_get_clear_errors() {
+    let d = Dir::new();
+    let good = tiny_bytes(&d);
+    let header_len = u64::from_le_bytes(good[..8].try_into().unwrap()) as usize;
+    let p = |n: &str| d.join(n).display().to_string();
+
+    assert_eq!(load_error(&d, "empty.safetensors", b""), format!("{}: the file is empty", p("empty.safetensors")));
+    let msg = load_error(&d, "trunc.safetensors", &good[..good.len() - 1000]);
+    assert!(msg.starts_with(&p("trunc.safetensors")) && msg.contains("invalid safetensors header"), "{msg}");
+    let mut huge = good.clone();
+    huge[..8].copy_from_slice(&(good.len() as u64 * 2).to_le_bytes());
+    let msg = load_error(&d, "huge.safetensors", &huge);
+    assert!(msg.contains("the header claims") && msg.contains("truncated or not a safetensors file"), "{msg}");
+    // A header that lies about one tensor's offsets.
+    let header = std::str::from_utf8(&good[8..8 + header_len]).unwrap();
+    let lying = header.replacen("\"data_offsets\":[0,", "\"data_offsets\":[4,", 1);
+    assert_ne!(lying, header);
+    let mut bad = good[..8].to_vec();
+    bad.extend_from_slice(lying.as_bytes());
+    bad.extend_from_slice(&good[8 + header_len..]);
+    let msg = load_error(&d, "lying.safetensors", &bad);
+    assert!(msg.contains("invalid safetensors header"), "{msg}");
+    let msg = load_error(&d, "model.ckpt", b"PK\x03\x04 archive/data.pkl");
+    assert!(msg.contains("PyTorch zip/pickle checkpoint") && msg.contains("does not run pickle code"), "{msg}");
+    let msg = load_error(&d, "old.ckpt", b"\x80\x02}q\x00(X");
+    assert!(msg.contains("pickle file"), "{msg}");
+    std::fs::create_dir(d.join("folder")).unwrap();
+    let msg = load_checkpoint(&d.join("folder"), Device::Cpu, Kind::Float).err().unwrap().to_string();
+    assert!(msg.contains("folder: is a directory"), "{msg}");
+}
+
+/// Rewrites the tiny SD1 file with `edit` applied to its tensor list.
+fn edited(d: &Dir, name: &str, edit: impl Fn(&mut Vec<(String, Tensor)>)) -> String {
+    let src = d.join("src.safetensors");
+    write_checkpoint(&src, &tiny_config(Family::Sd1, false), Kind::Float, 1, true).unwrap();
+    let file = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&src).unwrap();
+    let mut tensors: Vec<(String, Tensor)> =
+        file.tensors().keys().map(|k| (k.clone(), file.load(k, Device::Cpu, None).unwrap())).collect();
+    edit(&mut tensors);
+    let out = d.join(name);
+    diffloom_nodes::checkpoint::synthetic::write_safetensors(&out, &tensors, Some(file.metadata.clone())).unwrap();
+    match load_checkpoint(&out, Device::Cpu, Kind::Float) {
+        Ok(_) => panic!("{name} loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn missing_keys_and_wrong_shapes_name_the_key() {
+    let d = Dir::new();
+    let key = "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight";
+    let msg = edited(&d, "missing.safetensors", |t| t.retain(|(k, _)| k != key));
+    assert_eq!(msg, format!("{}: missing tensor \"{key}\"", d.join("missing.safetensors").display()));
+    let msg = edited(&d, "shape.safetensors", |t| {
+        let e = t.iter_mut().find(|(k, _)| k == key).unwrap();
+        e.1 = Tensor::zeros([32, 127], (Kind::Float, Device::Cpu));
+    });
+    assert_eq!(
+        msg,
+        format!("{}: tensor \"{key}\" has shape [32, 127], expected [32, 128]", d.join("shape.safetensors").display())
+    );
+}
+
+#[test]
+fn unsupported_families_are_named() {
+    let d = Dir::new();
+    for (key, family) in [
+        ("conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight", "SDXL"),
+        ("model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "Stable Diffusion 3"),
+        ("double_blocks.0.img_attn.qkv.weight", "Flux"),
+    ] {
+        let path = d.join("x.safetensors");
+        let t = Tensor::zeros([2, 2], (Kind::Float, Device::Cpu));
+        diffloom_nodes::checkpoint::synthetic::write_safetensors(&path, &[(key.to_owned(), t)], None).unwrap();
+        let msg = load_checkpoint(&path, Device::Cpu, Kind::Float).err().unwrap().to_string();
+        assert!(msg.ends_with(&format!("not supported yet: this looks like {family} (diffloom runs SD 1.x and 2.x)")), "{msg}");
+    }
+}

@@ -6,3 +6,4 @@ mod cache;
 mod cli;
 mod graph_format;
 mod models;
+mod parity;

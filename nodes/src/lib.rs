@@ -5,7 +5,9 @@ pub mod builtin;
 pub mod checkpoint;
 pub mod imageio;
 pub mod models;
+pub mod prompt;
 pub mod resample;
+pub mod tokenizer;
 
 use std::rc::Rc;
 

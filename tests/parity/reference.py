@@ -80,7 +80,7 @@ def check_consumed(name, ckpt, prefix, converted, ignorable=()):
     return len(src)
 
 
-def load_strict(model, sd, name):
+def load_strict(model, sd):
     model.load_state_dict(sd, strict=True)  # raises, listing missing/unexpected keys
     return model.float().eval()
 
@@ -102,8 +102,8 @@ def build_unet(cfg, orig, ckpt):
         warn(f"unet: diffusers gives attention_head_dim=None for num_head_channels without "
              f"use_linear_in_transformer; using LDM per-block heads {want}")
         config["attention_head_dim"] = want
-    probe = UNet2DConditionModel.from_config(config)
-    bad = [(n, m.heads, ldm_heads(u, m.query_dim)) for n, m in probe.named_modules()
+    unet = UNet2DConditionModel.from_config(config)
+    bad = [(n, m.heads, ldm_heads(u, m.query_dim)) for n, m in unet.named_modules()
            if isinstance(m, Attention) and m.heads != ldm_heads(u, m.query_dim)]
     if bad:
         fail(f"unet: attention_head_dim={config['attention_head_dim']!r} gives heads unlike LDM: {bad[0]}")
@@ -111,15 +111,15 @@ def build_unet(cfg, orig, ckpt):
     n = check_consumed("unet", ckpt, UNET_PREFIX, converted)
     print(f"unet: {n} tensors, attention_head_dim={config['attention_head_dim']}, "
           f"use_linear_projection={config['use_linear_projection']}, blocks={config['down_block_types']}")
-    return load_strict(probe, converted, "unet")
+    return load_strict(unet, converted)
 
 
-def build_vae(cfg, orig, ckpt):
+def build_vae(orig, ckpt):
     config = sfu.create_vae_diffusers_config_from_ldm(orig, ckpt)
     converted = sfu.convert_ldm_vae_checkpoint(ckpt, config)
     n = check_consumed("vae", ckpt, VAE_PREFIX, converted)
     print(f"vae: {n} tensors, block_out_channels={config['block_out_channels']}")
-    return load_strict(AutoencoderKL.from_config(config), converted, "vae")
+    return load_strict(AutoencoderKL.from_config(config), converted)
 
 
 def build_clip(cfg, ckpt):
@@ -143,7 +143,9 @@ def build_clip(cfg, ckpt):
     elif c["layout"] == "open_clip":
         # Splits attn.in_proj_{weight,bias} into q/k/v by rows; drops text_projection (only used for
         # pooled embeddings) and, for 24-layer OpenCLIP-H, resblocks.23 (SD2 uses the penultimate
-        # layer, so diffusers ships a 23-layer text encoder; with num_layers=24 strict load fails).
+        # layer, so diffusers ships a 23-layer text encoder).
+        if f"{OPEN_CLIP_PREFIX}transformer.resblocks.23.attn.in_proj_weight" in ckpt:
+            fail("clip: diffusers' OpenCLIP converter always drops resblocks.23; use num_layers < 24")
         converted = sfu.convert_open_clip_checkpoint(model, ckpt, prefix=OPEN_CLIP_PREFIX)
         n = check_consumed("clip", ckpt, OPEN_CLIP_PREFIX, converted, ignorable=("text_projection", "logit_scale"))
         if c["hidden_act"] != "gelu":
@@ -156,7 +158,7 @@ def build_clip(cfg, ckpt):
         converted = {k.removeprefix("text_model."): t for k, t in converted.items()}
     print(f"clip: {n} tensors, layout={c['layout']}, act={config.hidden_act}, layers={config.num_hidden_layers}, "
           "mask=causal only (no padding mask), as in SD")
-    return load_strict(model, converted, "clip")
+    return load_strict(model, converted)
 
 
 def make_inputs(cfg):
@@ -198,7 +200,7 @@ def main():
     torch.set_grad_enabled(False)
     inputs = make_inputs(cfg)
     orig = original_config(cfg)
-    unet, vae, clip = build_unet(cfg, orig, ckpt), build_vae(cfg, orig, ckpt), build_clip(cfg, ckpt)
+    unet, vae, clip = build_unet(cfg, orig, ckpt), build_vae(orig, ckpt), build_clip(cfg, ckpt)
 
     out = {"out.unet": unet(inputs["input.latent"], inputs["input.timesteps"],
                             encoder_hidden_states=inputs["input.context"]).sample}

@@ -24,6 +24,8 @@ pub struct Weights {
     pub kind: Kind,
     errors: RefCell<Vec<LoadError>>,
     bytes: Cell<usize>,
+    /// The stored-name prefix of `from_prefix`, to name missing keys as the file would have them.
+    prefix: String,
     /// When set, lookups make random tensors and record them instead of reading files (see
     /// `synthetic.rs`): the model constructors then define exactly the keys a real file has.
     pub(crate) synthetic: Option<RefCell<Vec<(String, Tensor)>>>,
@@ -48,13 +50,13 @@ impl Weights {
             .keys()
             .filter_map(|k| k.strip_prefix(prefix).map(|l| (l.to_owned(), (0, k.clone()))))
             .collect();
-        Weights::from_index(vec![file], index, device, kind)
+        Weights { prefix: prefix.to_owned(), ..Weights::from_index(vec![file], index, device, kind) }
     }
 
     /// Weights with an explicit name table (logical name → (file index, stored name)), for diffusers
     /// folders whose names are translated by `keymap`.
     pub fn from_index(files: Vec<Rc<SafetensorsFile>>, index: HashMap<String, (usize, String)>, device: Device, kind: Kind) -> Weights {
-        Weights { files, index, device, kind, errors: RefCell::default(), bytes: Cell::new(0), synthetic: None }
+        Weights { files, index, device, kind, errors: RefCell::default(), bytes: Cell::new(0), prefix: String::new(), synthetic: None }
     }
 
     /// The root path.
@@ -105,7 +107,7 @@ impl Weights {
         };
         let Some((f, stored)) = self.index.get(name) else {
             let file = self.files.first().map(|f| f.path.clone()).unwrap_or_default();
-            self.errors.borrow_mut().push(LoadError::Missing { file, key: name.to_owned() });
+            self.errors.borrow_mut().push(LoadError::Missing { file, key: format!("{}{name}", self.prefix) });
             return placeholder(shape);
         };
         let file = &self.files[*f];

@@ -1,0 +1,96 @@
+//! Parity with the reference implementations: tests/parity/reference.py loads the same tiny single-file
+//! checkpoints with diffusers' and transformers' own conversion code and computes the UNet, text encoder
+//! and VAE outputs for the inputs it stores beside them; diffloom must agree within 1e-4 (fp32, CPU).
+
+use std::path::Path;
+use std::process::Command;
+
+use diffloom_nodes::checkpoint::detect::Family;
+use diffloom_nodes::checkpoint::load::load_checkpoint;
+use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
+use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
+use diffloom_nodes::models::clip::ClipOutput;
+use tch::{Device, Kind, Tensor};
+
+use crate::util::{repo, Dir};
+
+const TOLERANCE: f64 = 1e-4;
+
+/// The project venv's Python (scripts/setup.sh made it; CI runs setup first).
+pub fn python() -> std::path::PathBuf {
+    let p = repo().join(".venv/bin/python");
+    assert!(p.exists(), "{} is missing: run scripts/setup.sh", p.display());
+    p
+}
+
+/// Runs a reference script with `args`, failing the test with its output when it fails.
+pub fn run_reference(script: &str, args: &[&Path]) {
+    let out = Command::new(python())
+        .arg(repo().join("tests/parity").join(script))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+fn check_model_parity(family: Family, inpaint: bool) {
+    let d = Dir::new();
+    let ckpt = d.join("model.safetensors");
+    write_checkpoint(&ckpt, &tiny_config(family, inpaint), Kind::Float, 11, true).unwrap();
+    let reference = d.join("reference.safetensors");
+    run_reference("reference.py", &[&ckpt, &reference]);
+    let r = SafetensorsFile::open(&reference).unwrap();
+    let get = |k: &str| r.load(k, Device::Cpu, None).unwrap();
+
+    let model = load_checkpoint(&ckpt, Device::Cpu, Kind::Float).unwrap();
+    let _guard = tch::no_grad_guard();
+    let mut report = Vec::new();
+    let mut check = |name: &str, ours: Tensor| {
+        let err = max_abs_diff(&ours, &get(name));
+        report.push(format!("{name}: {err:.2e}"));
+        err
+    };
+    let unet = model.unet.unwrap();
+    let e_unet = check("out.unet", unet.forward(&get("input.latent"), &get("input.timesteps"), &get("input.context")));
+    // The comparison is sensitive: a slightly different timestep is far outside the tolerance.
+    let shifted = unet.forward(&get("input.latent"), &(get("input.timesteps") + 5.0), &get("input.context"));
+    assert!(max_abs_diff(&shifted, &get("out.unet")) > 100.0 * TOLERANCE);
+    let clip = model.clip.unwrap();
+    let tokens = get("input.tokens");
+    let e_last = check("out.clip_last", clip.encode(&tokens, ClipOutput::Last));
+    let e_m2 = check("out.clip_hidden_m2", clip.encode(&tokens, ClipOutput::Hidden { index: -2, layer_norm: false }));
+    let e_m2ln = check("out.clip_hidden_m2_ln", clip.encode(&tokens, ClipOutput::Hidden { index: -2, layer_norm: true }));
+    let vae = model.vae.unwrap();
+    let e_mean = check("out.vae_mean", vae.encode_mean(&get("input.image")));
+    let e_dec = check("out.vae_decoded", vae.decode(&get("input.z")));
+    println!("{family:?} inpaint={inpaint}: {}", report.join(", "));
+    for (name, e) in [("unet", e_unet), ("clip_last", e_last), ("clip_m2", e_m2), ("clip_m2_ln", e_m2ln), ("vae_mean", e_mean), ("vae_decoded", e_dec)] {
+        assert!(e <= TOLERANCE, "{family:?} inpaint={inpaint}: {name} differs by {e:.3e} (> {TOLERANCE}); all: {report:?}");
+    }
+}
+
+#[test]
+fn sd1_matches_diffusers_and_transformers() {
+    check_model_parity(Family::Sd1, false);
+}
+
+#[test]
+fn sd2_matches_diffusers_and_transformers() {
+    check_model_parity(Family::Sd2, false);
+}
+
+#[test]
+fn sd1_inpainting_matches_diffusers() {
+    check_model_parity(Family::Sd1, true);
+}
