@@ -49,7 +49,7 @@ fn detection_from_shapes_matches_the_written_config() {
     let shapes = file.tensors().iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect();
     let found = diffloom_nodes::checkpoint::detect::detect(&path, &shapes, &Default::default()).unwrap();
     let (want, got) = (config.unet.unwrap(), found.unet.unwrap());
-    assert_eq!((got.in_channels, got.model_channels, &got.channel_mult, got.num_res_blocks), (4, 32, &want.channel_mult, 1));
+    assert_eq!((got.in_channels, got.model_channels, &got.channel_mult, got.num_res_blocks), (4, 64, &want.channel_mult, 1));
     assert_eq!((&got.attention_resolutions, got.context_dim, got.use_linear_in_transformer), (&want.attention_resolutions, 32, false));
     assert_eq!(found.vae, config.vae);
     let clip = found.clip.unwrap();

@@ -63,9 +63,11 @@ fn check_model_parity(family: Family, inpaint: bool) {
     };
     let unet = model.unet.unwrap();
     let e_unet = check("out.unet", unet.forward(&get("input.latent"), &get("input.timesteps"), &get("input.context")));
-    // The comparison is sensitive: a slightly different timestep is far outside the tolerance.
-    let shifted = unet.forward(&get("input.latent"), &(get("input.timesteps") + 5.0), &get("input.context"));
-    assert!(max_abs_diff(&shifted, &get("out.unet")) > 100.0 * TOLERANCE);
+    // The comparison is sensitive to the timestep path: other timesteps are far outside the tolerance.
+    let shifted = unet.forward(&get("input.latent"), &Tensor::from_slice(&[500f32, 500.0]), &get("input.context"));
+    let e_shift = max_abs_diff(&shifted, &get("out.unet"));
+    println!("control: other timesteps differ by {e_shift:.3e}");
+    assert!(e_shift > 100.0 * TOLERANCE);
     let clip = model.clip.unwrap();
     let tokens = get("input.tokens");
     let e_last = check("out.clip_last", clip.encode(&tokens, ClipOutput::Last));

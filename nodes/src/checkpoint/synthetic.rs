@@ -44,12 +44,14 @@ pub fn tiny_config(family: Family, inpaint: bool) -> ModelConfig {
         unet: Some(UnetConfig {
             in_channels: if inpaint { 9 } else { 4 },
             out_channels: 4,
-            model_channels: 32,
+            // 64 and 128 channels: GroupNorm(32) then sees 2 and 4 channels per group. With one channel
+            // per group the norm after the timestep projection would cancel it, hiding the timestep path.
+            model_channels: 64,
             channel_mult: vec![1, 2],
             num_res_blocks: 1,
             attention_resolutions: vec![1, 2],
             num_heads: if sd2 { -1 } else { 2 },
-            num_head_channels: if sd2 { 16 } else { -1 },
+            num_head_channels: if sd2 { 32 } else { -1 },
             transformer_depth: 1,
             context_dim: 32,
             use_linear_in_transformer: sd2,
