@@ -96,3 +96,23 @@ fn sd2_matches_diffusers_and_transformers() {
 fn sd1_inpainting_matches_diffusers() {
     check_model_parity(Family::Sd1, true);
 }
+
+#[test]
+fn tokenizer_ids_match_transformers_clip_tokenizer() {
+    let d = Dir::new();
+    let vocab = diffloom_nodes::tokenizer::ClipTokenizer::locate_default().unwrap();
+    let out = d.join("ids.json");
+    run_reference("tokenizer_reference.py", &[&vocab, &repo().join("tests/data/prompts.txt"), &out]);
+    let reference: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let tok = diffloom_nodes::tokenizer::ClipTokenizer::from_dir(&vocab).unwrap();
+    let prompts = reference["prompts"].as_array().unwrap();
+    assert!(prompts.len() >= 20);
+    for (prompt, want) in prompts.iter().zip(reference["ids"].as_array().unwrap()) {
+        let prompt = prompt.as_str().unwrap();
+        let mut ours = vec![diffloom_nodes::tokenizer::START];
+        ours.extend(tok.ids(prompt).unwrap());
+        ours.push(diffloom_nodes::tokenizer::END);
+        let want: Vec<u32> = want.as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        assert_eq!(ours, want, "prompt {prompt:?}");
+    }
+}
