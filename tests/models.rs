@@ -133,7 +133,7 @@ fn missing_keys_and_wrong_shapes_name_the_key() {
     });
     assert_eq!(
         msg,
-        format!("{}: tensor \"{key}\" has shape [32, 127], expected [32, 128]", d.join("shape.safetensors").display())
+        format!("{}: tensor \"{key}\" has shape [32, 127], expected [64, 256]", d.join("shape.safetensors").display())
     );
 }
 

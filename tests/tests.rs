@@ -7,3 +7,4 @@ mod cli;
 mod graph_format;
 mod models;
 mod parity;
+mod sd_nodes;

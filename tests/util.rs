@@ -3,8 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use diffloom_core::graph::file;
 use diffloom_core::validate::{apply_params, validate};
@@ -82,11 +80,7 @@ pub fn stderr(o: &Output) -> String {
 
 /// An executor on the CPU writing into `dir/output`, and the built-in registry.
 pub fn executor(dir: &Dir, cache_limit: usize) -> (Executor, Registry) {
-    let options = RunOptions {
-        device: tch::Device::Cpu,
-        output_dir: dir.join("output"),
-        cancel: Arc::new(AtomicBool::new(false)),
-    };
+    let options = RunOptions::new(tch::Device::Cpu, dir.join("output"));
     (Executor::new(options, cache_limit), diffloom_nodes::registry())
 }
 

@@ -288,6 +288,10 @@ pub struct Ctx<'a> {
     pub graph_source: &'a str,
     /// Set from another thread (Ctrl-C, a newer save in `watch`) to stop at the next step boundary.
     pub cancel: &'a AtomicBool,
+    /// Floating-point kind for model weights (fp32 on CPU, fp16 on CUDA unless `--dtype`).
+    pub dtype: tch::Kind,
+    /// Where prompts' `embedding:name` textual inversions are looked up.
+    pub embeddings_dir: Option<&'a Path>,
     /// Lines a node wants in the run report (files written, previews).
     pub messages: Vec<String>,
 }

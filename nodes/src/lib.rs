@@ -7,17 +7,31 @@ pub mod imageio;
 pub mod models;
 pub mod prompt;
 pub mod resample;
+pub mod sd;
+pub mod tiles;
 pub mod tokenizer;
 
 use std::rc::Rc;
 
 use diffloom_core::{Node, Origin, Registry};
 
-use builtin::{image, primitive};
+use builtin::{conditioning, image, latent, loaders, primitive};
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
 pub fn builtin() -> Vec<Rc<dyn Node>> {
     vec![
+        // loaders
+        Rc::new(loaders::CheckpointLoaderSimple),
+        Rc::new(loaders::VAELoader),
+        // conditioning
+        Rc::new(conditioning::CLIPTextEncode),
+        Rc::new(conditioning::CLIPSetLastLayer),
+        // latent
+        Rc::new(latent::EmptyLatentImage),
+        Rc::new(latent::VAEEncode),
+        Rc::new(latent::VAEDecode),
+        Rc::new(latent::VAEEncodeTiled),
+        Rc::new(latent::VAEDecodeTiled),
         // image
         Rc::new(image::LoadImage),
         Rc::new(image::SaveImage),

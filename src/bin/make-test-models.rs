@@ -3,12 +3,13 @@
 //!   make-test-models DIR            tiny SD1, SD2 and SD1-inpainting models (+ a standalone VAE)
 //!   make-test-models DIR --full     also full-size SD1 and SD2 files (fp16, ~2 and ~2.6 GB)
 //!
-//! Existing files are left as they are.
+//! Existing files are kept when they already hold the wanted configuration.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use diffloom_nodes::checkpoint::detect::Family;
+use diffloom_nodes::checkpoint::detect::{Family, ModelConfig, CONFIG_METADATA_KEY};
+use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
 use diffloom_nodes::checkpoint::synthetic::{full_config, tiny_config, write_checkpoint};
 use tch::Kind;
 
@@ -28,6 +29,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether `path` exists and (for files that embed it) carries `config`.
+fn up_to_date(path: &Path, config: &ModelConfig, embed: bool) -> bool {
+    match SafetensorsFile::open(path) {
+        Ok(f) if embed => f.metadata.get(CONFIG_METADATA_KEY).and_then(|j| serde_json::from_str::<ModelConfig>(j).ok()).as_ref() == Some(config),
+        Ok(_) => true,
+        Err(_) => false,
+    }
+}
+
 fn run(dir: &Path, full: bool) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut jobs = vec![
@@ -41,7 +51,7 @@ fn run(dir: &Path, full: bool) -> Result<(), String> {
     }
     for (name, config, kind, seed, embed) in jobs {
         let path = dir.join(name);
-        if path.exists() {
+        if up_to_date(&path, &config, embed) {
             continue;
         }
         // Written under a temporary name first, so an interrupted run leaves no half file behind.

@@ -18,7 +18,8 @@ pub fn run(file: &Path, sets: &[String], output_dir: &Path, device: Option<&str>
     let graph = session::load_graph(file, sets, &registry)?;
     let cancel = Arc::new(AtomicBool::new(false));
     install_ctrlc(cancel.clone());
-    let options = RunOptions { device: session::device(device)?, output_dir: output_dir.to_path_buf(), cancel };
+    let mut options = RunOptions::new(session::device(device)?, output_dir);
+    options.cancel = cancel;
     let mut executor = Executor::new(options, CACHE_LIMIT);
     let report = executor.run(&graph);
     println!("{report}");

@@ -4,8 +4,6 @@
 //! Run: scripts/bench.sh executor     (target: cached re-run ≤ 20 µs per node)
 
 use std::path::Path;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use diffloom_core::graph::file;
@@ -63,7 +61,7 @@ fn main() {
     let mut cold_overhead = Vec::new();
     let mut cached = Vec::new();
     for _ in 0..reps {
-        let options = RunOptions { device: tch::Device::Cpu, output_dir: "bench-out".into(), cancel: Arc::new(AtomicBool::new(false)) };
+        let options = RunOptions::new(tch::Device::Cpu, "bench-out");
         let mut ex = Executor::new(options, 1 << 30);
         let r = ex.run(&graph);
         assert!(r.error.is_none() && r.ran().len() == n, "cold run ran {} of {n}", r.ran().len());

@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tch::Device;
+use tch::{Device, Kind};
 
 use crate::error::{NodeError, RunError};
 use crate::exec::cache::{Cache, Key};
@@ -25,6 +25,28 @@ pub struct RunOptions {
     pub output_dir: PathBuf,
     /// Set (from any thread) to stop the run at the next node or sampling step.
     pub cancel: Arc<AtomicBool>,
+    /// Floating-point kind for model weights; `None` picks per device (fp32 on CPU, fp16 on CUDA).
+    pub dtype: Option<Kind>,
+    /// Where `embedding:name` in prompts looks for textual inversions.
+    pub embeddings_dir: Option<PathBuf>,
+}
+
+impl RunOptions {
+    /// Options for `device` writing to `output_dir`, with defaults for the rest.
+    pub fn new(device: Device, output_dir: impl Into<PathBuf>) -> RunOptions {
+        RunOptions {
+            device,
+            output_dir: output_dir.into(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            dtype: None,
+            embeddings_dir: None,
+        }
+    }
+
+    /// The weight kind actually used.
+    pub fn resolved_dtype(&self) -> Kind {
+        self.dtype.unwrap_or(if self.device.is_cuda() { Kind::Half } else { Kind::Float })
+    }
 }
 
 /// Whether a node ran, came from the cache, or failed.
@@ -216,6 +238,20 @@ impl Executor {
                 });
                 continue;
             }
+            // An identical node earlier in this run (same key) has just produced this result.
+            // invariant: keys exist for every scheduled node.
+            if let Some(v) = self.cache.get(&keys[i].expect("key computed")) {
+                values[i] = Some(v);
+                report.nodes.push(NodeReport {
+                    id: node.id.clone(),
+                    node_type: schema.name.clone(),
+                    status: NodeStatus::Cached,
+                    time: Duration::ZERO,
+                    messages: Vec::new(),
+                });
+                release_inputs(node, &mut consumers, &mut values);
+                continue;
+            }
             let t0 = Instant::now();
             let mut cx = Ctx {
                 device: self.options.device,
@@ -224,6 +260,8 @@ impl Executor {
                 output_dir: &self.options.output_dir,
                 graph_source: &graph.source,
                 cancel: &self.options.cancel,
+                dtype: self.options.resolved_dtype(),
+                embeddings_dir: self.options.embeddings_dir.as_deref(),
                 messages: Vec::new(),
             };
             let result = cx.check_cancel().and_then(|_| {
@@ -257,14 +295,7 @@ impl Executor {
                     break;
                 }
             }
-            for input in &node.inputs {
-                if let ResolvedInput::Link { node: src, .. } = input {
-                    consumers[*src] -= 1;
-                    if consumers[*src] == 0 {
-                        values[*src] = None;
-                    }
-                }
-            }
+            release_inputs(node, &mut consumers, &mut values);
         }
         report.total = started.elapsed();
         report
@@ -277,6 +308,18 @@ impl Executor {
             node: node.id.clone(),
             node_type: node.entry.schema.name.clone(),
             cause,
+        }
+    }
+}
+
+/// Counts `node`'s use of its inputs and drops results no pending node still needs.
+fn release_inputs(node: &ResolvedNode, consumers: &mut [usize], values: &mut [Option<Vec<Value>>]) {
+    for input in &node.inputs {
+        if let ResolvedInput::Link { node: src, .. } = input {
+            consumers[*src] -= 1;
+            if consumers[*src] == 0 {
+                values[*src] = None;
+            }
         }
     }
 }
@@ -486,11 +529,7 @@ mod tests {
         );
         let file = Path::new("g.ron");
         let graph = validate(file, &parse(file, &text).unwrap(), &reg).unwrap();
-        let options = RunOptions {
-            device: Device::Cpu,
-            output_dir: PathBuf::from("unused"),
-            cancel: Arc::new(AtomicBool::new(false)),
-        };
+        let options = RunOptions::new(Device::Cpu, "unused");
         Executor::new(options, 1 << 20).run(&graph)
     }
 
@@ -521,8 +560,8 @@ mod tests {
         let file = Path::new("g.ron");
         let text = r#"(version: 1, nodes: {"a": (type: "ReturnsInt"), "s": (type: "Sink", inputs: {"v": Link("a", "STRING")})})"#;
         let graph = validate(file, &parse(file, text).unwrap(), &reg).unwrap();
-        let cancel = Arc::new(AtomicBool::new(true));
-        let options = RunOptions { device: Device::Cpu, output_dir: PathBuf::new(), cancel };
+        let options = RunOptions::new(Device::Cpu, "unused");
+        options.cancel.store(true, std::sync::atomic::Ordering::Relaxed);
         let report = Executor::new(options, 1 << 20).run(&graph);
         assert!(matches!(report.error.map(|e| e.cause), Some(NodeError::Cancelled)));
     }

@@ -1,4 +1,7 @@
 //! The built-in nodes, one module per ComfyUI category.
 
+pub mod conditioning;
 pub mod image;
+pub mod latent;
+pub mod loaders;
 pub mod primitive;

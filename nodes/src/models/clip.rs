@@ -165,10 +165,19 @@ impl ClipTextModel {
 
     /// Hidden states `[b, n, hidden]` for token ids `tokens` `[b, n]` (n ≤ max positions).
     pub fn encode(&self, tokens: &Tensor, output: ClipOutput) -> Tensor {
-        let n = tokens.size()[1];
+        self.encode_embeddings(&self.embed_tokens(tokens), output)
+    }
+
+    /// Token embeddings `[b, n, hidden]` (before positions); textual inversions replace rows of these.
+    pub fn embed_tokens(&self, tokens: &Tensor) -> Tensor {
         let tokens = tokens.to_device(self.token_embedding.device()).to_kind(Kind::Int64);
-        let mut x = Tensor::embedding(&self.token_embedding, &tokens, -1, false, false)
-            + self.position_embedding.narrow(0, 0, n).unsqueeze(0);
+        Tensor::embedding(&self.token_embedding, &tokens, -1, false, false)
+    }
+
+    /// Runs the transformer on token embeddings `x` `[b, n, hidden]`.
+    pub fn encode_embeddings(&self, x: &Tensor, output: ClipOutput) -> Tensor {
+        let n = x.size()[1];
+        let mut x = x + self.position_embedding.narrow(0, 0, n).unsqueeze(0);
         let stop = match output {
             ClipOutput::Last => self.layers.len() as i64 - 1,
             ClipOutput::Hidden { index, .. } if index < 0 => self.layers.len() as i64 + index,
@@ -184,6 +193,11 @@ impl ClipTextModel {
             ClipOutput::Last | ClipOutput::Hidden { layer_norm: true, .. } => self.final_layer_norm.forward(&x),
             ClipOutput::Hidden { layer_norm: false, .. } => x,
         }
+    }
+
+    /// Where the weights live.
+    pub fn device(&self) -> tch::Device {
+        self.token_embedding.device()
     }
 
     /// Number of transformer layers.

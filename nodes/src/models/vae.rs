@@ -228,6 +228,11 @@ impl AutoencoderKl {
         }
     }
 
+    /// Where the weights live.
+    pub fn device(&self) -> tch::Device {
+        self.quant_conv.weight.device()
+    }
+
     /// The mean of the latent distribution for images `x` `[b, 3, h, w]` in -1..1 (unscaled latents).
     pub fn encode_mean(&self, x: &Tensor) -> Tensor {
         let kind = self.quant_conv.weight.kind();
