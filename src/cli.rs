@@ -30,6 +30,12 @@ pub enum Command {
         /// Directory output nodes write into.
         #[arg(short, long, default_value = "output")]
         output_dir: PathBuf,
+        /// Floating-point type of model weights (default: fp32 on the CPU, fp16 on CUDA).
+        #[arg(long, value_enum)]
+        dtype: Option<Dtype>,
+        /// Directory of textual-inversion .safetensors files for `embedding:name` in prompts.
+        #[arg(long, value_name = "DIR")]
+        embeddings: Option<PathBuf>,
     },
     /// Check a graph without running it; prints every problem found.
     Validate {
@@ -53,6 +59,23 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Dtype {
+    Fp32,
+    Fp16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn kind(self) -> tch::Kind {
+        match self {
+            Dtype::Fp32 => tch::Kind::Float,
+            Dtype::Fp16 => tch::Kind::Half,
+            Dtype::Bf16 => tch::Kind::BFloat16,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -152,3 +152,32 @@ fn unsupported_families_are_named() {
         assert!(msg.ends_with(&format!("not supported yet: this looks like {family} (diffloom runs SD 1.x and 2.x)")), "{msg}");
     }
 }
+
+#[test]
+fn full_size_sd1_and_sd2_checkpoints_are_detected_and_run() {
+    // Full SD 1.5 / SD 2.x dimensions with random weights, fp16 as most downloads are, no embedded
+    // config: everything is detected from the key names and shapes, as for a user's file.
+    use diffloom_nodes::checkpoint::synthetic::full_config;
+    let d = Dir::new();
+    for family in [Family::Sd1, Family::Sd2] {
+        let path = d.join("full.safetensors");
+        let config = full_config(family);
+        write_checkpoint(&path, &config, Kind::Half, 3, false).unwrap();
+        let ck = load_checkpoint(&path, Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(ck.config.unet, config.unet, "{family:?}");
+        assert_eq!(ck.config.vae, config.vae, "{family:?}");
+        assert_eq!(ck.config.clip, config.clip, "{family:?}");
+        assert_eq!(ck.config.family, family);
+        let _g = tch::no_grad_guard();
+        let clip = ck.clip.unwrap();
+        let ctx = clip.encode(&Tensor::from_slice(&[49406i64, 320, 1125, 49407]).view([1, 4]), ClipOutput::Last);
+        let unet = ck.unet.unwrap();
+        let eps = unet.forward(&Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)), &Tensor::from_slice(&[500f32]), &ctx);
+        assert_eq!(eps.size(), [1, 4, 8, 8]);
+        let img = ck.vae.unwrap().decode(&eps);
+        assert_eq!(img.size(), [1, 3, 64, 64]);
+        assert_eq!(img.isfinite().all().int64_value(&[]), 1, "{family:?}");
+        drop(unet);
+        std::fs::remove_file(&path).unwrap();
+    }
+}

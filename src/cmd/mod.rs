@@ -14,7 +14,11 @@ use crate::cli::{Cli, Command};
 /// Runs the chosen subcommand.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Run { file, set, output_dir } => run::run(&file, &set, &output_dir, cli.device.as_deref()),
+        Command::Run { file, set, output_dir, dtype, embeddings } => run::run(
+            &file,
+            &set,
+            run::Settings { output_dir, device: cli.device, dtype: dtype.map(|d| d.kind()), embeddings },
+        ),
         Command::Validate { file, set } => validate::validate(&file, &set),
         Command::Show { file, format, set } => show::show(&file, format, &set),
         Command::Nodes { name, json } => nodes::nodes(name.as_deref(), json),

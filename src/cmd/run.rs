@@ -1,6 +1,6 @@
 //! `diffloom run FILE`: validate, run, print the per-node report.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,13 +13,26 @@ use crate::session;
 /// A one-shot run keeps everything it computes; the bound matters for long-lived `watch` sessions.
 const CACHE_LIMIT: usize = usize::MAX;
 
-pub fn run(file: &Path, sets: &[String], output_dir: &Path, device: Option<&str>) -> Result<ExitCode> {
+/// What `run` takes besides the graph.
+pub struct Settings {
+    pub output_dir: PathBuf,
+    pub device: Option<String>,
+    pub dtype: Option<tch::Kind>,
+    pub embeddings: Option<PathBuf>,
+}
+
+pub fn run(file: &Path, sets: &[String], settings: Settings) -> Result<ExitCode> {
     let registry = session::registry();
     let graph = session::load_graph(file, sets, &registry)?;
+    if let Some(dir) = &settings.embeddings {
+        anyhow::ensure!(dir.is_dir(), "--embeddings {}: not a directory", dir.display());
+    }
     let cancel = Arc::new(AtomicBool::new(false));
     install_ctrlc(cancel.clone());
-    let mut options = RunOptions::new(session::device(device)?, output_dir);
+    let mut options = RunOptions::new(session::device(settings.device.as_deref())?, settings.output_dir);
     options.cancel = cancel;
+    options.dtype = settings.dtype;
+    options.embeddings_dir = settings.embeddings;
     let mut executor = Executor::new(options, CACHE_LIMIT);
     let report = executor.run(&graph);
     println!("{report}");

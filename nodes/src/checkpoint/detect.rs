@@ -164,6 +164,8 @@ fn detect_unet(s: &Shapes, p: &str) -> Option<UnetConfig> {
     }
     channel_mult.push(level_ch / mc);
     res_per_level.push(count);
+    // Largest first, as the LDM yaml configs list them.
+    attention_resolutions.sort_unstable_by(|a, b| b.cmp(a));
     if context_dim == 0 {
         context_dim = get("middle_block.1.transformer_blocks.0.attn2.to_k.weight").map_or(768, |k| k[1]);
     }

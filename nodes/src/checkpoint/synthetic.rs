@@ -49,7 +49,7 @@ pub fn tiny_config(family: Family, inpaint: bool) -> ModelConfig {
             model_channels: 64,
             channel_mult: vec![1, 2],
             num_res_blocks: 1,
-            attention_resolutions: vec![1, 2],
+            attention_resolutions: vec![2, 1],
             num_heads: if sd2 { -1 } else { 2 },
             num_head_channels: if sd2 { 32 } else { -1 },
             transformer_depth: 1,
