@@ -49,11 +49,18 @@ fn check_model_parity(family: Family, inpaint: bool) {
     let ckpt = d.join("model.safetensors");
     write_checkpoint(&ckpt, &tiny_config(family, inpaint), Kind::Float, 11, true).unwrap();
     let reference = d.join("reference.safetensors");
-    run_reference("reference.py", &[&ckpt, &reference]);
-    let r = SafetensorsFile::open(&reference).unwrap();
-    let get = |k: &str| r.load(k, Device::Cpu, None).unwrap();
+    let folder = d.join("diffusers");
+    run_reference("reference.py", &[&ckpt, &reference, Path::new("--save-diffusers"), &folder]);
+    // The single file, and the diffusers folder diffusers itself wrote from it, give the same outputs.
+    compare(&ckpt, &reference, family, inpaint);
+    compare(&folder, &reference, family, inpaint);
+}
 
-    let model = load_checkpoint(&ckpt, Device::Cpu, Kind::Float).unwrap();
+fn compare(model: &Path, reference: &Path, family: Family, inpaint: bool) {
+    let r = SafetensorsFile::open(reference).unwrap();
+    let get = |k: &str| r.load(k, Device::Cpu, None).unwrap();
+    let source = model.file_name().unwrap().to_string_lossy().into_owned();
+    let model = load_checkpoint(model, Device::Cpu, Kind::Float).unwrap();
     let _guard = tch::no_grad_guard();
     let mut report = Vec::new();
     let mut check = |name: &str, ours: Tensor| {
@@ -76,7 +83,7 @@ fn check_model_parity(family: Family, inpaint: bool) {
     let vae = model.vae.unwrap();
     let e_mean = check("out.vae_mean", vae.encode_mean(&get("input.image")));
     let e_dec = check("out.vae_decoded", vae.decode(&get("input.z")));
-    println!("{family:?} inpaint={inpaint}: {}", report.join(", "));
+    println!("{family:?} inpaint={inpaint} ({source}): {}", report.join(", "));
     for (name, e) in [("unet", e_unet), ("clip_last", e_last), ("clip_m2", e_m2), ("clip_m2_ln", e_m2ln), ("vae_mean", e_mean), ("vae_decoded", e_dec)] {
         assert!(e <= TOLERANCE, "{family:?} inpaint={inpaint}: {name} differs by {e:.3e} (> {TOLERANCE}); all: {report:?}");
     }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference outputs of the Stable Diffusion model parts, for diffloom's parity tests.
 
-Usage:  .venv/bin/python tests/parity/reference.py CKPT.safetensors OUT.safetensors
+Usage:  .venv/bin/python tests/parity/reference.py CKPT.safetensors OUT.safetensors [--save-diffusers DIR]
 
 CKPT is a single-file checkpoint in the original LDM/CompVis key layout whose safetensors header
 carries the architecture as JSON under "diffloom.config". The weights are converted to diffusers /
@@ -11,6 +11,8 @@ against an independent implementation. It only supplies the hyper-parameters, as
 equivalent of the original LDM yaml, and loads strictly.
 
 OUT receives the inputs (input.*) and the outputs (out.*); see tests/parity/README.md.
+With --save-diffusers, the converted models are also written as a diffusers folder by diffusers' and
+transformers' own save_pretrained, for the parity test of diffloom's diffusers-folder loading.
 Everything runs in fp32 on the CPU, offline.
 """
 import json
@@ -181,9 +183,15 @@ def make_inputs(cfg):
 
 
 def main():
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    save_dir = None
+    if "--save-diffusers" in args:
+        i = args.index("--save-diffusers")
+        save_dir = args[i + 1]
+        del args[i:i + 2]
+    if len(args) != 2:
         sys.exit(__doc__)
-    ckpt_path, out_path = sys.argv[1], sys.argv[2]
+    ckpt_path, out_path = args
     with safe_open(ckpt_path, "pt") as f:
         meta = f.metadata() or {}
     if "diffloom.config" not in meta:
@@ -225,6 +233,13 @@ def main():
         "diffloom.config": json.dumps(cfg), "torch": torch.__version__,
         "diffusers": diffusers.__version__, "transformers": transformers.__version__})
     print(f"wrote {out_path}")
+    if save_dir:
+        unet.save_pretrained(os.path.join(save_dir, "unet"), safe_serialization=True)
+        vae.save_pretrained(os.path.join(save_dir, "vae"), safe_serialization=True)
+        clip.save_pretrained(os.path.join(save_dir, "text_encoder"), safe_serialization=True)
+        with open(os.path.join(save_dir, "model_index.json"), "w") as f:
+            json.dump({"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__}, f)
+        print(f"wrote the diffusers folder {save_dir}")
 
 
 if __name__ == "__main__":

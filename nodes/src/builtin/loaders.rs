@@ -16,9 +16,26 @@ pub struct MissingPart(pub String);
 fn file_stamp(graph_dir: &Path, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
     let Some(Value::String(path)) = literals.get(input) else { return Ok(None) };
     let path = diffloom_core::node::resolve_input_path(graph_dir, input, path)?;
-    let meta = std::fs::metadata(&path).map_err(|e| NodeError::file(&path, e))?;
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
-    Ok(Some(format!("{}|{}|{}", path.display(), meta.len(), mtime.as_nanos())))
+    let mut stamp = path.display().to_string();
+    stamp_into(&path, &mut stamp, 3).map_err(|e| NodeError::file(&path, e))?;
+    Ok(Some(stamp))
+}
+
+/// Appends size and modification time of `path`, and of the files under it (a diffusers folder).
+fn stamp_into(path: &Path, stamp: &mut String, depth: usize) -> std::io::Result<()> {
+    let meta = std::fs::metadata(path)?;
+    if meta.is_dir() && depth > 0 {
+        let mut entries: Vec<_> = std::fs::read_dir(path)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        entries.sort();
+        for e in entries {
+            stamp.push_str(&format!("|{}", e.display()));
+            stamp_into(&e, stamp, depth - 1)?;
+        }
+    } else {
+        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
+        stamp.push_str(&format!("|{}|{}", meta.len(), mtime.as_nanos()));
+    }
+    Ok(())
 }
 
 /// Peak resident memory of this process so far, from /proc (Linux), in bytes.
@@ -36,9 +53,9 @@ pub struct CheckpointLoaderSimple;
 impl Node for CheckpointLoaderSimple {
     fn schema(&self) -> Schema {
         Schema::new("CheckpointLoaderSimple", "loaders")
-            .describe("Loads an SD 1.x/2.x single-file .safetensors checkpoint (original LDM layout).")
+            .describe("Loads an SD 1.x/2.x single-file .safetensors checkpoint (original LDM layout) or a diffusers folder.")
             .input("ckpt_name", Str::required())
-            .doc("path to the .safetensors file")
+            .doc("path to the .safetensors file or diffusers folder")
             .output("MODEL", ValueType::Model)
             .output("CLIP", ValueType::Clip)
             .output("VAE", ValueType::Vae)
@@ -73,7 +90,10 @@ impl Node for CheckpointLoaderSimple {
         };
         let clip = match &ck.clip {
             Some(clip) => {
-                let tokenizer = default_tokenizer().map_err(NodeError::Failed)?;
+                let tokenizer = match &ck.tokenizer_dir {
+                    Some(dir) => Rc::new(crate::tokenizer::ClipTokenizer::from_dir(dir).map_err(NodeError::Failed)?),
+                    None => default_tokenizer().map_err(NodeError::Failed)?,
+                };
                 Handle::new(SdClip { model: clip.clone(), tokenizer, family: ck.config.family, layer: None }, 0, name.clone())
             }
             None => missing("text encoder", "cond_stage_model.*"),

@@ -24,6 +24,8 @@ pub struct Checkpoint {
     /// Bytes of all loaded tensors in the target kind.
     pub bytes: usize,
     pub load_time: Duration,
+    /// A diffusers folder's own `tokenizer/` (vocab.json, merges.txt).
+    pub tokenizer_dir: Option<std::path::PathBuf>,
 }
 
 /// The shapes of every tensor in a file.
@@ -31,8 +33,17 @@ fn shapes(file: &SafetensorsFile) -> Shapes {
     file.tensors().iter().map(|(k, v)| (k.clone(), v.shape.clone())).collect()
 }
 
-/// Loads a single-file checkpoint onto `device` in `kind`.
+/// Loads a single-file checkpoint, or a diffusers folder, onto `device` in `kind`.
 pub fn load_checkpoint(path: &Path, device: Device, kind: Kind) -> Result<Checkpoint, LoadError> {
+    if path.is_dir() {
+        if is_diffusers_folder(path) {
+            return load_diffusers(path, device, kind);
+        }
+        return Err(LoadError::Unsupported {
+            file: path.to_path_buf(),
+            message: "is a directory but not a diffusers folder (no model_index.json or unet/config.json)".into(),
+        });
+    }
     let started = Instant::now();
     let file = Rc::new(SafetensorsFile::open(path)?);
     let shapes = shapes(&file);
@@ -73,7 +84,7 @@ pub fn load_checkpoint(path: &Path, device: Device, kind: Kind) -> Result<Checkp
         }
         None => None,
     };
-    Ok(Checkpoint { config, unet, clip, vae, bytes, load_time: started.elapsed() })
+    Ok(Checkpoint { config, unet, clip, vae, bytes, load_time: started.elapsed(), tokenizer_dir: None })
 }
 
 /// Loads a standalone VAE file: keys with or without the `first_stage_model.` prefix.
@@ -97,4 +108,190 @@ pub fn load_vae(path: &Path, device: Device, kind: Kind) -> Result<(AutoencoderK
     let vae = AutoencoderKl::new(&w.root(), config);
     w.finish()?;
     Ok((vae, w.loaded_bytes()))
+}
+
+/// Whether `dir` looks like a diffusers pipeline folder.
+pub fn is_diffusers_folder(dir: &Path) -> bool {
+    dir.join("model_index.json").is_file() || dir.join("unet").join("config.json").is_file()
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value, LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::Io { file: path.to_path_buf(), message: e.to_string() })?;
+    serde_json::from_str(&text).map_err(|e| LoadError::Corrupt { file: path.to_path_buf(), message: format!("invalid JSON: {e}") })
+}
+
+/// The weights file of a diffusers component folder (`diffusion_pytorch_model.safetensors`,
+/// `model.safetensors`, or their `.fp16` variants).
+fn component_weights(dir: &Path) -> Result<std::path::PathBuf, LoadError> {
+    for name in ["diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors"] {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    let pickle = ["diffusion_pytorch_model.bin", "pytorch_model.bin"].iter().map(|n| dir.join(n)).find(|p| p.is_file());
+    Err(match pickle {
+        Some(p) => LoadError::Unsupported {
+            file: p,
+            message: "pickle weights are not loaded; save the folder with safe_serialization=True".into(),
+        },
+        None => LoadError::Missing { file: dir.to_path_buf(), key: "diffusion_pytorch_model.safetensors or model.safetensors".into() },
+    })
+}
+
+fn json_i64(v: &serde_json::Value, key: &str, file: &Path) -> Result<i64, LoadError> {
+    v.get(key).and_then(|x| x.as_i64()).ok_or_else(|| LoadError::Corrupt { file: file.to_path_buf(), message: format!("no integer {key:?}") })
+}
+
+fn json_list(v: &serde_json::Value, key: &str, file: &Path) -> Result<Vec<serde_json::Value>, LoadError> {
+    v.get(key).and_then(|x| x.as_array()).cloned().ok_or_else(|| LoadError::Corrupt { file: file.to_path_buf(), message: format!("no list {key:?}") })
+}
+
+/// Loads a diffusers folder (`unet/`, `vae/`, `text_encoder/`, with `config.json` each), renaming its
+/// keys to the LDM names through `keymap`.
+pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Checkpoint, LoadError> {
+    use crate::models::clip::{ClipConfig, ClipLayout};
+    use crate::models::unet::UnetConfig;
+    use crate::models::vae::VaeConfig;
+    let started = Instant::now();
+    let mut bytes = 0;
+
+    let unet_dir = dir.join("unet");
+    let (unet, unet_config) = if unet_dir.join("config.json").is_file() {
+        let cfg_path = unet_dir.join("config.json");
+        let c = read_json(&cfg_path)?;
+        let boc: Vec<i64> = json_list(&c, "block_out_channels", &cfg_path)?.iter().filter_map(|x| x.as_i64()).collect();
+        let down_types = json_list(&c, "down_block_types", &cfg_path)?;
+        let up_types = json_list(&c, "up_block_types", &cfg_path)?;
+        let nrb = json_i64(&c, "layers_per_block", &cfg_path)?;
+        let mc = *boc.first().unwrap_or(&320);
+        let crossattn = |t: &serde_json::Value| t.as_str().is_some_and(|s| s.starts_with("CrossAttn"));
+        // `attention_head_dim` holds head *counts* in SD configs (8 for SD 1.x, [5, 10, 20, 20] for
+        // SD 2.x, i.e. 64-wide heads); `num_attention_heads` overrides it where present.
+        let heads = c.get("num_attention_heads").filter(|v| !v.is_null()).or_else(|| c.get("attention_head_dim")).cloned().unwrap_or(8.into());
+        let (num_heads, num_head_channels) = match &heads {
+            serde_json::Value::Array(per_level) => {
+                let widths: Vec<i64> = per_level.iter().zip(&boc).filter_map(|(h, ch)| h.as_i64().map(|h| ch / h.max(1))).collect();
+                if widths.windows(2).any(|w| w[0] != w[1]) {
+                    return Err(LoadError::Unsupported { file: cfg_path, message: format!("per-level head widths {widths:?} differ") });
+                }
+                (-1, widths.first().copied().unwrap_or(64))
+            }
+            v => (v.as_i64().unwrap_or(8), -1),
+        };
+        let config = UnetConfig {
+            in_channels: json_i64(&c, "in_channels", &cfg_path)?,
+            out_channels: json_i64(&c, "out_channels", &cfg_path)?,
+            model_channels: mc,
+            channel_mult: boc.iter().map(|b| b / mc).collect(),
+            num_res_blocks: nrb,
+            attention_resolutions: down_types.iter().enumerate().filter(|(_, t)| crossattn(t)).map(|(i, _)| 1i64 << i).rev().collect(),
+            num_heads,
+            num_head_channels,
+            transformer_depth: c.get("transformer_layers_per_block").and_then(|v| v.as_i64()).unwrap_or(1),
+            context_dim: json_i64(&c, "cross_attention_dim", &cfg_path)?,
+            use_linear_in_transformer: c.get("use_linear_projection").and_then(|v| v.as_bool()).unwrap_or(false),
+        };
+        let up_has_attn: Vec<bool> = up_types.iter().map(crossattn).collect();
+        let file = Rc::new(SafetensorsFile::open(&component_weights(&unet_dir)?)?);
+        let index = file
+            .tensors()
+            .keys()
+            .filter_map(|k| super::keymap::unet_key(k, nrb as usize, &up_has_attn).map(|l| (l, (0, k.clone()))))
+            .collect();
+        let w = Weights::from_index(vec![file], index, device, kind);
+        let m = Unet::new(&w.root(), config.clone());
+        w.finish()?;
+        bytes += w.loaded_bytes();
+        (Some(Rc::new(m)), Some(config))
+    } else {
+        (None, None)
+    };
+
+    let vae_dir = dir.join("vae");
+    let (vae, vae_config) = if vae_dir.join("config.json").is_file() {
+        let cfg_path = vae_dir.join("config.json");
+        let c = read_json(&cfg_path)?;
+        let boc: Vec<i64> = json_list(&c, "block_out_channels", &cfg_path)?.iter().filter_map(|x| x.as_i64()).collect();
+        let ch = *boc.first().unwrap_or(&128);
+        let latent = json_i64(&c, "latent_channels", &cfg_path)?;
+        let config = VaeConfig {
+            ch,
+            ch_mult: boc.iter().map(|b| b / ch).collect(),
+            num_res_blocks: json_i64(&c, "layers_per_block", &cfg_path)?,
+            z_channels: latent,
+            embed_dim: latent,
+            in_channels: json_i64(&c, "in_channels", &cfg_path)?,
+            out_ch: json_i64(&c, "out_channels", &cfg_path)?,
+        };
+        let file = Rc::new(SafetensorsFile::open(&component_weights(&vae_dir)?)?);
+        let levels = boc.len();
+        let index = file.tensors().keys().filter_map(|k| super::keymap::vae_key(k, levels).map(|l| (l, (0, k.clone())))).collect();
+        let w = Weights::from_index(vec![file], index, device, kind);
+        let m = AutoencoderKl::new(&w.root(), config.clone());
+        w.finish()?;
+        bytes += w.loaded_bytes();
+        (Some(Rc::new(m)), Some(config))
+    } else {
+        (None, None)
+    };
+
+    let te_dir = dir.join("text_encoder");
+    let (clip, clip_config) = if te_dir.join("config.json").is_file() {
+        let cfg_path = te_dir.join("config.json");
+        let c = read_json(&cfg_path)?;
+        let config = ClipConfig {
+            vocab_size: json_i64(&c, "vocab_size", &cfg_path)?,
+            hidden_size: json_i64(&c, "hidden_size", &cfg_path)?,
+            num_layers: json_i64(&c, "num_hidden_layers", &cfg_path)?,
+            num_heads: json_i64(&c, "num_attention_heads", &cfg_path)?,
+            intermediate_size: json_i64(&c, "intermediate_size", &cfg_path)?,
+            max_position_embeddings: json_i64(&c, "max_position_embeddings", &cfg_path)?,
+            hidden_act: c.get("hidden_act").and_then(|v| v.as_str()).unwrap_or("quick_gelu").to_owned(),
+            layout: ClipLayout::Hf,
+            projection_dim: c.get("projection_dim").and_then(|v| v.as_i64()).unwrap_or(768),
+        };
+        let file = Rc::new(SafetensorsFile::open(&component_weights(&te_dir)?)?);
+        // transformers 4 saves `text_model.*`, transformers 5 drops that level.
+        let index = file
+            .tensors()
+            .keys()
+            .map(|k| (k.strip_prefix("text_model.").unwrap_or(k).to_owned(), (0, k.clone())))
+            .collect();
+        let w = Weights::from_index(vec![file], index, device, kind);
+        let m = ClipTextModel::new(&w.root(), config.clone());
+        w.finish()?;
+        bytes += w.loaded_bytes();
+        (Some(Rc::new(m)), Some(config))
+    } else {
+        (None, None)
+    };
+
+    if unet.is_none() && vae.is_none() && clip.is_none() {
+        return Err(LoadError::Unsupported {
+            file: dir.to_path_buf(),
+            message: "a directory, but not a diffusers folder: no unet/, vae/ or text_encoder/ with a config.json".into(),
+        });
+    }
+    // diffusers' SD 2.x text encoders are OpenCLIP converted to transformers' layout (1024 wide, GELU).
+    let family = match (&clip_config, &unet_config) {
+        (Some(c), _) if c.hidden_size == 1024 => detect::Family::Sd2,
+        (None, Some(u)) if u.context_dim == 1024 => detect::Family::Sd2,
+        _ => detect::Family::Sd1,
+    };
+    let scheduler = dir.join("scheduler").join("scheduler_config.json");
+    let prediction = match read_json(&scheduler).ok().and_then(|s| s.get("prediction_type").and_then(|p| p.as_str().map(str::to_owned))) {
+        Some(p) if p == "v_prediction" => Prediction::V,
+        _ => Prediction::Eps,
+    };
+    let tokenizer = dir.join("tokenizer");
+    Ok(Checkpoint {
+        config: ModelConfig { family, prediction, unet: unet_config, vae: vae_config, clip: clip_config },
+        unet,
+        clip,
+        vae,
+        bytes,
+        load_time: started.elapsed(),
+        tokenizer_dir: tokenizer.join("vocab.json").is_file().then_some(tokenizer),
+    })
 }

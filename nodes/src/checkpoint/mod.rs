@@ -2,6 +2,7 @@
 //! and the load errors.
 
 pub mod detect;
+pub mod keymap;
 pub mod load;
 pub mod safetensors;
 pub mod synthetic;
