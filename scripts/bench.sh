@@ -8,5 +8,10 @@ source "$here/env.sh"
 cd "$DIFFLOOM_ROOT"
 case "${1:-}" in
     executor) cargo bench --locked --bench executor ;;
-    *) echo "usage: scripts/bench.sh executor" >&2; exit 2 ;;
+    models)
+        # A full-size SD 1.5 random-weight checkpoint (about 2 GB, made once).
+        cargo build --release --locked --quiet --bin make-test-models
+        target/release/make-test-models models/bench --full-sd1
+        cargo bench --locked --bench models ;;
+    *) echo "usage: scripts/bench.sh executor|models" >&2; exit 2 ;;
 esac

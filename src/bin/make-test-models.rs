@@ -2,6 +2,7 @@
 //!
 //!   make-test-models DIR            tiny SD1, SD2 and SD1-inpainting models (+ a standalone VAE)
 //!   make-test-models DIR --full     also full-size SD1 and SD2 files (fp16, ~2 and ~2.6 GB)
+//!   make-test-models DIR --full-sd1 only the full-size SD1 file
 //!
 //! Existing files are kept when they already hold the wanted configuration.
 
@@ -20,7 +21,8 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     };
     let full = args.iter().any(|a| a == "--full");
-    match run(&dir, full) {
+    let full_sd1 = args.iter().any(|a| a == "--full-sd1");
+    match run(&dir, full, full_sd1) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -38,13 +40,16 @@ fn up_to_date(path: &Path, config: &ModelConfig, embed: bool) -> bool {
     }
 }
 
-fn run(dir: &Path, full: bool) -> Result<(), String> {
+fn run(dir: &Path, full: bool, full_sd1_only: bool) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut jobs = vec![
+    let mut jobs = if full_sd1_only { vec![] } else { vec![
         ("tiny-sd1.safetensors", tiny_config(Family::Sd1, false), Kind::Float, 1, true),
         ("tiny-sd2.safetensors", tiny_config(Family::Sd2, false), Kind::Float, 2, true),
         ("tiny-sd1-inpaint.safetensors", tiny_config(Family::Sd1, true), Kind::Float, 3, true),
-    ];
+    ] };
+    if full_sd1_only {
+        jobs.push(("full-sd1.safetensors", full_config(Family::Sd1), Kind::Half, 4, false));
+    }
     if full {
         jobs.push(("full-sd1.safetensors", full_config(Family::Sd1), Kind::Half, 4, false));
         jobs.push(("full-sd2.safetensors", full_config(Family::Sd2), Kind::Half, 5, false));
