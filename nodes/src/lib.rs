@@ -58,8 +58,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
 pub fn registry() -> Registry {
     let mut r = Registry::new();
     for node in builtin() {
-        // invariant: built-in names are distinct (the `builtin_names_are_unique` test).
-        r.register(node, Origin::Builtin).expect("built-in node names are unique");
+        r.register(node, Origin::Builtin).expect("unique built-in names"); // invariant: tested by builtin_names_are_unique
     }
     r
 }

@@ -96,15 +96,10 @@ impl RunReport {
     }
 
     /// The failure, if any, as a `Result`.
-    pub fn into_result(self) -> Result<RunReport, (RunReport, RunError)> {
-        match self.error {
+    pub fn into_result(mut self) -> Result<RunReport, (RunReport, RunError)> {
+        match self.error.take() {
             None => Ok(self),
-            Some(_) => {
-                let mut report = self;
-                // invariant: checked just above that error is Some.
-                let error = report.error.take().expect("error present");
-                Err((report, error))
-            }
+            Some(error) => Err((self, error)),
         }
     }
 }
@@ -172,10 +167,11 @@ impl Executor {
         let order = needed_in_order(graph);
 
         // Keys first, top-down: a key depends only on literals, change tokens and the inputs' keys.
-        let mut keys: Vec<Option<Key>> = vec![None; graph.nodes.len()];
+        // Nodes outside `order` keep a zero key; nothing reads it.
+        let mut keys: Vec<Key> = vec![[0; 32]; graph.nodes.len()];
         for &i in &order {
             match node_key(graph, i, &keys, self.runs) {
-                Ok(k) => keys[i] = Some(k),
+                Ok(k) => keys[i] = k,
                 Err(e) => {
                     report.error = Some(self.node_error(graph, i, e));
                     report.total = started.elapsed();
@@ -195,9 +191,7 @@ impl Executor {
             if !wanted[i] {
                 continue;
             }
-            // invariant: every node in `order` got a key in the loop above.
-            let key = keys[i].expect("key computed");
-            match self.cache.get(&key) {
+            match self.cache.get(&keys[i]) {
                 Some(v) => values[i] = Some(v),
                 None => {
                     must_run[i] = true;
@@ -239,8 +233,7 @@ impl Executor {
                 continue;
             }
             // An identical node earlier in this run (same key) has just produced this result.
-            // invariant: keys exist for every scheduled node.
-            if let Some(v) = self.cache.get(&keys[i].expect("key computed")) {
+            if let Some(v) = self.cache.get(&keys[i]) {
                 values[i] = Some(v);
                 report.nodes.push(NodeReport {
                     id: node.id.clone(),
@@ -272,8 +265,7 @@ impl Executor {
             let time = t0.elapsed();
             match result {
                 Ok(outputs) => {
-                    // invariant: keys exist for every scheduled node.
-                    self.cache.insert(keys[i].expect("key computed"), outputs.clone());
+                    self.cache.insert(keys[i], outputs.clone());
                     values[i] = Some(outputs);
                     report.nodes.push(NodeReport {
                         id: node.id.clone(),
@@ -326,7 +318,7 @@ fn release_inputs(node: &ResolvedNode, consumers: &mut [usize], values: &mut [Op
 
 /// The node's cache key; see [`Key`]. Output nodes also mix in their id, so that two identical output
 /// nodes each write their file; nodes that opt out of caching mix in the run number.
-fn node_key(graph: &ResolvedGraph, i: usize, keys: &[Option<Key>], run: u64) -> Result<Key, NodeError> {
+fn node_key(graph: &ResolvedGraph, i: usize, keys: &[Key], run: u64) -> Result<Key, NodeError> {
     let node = &graph.nodes[i];
     let schema = &node.entry.schema;
     let mut h = blake3::Hasher::new();
@@ -339,8 +331,8 @@ fn node_key(graph: &ResolvedGraph, i: usize, keys: &[Option<Key>], run: u64) -> 
             }
             ResolvedInput::Link { node: src, output } => {
                 h.update(b"l");
-                // invariant: sources come before their consumers in topological order.
-                h.update(&keys[*src].expect("source key computed first"));
+                // Sources come before their consumers in topological order, so their keys are set.
+                h.update(&keys[*src]);
                 h.update(&(*output as u64).to_le_bytes());
             }
             ResolvedInput::Absent => {

@@ -171,9 +171,10 @@ impl Unet {
         }
         h = self.middle_block.forward(&h, &emb, &context, None);
         for block in &self.output_blocks {
-            // invariant: there are as many output blocks as input blocks (one skip each).
-            let skip = hs.pop().expect("one skip per output block");
-            h = Tensor::cat(&[h, skip], 1);
+            // There are as many output blocks as input blocks, one skip each.
+            if let Some(skip) = hs.pop() {
+                h = Tensor::cat(&[h, skip], 1);
+            }
             // An upsampler must match the next skip's size, so odd latent sizes work.
             let up = hs.last().map(|s| (s.size()[2], s.size()[3]));
             h = block.forward(&h, &emb, &context, up);
