@@ -9,4 +9,11 @@ cd "$DIFFLOOM_ROOT"
 # The tiny random-weight models the example graphs use (tests make their own as well).
 cargo build --locked --quiet --bin make-test-models
 target/debug/make-test-models models/test
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked 2>&1 | tee "$log" || status=$?
+# cargo prints one summary per test binary (the last ones are empty doc-test runs); one total line:
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$status"
