@@ -211,3 +211,69 @@ fn a_long_chain_runs() {
     assert!(stdout(&out).contains(&format!("a{}… (2000 more characters)", "b".repeat(999))), "preview truncated");
     assert!(stdout(&out).contains("3001 nodes: 3001 ran, 0 cached"));
 }
+
+#[test]
+fn image_nodes_behave_as_comfyui() {
+    let d = Dir::new();
+    // RGBA: alpha 255 left half, 0 right half. LoadImage's MASK is 1 - alpha.
+    let img = image::RgbaImage::from_fn(8, 4, |x, _| image::Rgba([200, 100, 50, if x < 4 { 255 } else { 0 }]));
+    img.save(d.join("rgba.png")).unwrap();
+    image::RgbImage::from_fn(8, 4, |x, y| image::Rgb([x as u8 * 30, y as u8 * 60, 128])).save(d.join("photo.jpg")).unwrap();
+    d.write(
+        "g.ron",
+        r#"(version: 1, nodes: {
+            "rgba": (type: "LoadImage", inputs: {"image": "rgba.png"}),
+            "jpg": (type: "LoadImage", inputs: {"image": "photo.jpg"}),
+            "mask": (type: "PreviewAny", inputs: {"source": Link("rgba", "MASK")}),
+            "nomask": (type: "PreviewAny", inputs: {"source": Link("jpg", "MASK")}),
+            "crop": (type: "ImageCrop", inputs: {"image": Link("jpg", "IMAGE"), "width": 100, "height": 2, "x": 50, "y": 1}),
+            "cropped": (type: "PreviewAny", inputs: {"source": Link("crop", "IMAGE")}),
+            "scaled": (type: "ImageScale", inputs: {"image": Link("jpg", "IMAGE"), "width": 0, "height": 8}),
+            "s": (type: "PreviewAny", inputs: {"source": Link("scaled", "IMAGE")}),
+        })"#,
+    );
+    let out = d.diffloom(&["run", "g.ron"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("MASK [1, 4, 8]"), "{text}");
+    assert!(text.contains("MASK [1, 64, 64]"), "no alpha: ComfyUI's 64×64 empty mask\n{text}");
+    // x clamps to width-1 = 7, so the crop is 1 pixel wide, 2 high.
+    assert!(text.contains("IMAGE [1, 2, 1, 3]"), "{text}");
+    // width 0 keeps the aspect ratio: 8×4 → 16×8.
+    assert!(text.contains("IMAGE [1, 8, 16, 3]"), "{text}");
+}
+
+#[test]
+fn blend_modes_follow_comfyuis_formulas() {
+    use diffloom_core::{Args, Node, Value};
+    use diffloom_core::value::Shared;
+    use tch::Tensor;
+    let a = Tensor::from_slice(&[0.2f32, 0.7]).view([1, 1, 2, 1]).expand([1, 1, 2, 3], false).contiguous();
+    let b = Tensor::from_slice(&[0.6f32, 0.3]).view([1, 1, 2, 1]).expand([1, 1, 2, 3], false).contiguous();
+    let blend = |mode: &str, f: f64| -> Vec<f32> {
+        let args = Args::new(vec![
+            ("image1".into(), Some(Value::Image(Shared(a.shallow_clone())))),
+            ("image2".into(), Some(Value::Image(Shared(b.shallow_clone())))),
+            ("blend_factor".into(), Some(Value::Float(f))),
+            ("blend_mode".into(), Some(Value::String(mode.into()))),
+        ]);
+        let flag = std::sync::atomic::AtomicBool::new(false);
+        let mut cx = diffloom_core::Ctx {
+            device: tch::Device::Cpu, node_id: "b", graph_dir: std::path::Path::new("."), output_dir: std::path::Path::new("."),
+            graph_source: "", cancel: &flag, dtype: tch::Kind::Float, embeddings_dir: None, messages: vec![],
+        };
+        let out = diffloom_nodes::builtin::image::ImageBlend.execute(&mut cx, &args).unwrap();
+        let Value::Image(t) = &out[0] else { panic!() };
+        Vec::<f32>::try_from(&t.select(3, 0).flatten(0, -1)).unwrap()
+    };
+    let close = |got: Vec<f32>, want: [f32; 2]| {
+        assert!(got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-6), "{got:?} vs {want:?}");
+    };
+    close(blend("multiply", 1.0), [0.12, 0.21]);
+    close(blend("screen", 1.0), [1.0 - 0.8 * 0.4, 1.0 - 0.3 * 0.7]);
+    // overlay: a <= 0.5 → 2ab, else 1 - 2(1-a)(1-b)
+    close(blend("overlay", 1.0), [2.0 * 0.2 * 0.6, 1.0 - 2.0 * 0.3 * 0.7]);
+    // The mix with image1 comes before the clamp: 0.5·0.2 + 0.5·(0.2 − 0.6) = −0.1 → 0.
+    close(blend("difference", 0.5), [0.0, 0.5 * 0.7 + 0.5 * 0.4]);
+    close(blend("normal", 0.25), [0.75 * 0.2 + 0.25 * 0.6, 0.75 * 0.7 + 0.25 * 0.3]);
+}

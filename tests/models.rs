@@ -138,6 +138,64 @@ fn missing_keys_and_wrong_shapes_name_the_key() {
 }
 
 #[test]
+fn a_wrong_dtype_for_a_weight_is_named() {
+    let d = Dir::new();
+    let key = "first_stage_model.decoder.conv_in.bias";
+    let msg = edited(&d, "dtype.safetensors", |t| {
+        let e = t.iter_mut().find(|(k, _)| k == key).unwrap();
+        e.1 = e.1.to_kind(Kind::Int64);
+    });
+    assert_eq!(
+        msg,
+        format!("{}: tensor \"{key}\" has dtype I64 (model weights are floating point), which diffloom cannot load", d.join("dtype.safetensors").display())
+    );
+}
+
+#[test]
+fn full_checkpoints_with_ema_weights_and_schedule_buffers_load() {
+    // Unpruned files also hold model_ema.* copies and LDM's schedule buffers; they are not read.
+    let d = Dir::new();
+    let src = d.join("src.safetensors");
+    write_checkpoint(&src, &tiny_config(Family::Sd1, false), Kind::Float, 1, true).unwrap();
+    let file = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&src).unwrap();
+    let mut tensors: Vec<(String, Tensor)> =
+        file.tensors().keys().map(|k| (k.clone(), file.load(k, Device::Cpu, None).unwrap())).collect();
+    tensors.push(("model_ema.decay".into(), Tensor::from_slice(&[0.9999f32])));
+    tensors.push(("model_ema.diffusion_modelinput_blocks00weight".into(), Tensor::zeros([64, 4, 3, 3], (Kind::Float, Device::Cpu))));
+    tensors.push(("alphas_cumprod".into(), Tensor::ones([1000], (Kind::Float, Device::Cpu))));
+    let full = d.join("full.safetensors");
+    diffloom_nodes::checkpoint::synthetic::write_safetensors(&full, &tensors, Some(file.metadata.clone())).unwrap();
+    let ck = load_checkpoint(&full, Device::Cpu, Kind::Float).unwrap();
+    assert!(ck.unet.is_some() && ck.vae.is_some() && ck.clip.is_some());
+}
+
+#[test]
+fn standalone_vae_files_load_with_or_without_the_prefix() {
+    let d = Dir::new();
+    let src = d.join("src.safetensors");
+    write_checkpoint(&src, &tiny_config(Family::Sd1, false), Kind::Half, 1, false).unwrap();
+    let file = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&src).unwrap();
+    for (name, strip) in [("prefixed.safetensors", false), ("bare.safetensors", true)] {
+        let tensors: Vec<(String, Tensor)> = file
+            .tensors()
+            .keys()
+            .filter(|k| k.starts_with("first_stage_model."))
+            .map(|k| {
+                let out = if strip { k.trim_start_matches("first_stage_model.").to_owned() } else { k.clone() };
+                (out, file.load(k, Device::Cpu, None).unwrap())
+            })
+            .collect();
+        let path = d.join(name);
+        diffloom_nodes::checkpoint::synthetic::write_safetensors(&path, &tensors, None).unwrap();
+        let (vae, bytes) = diffloom_nodes::checkpoint::load::load_vae(&path, Device::Cpu, Kind::Float).unwrap();
+        assert_eq!(vae.config, tiny_config(Family::Sd1, false).vae.unwrap(), "{name}");
+        assert!(bytes > 0);
+    }
+    let msg = diffloom_nodes::checkpoint::load::load_vae(&src, Device::Cpu, Kind::Float).map(|_| ()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(msg, ());
+}
+
+#[test]
 fn unsupported_families_are_named() {
     let d = Dir::new();
     for (key, family) in [

@@ -495,6 +495,7 @@ mod tests {
             match self.0 {
                 "Panics" => panic!("index out of bounds"),
                 "ReturnsNothing" => Ok(vec![]),
+                "Passes" => Ok(vec![Value::String("ok".into())]),
                 _ => Ok(vec![Value::Int(3)]),
             }
         }
@@ -542,6 +543,32 @@ mod tests {
             err.to_string(),
             "g.ron: node \"bad\" (ReturnsInt): output \"STRING\" should be STRING, but the node returned INT"
         );
+    }
+
+    /// A node that opts out of caching (ComfyUI's IS_CHANGED = NaN).
+    struct Volatile;
+    impl Node for Volatile {
+        fn schema(&self) -> Schema {
+            Schema::new("Volatile", "test").output("STRING", ValueType::String).never_cache()
+        }
+        fn execute(&self, _cx: &mut Ctx, _a: &Args) -> Result<Vec<Value>, NodeError> {
+            Ok(vec![Value::String("now".into())])
+        }
+    }
+
+    #[test]
+    fn never_cached_nodes_and_their_dependents_run_every_time() {
+        let mut reg = Registry::new();
+        reg.register(Rc::new(Volatile), Origin::Builtin).unwrap();
+        reg.register(Rc::new(Misbehaving("Passes")), Origin::Builtin).unwrap();
+        reg.register(Rc::new(Sink), Origin::Builtin).unwrap();
+        let file = Path::new("g.ron");
+        let text = r#"(version: 1, nodes: {"v": (type: "Volatile"), "s": (type: "Sink", inputs: {"v": Link("v", "STRING")}),
+            "p": (type: "Passes"), "s2": (type: "Sink", inputs: {"v": Link("p", "STRING")})})"#;
+        let graph = validate(file, &parse(file, text).unwrap(), &reg).unwrap();
+        let mut ex = Executor::new(RunOptions::new(Device::Cpu, "unused"), 1 << 20);
+        assert_eq!(ex.run(&graph).ran(), ["v", "s", "p", "s2"]);
+        assert_eq!(ex.run(&graph).ran(), ["v", "s"]);
     }
 
     #[test]

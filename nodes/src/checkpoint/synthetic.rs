@@ -123,7 +123,7 @@ pub fn write_checkpoint(path: &Path, config: &ModelConfig, kind: Kind, seed: i64
     write_safetensors(path, &tensors, metadata)
 }
 
-/// Writes `tensors` (contiguous CPU tensors of a float kind) to a safetensors file.
+/// Writes `tensors` (CPU tensors: f32, f16, bf16 or i64) to a safetensors file.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<(), LoadError> {
     let err = |message: String| LoadError::Io { file: path.to_path_buf(), message };
     let mut buffers = Vec::with_capacity(tensors.len());
@@ -133,6 +133,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Op
             Kind::Float => Dtype::F32,
             Kind::Half => Dtype::F16,
             Kind::BFloat16 => Dtype::BF16,
+            Kind::Int64 => Dtype::I64,
             k => return Err(err(format!("cannot write {name}: unsupported kind {k:?}"))),
         };
         let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];

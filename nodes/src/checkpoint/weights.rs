@@ -111,6 +111,17 @@ impl Weights {
             return placeholder(shape);
         };
         let file = &self.files[*f];
+        if let Some(info) = file.info(stored) {
+            use safetensors::tensor::Dtype;
+            if !matches!(info.dtype, Dtype::F32 | Dtype::F16 | Dtype::BF16 | Dtype::F64) {
+                self.errors.borrow_mut().push(LoadError::Dtype {
+                    file: file.path.clone(),
+                    key: stored.clone(),
+                    found: format!("{:?} (model weights are floating point)", info.dtype),
+                });
+                return placeholder(shape);
+            }
+        }
         if let (Some(want), Some(info)) = (shape, file.info(stored)) {
             // A 1×1 convolution stored as a linear layer (or the reverse) has the same elements.
             let same_numel = want.iter().product::<i64>() == info.shape.iter().product::<i64>();
