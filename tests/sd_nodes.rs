@@ -206,7 +206,7 @@ fn vae_nodes_round_trip_with_crop_tiling_and_clear_errors() {
 fn tiled_decoding_of_a_single_tile_equals_plain_decoding() {
     let d = Dir::new();
     let ck = diffloom_nodes::checkpoint::load::load_checkpoint(std::path::Path::new(&ckpt(&d, Family::Sd1)), Device::Cpu, Kind::Float).unwrap();
-    let vae = diffloom_nodes::sd::SdVae { model: ck.vae.unwrap(), scale: 0.18215 };
+    let vae = diffloom_nodes::sd::SdVae { model: ck.vae.unwrap() };
     let z = Tensor::randn([1, 4, 6, 6], (Kind::Float, Device::Cpu));
     let plain = vae.decode(&z, None).unwrap();
     let tiled = vae.decode(&z, Some((16, 4))).unwrap();

@@ -7,6 +7,7 @@ pub mod imageio;
 pub mod models;
 pub mod prompt;
 pub mod resample;
+pub mod sampling;
 pub mod sd;
 pub mod tiles;
 pub mod tokenizer;
@@ -15,6 +16,7 @@ use std::rc::Rc;
 
 use diffloom_core::{Node, Origin, Registry};
 
+use builtin::sampling as sampling_nodes;
 use builtin::{conditioning, image, latent, loaders, primitive};
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
@@ -26,6 +28,15 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         // conditioning
         Rc::new(conditioning::CLIPTextEncode),
         Rc::new(conditioning::CLIPSetLastLayer),
+        // sampling
+        Rc::new(sampling_nodes::KSampler),
+        Rc::new(sampling_nodes::KSamplerAdvanced),
+        Rc::new(sampling_nodes::SamplerCustom),
+        Rc::new(sampling_nodes::KSamplerSelect),
+        Rc::new(sampling_nodes::BasicScheduler),
+        Rc::new(sampling_nodes::KarrasScheduler),
+        Rc::new(sampling_nodes::ExponentialScheduler),
+        Rc::new(sampling_nodes::SplitSigmas),
         // latent
         Rc::new(latent::EmptyLatentImage),
         Rc::new(latent::VAEEncode),

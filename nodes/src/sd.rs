@@ -25,6 +25,10 @@ pub struct SdModel {
     pub prediction: Prediction,
 }
 
+/// SD 1.x/2.x latent scale (the LDM configs' `scale_factor`). As in ComfyUI, LATENT values are the
+/// VAE's own (unscaled); the sampler scales them in and out (`process_latent_in`/`_out`).
+pub const LATENT_SCALE: f64 = 0.18215;
+
 /// CLIP: the text encoder, its tokenizer, and the layer CLIPSetLastLayer chose.
 #[derive(Clone)]
 pub struct SdClip {
@@ -35,11 +39,9 @@ pub struct SdClip {
     pub layer: Option<i64>,
 }
 
-/// VAE: the autoencoder and its latent scale (0.18215 for SD 1.x/2.x, from the LDM configs'
-/// `scale_factor`).
+/// VAE: the autoencoder.
 pub struct SdVae {
     pub model: Rc<AutoencoderKl>,
-    pub scale: f64,
 }
 
 /// The spatial factor between pixels and latents.
@@ -176,7 +178,7 @@ impl EmbeddingSource for EmbeddingDir {
 }
 
 impl SdVae {
-    /// LATENT samples `[b, 4, h/8, w/8]` (scaled) for IMAGE `[b, h, w, 3]` in 0..1, whose sides are
+    /// LATENT samples `[b, 4, h/8, w/8]` (the VAE's unscaled values, as ComfyUI's) for IMAGE `[b, h, w, 3]` in 0..1, whose sides are
     /// first cropped around the centre to multiples of 8 (ComfyUI's `vae_encode_crop_pixels`). With
     /// `tile`, encoding runs in overlapping tiles (`(tile, overlap)` in pixels).
     pub fn encode(&self, image: &Tensor, tile: Option<(i64, i64)>) -> Result<Tensor, NodeError> {
@@ -206,7 +208,7 @@ impl SdVae {
                     / 3.0
             }
         };
-        Ok(latent * self.scale)
+        Ok(latent)
     }
 
     /// IMAGE `[b, h*8, w*8, 3]` in 0..1 for LATENT samples; with `tile` (in latent pixels), decoding
@@ -221,7 +223,7 @@ impl SdVae {
         }
         let device = self.model.device();
         let mut dec = |z: &Tensor| -> Result<Tensor, NodeError> {
-            let z = z.to_device(device).to_kind(Kind::Float) / self.scale;
+            let z = z.to_device(device).to_kind(Kind::Float);
             Ok(self.model.decode(&z).to_kind(Kind::Float).to_device(Device::Cpu))
         };
         let images = match tile {

@@ -99,7 +99,7 @@ impl Node for CheckpointLoaderSimple {
             None => missing("text encoder", "cond_stage_model.*"),
         };
         let vae = match &ck.vae {
-            Some(vae) => Handle::new(SdVae { model: vae.clone(), scale: 0.18215 }, 0, name.clone()),
+            Some(vae) => Handle::new(SdVae { model: vae.clone() }, 0, name.clone()),
             None => missing("VAE", "first_stage_model.*; load one with VAELoader"),
         };
         Ok(vec![Value::Model(model), Value::Clip(clip), Value::Vae(vae)])
@@ -122,7 +122,7 @@ impl Node for VAELoader {
         let _guard = tch::no_grad_guard();
         let (vae, bytes) = load_vae(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(vec![Value::Vae(Handle::new(SdVae { model: Rc::new(vae), scale: 0.18215 }, bytes, name))])
+        Ok(vec![Value::Vae(Handle::new(SdVae { model: Rc::new(vae) }, bytes, name))])
     }
 }
 

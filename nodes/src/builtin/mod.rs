@@ -5,3 +5,4 @@ pub mod image;
 pub mod latent;
 pub mod loaders;
 pub mod primitive;
+pub mod sampling;

@@ -156,6 +156,11 @@ impl Unet {
         }
     }
 
+    /// Where the weights live.
+    pub fn device(&self) -> tch::Device {
+        self.out_conv.weight.device()
+    }
+
     /// Predicts noise (or v) for latents `x` `[b, in_channels, h, w]` at `timesteps` `[b]` (0..999,
     /// fractional allowed) given text states `context` `[b, tokens, context_dim]`.
     pub fn forward(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {

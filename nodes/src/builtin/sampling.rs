@@ -1,0 +1,264 @@
+//! ComfyUI's `sampling` category: KSampler, KSamplerAdvanced, and the custom-sampling set that makes
+//! schedules and samplers graph values (SamplerCustom, BasicScheduler, KarrasScheduler,
+//! ExponentialScheduler, KSamplerSelect, SplitSigmas).
+
+use diffloom_core::value::{Latent, Shared};
+use diffloom_core::{Args, Bool, Combo, Ctx, Float, Handle, Int, Node, NodeError, Schema, Value, ValueType};
+use tch::Tensor;
+
+use super::loaders::part;
+use crate::sampling::ksampler::{ksampler_sigmas, sample, slice_steps, Request};
+use crate::sampling::model_sampling::ModelSampling;
+use crate::sampling::schedulers::{calculate_sigmas, exponential, karras, SCHEDULER_NAMES};
+use crate::sd::SdModel;
+
+/// The samplers diffloom has, in ComfyUI's order (`comfy.samplers.SAMPLER_NAMES`).
+pub const SAMPLER_NAMES: &[&str] =
+    &["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_2m", "lcm", "ddim"];
+
+/// ComfyUI's seed range: 0 to 2^64 − 1.
+fn seed() -> Int {
+    Int::new(0).range(0, u64::MAX as i128)
+}
+
+fn cfg() -> Float {
+    Float::new(8.0).range(0.0, 100.0).step(0.1)
+}
+
+fn conds(a: &Args, input: &str) -> Result<Vec<diffloom_core::value::CondEntry>, NodeError> {
+    match a.any(input)? {
+        Value::Conditioning(c) => Ok(c.clone()),
+        v => Err(NodeError::input(input, format!("expected CONDITIONING, got {}", v.value_type()))),
+    }
+}
+
+/// A SIGMAS value from a list.
+fn sigmas_value(s: &[f64]) -> Value {
+    let v: Vec<f32> = s.iter().map(|x| *x as f32).collect();
+    Value::Sigmas(Shared(Tensor::from_slice(&v)))
+}
+
+fn sigmas_of(a: &Args, input: &str) -> Result<Vec<f64>, NodeError> {
+    match a.any(input)? {
+        Value::Sigmas(t) => Ok(Vec::<f32>::try_from(&t.0)?.into_iter().map(f64::from).collect()),
+        v => Err(NodeError::input(input, format!("expected SIGMAS, got {}", v.value_type()))),
+    }
+}
+
+fn latent_out(latent: &Latent, samples: Tensor) -> Value {
+    Value::Latent(Latent { samples: Shared(samples), noise_mask: latent.noise_mask.clone() })
+}
+
+/// Runs a request and packs the LATENT output, reporting the model calls.
+fn run(cx: &mut Ctx, r: Request) -> Result<(Tensor, Tensor), NodeError> {
+    let out = sample(&r)?;
+    cx.messages.push(format!("{} steps of {}, {} model calls", r.sigmas.len().saturating_sub(1), r.sampler, out.model_calls));
+    Ok((out.samples, out.denoised))
+}
+
+pub struct KSampler;
+impl Node for KSampler {
+    fn schema(&self) -> Schema {
+        Schema::new("KSampler", "sampling")
+            .describe("Denoises a latent: seeds, samplers and schedulers as ComfyUI's, so its seeds carry over.")
+            .input("model", ValueType::Model)
+            .input("seed", seed())
+            .input("steps", Int::new(20).range(1, 10_000))
+            .input("cfg", cfg())
+            .input("sampler_name", Combo::of(SAMPLER_NAMES))
+            .input("scheduler", Combo::of(SCHEDULER_NAMES))
+            .input("positive", ValueType::Conditioning)
+            .input("negative", ValueType::Conditioning)
+            .input("latent_image", ValueType::Latent)
+            .input("denoise", Float::new(1.0).range(0.0, 1.0))
+            .doc("below 1, only the tail of the schedule runs (img2img)")
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let model: &SdModel = part(a, "model")?;
+        let (sampler, scheduler) = (a.string("sampler_name")?, a.string("scheduler")?);
+        let ms = ModelSampling::sd(model.prediction);
+        let sigmas = ksampler_sigmas(&ms, sampler, scheduler, a.i64("steps")?, a.float("denoise")?)?;
+        let latent = a.latent("latent_image")?;
+        let (pos, neg) = (conds(a, "positive")?, conds(a, "negative")?);
+        let label = cx.node_id.to_owned();
+        let r = Request {
+            model, positive: &pos, negative: &neg, latent, seed: a.int("seed")?, add_noise: true,
+            cfg: a.float("cfg")?, sampler, sigmas: &sigmas, cancel: cx.cancel, label: &label,
+        };
+        let (samples, _) = run(cx, r)?;
+        Ok(vec![latent_out(latent, samples)])
+    }
+}
+
+pub struct KSamplerAdvanced;
+impl Node for KSamplerAdvanced {
+    fn schema(&self) -> Schema {
+        Schema::new("KSamplerAdvanced", "sampling")
+            .describe("KSampler over a range of the steps, for multi-pass graphs.")
+            .input("model", ValueType::Model)
+            .input("add_noise", Combo::of(&["enable", "disable"]))
+            .input("noise_seed", seed())
+            .input("steps", Int::new(20).range(1, 10_000))
+            .input("cfg", cfg())
+            .input("sampler_name", Combo::of(SAMPLER_NAMES))
+            .input("scheduler", Combo::of(SCHEDULER_NAMES))
+            .input("positive", ValueType::Conditioning)
+            .input("negative", ValueType::Conditioning)
+            .input("latent_image", ValueType::Latent)
+            .input("start_at_step", Int::new(0).range(0, 10_000))
+            .input("end_at_step", Int::new(10_000).range(0, 10_000))
+            .input("return_with_leftover_noise", Combo::of(&["disable", "enable"]))
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let model: &SdModel = part(a, "model")?;
+        let (sampler, scheduler) = (a.string("sampler_name")?, a.string("scheduler")?);
+        let ms = ModelSampling::sd(model.prediction);
+        let all = ksampler_sigmas(&ms, sampler, scheduler, a.i64("steps")?, 1.0)?;
+        let force_full = a.string("return_with_leftover_noise")? != "enable";
+        let latent = a.latent("latent_image")?;
+        let range = slice_steps(all, Some(a.i64("start_at_step")? as usize), Some(a.i64("end_at_step")? as usize), force_full);
+        let Some(sigmas) = range else {
+            return Ok(vec![latent_out(latent, latent.samples.shallow_clone())]);
+        };
+        let (pos, neg) = (conds(a, "positive")?, conds(a, "negative")?);
+        let label = cx.node_id.to_owned();
+        let r = Request {
+            model, positive: &pos, negative: &neg, latent, seed: a.int("noise_seed")?,
+            add_noise: a.string("add_noise")? == "enable", cfg: a.float("cfg")?, sampler, sigmas: &sigmas,
+            cancel: cx.cancel, label: &label,
+        };
+        let (samples, _) = run(cx, r)?;
+        Ok(vec![latent_out(latent, samples)])
+    }
+}
+
+/// A chosen sampler (SAMPLER value).
+pub struct SamplerChoice(pub String);
+
+pub struct SamplerCustom;
+impl Node for SamplerCustom {
+    fn schema(&self) -> Schema {
+        Schema::new("SamplerCustom", "sampling/custom_sampling")
+            .input("model", ValueType::Model)
+            .input("add_noise", Bool(true))
+            .input("noise_seed", seed())
+            .input("cfg", cfg())
+            .input("positive", ValueType::Conditioning)
+            .input("negative", ValueType::Conditioning)
+            .input("sampler", ValueType::Sampler)
+            .input("sigmas", ValueType::Sigmas)
+            .input("latent_image", ValueType::Latent)
+            .output("output", ValueType::Latent)
+            .output("denoised_output", ValueType::Latent)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let model: &SdModel = part(a, "model")?;
+        let sampler = match a.any("sampler")? {
+            Value::Sampler(h) => h.downcast::<SamplerChoice>().map(|s| s.0.clone()),
+            _ => None,
+        }
+        .ok_or_else(|| NodeError::input("sampler", "not a sampler"))?;
+        let sigmas = sigmas_of(a, "sigmas")?;
+        let latent = a.latent("latent_image")?;
+        let (pos, neg) = (conds(a, "positive")?, conds(a, "negative")?);
+        let label = cx.node_id.to_owned();
+        let r = Request {
+            model, positive: &pos, negative: &neg, latent, seed: a.int("noise_seed")?, add_noise: a.boolean("add_noise")?,
+            cfg: a.float("cfg")?, sampler: &sampler, sigmas: &sigmas, cancel: cx.cancel, label: &label,
+        };
+        let (samples, denoised) = run(cx, r)?;
+        Ok(vec![latent_out(latent, samples), latent_out(latent, denoised)])
+    }
+}
+
+pub struct KSamplerSelect;
+impl Node for KSamplerSelect {
+    fn schema(&self) -> Schema {
+        Schema::new("KSamplerSelect", "sampling/custom_sampling/samplers")
+            .input("sampler_name", Combo::of(SAMPLER_NAMES))
+            .output("SAMPLER", ValueType::Sampler)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let name = a.string("sampler_name")?.to_owned();
+        Ok(vec![Value::Sampler(Handle::new(SamplerChoice(name.clone()), 0, name))])
+    }
+}
+
+pub struct BasicScheduler;
+impl Node for BasicScheduler {
+    fn schema(&self) -> Schema {
+        Schema::new("BasicScheduler", "sampling/custom_sampling/schedulers")
+            .input("model", ValueType::Model)
+            .input("scheduler", Combo::of(SCHEDULER_NAMES))
+            .input("steps", Int::new(20).range(1, 10_000))
+            .input("denoise", Float::new(1.0).range(0.0, 1.0))
+            .output("SIGMAS", ValueType::Sigmas)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let model: &SdModel = part(a, "model")?;
+        let (steps, denoise) = (a.i64("steps")?, a.float("denoise")?);
+        if denoise <= 0.0 {
+            return Ok(vec![sigmas_value(&[])]);
+        }
+        // Unlike KSampler, any denoise below 1 takes the tail, and dpm_2/uni_pc keep every sigma.
+        let total = if denoise < 1.0 { (steps as f64 / denoise) as i64 } else { steps };
+        let ms = ModelSampling::sd(model.prediction);
+        let all = calculate_sigmas(&ms, a.string("scheduler")?, total).unwrap_or_default();
+        let keep = (steps as usize + 1).min(all.len());
+        Ok(vec![sigmas_value(&all[all.len() - keep..])])
+    }
+}
+
+pub struct KarrasScheduler;
+impl Node for KarrasScheduler {
+    fn schema(&self) -> Schema {
+        Schema::new("KarrasScheduler", "sampling/custom_sampling/schedulers")
+            .input("steps", Int::new(20).range(1, 10_000))
+            .input("sigma_max", Float::new(14.614642).range(0.0, 5000.0))
+            .input("sigma_min", Float::new(0.0291675).range(0.0, 5000.0))
+            .input("rho", Float::new(7.0).range(0.0, 100.0))
+            .output("SIGMAS", ValueType::Sigmas)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        Ok(vec![sigmas_value(&karras(a.i64("steps")?, a.float("sigma_min")?, a.float("sigma_max")?, a.float("rho")?))])
+    }
+}
+
+pub struct ExponentialScheduler;
+impl Node for ExponentialScheduler {
+    fn schema(&self) -> Schema {
+        Schema::new("ExponentialScheduler", "sampling/custom_sampling/schedulers")
+            .input("steps", Int::new(20).range(1, 10_000))
+            .input("sigma_max", Float::new(14.614642).range(0.0, 5000.0))
+            .input("sigma_min", Float::new(0.0291675).range(0.0, 5000.0))
+            .output("SIGMAS", ValueType::Sigmas)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (lo, hi) = (a.float("sigma_min")?, a.float("sigma_max")?);
+        if lo <= 0.0 || hi <= 0.0 {
+            return Err(NodeError::input(if lo <= 0.0 { "sigma_min" } else { "sigma_max" }, "must be above 0 (the schedule is in log sigma)"));
+        }
+        Ok(vec![sigmas_value(&exponential(a.i64("steps")?, lo, hi))])
+    }
+}
+
+pub struct SplitSigmas;
+impl Node for SplitSigmas {
+    fn schema(&self) -> Schema {
+        Schema::new("SplitSigmas", "sampling/custom_sampling/sigmas")
+            .input("sigmas", ValueType::Sigmas)
+            .input("step", Int::new(0).range(0, 10_000))
+            .output("high_sigmas", ValueType::Sigmas)
+            .output("low_sigmas", ValueType::Sigmas)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let s = sigmas_of(a, "sigmas")?;
+        let step = (a.i64("step")? as usize).min(s.len());
+        // The boundary sigma belongs to both halves, as in ComfyUI.
+        let high = &s[..(step + 1).min(s.len())];
+        let low = &s[step.min(s.len())..];
+        Ok(vec![sigmas_value(high), sigmas_value(low)])
+    }
+}

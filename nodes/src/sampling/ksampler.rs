@@ -1,0 +1,208 @@
+//! The common sampling path behind KSampler, KSamplerAdvanced and SamplerCustom (ComfyUI's
+//! `common_ksampler` → `KSAMPLER.sample`): noise, latent scaling, the noise mask, inpainting-model
+//! inputs, guidance, the sampler, progress and cancellation.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use diffloom_core::value::{CondEntry, Latent};
+use diffloom_core::NodeError;
+use tch::{Kind, Tensor};
+
+use super::guidance::{batch_conds, CfgDenoiser, NoiseMask};
+use super::model_sampling::ModelSampling;
+use super::noise::{initial_noise, step_noise};
+use super::samplers::{self, SampleCtx};
+use super::schedulers::calculate_sigmas;
+use crate::sd::{SdModel, LATENT_SCALE};
+
+/// Samplers whose last step is wasted on a tiny sigma; KSampler plans one more step and drops the
+/// penultimate sigma (ComfyUI's `DISCARD_PENULTIMATE_SIGMA_SAMPLERS`).
+const DISCARD_PENULTIMATE: &[&str] = &["dpm_2", "dpm_2_ancestral", "uni_pc", "uni_pc_bh2"];
+
+/// KSampler's sigmas: the scheduler's list for `steps`, or for denoise < 1 the last `steps + 1` of a
+/// longer list (the tail of the schedule, as img2img needs).
+pub fn ksampler_sigmas(ms: &ModelSampling, sampler: &str, scheduler: &str, steps: i64, denoise: f64) -> Result<Vec<f64>, NodeError> {
+    let plan = |n: i64| -> Result<Vec<f64>, NodeError> {
+        let discard = DISCARD_PENULTIMATE.contains(&sampler);
+        let mut s = calculate_sigmas(ms, scheduler, if discard { n + 1 } else { n })
+            .ok_or_else(|| NodeError::input("scheduler", format!("unknown scheduler {scheduler:?}")))?;
+        if discard && s.len() >= 2 {
+            s.remove(s.len() - 2);
+        }
+        Ok(s)
+    };
+    if denoise > 0.9999 {
+        return plan(steps);
+    }
+    if denoise <= 0.0 {
+        return Ok(vec![]);
+    }
+    let all = plan((steps as f64 / denoise) as i64)?;
+    let keep = (steps as usize + 1).min(all.len());
+    Ok(all[all.len() - keep..].to_vec())
+}
+
+/// KSamplerAdvanced's step range: up to `last_step` (its sigma forced to 0 when `force_full_denoise`),
+/// from `start_step`. `None` means the latent is returned as it is.
+pub fn slice_steps(mut sigmas: Vec<f64>, start: Option<usize>, last: Option<usize>, force_full_denoise: bool) -> Option<Vec<f64>> {
+    if let Some(last) = last {
+        if last + 1 < sigmas.len() {
+            sigmas.truncate(last + 1);
+            if force_full_denoise {
+                if let Some(s) = sigmas.last_mut() {
+                    *s = 0.0;
+                }
+            }
+        }
+    }
+    match start {
+        Some(start) if start + 1 >= sigmas.len() => None,
+        Some(start) => Some(sigmas[start..].to_vec()),
+        None => Some(sigmas),
+    }
+}
+
+/// One sampling run.
+pub struct Request<'a> {
+    pub model: &'a SdModel,
+    pub positive: &'a [CondEntry],
+    pub negative: &'a [CondEntry],
+    pub latent: &'a Latent,
+    pub seed: i128,
+    pub add_noise: bool,
+    pub cfg: f64,
+    pub sampler: &'a str,
+    pub sigmas: &'a [f64],
+    pub cancel: &'a AtomicBool,
+    /// Shown in the progress bar.
+    pub label: &'a str,
+}
+
+/// The result: the new latent (unscaled) and the last denoised estimate.
+pub struct Output {
+    pub samples: Tensor,
+    pub denoised: Tensor,
+    pub model_calls: usize,
+}
+
+/// Runs the request. Errors name the input at fault; a NaN appearing in the latent names the step.
+pub fn sample(r: &Request) -> Result<Output, NodeError> {
+    let _guard = tch::no_grad_guard();
+    let latent = r.latent.samples.to_kind(Kind::Float);
+    let shape = latent.size();
+    let unet = &r.model.unet;
+    let channels = unet.config.out_channels;
+    if shape.len() != 4 || shape[1] != channels {
+        return Err(NodeError::input(
+            "latent_image",
+            format!("a latent of shape {shape:?} does not fit this model, which needs {channels} channels [batch, {channels}, h, w]"),
+        ));
+    }
+    if r.sigmas.is_empty() {
+        return Ok(Output { samples: latent.shallow_clone(), denoised: latent, model_calls: 0 });
+    }
+    if let Some(bad) = r.sigmas.windows(2).position(|w| !(w[1] <= w[0]) || w[0].is_nan()) {
+        return Err(NodeError::input("sigmas", format!("sigmas must decrease: {} is followed by {}", r.sigmas[bad], r.sigmas[bad + 1])));
+    }
+    if r.sigmas.iter().any(|s| !s.is_finite() || *s < 0.0) {
+        return Err(NodeError::input("sigmas", "sigmas must be finite and not negative"));
+    }
+    if r.positive.is_empty() || r.negative.is_empty() {
+        return Err(NodeError::input(if r.positive.is_empty() { "positive" } else { "negative" }, "the conditioning is empty"));
+    }
+    let ms = ModelSampling::sd(r.model.prediction);
+    let noise = if r.add_noise { initial_noise(r.seed, &shape, None) } else { Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu)) };
+    let latent_in = &latent * LATENT_SCALE;
+    let (b, h, w) = (shape[0], shape[2], shape[3]);
+
+    // The noise mask at latent resolution, one channel per latent channel (comfy's reshape_mask).
+    let mask = r.latent.noise_mask.as_ref().map(|m| {
+        let m = m.to_kind(Kind::Float);
+        let m = m.reshape([-1, 1, m.size()[m.dim() - 2], m.size()[m.dim() - 1]]);
+        let m = m.upsample_bilinear2d([h, w], false, None, None);
+        let m = m.repeat([1, channels, 1, 1]);
+        if m.size()[0] < b { m.repeat([b / m.size()[0] + 1, 1, 1, 1]).narrow(0, 0, b) } else { m.narrow(0, 0, b) }
+    });
+
+    // Inpainting UNets take the mask and the masked image's latent as 5 extra channels (comfy's
+    // BaseModel.concat_cond): without a mask, an all-ones mask and the latent of a blank image.
+    let concat = (unet.config.in_channels == channels + 5).then(|| match &mask {
+        Some(m) => Tensor::cat(&[m.narrow(1, 0, 1).round(), latent_in.shallow_clone()], 1),
+        None => {
+            // "Zero" in pixel space, encoded (model_base.blank_inpaint_image_like).
+            let blank = Tensor::from_slice(&[0.8223f32, -0.6876, 0.6364, 0.1380]).view([1, 4, 1, 1]).expand([b, 4, h, w], false);
+            Tensor::cat(&[Tensor::ones([b, 1, h, w], (Kind::Float, tch::Device::Cpu)), blank], 1)
+        }
+    });
+
+    let sigma_max = ms.sigma_max();
+    let max_denoise = (r.sigmas[0] - sigma_max).abs() <= 1e-5 * r.sigmas[0].abs().max(sigma_max) || r.sigmas[0] > sigma_max;
+    // "ddim" is Euler whose inpainting re-noise comes from seed + 1 (comfy's sampler_object).
+    let mask_noise = match (&mask, r.sampler) {
+        (Some(_), "ddim") => initial_noise(r.seed + 1, &shape, None),
+        _ => noise.shallow_clone(),
+    };
+    let x = ms.noise_scaling(r.sigmas[0], &noise, &latent_in, max_denoise);
+
+    let cond = stack(r.positive);
+    let uncond = stack(r.negative);
+    let mut denoiser = CfgDenoiser {
+        unet,
+        sampling: &ms,
+        cond,
+        uncond: ((r.cfg - 1.0).abs() > 1e-9).then_some(uncond),
+        cfg: r.cfg,
+        concat,
+        noise_mask: mask.map(|m| NoiseMask { mask: m, latent_image: latent_in.shallow_clone(), noise: mask_noise }),
+        calls: 0,
+    };
+    let sampler_name = if r.sampler == "ddim" { "euler" } else { r.sampler };
+    let sampler = samplers::by_name(sampler_name).ok_or_else(|| NodeError::input("sampler_name", format!("unknown sampler {:?}", r.sampler)))?;
+
+    let total = r.sigmas.len() - 1;
+    let progress = progress_bar(total as u64, r.label);
+    let mut noise_fn = step_noise(r.seed);
+    let mut last_denoised: Option<Tensor> = None;
+    let mut step = |i: usize, _n: usize, x: &Tensor| -> Result<(), NodeError> {
+        progress.inc(1);
+        if r.cancel.load(Ordering::Relaxed) {
+            return Err(NodeError::Cancelled);
+        }
+        if x.isnan().any().int64_value(&[]) != 0 {
+            return Err(NodeError::Failed(format!("the latent became NaN at step {} of {total} (sigma {:.4})", i + 1, r.sigmas[i])));
+        }
+        last_denoised = Some(x.shallow_clone());
+        Ok(())
+    };
+    let mut cx = SampleCtx { noise: &mut noise_fn, step: &mut step };
+    let result = sampler.sample(&mut denoiser, x, r.sigmas, &mut cx);
+    progress.finish_and_clear();
+    let out = result?;
+    let calls = denoiser.calls;
+    let denoised = last_denoised.unwrap_or_else(|| out.shallow_clone());
+    Ok(Output { samples: &out / LATENT_SCALE, denoised: denoised / LATENT_SCALE, model_calls: calls })
+}
+
+/// Several conditioning entries (ConditioningCombine) are averaged over their predictions in ComfyUI;
+/// with one entry each, this is the entry itself. Entries of different lengths are brought to a
+/// common length first.
+fn stack(entries: &[CondEntry]) -> Tensor {
+    let mut t = entries[0].cross_attn.0.to_kind(Kind::Float);
+    for e in &entries[1..] {
+        let both = batch_conds(&t, &e.cross_attn.0.to_kind(Kind::Float));
+        let parts = both.chunk(2, 0);
+        t = (&parts[0] + &parts[1]) / 2.0;
+    }
+    t
+}
+
+/// A per-run progress bar (step, it/s, ETA) on stderr; indicatif draws nothing when stderr is not a
+/// terminal.
+fn progress_bar(total: u64, label: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} steps  {per_sec}  ETA {eta}") {
+        bar.set_style(style);
+    }
+    bar.set_prefix(label.to_owned());
+    bar
+}

@@ -1,0 +1,248 @@
+//! Schedulers: functions from a step count to a decreasing list of sigmas ending at 0, with ComfyUI's
+//! names and arithmetic (float32 tensors where ComfyUI uses them, so the lists match to the bit).
+
+use tch::{Device, Kind, Tensor};
+
+use super::model_sampling::ModelSampling;
+
+/// ComfyUI's scheduler names, in its order (`comfy.samplers.SCHEDULER_NAMES`).
+pub const SCHEDULER_NAMES: &[&str] =
+    &["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal"];
+
+fn f32s(t: &Tensor) -> Vec<f64> {
+    Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous()).unwrap_or_default().into_iter().map(f64::from).collect()
+}
+
+fn append_zero(mut v: Vec<f64>) -> Vec<f64> {
+    v.push(0.0);
+    v
+}
+
+/// Karras et al. (2022): `(σmax^(1/ρ) + ramp·(σmin^(1/ρ) − σmax^(1/ρ)))^ρ`, then 0 (k-diffusion's
+/// `get_sigmas_karras`).
+pub fn karras(n: i64, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<f64> {
+    let ramp = Tensor::linspace(0.0, 1.0, n, (Kind::Float, Device::Cpu));
+    let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
+    append_zero(f32s(&(ramp * (min_inv - max_inv) + max_inv).pow_tensor_scalar(rho)))
+}
+
+/// Evenly spaced in log sigma, then 0 (`get_sigmas_exponential`).
+pub fn exponential(n: i64, sigma_min: f64, sigma_max: f64) -> Vec<f64> {
+    append_zero(f32s(&Tensor::linspace(sigma_max.ln(), sigma_min.ln(), n, (Kind::Float, Device::Cpu)).exp()))
+}
+
+/// Sabour et al.'s KL-optimal schedule: evenly spaced in atan(σ) (`kl_optimal_scheduler`).
+pub fn kl_optimal(n: i64, sigma_min: f64, sigma_max: f64) -> Vec<f64> {
+    let adj = Tensor::arange(n, (Kind::Float, Device::Cpu)) / (n - 1).max(1) as f64;
+    let s = (&adj * sigma_min.atan() + (adj.neg() + 1.0) * sigma_max.atan()).tan();
+    append_zero(f32s(&s))
+}
+
+/// Every (1000/steps)-th training sigma from the top (`simple_scheduler`).
+pub fn simple(ms: &ModelSampling, steps: i64) -> Vec<f64> {
+    let sigmas = f32s(&ms.sigmas);
+    let ss = sigmas.len() as f64 / steps as f64;
+    append_zero((0..steps).map(|x| sigmas[sigmas.len() - 1 - (x as f64 * ss) as usize]).collect())
+}
+
+/// Timesteps evenly spaced from σmax's to σmin's; `sgm` drops the last one as SGM's uniform does
+/// (`normal_scheduler`).
+pub fn normal(ms: &ModelSampling, steps: i64, sgm: bool) -> Vec<f64> {
+    let start = ms.timestep(&Tensor::from(ms.sigma_max() as f32)).double_value(&[]);
+    let end = ms.timestep(&Tensor::from(ms.sigma_min() as f32)).double_value(&[]);
+    let (timesteps, append) = if sgm {
+        let t = f32s(&Tensor::linspace(start, end, steps + 1, (Kind::Float, Device::Cpu)));
+        (t[..t.len() - 1].to_vec(), true)
+    } else if ms.sigma(end).abs() < 1e-5 {
+        (f32s(&Tensor::linspace(start, end, steps + 1, (Kind::Float, Device::Cpu))), false)
+    } else {
+        (f32s(&Tensor::linspace(start, end, steps, (Kind::Float, Device::Cpu))), true)
+    };
+    let sigs: Vec<f64> = timesteps.iter().map(|t| ms.sigma(*t)).collect();
+    if append { append_zero(sigs) } else { sigs }
+}
+
+/// DDIM's uniform timestep spacing (`ddim_scheduler`).
+pub fn ddim_uniform(ms: &ModelSampling, steps: i64) -> Vec<f64> {
+    let sigmas = f32s(&ms.sigmas);
+    let mut x = 1;
+    let mut steps = steps as usize;
+    let mut sigs = if sigmas[x].abs() < 1e-5 {
+        steps += 1;
+        vec![]
+    } else {
+        vec![0.0]
+    };
+    let ss = (sigmas.len() / steps).max(1);
+    while x < sigmas.len() {
+        sigs.push(sigmas[x]);
+        x += ss;
+    }
+    sigs.reverse();
+    sigs
+}
+
+/// Lee et al.'s beta schedule: training timesteps at the quantiles of Beta(α, β), duplicates dropped
+/// (`beta_scheduler`, α = β = 0.6).
+pub fn beta(ms: &ModelSampling, steps: i64, alpha: f64, beta: f64) -> Vec<f64> {
+    let sigmas = f32s(&ms.sigmas);
+    let total = (sigmas.len() - 1) as f64;
+    let mut out = Vec::new();
+    let mut last = -1.0;
+    for i in 0..steps {
+        // numpy: 1 - linspace(0, 1, steps, endpoint=False)
+        let q = 1.0 - i as f64 / steps as f64;
+        let t = (beta_ppf(q, alpha, beta) * total).round_ties_even();
+        if t != last {
+            out.push(sigmas[t as usize]);
+        }
+        last = t;
+    }
+    append_zero(out)
+}
+
+/// Linear then quadratic in 1 − σ/σmax, from the Mochi/LTX papers (`linear_quadratic_schedule`,
+/// threshold 0.025, half the steps linear).
+pub fn linear_quadratic(ms: &ModelSampling, steps: i64, threshold_noise: f64) -> Vec<f64> {
+    let schedule: Vec<f64> = if steps == 1 {
+        vec![1.0, 0.0]
+    } else {
+        let linear_steps = steps / 2;
+        let mut s: Vec<f64> = (0..linear_steps).map(|i| i as f64 * threshold_noise / linear_steps as f64).collect();
+        let diff = linear_steps as f64 - threshold_noise * steps as f64;
+        let quadratic_steps = (steps - linear_steps) as f64;
+        let qc = diff / (linear_steps as f64 * quadratic_steps * quadratic_steps);
+        let lc = threshold_noise / linear_steps as f64 - 2.0 * diff / (quadratic_steps * quadratic_steps);
+        let c = qc * (linear_steps * linear_steps) as f64;
+        s.extend((linear_steps..steps).map(|i| qc * (i * i) as f64 + lc * i as f64 + c));
+        s.push(1.0);
+        s.into_iter().map(|x| 1.0 - x).collect()
+    };
+    let sigma_max = ms.sigma_max() as f32;
+    schedule.into_iter().map(|x| ((x as f32) * sigma_max) as f64).collect()
+}
+
+/// The sigmas of scheduler `name` for `steps` steps.
+pub fn calculate_sigmas(ms: &ModelSampling, name: &str, steps: i64) -> Option<Vec<f64>> {
+    let (lo, hi) = (ms.sigma_min(), ms.sigma_max());
+    Some(match name {
+        "simple" => simple(ms, steps),
+        "sgm_uniform" => normal(ms, steps, true),
+        "karras" => karras(steps, lo, hi, 7.0),
+        "exponential" => exponential(steps, lo, hi),
+        "ddim_uniform" => ddim_uniform(ms, steps),
+        "beta" => beta(ms, steps, 0.6, 0.6),
+        "normal" => normal(ms, steps, false),
+        "linear_quadratic" => linear_quadratic(ms, steps, 0.025),
+        "kl_optimal" => kl_optimal(steps, lo, hi),
+        _ => return None,
+    })
+}
+
+/// The inverse of the regularized incomplete beta function I_x(a, b): the x with I_x = q
+/// (scipy.stats.beta.ppf), by bisection to full double precision.
+pub fn beta_ppf(q: f64, a: f64, b: f64) -> f64 {
+    if q <= 0.0 {
+        return 0.0;
+    }
+    if q >= 1.0 {
+        return 1.0;
+    }
+    let (mut lo, mut hi) = (0.0f64, 1.0f64);
+    for _ in 0..200 {
+        let mid = 0.5 * (lo + hi);
+        if mid <= lo || mid >= hi {
+            break;
+        }
+        if reg_inc_beta(mid, a, b) < q {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    0.5 * (lo + hi)
+}
+
+/// I_x(a, b) by Lentz's continued fraction (Numerical Recipes' `betai`/`betacf`).
+fn reg_inc_beta(x: f64, a: f64, b: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let ln_front = ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln();
+    if x < (a + 1.0) / (a + b + 2.0) {
+        ln_front.exp() * beta_cf(x, a, b) / a
+    } else {
+        1.0 - ln_front.exp() * beta_cf(1.0 - x, b, a) / b
+    }
+}
+
+fn beta_cf(x: f64, a: f64, b: f64) -> f64 {
+    const TINY: f64 = 1e-300;
+    let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
+    let mut c = 1.0;
+    let mut d = 1.0 - qab * x / qap;
+    if d.abs() < TINY {
+        d = TINY;
+    }
+    d = 1.0 / d;
+    let mut h = d;
+    for m in 1..10_000 {
+        let m = m as f64;
+        let m2 = 2.0 * m;
+        let aa = m * (b - m) * x / ((qam + m2) * (a + m2));
+        d = 1.0 + aa * d;
+        if d.abs() < TINY {
+            d = TINY;
+        }
+        c = 1.0 + aa / c;
+        if c.abs() < TINY {
+            c = TINY;
+        }
+        d = 1.0 / d;
+        h *= d * c;
+        let aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2));
+        d = 1.0 + aa * d;
+        if d.abs() < TINY {
+            d = TINY;
+        }
+        c = 1.0 + aa / c;
+        if c.abs() < TINY {
+            c = TINY;
+        }
+        d = 1.0 / d;
+        let del = d * c;
+        h *= del;
+        if (del - 1.0).abs() < 1e-16 {
+            break;
+        }
+    }
+    h
+}
+
+/// ln Γ(x) (Lanczos approximation, g = 7, n = 9; accurate to ~1e-15 for x > 0).
+fn ln_gamma(x: f64) -> f64 {
+    const G: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        return (std::f64::consts::PI / (std::f64::consts::PI * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let mut a = G[0];
+    let t = x + 7.5;
+    for (i, g) in G.iter().enumerate().skip(1) {
+        a += g / (x + i as f64);
+    }
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
+}
