@@ -15,13 +15,15 @@ command -v "$PYTHON" >/dev/null || die "$PYTHON was not found: install Python 3.
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null \
     || die "$PYTHON lacks the venv/ensurepip modules (on Debian/Ubuntu: apt-get install python3-venv)."
 
-want=$(sha256sum requirements.txt | cut -d' ' -f1)
+want=$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
 stamp=$DIFFLOOM_VENV/.diffloom-requirements
 if [[ ! -f $stamp || $(cat "$stamp") != "$want" || -z $LIBTORCH ]]; then
     echo "setup: installing requirements.txt into .venv (torch 2.13.0 is ~3 GB with its CUDA libraries; about a minute)"
     [[ -x $DIFFLOOM_VENV/bin/python ]] || "$PYTHON" -m venv "$DIFFLOOM_VENV"
     "$DIFFLOOM_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r requirements.txt \
         || die "pip could not install requirements.txt (is the package registry reachable?)"
+    "$DIFFLOOM_VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-input --no-deps -r requirements-nodeps.txt \
+        || die "pip could not install requirements-nodeps.txt"
     echo "$want" > "$stamp"
     source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
     [[ -f $LIBTORCH/include/torch/csrc/api/include/torch/torch.h ]] || die "the torch wheel in .venv carries no libtorch headers at $LIBTORCH"

@@ -7,4 +7,5 @@ mod cli;
 mod graph_format;
 mod models;
 mod parity;
+mod sampling;
 mod sd_nodes;

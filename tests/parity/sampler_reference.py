@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Reference trajectories of the samplers, from the k-diffusion package (PyPI 0.1.1.post1, the family
+ComfyUI's samplers come from), for diffloom's sampler parity tests.
+
+Usage: sampler_reference.py SPEC.json OUT.safetensors
+
+SPEC: {"seed": int, "shape": [b, c, h, w], "sigmas": [...], "samplers": [...],
+       "model": "toy" | {"ckpt": path, "context_seed": int}, "noise_seeds": [[seed, [shape]], ...]}
+
+The toy denoiser is exact for Gaussian data N(0, a): denoised = x·a/(a + σ²), a = 0.5. With "ckpt", the
+denoiser is the tiny UNet as tests/parity/reference.py loads it (diffusers' own conversion), called the
+way ComfyUI calls a model: input x/√(σ²+1), timestep = nearest training step in log sigma, eps
+prediction, denoised = x − eps·σ. Per-step noise comes from a generator seeded with `seed`, as ComfyUI's
+default_noise_sampler makes it; the starting x is that generator's first draw times sigmas[0], after
+`torch.manual_seed(seed)` as ComfyUI's prepare_noise.
+
+Writes, per sampler, `<name>.x` (the callback's x at every step, then the final x: [steps+1, ...]) and
+`<name>.denoised` ([steps, ...]); for each noise seed, `noise.<i>` = torch.manual_seed(s); torch.randn(shape).
+Convention notes: ComfyUI's lms returns the denoised estimate on the step to sigma 0 (k-diffusion
+integrates it); ComfyUI's euler_ancestral returns denoised when sigma_down is 0 (k-diffusion takes an
+Euler step to the same point). The Rust test compares accordingly.
+"""
+import importlib.util
+import inspect
+import json
+import os
+import sys
+import types
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+
+def import_k_diffusion_sampling():
+    """k_diffusion/__init__.py imports its training stack (wandb, clean-fid, …); only sampling.py and
+    utils.py are needed, and utils.py's torchvision import is unused by the samplers."""
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None:
+        sys.exit("k-diffusion is not installed: run scripts/setup.sh")
+    pkg = types.ModuleType("k_diffusion")
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules["k_diffusion"] = pkg
+    stubs = {}
+    if importlib.util.find_spec("torchvision") is None:
+        tv = types.ModuleType("torchvision")
+        tv.transforms = types.ModuleType("torchvision.transforms")
+        tv.transforms.functional = types.ModuleType("torchvision.transforms.functional")
+        stubs = {"torchvision": tv, "torchvision.transforms": tv.transforms,
+                 "torchvision.transforms.functional": tv.transforms.functional}
+        sys.modules.update(stubs)
+    import k_diffusion.sampling as sampling  # noqa: E402
+    for name in stubs:  # diffusers probes for torchvision later; it must not find the stub
+        del sys.modules[name]
+    return sampling
+
+
+K = import_k_diffusion_sampling()
+
+
+def sd_log_sigmas():
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    ac = torch.cumprod(1.0 - betas, dim=0)
+    return (((1 - ac) / ac) ** 0.5).log().float()
+
+
+def unet_denoiser(spec):
+    sys.path.insert(0, os.path.dirname(__file__))
+    import reference  # noqa: E402  (the same diffusers-based loading as the model parity)
+    from safetensors import safe_open
+    with safe_open(spec["ckpt"], "pt") as f:
+        cfg = json.loads(f.metadata()["diffloom.config"])
+    from safetensors.torch import load_file
+    ckpt = load_file(spec["ckpt"])
+    unet = reference.build_unet(cfg, reference.original_config(cfg), ckpt)
+    g = torch.Generator().manual_seed(spec.get("context_seed", 1))
+    ctx = torch.randn(1, 77, cfg["unet"]["context_dim"], generator=g)
+    log_sigmas = sd_log_sigmas()
+
+    def denoise(x, sigma):
+        s = sigma.reshape(-1)[0].float()
+        t = (s.log() - log_sigmas[:, None]).abs().argmin(dim=0).float().expand(x.shape[0])
+        eps = unet(x / (s ** 2 + 1) ** 0.5, t, encoder_hidden_states=ctx.expand(x.shape[0], -1, -1)).sample
+        return x - eps * s
+    return denoise, ctx
+
+
+def main(spec_path, out_path):
+    torch.set_grad_enabled(False)
+    with open(spec_path) as f:
+        spec = json.load(f)
+    out = {}
+    if spec["model"] == "toy":
+        model = lambda x, sigma: x * (0.5 / (0.5 + sigma.reshape(-1)[0] ** 2))  # noqa: E731
+    else:
+        model, ctx = unet_denoiser(spec["model"])
+        out["context"] = ctx.contiguous()
+    sigmas = torch.tensor(spec["sigmas"], dtype=torch.float32)
+    for name in spec["samplers"]:
+        torch.manual_seed(spec["seed"])
+        x0 = torch.randn(spec["shape"]) * sigmas[0]
+        gen = torch.Generator().manual_seed(spec["seed"])
+        noise_sampler = lambda s, sn: torch.randn(spec["shape"], generator=gen)  # noqa: E731
+        xs, ds = [], []
+
+        def callback(info):
+            xs.append(info["x"].clone())
+            ds.append(info["denoised"].clone())
+        fn = getattr(K, "sample_" + name)
+        kwargs = {"callback": callback, "disable": True}
+        if "noise_sampler" in inspect.signature(fn).parameters:  # (through the no_grad wrapper)
+            kwargs["noise_sampler"] = noise_sampler
+        final = fn(model, x0, sigmas, **kwargs)
+        out[name + ".x"] = torch.stack(xs + [final]).contiguous()
+        out[name + ".denoised"] = torch.stack(ds).contiguous()
+        print(f"{name}: {len(ds)} steps, final mean|x| {final.abs().mean().item():.6f}")
+    for i, (seed, shape) in enumerate(spec.get("noise_seeds", [])):
+        torch.manual_seed(seed)
+        out[f"noise.{i}"] = torch.randn(shape)
+    for n in spec.get("karras_exponential_steps", []):
+        out[f"karras.{n}"] = K.get_sigmas_karras(n, 0.029167158529162407, 14.614641189575195)
+        out[f"exponential.{n}"] = K.get_sigmas_exponential(n, 0.029167158529162407, 14.614641189575195)
+    save_file(out, out_path)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,171 @@
+//! Sampling parity: schedules against ComfyUI's and k-diffusion's, initial noise against PyTorch's for
+//! the same seeds, and sampler trajectories against k-diffusion on an analytic toy denoiser and on the
+//! tiny UNet (tests/parity/sampler_reference.py).
+
+use diffloom_core::NodeError;
+use diffloom_nodes::checkpoint::detect::{Family, Prediction};
+use diffloom_nodes::checkpoint::load::load_checkpoint;
+use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
+use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
+use diffloom_nodes::sampling::guidance::{CfgDenoiser, Denoiser};
+use diffloom_nodes::sampling::model_sampling::ModelSampling;
+use diffloom_nodes::sampling::noise::{initial_noise, step_noise};
+use diffloom_nodes::sampling::samplers::{by_name, SampleCtx};
+use diffloom_nodes::sampling::schedulers::{calculate_sigmas, exponential, karras};
+use tch::{Device, Kind, Tensor};
+
+use crate::parity::run_reference;
+use crate::util::Dir;
+
+/// The toy denoiser of sampler_reference.py: exact for data N(0, 0.5).
+struct Toy;
+impl Denoiser for Toy {
+    fn denoise(&mut self, x: &Tensor, sigma: f64) -> Result<Tensor, NodeError> {
+        Ok(x * (0.5 / (0.5 + (sigma as f32 * sigma as f32) as f64)))
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn schedules_match_comfyuis_for_the_sd_schedule() {
+    // ComfyUI's own output for 10 steps on the SD schedule (comfy/samplers.py run under torch 2.13).
+    let want: &[(&str, [f64; 11])] = &[
+        ("simple", [14.614641189575195, 8.302803039550781, 5.08776330947876, 3.3210830688476562, 2.276463031768799, 1.6128861904144287, 1.1605783700942993, 0.8298595547676086, 0.5692849159240723, 0.3416738212108612, 0.0]),
+        ("sgm_uniform", [14.614640235900879, 8.307170867919922, 5.092408180236816, 3.325068950653076, 2.2797305583953857, 1.6155803203582764, 1.1628645658493042, 0.8318837285041809, 0.5711888670921326, 0.34370481967926025, 0.0]),
+        ("karras", [14.614643096923828, 9.10292911529541, 5.478392124176025, 3.168604850769043, 1.749418020248413, 0.9140726923942566, 0.4469183683395386, 0.2013983577489853, 0.08191029727458954, 0.0291671771556139, 0.0]),
+        ("exponential", [14.614640235900879, 7.324869155883789, 3.6712303161621094, 1.8400236368179321, 0.922221302986145, 0.4622182846069336, 0.23166418075561523, 0.11611027270555496, 0.058194562792778015, 0.029167160391807556, 0.0]),
+        ("ddim_uniform", [8.390685081481934, 5.134430885314941, 3.3477635383605957, 2.292853832244873, 1.6236920356750488, 1.1682159900665283, 0.8356528282165527, 0.57405024766922, 0.34618669748306274, 0.04131441190838814, 0.0]),
+        ("beta", [14.614641189575195, 11.542770385742188, 7.371844291687012, 4.372801780700684, 2.6152358055114746, 1.6182788610458374, 1.0273293256759644, 0.6548853516578674, 0.3955096900463104, 0.1990586221218109, 0.0]),
+        ("normal", [14.614640235900879, 7.839882850646973, 4.6091742515563965, 2.918307065963745, 1.9501614570617676, 1.3449277877807617, 0.9323579668998718, 0.6249769330024719, 0.3686577379703522, 0.029167160391807556, 0.0]),
+        ("linear_quadratic", [14.614641189575195, 14.5415678024292, 14.46849536895752, 14.395421981811523, 14.322348594665527, 14.249275207519531, 13.620844841003418, 11.88170337677002, 9.031847953796387, 5.071280479431152, 0.0]),
+        ("kl_optimal", [14.614632606506348, 4.2323503494262695, 2.393718957901001, 1.5970659255981445, 1.132996916770935, 0.8152444362640381, 0.572914183139801, 0.37248414754867554, 0.19528833031654358, 0.029167158529162407, 0.0]),
+    ];
+    let ms = ModelSampling::sd(Prediction::Eps);
+    assert_eq!(ms.sigma_min() as f32, 0.029167158529162407f32);
+    assert_eq!(ms.sigma_max() as f32, 14.614641189575195f32);
+    for (name, expected) in want {
+        let got = calculate_sigmas(&ms, name, 10).unwrap();
+        assert_eq!(got.len(), 11, "{name}");
+        for (g, w) in got.iter().zip(expected) {
+            assert!((g - w).abs() <= 1e-6 * w.max(1.0), "{name}: {got:?}\nvs {expected:?}");
+        }
+    }
+    // ddim_uniform does not divide 1000 evenly into 7 steps and returns more sigmas, as ComfyUI's.
+    assert_eq!(calculate_sigmas(&ms, "ddim_uniform", 7).unwrap().len(), 9);
+}
+
+/// The spec for sampler_reference.py and its output file.
+fn reference(d: &Dir, spec: serde_json::Value) -> SafetensorsFile {
+    let spec_path = d.write("spec.json", spec.to_string());
+    let out = d.join("ref.safetensors");
+    run_reference("sampler_reference.py", &[&spec_path, &out]);
+    SafetensorsFile::open(&out).unwrap()
+}
+
+/// Runs sampler `name` from x0 = noise(seed)·σ0 with the seeded step noise, returning [x0, x1, …, xn].
+fn trajectory(name: &str, model: &mut dyn Denoiser, seed: i128, shape: &[i64], sigmas: &[f64]) -> Vec<Tensor> {
+    let x0 = initial_noise(seed, shape, None) * (sigmas[0] as f32) as f64;
+    let mut xs = vec![x0.shallow_clone()];
+    let mut noise = step_noise(seed);
+    let mut step = |_: usize, _: usize, x: &Tensor| {
+        xs.push(x.shallow_clone());
+        Ok(())
+    };
+    let mut cx = SampleCtx { noise: &mut noise, step: &mut step };
+    let _final = by_name(name).unwrap().sample(model, x0, sigmas, &mut cx).unwrap();
+    xs
+}
+
+const K_DIFFUSION_SAMPLERS: &[&str] = &["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_2m"];
+
+fn compare_trajectories(r: &SafetensorsFile, name: &str, ours: &[Tensor]) -> f64 {
+    let theirs = r.load(&format!("{name}.x"), Device::Cpu, None).unwrap();
+    let denoised = r.load(&format!("{name}.denoised"), Device::Cpu, None).unwrap();
+    assert_eq!(ours.len() as i64, theirs.size()[0], "{name}");
+    let n = ours.len() - 1;
+    let mut worst = 0f64;
+    for (i, x) in ours.iter().enumerate() {
+        // ComfyUI's lms ends on the denoised estimate (k-diffusion integrates the last step).
+        let want = if name == "lms" && i == n { denoised.get(n as i64 - 1) } else { theirs.get(i as i64) };
+        worst = worst.max(max_diff(x, &want));
+    }
+    worst
+}
+
+#[test]
+fn samplers_match_k_diffusion_on_a_toy_denoiser() {
+    let d = Dir::new();
+    let ms = ModelSampling::sd(Prediction::Eps);
+    let sigmas = calculate_sigmas(&ms, "karras", 12).unwrap();
+    let shape = [2i64, 4, 8, 8];
+    let r = reference(&d, serde_json::json!({
+        "seed": 42, "shape": shape, "sigmas": sigmas, "samplers": K_DIFFUSION_SAMPLERS, "model": "toy",
+    }));
+    for name in K_DIFFUSION_SAMPLERS {
+        let worst = compare_trajectories(&r, name, &trajectory(name, &mut Toy, 42, &shape, &sigmas));
+        println!("{name}: max abs difference {worst:.2e}");
+        assert!(worst <= 1e-4, "{name}: trajectory differs by {worst:.3e}");
+    }
+}
+
+#[test]
+fn samplers_match_k_diffusion_on_the_tiny_unet() {
+    let d = Dir::new();
+    let ckpt = d.join("tiny.safetensors");
+    write_checkpoint(&ckpt, &tiny_config(Family::Sd1, false), Kind::Float, 9, true).unwrap();
+    let ms = ModelSampling::sd(Prediction::Eps);
+    let sigmas = calculate_sigmas(&ms, "normal", 8).unwrap();
+    let shape = [1i64, 4, 8, 8];
+    let names = ["euler", "euler_ancestral", "heun", "dpmpp_2m"];
+    let r = reference(&d, serde_json::json!({
+        "seed": 7, "shape": shape, "sigmas": sigmas, "samplers": names,
+        "model": {"ckpt": ckpt, "context_seed": 1},
+    }));
+    let ck = load_checkpoint(&ckpt, Device::Cpu, Kind::Float).unwrap();
+    let unet = ck.unet.unwrap();
+    let context = r.load("context", Device::Cpu, None).unwrap();
+    let _g = tch::no_grad_guard();
+    for name in names {
+        // cfg 1: the cond alone, as the reference calls the model.
+        let mut model = CfgDenoiser { unet: &unet, sampling: &ms, cond: context.shallow_clone(), uncond: None, cfg: 1.0, concat: None, noise_mask: None, calls: 0 };
+        let worst = compare_trajectories(&r, name, &trajectory(name, &mut model, 7, &shape, &sigmas));
+        println!("{name} (tiny UNet): max abs difference {worst:.2e}");
+        assert!(worst <= 1e-4, "{name}: trajectory differs by {worst:.3e}");
+    }
+}
+
+#[test]
+fn initial_noise_and_schedules_match_pytorch_and_k_diffusion() {
+    let d = Dir::new();
+    let seeds: Vec<(i128, Vec<i64>)> = vec![
+        (0, vec![1, 4, 64, 64]),
+        (42, vec![2, 4, 8, 8]),
+        (u64::MAX as i128, vec![1, 4, 16, 16]),
+        (123_456_789_012, vec![3, 4, 5, 7]),
+    ];
+    let r = reference(&d, serde_json::json!({
+        "seed": 0, "shape": [1, 4, 2, 2], "sigmas": [1.0, 0.0], "samplers": [], "model": "toy",
+        "noise_seeds": seeds.iter().map(|(s, sh)| serde_json::json!([*s as u64, sh])).collect::<Vec<_>>(),
+        "karras_exponential_steps": [1, 10, 25],
+    }));
+    for (i, (seed, shape)) in seeds.iter().enumerate() {
+        let ours = initial_noise(*seed, shape, None);
+        let theirs = r.load(&format!("noise.{i}"), Device::Cpu, None).unwrap();
+        assert_eq!(max_diff(&ours, &theirs), 0.0, "seed {seed} shape {shape:?}");
+    }
+    let (lo, hi) = (0.029167158529162407, 14.614641189575195);
+    for n in [1i64, 10, 25] {
+        for (name, ours) in [("karras", karras(n, lo, hi, 7.0)), ("exponential", exponential(n, lo, hi))] {
+            let theirs = Vec::<f32>::try_from(&r.load(&format!("{name}.{n}"), Device::Cpu, None).unwrap()).unwrap();
+            assert_eq!(ours.len(), theirs.len());
+            for (a, b) in ours.iter().zip(&theirs) {
+                assert!((a - *b as f64).abs() <= 1e-6 * a.abs().max(1.0), "{name} {n}: {ours:?} vs {theirs:?}");
+            }
+        }
+    }
+}
+
