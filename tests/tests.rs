@@ -5,6 +5,7 @@ mod util;
 mod cache;
 mod cli;
 mod graph_format;
+mod ksampler;
 mod models;
 mod parity;
 mod sampling;

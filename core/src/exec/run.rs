@@ -293,6 +293,17 @@ impl Executor {
         report
     }
 
+    /// Output `output` of node `id` as the last run left it in the cache (for tools, tests and
+    /// previews); `None` when it is not cached (evicted, never cached, or not run).
+    pub fn cached_output(&mut self, graph: &ResolvedGraph, id: &str, output: usize) -> Option<Value> {
+        let target = graph.index_of(id)?;
+        let mut keys: Vec<Key> = vec![[0; 32]; graph.nodes.len()];
+        for i in crate::exec::schedule::all_in_order(graph) {
+            keys[i] = node_key(graph, i, &keys, self.runs).ok()?;
+        }
+        self.cache.get(&keys[target])?.get(output).cloned()
+    }
+
     fn node_error(&self, graph: &ResolvedGraph, i: usize, cause: NodeError) -> RunError {
         let node = &graph.nodes[i];
         RunError {

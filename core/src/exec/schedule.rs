@@ -26,6 +26,11 @@ pub fn needed_in_order(graph: &ResolvedGraph) -> Vec<usize> {
     order.into_iter().map(|v| graph.dag[v]).filter(|i| needed[*i]).collect()
 }
 
+/// Every node in topological order.
+pub fn all_in_order(graph: &ResolvedGraph) -> Vec<usize> {
+    file_ordered_toposort(graph).into_iter().map(|v| graph.dag[v]).collect()
+}
+
 /// A topological order that, among the nodes ready to run, always takes the one written first, so runs,
 /// reports and `show` follow the file where the dependencies allow.
 fn file_ordered_toposort(graph: &ResolvedGraph) -> Vec<petgraph::graph::NodeIndex> {

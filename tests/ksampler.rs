@@ -1,0 +1,229 @@
+//! The sampling nodes in graphs on the tiny model: every sampler × scheduler pair, determinism,
+//! img2img and masks, two-pass graphs, and bad input.
+
+use diffloom_core::{RunReport, Value};
+use diffloom_nodes::builtin::sampling::SAMPLER_NAMES;
+use diffloom_nodes::checkpoint::detect::Family;
+use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
+use diffloom_nodes::sampling::schedulers::SCHEDULER_NAMES;
+use tch::Kind;
+
+use crate::util::{executor, run_graph, Dir};
+
+fn ckpt(d: &Dir) -> String {
+    let p = d.join("tiny.safetensors");
+    if !p.exists() {
+        write_checkpoint(&p, &tiny_config(Family::Sd1, false), Kind::Float, 3, true).unwrap();
+    }
+    p.display().to_string()
+}
+
+/// A txt2img graph around `sampler_node` (RON of a node named "s" reading "m", "pos", "neg", "lat"),
+/// saving the latent's description through PreviewAny "o".
+fn graph(d: &Dir, sampler_node: &str, extra: &str) -> String {
+    graph_out(d, sampler_node, "LATENT", extra)
+}
+
+/// [`graph`] for a sampler node whose latent output is named `out`.
+fn graph_out(d: &Dir, sampler_node: &str, out: &str, extra: &str) -> String {
+    format!(
+        r#"(version: 1, nodes: {{
+            "c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {:?}}}),
+            "pos": (type: "CLIPTextEncode", inputs: {{"text": "a red house", "clip": Link("c", "CLIP")}}),
+            "neg": (type: "CLIPTextEncode", inputs: {{"text": "blurry", "clip": Link("c", "CLIP")}}),
+            "lat": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 48, "batch_size": 2}}),
+            "s": {sampler_node},
+            "o": (type: "PreviewAny", inputs: {{"source": Link("s", {out:?})}}),
+            {extra}
+        }})"#,
+        ckpt(d)
+    )
+}
+
+fn ksampler(sampler: &str, scheduler: &str, steps: i64, cfg: f64, denoise: f64, latent: &str) -> String {
+    format!(
+        r#"(type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": 42, "steps": {steps}, "cfg": {cfg:?},
+            "sampler_name": {sampler:?}, "scheduler": {scheduler:?}, "positive": Link("pos", "CONDITIONING"),
+            "negative": Link("neg", "CONDITIONING"), "latent_image": Link("{latent}", "LATENT"), "denoise": {denoise:?}}})"#
+    )
+}
+
+/// Runs the graph and returns the LATENT samples of node "s", read back from the executor's cache.
+fn latent_of(d: &Dir, g: &str) -> (RunReport, tch::Tensor) {
+    let (mut ex, reg) = executor(d, 1 << 30);
+    let r = run_graph(&mut ex, &reg, d, g, &[]);
+    assert!(r.error.is_none(), "{}", r.error.as_ref().unwrap());
+    let path = d.join("graph.ron");
+    let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
+    let resolved = diffloom_core::validate::validate(&path, &parsed, &reg).unwrap();
+    let out = ex.cached_output(&resolved, "s", 0).expect("cached LATENT of s");
+    let Value::Latent(l) = out else { panic!("not a latent") };
+    (r, l.samples.0)
+}
+
+fn max_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+#[test]
+fn every_sampler_and_scheduler_pair_runs_in_a_graph() {
+    let d = Dir::new();
+    for sampler in SAMPLER_NAMES {
+        for scheduler in SCHEDULER_NAMES {
+            let g = graph(&d, &ksampler(sampler, scheduler, 3, 5.0, 1.0, "lat"), "");
+            let (r, latent) = latent_of(&d, &g);
+            assert_eq!(latent.size(), [2, 4, 6, 8], "{sampler}/{scheduler}");
+            assert_eq!(latent.isfinite().all().int64_value(&[]), 1, "{sampler}/{scheduler}");
+            assert!(r.ran().contains(&"s"));
+        }
+    }
+}
+
+#[test]
+fn the_same_graph_and_seed_give_bit_identical_latents() {
+    let d = Dir::new();
+    for sampler in ["euler_ancestral", "dpmpp_2m"] {
+        let g = graph(&d, &ksampler(sampler, "karras", 4, 7.0, 1.0, "lat"), "");
+        let (_, a) = latent_of(&d, &g);
+        let (_, b) = latent_of(&d, &g);
+        assert_eq!(max_diff(&a, &b), 0.0, "{sampler}");
+        let other = g.replace("\"seed\": 42", "\"seed\": 43");
+        let (_, c) = latent_of(&d, &other);
+        assert!(max_diff(&a, &c) > 1e-3, "{sampler}: the seed must matter");
+    }
+}
+
+#[test]
+fn cfg_one_skips_the_uncond_pass() {
+    let d = Dir::new();
+    let (r, _) = latent_of(&d, &graph(&d, &ksampler("euler", "normal", 5, 1.0, 1.0, "lat"), ""));
+    let msg = r.nodes.iter().find(|n| n.id == "s").unwrap().messages.join(" ");
+    assert!(msg.contains("5 steps of euler, 5 model calls"), "{msg}");
+}
+
+#[test]
+fn denoise_zero_returns_the_input_and_img2img_uses_the_tail_of_the_schedule() {
+    let d = Dir::new();
+    d.png("in.png", 64, 48, 5);
+    let extra = r#""img": (type: "LoadImage", inputs: {"image": "in.png"}),
+        "enc": (type: "VAEEncode", inputs: {"pixels": Link("img", "IMAGE"), "vae": Link("c", "VAE")}),"#;
+    let (_, encoded) = {
+        let g = graph(&d, &ksampler("euler", "normal", 4, 7.0, 0.0, "enc"), extra);
+        latent_of(&d, &g)
+    };
+    // denoise 0: the latent comes back unchanged.
+    let direct = {
+        let ck = diffloom_nodes::checkpoint::load::load_checkpoint(std::path::Path::new(&ckpt(&d)), tch::Device::Cpu, Kind::Float).unwrap();
+        let vae = diffloom_nodes::sd::SdVae { model: ck.vae.unwrap() };
+        let img = diffloom_nodes::imageio::load(&d.join("in.png")).unwrap().rgb;
+        vae.encode(&img, None).unwrap()
+    };
+    assert_eq!(max_diff(&encoded, &direct), 0.0);
+    // denoise 0.5 with 4 steps runs 4 steps of an 8-step schedule, staying near the input.
+    let (r, half) = latent_of(&d, &graph(&d, &ksampler("euler", "normal", 4, 7.0, 0.5, "enc"), extra));
+    assert!(r.nodes.iter().find(|n| n.id == "s").unwrap().messages[0].starts_with("4 steps of euler"));
+    let (_, full) = latent_of(&d, &graph(&d, &ksampler("euler", "normal", 4, 7.0, 1.0, "enc"), extra));
+    assert!(max_diff(&half, &direct) < max_diff(&full, &direct), "img2img at 0.5 stays closer to the input");
+}
+
+#[test]
+fn split_sigmas_two_passes_equal_one_pass_for_a_deterministic_sampler() {
+    let d = Dir::new();
+    let common = r#""model": Link("c", "MODEL"), "cfg": 6.0, "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING")"#;
+    let extra = format!(
+        r#""sched": (type: "BasicScheduler", inputs: {{"model": Link("c", "MODEL"), "scheduler": "karras", "steps": 6}}),
+        "split": (type: "SplitSigmas", inputs: {{"sigmas": Link("sched", "SIGMAS"), "step": 2}}),
+        "pick": (type: "KSamplerSelect", inputs: {{"sampler_name": "heun"}}),
+        "first": (type: "SamplerCustom", inputs: {{{common}, "add_noise": true, "noise_seed": 5, "sampler": Link("pick", "SAMPLER"),
+            "sigmas": Link("split", "high_sigmas"), "latent_image": Link("lat", "LATENT")}}),
+        "whole": (type: "SamplerCustom", inputs: {{{common}, "add_noise": true, "noise_seed": 5, "sampler": Link("pick", "SAMPLER"),
+            "sigmas": Link("sched", "SIGMAS"), "latent_image": Link("lat", "LATENT")}}),
+        "o2": (type: "PreviewAny", inputs: {{"source": Link("whole", "output")}}),"#
+    );
+    let second = format!(
+        r#"(type: "SamplerCustom", inputs: {{{common}, "add_noise": false, "noise_seed": 5, "sampler": Link("pick", "SAMPLER"),
+            "sigmas": Link("split", "low_sigmas"), "latent_image": Link("first", "output")}})"#
+    );
+    let g = graph_out(&d, &second, "output", &extra);
+    let (_, two_pass) = latent_of(&d, &g);
+    let path = d.join("graph.ron");
+    let (mut ex, reg) = executor(&d, 1 << 30);
+    let r = run_graph(&mut ex, &reg, &d, &g, &[]);
+    assert!(r.error.is_none());
+    let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
+    let resolved = diffloom_core::validate::validate(&path, &parsed, &reg).unwrap();
+    let Value::Latent(whole) = ex.cached_output(&resolved, "whole", 0).unwrap() else { panic!() };
+    // The second pass starts from the first pass's latent, unscaled and scaled again: tiny rounding.
+    assert!(max_diff(&two_pass, &whole.samples) < 1e-4, "{}", max_diff(&two_pass, &whole.samples));
+}
+
+#[test]
+fn bad_sampling_input_is_named() {
+    let d = Dir::new();
+    let cases = [
+        (r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "steps": 0, "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("lat", "LATENT")})"#,
+         "input \"steps\": 0 is below the minimum 1"),
+        (r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "denoise": 1.5, "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("lat", "LATENT")})"#,
+         "input \"denoise\": 1.5 is above the maximum 1"),
+        (r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "sampler_name": "euler_a", "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("lat", "LATENT")})"#,
+         "input \"sampler_name\": \"euler_a\" is not one of"),
+    ];
+    for (node, want) in cases {
+        let g = graph(&d, node, "");
+        let path = d.write("bad.ron", &g);
+        let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
+        let err = diffloom_core::validate::validate(&path, &parsed, &diffloom_nodes::registry()).err().unwrap().to_string();
+        assert!(err.contains(&format!("node \"s\", {want}")), "{err}");
+    }
+    // Not-decreasing sigmas and a latent the model cannot take fail at run time, naming the input.
+    let extra = r#""k": (type: "KarrasScheduler", inputs: {"steps": 4, "sigma_max": 0.5, "sigma_min": 2.0}),
+        "pick": (type: "KSamplerSelect", inputs: {"sampler_name": "euler"}),"#;
+    let node = r#"(type: "SamplerCustom", inputs: {"model": Link("c", "MODEL"), "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"),
+        "sampler": Link("pick", "SAMPLER"), "sigmas": Link("k", "SIGMAS"), "latent_image": Link("lat", "LATENT")})"#;
+    let (mut ex, reg) = executor(&d, 1 << 30);
+    let err = run_graph(&mut ex, &reg, &d, &graph_out(&d, node, "output", extra), &[]).error.unwrap().to_string();
+    assert!(err.contains("node \"s\" (SamplerCustom): input \"sigmas\": sigmas must decrease"), "{err}");
+    let img = r#""img": (type: "LoadImage", inputs: {"image": "x.png"}),"#;
+    d.png("x.png", 16, 16, 1);
+    let node = r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("bad", "LATENT")})"#;
+    let extra = format!(r#"{img} "bad": (type: "VAEEncode", inputs: {{"pixels": Link("img", "IMAGE"), "vae": Link("c", "VAE")}}),"#);
+    let ok = run_graph(&mut ex, &reg, &d, &graph(&d, node, &extra), &[]);
+    assert!(ok.error.is_none(), "a 4-channel latent from the VAE is fine");
+}
+
+#[test]
+fn masks_wrong_channels_and_nans_through_the_sampling_api() {
+    use diffloom_core::value::{CondEntry, Latent, Shared};
+    use diffloom_nodes::sampling::ksampler::{sample, Request};
+    use std::sync::atomic::AtomicBool;
+    use tch::{Device, Tensor};
+    let d = Dir::new();
+    let ck = diffloom_nodes::checkpoint::load::load_checkpoint(std::path::Path::new(&ckpt(&d)), Device::Cpu, Kind::Float).unwrap();
+    let model = diffloom_nodes::sd::SdModel { unet: ck.unet.unwrap(), family: Family::Sd1, prediction: ck.config.prediction };
+    let cond = vec![CondEntry { cross_attn: Shared(Tensor::randn([1, 77, 32], (Kind::Float, Device::Cpu))), pooled: None }];
+    let cancel = AtomicBool::new(false);
+    let sigmas = [14.6, 5.0, 1.0, 0.0];
+    fn req<'a>(model: &'a diffloom_nodes::sd::SdModel, cond: &'a [CondEntry], latent: &'a Latent, sigmas: &'a [f64], cancel: &'a AtomicBool) -> Request<'a> {
+        Request { model, positive: cond, negative: cond, latent, seed: 1, add_noise: true, cfg: 3.0, sampler: "euler", sigmas, cancel, label: "t" }
+    }
+    // Mask: left half resampled (1), right half kept (0): the kept half comes back as it went in.
+    let input = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let mask = Tensor::cat(&[Tensor::ones([1, 8, 4], (Kind::Float, Device::Cpu)), Tensor::zeros([1, 8, 4], (Kind::Float, Device::Cpu))], 2);
+    let latent = Latent { samples: Shared(input.shallow_clone()), noise_mask: Some(Shared(mask)) };
+    let out = sample(&req(&model, &cond, &latent, &sigmas, &cancel)).unwrap().samples;
+    let kept = (out.narrow(3, 4, 4) - input.narrow(3, 4, 4)).abs().max().double_value(&[]);
+    let changed = (out.narrow(3, 0, 4) - input.narrow(3, 0, 4)).abs().max().double_value(&[]);
+    assert!(kept < 1e-5 && changed > 0.1, "kept {kept}, changed {changed}");
+    // A 3-channel latent does not fit the model.
+    let latent = Latent { samples: Shared(Tensor::zeros([1, 3, 8, 8], (Kind::Float, Device::Cpu))), noise_mask: None };
+    let err = sample(&req(&model, &cond, &latent, &sigmas, &cancel)).err().unwrap().to_string();
+    assert!(err.contains("input \"latent_image\": a latent of shape [1, 3, 8, 8] does not fit this model, which needs 4 channels"), "{err}");
+    // NaN in the latent stops the run at the first step instead of producing a black image.
+    let latent = Latent { samples: Shared(Tensor::full([1, 4, 8, 8], f64::NAN, (Kind::Float, Device::Cpu))), noise_mask: None };
+    let err = sample(&req(&model, &cond, &latent, &sigmas, &cancel)).err().unwrap().to_string();
+    assert!(err.contains("the latent became NaN at step 1 of 3"), "{err}");
+    // Cancellation between steps.
+    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+    let latent = Latent { samples: Shared(Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu))), noise_mask: None };
+    assert!(matches!(sample(&req(&model, &cond, &latent, &sigmas, &cancel)), Err(diffloom_core::NodeError::Cancelled)));
+}
