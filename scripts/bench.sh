@@ -13,5 +13,9 @@ case "${1:-}" in
         cargo build --release --locked --quiet --bin make-test-models
         target/release/make-test-models models/bench --full-sd1
         cargo bench --locked --bench models ;;
-    *) echo "usage: scripts/bench.sh executor|models" >&2; exit 2 ;;
+    sampling)
+        cargo build --release --locked --quiet --bin make-test-models
+        target/release/make-test-models models/bench --full-sd1
+        cargo bench --locked --bench sampling ;;
+    *) echo "usage: scripts/bench.sh executor|models|sampling" >&2; exit 2 ;;
 esac

@@ -131,7 +131,7 @@ fn samplers_match_k_diffusion_on_the_tiny_unet() {
     let _g = tch::no_grad_guard();
     for name in names {
         // cfg 1: the cond alone, as the reference calls the model.
-        let mut model = CfgDenoiser { unet: &unet, sampling: &ms, cond: context.shallow_clone(), uncond: None, cfg: 1.0, concat: None, noise_mask: None, calls: 0 };
+        let mut model = CfgDenoiser { unet: &unet, sampling: &ms, cond: context.shallow_clone(), uncond: None, cfg: 1.0, concat: None, noise_mask: None, calls: 0, model_time: std::time::Duration::ZERO };
         let worst = compare_trajectories(&r, name, &trajectory(name, &mut model, 7, &shape, &sigmas));
         println!("{name} (tiny UNet): max abs difference {worst:.2e}");
         assert!(worst <= 1e-4, "{name}: trajectory differs by {worst:.3e}");

@@ -36,6 +36,8 @@ pub struct CfgDenoiser<'a> {
     pub noise_mask: Option<NoiseMask>,
     /// Model calls so far (for NaN reports and benchmarks).
     pub calls: usize,
+    /// Time spent in the UNet itself, so benchmarks can tell sampler overhead from model time.
+    pub model_time: std::time::Duration,
 }
 
 /// Repeats token sequences to a common length (their least common multiple) so that conds of different
@@ -79,7 +81,12 @@ impl Denoiser for CfgDenoiser<'_> {
             Some(u) => batch_conds(&u.repeat([b, 1, 1]), &self.cond.repeat([b, 1, 1])),
             None => self.cond.repeat([b, 1, 1]),
         };
+        let started = std::time::Instant::now();
         let out = self.unet.forward(&model_in, &t, &context.to_device(device)).to_kind(kind).to_device(x.device());
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        self.model_time += started.elapsed();
         let denoised = self.sampling.calculate_denoised(sigma, &out, &xs);
         let guided = match self.uncond {
             Some(_) => {

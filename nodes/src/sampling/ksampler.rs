@@ -83,6 +83,8 @@ pub struct Output {
     pub samples: Tensor,
     pub denoised: Tensor,
     pub model_calls: usize,
+    /// Time spent inside the UNet (the rest of the run is sampler, guidance and noise overhead).
+    pub model_time: std::time::Duration,
 }
 
 /// Runs the request. Errors name the input at fault; a NaN appearing in the latent names the step.
@@ -99,7 +101,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         ));
     }
     if r.sigmas.is_empty() {
-        return Ok(Output { samples: latent.shallow_clone(), denoised: latent, model_calls: 0 });
+        return Ok(Output { samples: latent.shallow_clone(), denoised: latent, model_calls: 0, model_time: std::time::Duration::ZERO });
     }
     if let Some(bad) = r.sigmas.windows(2).position(|w| !(w[1] <= w[0]) || w[0].is_nan()) {
         return Err(NodeError::input("sigmas", format!("sigmas must decrease: {} is followed by {}", r.sigmas[bad], r.sigmas[bad + 1])));
@@ -155,6 +157,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         concat,
         noise_mask: mask.map(|m| NoiseMask { mask: m, latent_image: latent_in.shallow_clone(), noise: mask_noise }),
         calls: 0,
+        model_time: std::time::Duration::ZERO,
     };
     let sampler_name = if r.sampler == "ddim" { "euler" } else { r.sampler };
     let sampler = samplers::by_name(sampler_name).ok_or_else(|| NodeError::input("sampler_name", format!("unknown sampler {:?}", r.sampler)))?;
@@ -178,9 +181,9 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     let result = sampler.sample(&mut denoiser, x, r.sigmas, &mut cx);
     progress.finish_and_clear();
     let out = result?;
-    let calls = denoiser.calls;
+    let (calls, model_time) = (denoiser.calls, denoiser.model_time);
     let denoised = last_denoised.unwrap_or_else(|| out.shallow_clone());
-    Ok(Output { samples: &out / LATENT_SCALE, denoised: denoised / LATENT_SCALE, model_calls: calls })
+    Ok(Output { samples: &out / LATENT_SCALE, denoised: denoised / LATENT_SCALE, model_calls: calls, model_time })
 }
 
 /// Several conditioning entries (ConditioningCombine) are averaged over their predictions in ComfyUI;

@@ -1,0 +1,59 @@
+//! Sampler overhead: time per step spent outside the UNet (sampler arithmetic, guidance, noise, the
+//! per-step NaN check) next to the UNet's own time per step, for the tiny and the full-size SD 1.5 UNet
+//! (batch 1 latent with cond + uncond, 64×64 latents for the full model). Prints figures; it is not a
+//! timed test.
+//!
+//! Run: scripts/bench.sh sampling   (target: overhead ≤ 2% of the full-size model's step time)
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use diffloom_core::value::{CondEntry, Latent, Shared};
+use diffloom_nodes::checkpoint::detect::Family;
+use diffloom_nodes::checkpoint::load::load_checkpoint;
+use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
+use diffloom_nodes::sampling::ksampler::{sample, Request};
+use diffloom_nodes::sampling::model_sampling::ModelSampling;
+use diffloom_nodes::sampling::schedulers::calculate_sigmas;
+use diffloom_nodes::sd::SdModel;
+use tch::{Device, Kind, Tensor};
+
+fn bench(label: &str, ckpt: &Path, latent_hw: i64, steps: i64) {
+    let ck = load_checkpoint(ckpt, Device::Cpu, Kind::Float).expect("load");
+    let ctx_dim = ck.config.unet.as_ref().map_or(768, |u| u.context_dim);
+    let model = SdModel { unet: ck.unet.expect("unet"), family: ck.config.family, prediction: ck.config.prediction };
+    let cond = vec![CondEntry { cross_attn: Shared(Tensor::randn([1, 77, ctx_dim], (Kind::Float, Device::Cpu))), pooled: None }];
+    let latent = Latent { samples: Shared(Tensor::zeros([1, 4, latent_hw, latent_hw], (Kind::Float, Device::Cpu))), noise_mask: None };
+    let sigmas = calculate_sigmas(&ModelSampling::sd(model.prediction), "karras", steps).unwrap();
+    let cancel = AtomicBool::new(false);
+    println!("{label}: {steps} steps, latent {latent_hw}×{latent_hw}, cfg 7 (cond + uncond batched)");
+    for sampler in ["euler", "euler_ancestral", "dpmpp_2m", "heun"] {
+        let r = Request { model: &model, positive: &cond, negative: &cond, latent: &latent, seed: 1, add_noise: true, cfg: 7.0, sampler, sigmas: &sigmas, cancel: &cancel, label: "" };
+        let t = Instant::now();
+        let out = sample(&r).expect("sample");
+        let total = t.elapsed().as_secs_f64();
+        let model_s = out.model_time.as_secs_f64();
+        let n = steps as f64;
+        println!(
+            "  {sampler:<16} model {:>9.2} ms/step   outside the model {:>7.3} ms/step   = {:>6.3}% of the model's time",
+            model_s / n * 1e3,
+            (total - model_s) / n * 1e3,
+            100.0 * (total - model_s) / model_s
+        );
+    }
+}
+
+fn main() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let tiny = std::env::temp_dir().join("diffloom-bench-tiny.safetensors");
+    write_checkpoint(&tiny, &tiny_config(Family::Sd1, false), Kind::Float, 1, true).expect("tiny model");
+    let _g = tch::no_grad_guard();
+    bench("tiny UNet", &tiny, 16, 20);
+    let full = root.join("models/bench/full-sd1.safetensors");
+    if full.exists() {
+        bench("full-size SD 1.5 UNet (fp32)", &full, 64, 3);
+    } else {
+        println!("(no {}: scripts/bench.sh sampling makes it)", full.display());
+    }
+}
