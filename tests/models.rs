@@ -98,7 +98,7 @@ fn corrupt_and_unsupported_files_get_clear_errors() {
     assert!(msg.contains("invalid safetensors header"), "{msg}");
     let msg = load_error(&d, "model.ckpt", b"PK\x03\x04 archive/data.pkl");
     assert!(msg.contains("PyTorch zip/pickle checkpoint") && msg.contains("does not run pickle code"), "{msg}");
-    let msg = load_error(&d, "old.ckpt", b"\x80\x02}q\x00(X");
+    let msg = load_error(&d, "old.ckpt", b"\x80\x02}q\x00(X.\x00\x00\x00\x00");
     assert!(msg.contains("pickle file"), "{msg}");
     std::fs::create_dir(d.join("folder")).unwrap();
     let msg = load_checkpoint(&d.join("folder"), Device::Cpu, Kind::Float).err().unwrap().to_string();
@@ -238,4 +238,20 @@ fn full_size_sd1_and_sd2_checkpoints_are_detected_and_run() {
         drop(unet);
         std::fs::remove_file(&path).unwrap();
     }
+}
+
+#[test]
+fn a_header_length_that_looks_like_a_pickle_opcode_is_still_safetensors() {
+    // 640 = 0x280: the file starts with the bytes 0x80 0x02, like a protocol-2 pickle.
+    let d = Dir::new();
+    let json = r#"{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+    let mut header = json.as_bytes().to_vec();
+    header.resize(640, b' ');
+    let mut bytes = 640u64.to_le_bytes().to_vec();
+    bytes.extend_from_slice(&header);
+    bytes.extend_from_slice(&[0u8; 8]);
+    let path = d.write("looks_like_pickle.safetensors", &bytes);
+    assert_eq!(&bytes[..2], &[0x80, 0x02]);
+    let file = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&path).unwrap();
+    assert_eq!(file.load("w", Device::Cpu, None).unwrap().size(), [2]);
 }

@@ -16,7 +16,8 @@ default_noise_sampler makes it; the starting x is that generator's first draw ti
 
 Writes, per sampler, `<name>.x` (the callback's x at every step, then the final x: [steps+1, ...]) and
 `<name>.denoised` ([steps, ...]); for each noise seed, `noise.<i>` = torch.manual_seed(s); torch.randn(shape).
-Convention notes: ComfyUI's lms returns the denoised estimate on the step to sigma 0 (k-diffusion
+Convention notes: for dpmpp_sde the tree is queried at the listed sigma, as ComfyUI queries it (see
+below). ComfyUI's lms returns the denoised estimate on the step to sigma 0 (k-diffusion
 integrates it); ComfyUI's euler_ancestral returns denoised when sigma_down is 0 (k-diffusion takes an
 Euler step to the same point). The Rust test compares accordingly.
 """
@@ -108,7 +109,20 @@ def main(spec_path, out_path):
             ds.append(info["denoised"].clone())
         fn = getattr(K, "sample_" + name)
         kwargs = {"callback": callback, "disable": True}
-        if "noise_sampler" in inspect.signature(fn).parameters:  # (through the no_grad wrapper)
+        if "sde" in name:
+            # ComfyUI seeds the Brownian tree with the run's seed (upstream draws a random one).
+            tree = K.BrownianTreeNoiseSampler(x0, sigmas[sigmas > 0].min(), sigmas.max(), seed=spec["seed"])
+            if name == "dpmpp_sde":
+                # Upstream queries the tree at exp(−(−log σ)), ComfyUI at the listed σ itself; the tree
+                # rounds query times to 6 decimals, so one float32 ulp can move the point. Snap to
+                # ComfyUI's (only values within 1e-6 of a listed sigma move).
+                def snap(s, listed=sigmas):
+                    near = listed[(listed - s).abs().argmin()]
+                    return near if (near - s).abs() <= 1e-6 * near else s
+                kwargs["noise_sampler"] = lambda s, sn, tree=tree: tree(snap(s), snap(sn))
+            else:
+                kwargs["noise_sampler"] = tree
+        elif "noise_sampler" in inspect.signature(fn).parameters:  # (through the no_grad wrapper)
             kwargs["noise_sampler"] = noise_sampler
         final = fn(model, x0, sigmas, **kwargs)
         out[name + ".x"] = torch.stack(xs + [final]).contiguous()

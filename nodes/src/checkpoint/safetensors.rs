@@ -45,7 +45,10 @@ impl SafetensorsFile {
         if mmap.is_empty() {
             return Err(corrupt("the file is empty".into()));
         }
-        if let Some(kind) = pickle_kind(&mmap) {
+        // A safetensors header is JSON right after the 8-byte length; only without one can the file be a
+        // pickle (a length like 0x0280 starts with the same bytes as pickle protocol 2).
+        let json_header = mmap.len() > 8 && mmap[8] == b'{';
+        if let Some(kind) = pickle_kind(&mmap).filter(|_| !json_header) {
             return Err(LoadError::Unsupported {
                 file: path.to_path_buf(),
                 message: format!(

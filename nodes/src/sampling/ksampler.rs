@@ -177,7 +177,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         last_denoised = Some(x.shallow_clone());
         Ok(())
     };
-    let mut cx = SampleCtx { noise: &mut noise_fn, step: &mut step };
+    let mut cx = SampleCtx { noise: &mut noise_fn, seed: r.seed, step: &mut step };
     let result = sampler.sample(&mut denoiser, x, r.sigmas, &mut cx);
     progress.finish_and_clear();
     let out = result?;

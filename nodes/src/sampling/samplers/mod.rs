@@ -10,7 +10,10 @@ use super::guidance::Denoiser;
 pub mod dpm_2;
 pub mod dpm_2_ancestral;
 pub mod dpmpp_2m;
+pub mod dpmpp_2m_sde;
 pub mod dpmpp_2s_ancestral;
+pub mod dpmpp_3m_sde;
+pub mod dpmpp_sde;
 pub mod euler;
 pub mod euler_ancestral;
 pub mod heun;
@@ -21,6 +24,8 @@ pub mod lms;
 pub struct SampleCtx<'a> {
     /// Fresh standard normal noise shaped like the argument (seeded as ComfyUI seeds it).
     pub noise: &'a mut dyn FnMut(&Tensor) -> Tensor,
+    /// The run's seed, for samplers that build their own noise (the Brownian tree of the SDE ones).
+    pub seed: i128,
     /// Called after each step with (step index, step count, the new x); stops the run with an error
     /// (cancellation, NaN) by returning one.
     pub step: &'a mut dyn FnMut(usize, usize, &Tensor) -> Result<(), NodeError>,
@@ -58,6 +63,9 @@ pub fn by_name(name: &str) -> Option<Box<dyn Sampler>> {
         "lms" => Box::new(lms::Lms { order: 4 }),
         "dpmpp_2s_ancestral" => Box::new(dpmpp_2s_ancestral::Dpmpp2sAncestral { eta: 1.0, s_noise: 1.0 }),
         "dpmpp_2m" => Box::new(dpmpp_2m::Dpmpp2m),
+        "dpmpp_sde" => Box::new(dpmpp_sde::DpmppSde { eta: 1.0, s_noise: 1.0, r: 0.5 }),
+        "dpmpp_2m_sde" => Box::new(dpmpp_2m_sde::Dpmpp2mSde { eta: 1.0, s_noise: 1.0 }),
+        "dpmpp_3m_sde" => Box::new(dpmpp_3m_sde::Dpmpp3mSde { eta: 1.0, s_noise: 1.0 }),
         "lcm" => Box::new(lcm::Lcm),
         _ => return None,
     })
