@@ -109,6 +109,16 @@ def main(spec_path, out_path):
             ds.append(info["denoised"].clone())
         fn = getattr(K, "sample_" + name)
         kwargs = {"callback": callback, "disable": True}
+        if name in ("dpm_fast", "dpm_adaptive"):
+            # ComfyUI's wrappers: from sigmas[0] to the last non-zero sigma (dpm_fast: one model call per step).
+            lo = sigmas[-1] if sigmas[-1] > 0 else sigmas[-2]
+            extra = {"n": len(sigmas) - 1} if name == "dpm_fast" else {}
+            final = fn(model, x0, float(lo), float(sigmas[0]), noise_sampler=noise_sampler, disable=True, **extra)
+            if isinstance(final, tuple):
+                final = final[0]
+            out[name + ".final"] = final.contiguous()
+            print(f"{name}: final mean|x| {final.abs().mean().item():.6f}")
+            continue
         if "sde" in name:
             # ComfyUI seeds the Brownian tree with the run's seed (upstream draws a random one).
             tree = K.BrownianTreeNoiseSampler(x0, sigmas[sigmas > 0].min(), sigmas.max(), seed=spec["seed"])

@@ -9,6 +9,7 @@ use super::guidance::Denoiser;
 
 pub mod dpm_2;
 pub mod dpm_2_ancestral;
+pub mod dpm_solver;
 pub mod dpmpp_2m;
 pub mod dpmpp_2m_sde;
 pub mod dpmpp_2s_ancestral;
@@ -61,6 +62,8 @@ pub fn by_name(name: &str) -> Option<Box<dyn Sampler>> {
         "dpm_2" => Box::new(dpm_2::Dpm2),
         "dpm_2_ancestral" => Box::new(dpm_2_ancestral::Dpm2Ancestral { eta: 1.0, s_noise: 1.0 }),
         "lms" => Box::new(lms::Lms { order: 4 }),
+        "dpm_fast" => Box::new(dpm_solver::DpmFast),
+        "dpm_adaptive" => Box::new(dpm_solver::DpmAdaptive),
         "dpmpp_2s_ancestral" => Box::new(dpmpp_2s_ancestral::Dpmpp2sAncestral { eta: 1.0, s_noise: 1.0 }),
         "dpmpp_2m" => Box::new(dpmpp_2m::Dpmpp2m),
         "dpmpp_sde" => Box::new(dpmpp_sde::DpmppSde { eta: 1.0, s_noise: 1.0, r: 0.5 }),
