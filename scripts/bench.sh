@@ -17,5 +17,6 @@ case "${1:-}" in
         cargo build --release --locked --quiet --bin make-test-models
         target/release/make-test-models models/bench --full-sd1
         cargo bench --locked --bench sampling ;;
-    *) echo "usage: scripts/bench.sh executor|models|sampling" >&2; exit 2 ;;
+    watch) cargo bench --locked --bench watch ;;
+    *) echo "usage: scripts/bench.sh executor|models|sampling|watch" >&2; exit 2 ;;
 esac

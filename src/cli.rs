@@ -37,6 +37,25 @@ pub enum Command {
         #[arg(long, value_name = "DIR")]
         embeddings: Option<PathBuf>,
     },
+    /// Run a graph, then re-run it on every save of the graph file or of the input files it reads,
+    /// re-executing only what changed. Ctrl-C quits.
+    Watch {
+        file: PathBuf,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        #[arg(short, long, default_value = "output")]
+        output_dir: PathBuf,
+        #[arg(long, value_enum)]
+        dtype: Option<Dtype>,
+        #[arg(long, value_name = "DIR")]
+        embeddings: Option<PathBuf>,
+        /// Memory for cached results (models included), in MiB.
+        #[arg(long, default_value_t = 16384)]
+        cache_mb: usize,
+        /// Quiet time after a save before re-running, in milliseconds (editors write in bursts).
+        #[arg(long, default_value_t = 100)]
+        debounce_ms: u64,
+    },
     /// Check a graph without running it; prints every problem found.
     Validate {
         file: PathBuf,

@@ -10,3 +10,4 @@ mod models;
 mod parity;
 mod sampling;
 mod sd_nodes;
+mod watch;

@@ -4,6 +4,7 @@ mod nodes;
 mod run;
 mod show;
 mod validate;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -18,6 +19,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             &file,
             &set,
             run::Settings { output_dir, device: cli.device, dtype: dtype.map(|d| d.kind()), embeddings },
+        ),
+        Command::Watch { file, set, output_dir, dtype, embeddings, cache_mb, debounce_ms } => watch::watch(
+            &file,
+            &set,
+            run::Settings { output_dir, device: cli.device, dtype: dtype.map(|d| d.kind()), embeddings },
+            cache_mb << 20,
+            std::time::Duration::from_millis(debounce_ms),
         ),
         Command::Validate { file, set } => validate::validate(&file, &set),
         Command::Show { file, format, set } => show::show(&file, format, &set),

@@ -21,18 +21,22 @@ pub struct Settings {
     pub embeddings: Option<PathBuf>,
 }
 
-pub fn run(file: &Path, sets: &[String], settings: Settings) -> Result<ExitCode> {
-    let registry = session::registry();
-    let graph = session::load_graph(file, sets, &registry)?;
+/// The executor's options for these settings.
+pub fn run_options(settings: Settings) -> Result<RunOptions> {
     if let Some(dir) = &settings.embeddings {
         anyhow::ensure!(dir.is_dir(), "--embeddings {}: not a directory", dir.display());
     }
-    let cancel = Arc::new(AtomicBool::new(false));
-    install_ctrlc(cancel.clone());
     let mut options = RunOptions::new(session::device(settings.device.as_deref())?, settings.output_dir);
-    options.cancel = cancel;
     options.dtype = settings.dtype;
     options.embeddings_dir = settings.embeddings;
+    Ok(options)
+}
+
+pub fn run(file: &Path, sets: &[String], settings: Settings) -> Result<ExitCode> {
+    let registry = session::registry();
+    let graph = session::load_graph(file, sets, &registry)?;
+    let options = run_options(settings)?;
+    install_ctrlc(options.cancel.clone(), None);
     let mut executor = Executor::new(options, CACHE_LIMIT);
     let report = executor.run(&graph);
     println!("{report}");
@@ -42,9 +46,13 @@ pub fn run(file: &Path, sets: &[String], settings: Settings) -> Result<ExitCode>
     }
 }
 
-/// First Ctrl-C: stop at the next node or sampling step, keeping finished files. Second: exit now.
-fn install_ctrlc(cancel: Arc<AtomicBool>) {
+/// First Ctrl-C: stop at the next node or sampling step, keeping finished files (and set `quit`, for
+/// `watch`). Second: exit now.
+pub fn install_ctrlc(cancel: Arc<AtomicBool>, quit: Option<Arc<AtomicBool>>) {
     let result = ctrlc::set_handler(move || {
+        if let Some(q) = &quit {
+            q.store(true, Ordering::SeqCst);
+        }
         if cancel.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }

@@ -1,0 +1,220 @@
+//! `diffloom watch` driven with real file edits: in place, rename-over, delete-then-create, bursts,
+//! broken-then-fixed, input image edits, and a save during a run; each asserting exactly what re-ran.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{channel, Receiver};
+use std::time::{Duration, Instant};
+
+use crate::util::Dir;
+
+/// A running `diffloom watch` whose stdout lines arrive on a channel; killed when dropped.
+struct Watch {
+    child: Child,
+    lines: Receiver<String>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One run as printed: its header, the ids that ran, and every line.
+#[derive(Debug)]
+struct Run {
+    header: String,
+    ran: Vec<String>,
+    text: String,
+}
+
+impl Watch {
+    fn start(d: &Dir, graph: &str) -> Watch {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_diffloom"))
+            .args(["watch", graph, "-o", "out", "--debounce-ms", "150"])
+            .current_dir(d.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn watch");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Watch { child, lines }
+    }
+
+    /// The next block up to "watching …": a run, or a report of errors.
+    fn next(&self) -> Run {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut text = String::new();
+        let mut header = String::new();
+        let mut ran = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no complete run within 60 s; got:\n{text}"));
+            if line.starts_with("watching ") {
+                return Run { header, ran, text };
+            }
+            if line.starts_with("== run") {
+                header = line.clone();
+            }
+            if let Some(rest) = line.strip_prefix("  ran ") {
+                ran.push(rest.split_whitespace().next().unwrap_or("").to_owned());
+            }
+            text.push_str(&line);
+            text.push('\n');
+        }
+    }
+
+    /// Asserts that nothing more is printed for `wait`.
+    fn quiet_for(&self, wait: Duration) {
+        if let Ok(line) = self.lines.recv_timeout(wait) {
+            panic!("unexpected output: {line}");
+        }
+    }
+}
+
+const GRAPH: &str = r#"(version: 1, params: {"factor": 2.0}, nodes: {
+    "load": (type: "LoadImage", inputs: {"image": "in.png"}),
+    "scale": (type: "ImageScaleBy", inputs: {"image": Link("load", "IMAGE"), "scale_by": Param("factor")}),
+    "invert": (type: "ImageInvert", inputs: {"image": Link("scale", "IMAGE")}),
+    "save": (type: "SaveImage", inputs: {"images": Link("invert", "IMAGE"), "filename_prefix": "a"}),
+    "crop": (type: "ImageCrop", inputs: {"image": Link("load", "IMAGE"), "width": 8, "height": 8}),
+    "save2": (type: "SaveImage", inputs: {"images": Link("crop", "IMAGE"), "filename_prefix": "b"}),
+})"#;
+
+/// Saves take effect once the watcher has started; file times need a moment to differ.
+fn pause() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
+#[test]
+fn in_place_rename_over_and_delete_create_saves_rerun_only_what_changed() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    d.write("g.ron", GRAPH);
+    let w = Watch::start(&d, "g.ron");
+    let first = w.next();
+    assert_eq!(first.ran, ["load", "scale", "invert", "save", "crop", "save2"], "{}", first.text);
+    pause();
+
+    // In place.
+    d.write("g.ron", GRAPH.replace(r#""width": 8"#, r#""width": 4"#));
+    let r = w.next();
+    assert_eq!(r.ran, ["crop", "save2"], "{}", r.text);
+    assert!(r.header.contains("g.ron changed"), "{}", r.header);
+    pause();
+
+    // Write a temporary file, rename it over the graph (vim, most IDEs).
+    d.write(".g.ron.swp", GRAPH.replace(r#""factor": 2.0"#, r#""factor": 3.0"#));
+    std::fs::rename(d.join(".g.ron.swp"), d.join("g.ron")).unwrap();
+    let r = w.next();
+    assert_eq!(r.ran, ["scale", "invert", "save"], "{}", r.text);
+    pause();
+
+    // Delete, then create (with both branches changed).
+    std::fs::remove_file(d.join("g.ron")).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    d.write("g.ron", GRAPH.replace(r#""factor": 2.0"#, r#""factor": 5.0"#).replace(r#""width": 8"#, r#""width": 6"#));
+    let r = w.next();
+    assert_eq!(r.ran, ["scale", "invert", "save", "crop", "save2"], "{}", r.text);
+    pause();
+
+    // Back to the first graph: everything is cached, nothing runs.
+    d.write("g.ron", GRAPH);
+    let r = w.next();
+    assert!(r.ran.is_empty(), "{}", r.text);
+    // Every file written is still there (2 + 1 + 1 + 2 saves), none overwritten.
+    assert_eq!(d.files("out").len(), 6, "{:?}", d.files("out"));
+}
+
+#[test]
+fn a_burst_of_saves_gives_one_run_and_a_broken_save_keeps_the_last_good_graph() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    d.write("g.ron", GRAPH);
+    let w = Watch::start(&d, "g.ron");
+    w.next();
+    pause();
+    for f in ["2.5", "3.5", "4.5"] {
+        d.write("g.ron", GRAPH.replace(r#""factor": 2.0"#, &format!(r#""factor": {f}"#)));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let r = w.next();
+    assert_eq!(r.ran, ["scale", "invert", "save"], "{}", r.text);
+    w.quiet_for(Duration::from_millis(600));
+
+    d.write("g.ron", GRAPH.replace(r#""scale_by": Param("factor")"#, r#""scale_by": Param("factr")"#));
+    let r = w.next();
+    assert!(r.ran.is_empty(), "{}", r.text);
+    assert!(r.text.contains("parameter \"factr\" is not declared") && r.text.contains("keeping the last good graph"), "{}", r.text);
+    pause();
+    d.write("g.ron", "(version: 1, nodes: {");
+    let r = w.next();
+    assert!(r.text.contains("g.ron:1:"), "{}", r.text);
+    pause();
+    // Fixed: only what differs from the last good run runs (factor 4.5 is cached).
+    d.write("g.ron", GRAPH.replace(r#""factor": 2.0"#, r#""factor": 4.5"#));
+    let r = w.next();
+    assert!(r.ran.is_empty(), "{}", r.text);
+}
+
+#[test]
+fn input_images_are_watched_by_content() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    d.write("g.ron", GRAPH);
+    let w = Watch::start(&d, "g.ron");
+    w.next();
+    pause();
+    // Same bytes again: an event, a run, and nothing to execute.
+    let bytes = std::fs::read(d.join("in.png")).unwrap();
+    std::fs::write(d.join("in.png"), &bytes).unwrap();
+    let r = w.next();
+    assert!(r.ran.is_empty() && r.header.contains("in.png changed"), "{}", r.text);
+    pause();
+    d.png("in.png", 16, 12, 2);
+    let r = w.next();
+    assert_eq!(r.ran, ["load", "scale", "invert", "save", "crop", "save2"], "{}", r.text);
+}
+
+#[test]
+fn a_save_during_a_run_cancels_it_and_starts_the_new_one() {
+    let d = Dir::new();
+    let ckpt = d.join("tiny.safetensors");
+    diffloom_nodes::checkpoint::synthetic::write_checkpoint(
+        &ckpt,
+        &diffloom_nodes::checkpoint::synthetic::tiny_config(diffloom_nodes::checkpoint::detect::Family::Sd1, false),
+        tch::Kind::Float,
+        1,
+        true,
+    )
+    .unwrap();
+    let graph = |seed: u32, steps: u32| {
+        std::fs::read_to_string(crate::util::repo().join("graphs/txt2img.ron"))
+            .unwrap()
+            .replace("\"../models/test/tiny-sd1.safetensors\"", &format!("{:?}", ckpt.display().to_string()))
+            .replace("\"seed\": 42", &format!("\"seed\": {seed}"))
+            .replace("\"steps\": 20", &format!("\"steps\": {steps}"))
+            .replace("\"width\": 512", "\"width\": 128")
+            .replace("\"height\": 512", "\"height\": 128")
+    };
+    d.write("t2i.ron", graph(1, 400));
+    let w = Watch::start(&d, "t2i.ron");
+    // Let the long run get into sampling, then save a new seed.
+    std::thread::sleep(Duration::from_secs(3));
+    d.write("t2i.ron", graph(2, 3));
+    let r = w.next();
+    assert!(r.text.contains("cancelled: a newer save arrived"), "{}", r.text);
+    let r = w.next();
+    // The checkpoint and prompts come from the cache; only the sampler and what follows run.
+    assert_eq!(r.ran, ["sampler", "decode", "save"], "{}", r.text);
+    assert_eq!(d.files("out").len(), 1);
+}
