@@ -16,6 +16,9 @@ pub struct Cli {
     /// Print more (load times, memory).
     #[arg(short, long, global = true)]
     pub verbose: bool,
+    /// Another directory of Lua plugins (besides the shipped plugins/lua). Repeatable.
+    #[arg(long = "plugins", value_name = "DIR", global = true)]
+    pub plugins: Vec<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]

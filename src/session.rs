@@ -1,7 +1,7 @@
 //! What every subcommand needs: the node registry, the device, and a graph file read, parameterised and
 //! validated.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 use diffloom_core::graph::file;
@@ -9,9 +9,36 @@ use diffloom_core::validate::{apply_params, validate};
 use diffloom_core::{Registry, ResolvedGraph};
 use tch::Device;
 
-/// The node types available to graphs.
+/// The directory of the plugins that ship with diffloom: `$DIFFLOOM_PLUGINS_DIR`, else `plugins/lua` in
+/// the first ancestor of the executable that has one.
+pub fn shipped_plugins() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DIFFLOOM_PLUGINS_DIR") {
+        return Some(PathBuf::from(dir));
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors().skip(1).map(|d| d.join("plugins").join("lua")).find(|d| d.is_dir())
+}
+
+static EXTRA_PLUGIN_DIRS: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+
+/// Records the `--plugins` directories (once, at start-up).
+pub fn set_plugin_dirs(dirs: Vec<PathBuf>) {
+    let _ = EXTRA_PLUGIN_DIRS.set(dirs);
+}
+
+/// The plugin directories in effect: the shipped one, then the `--plugins` ones.
+pub fn plugin_dirs() -> Vec<PathBuf> {
+    shipped_plugins().into_iter().chain(EXTRA_PLUGIN_DIRS.get().cloned().unwrap_or_default()).collect()
+}
+
+/// The node types available to graphs: the built-ins, then the plugins. A broken plugin is reported and
+/// skipped; the rest load.
 pub fn registry() -> Registry {
-    diffloom_nodes::registry()
+    let mut r = diffloom_nodes::registry();
+    for e in diffloom_plugins::load_plugins(&plugin_dirs(), &mut r) {
+        eprintln!("warning: plugin skipped: {e}");
+    }
+    r
 }
 
 /// Parses `--device`: cpu, cuda, cuda:N; without it, CUDA when libtorch sees a GPU, else the CPU.

@@ -14,6 +14,7 @@ use crate::cli::{Cli, Command};
 
 /// Runs the chosen subcommand.
 pub fn run(cli: Cli) -> Result<ExitCode> {
+    crate::session::set_plugin_dirs(cli.plugins.clone());
     match cli.command {
         Command::Run { file, set, output_dir, dtype, embeddings } => run::run(
             &file,
