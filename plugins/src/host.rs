@@ -308,10 +308,17 @@ impl Node for LuaNode {
     }
 }
 
-/// The `.lua` files of a directory, sorted.
+/// The `.lua` files of a directory, sorted, as absolute paths (a plugin's origin, which reloading
+/// matches against).
 pub fn plugin_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "lua")).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "lua"))
+                .map(|p| p.canonicalize().unwrap_or(p))
+                .collect()
+        })
         .unwrap_or_default();
     files.sort();
     files

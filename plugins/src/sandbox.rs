@@ -51,14 +51,18 @@ pub fn new_state() -> mlua::Result<(Lua, Budget)> {
     // Loading code from strings stays possible, but only as text: precompiled bytecode can break out
     // of the VM's checks.
     lua.load(
-        r#"
+        r##"
         local raw_load = load
-        load = function(chunk, name, mode, env)
-            return raw_load(chunk, name, "t", env)
+        load = function(chunk, name, mode, ...)
+            -- An explicit nil environment would be taken as "no globals": pass it only when given.
+            if select("#", ...) == 0 then
+                return raw_load(chunk, name, "t")
+            end
+            return raw_load(chunk, name, "t", ...)
         end
         dofile, loadfile, require, collectgarbage = nil, nil, nil, nil
         string.dump = nil
-        "#,
+        "##,
     )
     .set_name("=sandbox")
     .exec()?;

@@ -51,7 +51,8 @@ fn input_files(graph: &ResolvedGraph) -> Vec<PathBuf> {
 }
 
 pub fn watch(file: &Path, sets: &[String], settings: Settings, cache_bytes: usize, debounce: Duration) -> Result<ExitCode> {
-    let registry = session::registry();
+    let mut registry = session::registry();
+    let plugin_files: Vec<PathBuf> = session::plugin_dirs().iter().flat_map(|d| diffloom_plugins::host::plugin_files(d)).map(|p| absolute(&p)).collect();
     let options = run_options(settings)?;
     let cancel = options.cancel.clone();
     let quit = Arc::new(AtomicBool::new(false));
@@ -59,7 +60,9 @@ pub fn watch(file: &Path, sets: &[String], settings: Settings, cache_bytes: usiz
     let mut executor = Executor::new(options, cache_bytes);
 
     let graph_path = absolute(file);
-    let watched: Arc<Mutex<HashSet<PathBuf>>> = Arc::new(Mutex::new(HashSet::from([graph_path.clone()])));
+    let mut always: HashSet<PathBuf> = plugin_files.iter().cloned().collect();
+    always.insert(graph_path.clone());
+    let watched: Arc<Mutex<HashSet<PathBuf>>> = Arc::new(Mutex::new(always.clone()));
     let (tx, rx) = channel::<(PathBuf, Instant)>();
     let mut watcher = {
         let (watched, cancel) = (watched.clone(), cancel.clone());
@@ -87,8 +90,10 @@ pub fn watch(file: &Path, sets: &[String], settings: Settings, cache_bytes: usiz
             }
         }
     };
-    if let Some(dir) = graph_path.parent() {
-        watch_dir(dir, &mut watcher);
+    for p in &always {
+        if let Some(dir) = p.parent() {
+            watch_dir(dir, &mut watcher);
+        }
     }
 
     let mut run_number = 0;
@@ -99,7 +104,7 @@ pub fn watch(file: &Path, sets: &[String], settings: Settings, cache_bytes: usiz
             Ok(graph) => {
                 let inputs = input_files(&graph);
                 if let Ok(mut set) = watched.lock() {
-                    set.retain(|p| *p == graph_path);
+                    set.retain(|p| always.contains(p));
                     set.extend(inputs.iter().cloned());
                 }
                 for p in &inputs {
@@ -147,6 +152,14 @@ pub fn watch(file: &Path, sets: &[String], settings: Settings, cache_bytes: usiz
         }
         changed.sort();
         changed.dedup();
+        // An edited plugin re-registers its nodes; their cache keys carry the source's hash, so exactly
+        // those nodes (and what depends on them) re-run. A broken edit keeps the previous version.
+        for path in changed.iter().filter(|p| p.extension().is_some_and(|e| e == "lua")) {
+            match diffloom_plugins::reload(&absolute(path), &mut registry) {
+                Ok(names) => println!("reloaded {}: {}", path.display(), names.join(", ")),
+                Err(e) => println!("plugin error: {e} (keeping the previous version)"),
+            }
+        }
         reason = changed
             .iter()
             .map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())

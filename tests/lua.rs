@@ -1,0 +1,267 @@
+//! Lua plugins: the API, the sandbox (every escape attempt refused), error reporting with file and
+//! line, output type checks, name clashes, reloading, and the shipped plugins.
+
+use std::path::PathBuf;
+
+use diffloom_core::{Executor, Registry, RunReport, Value};
+use diffloom_plugins::{load_plugins, reload};
+
+use crate::util::{executor, run_graph, Dir};
+
+/// A registry with the built-ins and the plugins of `d/plugins`.
+fn registry(d: &Dir) -> (Registry, Vec<String>) {
+    let mut r = diffloom_nodes::registry();
+    let errors = load_plugins(&[d.join("plugins")], &mut r).into_iter().map(|e| e.to_string()).collect();
+    (r, errors)
+}
+
+fn run(d: &Dir, ex: &mut Executor, reg: &Registry, nodes: &str) -> RunReport {
+    run_graph(ex, reg, d, &format!("(version: 1, nodes: {{ {nodes} }})"), &[])
+}
+
+/// Output `out` of node `id` after a run.
+fn output(d: &Dir, ex: &mut Executor, reg: &Registry, nodes: &str, id: &str, out: usize) -> Value {
+    let r = run(d, ex, reg, nodes);
+    assert!(r.error.is_none(), "{}", r.error.unwrap());
+    let path = d.join("graph.ron");
+    let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
+    let resolved = diffloom_core::validate::validate(&path, &parsed, reg).unwrap();
+    ex.cached_output(&resolved, id, out).expect("cached output")
+}
+
+fn tensor(v: &Value) -> tch::Tensor {
+    match v {
+        Value::Image(t) | Value::Mask(t) => t.0.shallow_clone(),
+        Value::Latent(l) => l.samples.0.shallow_clone(),
+        other => panic!("not a tensor: {other:?}"),
+    }
+}
+
+const PROBE: &str = r#"
+diffloom.node {
+  name = "Probe",
+  inputs = { { "image", "IMAGE" }, { "code", "STRING", default = "" } },
+  outputs = { { "IMAGE", "IMAGE" }, { "STRING", "STRING" } },
+  execute = function(a)
+    local f = assert(load(a.code))
+    return f(a.image)
+  end,
+}
+"#;
+
+#[test]
+fn the_tensor_api_runs_whole_tensor_operations() {
+    let d = Dir::new();
+    d.png("in.png", 8, 6, 3);
+    d.write("plugins/probe.lua", PROBE);
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let probe = |code: &str| format!(
+        r#""load": (type: "LoadImage", inputs: {{"image": "in.png"}}),
+           "p": (type: "Probe", inputs: {{"image": Link("load", "IMAGE"), "code": {code:?}}}),
+           "o": (type: "PreviewAny", inputs: {{"source": Link("p", "STRING")}}),"#
+    );
+    let img = tensor(&output(&d, &mut ex, &reg, &probe("local x = ... return x, 'ok'"), "load", 0));
+    let cases: Vec<(&str, Box<dyn Fn(&tch::Tensor) -> tch::Tensor>)> = vec![
+        ("local x = ... return (x * 2 - 0.5):clamp(0, 1), ''", Box::new(|t| (t * 2.0 - 0.5).clamp(0.0, 1.0))),
+        ("local x = ... return 1 - x, ''", Box::new(|t| t.neg() + 1.0)),
+        ("local x = ... return x:channels({1, 0.5, 0}, {0, 0, 0.25}), ''", Box::new(|t| t * tch::Tensor::from_slice(&[1.0f32, 0.5, 0.0]) + tch::Tensor::from_slice(&[0.0f32, 0.0, 0.25]))),
+        ("local x = ... return x:crop(2, 1, 4, 3), ''", Box::new(|t| t.narrow(2, 2, 4).narrow(1, 1, 3))),
+        ("local x = ... return x:pad(1, 0, 0, 2, 0.5):crop(1, 0, 8, 6), ''", Box::new(|t| t.shallow_clone())),
+        ("local x = ... return x:resize(4, 3, 'area'), ''", Box::new(|t| t.permute([0, 3, 1, 2]).adaptive_avg_pool2d([3, 4]).permute([0, 2, 3, 1]))),
+        ("local x = ... return x:gray():lerp(x, 1), ''", Box::new(|t| t.shallow_clone())),
+    ];
+    for (code, expect) in cases {
+        let got = tensor(&output(&d, &mut ex, &reg, &probe(code), "p", 0));
+        let want = expect(&img);
+        assert_eq!(got.size(), want.size(), "{code}");
+        let diff = (&got - &want).abs().max().double_value(&[]);
+        assert!(diff < 1e-5, "{code}: {diff}");
+    }
+    // Statistics and small tables come back as Lua numbers.
+    let s = output(&d, &mut ex, &reg, &probe("local x = ... local t = x:crop(0,0,1,1):to_table() return x, string.format('%d %.4f %.4f', #t, x:mean(), x:max())"), "p", 1);
+    let Value::String(s) = s else { panic!() };
+    assert_eq!(s, format!("3 {:.4} {:.4}", img.mean(tch::Kind::Float).double_value(&[]), img.max().double_value(&[])));
+}
+
+/// Runs Probe with `code`, returning the error message.
+fn probe_error(d: &Dir, code: &str) -> String {
+    let (reg, _) = registry(d);
+    let (mut ex, _) = executor(d, 1 << 30);
+    let nodes = format!(
+        r#""load": (type: "LoadImage", inputs: {{"image": "in.png"}}),
+           "p": (type: "Probe", inputs: {{"image": Link("load", "IMAGE"), "code": {code:?}}}),
+           "o": (type: "PreviewAny", inputs: {{"source": Link("p", "STRING")}}),"#
+    );
+    run(d, &mut ex, &reg, &nodes).error.expect("the plugin call fails").to_string()
+}
+
+#[test]
+fn every_sandbox_escape_is_refused_and_the_host_survives() {
+    let d = Dir::new();
+    d.png("in.png", 4, 4, 1);
+    d.write("plugins/probe.lua", PROBE);
+    let cases = [
+        ("os.execute('touch /tmp/pwned')", "attempt to index a nil value (global 'os')"),
+        ("io.open('/etc/passwd')", "attempt to index a nil value (global 'io')"),
+        ("require('os')", "attempt to call a nil value (global 'require')"),
+        ("dofile('/etc/passwd')", "attempt to call a nil value (global 'dofile')"),
+        ("debug.getinfo(1)", "attempt to index a nil value (global 'debug')"),
+        ("package.loadlib('libc.so.6', 'system')", "attempt to index a nil value (global 'package')"),
+        ("return assert(load('\\27Lua\\84\\0'))()", "attempt to load a binary chunk"),
+        ("return string.dump(print)", "attempt to call a nil value (field 'dump')"),
+        ("local s = string.rep('x', 1024 * 1024 * 1024)", "not enough memory"),
+        ("local t = {} for i = 1, 1e9 do t[i] = i end", "not enough memory"),
+        ("while true do end", "exceeded its limit of"),
+        ("local function f(n) return 1 + f(n + 1) end return f(1)", "stack overflow"),
+    ];
+    for (code, want) in cases {
+        let err = probe_error(&d, code);
+        assert!(err.contains("node \"p\" (Probe)") && err.contains(want), "{code}: {err}");
+    }
+    assert!(!std::path::Path::new("/tmp/pwned").exists());
+    // After all that, the same host process runs plugins normally.
+    let err = probe_error(&d, "local x = ... return x, 42");
+    assert!(err.contains("output \"STRING\": expected STRING, got a Lua integer"), "{err}");
+}
+
+#[test]
+fn errors_name_the_plugin_file_and_line() {
+    let d = Dir::new();
+    d.png("in.png", 4, 4, 1);
+    d.write("plugins/broken_syntax.lua", "diffloom.node {\n  name = 'X',\n  inputs = {\n}\nlocal = 3\n");
+    d.write("plugins/no_execute.lua", "\n\ndiffloom.node { name = 'NoExec' }\n");
+    d.write("plugins/bad_type.lua", "diffloom.node { name = 'BadType', inputs = { {'x', 'PICTURE'} }, outputs = {}, execute = function() end }\n");
+    d.write("plugins/clash.lua", "diffloom.node { name = 'ImageInvert', outputs = {}, execute = function() end }\n");
+    d.write(
+        "plugins/fails.lua",
+        "diffloom.node {\n  name = 'Fails',\n  outputs = { {'INT', 'INT'} },\n  execute = function(a)\n    local t = nil\n    return t.field\n  end,\n}\n",
+    );
+    let (reg, errors) = registry(&d);
+    let all = errors.join("\n");
+    let file = |n: &str| d.join("plugins").join(n).canonicalize().unwrap().display().to_string();
+    assert!(all.contains(&format!("{}:5:", file("broken_syntax.lua"))), "{all}");
+    assert!(all.contains(&format!("{}:3: NoExec: a node needs an `execute` function", file("no_execute.lua"))), "{all}");
+    assert!(all.contains("BadType: input \"x\": unknown type \"PICTURE\""), "{all}");
+    assert!(all.contains(&format!("node type \"ImageInvert\" from {} clashes with the one from built-in", file("clash.lua"))), "{all}");
+    assert_eq!(errors.len(), 4, "{all}");
+    // The good plugin loaded beside the broken ones; its runtime error names file and line.
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let err = run(&d, &mut ex, &reg, r#""f": (type: "Fails"), "o": (type: "PreviewAny", inputs: {"source": Link("f", "INT")}),"#).error.unwrap().to_string();
+    assert!(err.contains(&format!("node \"f\" (Fails): {}:6: attempt to index a nil value (local 't')", file("fails.lua"))), "{err}");
+}
+
+#[test]
+fn two_plugins_with_one_name_clash_naming_both_files() {
+    let d = Dir::new();
+    let node = "diffloom.node { name = 'Twice', outputs = {}, output_node = true, execute = function() end }\n";
+    d.write("plugins/a.lua", node);
+    d.write("plugins/b.lua", node);
+    let (_, errors) = registry(&d);
+    let a = d.join("plugins/a.lua").canonicalize().unwrap();
+    let b = d.join("plugins/b.lua").canonicalize().unwrap();
+    assert_eq!(errors, [format!("node type \"Twice\" from {} clashes with the one from {}", b.display(), a.display())]);
+}
+
+#[test]
+fn an_edited_plugin_reruns_exactly_its_nodes_and_a_broken_edit_keeps_the_old_one() {
+    let d = Dir::new();
+    let v1 = "diffloom.node { name = 'Const', outputs = { {'INT', 'INT'} }, execute = function() return 1 end }\n";
+    d.write("plugins/const.lua", v1);
+    let (mut reg, errors) = registry(&d);
+    assert!(errors.is_empty());
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let nodes = r#""c": (type: "Const"), "o": (type: "PreviewAny", inputs: {"source": Link("c", "INT")}),
+                   "s": (type: "PrimitiveString", inputs: {"value": "x"}), "o2": (type: "PreviewAny", inputs: {"source": Link("s", "STRING")}),"#;
+    assert_eq!(run(&d, &mut ex, &reg, nodes).ran(), ["c", "o", "s", "o2"]);
+    assert!(run(&d, &mut ex, &reg, nodes).ran().is_empty());
+    let path = PathBuf::from(d.join("plugins/const.lua")).canonicalize().unwrap();
+    d.write("plugins/const.lua", v1.replace("return 1", "return 2"));
+    assert_eq!(reload(&path, &mut reg).unwrap(), ["Const"]);
+    let r = run(&d, &mut ex, &reg, nodes);
+    assert_eq!(r.ran(), ["c", "o"]);
+    assert_eq!(r.nodes.iter().find(|n| n.id == "o").unwrap().messages, ["2"]);
+    d.write("plugins/const.lua", "diffloom.node { name = 'Const', outputs = { {'INT', 'INT'} }, execute = function() return 3 end\n");
+    let err = reload(&path, &mut reg).unwrap_err().to_string();
+    assert!(err.contains("const.lua:2:"), "{err}");
+    // The previous version still runs (and is still cached).
+    assert!(run(&d, &mut ex, &reg, nodes).ran().is_empty());
+}
+
+#[test]
+fn shipped_plugins_behave() {
+    let d = Dir::new();
+    std::fs::create_dir_all(d.join("plugins")).unwrap();
+    for f in ["levels.lua", "prompt_template.lua", "mask_from_color.lua"] {
+        std::fs::copy(crate::util::repo().join("plugins/lua").join(f), d.join("plugins").join(f)).unwrap();
+    }
+    // Left half pure green, right half grey.
+    let img = image::RgbImage::from_fn(8, 4, |x, _| if x < 4 { image::Rgb([0, 255, 0]) } else { image::Rgb([128, 128, 128]) });
+    img.save(d.join("in.png")).unwrap();
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let load = r#""load": (type: "LoadImage", inputs: {"image": "in.png"}),"#;
+    // Default levels are the identity.
+    let nodes = format!(r#"{load} "l": (type: "ColorLevels", inputs: {{"image": Link("load", "IMAGE")}}), "o": (type: "PreviewAny", inputs: {{"source": Link("l", "IMAGE")}}),"#);
+    let out = tensor(&output(&d, &mut ex, &reg, &nodes, "l", 0));
+    let input = tensor(&output(&d, &mut ex, &reg, &nodes, "load", 0));
+    assert!((&out - &input).abs().max().double_value(&[]) < 1e-6);
+    // Saturation 0 is grey everywhere: the three channels agree.
+    let nodes = format!(r#"{load} "l": (type: "ColorLevels", inputs: {{"image": Link("load", "IMAGE"), "saturation": 0.0}}), "o": (type: "PreviewAny", inputs: {{"source": Link("l", "IMAGE")}}),"#);
+    let grey = tensor(&output(&d, &mut ex, &reg, &nodes, "l", 0));
+    assert!((grey.select(3, 0) - grey.select(3, 1)).abs().max().double_value(&[]) < 1e-6);
+    // The mask covers exactly the green half.
+    let nodes = format!(r#"{load} "m": (type: "MaskFromColor", inputs: {{"image": Link("load", "IMAGE"), "threshold": 10}}), "o": (type: "PreviewAny", inputs: {{"source": Link("m", "MASK")}}),"#);
+    let mask = tensor(&output(&d, &mut ex, &reg, &nodes, "m", 0));
+    assert_eq!(mask.size(), [1, 4, 8]);
+    assert_eq!(mask.narrow(2, 0, 4).min().double_value(&[]), 1.0);
+    assert_eq!(mask.narrow(2, 4, 4).max().double_value(&[]), 0.0);
+    // Templates fill slots, and an unknown slot is named.
+    let nodes = r#""t": (type: "PromptTemplate", inputs: {"template": "{subject}, {style}, {extra}", "subject": "a fox", "style": "ink"}), "o": (type: "PreviewAny", inputs: {"source": Link("t", "STRING")}),"#;
+    let r = run(&d, &mut ex, &reg, nodes);
+    assert_eq!(r.nodes.iter().find(|n| n.id == "o").unwrap().messages, ["a fox, ink"]);
+    let nodes = r#""t": (type: "PromptTemplate", inputs: {"template": "{subjct}"}), "o": (type: "PreviewAny", inputs: {"source": Link("t", "STRING")}),"#;
+    let err = run(&d, &mut ex, &reg, nodes).error.unwrap().to_string();
+    assert!(err.contains("unknown slot {subjct}"), "{err}");
+}
+
+#[test]
+fn seed_sweep_grid_tiles_equal_single_ksampler_runs() {
+    let d = Dir::new();
+    std::fs::create_dir_all(d.join("plugins")).unwrap();
+    std::fs::copy(crate::util::repo().join("plugins/lua/seed_sweep.lua"), d.join("plugins/seed_sweep.lua")).unwrap();
+    let ckpt = d.join("tiny.safetensors");
+    diffloom_nodes::checkpoint::synthetic::write_checkpoint(
+        &ckpt,
+        &diffloom_nodes::checkpoint::synthetic::tiny_config(diffloom_nodes::checkpoint::detect::Family::Sd1, false),
+        tch::Kind::Float,
+        1,
+        true,
+    )
+    .unwrap();
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let base = format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {:?}}}),
+           "p": (type: "CLIPTextEncode", inputs: {{"text": "a fox", "clip": Link("c", "CLIP")}}),
+           "n": (type: "CLIPTextEncode", inputs: {{"text": "", "clip": Link("c", "CLIP")}}),
+           "l": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 32}}),"#,
+        ckpt.display().to_string()
+    );
+    let sweep = format!(r#"{base} "g": (type: "SeedSweepGrid", inputs: {{"model": Link("c", "MODEL"), "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"),
+        "latent_image": Link("l", "LATENT"), "vae": Link("c", "VAE"), "seed": 10, "count": 3, "columns": 2, "steps": 3, "cfg": 5.0}}),
+        "o": (type: "PreviewAny", inputs: {{"source": Link("g", "IMAGE")}}),"#);
+    let grid = tensor(&output(&d, &mut ex, &reg, &sweep, "g", 0));
+    assert_eq!(grid.size(), [1, 64, 128, 3]);
+    let single = format!(r#"{base} "k": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": 11, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+        "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link("l", "LATENT")}}),
+        "v": (type: "VAEDecode", inputs: {{"samples": Link("k", "LATENT"), "vae": Link("c", "VAE")}}),
+        "o": (type: "PreviewAny", inputs: {{"source": Link("v", "IMAGE")}}),"#);
+    let one = tensor(&output(&d, &mut ex, &reg, &single, "v", 0));
+    // Seed 11 is the second tile (top right); the fourth tile is blank.
+    assert_eq!((grid.narrow(1, 0, 32).narrow(2, 64, 64) - &one).abs().max().double_value(&[]), 0.0);
+    assert_eq!(grid.narrow(1, 32, 32).narrow(2, 64, 64).abs().max().double_value(&[]), 0.0);
+}
