@@ -18,5 +18,6 @@ case "${1:-}" in
         target/release/make-test-models models/bench --full-sd1
         cargo bench --locked --bench sampling ;;
     watch) cargo bench --locked --bench watch ;;
-    *) echo "usage: scripts/bench.sh executor|models|sampling|watch" >&2; exit 2 ;;
+    lua) cargo bench --locked --bench lua ;;
+    *) echo "usage: scripts/bench.sh executor|models|sampling|watch|lua" >&2; exit 2 ;;
 esac

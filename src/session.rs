@@ -26,9 +26,51 @@ pub fn set_plugin_dirs(dirs: Vec<PathBuf>) {
     let _ = EXTRA_PLUGIN_DIRS.set(dirs);
 }
 
-/// The plugin directories in effect: the shipped one, then the `--plugins` ones.
+/// The user's configuration file: `$DIFFLOOM_CONFIG`, else `$XDG_CONFIG_HOME/diffloom/config.ron`, else
+/// `~/.config/diffloom/config.ron`.
+pub fn config_path() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("DIFFLOOM_CONFIG") {
+        return Some(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("diffloom").join("config.ron"))
+}
+
+/// The configuration file's contents: `(plugins: ["dir", …])`, relative directories being relative to
+/// the file.
+#[derive(serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Config {
+    #[serde(default)]
+    plugins: Vec<PathBuf>,
+}
+
+fn config_plugin_dirs() -> Vec<PathBuf> {
+    let Some(path) = config_path().filter(|p| p.is_file()) else { return Vec::new() };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("warning: {}: cannot read: {e}", path.display());
+            return Vec::new();
+        }
+    };
+    match ron::from_str::<Config>(&text) {
+        Ok(c) => {
+            let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            c.plugins.into_iter().map(|d| if d.is_absolute() { d } else { base.join(d) }).collect()
+        }
+        Err(e) => {
+            eprintln!("warning: {}:{}:{}: {} (the configuration is ignored)", path.display(), e.span.start.line, e.span.start.col, e.code);
+            Vec::new()
+        }
+    }
+}
+
+/// The plugin directories in effect: the shipped one, the configuration's, then the `--plugins` ones.
 pub fn plugin_dirs() -> Vec<PathBuf> {
-    shipped_plugins().into_iter().chain(EXTRA_PLUGIN_DIRS.get().cloned().unwrap_or_default()).collect()
+    shipped_plugins().into_iter().chain(config_plugin_dirs()).chain(EXTRA_PLUGIN_DIRS.get().cloned().unwrap_or_default()).collect()
 }
 
 /// The node types available to graphs: the built-ins, then the plugins. A broken plugin is reported and

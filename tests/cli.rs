@@ -277,3 +277,34 @@ fn blend_modes_follow_comfyuis_formulas() {
     close(blend("difference", 0.5), [0.0, 0.5 * 0.7 + 0.5 * 0.4]);
     close(blend("normal", 0.25), [0.75 * 0.2 + 0.25 * 0.6, 0.75 * 0.7 + 0.25 * 0.3]);
 }
+
+#[test]
+fn plugins_come_from_the_shipped_folder_the_config_file_and_the_flag() {
+    let d = Dir::new();
+    let node = |name: &str| format!("diffloom.node {{ name = '{name}', outputs = {{}}, output_node = true, execute = function() end }}\n");
+    d.write("cfgplugins/a.lua", node("FromConfig"));
+    d.write("flagplugins/b.lua", node("FromFlag"));
+    d.write("config/diffloom.ron", "(plugins: [\"../cfgplugins\"])");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diffloom"))
+        .args(["nodes", "--json", "--plugins", "flagplugins"])
+        .current_dir(d.path())
+        .env("DIFFLOOM_CONFIG", d.join("config/diffloom.ron"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let origin = |n: &str| list.iter().find(|e| e["name"] == n).map(|e| e["origin"].as_str().unwrap().to_owned());
+    assert!(origin("FromConfig").unwrap().ends_with("cfgplugins/a.lua"));
+    assert!(origin("FromFlag").unwrap().ends_with("flagplugins/b.lua"));
+    assert!(origin("ColorLevels").unwrap().ends_with("plugins/lua/levels.lua"), "the shipped plugins load");
+    // A broken configuration is reported, not fatal.
+    d.write("config/diffloom.ron", "(plugns: [])");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_diffloom"))
+        .args(["nodes", "ColorLevels"])
+        .current_dir(d.path())
+        .env("DIFFLOOM_CONFIG", d.join("config/diffloom.ron"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(stderr(&out).contains("diffloom.ron:1:2: Unexpected field named `plugns`"), "{}", stderr(&out));
+}

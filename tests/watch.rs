@@ -31,8 +31,13 @@ struct Run {
 
 impl Watch {
     fn start(d: &Dir, graph: &str) -> Watch {
+        Watch::start_with(d, graph, &[])
+    }
+
+    fn start_with(d: &Dir, graph: &str, extra: &[&str]) -> Watch {
         let mut child = Command::new(env!("CARGO_BIN_EXE_diffloom"))
             .args(["watch", graph, "-o", "out", "--debounce-ms", "150"])
+            .args(extra)
             .current_dir(d.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -217,4 +222,34 @@ fn a_save_during_a_run_cancels_it_and_starts_the_new_one() {
     // The checkpoint and prompts come from the cache; only the sampler and what follows run.
     assert_eq!(r.ran, ["sampler", "decode", "save"], "{}", r.text);
     assert_eq!(d.files("out").len(), 1);
+}
+
+#[test]
+fn an_edited_plugin_reruns_its_nodes_and_a_broken_edit_keeps_the_old_version() {
+    let d = Dir::new();
+    let v1 = "diffloom.node { name = 'Tint', inputs = { {'image', 'IMAGE'} }, outputs = { {'IMAGE', 'IMAGE'} },\n  execute = function(a) return a.image * 0.5 end }\n";
+    d.write("myplugins/tint.lua", v1);
+    d.png("in.png", 16, 12, 1);
+    d.write(
+        "g.ron",
+        r#"(version: 1, nodes: {
+            "load": (type: "LoadImage", inputs: {"image": "in.png"}),
+            "tint": (type: "Tint", inputs: {"image": Link("load", "IMAGE")}),
+            "save": (type: "SaveImage", inputs: {"images": Link("tint", "IMAGE"), "filename_prefix": "t"}),
+            "crop": (type: "ImageCrop", inputs: {"image": Link("load", "IMAGE"), "width": 8, "height": 8}),
+            "save2": (type: "SaveImage", inputs: {"images": Link("crop", "IMAGE"), "filename_prefix": "c"}),
+        })"#,
+    );
+    let w = Watch::start_with(&d, "g.ron", &["--plugins", "myplugins"]);
+    assert_eq!(w.next().ran, ["load", "tint", "save", "crop", "save2"]);
+    pause();
+    d.write("myplugins/tint.lua", v1.replace("0.5", "0.25"));
+    let r = w.next();
+    assert!(r.text.contains("reloaded") && r.text.contains("Tint"), "{}", r.text);
+    assert_eq!(r.ran, ["tint", "save"], "{}", r.text);
+    pause();
+    d.write("myplugins/tint.lua", "diffloom.node { name = 'Tint',\n  execute = function(a) return a.image end\n");
+    let r = w.next();
+    assert!(r.text.contains("plugin error:") && r.text.contains("tint.lua:3:") && r.text.contains("keeping the previous version"), "{}", r.text);
+    assert!(r.ran.is_empty(), "{}", r.text);
 }
