@@ -265,3 +265,37 @@ fn seed_sweep_grid_tiles_equal_single_ksampler_runs() {
     assert_eq!((grid.narrow(1, 0, 32).narrow(2, 64, 64) - &one).abs().max().double_value(&[]), 0.0);
     assert_eq!(grid.narrow(1, 32, 32).narrow(2, 64, 64).abs().max().double_value(&[]), 0.0);
 }
+
+#[test]
+fn conditioning_tensors_can_be_read_and_rebuilt() {
+    let d = Dir::new();
+    d.write(
+        "plugins/cond.lua",
+        "diffloom.node { name = 'ScaleCond', inputs = { {'c', 'CONDITIONING'}, {'k', 'FLOAT', default = 2.0} },\n  outputs = { {'CONDITIONING', 'CONDITIONING'}, {'STRING', 'STRING'} },\n  execute = function(a)\n    local ts = a.c:tensors()\n    local shape = ts[1]:shape()\n    return diffloom.conditioning({ ts[1] * a.k }), string.format('%d %dx%dx%d', a.c:len(), shape[1], shape[2], shape[3])\n  end }\n",
+    );
+    let ckpt = d.join("tiny.safetensors");
+    diffloom_nodes::checkpoint::synthetic::write_checkpoint(
+        &ckpt,
+        &diffloom_nodes::checkpoint::synthetic::tiny_config(diffloom_nodes::checkpoint::detect::Family::Sd1, false),
+        tch::Kind::Float,
+        1,
+        true,
+    )
+    .unwrap();
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let nodes = format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {:?}}}),
+           "p": (type: "CLIPTextEncode", inputs: {{"text": "a fox", "clip": Link("c", "CLIP")}}),
+           "s": (type: "ScaleCond", inputs: {{"c": Link("p", "CONDITIONING")}}),
+           "o": (type: "PreviewAny", inputs: {{"source": Link("s", "STRING")}}),
+           "o2": (type: "PreviewAny", inputs: {{"source": Link("s", "CONDITIONING")}}),"#,
+        ckpt.display().to_string()
+    );
+    let Value::Conditioning(scaled) = output(&d, &mut ex, &reg, &nodes, "s", 0) else { panic!() };
+    let Value::Conditioning(orig) = output(&d, &mut ex, &reg, &nodes, "p", 0) else { panic!() };
+    assert_eq!(((&scaled[0].cross_attn.0) - (&orig[0].cross_attn.0) * 2.0).abs().max().double_value(&[]), 0.0);
+    let Value::String(s) = output(&d, &mut ex, &reg, &nodes, "s", 1) else { panic!() };
+    assert_eq!(s, "1 1x77x32");
+}

@@ -253,3 +253,23 @@ fn an_edited_plugin_reruns_its_nodes_and_a_broken_edit_keeps_the_old_version() {
     assert!(r.text.contains("plugin error:") && r.text.contains("tint.lua:3:") && r.text.contains("keeping the previous version"), "{}", r.text);
     assert!(r.ran.is_empty(), "{}", r.text);
 }
+
+#[test]
+fn ctrl_c_quits_cleanly() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    d.write("g.ron", GRAPH);
+    let mut w = Watch::start(&d, "g.ron");
+    w.next();
+    let pid = w.child.id().to_string();
+    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = w.child.try_wait().unwrap() {
+            assert!(status.success(), "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "watch did not quit on SIGINT");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

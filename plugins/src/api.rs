@@ -217,6 +217,7 @@ pub fn to_lua(lua: &Lua, v: &Value) -> mlua::Result<LuaValue> {
         Value::Image(t) => tensor(lua, t.0.shallow_clone(), ValueType::Image)?,
         Value::Mask(t) => tensor(lua, t.0.shallow_clone(), ValueType::Mask)?,
         Value::Latent(l) => tensor(lua, l.samples.0.shallow_clone(), ValueType::Latent)?,
+        Value::Conditioning(entries) => LuaValue::UserData(lua.create_userdata(LuaConditioning(entries.clone()))?),
         other => {
             // Handles (models, conditioning, …) pass through Lua untouched, for diffloom.call.
             let ud = lua.create_any_userdata(Opaque(other.clone()))?;
@@ -225,8 +226,37 @@ pub fn to_lua(lua: &Lua, v: &Value) -> mlua::Result<LuaValue> {
     })
 }
 
-/// A value Lua cannot look into (MODEL, CLIP, CONDITIONING, …), carried for `diffloom.call`.
+/// A value Lua cannot look into (MODEL, CLIP, …), carried for `diffloom.call`.
 pub struct Opaque(pub Value);
+
+/// CONDITIONING in Lua: its entries' text-encoder states as tensors (`cond:tensors()`, each
+/// `[1, tokens, dim]`), and `diffloom.conditioning{t1, …}` to build one from (edited) tensors.
+#[derive(Clone)]
+pub struct LuaConditioning(pub Vec<diffloom_core::value::CondEntry>);
+
+impl UserData for LuaConditioning {
+    fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
+        m.add_method("tensors", |_, c, ()| {
+            Ok(c.0.iter().map(|e| LuaTensor { tensor: e.cross_attn.0.shallow_clone(), ty: None }).collect::<Vec<_>>())
+        });
+        m.add_method("len", |_, c, ()| Ok(c.0.len()));
+        m.add_meta_method(MetaMethod::ToString, |_, c, ()| Ok(format!("Conditioning({} entries)", c.0.len())));
+    }
+}
+
+/// CONDITIONING from a list of `[1, tokens, dim]` tensors.
+pub fn conditioning(parts: Vec<LuaTensor>) -> mlua::Result<LuaConditioning> {
+    parts
+        .into_iter()
+        .map(|p| {
+            if p.tensor.dim() != 3 {
+                return Err(err(format!("diffloom.conditioning: expected [1, tokens, dim] tensors, got {:?}", p.tensor.size())));
+            }
+            Ok(diffloom_core::value::CondEntry { cross_attn: Shared(p.tensor.to_kind(Kind::Float)), pooled: None })
+        })
+        .collect::<mlua::Result<Vec<_>>>()
+        .map(LuaConditioning)
+}
 
 fn tensor(lua: &Lua, t: Tensor, ty: ValueType) -> mlua::Result<LuaValue> {
     Ok(LuaValue::UserData(lua.create_userdata(LuaTensor { tensor: t, ty: Some(ty) })?))
@@ -240,7 +270,11 @@ pub fn from_lua(v: LuaValue, want: ValueType) -> Result<Value, String> {
         _ => None,
     };
     let opaque = |v: &LuaValue| match v {
-        LuaValue::UserData(ud) => ud.borrow::<Opaque>().ok().map(|o| o.0.clone()),
+        LuaValue::UserData(ud) => ud
+            .borrow::<Opaque>()
+            .ok()
+            .map(|o| o.0.clone())
+            .or_else(|| ud.borrow::<LuaConditioning>().ok().map(|c| Value::Conditioning(c.0.clone()))),
         _ => None,
     };
     let shape_err = |t: &Tensor, need: &str| format!("expected {want} ({need}), got a tensor of shape {:?}", t.size());

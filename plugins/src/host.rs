@@ -218,6 +218,7 @@ fn install_api(state: &Rc<PluginState>, declared: Rc<RefCell<Vec<(Schema, Functi
             Ok(LuaTensor { tensor: t, ty })
         })?,
     )?;
+    t.set("conditioning", lua.create_function(|_, parts: Vec<LuaTensor>| api::conditioning(parts))?)?;
     for (name, ty) in [("image", ValueType::Image), ("mask", ValueType::Mask), ("latent", ValueType::Latent)] {
         t.set(name, lua.create_function(move |_, x: LuaTensor| Ok(LuaTensor { tensor: x.tensor, ty: Some(ty) }))?)?;
     }
