@@ -227,3 +227,17 @@ fn masks_wrong_channels_and_nans_through_the_sampling_api() {
     let latent = Latent { samples: Shared(Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu))), noise_mask: None };
     assert!(matches!(sample(&req(&model, &cond, &latent, &sigmas, &cancel)), Err(diffloom_core::NodeError::Cancelled)));
 }
+
+#[test]
+fn model_sampling_discrete_switches_to_v_prediction() {
+    let d = Dir::new();
+    let eps = ksampler("euler", "normal", 3, 1.0, 1.0, "lat");
+    let (_, a) = latent_of(&d, &graph(&d, &eps, ""));
+    let v = eps.replace(r#"Link("c", "MODEL")"#, r#"Link("vmodel", "MODEL")"#);
+    let extra = r#""vmodel": (type: "ModelSamplingDiscrete", inputs: {"model": Link("c", "MODEL"), "sampling": "v_prediction"}),"#;
+    let (_, b) = latent_of(&d, &graph(&d, &v, extra));
+    assert!(max_diff(&a, &b) > 1e-3, "the prediction type changes the result");
+    let same = r#""vmodel": (type: "ModelSamplingDiscrete", inputs: {"model": Link("c", "MODEL"), "sampling": "eps"}),"#;
+    let (_, c) = latent_of(&d, &graph(&d, &v, same));
+    assert_eq!(max_diff(&a, &c), 0.0);
+}

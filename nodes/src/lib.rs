@@ -37,6 +37,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(sampling_nodes::KarrasScheduler),
         Rc::new(sampling_nodes::ExponentialScheduler),
         Rc::new(sampling_nodes::SplitSigmas),
+        Rc::new(sampling_nodes::ModelSamplingDiscrete),
         // latent
         Rc::new(latent::EmptyLatentImage),
         Rc::new(latent::VAEEncode),

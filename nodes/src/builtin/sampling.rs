@@ -262,3 +262,25 @@ impl Node for SplitSigmas {
         Ok(vec![sigmas_value(high), sigmas_value(low)])
     }
 }
+
+/// ComfyUI's ModelSamplingDiscrete: overrides what the model predicts, where detection cannot tell
+/// (an SD 2.x 768-v checkpoint whose norm statistics fool the heuristic, a v-prediction fine-tune of
+/// SD 1.x). ComfyUI's `zsnr` rescaling is not offered yet.
+pub struct ModelSamplingDiscrete;
+impl Node for ModelSamplingDiscrete {
+    fn schema(&self) -> Schema {
+        Schema::new("ModelSamplingDiscrete", "advanced/model")
+            .input("model", ValueType::Model)
+            .input("sampling", Combo::of(&["eps", "v_prediction"]))
+            .output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let model: &SdModel = part(a, "model")?;
+        let prediction = match a.string("sampling")? {
+            "v_prediction" => crate::checkpoint::detect::Prediction::V,
+            _ => crate::checkpoint::detect::Prediction::Eps,
+        };
+        let label = format!("{:?} ({prediction:?})", model.family);
+        Ok(vec![Value::Model(Handle::new(SdModel { unet: model.unet.clone(), family: model.family, prediction }, 0, label))])
+    }
+}
