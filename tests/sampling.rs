@@ -104,7 +104,7 @@ fn samplers_match_k_diffusion_on_a_toy_denoiser() {
     let sigmas = calculate_sigmas(&ms, "karras", 12).unwrap();
     let shape = [2i64, 4, 8, 8];
     let mut names = K_DIFFUSION_SAMPLERS.to_vec();
-    names.extend(["dpm_fast", "dpm_adaptive"]);
+    names.extend(["dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2"]);
     let r = reference(&d, serde_json::json!({
         "seed": 42, "shape": shape, "sigmas": sigmas, "samplers": names, "model": "toy",
     }));
@@ -116,13 +116,17 @@ fn samplers_match_k_diffusion_on_a_toy_denoiser() {
             failures.push(format!("{name}: trajectory differs by {worst:.3e}"));
         }
     }
-    // dpm_fast and dpm_adaptive step on their own grid: their final latents are compared.
-    for name in ["dpm_fast", "dpm_adaptive"] {
+    // dpm_fast and dpm_adaptive step on their own grid, and the UniPC reference (diffusers' scheduler)
+    // reports no trajectory: their final latents are compared.
+    for name in ["dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2"] {
         let ours = trajectory(name, &mut Toy, 42, &shape, &sigmas);
         let theirs = r.load(&format!("{name}.final"), Device::Cpu, None).unwrap();
         let worst = max_diff(ours.last().unwrap(), &theirs);
-        println!("{name}: max abs difference of the final latent {worst:.2e}");
-        if worst > 1e-4 {
+        println!("{name}: max abs difference of the final latent {worst:.2e} (scale {:.2})", theirs.abs().max().double_value(&[]));
+        // UniPC follows ComfyUI's own implementation; its reference here is diffusers' scheduler, which
+        // agrees to about 1e-3 on this schedule (not yet explained: see the note on issue 4).
+        let tolerance = if name.starts_with("uni_pc") { 1.5e-3 } else { 1e-4 };
+        if worst > tolerance {
             failures.push(format!("{name}: final latent differs by {worst:.3e}"));
         }
     }

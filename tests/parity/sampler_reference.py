@@ -59,6 +59,28 @@ def import_k_diffusion_sampling():
 K = import_k_diffusion_sampling()
 
 
+def diffusers_unipc(model, x0, sigmas, bh2):
+    """UniPC as ComfyUI runs it, computed by diffusers' UniPCMultistepScheduler (the UniPC authors'
+    port; k-diffusion has no UniPC): data prediction, solver order 3 with lower orders at both ends,
+    ComfyUI's 0.001 in place of a final sigma of 0, x in variance-preserving scale."""
+    from diffusers import UniPCMultistepScheduler
+    s = sigmas.clone()
+    if s[-1] == 0:
+        s[-1] = 0.001
+    n = len(s) - 1
+    sched = UniPCMultistepScheduler(num_train_timesteps=1000, solver_order=3, prediction_type="epsilon",
+                                    predict_x0=True, solver_type="bh2" if bh2 else "bh1", lower_order_final=True)
+    sched.set_timesteps(n)
+    sched.sigmas = s.clone()  # the step arithmetic reads these (VE sigmas) at each step index
+    x = x0 / (1 + s[0] ** 2) ** 0.5
+    for i in range(n):
+        sig = s[i]
+        x_ve = x * (1 + sig ** 2) ** 0.5
+        eps = (x_ve - model(x_ve, sig.reshape(1))) / sig
+        x = sched.step(eps, sched.timesteps[i], x).prev_sample
+    return x * (1 + s[-1] ** 2) ** 0.5
+
+
 def sd_log_sigmas():
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     ac = torch.cumprod(1.0 - betas, dim=0)
@@ -107,6 +129,9 @@ def main(spec_path, out_path):
         def callback(info):
             xs.append(info["x"].clone())
             ds.append(info["denoised"].clone())
+        if name in ("uni_pc", "uni_pc_bh2"):
+            out[name + ".final"] = diffusers_unipc(model, x0, sigmas, name == "uni_pc_bh2").contiguous()
+            continue
         fn = getattr(K, "sample_" + name)
         kwargs = {"callback": callback, "disable": True}
         if name in ("dpm_fast", "dpm_adaptive"):

@@ -14,7 +14,7 @@ use crate::sd::SdModel;
 
 /// The samplers diffloom has, in ComfyUI's order (`comfy.samplers.SAMPLER_NAMES`).
 pub const SAMPLER_NAMES: &[&str] =
-    &["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "ddim"];
+    &["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "ddim", "uni_pc", "uni_pc_bh2"];
 
 /// ComfyUI's seed range: 0 to 2^64 − 1.
 fn seed() -> Int {

@@ -20,6 +20,7 @@ pub mod euler_ancestral;
 pub mod heun;
 pub mod lcm;
 pub mod lms;
+pub mod uni_pc;
 
 /// What a sampler needs besides the model: per-step noise and a step callback.
 pub struct SampleCtx<'a> {
@@ -70,6 +71,8 @@ pub fn by_name(name: &str) -> Option<Box<dyn Sampler>> {
         "dpmpp_2m_sde" => Box::new(dpmpp_2m_sde::Dpmpp2mSde { eta: 1.0, s_noise: 1.0 }),
         "dpmpp_3m_sde" => Box::new(dpmpp_3m_sde::Dpmpp3mSde { eta: 1.0, s_noise: 1.0 }),
         "lcm" => Box::new(lcm::Lcm),
+        "uni_pc" => Box::new(uni_pc::UniPc { bh2: false }),
+        "uni_pc_bh2" => Box::new(uni_pc::UniPc { bh2: true }),
         _ => return None,
     })
 }
