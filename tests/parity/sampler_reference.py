@@ -78,7 +78,9 @@ def diffusers_unipc(model, x0, sigmas, bh2):
         x_ve = x * (1 + sig ** 2) ** 0.5
         eps = (x_ve - model(x_ve, sig.reshape(1))) / sig
         x = sched.step(eps, sched.timesteps[i], x).prev_sample
-    return x * (1 + s[-1] ** 2) ** 0.5
+    # diffusers applies each step's corrector at the start of the next one, so only the final latent
+    # (no corrector on the last step, in both) lines up with ComfyUI's.
+    return [x * (1 + s[-1] ** 2) ** 0.5]
 
 
 def sd_log_sigmas():
@@ -130,7 +132,8 @@ def main(spec_path, out_path):
             xs.append(info["x"].clone())
             ds.append(info["denoised"].clone())
         if name in ("uni_pc", "uni_pc_bh2"):
-            out[name + ".final"] = diffusers_unipc(model, x0, sigmas, name == "uni_pc_bh2").contiguous()
+            xs = diffusers_unipc(model, x0, sigmas, name == "uni_pc_bh2")
+            out[name + ".final"] = xs[-1].contiguous()
             continue
         fn = getattr(K, "sample_" + name)
         kwargs = {"callback": callback, "disable": True}

@@ -128,38 +128,25 @@ impl Sampler for UniPc {
         let mut x = &x * alpha(ts[0]);
         let mut models = vec![model_fn(&x, ts[0])?];
         let mut t_prev = vec![ts[0]];
-        for step_index in 1..steps {
-            if step_index < order {
-                let (nx, m) = self.update(&mut model_fn, &x, &models, &t_prev, ts[step_index], step_index, true)?;
-                x = nx;
+        // ComfyUI's loop, one target sigma at a time: the first `order − 1` steps warm up with orders
+        // 1, 2, …; later steps use `order`, lowered near the end; the last step runs no corrector.
+        for step in 1..=steps {
+            let step_order = if step < order { step } else { order.min(steps + 1 - step) };
+            let (nx, m) = self.update(&mut model_fn, &x, &models, &t_prev, ts[step], step_order, step != steps)?;
+            x = nx;
+            if step < steps {
                 let m = match m {
                     Some(m) => m,
-                    None => model_fn(&x, ts[step_index])?,
+                    None => model_fn(&x, ts[step])?,
                 };
-                models.push(m);
-                t_prev.push(ts[step_index]);
-            } else {
-                let last = if step_index == steps - 1 { steps } else { step_index };
-                for step in step_index..=last {
-                    let step_order = order.min(steps + 1 - step);
-                    let use_corrector = step != steps;
-                    let (nx, m) = self.update(&mut model_fn, &x, &models, &t_prev, ts[step], step_order, use_corrector)?;
-                    x = nx;
+                if step >= order {
                     let _ = models.remove(0);
-                    t_prev.remove(0);
-                    t_prev.push(ts[step]);
-                    if step < steps {
-                        let m = match m {
-                            Some(m) => m,
-                            None => model_fn(&x, ts[step])?,
-                        };
-                        models.push(m);
-                    } else {
-                        models.push(models[models.len() - 1].shallow_clone());
-                    }
+                    let _ = t_prev.remove(0);
                 }
+                models.push(m);
+                t_prev.push(ts[step]);
             }
-            (cx.step)(step_index - 1, steps, &(&x / alpha(ts[step_index.min(steps)])))?;
+            (cx.step)(step - 1, steps, &(&x / alpha(ts[step])))?;
         }
         Ok(x / alpha(ts[steps]))
     }
