@@ -49,11 +49,19 @@ fn latent_out(latent: &Latent, samples: Tensor) -> Value {
     Value::Latent(Latent { samples: Shared(samples), noise_mask: latent.noise_mask.clone() })
 }
 
-/// Runs a request and packs the LATENT output, reporting the model calls.
-fn run(cx: &mut Ctx, r: Request) -> Result<(Tensor, Tensor), NodeError> {
+/// Samples with the node's `positive`, `negative`, `cfg` and `latent_image` inputs, reporting the model
+/// calls; returns the new latent and the last denoised estimate, both with the input's noise mask.
+fn run(cx: &mut Ctx, a: &Args, model: &SdModel, sampler: &str, sigmas: &[f64], seed: i128, add_noise: bool) -> Result<(Value, Value), NodeError> {
+    let latent = a.latent("latent_image")?;
+    let (positive, negative) = (conds(a, "positive")?, conds(a, "negative")?);
+    let label = cx.node_id.to_owned();
+    let r = Request {
+        model, positive: &positive, negative: &negative, latent, seed, add_noise, cfg: a.float("cfg")?, sampler, sigmas,
+        cancel: cx.cancel, label: &label,
+    };
     let out = sample(&r)?;
-    cx.messages.push(format!("{} steps of {}, {} model calls", r.sigmas.len().saturating_sub(1), r.sampler, out.model_calls));
-    Ok((out.samples, out.denoised))
+    cx.messages.push(format!("{} steps of {sampler}, {} model calls", sigmas.len().saturating_sub(1), out.model_calls));
+    Ok((latent_out(latent, out.samples), latent_out(latent, out.denoised)))
 }
 
 pub struct KSampler;
@@ -79,15 +87,8 @@ impl Node for KSampler {
         let (sampler, scheduler) = (a.string("sampler_name")?, a.string("scheduler")?);
         let ms = ModelSampling::sd(model.prediction);
         let sigmas = ksampler_sigmas(&ms, sampler, scheduler, a.i64("steps")?, a.float("denoise")?)?;
-        let latent = a.latent("latent_image")?;
-        let (pos, neg) = (conds(a, "positive")?, conds(a, "negative")?);
-        let label = cx.node_id.to_owned();
-        let r = Request {
-            model, positive: &pos, negative: &neg, latent, seed: a.int("seed")?, add_noise: true,
-            cfg: a.float("cfg")?, sampler, sigmas: &sigmas, cancel: cx.cancel, label: &label,
-        };
-        let (samples, _) = run(cx, r)?;
-        Ok(vec![latent_out(latent, samples)])
+        let (samples, _) = run(cx, a, model, sampler, &sigmas, a.int("seed")?, true)?;
+        Ok(vec![samples])
     }
 }
 
@@ -122,15 +123,8 @@ impl Node for KSamplerAdvanced {
         let Some(sigmas) = range else {
             return Ok(vec![latent_out(latent, latent.samples.shallow_clone())]);
         };
-        let (pos, neg) = (conds(a, "positive")?, conds(a, "negative")?);
-        let label = cx.node_id.to_owned();
-        let r = Request {
-            model, positive: &pos, negative: &neg, latent, seed: a.int("noise_seed")?,
-            add_noise: a.string("add_noise")? == "enable", cfg: a.float("cfg")?, sampler, sigmas: &sigmas,
-            cancel: cx.cancel, label: &label,
-        };
-        let (samples, _) = run(cx, r)?;
-        Ok(vec![latent_out(latent, samples)])
+        let (samples, _) = run(cx, a, model, sampler, &sigmas, a.int("noise_seed")?, a.string("add_noise")? == "enable")?;
+        Ok(vec![samples])
     }
 }
 
@@ -161,15 +155,8 @@ impl Node for SamplerCustom {
         }
         .ok_or_else(|| NodeError::input("sampler", "not a sampler"))?;
         let sigmas = sigmas_of(a, "sigmas")?;
-        let latent = a.latent("latent_image")?;
-        let (pos, neg) = (conds(a, "positive")?, conds(a, "negative")?);
-        let label = cx.node_id.to_owned();
-        let r = Request {
-            model, positive: &pos, negative: &neg, latent, seed: a.int("noise_seed")?, add_noise: a.boolean("add_noise")?,
-            cfg: a.float("cfg")?, sampler: &sampler, sigmas: &sigmas, cancel: cx.cancel, label: &label,
-        };
-        let (samples, denoised) = run(cx, r)?;
-        Ok(vec![latent_out(latent, samples), latent_out(latent, denoised)])
+        let (samples, denoised) = run(cx, a, model, &sampler, &sigmas, a.int("noise_seed")?, a.boolean("add_noise")?)?;
+        Ok(vec![samples, denoised])
     }
 }
 
