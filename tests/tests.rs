@@ -6,6 +6,7 @@ mod cache;
 mod cli;
 mod graph_format;
 mod ksampler;
+mod latent_mask;
 mod lua;
 mod models;
 mod parity;

@@ -17,7 +17,7 @@ use std::rc::Rc;
 use diffloom_core::{Node, Origin, Registry};
 
 use builtin::sampling as sampling_nodes;
-use builtin::{conditioning, image, latent, loaders, primitive};
+use builtin::{conditioning, image, latent, loaders, mask, primitive};
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
 pub fn builtin() -> Vec<Rc<dyn Node>> {
@@ -28,6 +28,9 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         // conditioning
         Rc::new(conditioning::CLIPTextEncode),
         Rc::new(conditioning::CLIPSetLastLayer),
+        Rc::new(conditioning::ConditioningCombine),
+        Rc::new(conditioning::ConditioningConcat),
+        Rc::new(conditioning::ConditioningZeroOut),
         // sampling
         Rc::new(sampling_nodes::KSampler),
         Rc::new(sampling_nodes::KSamplerAdvanced),
@@ -44,6 +47,11 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(latent::VAEDecode),
         Rc::new(latent::VAEEncodeTiled),
         Rc::new(latent::VAEDecodeTiled),
+        Rc::new(latent::VAEEncodeForInpaint),
+        Rc::new(latent::SetLatentNoiseMask),
+        Rc::new(latent::LatentUpscale),
+        Rc::new(latent::LatentUpscaleBy),
+        Rc::new(latent::RepeatLatentBatch),
         // image
         Rc::new(image::LoadImage),
         Rc::new(image::SaveImage),
@@ -55,6 +63,13 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(image::ImageCrop),
         // mask
         Rc::new(image::LoadImageMask),
+        Rc::new(mask::MaskToImage),
+        Rc::new(mask::ImageToMask),
+        Rc::new(mask::InvertMask),
+        Rc::new(mask::SolidMask),
+        Rc::new(mask::GrowMask),
+        Rc::new(mask::FeatherMask),
+        Rc::new(mask::MaskComposite),
         // utils
         Rc::new(primitive::PRIMITIVE_INT),
         Rc::new(primitive::PRIMITIVE_FLOAT),

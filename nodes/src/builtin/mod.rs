@@ -4,5 +4,6 @@ pub mod conditioning;
 pub mod image;
 pub mod latent;
 pub mod loaders;
+pub mod mask;
 pub mod primitive;
 pub mod sampling;

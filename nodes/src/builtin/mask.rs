@@ -1,0 +1,179 @@
+//! ComfyUI's `mask` category. MASK is `[batch, height, width]` float in 0..1.
+
+use diffloom_core::value::Shared;
+use diffloom_core::{Args, Bool, Combo, Ctx, Float, Int, Node, NodeError, Schema, Value, ValueType};
+use tch::{Device, Kind, Tensor};
+
+use super::image::MAX_RESOLUTION;
+
+/// A MASK input as `[b, h, w]`.
+fn mask3(a: &Args, input: &str) -> Result<Tensor, NodeError> {
+    let m = a.mask(input)?;
+    let s = m.size();
+    Ok(m.f_reshape([-1, s[s.len() - 2], s[s.len() - 1]])?)
+}
+
+pub struct MaskToImage;
+impl Node for MaskToImage {
+    fn schema(&self) -> Schema {
+        Schema::new("MaskToImage", "mask").input("mask", ValueType::Mask).output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let m = mask3(a, "mask")?;
+        let s = m.size();
+        Ok(vec![Value::Image(Shared(m.f_unsqueeze(-1)?.f_expand([s[0], s[1], s[2], 3], false)?.f_contiguous()?))])
+    }
+}
+
+pub struct ImageToMask;
+impl Node for ImageToMask {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageToMask", "mask")
+            .input("image", ValueType::Image)
+            .input("channel", Combo::of(&["red", "green", "blue", "alpha"]))
+            .output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let img = a.image("image")?;
+        let c = ["red", "green", "blue", "alpha"].iter().position(|n| *n == a.string("channel").unwrap_or("red")).unwrap_or(0) as i64;
+        if c >= img.size()[3] {
+            return Err(NodeError::input("channel", "the image has no alpha channel (LoadImage gives alpha as its MASK output)"));
+        }
+        Ok(vec![Value::Mask(Shared(img.f_select(3, c)?.f_contiguous()?))])
+    }
+}
+
+pub struct InvertMask;
+impl Node for InvertMask {
+    fn schema(&self) -> Schema {
+        Schema::new("InvertMask", "mask").input("mask", ValueType::Mask).output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        Ok(vec![Value::Mask(Shared(a.mask("mask")?.f_neg()?.f_add_scalar(1.0)?))])
+    }
+}
+
+pub struct SolidMask;
+impl Node for SolidMask {
+    fn schema(&self) -> Schema {
+        Schema::new("SolidMask", "mask")
+            .input("value", Float::new(1.0).range(0.0, 1.0))
+            .input("width", Int::new(512).range(1, MAX_RESOLUTION))
+            .input("height", Int::new(512).range(1, MAX_RESOLUTION))
+            .output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let t = Tensor::f_full([1, a.i64("height")?, a.i64("width")?], a.float("value")?, (Kind::Float, Device::Cpu))?;
+        Ok(vec![Value::Mask(Shared(t))])
+    }
+}
+
+/// One step of grey dilation with a 3×3 kernel: the square, or the cross when `tapered` (ComfyUI's
+/// `tapered_corners`).
+fn dilate(m: &Tensor, tapered: bool) -> Result<Tensor, NodeError> {
+    let x = m.f_unsqueeze(1)?;
+    if !tapered {
+        return Ok(x.f_max_pool2d([3, 3], [1, 1], [1, 1], [1, 1], false)?.f_squeeze_dim(1)?);
+    }
+    // Cross: the maximum of the pixel and its four neighbours (edges padded with -inf).
+    let p = x.f_pad([1, 1, 1, 1], "constant", f64::NEG_INFINITY)?;
+    let (h, w) = (m.size()[1], m.size()[2]);
+    let at = |dy: i64, dx: i64| p.narrow(2, 1 + dy, h).narrow(3, 1 + dx, w);
+    let out = at(0, 0).f_maximum(&at(-1, 0))?.f_maximum(&at(1, 0))?.f_maximum(&at(0, -1))?.f_maximum(&at(0, 1))?;
+    Ok(out.f_squeeze_dim(1)?)
+}
+
+pub struct GrowMask;
+impl Node for GrowMask {
+    fn schema(&self) -> Schema {
+        Schema::new("GrowMask", "mask")
+            .describe("Grows (or, negative, shrinks) the mask by whole pixels.")
+            .input("mask", ValueType::Mask)
+            .input("expand", Int::new(0).range(-MAX_RESOLUTION, MAX_RESOLUTION))
+            .input("tapered_corners", Bool(true))
+            .output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let expand = a.i64("expand")?;
+        let tapered = a.boolean("tapered_corners")?;
+        let mut m = mask3(a, "mask")?;
+        for _ in 0..expand.abs() {
+            // Erosion is dilation of the inverse.
+            m = if expand > 0 { dilate(&m, tapered)? } else { dilate(&m.f_neg()?, tapered)?.f_neg()? };
+        }
+        Ok(vec![Value::Mask(Shared(m))])
+    }
+}
+
+pub struct FeatherMask;
+impl Node for FeatherMask {
+    fn schema(&self) -> Schema {
+        Schema::new("FeatherMask", "mask")
+            .input("mask", ValueType::Mask)
+            .input("left", Int::new(0).range(0, MAX_RESOLUTION))
+            .input("top", Int::new(0).range(0, MAX_RESOLUTION))
+            .input("right", Int::new(0).range(0, MAX_RESOLUTION))
+            .input("bottom", Int::new(0).range(0, MAX_RESOLUTION))
+            .output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let out = mask3(a, "mask")?.f_mul_scalar(1.0)?; // a fresh tensor: the steps below write into it
+        let (h, w) = (out.size()[1], out.size()[2]);
+        let (l, r) = (a.i64("left")?.min(w), a.i64("right")?.min(w));
+        let (t, b) = (a.i64("top")?.min(h), a.i64("bottom")?.min(h));
+        // Linear ramps from each edge, exactly as ComfyUI's loops (whose right and bottom ramps start at
+        // index −0, i.e. the first column or row).
+        let scale = |dim: i64, index: i64, rate: f64| -> Result<(), NodeError> {
+            let _ = out.f_narrow(dim, index, 1)?.f_mul_scalar_(rate)?;
+            Ok(())
+        };
+        for x in 0..l {
+            scale(2, x, (x + 1) as f64 / l as f64)?;
+        }
+        for x in 0..r {
+            scale(2, (w - x) % w, (x + 1) as f64 / r as f64)?;
+        }
+        for y in 0..t {
+            scale(1, y, (y + 1) as f64 / t as f64)?;
+        }
+        for y in 0..b {
+            scale(1, (h - y) % h, (y + 1) as f64 / b as f64)?;
+        }
+        Ok(vec![Value::Mask(Shared(out))])
+    }
+}
+
+pub struct MaskComposite;
+impl Node for MaskComposite {
+    fn schema(&self) -> Schema {
+        Schema::new("MaskComposite", "mask")
+            .input("destination", ValueType::Mask)
+            .input("source", ValueType::Mask)
+            .input("x", Int::new(0).range(0, MAX_RESOLUTION))
+            .input("y", Int::new(0).range(0, MAX_RESOLUTION))
+            .input("operation", Combo::of(&["multiply", "add", "subtract", "and", "or", "xor"]))
+            .output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let out = mask3(a, "destination")?.f_mul_scalar(1.0)?; // a fresh tensor: the steps below write into it
+        let src = mask3(a, "source")?;
+        let (h, w) = (out.size()[1], out.size()[2]);
+        let (x, y) = (a.i64("x")?, a.i64("y")?);
+        let (vw, vh) = ((w - x).min(src.size()[2]), (h - y).min(src.size()[1]));
+        if vw <= 0 || vh <= 0 {
+            return Ok(vec![Value::Mask(Shared(out))]);
+        }
+        let mut region = out.f_narrow(1, y, vh)?.f_narrow(2, x, vw)?;
+        let s = src.f_narrow(1, 0, vh)?.f_narrow(2, 0, vw)?;
+        let combined = match a.string("operation")? {
+            "multiply" => region.f_mul(&s)?,
+            "add" => region.f_add(&s)?,
+            "subtract" => region.f_sub(&s)?,
+            "and" => region.f_round()?.f_to_kind(Kind::Bool)?.f_logical_and(&s.f_round()?.f_to_kind(Kind::Bool)?)?.f_to_kind(Kind::Float)?,
+            "or" => region.f_round()?.f_to_kind(Kind::Bool)?.f_logical_or(&s.f_round()?.f_to_kind(Kind::Bool)?)?.f_to_kind(Kind::Float)?,
+            _ => region.f_round()?.f_to_kind(Kind::Bool)?.f_logical_xor(&s.f_round()?.f_to_kind(Kind::Bool)?)?.f_to_kind(Kind::Float)?,
+        };
+        let _ = region.f_copy_(&combined.f_expand_as(&region)?)?;
+        Ok(vec![Value::Mask(Shared(out.f_clamp(0.0, 1.0)?))])
+    }
+}
