@@ -137,3 +137,43 @@ fn conditioning_combine_concat_and_zero_out() {
     let Value::Conditioning(c) = output(&d, &base, "cz", 0).unwrap() else { panic!() };
     assert_eq!(c[0].cross_attn.abs().max().double_value(&[]), 0.0);
 }
+
+#[test]
+fn outpaint_padding_and_masked_composites() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 4);
+    let nodes = r#""iload": (type: "LoadImage", inputs: {"image": "in.png"}),
+        "ipad": (type: "ImagePadForOutpaint", inputs: {"image": Link("iload", "IMAGE"), "left": 8, "right": 0, "top": 0, "bottom": 4, "feathering": 4}),
+        "mpad": (type: "ImageToMask", inputs: {"image": Link("ipad", "IMAGE"), "channel": "red"}),"#;
+    let img = t(output(&d, nodes, "ipad", 0).unwrap());
+    assert_eq!(img.size(), [1, 16, 24, 3]);
+    // The padding is grey; the original sits at (8, 0).
+    assert_eq!(img.get(0).get(15).get(0).double_value(&[0]), 0.5);
+    let orig = t(output(&d, nodes, "iload", 0).unwrap());
+    assert_eq!((img.narrow(1, 0, 12).narrow(2, 8, 16) - &orig).abs().max().double_value(&[]), 0.0);
+    // The mask: 1 on the padding, fading in over 4 pixels from the padded left and bottom edges, 0 inside.
+    let (mut ex, reg) = executor(&d, 1 << 30);
+    let r = run_graph(&mut ex, &reg, &d, &format!("(version: 1, nodes: {{ {nodes} \"o\": (type: \"PreviewAny\", inputs: {{\"source\": Link(\"ipad\", \"MASK\")}}) }})"), &[]);
+    assert!(r.error.is_none());
+    let path = d.join("graph.ron");
+    let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
+    let resolved = diffloom_core::validate::validate(&path, &parsed, &reg).unwrap();
+    let m = t(ex.cached_output(&resolved, "ipad", 1).unwrap());
+    assert_eq!(m.size(), [1, 16, 24]);
+    assert_eq!(m.get(0).get(0).get(0).double_value(&[]), 1.0);
+    assert_eq!(m.get(0).get(5).get(8).double_value(&[]), 1.0, "d = 0 at the padded edge: ((4 - 0) / 4)^2");
+    assert_eq!(m.get(0).get(5).get(9).double_value(&[]), 0.5625, "d = 1: (3/4)^2");
+    assert_eq!(m.get(0).get(5).get(20).double_value(&[]), 0.0);
+    // Composite: a white image through a half mask onto a black one.
+    let nodes = r#""wm": (type: "SolidMask", inputs: {"value": 1.0, "width": 8, "height": 8}),
+        "white": (type: "MaskToImage", inputs: {"mask": Link("wm", "MASK")}),
+        "bm": (type: "SolidMask", inputs: {"value": 0.0, "width": 16, "height": 16}),
+        "black": (type: "MaskToImage", inputs: {"mask": Link("bm", "MASK")}),
+        "hm": (type: "SolidMask", inputs: {"value": 0.5, "width": 8, "height": 8}),
+        "icomp": (type: "ImageCompositeMasked", inputs: {"destination": Link("black", "IMAGE"), "source": Link("white", "IMAGE"), "x": 12, "y": 4, "mask": Link("hm", "MASK")}),"#;
+    let c = t(output(&d, nodes, "icomp", 0).unwrap());
+    assert_eq!(c.size(), [1, 16, 16, 3]);
+    // Only the visible 4×8 part lands, at half strength.
+    assert_eq!(c.sum(Kind::Float).double_value(&[]), 4.0 * 8.0 * 3.0 * 0.5);
+    assert_eq!(c.get(0).get(4).get(12).double_value(&[0]), 0.5);
+}

@@ -61,6 +61,8 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(image::ImageScaleBy),
         Rc::new(image::ImageBlend),
         Rc::new(image::ImageCrop),
+        Rc::new(image::ImagePadForOutpaint),
+        Rc::new(image::ImageCompositeMasked),
         // mask
         Rc::new(image::LoadImageMask),
         Rc::new(mask::MaskToImage),

@@ -261,3 +261,93 @@ impl Node for ImageCrop {
         Ok(vec![Value::Image(Shared(out))])
     }
 }
+
+/// ComfyUI's ImagePadForOutpaint: grey (0.5) borders around the image, and a mask that is 1 on the
+/// borders and fades in over `feathering` pixels inside the image edges that were padded.
+pub struct ImagePadForOutpaint;
+impl Node for ImagePadForOutpaint {
+    fn schema(&self) -> Schema {
+        Schema::new("ImagePadForOutpaint", "image")
+            .input("image", ValueType::Image)
+            .input("left", Int::new(0).range(0, MAX_RESOLUTION).step(8))
+            .input("top", Int::new(0).range(0, MAX_RESOLUTION).step(8))
+            .input("right", Int::new(0).range(0, MAX_RESOLUTION).step(8))
+            .input("bottom", Int::new(0).range(0, MAX_RESOLUTION).step(8))
+            .input("feathering", Int::new(40).range(0, MAX_RESOLUTION))
+            .output("IMAGE", ValueType::Image)
+            .output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let s = image.size();
+        let (h, w) = (s[1], s[2]);
+        let (l, t, r, b, f) = (a.i64("left")?, a.i64("top")?, a.i64("right")?, a.i64("bottom")?, a.i64("feathering")?);
+        let opts = (Kind::Float, tch::Device::Cpu);
+        let padded = image.f_permute([0, 3, 1, 2])?.f_pad([l, r, t, b], "constant", 0.5)?.f_permute([0, 2, 3, 1])?.f_contiguous()?;
+        // Distance to the nearest padded edge (an unpadded side counts as far away), as ComfyUI's loops.
+        let inside = if f > 0 && f * 2 < h && f * 2 < w {
+            let i = Tensor::f_arange(h, opts)?.f_unsqueeze(1)?.f_expand([h, w], false)?;
+            let j = Tensor::f_arange(w, opts)?.f_unsqueeze(0)?.f_expand([h, w], false)?;
+            let far_h = Tensor::f_full([h, w], h as f64, opts)?;
+            let far_w = Tensor::f_full([h, w], w as f64, opts)?;
+            let dt = if t != 0 { i.shallow_clone() } else { far_h.shallow_clone() };
+            let db = if b != 0 { i.f_neg()?.f_add_scalar(h as f64)? } else { far_h };
+            let dl = if l != 0 { j.shallow_clone() } else { far_w.shallow_clone() };
+            let dr = if r != 0 { j.f_neg()?.f_add_scalar(w as f64)? } else { far_w };
+            let d = dt.f_minimum(&db)?.f_minimum(&dl)?.f_minimum(&dr)?;
+            let v = d.f_neg()?.f_add_scalar(f as f64)?.f_div_scalar(f as f64)?.f_clamp_min(0.0)?;
+            v.f_mul(&v)?
+        } else {
+            Tensor::f_zeros([h, w], opts)?
+        };
+        let mask = inside.f_pad([l, r, t, b], "constant", 1.0)?.f_unsqueeze(0)?;
+        Ok(vec![Value::Image(Shared(padded)), Value::Mask(Shared(mask))])
+    }
+}
+
+/// ComfyUI's ImageCompositeMasked: `source` pasted onto `destination` at (x, y), through `mask` (1 =
+/// source) when given, the source optionally resized to the destination first.
+pub struct ImageCompositeMasked;
+impl Node for ImageCompositeMasked {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageCompositeMasked", "image")
+            .input("destination", ValueType::Image)
+            .input("source", ValueType::Image)
+            .input("x", Int::new(0).range(0, MAX_RESOLUTION))
+            .input("y", Int::new(0).range(0, MAX_RESOLUTION))
+            .input("resize_source", diffloom_core::Bool(false))
+            .optional("mask", ValueType::Mask)
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let dest = nchw(a.image("destination")?)?.f_mul_scalar(1.0)?;
+        let mut src = nchw(a.image("source")?)?;
+        let (ds, b) = (dest.size(), dest.size()[0]);
+        if a.boolean("resize_source")? {
+            src = src.f_upsample_bilinear2d([ds[2], ds[3]], false, None, None)?;
+        }
+        let sb = src.size()[0];
+        if sb != b && sb != 1 {
+            return Err(NodeError::input("source", format!("a batch of {sb} images does not fit the destination's {b}")));
+        }
+        let src = if sb == 1 && b > 1 { src.f_repeat([b, 1, 1, 1])? } else { src };
+        let (sh, sw) = (src.size()[2], src.size()[3]);
+        let (x, y) = (a.i64("x")?.min(ds[3]), a.i64("y")?.min(ds[2]));
+        let mask = match a.opt_mask("mask")? {
+            Some(m) => {
+                let s = m.size();
+                let m = m.f_reshape([-1, 1, s[s.len() - 2], s[s.len() - 1]])?.f_upsample_bilinear2d([sh, sw], false, None, None)?;
+                if m.size()[0] == 1 { m.f_repeat([b, 1, 1, 1])? } else { m }
+            }
+            None => Tensor::f_ones([b, 1, sh, sw], (Kind::Float, tch::Device::Cpu))?,
+        };
+        let (vw, vh) = ((ds[3] - x).min(sw), (ds[2] - y).min(sh));
+        if vw > 0 && vh > 0 {
+            let m = mask.f_narrow(2, 0, vh)?.f_narrow(3, 0, vw)?;
+            let mut region = dest.f_narrow(2, y, vh)?.f_narrow(3, x, vw)?;
+            let mixed = src.f_narrow(2, 0, vh)?.f_narrow(3, 0, vw)?.f_mul(&m)?.f_add(&region.f_mul(&m.f_neg()?.f_add_scalar(1.0)?)?)?;
+            let _ = region.f_copy_(&mixed)?;
+        }
+        Ok(vec![Value::Image(Shared(nhwc(&dest)?))])
+    }
+}
