@@ -6,7 +6,7 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use diffloom_core::node::{resolve_input_path, InputKind, InputSpec};
+use diffloom_core::node::{InputKind, InputSpec};
 use diffloom_core::{Args, Bool, Combo, Ctx, Float, Int, Node, NodeError, Origin, Registry, Schema, Str, Value, ValueType};
 use mlua::{Function, Lua, Table, Value as LuaValue};
 
@@ -378,9 +378,4 @@ pub fn reload(file: &Path, registry: &mut Registry) -> Result<Vec<String>, Plugi
         *s.registry.borrow_mut() = Some(registry.clone());
     }
     Ok(names)
-}
-
-/// Resolves a plugin-relative path the way node inputs are (used by plugins that read files).
-pub fn resolve(graph_dir: &Path, input: &str, path: &str) -> Result<PathBuf, NodeError> {
-    resolve_input_path(graph_dir, input, path)
 }

@@ -41,7 +41,8 @@ impl Node for CLIPSetLastLayer {
     }
 }
 
-fn conds(a: &Args, input: &str) -> Result<Vec<diffloom_core::value::CondEntry>, NodeError> {
+/// A CONDITIONING input's entries.
+pub(crate) fn conds(a: &Args, input: &str) -> Result<Vec<diffloom_core::value::CondEntry>, NodeError> {
     match a.any(input)? {
         Value::Conditioning(c) => Ok(c.clone()),
         v => Err(NodeError::input(input, format!("expected CONDITIONING, got {}", v.value_type()))),

@@ -6,6 +6,7 @@ use diffloom_core::value::{Latent, Shared};
 use diffloom_core::{Args, Bool, Combo, Ctx, Float, Handle, Int, Node, NodeError, Schema, Value, ValueType};
 use tch::Tensor;
 
+use super::conditioning::conds;
 use super::loaders::part;
 use crate::sampling::ksampler::{ksampler_sigmas, sample, slice_steps, Request};
 use crate::sampling::model_sampling::ModelSampling;
@@ -23,13 +24,6 @@ fn seed() -> Int {
 
 fn cfg() -> Float {
     Float::new(8.0).range(0.0, 100.0).step(0.1)
-}
-
-fn conds(a: &Args, input: &str) -> Result<Vec<diffloom_core::value::CondEntry>, NodeError> {
-    match a.any(input)? {
-        Value::Conditioning(c) => Ok(c.clone()),
-        v => Err(NodeError::input(input, format!("expected CONDITIONING, got {}", v.value_type()))),
-    }
 }
 
 /// A SIGMAS value from a list.
