@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Runs Stable Diffusion workflows saved as RON node graphs.
 #[derive(Parser, Debug)]
@@ -25,33 +25,14 @@ pub struct Cli {
 pub enum Command {
     /// Validate and run a graph; writes what its output nodes produce.
     Run {
-        /// The graph file (.ron).
-        file: PathBuf,
-        /// Override a graph parameter: --set seed=42 --set prompt="a cat". Repeatable.
-        #[arg(long = "set", value_name = "NAME=VALUE")]
-        set: Vec<String>,
-        /// Directory output nodes write into.
-        #[arg(short, long, default_value = "output")]
-        output_dir: PathBuf,
-        /// Floating-point type of model weights (default: fp32 on the CPU, fp16 on CUDA).
-        #[arg(long, value_enum)]
-        dtype: Option<Dtype>,
-        /// Directory of textual-inversion .safetensors files for `embedding:name` in prompts.
-        #[arg(long, value_name = "DIR")]
-        embeddings: Option<PathBuf>,
+        #[command(flatten)]
+        args: RunArgs,
     },
     /// Run a graph, then re-run it on every save of the graph file or of the input files it reads,
     /// re-executing only what changed. Ctrl-C quits.
     Watch {
-        file: PathBuf,
-        #[arg(long = "set", value_name = "NAME=VALUE")]
-        set: Vec<String>,
-        #[arg(short, long, default_value = "output")]
-        output_dir: PathBuf,
-        #[arg(long, value_enum)]
-        dtype: Option<Dtype>,
-        #[arg(long, value_name = "DIR")]
-        embeddings: Option<PathBuf>,
+        #[command(flatten)]
+        args: RunArgs,
         /// Memory for cached results (models included), in MiB.
         #[arg(long, default_value_t = 16384)]
         cache_mb: usize,
@@ -81,6 +62,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// What `run` and `watch` both take.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The graph file (.ron).
+    pub file: PathBuf,
+    /// Override a graph parameter: --set seed=42 --set prompt="a cat". Repeatable.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub set: Vec<String>,
+    /// Directory output nodes write into.
+    #[arg(short, long, default_value = "output")]
+    pub output_dir: PathBuf,
+    /// Floating-point type of model weights (default: fp32 on the CPU, fp16 on CUDA).
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
+    /// Directory of textual-inversion .safetensors files for `embedding:name` in prompts.
+    #[arg(long, value_name = "DIR")]
+    pub embeddings: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -21,6 +21,14 @@ pub struct Settings {
     pub embeddings: Option<PathBuf>,
 }
 
+impl Settings {
+    /// Splits the command line's run arguments into the graph file, its `--set`s and the settings.
+    pub fn from_args(args: crate::cli::RunArgs, device: Option<String>) -> (PathBuf, Vec<String>, Settings) {
+        let settings = Settings { output_dir: args.output_dir, device, dtype: args.dtype.map(|d| d.kind()), embeddings: args.embeddings };
+        (args.file, args.set, settings)
+    }
+}
+
 /// The executor's options for these settings.
 pub fn run_options(settings: Settings) -> Result<RunOptions> {
     if let Some(dir) = &settings.embeddings {
