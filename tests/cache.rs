@@ -2,15 +2,7 @@
 
 use crate::util::{executor, run_graph, Dir};
 
-/// load → scale → invert → save, plus a second branch load → crop → save2.
-const BASE: &str = r#"(version: 1, params: {"factor": 2.0}, nodes: {
-    "load": (type: "LoadImage", inputs: {"image": "in.png"}),
-    "scale": (type: "ImageScaleBy", inputs: {"image": Link("load", "IMAGE"), "scale_by": Param("factor")}),
-    "invert": (type: "ImageInvert", inputs: {"image": Link("scale", "IMAGE")}),
-    "save": (type: "SaveImage", inputs: {"images": Link("invert", "IMAGE"), "filename_prefix": "a"}),
-    "crop": (type: "ImageCrop", inputs: {"image": Link("load", "IMAGE"), "width": 8, "height": 8}),
-    "save2": (type: "SaveImage", inputs: {"images": Link("crop", "IMAGE"), "filename_prefix": "b"}),
-})"#;
+use crate::util::TWO_BRANCHES as BASE;
 
 const GIB: usize = 1 << 30;
 

@@ -4,7 +4,6 @@
 use diffloom_core::{RunReport, Value};
 use diffloom_nodes::builtin::sampling::SAMPLER_NAMES;
 use diffloom_nodes::checkpoint::detect::Family;
-use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
 use diffloom_nodes::sampling::schedulers::SCHEDULER_NAMES;
 use tch::Kind;
 
@@ -13,7 +12,7 @@ use crate::util::{executor, run_graph, Dir};
 fn ckpt(d: &Dir) -> String {
     let p = d.join("tiny.safetensors");
     if !p.exists() {
-        write_checkpoint(&p, &tiny_config(Family::Sd1, false), Kind::Float, 3, true).unwrap();
+        crate::util::tiny_sd1(d, "tiny.safetensors");
     }
     p.display().to_string()
 }

@@ -1,8 +1,6 @@
 //! Latent, mask and conditioning nodes (part of issue 5): shapes, ComfyUI's semantics, bad input.
 
 use diffloom_core::{Registry, Value};
-use diffloom_nodes::checkpoint::detect::Family;
-use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
 use tch::Kind;
 
 use crate::util::{executor, run_graph, Dir};
@@ -79,9 +77,7 @@ fn mask_image_conversions_composite_and_feather() {
 }
 
 fn ckpt(d: &Dir) -> String {
-    let p = d.join("tiny.safetensors");
-    write_checkpoint(&p, &tiny_config(Family::Sd1, false), Kind::Float, 3, true).unwrap();
-    p.display().to_string()
+    crate::util::tiny_sd1(d, "tiny.safetensors").display().to_string()
 }
 
 #[test]

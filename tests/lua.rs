@@ -232,15 +232,7 @@ fn seed_sweep_grid_tiles_equal_single_ksampler_runs() {
     let d = Dir::new();
     std::fs::create_dir_all(d.join("plugins")).unwrap();
     std::fs::copy(crate::util::repo().join("plugins/lua/seed_sweep.lua"), d.join("plugins/seed_sweep.lua")).unwrap();
-    let ckpt = d.join("tiny.safetensors");
-    diffloom_nodes::checkpoint::synthetic::write_checkpoint(
-        &ckpt,
-        &diffloom_nodes::checkpoint::synthetic::tiny_config(diffloom_nodes::checkpoint::detect::Family::Sd1, false),
-        tch::Kind::Float,
-        1,
-        true,
-    )
-    .unwrap();
+    let ckpt = crate::util::tiny_sd1(&d, "tiny.safetensors");
     let (reg, errors) = registry(&d);
     assert!(errors.is_empty(), "{errors:?}");
     let (mut ex, _) = executor(&d, 1 << 30);
@@ -273,15 +265,7 @@ fn conditioning_tensors_can_be_read_and_rebuilt() {
         "plugins/cond.lua",
         "diffloom.node { name = 'ScaleCond', inputs = { {'c', 'CONDITIONING'}, {'k', 'FLOAT', default = 2.0} },\n  outputs = { {'CONDITIONING', 'CONDITIONING'}, {'STRING', 'STRING'} },\n  execute = function(a)\n    local ts = a.c:tensors()\n    local shape = ts[1]:shape()\n    return diffloom.conditioning({ ts[1] * a.k }), string.format('%d %dx%dx%d', a.c:len(), shape[1], shape[2], shape[3])\n  end }\n",
     );
-    let ckpt = d.join("tiny.safetensors");
-    diffloom_nodes::checkpoint::synthetic::write_checkpoint(
-        &ckpt,
-        &diffloom_nodes::checkpoint::synthetic::tiny_config(diffloom_nodes::checkpoint::detect::Family::Sd1, false),
-        tch::Kind::Float,
-        1,
-        true,
-    )
-    .unwrap();
+    let ckpt = crate::util::tiny_sd1(&d, "tiny.safetensors");
     let (reg, errors) = registry(&d);
     assert!(errors.is_empty(), "{errors:?}");
     let (mut ex, _) = executor(&d, 1 << 30);

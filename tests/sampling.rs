@@ -3,10 +3,9 @@
 //! tiny UNet (tests/parity/sampler_reference.py).
 
 use diffloom_core::NodeError;
-use diffloom_nodes::checkpoint::detect::{Family, Prediction};
+use diffloom_nodes::checkpoint::detect::Prediction;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
-use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
 use diffloom_nodes::sampling::guidance::{CfgDenoiser, Denoiser};
 use diffloom_nodes::sampling::model_sampling::ModelSampling;
 use diffloom_nodes::sampling::noise::{initial_noise, step_noise};
@@ -133,8 +132,7 @@ fn samplers_match_k_diffusion_on_a_toy_denoiser() {
 #[test]
 fn samplers_match_k_diffusion_on_the_tiny_unet() {
     let d = Dir::new();
-    let ckpt = d.join("tiny.safetensors");
-    write_checkpoint(&ckpt, &tiny_config(Family::Sd1, false), Kind::Float, 9, true).unwrap();
+    let ckpt = crate::util::tiny_sd1(&d, "tiny.safetensors");
     let ms = ModelSampling::sd(Prediction::Eps);
     let sigmas = calculate_sigmas(&ms, "normal", 8).unwrap();
     let shape = [1i64, 4, 8, 8];

@@ -93,3 +93,23 @@ pub fn run_graph(exec: &mut Executor, registry: &Registry, dir: &Dir, text: &str
     let resolved = validate(&path, &graph, registry).unwrap_or_else(|e| panic!("invalid graph: {e}"));
     exec.run(&resolved)
 }
+
+/// load → scale → invert → save, plus a second branch load → crop → save2 (reads `in.png`): the graph
+/// the cache and watch tests edit.
+pub const TWO_BRANCHES: &str = r#"(version: 1, params: {"factor": 2.0}, nodes: {
+    "load": (type: "LoadImage", inputs: {"image": "in.png"}),
+    "scale": (type: "ImageScaleBy", inputs: {"image": Link("load", "IMAGE"), "scale_by": Param("factor")}),
+    "invert": (type: "ImageInvert", inputs: {"image": Link("scale", "IMAGE")}),
+    "save": (type: "SaveImage", inputs: {"images": Link("invert", "IMAGE"), "filename_prefix": "a"}),
+    "crop": (type: "ImageCrop", inputs: {"image": Link("load", "IMAGE"), "width": 8, "height": 8}),
+    "save2": (type: "SaveImage", inputs: {"images": Link("crop", "IMAGE"), "filename_prefix": "b"}),
+})"#;
+
+/// Writes the tiny SD1 test checkpoint (fp32, config in the metadata) as `dir/name` and returns its path.
+pub fn tiny_sd1(dir: &Dir, name: &str) -> PathBuf {
+    use diffloom_nodes::checkpoint::detect::Family;
+    use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
+    let path = dir.join(name);
+    write_checkpoint(&path, &tiny_config(Family::Sd1, false), tch::Kind::Float, 1, true).expect("tiny checkpoint");
+    path
+}

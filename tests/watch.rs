@@ -86,14 +86,7 @@ impl Watch {
     }
 }
 
-const GRAPH: &str = r#"(version: 1, params: {"factor": 2.0}, nodes: {
-    "load": (type: "LoadImage", inputs: {"image": "in.png"}),
-    "scale": (type: "ImageScaleBy", inputs: {"image": Link("load", "IMAGE"), "scale_by": Param("factor")}),
-    "invert": (type: "ImageInvert", inputs: {"image": Link("scale", "IMAGE")}),
-    "save": (type: "SaveImage", inputs: {"images": Link("invert", "IMAGE"), "filename_prefix": "a"}),
-    "crop": (type: "ImageCrop", inputs: {"image": Link("load", "IMAGE"), "width": 8, "height": 8}),
-    "save2": (type: "SaveImage", inputs: {"images": Link("crop", "IMAGE"), "filename_prefix": "b"}),
-})"#;
+use crate::util::TWO_BRANCHES as GRAPH;
 
 /// Saves take effect once the watcher has started; file times need a moment to differ.
 fn pause() {
@@ -193,15 +186,7 @@ fn input_images_are_watched_by_content() {
 #[test]
 fn a_save_during_a_run_cancels_it_and_starts_the_new_one() {
     let d = Dir::new();
-    let ckpt = d.join("tiny.safetensors");
-    diffloom_nodes::checkpoint::synthetic::write_checkpoint(
-        &ckpt,
-        &diffloom_nodes::checkpoint::synthetic::tiny_config(diffloom_nodes::checkpoint::detect::Family::Sd1, false),
-        tch::Kind::Float,
-        1,
-        true,
-    )
-    .unwrap();
+    let ckpt = crate::util::tiny_sd1(&d, "tiny.safetensors");
     let graph = |seed: u32, steps: u32| {
         std::fs::read_to_string(crate::util::repo().join("graphs/txt2img.ron"))
             .unwrap()
