@@ -12,4 +12,5 @@ mod models;
 mod parity;
 mod sampling;
 mod sd_nodes;
+mod upscale;
 mod watch;

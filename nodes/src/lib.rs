@@ -25,6 +25,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         // loaders
         Rc::new(loaders::CheckpointLoaderSimple),
         Rc::new(loaders::VAELoader),
+        Rc::new(loaders::UpscaleModelLoader),
         // conditioning
         Rc::new(conditioning::CLIPTextEncode),
         Rc::new(conditioning::CLIPSetLastLayer),
@@ -59,6 +60,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(image::ImageInvert),
         Rc::new(image::ImageScale),
         Rc::new(image::ImageScaleBy),
+        Rc::new(image::ImageUpscaleWithModel),
         Rc::new(image::ImageBlend),
         Rc::new(image::ImageCrop),
         Rc::new(image::ImagePadForOutpaint),

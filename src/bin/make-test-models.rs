@@ -1,6 +1,6 @@
 //! Writes the project's random-weight test checkpoints (real single-file key layout, no download):
 //!
-//!   make-test-models DIR            tiny SD1, SD2 and SD1-inpainting models (+ a standalone VAE)
+//!   make-test-models DIR            tiny SD1, SD2 and SD1-inpainting models, tiny ESRGAN upscalers
 //!   make-test-models DIR --full     also full-size SD1 and SD2 files (fp16, ~2 and ~2.6 GB)
 //!   make-test-models DIR --full-sd1 only the full-size SD1 file
 //!
@@ -9,9 +9,10 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use diffloom_nodes::checkpoint::detect::{Family, ModelConfig, CONFIG_METADATA_KEY};
+use diffloom_nodes::checkpoint::detect::{Family, CONFIG_METADATA_KEY};
 use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
-use diffloom_nodes::checkpoint::synthetic::{full_config, tiny_config, write_checkpoint};
+use diffloom_nodes::checkpoint::synthetic::{full_config, tiny_config, write_checkpoint, write_rrdbnet};
+use diffloom_nodes::models::rrdbnet::RrdbConfig;
 use tch::Kind;
 
 fn main() -> ExitCode {
@@ -32,9 +33,9 @@ fn main() -> ExitCode {
 }
 
 /// Whether `path` exists and (for files that embed it) carries `config`.
-fn up_to_date(path: &Path, config: &ModelConfig, embed: bool) -> bool {
+fn up_to_date<C: serde::de::DeserializeOwned + PartialEq>(path: &Path, config: &C, embed: bool) -> bool {
     match SafetensorsFile::open(path) {
-        Ok(f) if embed => f.metadata.get(CONFIG_METADATA_KEY).and_then(|j| serde_json::from_str::<ModelConfig>(j).ok()).as_ref() == Some(config),
+        Ok(f) if embed => f.metadata.get(CONFIG_METADATA_KEY).and_then(|j| serde_json::from_str::<C>(j).ok()).as_ref() == Some(config),
         Ok(_) => true,
         Err(_) => false,
     }
@@ -64,6 +65,27 @@ fn run(dir: &Path, full: bool, full_sd1_only: bool) -> Result<(), String> {
         write_checkpoint(&tmp, &config, kind, seed, embed).map_err(|e| e.to_string())?;
         std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
         println!("wrote {}", path.display());
+    }
+    if !full_sd1_only {
+        // Narrow but complete RRDBNets (growth 32 as published; spandrel assumes it): x4 and x2
+        // (pixel-unshuffle) in Real-ESRGAN's layout, x4 and x2 in the original ESRGAN one.
+        let rrdb = |upsamples, shuffle| RrdbConfig { in_nc: 3, out_nc: 3, nf: 16, gc: 32, nb: 2, upsamples, shuffle };
+        let upscalers = [
+            ("tiny-realesrgan-x4.safetensors", rrdb(2, 1), false, 11),
+            ("tiny-realesrgan-x2.safetensors", rrdb(2, 2), false, 12),
+            ("tiny-esrgan-x4.safetensors", rrdb(2, 1), true, 13),
+            ("tiny-esrgan-x2.safetensors", rrdb(1, 1), true, 14),
+        ];
+        for (name, config, original_layout, seed) in upscalers {
+            let path = dir.join(name);
+            if up_to_date(&path, &config, true) {
+                continue;
+            }
+            let tmp = dir.join(format!(".{name}.tmp"));
+            write_rrdbnet(&tmp, &config, original_layout, seed).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
     }
     Ok(())
 }

@@ -7,6 +7,8 @@ use diffloom_core::{Args, Combo, Ctx, Float, Int, Node, NodeError, Schema, Str, 
 use tch::{Kind, Tensor};
 
 use crate::imageio;
+use crate::models::rrdbnet::RrdbNet;
+use crate::tiles::tiled_scale;
 use crate::resample::{common_upscale, CROP_METHODS, IMAGE_METHODS};
 
 /// ComfyUI's MAX_RESOLUTION.
@@ -167,6 +169,56 @@ impl Node for ImageScaleBy {
         let height = ((size[1] as f64 * scale).round_ties_even() as i64).max(1);
         let out = common_upscale(&nchw(image)?, width, height, a.string("upscale_method")?, "disabled")?;
         Ok(vec![Value::Image(Shared(nhwc(&out)?))])
+    }
+}
+
+/// ComfyUI's ImageUpscaleWithModel: the model runs on 512×512 tiles overlapping by 32 pixels, each
+/// clamped to 0..1, blended with feathered edges (`tiled_scale`), so memory is bounded by the tile, not
+/// the image; when a tile does not fit in memory the tile side is halved, down to 128.
+pub struct ImageUpscaleWithModel;
+impl Node for ImageUpscaleWithModel {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageUpscaleWithModel", "image/upscaling")
+            .input("upscale_model", ValueType::UpscaleModel)
+            .input("image", ValueType::Image)
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let model: &RrdbNet = super::loaders::part(a, "upscale_model")?;
+        let image = a.image("image")?;
+        let out = upscale_tiled(model, &nchw(image)?, cx, 512, 32)?;
+        Ok(vec![Value::Image(Shared(nhwc(&out.f_clamp(0.0, 1.0)?)?))])
+    }
+}
+
+/// `x` `[b, c, h, w]` upscaled by `model` in `tile`-sized tiles (halved on allocation failure).
+pub fn upscale_tiled(model: &RrdbNet, x: &Tensor, cx: &Ctx, mut tile: i64, overlap: i64) -> Result<Tensor, NodeError> {
+    let _guard = tch::no_grad_guard();
+    let c = x.size()[1];
+    if c != model.config.in_nc {
+        return Err(NodeError::input("image", format!("the image has {c} channels; this upscaler takes {}", model.config.in_nc)));
+    }
+    let scale = model.config.scale();
+    let device = model.device();
+    loop {
+        let mut run = |t: &Tensor| -> Result<Tensor, NodeError> {
+            cx.check_cancel()?;
+            Ok(model.upscale(&t.to_device(device)).to_device(tch::Device::Cpu))
+        };
+        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tiled_scale(x, &mut run, tile, tile, overlap, scale as f64, model.config.out_nc)
+        }));
+        match attempt {
+            Ok(result) => return result,
+            Err(panic) => {
+                let message = diffloom_core::exec::run::panic_message(&panic);
+                let out_of_memory = message.contains("out of memory") || message.contains("can't allocate memory");
+                if !out_of_memory || tile / 2 < 128 {
+                    return Err(NodeError::Failed(format!("upscaling with {tile}×{tile} tiles: {message}")));
+                }
+                tile /= 2;
+            }
+        }
     }
 }
 

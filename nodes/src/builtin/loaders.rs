@@ -1,11 +1,11 @@
-//! ComfyUI's `loaders` category: checkpoints and standalone VAEs.
+//! ComfyUI's `loaders` category: checkpoints, standalone VAEs, upscale models.
 
 use std::path::Path;
 use std::rc::Rc;
 
 use diffloom_core::{Args, Ctx, Handle, Node, NodeError, Schema, Str, Value, ValueType};
 
-use crate::checkpoint::load::{load_checkpoint, load_vae};
+use crate::checkpoint::load::{load_checkpoint, load_upscale_model, load_vae};
 use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
 
 /// Stands in for a part the checkpoint lacks; a node that needs it says why it is missing.
@@ -126,10 +126,34 @@ impl Node for VAELoader {
     }
 }
 
+pub struct UpscaleModelLoader;
+impl Node for UpscaleModelLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("UpscaleModelLoader", "loaders")
+            .describe("Loads an ESRGAN / Real-ESRGAN (RRDBNet) upscaler from .safetensors; layout, size and scale come from the keys.")
+            .input("model_name", Str::required())
+            .doc("path to the .safetensors file")
+            .output("UPSCALE_MODEL", ValueType::UpscaleModel)
+    }
+    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(graph_dir, "model_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let path = cx.input_path("model_name", a.string("model_name")?)?;
+        let _guard = tch::no_grad_guard();
+        // fp32 whatever --dtype says, as ComfyUI runs these: RRDBNet activations overflow fp16.
+        let (model, bytes) = load_upscale_model(&path, cx.device, tch::Kind::Float).map_err(|e| NodeError::Failed(e.to_string()))?;
+        let c = &model.config;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        cx.messages.push(format!("{name}: RRDBNet ×{} ({} blocks, {} features)", c.scale(), c.nb, c.nf));
+        Ok(vec![Value::UpscaleModel(Handle::new(model, bytes, name))])
+    }
+}
+
 /// The SD part behind a handle input, or an error naming the input and why the part is absent.
 pub fn part<'a, T: 'static>(a: &'a Args, input: &str) -> Result<&'a T, NodeError> {
     let handle = match a.any(input)? {
-        Value::Model(h) | Value::Clip(h) | Value::Vae(h) => h,
+        Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::UpscaleModel(h) => h,
         v => return Err(NodeError::input(input, format!("expected a model handle, got {}", v.value_type()))),
     };
     handle.downcast::<T>().ok_or_else(|| match handle.downcast::<MissingPart>() {

@@ -12,6 +12,7 @@ use super::detect::{self, ModelConfig, Prediction, Shapes};
 use super::safetensors::SafetensorsFile;
 use super::{LoadError, Weights};
 use crate::models::clip::ClipTextModel;
+use crate::models::rrdbnet::{self, RrdbConfig, RrdbNet};
 use crate::models::unet::Unet;
 use crate::models::vae::AutoencoderKl;
 
@@ -294,4 +295,37 @@ pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Checkpoi
         load_time: started.elapsed(),
         tokenizer_dir: tokenizer.join("vocab.json").is_file().then_some(tokenizer),
     })
+}
+
+/// Loads an ESRGAN-family upscaler (RRDBNet) from a `.safetensors` file in any of its key layouts
+/// (Real-ESRGAN's `conv_first/body/…`, the original `model.N…`, BSRGAN's `RRDB_trunk…`; a `module.`
+/// prefix from DataParallel training is dropped), detecting its size and scale from the shapes.
+pub fn load_upscale_model(path: &Path, device: Device, kind: Kind) -> Result<(RrdbNet, usize), LoadError> {
+    let file = Rc::new(SafetensorsFile::open(path)?);
+    let stored: Vec<String> = file.tensors().keys().cloned().collect();
+    let plain = |k: &str| k.strip_prefix("module.").unwrap_or(k).to_owned();
+    let old_layout = stored.iter().any(|k| plain(k) == "model.0.weight");
+    let index: HashMap<String, (usize, String)> = if old_layout {
+        let nb = (0..).take_while(|i| stored.iter().any(|k| plain(k).starts_with(&format!("model.1.sub.{i}.RDB1.")))).count();
+        let last = stored
+            .iter()
+            .filter_map(|k| plain(k).strip_prefix("model.")?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .unwrap_or(0);
+        stored.iter().filter_map(|k| rrdbnet::old_layout_key(&plain(k), nb, last).map(|l| (l, (0, k.clone())))).collect()
+    } else {
+        stored.iter().map(|k| (rrdbnet::trunk_layout_key(&plain(k)), (0, k.clone()))).collect()
+    };
+    let shapes: Shapes = index.iter().filter_map(|(l, (_, k))| Some((l.clone(), file.info(k)?.shape.clone()))).collect();
+    let config = RrdbConfig::detect(&shapes).map_err(|why| LoadError::Unsupported {
+        file: path.to_path_buf(),
+        message: format!(
+            "not an upscale model diffloom runs: {why} (ESRGAN/Real-ESRGAN RRDBNet .safetensors files are \
+             supported; SwinIR, HAT, DAT, SPAN, … are not)"
+        ),
+    })?;
+    let w = Weights::from_index(vec![file], index, device, kind);
+    let model = RrdbNet::new(&w.root(), config);
+    w.finish()?;
+    Ok((model, w.loaded_bytes()))
 }

@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 use super::detect::{Family, ModelConfig, Prediction, CLIP_HF_PREFIX, CLIP_OPEN_PREFIX, CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX};
 use super::{LoadError, Weights};
 use crate::models::clip::{ClipConfig, ClipLayout, ClipTextModel};
+use crate::models::rrdbnet::{RrdbConfig, RrdbNet};
 use crate::models::unet::{Unet, UnetConfig};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 
@@ -146,4 +147,37 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Op
         .collect::<Result<_, _>>()
         .map_err(|e| err(e.to_string()))?;
     safetensors::serialize_to_file(views, metadata, path).map_err(|e| err(e.to_string()))
+}
+
+/// Writes a random-weight RRDBNet upscaler: in Real-ESRGAN's key layout, or with `original_layout` in
+/// the original ESRGAN one (`model.N…`), as community "4x-…" files have it.
+pub fn write_rrdbnet(path: &Path, config: &RrdbConfig, original_layout: bool, seed: i64) -> Result<(), LoadError> {
+    tch::manual_seed(seed);
+    let w = Weights::synthetic(Kind::Float);
+    let _ = RrdbNet::new(&w.root(), config.clone());
+    let made = w.synthetic.map(|m| m.into_inner()).unwrap_or_default();
+    let rename = |k: String| -> String {
+        if !original_layout {
+            return k;
+        }
+        let (layer, param) = k.rsplit_once('.').unwrap_or((&k, ""));
+        let up = config.upsamples as usize;
+        let old = match layer {
+            "conv_first" => "model.0".to_owned(),
+            "conv_body" => format!("model.1.sub.{}", config.nb),
+            "conv_hr" => format!("model.{}", 3 * up + 2),
+            "conv_last" => format!("model.{}", 3 * up + 4),
+            l if l.starts_with("conv_up") => format!("model.{}", 3 * l["conv_up".len()..].parse::<usize>().unwrap_or(0)),
+            // body.I.rdbR.convC → model.1.sub.I.RDBR.convC.0
+            l => {
+                let parts: Vec<&str> = l.split('.').collect();
+                format!("model.1.sub.{}.{}.{}.0", parts[1], parts[2].to_uppercase(), parts[3])
+            }
+        };
+        format!("{old}.{param}")
+    };
+    let tensors: Vec<(String, Tensor)> = made.into_iter().map(|(k, t)| (rename(k), t)).collect();
+    // The config rides along only so make-test-models can tell an up-to-date file; loading ignores it.
+    let metadata = HashMap::from([(CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default())]);
+    write_safetensors(path, &tensors, Some(metadata))
 }

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod clip;
 pub mod layers;
 pub mod resnet;
+pub mod rrdbnet;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;

@@ -1,0 +1,230 @@
+//! ESRGAN's RRDBNet, the upscaler behind ESRGAN, Real-ESRGAN (x4plus, x2plus), BSRGAN and most
+//! community "4x-…" models. Keys in Real-ESRGAN's (BasicSR's) layout: `conv_first`, `body.N.rdbR.convC`,
+//! `conv_body`, `conv_upK`, `conv_hr`, `conv_last`. Files in the original ESRGAN layout (`model.0`,
+//! `model.1.sub.N.RDBR.convC.0`, …) are renamed into it by [`old_layout_key`], those in ESRGAN's second
+//! layout (`RRDB_trunk`, `trunk_conv`, `upconvK`, `HRconv`; BSRGAN) by [`trunk_layout_key`].
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use tch::Tensor;
+
+use super::layers::{conv3x3, Conv2d};
+use crate::checkpoint::WPath;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RrdbConfig {
+    /// Image channels in and out (3 for RGB).
+    pub in_nc: i64,
+    pub out_nc: i64,
+    /// Feature channels of the trunk (64 in the published models).
+    pub nf: i64,
+    /// Growth channels inside each dense block (32).
+    pub gc: i64,
+    /// Number of RRDB blocks (23 in the published models).
+    pub nb: i64,
+    /// Nearest-neighbour ×2 upsampling stages.
+    pub upsamples: i64,
+    /// Pixel-unshuffle factor applied first (Real-ESRGAN x2plus: 2, x1: 4): the input's channels are
+    /// `in_nc * shuffle²`, so the net scale is `2^upsamples / shuffle`.
+    pub shuffle: i64,
+}
+
+impl RrdbConfig {
+    /// The output size over the input size.
+    pub fn scale(&self) -> i64 {
+        (1 << self.upsamples) / self.shuffle
+    }
+
+    /// The architecture from the tensor shapes (keys in the Real-ESRGAN layout), or why it is not an
+    /// RRDBNet this code runs.
+    pub fn detect(shapes: &HashMap<String, Vec<i64>>) -> Result<RrdbConfig, String> {
+        let shape = |k: &str| shapes.get(k).ok_or_else(|| format!("no tensor {k:?}"));
+        if shapes.keys().any(|k| k.contains("conv1x1")) {
+            return Err("an ESRGAN+ (\"plus\") RRDBNet with conv1x1 branches, which diffloom does not run".into());
+        }
+        let first = shape("conv_first.weight")?;
+        let last = shape("conv_last.weight")?;
+        let dense = shape("body.0.rdb1.conv1.weight")?;
+        let (nf, in_ch, out_nc, gc) = (first[0], first[1], last[0], dense[0]);
+        let nb = (0..).take_while(|i| shapes.contains_key(&format!("body.{i}.rdb1.conv1.weight"))).count() as i64;
+        let upsamples = (1..).take_while(|k| shapes.contains_key(&format!("conv_up{k}.weight"))).count() as i64;
+        // The input is RGB (or gray) before any pixel-unshuffle, as the output is.
+        let shuffle = [1, 2, 4].into_iter().find(|s| in_ch == out_nc * s * s).ok_or_else(|| {
+            format!("conv_first takes {in_ch} channels, which is not {out_nc} (the output's) times 1, 4 or 16")
+        })?;
+        let config = RrdbConfig { in_nc: out_nc, out_nc, nf, gc, nb, upsamples, shuffle };
+        if (1 << upsamples) < shuffle {
+            return Err(format!("{upsamples} upsampling stages after a pixel-unshuffle by {shuffle} would shrink the image"));
+        }
+        Ok(config)
+    }
+}
+
+/// The Real-ESRGAN-layout name of an original-ESRGAN key, given the index of the last layer
+/// (`model.{last}`): `model.0` is the first conv, `model.1.sub.{i}` the RRDBs and (at `nb`) the trunk
+/// conv, then per upsampling stage an Upsample, a conv and a LeakyReLU (`model.3`, `model.6`, …),
+/// then the HR conv and, after a LeakyReLU, the last conv.
+pub fn old_layout_key(k: &str, nb: usize, last: usize) -> Option<String> {
+    let rest = k.strip_prefix("model.")?;
+    let (index, tail) = rest.split_once('.')?;
+    let index: usize = index.parse().ok()?;
+    let upsamples = (last.checked_sub(4)?) / 3;
+    match index {
+        0 => Some(format!("conv_first.{tail}")),
+        1 => {
+            let sub = tail.strip_prefix("sub.")?;
+            let (i, inner) = sub.split_once('.')?;
+            let i: usize = i.parse().ok()?;
+            if i == nb {
+                return Some(format!("conv_body.{inner}"));
+            }
+            // RDB1.conv1.0.weight: the ".0" is the conv inside its (conv, LeakyReLU) Sequential.
+            let (rdb, inner) = inner.split_once('.')?;
+            let (conv, param) = inner.split_once(".0.")?;
+            Some(format!("body.{i}.{}.{conv}.{param}", rdb.to_lowercase()))
+        }
+        i if i == last => Some(format!("conv_last.{tail}")),
+        i if i == last - 2 => Some(format!("conv_hr.{tail}")),
+        i if i % 3 == 0 && i / 3 <= upsamples => Some(format!("conv_up{}.{tail}", i / 3)),
+        _ => None,
+    }
+}
+
+/// The Real-ESRGAN-layout name of a key in ESRGAN's second layout (`RRDB_trunk.N.RDBR.convC`,
+/// `trunk_conv`, `upconvK`, `HRconv`), or the key itself.
+pub fn trunk_layout_key(k: &str) -> String {
+    if let Some(rest) = k.strip_prefix("RRDB_trunk.") {
+        // N.RDBR.convC.param
+        let mut parts: Vec<String> = rest.split('.').map(str::to_owned).collect();
+        if let Some(rdb) = parts.get_mut(1) {
+            *rdb = rdb.to_lowercase();
+        }
+        return format!("body.{}", parts.join("."));
+    }
+    for (from, to) in [("trunk_conv.", "conv_body."), ("HRconv.", "conv_hr."), ("upconv", "conv_up")] {
+        if let Some(rest) = k.strip_prefix(from) {
+            return format!("{to}{rest}");
+        }
+    }
+    k.to_owned()
+}
+
+/// Five densely connected convolutions; the output is scaled by 0.2 and added to the input.
+struct DenseBlock {
+    convs: Vec<Conv2d>,
+}
+
+impl DenseBlock {
+    fn new(p: &WPath, nf: i64, gc: i64) -> Self {
+        let convs = (0..5)
+            .map(|c| conv3x3(&p.pp(format!("conv{}", c + 1)), nf + c * gc, if c == 4 { nf } else { gc }))
+            .collect();
+        DenseBlock { convs }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let mut features = vec![x.shallow_clone()];
+        for conv in &self.convs[..4] {
+            let y = lrelu(&conv.forward(&Tensor::cat(&features, 1)));
+            features.push(y);
+        }
+        self.convs[4].forward(&Tensor::cat(&features, 1)) * 0.2 + x
+    }
+}
+
+/// Residual-in-residual dense block: three dense blocks, scaled by 0.2, plus the input.
+struct Rrdb {
+    blocks: [DenseBlock; 3],
+}
+
+impl Rrdb {
+    fn new(p: &WPath, nf: i64, gc: i64) -> Self {
+        Rrdb { blocks: [1, 2, 3].map(|r| DenseBlock::new(&p.pp(format!("rdb{r}")), nf, gc)) }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let y = self.blocks.iter().fold(x.shallow_clone(), |h, b| b.forward(&h));
+        y * 0.2 + x
+    }
+}
+
+pub struct RrdbNet {
+    pub config: RrdbConfig,
+    conv_first: Conv2d,
+    body: Vec<Rrdb>,
+    conv_body: Conv2d,
+    ups: Vec<Conv2d>,
+    conv_hr: Conv2d,
+    conv_last: Conv2d,
+}
+
+/// LeakyReLU(0.2): for a slope below 1 that is max(x, 0.2·x), exactly what PyTorch computes (tch's
+/// `leaky_relu` binding has no slope argument).
+fn lrelu(x: &Tensor) -> Tensor {
+    x.maximum(&(x * 0.2))
+}
+
+impl RrdbNet {
+    pub fn new(p: &WPath, config: RrdbConfig) -> Self {
+        let (nf, gc) = (config.nf, config.gc);
+        RrdbNet {
+            conv_first: conv3x3(&p.pp("conv_first"), config.in_nc * config.shuffle * config.shuffle, nf),
+            body: (0..config.nb).map(|i| Rrdb::new(&p.pp("body").pp(i), nf, gc)).collect(),
+            conv_body: conv3x3(&p.pp("conv_body"), nf, nf),
+            ups: (1..=config.upsamples).map(|k| conv3x3(&p.pp(format!("conv_up{k}")), nf, nf)).collect(),
+            conv_hr: conv3x3(&p.pp("conv_hr"), nf, nf),
+            conv_last: conv3x3(&p.pp("conv_last"), nf, config.out_nc),
+            config,
+        }
+    }
+
+    pub fn device(&self) -> tch::Device {
+        self.conv_first.weight.device()
+    }
+
+    /// `x` `[b, in_nc, h, w]` in 0..1 → `[b, out_nc, h * scale, w * scale]` (not clamped). Before a
+    /// pixel-unshuffle, odd sides are reflect-padded on the right and bottom to a multiple of its factor
+    /// and the surplus cropped from the output (as spandrel does).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let f = self.config.shuffle;
+        if f > 1 {
+            let s = x.size();
+            let (h, w) = (s[2], s[3]);
+            let (ph, pw) = ((f - h % f) % f, (f - w % f) % f);
+            let padded = if ph > 0 || pw > 0 { x.reflection_pad2d([0, pw, 0, ph]) } else { x.shallow_clone() };
+            let scale = self.config.scale();
+            return self.trunk(&padded.pixel_unshuffle(f)).narrow(2, 0, h * scale).narrow(3, 0, w * scale);
+        }
+        self.trunk(x)
+    }
+
+    /// What ComfyUI applies to each tile (spandrel's `ImageModelDescriptor.__call__`): the input padded on
+    /// the right and bottom to at least 2 pixels (4 with a pixel-unshuffle, then to a multiple of 4;
+    /// reflected up to side − 1 pixels, replicated beyond), the net, a clamp to 0..1, the padding cropped.
+    pub fn upscale(&self, x: &Tensor) -> Tensor {
+        let (multiple, minimum) = if self.config.shuffle > 1 { (4, 4) } else { (1, 2) };
+        let s = x.size();
+        let (h, w) = (s[2], s[3]);
+        let target = |n: i64| ((n + multiple - 1) / multiple * multiple).max(minimum);
+        let (ph, pw) = (target(h) - h, target(w) - w);
+        if ph == 0 && pw == 0 {
+            return self.forward(x).clamp(0.0, 1.0);
+        }
+        let (rh, rw) = (ph.min(h - 1), pw.min(w - 1));
+        let padded = x.reflection_pad2d([0, rw, 0, rh]).replication_pad2d([0, pw - rw, 0, ph - rh]);
+        let scale = self.config.scale();
+        self.forward(&padded).clamp(0.0, 1.0).narrow(2, 0, h * scale).narrow(3, 0, w * scale)
+    }
+
+    fn trunk(&self, x: &Tensor) -> Tensor {
+        let feat = self.conv_first.forward(x);
+        let trunk = self.body.iter().fold(feat.shallow_clone(), |h, b| b.forward(&h));
+        let mut feat = feat + self.conv_body.forward(&trunk);
+        for up in &self.ups {
+            let s = feat.size();
+            feat = lrelu(&up.forward(&feat.upsample_nearest2d([s[2] * 2, s[3] * 2], None, None)));
+        }
+        self.conv_last.forward(&lrelu(&self.conv_hr.forward(&feat)))
+    }
+}
