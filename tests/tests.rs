@@ -7,6 +7,7 @@ mod cli;
 mod graph_format;
 mod ksampler;
 mod latent_mask;
+mod lora;
 mod lua;
 mod models;
 mod parity;

@@ -4,6 +4,7 @@
 pub mod builtin;
 pub mod checkpoint;
 pub mod imageio;
+pub mod lora;
 pub mod models;
 pub mod prompt;
 pub mod resample;
@@ -26,6 +27,8 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(loaders::CheckpointLoaderSimple),
         Rc::new(loaders::VAELoader),
         Rc::new(loaders::UpscaleModelLoader),
+        Rc::new(loaders::LoraLoader),
+        Rc::new(loaders::LoraLoaderModelOnly),
         // conditioning
         Rc::new(conditioning::CLIPTextEncode),
         Rc::new(conditioning::CLIPSetLastLayer),

@@ -11,6 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::detect::{Family, Prediction};
 use crate::checkpoint::safetensors::SafetensorsFile;
+use crate::checkpoint::Loaded;
 use crate::models::clip::{ClipOutput, ClipTextModel};
 use crate::models::unet::Unet;
 use crate::models::vae::AutoencoderKl;
@@ -20,7 +21,7 @@ use crate::tokenizer::ClipTokenizer;
 
 /// MODEL: the denoising UNet and how to interpret its output.
 pub struct SdModel {
-    pub unet: Rc<Unet>,
+    pub unet: Loaded<Unet>,
     pub family: Family,
     pub prediction: Prediction,
 }
@@ -32,7 +33,7 @@ pub const LATENT_SCALE: f64 = 0.18215;
 /// CLIP: the text encoder, its tokenizer, and the layer CLIPSetLastLayer chose.
 #[derive(Clone)]
 pub struct SdClip {
-    pub model: Rc<ClipTextModel>,
+    pub model: Loaded<ClipTextModel>,
     pub tokenizer: Rc<ClipTokenizer>,
     pub family: Family,
     /// ComfyUI's `layer_idx`: None for the family default, else -1 (last), -2 (penultimate), ….

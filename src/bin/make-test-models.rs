@@ -1,6 +1,6 @@
 //! Writes the project's random-weight test checkpoints (real single-file key layout, no download):
 //!
-//!   make-test-models DIR            tiny SD1, SD2 and SD1-inpainting models, tiny ESRGAN upscalers
+//!   make-test-models DIR            tiny SD1, SD2 and SD1-inpainting models, a LoRA, ESRGAN upscalers
 //!   make-test-models DIR --full     also full-size SD1 and SD2 files (fp16, ~2 and ~2.6 GB)
 //!   make-test-models DIR --full-sd1 only the full-size SD1 file
 //!
@@ -11,9 +11,10 @@ use std::process::ExitCode;
 
 use diffloom_nodes::checkpoint::detect::{Family, CONFIG_METADATA_KEY};
 use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
-use diffloom_nodes::checkpoint::synthetic::{full_config, tiny_config, write_checkpoint, write_rrdbnet};
+use diffloom_nodes::checkpoint::load::load_checkpoint;
+use diffloom_nodes::checkpoint::synthetic::{full_config, tiny_config, write_checkpoint, write_lora, write_rrdbnet};
 use diffloom_nodes::models::rrdbnet::RrdbConfig;
-use tch::Kind;
+use tch::{Device, Kind};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -55,11 +56,13 @@ fn run(dir: &Path, full: bool, full_sd1_only: bool) -> Result<(), String> {
         jobs.push(("full-sd1.safetensors", full_config(Family::Sd1), Kind::Half, 4, false));
         jobs.push(("full-sd2.safetensors", full_config(Family::Sd2), Kind::Half, 5, false));
     }
+    let mut rewritten = Vec::new();
     for (name, config, kind, seed, embed) in jobs {
         let path = dir.join(name);
         if up_to_date(&path, &config, embed) {
             continue;
         }
+        rewritten.push(name);
         // Written under a temporary name first, so an interrupted run leaves no half file behind.
         let tmp = dir.join(format!(".{name}.tmp"));
         write_checkpoint(&tmp, &config, kind, seed, embed).map_err(|e| e.to_string())?;
@@ -67,6 +70,16 @@ fn run(dir: &Path, full: bool, full_sd1_only: bool) -> Result<(), String> {
         println!("wrote {}", path.display());
     }
     if !full_sd1_only {
+        // A kohya-layout LoRA for the tiny SD1 model (linear, 1×1 and 3×3 conv modules, text encoder).
+        let lora = dir.join("tiny-sd1-lora.safetensors");
+        if !lora.exists() || rewritten.contains(&"tiny-sd1.safetensors") {
+            let ck = load_checkpoint(&dir.join("tiny-sd1.safetensors"), Device::Cpu, Kind::Float).map_err(|e| e.to_string())?;
+            let (Some(unet), Some(clip)) = (&ck.unet, &ck.clip) else { return Err("tiny-sd1 has no UNet or CLIP".into()) };
+            let tmp = dir.join(".tiny-sd1-lora.safetensors.tmp");
+            write_lora(&tmp, unet, clip, 4, 15).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &lora).map_err(|e| format!("{}: {e}", lora.display()))?;
+            println!("wrote {}", lora.display());
+        }
         // Narrow but complete RRDBNets (growth 32 as published; spandrel assumes it): x4 and x2
         // (pixel-unshuffle) in Real-ESRGAN's layout, x4 and x2 in the original ESRGAN one.
         let rrdb = |upsamples, shuffle| RrdbConfig { in_nc: 3, out_nc: 3, nf: 16, gc: 32, nb: 2, upsamples, shuffle };

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::rc::Rc;
 
-use diffloom_core::{Args, Ctx, Handle, Node, NodeError, Schema, Str, Value, ValueType};
+use diffloom_core::{Args, Ctx, Float, Handle, Node, NodeError, Schema, Str, Value, ValueType};
 
 use crate::checkpoint::load::{load_checkpoint, load_upscale_model, load_vae};
 use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
@@ -147,6 +147,175 @@ impl Node for UpscaleModelLoader {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         cx.messages.push(format!("{name}: RRDBNet ×{} ({} blocks, {} features)", c.scale(), c.nb, c.nf));
         Ok(vec![Value::UpscaleModel(Handle::new(model, bytes, name))])
+    }
+}
+
+/// The model and text encoder with a LoRA file applied (each `None` when not given or its strength is 0,
+/// meaning: unchanged), and the report lines. Unknown or unusable keys are reported, never dropped
+/// silently; a file none of whose modules fit is an error.
+fn apply_lora(
+    path: &Path,
+    model: Option<(&SdModel, f64)>,
+    clip: Option<(&SdClip, f64)>,
+) -> Result<(Option<SdModel>, Option<SdClip>, Vec<String>), NodeError> {
+    use crate::lora::{clip_key_map, patch_state, rebuild_clip, rebuild_unet, unet_key_map, LoraFile};
+    let _guard = tch::no_grad_guard();
+    let failed = |e: String| NodeError::input("lora_name", format!("{}: {e}", path.display()));
+    let lora = LoraFile::open(path).map_err(|e| NodeError::Failed(e.to_string()))?;
+    let unet_map = model.map(|(m, _)| unet_key_map(&m.unet.config, &m.unet.state)).unwrap_or_default();
+    let clip_map = clip.map(|(c, _)| clip_key_map(&c.model)).unwrap_or_default();
+    let (mut unet_patches, mut clip_patches, mut unmatched, mut skipped_te) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    for m in &lora.modules {
+        if let (Some(t), Some((_, s))) = (unet_map.get(&m.name), model) {
+            unet_patches.push((t, m, s));
+        } else if let (Some(t), Some((_, s))) = (clip_map.get(&m.name), clip) {
+            clip_patches.push((t, m, s));
+        } else if clip.is_none() && (m.name.starts_with("lora_te") || m.name.starts_with("text_encoder.")) {
+            skipped_te += 1;
+        } else {
+            unmatched.push(m.name.as_str());
+        }
+    }
+    if unet_patches.is_empty() && clip_patches.is_empty() {
+        let kinds: Vec<&str> = lora.unsupported.iter().map(|(_, k)| *k).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        return Err(failed(match (lora.modules.first(), lora.unsupported.first()) {
+            (Some(first), _) => format!(
+                "none of its {} LoRA modules addresses this model (first: {:?}); a LoRA for another model family?",
+                lora.modules.len(),
+                first.name
+            ),
+            (None, Some((key, _))) => format!("holds no LoRA up/down pairs diffloom can apply (first key {key:?}; kinds: {})", kinds.join(", ")),
+            (None, None) => "holds no tensors".into(),
+        }));
+    }
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut messages = vec![format!(
+        "{name}: {} UNet weights (strength {}) and {} text-encoder weights (strength {}) patched",
+        unet_patches.len(),
+        model.map_or(0.0, |m| m.1),
+        clip_patches.len(),
+        clip.map_or(0.0, |c| c.1)
+    )];
+    if skipped_te > 0 {
+        messages.push(format!("{skipped_te} text-encoder modules not applied: this node patches the model only"));
+    }
+    let mut not_loaded: Vec<String> = unmatched.iter().map(|n| format!("{n} (no such module in this model)")).collect();
+    not_loaded.extend(lora.unsupported.iter().map(|(k, why)| format!("{k} ({why})")));
+    if !not_loaded.is_empty() {
+        let shown: Vec<&str> = not_loaded.iter().take(5).map(String::as_str).collect();
+        let more = if not_loaded.len() > 5 { format!(", and {} more", not_loaded.len() - 5) } else { String::new() };
+        messages.push(format!("warning: {} LoRA keys not loaded: {}{more}", not_loaded.len(), shown.join(", ")));
+    }
+    let new_model = match model {
+        Some((m, s)) if s != 0.0 && !unet_patches.is_empty() => {
+            let state = patch_state(&m.unet.state, &unet_patches).map_err(failed)?;
+            let unet = rebuild_unet(&m.unet, state).map_err(|e| failed(e.to_string()))?;
+            Some(SdModel { unet, family: m.family, prediction: m.prediction })
+        }
+        _ => None,
+    };
+    let new_clip = match clip {
+        Some((c, s)) if s != 0.0 && !clip_patches.is_empty() => {
+            let state = patch_state(&c.model.state, &clip_patches).map_err(failed)?;
+            let model = rebuild_clip(&c.model, state).map_err(|e| failed(e.to_string()))?;
+            Some(SdClip { model, ..c.clone() })
+        }
+        _ => None,
+    };
+    Ok((new_model, new_clip, messages))
+}
+
+/// Bytes of the tensors `new` holds that `old` does not share (what a patched copy costs).
+fn patched_bytes(old: &[(String, tch::Tensor)], new: &[(String, tch::Tensor)]) -> usize {
+    let shared: std::collections::HashSet<usize> = old.iter().map(|(_, t)| t.data_ptr() as usize).collect();
+    new.iter().filter(|(_, t)| !shared.contains(&(t.data_ptr() as usize))).map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum()
+}
+
+pub struct LoraLoader;
+impl Node for LoraLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("LoraLoader", "loaders")
+            .describe("Applies a LoRA (kohya/A1111 or diffusers/PEFT .safetensors) to the UNet and the text encoder, each with its own strength.")
+            .input("model", ValueType::Model)
+            .input("clip", ValueType::Clip)
+            .input("lora_name", Str::required())
+            .doc("path to the LoRA .safetensors file")
+            .input("strength_model", Float::new(1.0).range(-100.0, 100.0).step(0.01))
+            .input("strength_clip", Float::new(1.0).range(-100.0, 100.0).step(0.01))
+            .output("MODEL", ValueType::Model)
+            .output("CLIP", ValueType::Clip)
+    }
+    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(graph_dir, "lora_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (sm, sc) = (a.float("strength_model")?, a.float("strength_clip")?);
+        let (model_in, clip_in) = (a.any("model")?.clone(), a.any("clip")?.clone());
+        if sm == 0.0 && sc == 0.0 {
+            return Ok(vec![model_in, clip_in]);
+        }
+        let (model, clip): (&SdModel, &SdClip) = (part(a, "model")?, part(a, "clip")?);
+        let path = cx.input_path("lora_name", a.string("lora_name")?)?;
+        let (new_model, new_clip, messages) = apply_lora(&path, Some((model, sm)), Some((clip, sc)))?;
+        cx.messages.extend(messages);
+        let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let model_out = match new_model {
+            Some(m) => {
+                let bytes = patched_bytes(&model.unet.state, &m.unet.state);
+                Value::Model(Handle::new(m, bytes, format!("{} + {label}", handle_label(&model_in))))
+            }
+            None => model_in,
+        };
+        let clip_out = match new_clip {
+            Some(c) => {
+                let bytes = patched_bytes(&clip.model.state, &c.model.state);
+                Value::Clip(Handle::new(c, bytes, format!("{} + {label}", handle_label(&clip_in))))
+            }
+            None => clip_in,
+        };
+        Ok(vec![model_out, clip_out])
+    }
+}
+
+pub struct LoraLoaderModelOnly;
+impl Node for LoraLoaderModelOnly {
+    fn schema(&self) -> Schema {
+        Schema::new("LoraLoaderModelOnly", "loaders")
+            .describe("Applies a LoRA's UNet part only.")
+            .input("model", ValueType::Model)
+            .input("lora_name", Str::required())
+            .doc("path to the LoRA .safetensors file")
+            .input("strength_model", Float::new(1.0).range(-100.0, 100.0).step(0.01))
+            .output("MODEL", ValueType::Model)
+    }
+    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(graph_dir, "lora_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let sm = a.float("strength_model")?;
+        let model_in = a.any("model")?.clone();
+        if sm == 0.0 {
+            return Ok(vec![model_in]);
+        }
+        let model: &SdModel = part(a, "model")?;
+        let path = cx.input_path("lora_name", a.string("lora_name")?)?;
+        let (new_model, _, messages) = apply_lora(&path, Some((model, sm)), None)?;
+        cx.messages.extend(messages);
+        let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        Ok(vec![match new_model {
+            Some(m) => {
+                let bytes = patched_bytes(&model.unet.state, &m.unet.state);
+                Value::Model(Handle::new(m, bytes, format!("{} + {label}", handle_label(&model_in))))
+            }
+            None => model_in,
+        }])
+    }
+}
+
+fn handle_label(v: &Value) -> String {
+    match v {
+        Value::Model(h) | Value::Clip(h) => h.label().to_owned(),
+        _ => String::new(),
     }
 }
 

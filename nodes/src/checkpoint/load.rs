@@ -10,7 +10,7 @@ use tch::{Device, Kind};
 
 use super::detect::{self, ModelConfig, Prediction, Shapes};
 use super::safetensors::SafetensorsFile;
-use super::{LoadError, Weights};
+use super::{LoadError, Loaded, WPath, Weights};
 use crate::models::clip::ClipTextModel;
 use crate::models::rrdbnet::{self, RrdbConfig, RrdbNet};
 use crate::models::unet::Unet;
@@ -19,14 +19,22 @@ use crate::models::vae::AutoencoderKl;
 /// The models of one checkpoint, shared by the nodes that use them.
 pub struct Checkpoint {
     pub config: ModelConfig,
-    pub unet: Option<Rc<Unet>>,
-    pub clip: Option<Rc<ClipTextModel>>,
+    pub unet: Option<Loaded<Unet>>,
+    pub clip: Option<Loaded<ClipTextModel>>,
     pub vae: Option<Rc<AutoencoderKl>>,
     /// Bytes of all loaded tensors in the target kind.
     pub bytes: usize,
     pub load_time: Duration,
     /// A diffusers folder's own `tokenizer/` (vocab.json, merges.txt).
     pub tokenizer_dir: Option<std::path::PathBuf>,
+}
+
+/// Builds a model from `w`, failing with every missing or misshapen tensor, and keeps its state.
+fn build<M>(w: Weights, make: impl FnOnce(&WPath) -> M, bytes: &mut usize) -> Result<Loaded<M>, LoadError> {
+    let model = make(&w.root());
+    w.finish()?;
+    *bytes += w.loaded_bytes();
+    Ok(Loaded { model: Rc::new(model), state: Rc::new(w.into_state()) })
 }
 
 /// The shapes of every tensor in a file.
@@ -58,30 +66,21 @@ pub fn load_checkpoint(path: &Path, device: Device, kind: Kind) -> Result<Checkp
     let unet = match &config.unet {
         Some(c) => {
             let w = Weights::from_prefix(file.clone(), detect::UNET_PREFIX, device, kind);
-            let m = Unet::new(&w.root(), c.clone());
-            w.finish()?;
-            bytes += w.loaded_bytes();
-            Some(Rc::new(m))
+            Some(build(w, |p| Unet::new(p, c.clone()), &mut bytes)?)
         }
         None => None,
     };
     let clip = match (&config.clip, detect::clip_root(&shapes)) {
         (Some(c), Some((_, root))) => {
             let w = Weights::from_prefix(file.clone(), &root, device, kind);
-            let m = ClipTextModel::new(&w.root(), c.clone());
-            w.finish()?;
-            bytes += w.loaded_bytes();
-            Some(Rc::new(m))
+            Some(build(w, |p| ClipTextModel::new(p, c.clone()), &mut bytes)?)
         }
         _ => None,
     };
     let vae = match &config.vae {
         Some(c) => {
             let w = Weights::from_prefix(file.clone(), detect::VAE_PREFIX, device, kind);
-            let m = AutoencoderKl::new(&w.root(), c.clone());
-            w.finish()?;
-            bytes += w.loaded_bytes();
-            Some(Rc::new(m))
+            Some(build(w, |p| AutoencoderKl::new(p, c.clone()), &mut bytes)?.model)
         }
         None => None,
     };
@@ -201,10 +200,7 @@ pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Checkpoi
             .filter_map(|k| super::keymap::unet_key(k, nrb as usize, &up_has_attn).map(|l| (l, (0, k.clone()))))
             .collect();
         let w = Weights::from_index(vec![file], index, device, kind);
-        let m = Unet::new(&w.root(), config.clone());
-        w.finish()?;
-        bytes += w.loaded_bytes();
-        (Some(Rc::new(m)), Some(config))
+        (Some(build(w, |p| Unet::new(p, config.clone()), &mut bytes)?), Some(config))
     } else {
         (None, None)
     };
@@ -229,10 +225,7 @@ pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Checkpoi
         let levels = boc.len();
         let index = file.tensors().keys().filter_map(|k| super::keymap::vae_key(k, levels).map(|l| (l, (0, k.clone())))).collect();
         let w = Weights::from_index(vec![file], index, device, kind);
-        let m = AutoencoderKl::new(&w.root(), config.clone());
-        w.finish()?;
-        bytes += w.loaded_bytes();
-        (Some(Rc::new(m)), Some(config))
+        (Some(build(w, |p| AutoencoderKl::new(p, config.clone()), &mut bytes)?.model), Some(config))
     } else {
         (None, None)
     };
@@ -260,10 +253,7 @@ pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Checkpoi
             .map(|k| (k.strip_prefix("text_model.").unwrap_or(k).to_owned(), (0, k.clone())))
             .collect();
         let w = Weights::from_index(vec![file], index, device, kind);
-        let m = ClipTextModel::new(&w.root(), config.clone());
-        w.finish()?;
-        bytes += w.loaded_bytes();
-        (Some(Rc::new(m)), Some(config))
+        (Some(build(w, |p| ClipTextModel::new(p, config.clone()), &mut bytes)?), Some(config))
     } else {
         (None, None)
     };

@@ -14,6 +14,26 @@ use thiserror::Error;
 
 pub use weights::{WPath, Weights};
 
+/// A loaded model and its tensors by logical name (sharing storage with the model's), from which a
+/// LoRA builds a patched copy without touching the model.
+pub struct Loaded<M> {
+    pub model: std::rc::Rc<M>,
+    pub state: std::rc::Rc<Vec<(String, tch::Tensor)>>,
+}
+
+impl<M> Clone for Loaded<M> {
+    fn clone(&self) -> Self {
+        Loaded { model: self.model.clone(), state: self.state.clone() }
+    }
+}
+
+impl<M> std::ops::Deref for Loaded<M> {
+    type Target = M;
+    fn deref(&self) -> &M {
+        &self.model
+    }
+}
+
 /// A checkpoint that cannot be loaded. Each variant names the file, and the key where there is one.
 #[derive(Debug, Error)]
 pub enum LoadError {

@@ -10,7 +10,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use tch::{Kind, Tensor};
 
 use super::detect::{Family, ModelConfig, Prediction, CLIP_HF_PREFIX, CLIP_OPEN_PREFIX, CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX};
-use super::{LoadError, Weights};
+use super::{LoadError, Loaded, Weights};
 use crate::models::clip::{ClipConfig, ClipLayout, ClipTextModel};
 use crate::models::rrdbnet::{RrdbConfig, RrdbNet};
 use crate::models::unet::{Unet, UnetConfig};
@@ -180,4 +180,49 @@ pub fn write_rrdbnet(path: &Path, config: &RrdbConfig, original_layout: bool, se
     // The config rides along only so make-test-models can tell an up-to-date file; loading ignores it.
     let metadata = HashMap::from([(CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default())]);
     write_safetensors(path, &tensors, Some(metadata))
+}
+
+/// Writes a random LoRA for a loaded UNet and text encoder in kohya's key layout (diffusers module
+/// paths, `lora_down`/`lora_up`/`alpha`), covering what kohya's trainer covers with `conv_dim` set: every
+/// linear and 1×1 layer of the transformers (rank `rank`, alpha `rank / 2`), the resnets' and samplers'
+/// convolutions (3×3 ones as conv LoRA with rank `rank / 2`, alpha 1), the text encoder's attention
+/// and MLP layers.
+pub fn write_lora(path: &Path, unet: &Loaded<Unet>, clip: &Loaded<ClipTextModel>, rank: i64, seed: i64) -> Result<(), LoadError> {
+    use crate::lora::{clip_modules, unet_modules};
+    tch::manual_seed(seed);
+    let shapes: HashMap<&str, Vec<i64>> = unet.state.iter().chain(clip.state.iter()).map(|(k, t)| (k.as_str(), t.size())).collect();
+    let mut tensors = Vec::new();
+    let mut pair = |name: String, out: i64, inner: &[i64], rank: i64, alpha: f64| {
+        let fan_in: i64 = inner.iter().product();
+        let mut down_shape = vec![rank];
+        down_shape.extend_from_slice(inner);
+        let mut up_shape = vec![out, rank];
+        if inner.len() == 3 {
+            up_shape.extend([1, 1]);
+        }
+        let down = Tensor::randn(down_shape.as_slice(), (Kind::Float, tch::Device::Cpu)) / (fan_in as f64).sqrt();
+        let up = Tensor::randn(up_shape.as_slice(), (Kind::Float, tch::Device::Cpu)) / (rank as f64).sqrt();
+        tensors.push((format!("{name}.lora_down.weight"), down));
+        tensors.push((format!("{name}.lora_up.weight"), up));
+        tensors.push((format!("{name}.alpha"), Tensor::from(alpha as f32)));
+    };
+    for (module, ldm) in unet_modules(&unet.config, &unet.state) {
+        // kohya trains neither conv_in/conv_out nor the timestep embedding.
+        if !module.contains("blocks") && !module.starts_with("mid_block") {
+            continue;
+        }
+        let Some(shape) = shapes.get(ldm.as_str()) else { continue };
+        let name = format!("lora_unet_{}", module.replace('.', "_"));
+        match shape.as_slice() {
+            [out, inp, k, _] if *k > 1 => pair(name, *out, &shape[1..], (rank / 2).max(1), 1.0),
+            [out, inp, ..] => pair(name, *out, if shape.len() == 4 { &shape[1..] } else { std::slice::from_ref(inp) }, rank, rank as f64 / 2.0),
+            _ => {}
+        }
+    }
+    for (module, target) in clip_modules(&clip.model) {
+        let Some(shape) = shapes.get(target.key.as_str()) else { continue };
+        let out = target.rows.map_or(shape[0], |(_, len)| len);
+        pair(format!("lora_te_text_model_{}", module.replace('.', "_")), out, &shape[1..], rank, rank as f64 / 2.0);
+    }
+    write_safetensors(path, &tensors, None)
 }

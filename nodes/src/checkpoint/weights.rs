@@ -14,11 +14,18 @@ use tch::{Device, Kind, Tensor};
 use super::safetensors::SafetensorsFile;
 use super::LoadError;
 
-/// Tensors of one or more safetensors files under logical (LDM) names.
+/// Where a logical name's tensor comes from.
+enum Source {
+    /// (file index, stored name).
+    File(usize, String),
+    /// A tensor already in memory (a model's own, or one a LoRA patched), used as it is.
+    Memory(Tensor),
+}
+
+/// Tensors of one or more safetensors files, or of a model already loaded, under logical (LDM) names.
 pub struct Weights {
     files: Vec<Rc<SafetensorsFile>>,
-    /// Logical name → (file index, stored name).
-    index: HashMap<String, (usize, String)>,
+    index: HashMap<String, Source>,
     pub device: Device,
     /// The floating-point kind tensors are converted to.
     pub kind: Kind,
@@ -29,6 +36,9 @@ pub struct Weights {
     /// When set, lookups make random tensors and record them instead of reading files (see
     /// `synthetic.rs`): the model constructors then define exactly the keys a real file has.
     pub(crate) synthetic: Option<RefCell<Vec<(String, Tensor)>>>,
+    /// Every tensor handed out, by logical name (sharing storage with the model's): the model's state,
+    /// from which a LoRA-patched copy is built without touching the original.
+    loaded: RefCell<Vec<(String, Tensor)>>,
 }
 
 impl Weights {
@@ -56,7 +66,31 @@ impl Weights {
     /// Weights with an explicit name table (logical name → (file index, stored name)), for diffusers
     /// folders whose names are translated by `keymap`.
     pub fn from_index(files: Vec<Rc<SafetensorsFile>>, index: HashMap<String, (usize, String)>, device: Device, kind: Kind) -> Weights {
-        Weights { files, index, device, kind, errors: RefCell::default(), bytes: Cell::new(0), prefix: String::new(), synthetic: None }
+        let index = index.into_iter().map(|(l, (f, k))| (l, Source::File(f, k))).collect();
+        Weights {
+            files,
+            index,
+            device,
+            kind,
+            errors: RefCell::default(),
+            bytes: Cell::new(0),
+            prefix: String::new(),
+            synthetic: None,
+            loaded: RefCell::default(),
+        }
+    }
+
+    /// Weights serving tensors already in memory (a model's [`Weights::into_state`], some replaced),
+    /// without copying them.
+    pub fn from_tensors(tensors: impl IntoIterator<Item = (String, Tensor)>, device: Device, kind: Kind) -> Weights {
+        let mut w = Weights::from_index(Vec::new(), HashMap::new(), device, kind);
+        w.index = tensors.into_iter().map(|(k, t)| (k, Source::Memory(t))).collect();
+        w
+    }
+
+    /// The tensors handed out so far, by logical name: the state of the model just built.
+    pub fn into_state(self) -> Vec<(String, Tensor)> {
+        self.loaded.into_inner()
     }
 
     /// The root path.
@@ -71,8 +105,10 @@ impl Weights {
 
     /// The stored shape of a logical name.
     pub fn shape(&self, name: &str) -> Option<Vec<i64>> {
-        let (f, stored) = self.index.get(name)?;
-        self.files[*f].info(stored).map(|i| i.shape.clone())
+        match self.index.get(name)? {
+            Source::File(f, stored) => self.files[*f].info(stored).map(|i| i.shape.clone()),
+            Source::Memory(t) => Some(t.size()),
+        }
     }
 
     /// Every logical name (for detection).
@@ -105,10 +141,22 @@ impl Weights {
         let placeholder = |shape: Option<&[i64]>| {
             Tensor::zeros(shape.unwrap_or(&[1]), (self.kind, Device::Cpu))
         };
-        let Some((f, stored)) = self.index.get(name) else {
-            let file = self.files.first().map(|f| f.path.clone()).unwrap_or_default();
-            self.errors.borrow_mut().push(LoadError::Missing { file, key: format!("{}{name}", self.prefix) });
-            return placeholder(shape);
+        let (f, stored) = match self.index.get(name) {
+            Some(Source::File(f, stored)) => (f, stored),
+            Some(Source::Memory(t)) => {
+                // A model's own tensor, already in the right kind and shape.
+                let t = match shape {
+                    Some(want) if t.size() != want => t.reshape(want),
+                    _ => t.shallow_clone(),
+                };
+                self.loaded.borrow_mut().push((name.to_owned(), t.shallow_clone()));
+                return t;
+            }
+            None => {
+                let file = self.files.first().map(|f| f.path.clone()).unwrap_or_default();
+                self.errors.borrow_mut().push(LoadError::Missing { file, key: format!("{}{name}", self.prefix) });
+                return placeholder(shape);
+            }
         };
         let file = &self.files[*f];
         if let Some(info) = file.info(stored) {
@@ -139,10 +187,12 @@ impl Weights {
         match file.load(stored, self.device, Some(self.kind)) {
             Ok(t) => {
                 self.bytes.set(self.bytes.get() + t.numel() * t.kind().elt_size_in_bytes());
-                match shape {
+                let t = match shape {
                     Some(want) if t.size() != want => t.reshape(want),
                     _ => t,
-                }
+                };
+                self.loaded.borrow_mut().push((name.to_owned(), t.shallow_clone()));
+                t
             }
             Err(e) => {
                 self.errors.borrow_mut().push(e);

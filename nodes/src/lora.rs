@@ -1,0 +1,267 @@
+//! LoRA files (kohya / A1111, and the diffusers/PEFT naming) applied to the UNet and the text encoder.
+//!
+//! A LoRA never changes the model it is applied to: the patched weights are new tensors
+//! (`W + strength · alpha/rank · up @ down`, computed in fp32 and rounded once, as ComfyUI does), and the
+//! weights it does not touch are shared with the original. So two LoRA nodes on one checkpoint, or one
+//! node re-run with another strength, never compound.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::safetensors::SafetensorsFile;
+use crate::checkpoint::{keymap, Loaded, LoadError, Weights};
+use crate::models::clip::{ClipLayout, ClipTextModel};
+use crate::models::unet::{Unet, UnetConfig};
+
+/// One low-rank pair: `delta = up.flatten(1) @ down.flatten(1)`, scaled by `alpha / rank`.
+pub struct LoraModule {
+    /// The key without its suffix (`lora_unet_down_blocks_0_…_to_q`).
+    pub name: String,
+    pub down: Tensor,
+    pub up: Tensor,
+    pub alpha: Option<f64>,
+}
+
+/// A LoRA file's modules, and the keys diffloom cannot apply (with why).
+pub struct LoraFile {
+    pub path: PathBuf,
+    pub modules: Vec<LoraModule>,
+    pub unsupported: Vec<(String, &'static str)>,
+}
+
+/// (down, up) suffixes: kohya's, PEFT's (`lora_A`/`lora_B`), older diffusers'.
+const PAIRS: [(&str, &str); 3] =
+    [(".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight")];
+
+/// What an unusable key belongs to, for the report.
+fn unsupported_kind(key: &str) -> &'static str {
+    let kinds = [
+        (".hada_", "LoHa"),
+        (".lokr_", "LoKr"),
+        (".lora_mid.", "LoCon Tucker (lora_mid)"),
+        (".dora_scale", "DoRA scale (applied as a plain LoRA)"),
+        (".oft_", "OFT"),
+        (".a1.weight", "GLoRA"),
+        (".diff", "full weight difference"),
+        (".w_norm", "norm difference"),
+        (".set_weight", "weight replacement"),
+    ];
+    kinds.iter().find(|(m, _)| key.contains(m)).map_or("unknown key", |(_, k)| k)
+}
+
+impl LoraFile {
+    pub fn open(path: &Path) -> Result<LoraFile, LoadError> {
+        let file = SafetensorsFile::open(path)?;
+        let mut keys: Vec<&String> = file.tensors().keys().collect();
+        keys.sort();
+        let present: HashSet<&str> = keys.iter().map(|k| k.as_str()).collect();
+        // Modules with a Tucker middle matrix cannot be applied as a plain pair.
+        let tucker: HashSet<&str> = keys.iter().filter_map(|k| k.strip_suffix(".lora_mid.weight")).collect();
+        let mut used = HashSet::new();
+        let mut modules = Vec::new();
+        for key in &keys {
+            for (down_suffix, up_suffix) in PAIRS {
+                let Some(base) = key.strip_suffix(down_suffix) else { continue };
+                let up_key = format!("{base}{up_suffix}");
+                if !present.contains(up_key.as_str()) || tucker.contains(base) {
+                    continue;
+                }
+                let load = |k: &str| file.load(k, Device::Cpu, Some(Kind::Float));
+                let alpha_key = format!("{base}.alpha");
+                let alpha = match present.contains(alpha_key.as_str()) {
+                    true => Some(load(&alpha_key)?.double_value(&[])),
+                    false => None,
+                };
+                modules.push(LoraModule { name: base.to_owned(), down: load(key)?, up: load(&up_key)?, alpha });
+                used.extend([key.to_string(), up_key, alpha_key]);
+            }
+        }
+        let unsupported = keys.iter().filter(|k| !used.contains(k.as_str())).map(|k| (k.to_string(), unsupported_kind(k))).collect();
+        Ok(LoraFile { path: path.to_path_buf(), modules, unsupported })
+    }
+}
+
+/// The weight a LoRA module patches: a logical tensor name, optionally a block of its rows (OpenCLIP's
+/// stacked q/k/v projection).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Target {
+    pub key: String,
+    pub rows: Option<(i64, i64)>,
+}
+
+impl Target {
+    fn whole(key: String) -> Target {
+        Target { key, rows: None }
+    }
+}
+
+fn has(state: &[(String, Tensor)]) -> HashSet<&str> {
+    state.iter().map(|(k, _)| k.as_str()).collect()
+}
+
+/// The diffusers module paths of an SD UNet (`down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k`)
+/// with the LDM weight each is stored as, for the modules this UNet has.
+pub fn unet_modules(config: &UnetConfig, state: &[(String, Tensor)]) -> Vec<(String, String)> {
+    let keys = has(state);
+    let nrb = config.num_res_blocks as usize;
+    let levels = config.channel_mult.len();
+    let up_has_attn: Vec<bool> =
+        (0..levels).map(|i| keys.contains(format!("output_blocks.{}.1.proj_in.weight", i * (nrb + 1)).as_str())).collect();
+    let resnet = |p: &str| ["conv1", "conv2", "time_emb_proj", "conv_shortcut"].map(|l| format!("{p}.{l}")).to_vec();
+    let attention = |p: &str| {
+        let mut m = vec![format!("{p}.proj_in"), format!("{p}.proj_out")];
+        for k in 0..config.transformer_depth {
+            let t = format!("{p}.transformer_blocks.{k}");
+            for a in ["attn1", "attn2"] {
+                m.extend(["to_q", "to_k", "to_v", "to_out.0"].map(|l| format!("{t}.{a}.{l}")));
+            }
+            m.extend([format!("{t}.ff.net.0.proj"), format!("{t}.ff.net.2")]);
+        }
+        m
+    };
+    let mut paths: Vec<String> =
+        ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"].map(String::from).to_vec();
+    for i in 0..levels {
+        for j in 0..=nrb {
+            for block in ["down_blocks", "up_blocks"] {
+                paths.extend(resnet(&format!("{block}.{i}.resnets.{j}")));
+                paths.extend(attention(&format!("{block}.{i}.attentions.{j}")));
+            }
+        }
+        paths.push(format!("down_blocks.{i}.downsamplers.0.conv"));
+        paths.push(format!("up_blocks.{i}.upsamplers.0.conv"));
+    }
+    for j in 0..2 {
+        paths.extend(resnet(&format!("mid_block.resnets.{j}")));
+    }
+    paths.extend(attention("mid_block.attentions.0"));
+    paths
+        .into_iter()
+        .filter_map(|p| {
+            let ldm = keymap::unet_key(&format!("{p}.weight"), nrb, &up_has_attn)?;
+            keys.contains(ldm.as_str()).then_some((p, ldm))
+        })
+        .collect()
+}
+
+/// The transformers-layout module paths of a CLIP text encoder (`encoder.layers.3.self_attn.q_proj`)
+/// and the weight each is stored in; for OpenCLIP, q, k and v are row blocks of `in_proj_weight`.
+pub fn clip_modules(model: &ClipTextModel) -> Vec<(String, Target)> {
+    let c = &model.config;
+    let d = c.hidden_size;
+    let mut out = Vec::new();
+    for i in 0..c.num_layers {
+        let hf = |m: &str| format!("encoder.layers.{i}.{m}");
+        match c.layout {
+            ClipLayout::Hf => {
+                for m in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2"] {
+                    out.push((hf(m), Target::whole(format!("{}.weight", hf(m)))));
+                }
+            }
+            ClipLayout::OpenClip => {
+                let r = format!("transformer.resblocks.{i}");
+                for (j, m) in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"].into_iter().enumerate() {
+                    out.push((hf(m), Target { key: format!("{r}.attn.in_proj_weight"), rows: Some((j as i64 * d, d)) }));
+                }
+                out.push((hf("self_attn.out_proj"), Target::whole(format!("{r}.attn.out_proj.weight"))));
+                out.push((hf("mlp.fc1"), Target::whole(format!("{r}.mlp.c_fc.weight"))));
+                out.push((hf("mlp.fc2"), Target::whole(format!("{r}.mlp.c_proj.weight"))));
+            }
+        }
+    }
+    out
+}
+
+/// Every LoRA module name that addresses the UNet: kohya's `lora_unet_` + the diffusers path (what
+/// kohya writes for SD 1.x/2.x) or + the LDM path, and PEFT's `unet.` + the diffusers path.
+pub fn unet_key_map(config: &UnetConfig, state: &[(String, Tensor)]) -> HashMap<String, Target> {
+    let mut map = HashMap::new();
+    for (name, t) in state {
+        if let (Some(module), true) = (name.strip_suffix(".weight"), t.dim() >= 2) {
+            map.insert(format!("lora_unet_{}", module.replace('.', "_")), Target::whole(name.clone()));
+        }
+    }
+    for (path, ldm) in unet_modules(config, state) {
+        map.insert(format!("lora_unet_{}", path.replace('.', "_")), Target::whole(ldm.clone()));
+        map.insert(format!("unet.{path}"), Target::whole(ldm));
+    }
+    map
+}
+
+/// Every LoRA module name that addresses the text encoder: kohya's `lora_te_text_model_…` and PEFT's
+/// `text_encoder.text_model.…` (both in transformers' layout, also for SD 2.x's OpenCLIP).
+pub fn clip_key_map(model: &ClipTextModel) -> HashMap<String, Target> {
+    let mut map = HashMap::new();
+    for (path, target) in clip_modules(model) {
+        map.insert(format!("lora_te_text_model_{}", path.replace('.', "_")), target.clone());
+        map.insert(format!("text_encoder.text_model.{path}"), target);
+    }
+    map
+}
+
+/// A model's state with `patches` added: `(target, module, strength)`. Returns the new state (patched
+/// tensors new, the others shared) and the number of weights patched.
+pub fn patch_state(state: &[(String, Tensor)], patches: &[(&Target, &LoraModule, f64)]) -> Result<Vec<(String, Tensor)>, String> {
+    let mut by_key: BTreeMap<&str, Vec<(&Target, &LoraModule, f64)>> = BTreeMap::new();
+    for p in patches {
+        by_key.entry(p.0.key.as_str()).or_default().push(*p);
+    }
+    let index: HashMap<&str, &Tensor> = state.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut patched: HashMap<&str, Tensor> = HashMap::new();
+    for (key, list) in &by_key {
+        let base = index.get(key).ok_or_else(|| format!("the model has no weight {key:?}"))?;
+        // A copy even when the weights already are fp32: to_kind would return the base tensor itself,
+        // and the in-place adds below would change the model the LoRA was applied to.
+        let w = base.to_dtype(Kind::Float, false, true);
+        for (target, m, strength) in list {
+            let rank = m.down.size()[0];
+            let scale = m.alpha.map_or(1.0, |a| a / rank as f64);
+            let device = w.device();
+            let delta = m.up.to_device(device).flatten(1, -1).mm(&m.down.to_device(device).flatten(1, -1));
+            let mut region = match target.rows {
+                Some((start, len)) => w.narrow(0, start, len),
+                None => w.shallow_clone(),
+            };
+            if delta.numel() != region.numel() || delta.size()[0] != region.size()[0] {
+                return Err(format!(
+                    "{}: up {:?} × down {:?} does not fit {key} {:?} (a LoRA for another model family?)",
+                    m.name,
+                    m.up.size(),
+                    m.down.size(),
+                    region.size()
+                ));
+            }
+            let _ = region.f_add_(&(delta.reshape(region.size()) * (strength * scale))).map_err(|e| e.to_string())?;
+        }
+        patched.insert(key, w.to_kind(base.kind()));
+    }
+    Ok(state
+        .iter()
+        .map(|(k, t)| (k.clone(), patched.remove(k.as_str()).unwrap_or_else(|| t.shallow_clone())))
+        .collect())
+}
+
+/// The UNet rebuilt from a patched state.
+pub fn rebuild_unet(unet: &Loaded<Unet>, state: Vec<(String, Tensor)>) -> Result<Loaded<Unet>, LoadError> {
+    let (device, kind) = device_kind(&state);
+    let w = Weights::from_tensors(state, device, kind);
+    let model = Unet::new(&w.root(), unet.config.clone());
+    w.finish()?;
+    Ok(Loaded { model: Rc::new(model), state: Rc::new(w.into_state()) })
+}
+
+/// The text encoder rebuilt from a patched state.
+pub fn rebuild_clip(clip: &Loaded<ClipTextModel>, state: Vec<(String, Tensor)>) -> Result<Loaded<ClipTextModel>, LoadError> {
+    let (device, kind) = device_kind(&state);
+    let w = Weights::from_tensors(state, device, kind);
+    let model = ClipTextModel::new(&w.root(), clip.config.clone());
+    w.finish()?;
+    Ok(Loaded { model: Rc::new(model), state: Rc::new(w.into_state()) })
+}
+
+fn device_kind(state: &[(String, Tensor)]) -> (Device, Kind) {
+    state.first().map_or((Device::Cpu, Kind::Float), |(_, t)| (t.device(), t.kind()))
+}
