@@ -6,6 +6,7 @@ use diffloom_core::NodeError;
 use diffloom_nodes::checkpoint::detect::Prediction;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
+use diffloom_nodes::sampling::conds::Cond;
 use diffloom_nodes::sampling::guidance::{CfgDenoiser, Denoiser};
 use diffloom_nodes::sampling::model_sampling::ModelSampling;
 use diffloom_nodes::sampling::noise::{initial_noise, step_noise};
@@ -147,7 +148,8 @@ fn samplers_match_k_diffusion_on_the_tiny_unet() {
     let _g = tch::no_grad_guard();
     for name in names {
         // cfg 1: the cond alone, as the reference calls the model.
-        let mut model = CfgDenoiser { unet: &unet, sampling: &ms, cond: context.shallow_clone(), uncond: None, cfg: 1.0, concat: None, noise_mask: None, calls: 0, model_time: std::time::Duration::ZERO };
+        let cond = vec![Cond::whole(context.shallow_clone(), &shape)];
+        let mut model = CfgDenoiser { unet: &unet, sampling: &ms, cond, uncond: None, cfg: 1.0, noise_mask: None, calls: 0, model_time: std::time::Duration::ZERO };
         let worst = compare_trajectories(&r, name, &trajectory(name, &mut model, 7, &shape, &sigmas));
         println!("{name} (tiny UNet): max abs difference {worst:.2e}");
         assert!(worst <= 1e-4, "{name}: trajectory differs by {worst:.3e}");

@@ -129,6 +129,9 @@ pub fn tensor_bytes(t: &Tensor) -> usize {
 pub struct Latent {
     pub samples: Shared,
     pub noise_mask: Option<Shared>,
+    /// Which items of a larger batch these are (LatentFromBatch, RepeatLatentBatch): item k gets the
+    /// k-th per-item noise draw of the seed, as in ComfyUI's `prepare_noise`.
+    pub batch_index: Option<Vec<i64>>,
 }
 
 /// One conditioning entry: the text encoder's cross-attention states `[batch, tokens, dim]` and,
@@ -137,6 +140,44 @@ pub struct Latent {
 pub struct CondEntry {
     pub cross_attn: Shared,
     pub pooled: Option<Shared>,
+    /// Where the entry applies (ConditioningSetArea, …); the whole latent when None.
+    pub area: Option<Area>,
+    /// Weight of this entry's prediction against overlapping entries (1 by default).
+    pub strength: f64,
+    /// ConditioningSetMask: `[b, h, w]` weights where the entry applies, times `mask_strength`.
+    pub mask: Option<Shared>,
+    pub mask_strength: f64,
+    /// ConditioningSetMask's "mask bounds": the area becomes the mask's bounding box.
+    pub area_from_mask: bool,
+    /// InpaintModelConditioning: the masked image's latent (unscaled) and the pixel mask that inpainting
+    /// UNets take as extra input channels.
+    pub concat_latent: Option<Shared>,
+    pub concat_mask: Option<Shared>,
+}
+
+impl CondEntry {
+    /// An entry with the text encoder's states and nothing else set.
+    pub fn new(cross_attn: Tensor) -> CondEntry {
+        CondEntry {
+            cross_attn: Shared(cross_attn),
+            pooled: None,
+            area: None,
+            strength: 1.0,
+            mask: None,
+            mask_strength: 1.0,
+            area_from_mask: false,
+            concat_latent: None,
+            concat_mask: None,
+        }
+    }
+}
+
+/// A conditioning area: in latent pixels, or (ConditioningSetAreaPercentage) in fractions of the
+/// latent's sides, resolved when sampling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Area {
+    Latent { h: i64, w: i64, y: i64, x: i64 },
+    Fraction { h: f64, w: f64, y: f64, x: f64 },
 }
 
 /// A model-like object (checkpoint parts, samplers, upscalers) owned by the node crate that made it.

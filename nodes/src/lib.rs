@@ -35,6 +35,11 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(conditioning::ConditioningCombine),
         Rc::new(conditioning::ConditioningConcat),
         Rc::new(conditioning::ConditioningZeroOut),
+        Rc::new(conditioning::ConditioningSetArea),
+        Rc::new(conditioning::ConditioningSetAreaPercentage),
+        Rc::new(conditioning::ConditioningSetAreaStrength),
+        Rc::new(conditioning::ConditioningSetMask),
+        Rc::new(conditioning::InpaintModelConditioning),
         // sampling
         Rc::new(sampling_nodes::KSampler),
         Rc::new(sampling_nodes::KSamplerAdvanced),
@@ -56,6 +61,8 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(latent::LatentUpscale),
         Rc::new(latent::LatentUpscaleBy),
         Rc::new(latent::RepeatLatentBatch),
+        Rc::new(latent::LatentFromBatch),
+        Rc::new(latent::LatentComposite),
         // image
         Rc::new(image::LoadImage),
         Rc::new(image::SaveImage),

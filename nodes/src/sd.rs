@@ -5,7 +5,7 @@ use std::cell::OnceCell;
 use std::path::{Component, Path, PathBuf};
 use std::rc::Rc;
 
-use diffloom_core::value::{CondEntry, Shared};
+use diffloom_core::value::CondEntry;
 use diffloom_core::NodeError;
 use tch::{Device, Kind, Tensor};
 
@@ -134,7 +134,7 @@ impl SdClip {
             }
             out.push(zk);
         }
-        Ok(CondEntry { cross_attn: Shared(Tensor::cat(&out, 0).unsqueeze(0)), pooled: None })
+        Ok(CondEntry::new(Tensor::cat(&out, 0).unsqueeze(0)))
     }
 }
 

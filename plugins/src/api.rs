@@ -252,7 +252,7 @@ pub fn conditioning(parts: Vec<LuaTensor>) -> mlua::Result<LuaConditioning> {
             if p.tensor.dim() != 3 {
                 return Err(err(format!("diffloom.conditioning: expected [1, tokens, dim] tensors, got {:?}", p.tensor.size())));
             }
-            Ok(diffloom_core::value::CondEntry { cross_attn: Shared(p.tensor.to_kind(Kind::Float)), pooled: None })
+            Ok(diffloom_core::value::CondEntry::new(p.tensor.to_kind(Kind::Float)))
         })
         .collect::<mlua::Result<Vec<_>>>()
         .map(LuaConditioning)
@@ -304,7 +304,7 @@ pub fn from_lua(v: LuaValue, want: ValueType) -> Result<Value, String> {
             if t.dim() != 4 {
                 return Err(shape_err(&t, "[batch, channels, h, w]"));
             }
-            Ok(Value::Latent(Latent { samples: Shared(t.to_kind(Kind::Float)), noise_mask: None }))
+            Ok(Value::Latent(Latent { samples: Shared(t.to_kind(Kind::Float)), noise_mask: None, batch_index: None }))
         }
         (_, _) if opaque(&v).is_some_and(|o| o.value_type().feeds(want)) => Ok(opaque(&v).unwrap_or(Value::Boolean(false))),
         (ValueType::Any, _) => match &v {

@@ -1,9 +1,13 @@
-//! ComfyUI's `conditioning` category: prompt encoding and the CLIP layer choice.
+//! ComfyUI's `conditioning` category: prompt encoding, the CLIP layer choice, combining entries, areas
+//! and masks, and the inputs of inpainting models.
 
-use diffloom_core::{Args, Ctx, Handle, Int, Node, NodeError, Schema, Str, Value, ValueType};
+use diffloom_core::value::{Area, CondEntry, Latent, Shared};
+use diffloom_core::{Args, Bool, Combo, Ctx, Float, Handle, Int, Node, NodeError, Schema, Str, Value, ValueType};
+use tch::Tensor;
 
+use super::image::MAX_RESOLUTION;
 use super::loaders::part;
-use crate::sd::{EmbeddingDir, SdClip};
+use crate::sd::{EmbeddingDir, SdClip, SdVae, VAE_FACTOR};
 
 pub struct CLIPTextEncode;
 impl Node for CLIPTextEncode {
@@ -81,7 +85,7 @@ impl Node for ConditioningConcat {
             .into_iter()
             .map(|e| {
                 let t = tch::Tensor::f_cat(&[e.cross_attn.0.shallow_clone(), first.cross_attn.0.shallow_clone()], 1)?;
-                Ok(diffloom_core::value::CondEntry { cross_attn: diffloom_core::value::Shared(t), pooled: e.pooled })
+                Ok(diffloom_core::value::CondEntry { cross_attn: diffloom_core::value::Shared(t), ..e })
             })
             .collect::<Result<Vec<_>, NodeError>>()?;
         Ok(vec![Value::Conditioning(out)])
@@ -100,9 +104,169 @@ impl Node for ConditioningZeroOut {
             .into_iter()
             .map(|e| diffloom_core::value::CondEntry {
                 cross_attn: diffloom_core::value::Shared(e.cross_attn.0.zeros_like()),
-                pooled: e.pooled.map(|p| diffloom_core::value::Shared(p.0.zeros_like())),
+                pooled: e.pooled.as_ref().map(|p| diffloom_core::value::Shared(p.0.zeros_like())),
+                ..e
             })
             .collect();
         Ok(vec![Value::Conditioning(out)])
     }
+}
+
+/// Every entry of `conditioning` with `set` applied.
+fn map_entries(a: &Args, set: impl Fn(&mut CondEntry)) -> Result<Vec<Value>, NodeError> {
+    let mut entries = conds(a, "conditioning")?;
+    entries.iter_mut().for_each(set);
+    Ok(vec![Value::Conditioning(entries)])
+}
+
+fn strength() -> Float {
+    Float::new(1.0).range(0.0, 10.0).step(0.01)
+}
+
+/// ComfyUI's ConditioningSetArea: the entries apply to a rectangle (pixels, floored to the latent's
+/// 8-pixel grid), their predictions weighted by `strength` against overlapping entries and faded in
+/// over up to 8 latent pixels at edges inside the image.
+pub struct ConditioningSetArea;
+impl Node for ConditioningSetArea {
+    fn schema(&self) -> Schema {
+        Schema::new("ConditioningSetArea", "conditioning")
+            .input("conditioning", ValueType::Conditioning)
+            .input("width", Int::new(64).range(64, MAX_RESOLUTION).step(8))
+            .input("height", Int::new(64).range(64, MAX_RESOLUTION).step(8))
+            .input("x", Int::new(0).range(0, MAX_RESOLUTION).step(8))
+            .input("y", Int::new(0).range(0, MAX_RESOLUTION).step(8))
+            .input("strength", strength())
+            .output("CONDITIONING", ValueType::Conditioning)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let f = VAE_FACTOR;
+        let area = Area::Latent { h: a.i64("height")? / f, w: a.i64("width")? / f, y: a.i64("y")? / f, x: a.i64("x")? / f };
+        let s = a.float("strength")?;
+        map_entries(a, |e| {
+            e.area = Some(area);
+            e.strength = s;
+            e.area_from_mask = false;
+        })
+    }
+}
+
+/// ConditioningSetArea in fractions of the image's sides, resolved when sampling.
+pub struct ConditioningSetAreaPercentage;
+impl Node for ConditioningSetAreaPercentage {
+    fn schema(&self) -> Schema {
+        let frac = |d: f64| Float::new(d).range(0.0, 1.0).step(0.01);
+        Schema::new("ConditioningSetAreaPercentage", "conditioning")
+            .input("conditioning", ValueType::Conditioning)
+            .input("width", frac(1.0))
+            .input("height", frac(1.0))
+            .input("x", frac(0.0))
+            .input("y", frac(0.0))
+            .input("strength", strength())
+            .output("CONDITIONING", ValueType::Conditioning)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let area = Area::Fraction { h: a.float("height")?, w: a.float("width")?, y: a.float("y")?, x: a.float("x")? };
+        let s = a.float("strength")?;
+        map_entries(a, |e| {
+            e.area = Some(area);
+            e.strength = s;
+            e.area_from_mask = false;
+        })
+    }
+}
+
+pub struct ConditioningSetAreaStrength;
+impl Node for ConditioningSetAreaStrength {
+    fn schema(&self) -> Schema {
+        Schema::new("ConditioningSetAreaStrength", "conditioning")
+            .input("conditioning", ValueType::Conditioning)
+            .input("strength", strength())
+            .output("CONDITIONING", ValueType::Conditioning)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let s = a.float("strength")?;
+        map_entries(a, |e| e.strength = s)
+    }
+}
+
+/// ComfyUI's ConditioningSetMask: the entries' predictions weighted per pixel by the mask (resized to
+/// the latent) times `strength`; with "mask bounds" the model also runs only on the mask's bounding box.
+pub struct ConditioningSetMask;
+impl Node for ConditioningSetMask {
+    fn schema(&self) -> Schema {
+        Schema::new("ConditioningSetMask", "conditioning")
+            .input("conditioning", ValueType::Conditioning)
+            .input("mask", ValueType::Mask)
+            .input("strength", strength())
+            .input("set_cond_area", Combo::of(&["default", "mask bounds"]))
+            .output("CONDITIONING", ValueType::Conditioning)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let mask = a.mask("mask")?;
+        let mask = if mask.dim() == 2 { Shared(mask.f_unsqueeze(0)?) } else { mask.clone() };
+        let s = a.float("strength")?;
+        let bounds = a.string("set_cond_area")? != "default";
+        map_entries(a, |e| {
+            e.mask = Some(mask.clone());
+            e.mask_strength = s;
+            e.area_from_mask = bounds;
+        })
+    }
+}
+
+/// ComfyUI's InpaintModelConditioning: the image with the masked pixels greyed is encoded for
+/// inpainting UNets' extra channels (kept on every entry with the mask); the latent is the whole
+/// image's, with the mask as its noise mask when `noise_mask` is set (what standard UNets use).
+pub struct InpaintModelConditioning;
+impl Node for InpaintModelConditioning {
+    fn schema(&self) -> Schema {
+        Schema::new("InpaintModelConditioning", "conditioning/inpaint")
+            .input("positive", ValueType::Conditioning)
+            .input("negative", ValueType::Conditioning)
+            .input("vae", ValueType::Vae)
+            .input("pixels", ValueType::Image)
+            .input("mask", ValueType::Mask)
+            .input("noise_mask", Bool(true))
+            .doc("also set the latent's noise mask, so the sampler keeps the unmasked part")
+            .output("positive", ValueType::Conditioning)
+            .output("negative", ValueType::Conditioning)
+            .output("latent", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let vae: &SdVae = part(a, "vae")?;
+        let pixels = a.image("pixels")?;
+        let (pb, mb) = (pixels.size()[0], a.mask("mask")?.size()[0]);
+        if a.mask("mask")?.dim() == 3 && mb != 1 && mb != pb {
+            return Err(NodeError::input("mask", format!("{mb} masks for {pb} images; give one mask or one per image")));
+        }
+        let (crop, mask) = crop_with_mask(pixels, a.mask("mask")?)?;
+        let keep = mask.f_round()?.f_neg()?.f_add_scalar(1.0)?.f_squeeze_dim(1)?.f_unsqueeze(-1)?;
+        let masked = crop.f_sub_scalar(0.5)?.f_mul(&keep)?.f_add_scalar(0.5)?;
+        let _guard = tch::no_grad_guard();
+        let concat = Shared(vae.encode(&masked, None)?);
+        let samples = vae.encode(pixels, None)?;
+        let mask = Shared(mask);
+        let with = |input: &str| -> Result<Value, NodeError> {
+            let mut entries = conds(a, input)?;
+            for e in &mut entries {
+                e.concat_latent = Some(concat.clone());
+                e.concat_mask = Some(mask.clone());
+            }
+            Ok(Value::Conditioning(entries))
+        };
+        let noise_mask = a.boolean("noise_mask")?.then(|| mask.clone());
+        Ok(vec![with("positive")?, with("negative")?, Value::Latent(Latent { samples: Shared(samples), noise_mask, batch_index: None })])
+    }
+}
+
+/// The pixels and the mask (resized to them, `[b, 1, h, w]`), both centre-cropped to multiples of 8
+/// as the VAE encoder crops.
+pub(crate) fn crop_with_mask(pixels: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor), NodeError> {
+    let ps = pixels.size();
+    let (h, w) = (ps[1], ps[2]);
+    let ms = mask.size();
+    let mask = mask.f_reshape([-1, 1, ms[ms.len() - 2], ms[ms.len() - 1]])?.f_upsample_bilinear2d([h, w], false, None, None)?;
+    let (ch, cw) = (h / VAE_FACTOR * VAE_FACTOR, w / VAE_FACTOR * VAE_FACTOR);
+    let (oy, ox) = ((h % VAE_FACTOR) / 2, (w % VAE_FACTOR) / 2);
+    Ok((pixels.f_narrow(1, oy, ch)?.f_narrow(2, ox, cw)?, mask.f_narrow(2, oy, ch)?.f_narrow(3, ox, cw)?))
 }

@@ -10,7 +10,7 @@ use crate::resample::{common_upscale, CROP_METHODS};
 use crate::sd::{SdVae, VAE_FACTOR};
 
 fn latent(samples: Tensor) -> Value {
-    Value::Latent(Latent { samples: Shared(samples), noise_mask: None })
+    Value::Latent(Latent { samples: Shared(samples), noise_mask: None, batch_index: None })
 }
 
 pub struct EmptyLatentImage;
@@ -100,8 +100,8 @@ impl Node for VAEEncodeTiled {
     }
 }
 
-/// ComfyUI's latent upscale methods (`bislerp` is not implemented yet).
-pub const LATENT_METHODS: &[&str] = &["nearest-exact", "bilinear", "area", "bicubic"];
+/// ComfyUI's latent upscale methods.
+pub const LATENT_METHODS: &[&str] = &["nearest-exact", "bilinear", "area", "bicubic", "bislerp"];
 
 pub struct LatentUpscale;
 impl Node for LatentUpscale {
@@ -134,7 +134,7 @@ impl Node for LatentUpscale {
             (w, h) = (w.max(64), h.max(64));
         }
         let out = common_upscale(&l.samples, w / VAE_FACTOR, h / VAE_FACTOR, a.string("upscale_method")?, a.string("crop")?)?;
-        Ok(vec![Value::Latent(Latent { samples: Shared(out), noise_mask: l.noise_mask.clone() })])
+        Ok(vec![Value::Latent(Latent { samples: Shared(out), ..l.clone() })])
     }
 }
 
@@ -153,7 +153,7 @@ impl Node for LatentUpscaleBy {
         let f = a.float("scale_by")?;
         let (w, h) = (((s[3] as f64) * f).round_ties_even().max(1.0) as i64, ((s[2] as f64) * f).round_ties_even().max(1.0) as i64);
         let out = common_upscale(&l.samples, w, h, a.string("upscale_method")?, "disabled")?;
-        Ok(vec![Value::Latent(Latent { samples: Shared(out), noise_mask: l.noise_mask.clone() })])
+        Ok(vec![Value::Latent(Latent { samples: Shared(out), ..l.clone() })])
     }
 }
 
@@ -175,7 +175,7 @@ impl Node for SetLatentNoiseMask {
         }
         let s = m.size();
         let mask = m.f_reshape([-1, 1, s[s.len() - 2], s[s.len() - 1]])?;
-        Ok(vec![Value::Latent(Latent { samples: l.samples.clone(), noise_mask: Some(Shared(mask)) })])
+        Ok(vec![Value::Latent(Latent { noise_mask: Some(Shared(mask)), ..l.clone() })])
     }
 }
 
@@ -195,7 +195,13 @@ impl Node for RepeatLatentBatch {
             Some(m) if m.size()[0] > 1 => Some(Shared(m.f_repeat([n, 1, 1, 1])?)),
             other => other.clone(),
         };
-        Ok(vec![Value::Latent(Latent { samples: Shared(samples), noise_mask: mask })])
+        // Repeats of indexed items continue the indices after the batch's span (ComfyUI: offset
+        // max − min + 1 per repeat).
+        let batch_index = l.batch_index.as_ref().map(|bi| {
+            let span = bi.iter().max().unwrap_or(&0) - bi.iter().min().unwrap_or(&0) + 1;
+            (0..n).flat_map(|r| bi.iter().map(move |i| i + r * span)).collect()
+        });
+        Ok(vec![Value::Latent(Latent { samples: Shared(samples), noise_mask: mask, batch_index })])
     }
 }
 
@@ -214,15 +220,8 @@ impl Node for VAEEncodeForInpaint {
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let vae: &SdVae = part(a, "vae")?;
         let pixels = a.image("pixels")?;
-        let ps = pixels.size();
-        let (h, w) = (ps[1], ps[2]);
-        let ms = a.mask("mask")?.size();
-        let mask = a.mask("mask")?.f_reshape([-1, 1, ms[ms.len() - 2], ms[ms.len() - 1]])?.f_upsample_bilinear2d([h, w], false, None, None)?;
-        // The same centre crop to multiples of 8 as the pixels get in the encoder.
-        let (ch, cw) = (h / VAE_FACTOR * VAE_FACTOR, w / VAE_FACTOR * VAE_FACTOR);
-        let (oy, ox) = ((h % VAE_FACTOR) / 2, (w % VAE_FACTOR) / 2);
-        let pixels = pixels.f_narrow(1, oy, ch)?.f_narrow(2, ox, cw)?;
-        let mask = mask.f_narrow(2, oy, ch)?.f_narrow(3, ox, cw)?;
+        let (pixels, mask) = super::conditioning::crop_with_mask(pixels, a.mask("mask")?)?;
+        let (ch, cw) = (pixels.size()[1], pixels.size()[2]);
         let grow = a.i64("grow_mask_by")?;
         let grown = if grow == 0 {
             mask.shallow_clone()
@@ -237,6 +236,93 @@ impl Node for VAEEncodeForInpaint {
         let _guard = tch::no_grad_guard();
         let samples = vae.encode(&pixels, None)?;
         let noise_mask = grown.f_narrow(2, 0, ch)?.f_narrow(3, 0, cw)?.f_round()?;
-        Ok(vec![Value::Latent(Latent { samples: Shared(samples), noise_mask: Some(Shared(noise_mask)) })])
+        Ok(vec![Value::Latent(Latent { samples: Shared(samples), noise_mask: Some(Shared(noise_mask)), batch_index: None })])
+    }
+}
+
+/// ComfyUI's LatentComposite: `samples_from` pasted into `samples_to` at (x, y) (pixels, floored to the
+/// 8-pixel grid), clipped at the right and bottom; with `feather`, a linear fade over that many pixels
+/// on the edges that lie inside `samples_to`.
+pub struct LatentComposite;
+impl Node for LatentComposite {
+    fn schema(&self) -> Schema {
+        let px = || Int::new(0).range(0, MAX_RESOLUTION).step(8);
+        Schema::new("LatentComposite", "latent")
+            .input("samples_to", ValueType::Latent)
+            .input("samples_from", ValueType::Latent)
+            .input("x", px())
+            .input("y", px())
+            .input("feather", px())
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let to = a.latent("samples_to")?;
+        let from = &a.latent("samples_from")?.samples;
+        let (x, y, feather) = (a.i64("x")? / VAE_FACTOR, a.i64("y")? / VAE_FACTOR, a.i64("feather")? / VAE_FACTOR);
+        let (ts, fs) = (to.samples.size(), from.size());
+        if ts[1] != fs[1] || (fs[0] != 1 && fs[0] != ts[0]) {
+            return Err(NodeError::input(
+                "samples_from",
+                format!("a latent of shape {fs:?} cannot be pasted into one of shape {ts:?} (same channels; batch 1 or {})", ts[0]),
+            ));
+        }
+        if x >= ts[3] || y >= ts[2] {
+            return Ok(vec![Value::Latent(to.clone())]);
+        }
+        let (fh, fw) = (fs[2].min(ts[2] - y), fs[3].min(ts[3] - x));
+        let src = from.f_narrow(2, 0, fh)?.f_narrow(3, 0, fw)?;
+        let out = to.samples.f_to_dtype(to.samples.kind(), false, true)?;
+        let mut region = out.f_narrow(2, y, fh)?.f_narrow(3, x, fw)?;
+        let mask = Tensor::f_ones([1, 1, fh, fw], (Kind::Float, Device::Cpu))?;
+        for t in 0..feather.min(fh).min(fw) {
+            let r = (t + 1) as f64 / feather as f64;
+            if y != 0 {
+                let _ = mask.f_narrow(2, t, 1)?.f_mul_scalar_(r)?;
+            }
+            if y + fh < ts[2] {
+                let _ = mask.f_narrow(2, fh - 1 - t, 1)?.f_mul_scalar_(r)?;
+            }
+            if x != 0 {
+                let _ = mask.f_narrow(3, t, 1)?.f_mul_scalar_(r)?;
+            }
+            if x + fw < ts[3] {
+                let _ = mask.f_narrow(3, fw - 1 - t, 1)?.f_mul_scalar_(r)?;
+            }
+        }
+        let blended = src.f_mul(&mask)?.f_add(&region.f_mul(&mask.f_neg()?.f_add_scalar(1.0)?)?)?;
+        region.f_copy_(&blended)?;
+        Ok(vec![Value::Latent(Latent { samples: Shared(out), ..to.clone() })])
+    }
+}
+
+/// ComfyUI's LatentFromBatch: items `batch_index .. batch_index + length` (clamped to the batch). They
+/// remember their index, so a sampler gives them the noise they had in the whole batch.
+pub struct LatentFromBatch;
+impl Node for LatentFromBatch {
+    fn schema(&self) -> Schema {
+        Schema::new("LatentFromBatch", "latent/batch")
+            .input("samples", ValueType::Latent)
+            .input("batch_index", Int::new(0).range(0, 63))
+            .input("length", Int::new(1).range(1, 64))
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let l = a.latent("samples")?;
+        let b = l.samples.size()[0];
+        let start = a.i64("batch_index")?.min(b - 1);
+        let len = a.i64("length")?.min(b - start);
+        let samples = l.samples.f_narrow(0, start, len)?;
+        let noise_mask = match &l.noise_mask {
+            Some(m) if m.size()[0] > 1 => {
+                let m = crate::sampling::conds::repeat_to_batch(m, b);
+                Some(Shared(m.f_narrow(0, start, len)?))
+            }
+            other => other.clone(),
+        };
+        let batch_index = match &l.batch_index {
+            Some(bi) => bi.iter().skip(start as usize).take(len as usize).copied().collect(),
+            None => (start..start + len).collect(),
+        };
+        Ok(vec![Value::Latent(Latent { samples: Shared(samples), noise_mask, batch_index: Some(batch_index) })])
     }
 }

@@ -40,7 +40,7 @@ fn sigmas_of(a: &Args, input: &str) -> Result<Vec<f64>, NodeError> {
 }
 
 fn latent_out(latent: &Latent, samples: Tensor) -> Value {
-    Value::Latent(Latent { samples: Shared(samples), noise_mask: latent.noise_mask.clone() })
+    Value::Latent(Latent { samples: Shared(samples), ..latent.clone() })
 }
 
 /// Samples with the node's `positive`, `negative`, `cfg` and `latent_image` inputs, reporting the model

@@ -5,6 +5,7 @@ use tch::{Kind, Tensor};
 
 use diffloom_core::NodeError;
 
+use super::conds::Cond;
 use super::model_sampling::ModelSampling;
 use crate::models::unet::Unet;
 
@@ -23,16 +24,15 @@ pub struct NoiseMask {
     pub noise: Tensor,
 }
 
-/// The guided UNet. `context` is `[2b, tokens, dim]` (cond rows then uncond rows) or `[b, …]` when cfg
-/// is 1 and the uncond pass is skipped, as ComfyUI skips it.
+/// The guided UNet. Each side's entries are run on their areas and their predictions averaged with
+/// their per-pixel weights (ComfyUI's `calc_cond_batch`); entries over the same area share one batched
+/// forward pass, uncond rows first, and the uncond side is skipped when cfg is 1, as ComfyUI does.
 pub struct CfgDenoiser<'a> {
     pub unet: &'a Unet,
     pub sampling: &'a ModelSampling,
-    pub cond: Tensor,
-    pub uncond: Option<Tensor>,
+    pub cond: Vec<Cond>,
+    pub uncond: Option<Vec<Cond>>,
     pub cfg: f64,
-    /// Extra input channels for inpainting UNets (mask and masked-image latent), `[b, 5, h, w]`.
-    pub concat: Option<Tensor>,
     pub noise_mask: Option<NoiseMask>,
     /// Model calls so far (for NaN reports and benchmarks).
     pub calls: usize,
@@ -40,19 +40,23 @@ pub struct CfgDenoiser<'a> {
     pub model_time: std::time::Duration,
 }
 
-/// Repeats token sequences to a common length (their least common multiple) so that conds of different
-/// lengths can share a batch, as ComfyUI's `CONDCrossAttn.concat` does.
-pub fn batch_conds(a: &Tensor, b: &Tensor) -> Tensor {
-    let (la, lb) = (a.size()[1], b.size()[1]);
-    if la == lb {
-        return Tensor::cat(&[a, b], 0);
-    }
-    let lcm = la / gcd(la, lb) * lb;
-    Tensor::cat(&[a.repeat([1, lcm / la, 1]), b.repeat([1, lcm / lb, 1])], 0)
+/// Repeats token sequences to a common length (their least common multiple) and stacks them, so that
+/// conds of different lengths can share a batch, as ComfyUI's `CONDCrossAttn.concat` does.
+pub fn batch_conds(parts: &[Tensor]) -> Tensor {
+    let lcm = parts.iter().map(|t| t.size()[1]).fold(1, |l, n| l / gcd(l, n) * n);
+    let padded: Vec<Tensor> = parts.iter().map(|t| if t.size()[1] == lcm { t.shallow_clone() } else { t.repeat([1, lcm / t.size()[1], 1]) }).collect();
+    Tensor::cat(&padded, 0)
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
     if b == 0 { a } else { gcd(b, a % b) }
+}
+
+fn crop(t: &Tensor, area: Option<[i64; 4]>) -> Tensor {
+    match area {
+        Some([h, w, y, x]) => t.narrow(2, y, h).narrow(3, x, w),
+        None => t.shallow_clone(),
+    }
 }
 
 impl Denoiser for CfgDenoiser<'_> {
@@ -67,35 +71,55 @@ impl Denoiser for CfgDenoiser<'_> {
         };
         let b = x_in.size()[0];
         let device = self.unet_device();
-        let kind = Kind::Float;
-        let batch = if self.uncond.is_some() { 2 } else { 1 };
-        let xs = x_in.repeat([batch as i64, 1, 1, 1]);
-        let mut model_in = self.sampling.calculate_input(sigma, &xs).to_device(device);
-        if let Some(c) = &self.concat {
-            model_in = Tensor::cat(&[model_in, c.repeat([batch as i64, 1, 1, 1]).to_device(device)], 1);
+        // (side, entry): side 0 is uncond, 1 cond; grouped by area in order of first appearance.
+        let mut jobs: Vec<(usize, &Cond)> = Vec::new();
+        if let Some(u) = &self.uncond {
+            jobs.extend(u.iter().map(|c| (0, c)));
         }
-        let sigmas = Tensor::from_slice(&vec![sigma as f32; (b * batch as i64) as usize]);
-        let t = self.sampling.timestep(&sigmas).to_device(device);
-        // ComfyUI batches the uncond rows first.
-        let context = match &self.uncond {
-            Some(u) => batch_conds(&u.repeat([b, 1, 1]), &self.cond.repeat([b, 1, 1])),
-            None => self.cond.repeat([b, 1, 1]),
-        };
-        let started = std::time::Instant::now();
-        let out = self.unet.forward(&model_in, &t, &context.to_device(device)).to_kind(kind).to_device(x.device());
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-        self.model_time += started.elapsed();
-        let denoised = self.sampling.calculate_denoised(sigma, &out, &xs);
-        let guided = match self.uncond {
-            Some(_) => {
-                let parts = denoised.chunk(2, 0);
-                let (uncond, cond) = (&parts[0], &parts[1]);
-                // ComfyUI's cfg_function on the denoised estimates: uncond + (cond − uncond)·cfg.
-                uncond + (cond - uncond) * self.cfg
+        jobs.extend(self.cond.iter().map(|c| (1, c)));
+        let mut groups: Vec<(Option<[i64; 4]>, Vec<(usize, &Cond)>)> = Vec::new();
+        for job in jobs {
+            match groups.iter_mut().find(|(a, _)| *a == job.1.area) {
+                Some((_, g)) => g.push(job),
+                None => groups.push((job.1.area, vec![job])),
             }
-            None => denoised,
+        }
+        let zeros = || x_in.zeros_like();
+        let sums = [zeros(), zeros()];
+        let weights = [x_in.ones_like() * 1e-37, x_in.ones_like() * 1e-37];
+        for (area, group) in &groups {
+            let n = group.len() as i64;
+            let xs = crop(&x_in, *area).repeat([n, 1, 1, 1]);
+            let mut model_in = self.sampling.calculate_input(sigma, &xs).to_device(device);
+            let concats: Vec<Tensor> = group.iter().filter_map(|(_, c)| c.concat.as_ref().map(|t| crop(t, *area))).collect();
+            if !concats.is_empty() {
+                model_in = Tensor::cat(&[model_in, Tensor::cat(&concats, 0).to_device(device)], 1);
+            }
+            let sigmas = Tensor::from_slice(&vec![sigma as f32; (b * n) as usize]);
+            let t = self.sampling.timestep(&sigmas).to_device(device);
+            let contexts: Vec<Tensor> = group.iter().map(|(_, c)| c.context.repeat([b, 1, 1])).collect();
+            let context = batch_conds(&contexts).to_device(device);
+            let started = std::time::Instant::now();
+            let out = self.unet.forward(&model_in, &t, &context).to_kind(Kind::Float).to_device(x.device());
+            if let tch::Device::Cuda(i) = device {
+                tch::Cuda::synchronize(i as i64);
+            }
+            self.model_time += started.elapsed();
+            let denoised = self.sampling.calculate_denoised(sigma, &out, &xs);
+            for (k, (side, c)) in group.iter().enumerate() {
+                let pred = denoised.narrow(0, k as i64 * b, b);
+                let _ = crop(&sums[*side], *area).f_add_(&(pred * &c.mult))?;
+                let _ = crop(&weights[*side], *area).f_add_(&c.mult)?;
+            }
+        }
+        let cond = &sums[1] / &weights[1];
+        let guided = match self.uncond {
+            // ComfyUI's cfg_function on the denoised estimates: uncond + (cond − uncond)·cfg.
+            Some(_) => {
+                let uncond = &sums[0] / &weights[0];
+                &uncond + (cond - &uncond) * self.cfg
+            }
+            None => cond,
         };
         Ok(match &self.noise_mask {
             Some(m) => &guided * &m.mask + &m.latent_image * (m.mask.neg() + 1.0),

@@ -8,7 +8,8 @@ use diffloom_core::value::{CondEntry, Latent};
 use diffloom_core::NodeError;
 use tch::{Kind, Tensor};
 
-use super::guidance::{batch_conds, CfgDenoiser, NoiseMask};
+use super::conds::{resolve_pair, Target};
+use super::guidance::{CfgDenoiser, NoiseMask};
 use super::model_sampling::ModelSampling;
 use super::noise::{initial_noise, step_noise};
 use super::samplers::{self, SampleCtx};
@@ -113,7 +114,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         return Err(NodeError::input(if r.positive.is_empty() { "positive" } else { "negative" }, "the conditioning is empty"));
     }
     let ms = ModelSampling::sd(r.model.prediction);
-    let noise = if r.add_noise { initial_noise(r.seed, &shape, None) } else { Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu)) };
+    let noise = if r.add_noise { initial_noise(r.seed, &shape, r.latent.batch_index.as_deref()) } else { Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu)) };
     let latent_in = &latent * LATENT_SCALE;
     let (b, h, w) = (shape[0], shape[2], shape[3]);
 
@@ -126,35 +127,25 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         if m.size()[0] < b { m.repeat([b / m.size()[0] + 1, 1, 1, 1]).narrow(0, 0, b) } else { m.narrow(0, 0, b) }
     });
 
-    // Inpainting UNets take the mask and the masked image's latent as 5 extra channels (comfy's
-    // BaseModel.concat_cond): without a mask, an all-ones mask and the latent of a blank image.
-    let concat = (unet.config.in_channels == channels + 5).then(|| match &mask {
-        Some(m) => Tensor::cat(&[m.narrow(1, 0, 1).round(), latent_in.shallow_clone()], 1),
-        None => {
-            // "Zero" in pixel space, encoded (model_base.blank_inpaint_image_like).
-            let blank = Tensor::from_slice(&[0.8223f32, -0.6876, 0.6364, 0.1380]).view([1, 4, 1, 1]).expand([b, 4, h, w], false);
-            Tensor::cat(&[Tensor::ones([b, 1, h, w], (Kind::Float, tch::Device::Cpu)), blank], 1)
-        }
-    });
-
     let sigma_max = ms.sigma_max();
     let max_denoise = (r.sigmas[0] - sigma_max).abs() <= 1e-5 * r.sigmas[0].abs().max(sigma_max) || r.sigmas[0] > sigma_max;
     // "ddim" is Euler whose inpainting re-noise comes from seed + 1 (comfy's sampler_object).
     let mask_noise = match (&mask, r.sampler) {
-        (Some(_), "ddim") => initial_noise(r.seed + 1, &shape, None),
+        (Some(_), "ddim") => initial_noise(r.seed + 1, &shape, r.latent.batch_index.as_deref()),
         _ => noise.shallow_clone(),
     };
     let x = ms.noise_scaling(r.sigmas[0], &noise, &latent_in, max_denoise);
 
-    let cond = stack(r.positive);
-    let uncond = stack(r.negative);
+    // Areas, masks and strengths of the entries, and the 5 extra input channels of inpainting UNets
+    // (mask and masked-image latent).
+    let target = Target { latent_in: &latent_in, noise_mask: mask.as_ref(), inpaint_unet: unet.config.in_channels == channels + 5 };
+    let (cond, uncond) = resolve_pair(r.positive, r.negative, &target)?;
     let mut denoiser = CfgDenoiser {
         unet,
         sampling: &ms,
         cond,
         uncond: ((r.cfg - 1.0).abs() > 1e-9).then_some(uncond),
         cfg: r.cfg,
-        concat,
         noise_mask: mask.map(|m| NoiseMask { mask: m, latent_image: latent_in.shallow_clone(), noise: mask_noise }),
         calls: 0,
         model_time: std::time::Duration::ZERO,
@@ -184,19 +175,6 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     let (calls, model_time) = (denoiser.calls, denoiser.model_time);
     let denoised = last_denoised.unwrap_or_else(|| out.shallow_clone());
     Ok(Output { samples: &out / LATENT_SCALE, denoised: denoised / LATENT_SCALE, model_calls: calls, model_time })
-}
-
-/// Several conditioning entries (ConditioningCombine) are averaged over their predictions in ComfyUI;
-/// with one entry each, this is the entry itself. Entries of different lengths are brought to a
-/// common length first.
-fn stack(entries: &[CondEntry]) -> Tensor {
-    let mut t = entries[0].cross_attn.0.to_kind(Kind::Float);
-    for e in &entries[1..] {
-        let both = batch_conds(&t, &e.cross_attn.0.to_kind(Kind::Float));
-        let parts = both.chunk(2, 0);
-        t = (&parts[0] + &parts[1]) / 2.0;
-    }
-    t
 }
 
 /// A per-run progress bar (step, it/s, ETA) on stderr; indicatif draws nothing when stderr is not a

@@ -2,6 +2,7 @@
 //! ComfyUI-compatible noise.
 
 pub mod brownian;
+pub mod conds;
 pub mod guidance;
 pub mod ksampler;
 pub mod model_sampling;
