@@ -4,6 +4,7 @@ mod util;
 
 mod cache;
 mod cli;
+mod conditioning;
 mod graph_format;
 mod ksampler;
 mod latent_mask;
