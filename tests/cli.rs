@@ -308,3 +308,28 @@ fn plugins_come_from_the_shipped_folder_the_config_file_and_the_flag() {
     assert!(out.status.success());
     assert!(stderr(&out).contains("diffloom.ron:1:2: Unexpected field named `plugns`"), "{}", stderr(&out));
 }
+
+/// Every example graph runs as the README runs it (`diffloom run graphs/NAME.ron`) on the project's
+/// tiny models, and writes its images with the sizes its nodes imply.
+#[test]
+fn every_example_graph_runs_as_it_is() {
+    let mut ran = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(repo().join("graphs")).unwrap().map(|e| e.unwrap().path()).collect();
+    entries.sort();
+    for path in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "ron")) {
+        let d = Dir::new();
+        let started = std::time::Instant::now();
+        let out = d.diffloom(&["run", path.to_str().unwrap(), "-o", "out"]);
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(out.status.success(), "{name}: {}\n{}", stdout(&out), stderr(&out));
+        let files = d.files("out");
+        assert!(!files.is_empty() && files.iter().all(|f| f.ends_with(".png")), "{name}: {files:?}");
+        for f in &files {
+            let (w, h, _) = png_info(&d.join(&format!("out/{f}")));
+            assert!(w >= 64 && h >= 64, "{name}: {f} is {w}×{h}");
+        }
+        ran.push(format!("{name} ({} images, {:.1} s)", files.len(), started.elapsed().as_secs_f64()));
+    }
+    println!("{}", ran.join("\n"));
+    assert!(ran.len() >= 12, "{ran:?}");
+}

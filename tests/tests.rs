@@ -12,6 +12,7 @@ mod lora;
 mod lua;
 mod models;
 mod parity;
+mod pipelines;
 mod sampling;
 mod sd_nodes;
 mod upscale;
