@@ -19,5 +19,6 @@ case "${1:-}" in
         cargo bench --locked --bench sampling ;;
     watch) cargo bench --locked --bench watch ;;
     lua) cargo bench --locked --bench lua ;;
-    *) echo "usage: scripts/bench.sh executor|models|sampling|watch|lua" >&2; exit 2 ;;
+    upscale) cargo bench --locked --bench upscale ;;
+    *) echo "usage: scripts/bench.sh executor|models|sampling|watch|lua|upscale" >&2; exit 2 ;;
 esac

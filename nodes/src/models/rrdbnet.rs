@@ -159,10 +159,11 @@ pub struct RrdbNet {
     conv_last: Conv2d,
 }
 
-/// LeakyReLU(0.2): for a slope below 1 that is max(x, 0.2·x), exactly what PyTorch computes (tch's
-/// `leaky_relu` binding has no slope argument).
+/// LeakyReLU(0.2) as PReLU with a single weight of 0.2 (the same products PyTorch's LeakyReLU takes, in
+/// one kernel: tch's `leaky_relu` binding has no slope argument, and max(x, 0.2·x) costs a temporary the
+/// size of the activation, which at the output resolution is most of the memory).
 fn lrelu(x: &Tensor) -> Tensor {
-    x.maximum(&(x * 0.2))
+    x.prelu(&Tensor::from_slice(&[0.2f32]).to_kind(x.kind()).to_device(x.device()))
 }
 
 impl RrdbNet {
@@ -209,22 +210,36 @@ impl RrdbNet {
         let target = |n: i64| ((n + multiple - 1) / multiple * multiple).max(minimum);
         let (ph, pw) = (target(h) - h, target(w) - w);
         if ph == 0 && pw == 0 {
-            return self.forward(x).clamp(0.0, 1.0);
+            return self.forward(x).clamp_(0.0, 1.0);
         }
         let (rh, rw) = (ph.min(h - 1), pw.min(w - 1));
         let padded = x.reflection_pad2d([0, rw, 0, rh]).replication_pad2d([0, pw - rw, 0, ph - rh]);
         let scale = self.config.scale();
-        self.forward(&padded).clamp(0.0, 1.0).narrow(2, 0, h * scale).narrow(3, 0, w * scale)
+        self.forward(&padded).clamp_(0.0, 1.0).narrow(2, 0, h * scale).narrow(3, 0, w * scale)
     }
 
     fn trunk(&self, x: &Tensor) -> Tensor {
         let feat = self.conv_first.forward(x);
         let trunk = self.body.iter().fold(feat.shallow_clone(), |h, b| b.forward(&h));
         let mut feat = feat + self.conv_body.forward(&trunk);
+        drop(trunk);
+        // At the output resolution each activation is most of the memory: every intermediate is
+        // dropped as soon as the next one exists, so at most two are alive.
         for up in &self.ups {
             let s = feat.size();
-            feat = lrelu(&up.forward(&feat.upsample_nearest2d([s[2] * 2, s[3] * 2], None, None)));
+            let upsampled = feat.upsample_nearest2d([s[2] * 2, s[3] * 2], None, None);
+            drop(feat);
+            let y = up.forward(&upsampled);
+            drop(upsampled);
+            feat = lrelu(&y);
         }
-        self.conv_last.forward(&lrelu(&self.conv_hr.forward(&feat)))
+        let y = self.conv_hr.forward(&feat);
+        drop(feat);
+        let y = {
+            let z = lrelu(&y);
+            drop(y);
+            z
+        };
+        self.conv_last.forward(&y)
     }
 }
