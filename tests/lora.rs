@@ -10,13 +10,14 @@ use diffloom_nodes::checkpoint::detect::Family;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
 use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint, write_lora, write_safetensors};
+use diffloom_nodes::lora::{patch_state, unet_key_map, LoraFile};
 use diffloom_nodes::models::clip::ClipOutput;
 use diffloom_nodes::sd::{SdClip, SdModel};
 use diffloom_core::Executor;
 use tch::{Device, Kind, Tensor};
 
 use crate::parity::run_reference;
-use crate::util::{executor, run_graph, Dir};
+use crate::util::{max_abs_diff, executor, run_graph, Dir};
 
 /// A tiny checkpoint of `family` and a kohya LoRA for it, in `d`.
 fn model_and_lora(d: &Dir, family: Family) -> (PathBuf, PathBuf) {
@@ -66,10 +67,6 @@ fn clip(v: &Value) -> &SdClip {
     }
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
-}
 
 /// A LoraLoader node "l" on "ck" with the given strengths, previewed so it runs.
 fn lora_node(id: &str, from: &str, lora: &Path, sm: f64, sc: f64) -> String {
@@ -165,6 +162,15 @@ fn strength_zero_is_identity_and_strengths_never_compound() {
     let (b, h) = (model(at("ck", 0)), model(at("half", 0)));
     let shared = b.unet.state.iter().zip(h.unet.state.iter()).filter(|((_, x), (_, y))| x.data_ptr() == y.data_ptr()).count();
     assert!(shared > 0 && shared < b.unet.state.len(), "{shared} of {}", b.unet.state.len());
+    // The arithmetic itself (not only the node's shortcut): strength 0 patches to the same values.
+    let file = LoraFile::open(&lora).unwrap();
+    let map = unet_key_map(&b.unet.config, &b.unet.state);
+    let patches: Vec<_> = file.modules.iter().filter_map(|m| map.get(&m.name).map(|t| (t, m, 0.0))).collect();
+    assert_eq!(patches.len(), 115);
+    let state = patch_state(&b.unet.state, &patches).unwrap();
+    for ((k, x), (_, y)) in b.unet.state.iter().zip(state.iter()) {
+        assert_eq!(max_abs_diff(x, y), 0.0, "{k}");
+    }
 }
 
 #[test]
@@ -186,6 +192,17 @@ fn keys_that_cannot_be_applied_are_reported_or_refused() {
     assert!(report.contains("lora_unet_down_blocks_7_attentions_0_proj_in (no such module in this model)"), "{report}");
     assert!(report.contains("hada_w1_a (LoHa)"), "{report}");
 
+    // A pair whose shapes do not chain (rank 4 down, rank 3 up) is reported, not applied.
+    let bad = d.join("bad.safetensors");
+    let mut t2: Vec<(String, Tensor)> = file.tensors().keys().map(|k| (k.clone(), file.load(k, Device::Cpu, None).unwrap())).collect();
+    let up = "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight";
+    let entry = t2.iter_mut().find(|(k, _)| k == up).unwrap();
+    entry.1 = entry.1.narrow(1, 0, 3);
+    write_safetensors(&bad, &t2, None).unwrap();
+    let (_, _, result) = run(&d, &ckpt, &lora_node("l", "ck", &bad, 1.0, 1.0));
+    let report = result.unwrap().into_iter().find(|(id, _)| id == "l").unwrap().1.join("\n");
+    assert!(report.contains("1 LoRA keys not loaded") && report.contains("attn1_to_q.lora_down.weight (malformed pair"), "{report}");
+
     // Model-only: the text-encoder modules are counted as not applied, the UNet is patched.
     let only = format!(
         r#""l": (type: "LoraLoaderModelOnly", inputs: {{"model": Link("ck", "MODEL"), "lora_name": {:?}, "strength_model": 1.0}}),
@@ -195,6 +212,13 @@ fn keys_that_cannot_be_applied_are_reported_or_refused() {
     let (_, _, result) = run(&d, &ckpt, &only);
     let report = result.unwrap().into_iter().find(|(id, _)| id == "l").unwrap().1.join("\n");
     assert!(report.contains("text-encoder modules not applied") && report.contains("0 text-encoder weights"), "{report}");
+    // … and a text-encoder-only LoRA there is an error saying so.
+    let te_only = d.join("te.safetensors");
+    let te: Vec<(String, Tensor)> = tensors.iter().filter(|(k, _)| k.starts_with("lora_te_")).map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+    write_safetensors(&te_only, &te, None).unwrap();
+    let (_, _, result) = run(&d, &ckpt, &only.replace(&lora.display().to_string(), &te_only.display().to_string()));
+    let err = result.unwrap_err();
+    assert!(err.contains("0 UNet and 18 text-encoder modules are all for a part this node does not patch"), "{err}");
 
     // A file for another model: nothing fits, an error names the file and the first module.
     let sdxl = d.join("sdxl.safetensors");

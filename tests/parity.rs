@@ -12,7 +12,7 @@ use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
 use diffloom_nodes::models::clip::ClipOutput;
 use tch::{Device, Kind, Tensor};
 
-use crate::util::{repo, Dir};
+use crate::util::{max_abs_diff, repo, Dir};
 
 const TOLERANCE: f64 = 1e-4;
 
@@ -39,10 +39,6 @@ pub fn run_reference(script: &str, args: &[&Path]) {
     );
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
-}
 
 fn check_model_parity(family: Family, inpaint: bool) {
     let d = Dir::new();

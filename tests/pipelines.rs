@@ -15,7 +15,7 @@
 
 use std::path::Path;
 
-use diffloom_core::{Registry, Value};
+use diffloom_core::Value;
 use diffloom_nodes::checkpoint::detect::{Family, Prediction};
 use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
 use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint, write_safetensors};
@@ -24,28 +24,12 @@ use diffloom_nodes::sampling::model_sampling::ModelSampling;
 use tch::{Device, Kind, Tensor};
 
 use crate::parity::run_reference;
-use crate::util::{executor, run_graph, Dir};
+use crate::util::{outputs, Dir};
 
 const STEPS: i64 = 10;
 const DENOISE: f64 = 0.6;
 const CFG: f64 = 7.5;
 const SEED: i64 = 42;
-
-/// Runs `nodes` plus previews of `wanted` and returns those outputs.
-fn outputs(d: &Dir, nodes: &str, wanted: &[(&str, &str, usize)]) -> Vec<Value> {
-    let (mut ex, reg): (_, Registry) = executor(d, 1 << 31);
-    let previews: String = wanted
-        .iter()
-        .enumerate()
-        .map(|(i, (id, name, _))| format!(r#""zz{i}": (type: "PreviewAny", inputs: {{"source": Link({id:?}, {name:?})}}),"#))
-        .collect();
-    let r = run_graph(&mut ex, &reg, d, &format!("(version: 1, nodes: {{ {nodes} {previews} }})"), &[]);
-    assert!(r.error.is_none(), "{:?}", r.error);
-    let path = d.join("graph.ron");
-    let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
-    let resolved = diffloom_core::validate::validate(&path, &parsed, &reg).unwrap();
-    wanted.iter().map(|(id, _, i)| ex.cached_output(&resolved, id, *i).expect("cached")).collect()
-}
 
 fn tensor(v: &Value) -> Tensor {
     match v {
@@ -94,7 +78,7 @@ fn check(mode: &str, inpaint_unet: bool) {
         ),
     };
     let start = if inpaint_unet { ("imc", "latent", 2) } else { ("enc", "LATENT", 0) };
-    let v = outputs(&d, &graph, &[("img", "IMAGE", 0), ("mask", "MASK", 0), ("p", "CONDITIONING", 0), ("n", "CONDITIONING", 0), ("s", "LATENT", 0), ("dec", "IMAGE", 0), start]);
+    let v = outputs(&d, &graph, &[("img", "IMAGE", 0), ("mask", "MASK", 0), ("p", "CONDITIONING", 0), ("n", "CONDITIONING", 0), ("s", "LATENT", 0), ("dec", "IMAGE", 0), start]).unwrap();
     let ms = ModelSampling::sd(Prediction::Eps);
     let sigmas = ksampler_sigmas(&ms, "euler", "normal", STEPS, DENOISE).unwrap();
     let sig32: Vec<f32> = sigmas.iter().map(|s| *s as f32).collect();

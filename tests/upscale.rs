@@ -12,7 +12,7 @@ use diffloom_nodes::tiles::tiled_scale;
 use tch::{Device, Kind, Tensor};
 
 use crate::parity::run_reference;
-use crate::util::{executor, run_graph, tiny_sd1, Dir};
+use crate::util::{max_abs_diff, executor, run_graph, tiny_sd1, Dir};
 
 fn rrdb(nf: i64, nb: i64, upsamples: i64, shuffle: i64) -> RrdbConfig {
     RrdbConfig { in_nc: 3, out_nc: 3, nf, gc: 32, nb, upsamples, shuffle }
@@ -59,10 +59,6 @@ fn load(path: &Path) -> RrdbNet {
     load_upscale_model(path, Device::Cpu, Kind::Float).unwrap().0
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.size(), b.size());
-    (a - b).abs().max().double_value(&[])
-}
 
 #[test]
 fn rrdbnet_matches_spandrel_on_both_layouts_and_scales() {
@@ -188,14 +184,22 @@ fn files_that_are_not_upscalers_are_refused_by_name() {
     let ckpt = tiny_sd1(&d, "sd.safetensors");
     let err = load_upscale_model(&ckpt, Device::Cpu, Kind::Float).err().unwrap().to_string();
     assert!(err.contains("sd.safetensors") && err.contains("not an upscale model") && err.contains("conv_first"), "{err}");
-    // An ESRGAN+ file (conv1x1 branches) is named as such.
-    let plus = d.join("plus.safetensors");
-    let w = Tensor::zeros([16, 3, 3, 3], (Kind::Float, Device::Cpu));
-    write_safetensors(&plus, &[("conv_first.weight".into(), w), ("body.0.rdb1.conv1x1.weight".into(), Tensor::zeros([32, 16, 1, 1], (Kind::Float, Device::Cpu)))], None).unwrap();
-    let err = load_upscale_model(&plus, Device::Cpu, Kind::Float).err().unwrap().to_string();
-    assert!(err.contains("plus.safetensors") && err.contains("conv1x1"), "{err}");
-    // A truncated file: a load error naming the missing tensor, no panic.
+    // An ESRGAN+ file (the original layout with conv1x1 branches) is named as such, and a tensor no
+    // ESRGAN layer has is refused (spandrel loads strictly, so it would be another architecture).
     let models = write_models(&d);
+    let old = SafetensorsFile::open(&models[2].0).unwrap();
+    let with = |extra: &str, shape: &[i64]| {
+        let mut t: Vec<(String, Tensor)> = old.tensors().keys().map(|k| (k.clone(), old.load(k, Device::Cpu, None).unwrap())).collect();
+        t.push((extra.into(), Tensor::zeros(shape, (Kind::Float, Device::Cpu))));
+        let p = d.join(&format!("{}.safetensors", extra.replace('.', "_")));
+        write_safetensors(&p, &t, None).unwrap();
+        load_upscale_model(&p, Device::Cpu, Kind::Float).err().unwrap().to_string()
+    };
+    let err = with("model.1.sub.0.RDB1.conv1x1.weight", &[32, 16, 1, 1]);
+    assert!(err.contains("conv1x1") && err.contains("ESRGAN+"), "{err}");
+    let err = with("model.1.sub.0.RDB1.attn.weight", &[16, 16]);
+    assert!(err.contains("unexpected tensor") && err.contains("RDB1.attn"), "{err}");
+    // A truncated file: a load error naming the missing tensor, no panic.
     let file = SafetensorsFile::open(&models[0].0).unwrap();
     let mut kept: Vec<(String, Tensor)> = Vec::new();
     for name in file.tensors().keys().filter(|k| !k.starts_with("conv_hr")) {

@@ -113,3 +113,28 @@ pub fn tiny_sd1(dir: &Dir, name: &str) -> PathBuf {
     write_checkpoint(&path, &tiny_config(Family::Sd1, false), tch::Kind::Float, 1, true).expect("tiny checkpoint");
     path
 }
+
+/// Runs the RON node entries `nodes` plus a PreviewAny of each wanted output `(node id, output name,
+/// output index)`, and returns those outputs, or the run's error.
+pub fn outputs(d: &Dir, nodes: &str, wanted: &[(&str, &str, usize)]) -> Result<Vec<diffloom_core::Value>, String> {
+    let (mut ex, reg) = executor(d, 1 << 32);
+    let previews: String = wanted
+        .iter()
+        .enumerate()
+        .map(|(i, (id, name, _))| format!(r#""zz{i}": (type: "PreviewAny", inputs: {{"source": Link({id:?}, {name:?})}}),"#))
+        .collect();
+    let r = run_graph(&mut ex, &reg, d, &format!("(version: 1, nodes: {{ {nodes} {previews} }})"), &[]);
+    if let Some(e) = r.error {
+        return Err(e.to_string());
+    }
+    let path = d.join("graph.ron");
+    let (_, parsed) = file::read(&path).expect("parse");
+    let resolved = validate(&path, &parsed, &reg).expect("valid");
+    Ok(wanted.iter().map(|(id, _, i)| ex.cached_output(&resolved, id, *i).expect("cached output")).collect())
+}
+
+/// The largest absolute difference between two tensors of the same shape.
+pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double)).abs().max().double_value(&[])
+}

@@ -7,11 +7,11 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::safetensors::SafetensorsFile;
+use crate::checkpoint::load::build;
 use crate::checkpoint::{keymap, Loaded, LoadError, Weights};
 use crate::models::clip::{ClipLayout, ClipTextModel};
 use crate::models::unet::{Unet, UnetConfig};
@@ -62,24 +62,37 @@ impl LoraFile {
         let tucker: HashSet<&str> = keys.iter().filter_map(|k| k.strip_suffix(".lora_mid.weight")).collect();
         let mut used = HashSet::new();
         let mut modules = Vec::new();
+        let mut unsupported = Vec::new();
         for key in &keys {
             for (down_suffix, up_suffix) in PAIRS {
                 let Some(base) = key.strip_suffix(down_suffix) else { continue };
                 let up_key = format!("{base}{up_suffix}");
-                if !present.contains(up_key.as_str()) || tucker.contains(base) {
+                if !present.contains(up_key.as_str()) {
+                    continue;
+                }
+                let alpha_key = format!("{base}.alpha");
+                used.extend([key.to_string(), up_key.clone(), alpha_key.clone()]);
+                if tucker.contains(base) {
+                    unsupported.extend([key.to_string(), up_key].map(|k| (k, "LoCon Tucker (lora_mid)")));
                     continue;
                 }
                 let load = |k: &str| file.load(k, Device::Cpu, Some(Kind::Float));
-                let alpha_key = format!("{base}.alpha");
+                let (down, up) = (load(key)?, load(&up_key)?);
                 let alpha = match present.contains(alpha_key.as_str()) {
-                    true => Some(load(&alpha_key)?.double_value(&[])),
+                    true => Some(load(&alpha_key)?),
                     false => None,
                 };
-                modules.push(LoraModule { name: base.to_owned(), down: load(key)?, up: load(&up_key)?, alpha });
-                used.extend([key.to_string(), up_key, alpha_key]);
+                // up [out, rank(, 1, 1)] after down [rank, in(, kh, kw)]; alpha one number.
+                let (ds, us) = (down.size(), up.size());
+                let fits = ds.len() >= 2 && us.len() >= 2 && us[1] == ds[0] && us[2..].iter().all(|d| *d == 1);
+                if !fits || alpha.as_ref().is_some_and(|a| a.numel() != 1) {
+                    unsupported.push((key.to_string(), "malformed pair: up and down shapes do not chain, or alpha is not one number"));
+                    continue;
+                }
+                modules.push(LoraModule { name: base.to_owned(), down, up, alpha: alpha.map(|a| a.double_value(&[])) });
             }
         }
-        let unsupported = keys.iter().filter(|k| !used.contains(k.as_str())).map(|k| (k.to_string(), unsupported_kind(k))).collect();
+        unsupported.extend(keys.iter().filter(|k| !used.contains(k.as_str())).map(|k| (k.to_string(), unsupported_kind(k))));
         Ok(LoraFile { path: path.to_path_buf(), modules, unsupported })
     }
 }
@@ -220,9 +233,10 @@ pub fn patch_state(state: &[(String, Tensor)], patches: &[(&Target, &LoraModule,
             let rank = m.down.size()[0];
             let scale = m.alpha.map_or(1.0, |a| a / rank as f64);
             let device = w.device();
-            let delta = m.up.to_device(device).flatten(1, -1).mm(&m.down.to_device(device).flatten(1, -1));
+            let to = |t: &Tensor| t.f_to_device(device).and_then(|t| t.f_flatten(1, -1)).map_err(|e| e.to_string());
+            let delta = to(&m.up)?.f_mm(&to(&m.down)?).map_err(|e| e.to_string())?;
             let mut region = match target.rows {
-                Some((start, len)) => w.narrow(0, start, len),
+                Some((start, len)) => w.f_narrow(0, start, len).map_err(|e| e.to_string())?,
                 None => w.shallow_clone(),
             };
             if delta.numel() != region.numel() || delta.size()[0] != region.size()[0] {
@@ -234,7 +248,8 @@ pub fn patch_state(state: &[(String, Tensor)], patches: &[(&Target, &LoraModule,
                     region.size()
                 ));
             }
-            let _ = region.f_add_(&(delta.reshape(region.size()) * (strength * scale))).map_err(|e| e.to_string())?;
+            let delta = delta.f_reshape(region.size()).and_then(|d| d.f_mul_scalar(strength * scale)).map_err(|e| e.to_string())?;
+            let _ = region.f_add_(&delta).map_err(|e| e.to_string())?;
         }
         patched.insert(key, w.to_kind(base.kind()));
     }
@@ -246,22 +261,16 @@ pub fn patch_state(state: &[(String, Tensor)], patches: &[(&Target, &LoraModule,
 
 /// The UNet rebuilt from a patched state.
 pub fn rebuild_unet(unet: &Loaded<Unet>, state: Vec<(String, Tensor)>) -> Result<Loaded<Unet>, LoadError> {
-    let (device, kind) = device_kind(&state);
-    let w = Weights::from_tensors(state, device, kind);
-    let model = Unet::new(&w.root(), unet.config.clone());
-    w.finish()?;
-    Ok(Loaded { model: Rc::new(model), state: Rc::new(w.into_state()) })
+    build(from_state(state), |p| Unet::new(p, unet.config.clone()), &mut 0)
 }
 
 /// The text encoder rebuilt from a patched state.
 pub fn rebuild_clip(clip: &Loaded<ClipTextModel>, state: Vec<(String, Tensor)>) -> Result<Loaded<ClipTextModel>, LoadError> {
-    let (device, kind) = device_kind(&state);
-    let w = Weights::from_tensors(state, device, kind);
-    let model = ClipTextModel::new(&w.root(), clip.config.clone());
-    w.finish()?;
-    Ok(Loaded { model: Rc::new(model), state: Rc::new(w.into_state()) })
+    build(from_state(state), |p| ClipTextModel::new(p, clip.config.clone()), &mut 0)
 }
 
-fn device_kind(state: &[(String, Tensor)]) -> (Device, Kind) {
-    state.first().map_or((Device::Cpu, Kind::Float), |(_, t)| (t.device(), t.kind()))
+/// Weights serving a model state on its own device and in its own kind.
+fn from_state(state: Vec<(String, Tensor)>) -> Weights {
+    let (device, kind) = state.first().map_or((Device::Cpu, Kind::Float), |(_, t)| (t.device(), t.kind()));
+    Weights::from_tensors(state, device, kind)
 }

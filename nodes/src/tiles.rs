@@ -5,6 +5,18 @@ use tch::{Kind, Tensor};
 
 use diffloom_core::NodeError;
 
+/// Multiplies the `n` slices of `t` along `dim` next to one edge (the start, or with `at_end` the end) by
+/// 1/n, 2/n, …, n/n going inwards: the linear fade ComfyUI uses for tile seams, pasted latents and
+/// conditioning areas. Slices beyond `t`'s size are skipped.
+pub fn fade_edge(t: &Tensor, dim: i64, n: i64, at_end: bool) -> Result<(), NodeError> {
+    let len = t.size()[dim as usize];
+    for i in 0..n.min(len) {
+        let at = if at_end { len - 1 - i } else { i };
+        let _ = t.narrow(dim, at, 1).f_mul_scalar_((i + 1) as f64 / n as f64)?;
+    }
+    Ok(())
+}
+
 /// Applies `f` to overlapping `tile_h`×`tile_w` tiles of `x` `[b, c, h, w]` (CPU) and blends the results,
 /// whose spatial size is `scale` times the input's and whose channel count is `out_channels`.
 pub fn tiled_scale(
@@ -59,11 +71,8 @@ pub fn tiled_scale(
                     if feather >= len {
                         continue;
                     }
-                    for t in 0..feather {
-                        let a = (t + 1) as f64 / feather as f64;
-                        let _ = mask.narrow(dim, t, 1).f_mul_scalar_(a)?;
-                        let _ = mask.narrow(dim, len - 1 - t, 1).f_mul_scalar_(a)?;
-                    }
+                    fade_edge(&mask, dim, feather, false)?;
+                    fade_edge(&mask, dim, feather, true)?;
                 }
                 let (mh, mw) = (mask.size()[2], mask.size()[3]);
                 let _ = out.narrow(2, starts[0], mh).narrow(3, starts[1], mw).f_add_(&(&ps * &mask))?;

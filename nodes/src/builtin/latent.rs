@@ -8,6 +8,7 @@ use super::image::MAX_RESOLUTION;
 use super::loaders::part;
 use crate::resample::{common_upscale, CROP_METHODS};
 use crate::sd::{SdVae, VAE_FACTOR};
+use crate::tiles::fade_edge;
 
 fn latent(samples: Tensor) -> Value {
     Value::Latent(Latent { samples: Shared(samples), noise_mask: None, batch_index: None })
@@ -274,19 +275,12 @@ impl Node for LatentComposite {
         let out = to.samples.f_to_dtype(to.samples.kind(), false, true)?;
         let mut region = out.f_narrow(2, y, fh)?.f_narrow(3, x, fw)?;
         let mask = Tensor::f_ones([1, 1, fh, fw], (Kind::Float, Device::Cpu))?;
-        for t in 0..feather.min(fh).min(fw) {
-            let r = (t + 1) as f64 / feather as f64;
-            if y != 0 {
-                let _ = mask.f_narrow(2, t, 1)?.f_mul_scalar_(r)?;
+        for (dim, start, len, full) in [(2, y, fh, ts[2]), (3, x, fw, ts[3])] {
+            if start != 0 {
+                fade_edge(&mask, dim, feather, false)?;
             }
-            if y + fh < ts[2] {
-                let _ = mask.f_narrow(2, fh - 1 - t, 1)?.f_mul_scalar_(r)?;
-            }
-            if x != 0 {
-                let _ = mask.f_narrow(3, t, 1)?.f_mul_scalar_(r)?;
-            }
-            if x + fw < ts[3] {
-                let _ = mask.f_narrow(3, fw - 1 - t, 1)?.f_mul_scalar_(r)?;
+            if start + len < full {
+                fade_edge(&mask, dim, feather, true)?;
             }
         }
         let blended = src.f_mul(&mask)?.f_add(&region.f_mul(&mask.f_neg()?.f_add_scalar(1.0)?)?)?;

@@ -76,7 +76,7 @@ impl Node for CheckpointLoaderSimple {
             gib(ck.bytes as u64),
             peak_rss().map_or("unknown".into(), gib)
         ));
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = file_label(&path);
         let missing = |part: &str, keys: &str| {
             Handle::new(MissingPart(format!("{} has no {part} ({keys})", path.display())), 0, format!("{name} (no {part})"))
         };
@@ -121,7 +121,7 @@ impl Node for VAELoader {
         let path = cx.input_path("vae_name", a.string("vae_name")?)?;
         let _guard = tch::no_grad_guard();
         let (vae, bytes) = load_vae(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = file_label(&path);
         Ok(vec![Value::Vae(Handle::new(SdVae { model: Rc::new(vae) }, bytes, name))])
     }
 }
@@ -144,15 +144,15 @@ impl Node for UpscaleModelLoader {
         // fp32 whatever --dtype says, as ComfyUI runs these: RRDBNet activations overflow fp16.
         let (model, bytes) = load_upscale_model(&path, cx.device, tch::Kind::Float).map_err(|e| NodeError::Failed(e.to_string()))?;
         let c = &model.config;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = file_label(&path);
         cx.messages.push(format!("{name}: RRDBNet ×{} ({} blocks, {} features)", c.scale(), c.nb, c.nf));
         Ok(vec![Value::UpscaleModel(Handle::new(model, bytes, name))])
     }
 }
 
-/// The model and text encoder with a LoRA file applied (each `None` when not given or its strength is 0,
-/// meaning: unchanged), and the report lines. Unknown or unusable keys are reported, never dropped
-/// silently; a file none of whose modules fit is an error.
+/// The model and text encoder with a LoRA file applied, each given with its strength only when it is to
+/// be patched (`None`: unchanged), and the report lines. Keys that cannot be applied are reported, never
+/// dropped silently; a file none of whose modules fits is an error.
 fn apply_lora(
     path: &Path,
     model: Option<(&SdModel, f64)>,
@@ -164,21 +164,25 @@ fn apply_lora(
     let lora = LoraFile::open(path).map_err(|e| NodeError::Failed(e.to_string()))?;
     let unet_map = model.map(|(m, _)| unet_key_map(&m.unet.config, &m.unet.state)).unwrap_or_default();
     let clip_map = clip.map(|(c, _)| clip_key_map(&c.model)).unwrap_or_default();
-    let (mut unet_patches, mut clip_patches, mut unmatched, mut skipped_te) = (Vec::new(), Vec::new(), Vec::new(), 0);
+    let is_text = |n: &str| n.starts_with("lora_te") || n.starts_with("text_encoder.");
+    let (mut unet_patches, mut clip_patches, mut unmatched, mut skipped) = (Vec::new(), Vec::new(), Vec::new(), (0, 0));
     for m in &lora.modules {
-        if let (Some(t), Some((_, s))) = (unet_map.get(&m.name), model) {
-            unet_patches.push((t, m, s));
-        } else if let (Some(t), Some((_, s))) = (clip_map.get(&m.name), clip) {
-            clip_patches.push((t, m, s));
-        } else if clip.is_none() && (m.name.starts_with("lora_te") || m.name.starts_with("text_encoder.")) {
-            skipped_te += 1;
-        } else {
-            unmatched.push(m.name.as_str());
+        match (unet_map.get(&m.name), clip_map.get(&m.name), model, clip) {
+            (Some(t), _, Some((_, s)), _) => unet_patches.push((t, m, s)),
+            (_, Some(t), _, Some((_, s))) => clip_patches.push((t, m, s)),
+            // A part this node leaves alone (strength 0, or the model-only node).
+            _ if is_text(&m.name) && clip.is_none() => skipped.1 += 1,
+            _ if !is_text(&m.name) && model.is_none() => skipped.0 += 1,
+            _ => unmatched.push(m.name.as_str()),
         }
     }
     if unet_patches.is_empty() && clip_patches.is_empty() {
         let kinds: Vec<&str> = lora.unsupported.iter().map(|(_, k)| *k).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         return Err(failed(match (lora.modules.first(), lora.unsupported.first()) {
+            (Some(_), _) if unmatched.is_empty() => format!(
+                "its {} UNet and {} text-encoder modules are all for a part this node does not patch",
+                skipped.0, skipped.1
+            ),
             (Some(first), _) => format!(
                 "none of its {} LoRA modules addresses this model (first: {:?}); a LoRA for another model family?",
                 lora.modules.len(),
@@ -188,16 +192,18 @@ fn apply_lora(
             (None, None) => "holds no tensors".into(),
         }));
     }
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let mut messages = vec![format!(
-        "{name}: {} UNet weights (strength {}) and {} text-encoder weights (strength {}) patched",
+        "{}: {} UNet weights (strength {}) and {} text-encoder weights (strength {}) patched",
+        file_label(path),
         unet_patches.len(),
         model.map_or(0.0, |m| m.1),
         clip_patches.len(),
         clip.map_or(0.0, |c| c.1)
     )];
-    if skipped_te > 0 {
-        messages.push(format!("{skipped_te} text-encoder modules not applied: this node patches the model only"));
+    for (n, part) in [(skipped.0, "UNet"), (skipped.1, "text-encoder")] {
+        if n > 0 {
+            messages.push(format!("{n} {part} modules not applied: this node leaves the {part} as it is"));
+        }
     }
     let mut not_loaded: Vec<String> = unmatched.iter().map(|n| format!("{n} (no such module in this model)")).collect();
     not_loaded.extend(lora.unsupported.iter().map(|(k, why)| format!("{k} ({why})")));
@@ -207,7 +213,7 @@ fn apply_lora(
         messages.push(format!("warning: {} LoRA keys not loaded: {}{more}", not_loaded.len(), shown.join(", ")));
     }
     let new_model = match model {
-        Some((m, s)) if s != 0.0 && !unet_patches.is_empty() => {
+        Some((m, _)) if !unet_patches.is_empty() => {
             let state = patch_state(&m.unet.state, &unet_patches).map_err(failed)?;
             let unet = rebuild_unet(&m.unet, state).map_err(|e| failed(e.to_string()))?;
             Some(SdModel { unet, family: m.family, prediction: m.prediction })
@@ -215,7 +221,7 @@ fn apply_lora(
         _ => None,
     };
     let new_clip = match clip {
-        Some((c, s)) if s != 0.0 && !clip_patches.is_empty() => {
+        Some((c, _)) if !clip_patches.is_empty() => {
             let state = patch_state(&c.model.state, &clip_patches).map_err(failed)?;
             let model = rebuild_clip(&c.model, state).map_err(|e| failed(e.to_string()))?;
             Some(SdClip { model, ..c.clone() })
@@ -229,6 +235,22 @@ fn apply_lora(
 fn patched_bytes(old: &[(String, tch::Tensor)], new: &[(String, tch::Tensor)]) -> usize {
     let shared: std::collections::HashSet<usize> = old.iter().map(|(_, t)| t.data_ptr() as usize).collect();
     new.iter().filter(|(_, t)| !shared.contains(&(t.data_ptr() as usize))).map(|(_, t)| t.numel() * t.kind().elt_size_in_bytes()).sum()
+}
+
+/// The file name of `path`, for labels and reports.
+fn file_label(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// The LoRA node's output for one part: the patched copy when there is one, else the input as it was.
+fn patched_value<T: 'static>(input: &Value, patched: Option<T>, bytes: impl FnOnce(&T) -> usize, lora: &Path) -> Value {
+    let Some(p) = patched else { return input.clone() };
+    let (bytes, label) = (bytes(&p), file_label(lora));
+    match input {
+        Value::Model(h) => Value::Model(Handle::new(p, bytes, format!("{} + {label}", h.label()))),
+        Value::Clip(h) => Value::Clip(Handle::new(p, bytes, format!("{} + {label}", h.label()))),
+        other => other.clone(),
+    }
 }
 
 pub struct LoraLoader;
@@ -250,30 +272,20 @@ impl Node for LoraLoader {
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let (sm, sc) = (a.float("strength_model")?, a.float("strength_clip")?);
-        let (model_in, clip_in) = (a.any("model")?.clone(), a.any("clip")?.clone());
+        let (model_in, clip_in) = (a.any("model")?, a.any("clip")?);
         if sm == 0.0 && sc == 0.0 {
-            return Ok(vec![model_in, clip_in]);
+            return Ok(vec![model_in.clone(), clip_in.clone()]);
         }
-        let (model, clip): (&SdModel, &SdClip) = (part(a, "model")?, part(a, "clip")?);
+        // A part at strength 0 is passed through as it is (it may even be missing from the checkpoint).
+        let model = if sm != 0.0 { Some((part::<SdModel>(a, "model")?, sm)) } else { None };
+        let clip = if sc != 0.0 { Some((part::<SdClip>(a, "clip")?, sc)) } else { None };
         let path = cx.input_path("lora_name", a.string("lora_name")?)?;
-        let (new_model, new_clip, messages) = apply_lora(&path, Some((model, sm)), Some((clip, sc)))?;
+        let (new_model, new_clip, messages) = apply_lora(&path, model, clip)?;
         cx.messages.extend(messages);
-        let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let model_out = match new_model {
-            Some(m) => {
-                let bytes = patched_bytes(&model.unet.state, &m.unet.state);
-                Value::Model(Handle::new(m, bytes, format!("{} + {label}", handle_label(&model_in))))
-            }
-            None => model_in,
-        };
-        let clip_out = match new_clip {
-            Some(c) => {
-                let bytes = patched_bytes(&clip.model.state, &c.model.state);
-                Value::Clip(Handle::new(c, bytes, format!("{} + {label}", handle_label(&clip_in))))
-            }
-            None => clip_in,
-        };
-        Ok(vec![model_out, clip_out])
+        Ok(vec![
+            patched_value(model_in, new_model, |m| model.map_or(0, |(old, _)| patched_bytes(&old.unet.state, &m.unet.state)), &path),
+            patched_value(clip_in, new_clip, |c| clip.map_or(0, |(old, _)| patched_bytes(&old.model.state, &c.model.state)), &path),
+        ])
     }
 }
 
@@ -293,29 +305,15 @@ impl Node for LoraLoaderModelOnly {
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let sm = a.float("strength_model")?;
-        let model_in = a.any("model")?.clone();
+        let model_in = a.any("model")?;
         if sm == 0.0 {
-            return Ok(vec![model_in]);
+            return Ok(vec![model_in.clone()]);
         }
         let model: &SdModel = part(a, "model")?;
         let path = cx.input_path("lora_name", a.string("lora_name")?)?;
         let (new_model, _, messages) = apply_lora(&path, Some((model, sm)), None)?;
         cx.messages.extend(messages);
-        let label = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Ok(vec![match new_model {
-            Some(m) => {
-                let bytes = patched_bytes(&model.unet.state, &m.unet.state);
-                Value::Model(Handle::new(m, bytes, format!("{} + {label}", handle_label(&model_in))))
-            }
-            None => model_in,
-        }])
-    }
-}
-
-fn handle_label(v: &Value) -> String {
-    match v {
-        Value::Model(h) | Value::Clip(h) => h.label().to_owned(),
-        _ => String::new(),
+        Ok(vec![patched_value(model_in, new_model, |m| patched_bytes(&model.unet.state, &m.unet.state), &path)])
     }
 }
 

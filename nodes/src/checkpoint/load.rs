@@ -30,7 +30,7 @@ pub struct Checkpoint {
 }
 
 /// Builds a model from `w`, failing with every missing or misshapen tensor, and keeps its state.
-fn build<M>(w: Weights, make: impl FnOnce(&WPath) -> M, bytes: &mut usize) -> Result<Loaded<M>, LoadError> {
+pub(crate) fn build<M>(w: Weights, make: impl FnOnce(&WPath) -> M, bytes: &mut usize) -> Result<Loaded<M>, LoadError> {
     let model = make(&w.root());
     w.finish()?;
     *bytes += w.loaded_bytes();
@@ -294,6 +294,10 @@ pub fn load_upscale_model(path: &Path, device: Device, kind: Kind) -> Result<(Rr
     let file = Rc::new(SafetensorsFile::open(path)?);
     let stored: Vec<String> = file.tensors().keys().cloned().collect();
     let plain = |k: &str| k.strip_prefix("module.").unwrap_or(k).to_owned();
+    let unsupported = |message: String| LoadError::Unsupported { file: path.to_path_buf(), message };
+    if stored.iter().any(|k| k.contains("conv1x1")) {
+        return Err(unsupported("an ESRGAN+ (\"plus\") RRDBNet with conv1x1 branches, which diffloom does not run".into()));
+    }
     let old_layout = stored.iter().any(|k| plain(k) == "model.0.weight");
     let index: HashMap<String, (usize, String)> = if old_layout {
         let nb = (0..).take_while(|i| stored.iter().any(|k| plain(k).starts_with(&format!("model.1.sub.{i}.RDB1.")))).count();
@@ -302,17 +306,23 @@ pub fn load_upscale_model(path: &Path, device: Device, kind: Kind) -> Result<(Rr
             .filter_map(|k| plain(k).strip_prefix("model.")?.split('.').next()?.parse::<usize>().ok())
             .max()
             .unwrap_or(0);
-        stored.iter().filter_map(|k| rrdbnet::old_layout_key(&plain(k), nb, last).map(|l| (l, (0, k.clone())))).collect()
+        let mut index = HashMap::new();
+        for k in &stored {
+            // As spandrel loads strictly: a key of no known layer means another architecture.
+            let l = rrdbnet::old_layout_key(&plain(k), nb, last)
+                .ok_or_else(|| unsupported(format!("not an upscale model diffloom runs: unexpected tensor {k:?} for an ESRGAN layout")))?;
+            index.insert(l, (0, k.clone()));
+        }
+        index
     } else {
         stored.iter().map(|k| (rrdbnet::trunk_layout_key(&plain(k)), (0, k.clone()))).collect()
     };
     let shapes: Shapes = index.iter().filter_map(|(l, (_, k))| Some((l.clone(), file.info(k)?.shape.clone()))).collect();
-    let config = RrdbConfig::detect(&shapes).map_err(|why| LoadError::Unsupported {
-        file: path.to_path_buf(),
-        message: format!(
+    let config = RrdbConfig::detect(&shapes).map_err(|why| {
+        unsupported(format!(
             "not an upscale model diffloom runs: {why} (ESRGAN/Real-ESRGAN RRDBNet .safetensors files are \
              supported; SwinIR, HAT, DAT, SPAN, … are not)"
-        ),
+        ))
     })?;
     let w = Weights::from_index(vec![file], index, device, kind);
     let model = RrdbNet::new(&w.root(), config);

@@ -39,10 +39,11 @@ impl RrdbConfig {
     /// The architecture from the tensor shapes (keys in the Real-ESRGAN layout), or why it is not an
     /// RRDBNet this code runs.
     pub fn detect(shapes: &HashMap<String, Vec<i64>>) -> Result<RrdbConfig, String> {
-        let shape = |k: &str| shapes.get(k).ok_or_else(|| format!("no tensor {k:?}"));
-        if shapes.keys().any(|k| k.contains("conv1x1")) {
-            return Err("an ESRGAN+ (\"plus\") RRDBNet with conv1x1 branches, which diffloom does not run".into());
-        }
+        let shape = |k: &str| match shapes.get(k) {
+            Some(s) if s.len() == 4 => Ok(s),
+            Some(s) => Err(format!("tensor {k:?} has shape {s:?}, not a 3×3 convolution's")),
+            None => Err(format!("no tensor {k:?}")),
+        };
         let first = shape("conv_first.weight")?;
         let last = shape("conv_last.weight")?;
         let dense = shape("body.0.rdb1.conv1.weight")?;
@@ -123,10 +124,10 @@ impl DenseBlock {
         DenseBlock { convs }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
+    fn forward(&self, x: &Tensor, slope: &Tensor) -> Tensor {
         let mut features = vec![x.shallow_clone()];
         for conv in &self.convs[..4] {
-            let y = lrelu(&conv.forward(&Tensor::cat(&features, 1)));
+            let y = lrelu(&conv.forward(&Tensor::cat(&features, 1)), slope);
             features.push(y);
         }
         self.convs[4].forward(&Tensor::cat(&features, 1)) * 0.2 + x
@@ -143,8 +144,8 @@ impl Rrdb {
         Rrdb { blocks: [1, 2, 3].map(|r| DenseBlock::new(&p.pp(format!("rdb{r}")), nf, gc)) }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let y = self.blocks.iter().fold(x.shallow_clone(), |h, b| b.forward(&h));
+    fn forward(&self, x: &Tensor, slope: &Tensor) -> Tensor {
+        let y = self.blocks.iter().fold(x.shallow_clone(), |h, b| b.forward(&h, slope));
         y * 0.2 + x
     }
 }
@@ -157,13 +158,15 @@ pub struct RrdbNet {
     ups: Vec<Conv2d>,
     conv_hr: Conv2d,
     conv_last: Conv2d,
+    /// The LeakyReLU slope, on the weights' device and in their kind.
+    slope: Tensor,
 }
 
-/// LeakyReLU(0.2) as PReLU with a single weight of 0.2 (the same products PyTorch's LeakyReLU takes, in
-/// one kernel: tch's `leaky_relu` binding has no slope argument, and max(x, 0.2·x) costs a temporary the
-/// size of the activation, which at the output resolution is most of the memory).
-fn lrelu(x: &Tensor) -> Tensor {
-    x.prelu(&Tensor::from_slice(&[0.2f32]).to_kind(x.kind()).to_device(x.device()))
+/// LeakyReLU(0.2) as PReLU with a single weight `slope` of 0.2 (the same products PyTorch's LeakyReLU
+/// takes, in one kernel: tch's `leaky_relu` binding has no slope argument, and max(x, 0.2·x) costs a
+/// temporary the size of the activation, which at the output resolution is most of the memory).
+fn lrelu(x: &Tensor, slope: &Tensor) -> Tensor {
+    x.prelu(slope)
 }
 
 impl RrdbNet {
@@ -176,6 +179,7 @@ impl RrdbNet {
             ups: (1..=config.upsamples).map(|k| conv3x3(&p.pp(format!("conv_up{k}")), nf, nf)).collect(),
             conv_hr: conv3x3(&p.pp("conv_hr"), nf, nf),
             conv_last: conv3x3(&p.pp("conv_last"), nf, config.out_nc),
+            slope: Tensor::from_slice(&[0.2f32]).to_kind(p.kind()).to_device(p.device()),
             config,
         }
     }
@@ -220,7 +224,7 @@ impl RrdbNet {
 
     fn trunk(&self, x: &Tensor) -> Tensor {
         let feat = self.conv_first.forward(x);
-        let trunk = self.body.iter().fold(feat.shallow_clone(), |h, b| b.forward(&h));
+        let trunk = self.body.iter().fold(feat.shallow_clone(), |h, b| b.forward(&h, &self.slope));
         let mut feat = feat + self.conv_body.forward(&trunk);
         drop(trunk);
         // At the output resolution each activation is most of the memory: every intermediate is
@@ -231,12 +235,12 @@ impl RrdbNet {
             drop(feat);
             let y = up.forward(&upsampled);
             drop(upsampled);
-            feat = lrelu(&y);
+            feat = lrelu(&y, &self.slope);
         }
         let y = self.conv_hr.forward(&feat);
         drop(feat);
         let y = {
-            let z = lrelu(&y);
+            let z = lrelu(&y, &self.slope);
             drop(y);
             z
         };

@@ -9,6 +9,7 @@ use tch::{Kind, Tensor};
 
 use crate::resample::common_upscale;
 use crate::sd::LATENT_SCALE;
+use crate::tiles::fade_edge;
 
 /// One entry ready for the denoiser.
 pub struct Cond {
@@ -173,14 +174,11 @@ fn build_cond(r: Resolved, target: &Target, input: &str) -> Result<Cond, NodeErr
         // Areas fade in over up to 8 latent pixels on edges inside the latent.
         for (dim, start, len, full) in [(2, ay, ah, lh), (3, ax, aw, lw)] {
             let rr = (len / 4).min(8);
-            for t in 0..rr {
-                let f = (t + 1) as f64 / rr as f64;
-                if start != 0 {
-                    let _ = mult.narrow(dim, t, 1).f_mul_scalar_(f)?;
-                }
-                if start + len < full {
-                    let _ = mult.narrow(dim, len - 1 - t, 1).f_mul_scalar_(f)?;
-                }
+            if start != 0 {
+                fade_edge(&mult, dim, rr, false)?;
+            }
+            if start + len < full {
+                fade_edge(&mult, dim, rr, true)?;
             }
         }
     }

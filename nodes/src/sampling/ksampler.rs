@@ -8,7 +8,7 @@ use diffloom_core::value::{CondEntry, Latent};
 use diffloom_core::NodeError;
 use tch::{Kind, Tensor};
 
-use super::conds::{resolve_pair, Target};
+use super::conds::{repeat_to_batch, resolve_pair, Target};
 use super::guidance::{CfgDenoiser, NoiseMask};
 use super::model_sampling::ModelSampling;
 use super::noise::{initial_noise, step_noise};
@@ -123,8 +123,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         let m = m.to_kind(Kind::Float);
         let m = m.reshape([-1, 1, m.size()[m.dim() - 2], m.size()[m.dim() - 1]]);
         let m = m.upsample_bilinear2d([h, w], false, None, None);
-        let m = m.repeat([1, channels, 1, 1]);
-        if m.size()[0] < b { m.repeat([b / m.size()[0] + 1, 1, 1, 1]).narrow(0, 0, b) } else { m.narrow(0, 0, b) }
+        repeat_to_batch(&m.repeat([1, channels, 1, 1]), b)
     });
 
     let sigma_max = ms.sigma_max();
