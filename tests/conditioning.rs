@@ -237,6 +237,17 @@ fn inpaint_model_conditioning_for_standard_and_inpainting_unets() {
     .unwrap()
     .to_string();
     assert!(err.contains("mask") && err.contains("2 masks for 1 images"), "{err}");
+    // VAEEncodeForInpaint checks the same way (the mask is resized to the image; only batches clash).
+    let err = call(&diffloom_nodes::builtin::latent::VAEEncodeForInpaint, vec![
+        ("pixels", Some(Value::Image(Shared(Tensor::rand([3, 16, 16, 3], (Kind::Float, Device::Cpu)))))),
+        ("vae", Some(Value::Vae(diffloom_core::Handle::new(diffloom_nodes::sd::SdVae { model: load_checkpoint(std::path::Path::new(&ck), Device::Cpu, Kind::Float).unwrap().vae.unwrap() }, 0, "vae")))),
+        ("mask", Some(Value::Mask(Shared(Tensor::ones([2, 7, 9], (Kind::Float, Device::Cpu)))))),
+        ("grow_mask_by", Some(Value::Int(6))),
+    ])
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("2 masks for 3 images"), "{err}");
 }
 
 #[test]

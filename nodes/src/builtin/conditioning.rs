@@ -7,6 +7,7 @@ use tch::Tensor;
 
 use super::image::MAX_RESOLUTION;
 use super::loaders::part;
+use super::mask::mask_nchw;
 use crate::sd::{EmbeddingDir, SdClip, SdVae, VAE_FACTOR};
 
 pub struct CLIPTextEncode;
@@ -235,10 +236,6 @@ impl Node for InpaintModelConditioning {
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let vae: &SdVae = part(a, "vae")?;
         let pixels = a.image("pixels")?;
-        let (pb, mb) = (pixels.size()[0], a.mask("mask")?.size()[0]);
-        if a.mask("mask")?.dim() == 3 && mb != 1 && mb != pb {
-            return Err(NodeError::input("mask", format!("{mb} masks for {pb} images; give one mask or one per image")));
-        }
         let (crop, mask) = crop_with_mask(pixels, a.mask("mask")?)?;
         let keep = mask.f_round()?.f_neg()?.f_add_scalar(1.0)?.f_squeeze_dim(1)?.f_unsqueeze(-1)?;
         let masked = crop.f_sub_scalar(0.5)?.f_mul(&keep)?.f_add_scalar(0.5)?;
@@ -260,12 +257,11 @@ impl Node for InpaintModelConditioning {
 }
 
 /// The pixels and the mask (resized to them, `[b, 1, h, w]`), both centre-cropped to multiples of 8
-/// as the VAE encoder crops.
+/// as the VAE encoder crops. One mask for all images or one per image.
 pub(crate) fn crop_with_mask(pixels: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor), NodeError> {
     let ps = pixels.size();
     let (h, w) = (ps[1], ps[2]);
-    let ms = mask.size();
-    let mask = mask.f_reshape([-1, 1, ms[ms.len() - 2], ms[ms.len() - 1]])?.f_upsample_bilinear2d([h, w], false, None, None)?;
+    let mask = mask_nchw(mask, ps[0])?.f_upsample_bilinear2d([h, w], false, None, None)?;
     let (ch, cw) = (h / VAE_FACTOR * VAE_FACTOR, w / VAE_FACTOR * VAE_FACTOR);
     let (oy, ox) = ((h % VAE_FACTOR) / 2, (w % VAE_FACTOR) / 2);
     Ok((pixels.f_narrow(1, oy, ch)?.f_narrow(2, ox, cw)?, mask.f_narrow(2, oy, ch)?.f_narrow(3, ox, cw)?))

@@ -387,8 +387,7 @@ impl Node for ImageCompositeMasked {
         let (x, y) = (a.i64("x")?.min(ds[3]), a.i64("y")?.min(ds[2]));
         let mask = match a.opt_mask("mask")? {
             Some(m) => {
-                let s = m.size();
-                let m = m.f_reshape([-1, 1, s[s.len() - 2], s[s.len() - 1]])?.f_upsample_bilinear2d([sh, sw], false, None, None)?;
+                let m = super::mask::mask_nchw(m, b)?.f_upsample_bilinear2d([sh, sw], false, None, None)?;
                 if m.size()[0] == 1 { m.f_repeat([b, 1, 1, 1])? } else { m }
             }
             None => Tensor::f_ones([b, 1, sh, sw], (Kind::Float, tch::Device::Cpu))?,

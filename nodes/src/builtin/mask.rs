@@ -177,3 +177,15 @@ impl Node for MaskComposite {
         Ok(vec![Value::Mask(Shared(out.f_clamp(0.0, 1.0)?))])
     }
 }
+
+/// A MASK input as `[b, 1, h, w]`, for a batch of `images`: one mask for all of them or one per image
+/// (an error on the `mask` input otherwise).
+pub fn mask_nchw(mask: &Tensor, images: i64) -> Result<Tensor, NodeError> {
+    let s = mask.size();
+    let m = mask.f_reshape([-1, 1, s[s.len() - 2], s[s.len() - 1]])?;
+    let mb = m.size()[0];
+    if mb != 1 && mb != images {
+        return Err(NodeError::input("mask", format!("{mb} masks for {images} images; give one mask, or one per image")));
+    }
+    Ok(m)
+}
