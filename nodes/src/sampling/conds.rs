@@ -97,8 +97,11 @@ fn resolve_area(e: &CondEntry, target: &Target, input: &str) -> Result<Resolved,
     let mask = match &e.mask {
         None => None,
         Some(m) => {
-            let m = m.to_kind(Kind::Float);
-            let m = if m.dim() == 2 { m.unsqueeze(0) } else { m };
+            let m = match m.dim() {
+                2 => m.to_kind(Kind::Float).unsqueeze(0),
+                3 => m.to_kind(Kind::Float),
+                _ => return Err(NodeError::input(input, format!("a conditioning mask of shape {:?}; a MASK is [h, w] or [b, h, w]", m.size()))),
+            };
             let ms = m.size();
             let m = if (ms[1], ms[2]) != (lh, lw) {
                 common_upscale(&m.unsqueeze(1), lw, lh, "bilinear", "disabled")?.squeeze_dim(1)
