@@ -82,12 +82,20 @@ fn check_parity(family: Family) {
     let d = Dir::new();
     let (ckpt, lora) = model_and_lora(&d, family);
     let reference = d.join("reference.safetensors");
-    run_reference("lora_reference.py", &[&ckpt, &lora, &reference, Path::new("0.7"), Path::new("0.3")]);
+    let peft_dir = d.join("peft");
+    run_reference("lora_reference.py", &[&ckpt, &lora, &reference, Path::new("0.7"), Path::new("0.3"), &peft_dir]);
     let r = SafetensorsFile::open(&reference).unwrap();
     let get = |k: &str| r.load(k, Device::Cpu, None).unwrap();
-    let (mut ex, reg, result) = run(&d, &ckpt, &lora_node("l", "ck", &lora, 0.7, 0.3));
+    // The kohya file, and the same LoRA as diffusers saves it (PEFT names, alphas in the metadata).
+    for file in [lora.clone(), peft_dir.join("pytorch_lora_weights.safetensors")] {
+        compare_lora(&d, &ckpt, &file, family, &get);
+    }
+}
+
+fn compare_lora(d: &Dir, ckpt: &Path, lora: &Path, family: Family, get: &dyn Fn(&str) -> Tensor) {
+    let (mut ex, reg, result) = run(d, ckpt, &lora_node("l", "ck", lora, 0.7, 0.3));
     let messages = result.unwrap();
-    let v = cached(&mut ex, &reg, &d, &[("l", 0), ("l", 1), ("ck", 0), ("ck", 1)]);
+    let v = cached(&mut ex, &reg, d, &[("l", 0), ("l", 1), ("ck", 0), ("ck", 1)]);
     let at = |id: &str, i: usize| &v[&(id.to_string(), i)];
     let report = &messages.iter().find(|(id, _)| id == "l").unwrap().1;
     assert!(report[0].contains("UNet weights (strength 0.7)") && report.len() == 1, "{report:?}");
@@ -103,7 +111,8 @@ fn check_parity(family: Family) {
     let (e_unet, e_clip) = (max_abs_diff(&unet_out(patched), &want_unet) / scale, max_abs_diff(&clip_out(patched_clip), &get(clip_key)));
     // The control: without the LoRA the outputs are far from diffusers' LoRA outputs.
     let (c_unet, c_clip) = (max_abs_diff(&unet_out(base), &want_unet) / scale, max_abs_diff(&clip_out(base_clip), &get(clip_key)));
-    println!("{family:?}: LoRA vs diffusers: UNet {e_unet:.2e} (relative to max {scale:.1}), text {e_clip:.2e}; without the LoRA: {c_unet:.2e}, {c_clip:.2e}");
+    let name = lora.file_name().unwrap().to_string_lossy();
+    println!("{family:?}, {name}: LoRA vs diffusers: UNet {e_unet:.2e} (relative to max {scale:.1}), text {e_clip:.2e}; without the LoRA: {c_unet:.2e}, {c_clip:.2e}");
     assert!(e_unet < 1e-5 && e_clip < 1e-4, "{e_unet} {e_clip}");
     assert!(c_unet > 1e-2 && c_clip > 1e-2, "{c_unet} {c_clip}");
 }

@@ -89,12 +89,24 @@ impl LoraFile {
                     unsupported.push((key.to_string(), "malformed pair: up and down shapes do not chain, or alpha is not one number"));
                     continue;
                 }
-                modules.push(LoraModule { name: base.to_owned(), down, up, alpha: alpha.map(|a| a.double_value(&[])) });
+                let alpha = alpha.map(|a| a.double_value(&[])).or_else(|| peft_alpha(&file.metadata, base));
+                modules.push(LoraModule { name: base.to_owned(), down, up, alpha });
             }
         }
         unsupported.extend(keys.iter().filter(|k| !used.contains(k.as_str())).map(|k| (k.to_string(), unsupported_kind(k))));
         Ok(LoraFile { path: path.to_path_buf(), modules, unsupported })
     }
+}
+
+/// The alpha of module `name` (`unet.<path>` / `text_encoder.<path>`) in a diffusers/PEFT file, which
+/// keeps them in its `lora_adapter_metadata` (per component: `lora_alpha`, and `alpha_pattern` for the
+/// modules that differ, keyed by module path or a dotted suffix of it, as PEFT matches them).
+fn peft_alpha(metadata: &HashMap<String, String>, name: &str) -> Option<f64> {
+    let meta: serde_json::Value = serde_json::from_str(metadata.get("lora_adapter_metadata")?).ok()?;
+    let (component, path) = name.split_once('.')?;
+    let pattern = meta.get(format!("{component}.alpha_pattern")).and_then(|p| p.as_object());
+    let matched = pattern.and_then(|p| p.iter().find(|(k, _)| path == k.as_str() || path.ends_with(&format!(".{k}")))).and_then(|(_, v)| v.as_f64());
+    matched.or_else(|| meta.get(format!("{component}.lora_alpha"))?.as_f64())
 }
 
 /// The weight a LoRA module patches: a logical tensor name, optionally a block of its rows (OpenCLIP's
@@ -205,12 +217,14 @@ pub fn unet_key_map(config: &UnetConfig, state: &[(String, Tensor)]) -> HashMap<
 }
 
 /// Every LoRA module name that addresses the text encoder: kohya's `lora_te_text_model_…` and PEFT's
-/// `text_encoder.text_model.…` (both in transformers' layout, also for SD 2.x's OpenCLIP).
+/// `text_encoder.text_model.…` or (transformers 5) `text_encoder.…`, all in transformers' layout, also
+/// for SD 2.x's OpenCLIP.
 pub fn clip_key_map(model: &ClipTextModel) -> HashMap<String, Target> {
     let mut map = HashMap::new();
     for (path, target) in clip_modules(model) {
         map.insert(format!("lora_te_text_model_{}", path.replace('.', "_")), target.clone());
-        map.insert(format!("text_encoder.text_model.{path}"), target);
+        map.insert(format!("text_encoder.text_model.{path}"), target.clone());
+        map.insert(format!("text_encoder.{path}"), target);
     }
     map
 }

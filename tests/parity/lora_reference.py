@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference outputs of a UNet and text encoder with a LoRA applied, for diffloom's LoRA parity test.
 
-Usage:  .venv/bin/python tests/parity/lora_reference.py CKPT LORA OUT STRENGTH_UNET STRENGTH_TEXT
+Usage:  .venv/bin/python tests/parity/lora_reference.py CKPT LORA OUT STRENGTH_UNET STRENGTH_TEXT [SAVE_DIR]
 
 CKPT is a tiny single-file checkpoint as for reference.py, converted by diffusers' own single-file code
 (reference.py's builders). LORA is a kohya-format .safetensors file; it is applied by diffusers' own
@@ -11,6 +11,9 @@ module of the file became an adapter layer, so nothing is silently skipped on th
 
 OUT receives the inputs of reference.py's make_inputs and out.unet, out.clip_last,
 out.clip_hidden_m2_ln (the SD 2.x conditioning layer). fp32, CPU, offline.
+With SAVE_DIR, the loaded adapters are also written back by diffusers' own save_lora_weights, in the
+diffusers/PEFT layout (unet.*/text_encoder.* lora_A/lora_B, alphas in the lora_adapter_metadata), as
+SAVE_DIR/pytorch_lora_weights.safetensors: the same LoRA in the other format diffloom reads.
 """
 import json
 import os
@@ -21,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
+from peft.utils import get_peft_model_state_dict  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -32,7 +36,7 @@ def adapter_layers(module):
 
 
 def main():
-    if len(sys.argv) != 6:
+    if len(sys.argv) not in (6, 7):
         sys.exit(__doc__)
     ckpt_path, lora_path, out_path = sys.argv[1:4]
     s_unet, s_text = float(sys.argv[4]), float(sys.argv[5])
@@ -64,6 +68,14 @@ def main():
     tensors = {k: t.float().contiguous() if k.startswith("out.") else t.contiguous() for k, t in {**inputs, **out}.items()}
     save_file(tensors, out_path)
     print(f"wrote {out_path}")
+    if len(sys.argv) == 7:
+        StableDiffusionPipeline.save_lora_weights(
+            sys.argv[6],
+            unet_lora_layers=get_peft_model_state_dict(pipe.unet, adapter_name="k"),
+            text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder, adapter_name="k"),
+            unet_lora_adapter_metadata=pipe.unet.peft_config["k"].to_dict(),
+            text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["k"].to_dict())
+        print(f"wrote {sys.argv[6]}/pytorch_lora_weights.safetensors")
 
 
 if __name__ == "__main__":
