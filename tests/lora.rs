@@ -249,3 +249,39 @@ fn keys_that_cannot_be_applied_are_reported_or_refused() {
     let err = result.unwrap_err();
     assert!(err.contains("attn2_to_k") && err.contains("does not fit"), "{err}");
 }
+
+/// Editing the strength and re-running in the same executor (what `watch` does) patches the cached base
+/// again: UNet strength 0.5 → 1.0 → 0.5 gives back the first result exactly, and the checkpoint is not
+/// reloaded. (The last run changes strength_clip too, so the node runs rather than coming from the cache.)
+#[test]
+fn re_running_with_another_strength_starts_from_the_unpatched_base() {
+    let d = Dir::new();
+    let (ckpt, lora) = model_and_lora(&d, Family::Sd1);
+    let (mut ex, reg) = executor(&d, 1 << 32);
+    let graph = |sm: f64, sc: f64| {
+        format!(
+            r#"(version: 1, nodes: {{ "ck": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {:?}}}), {} }})"#,
+            ckpt.display().to_string(),
+            lora_node("l", "ck", &lora, sm, sc)
+        )
+    };
+    let _guard = tch::no_grad_guard();
+    tch::manual_seed(2);
+    let (x, t) = (Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[300f32]));
+    let mut outs = Vec::new();
+    for (sm, sc) in [(0.5, 0.5), (1.0, 1.0), (0.5, 1.0)] {
+        let r = run_graph(&mut ex, &reg, &d, &graph(sm, sc), &[]);
+        assert!(r.error.is_none(), "{:?}", r.error);
+        let status = |id: &str| r.nodes.iter().find(|n| n.id == id).map(|n| n.status);
+        assert_eq!(status("l"), Some(diffloom_core::NodeStatus::Ran));
+        if !outs.is_empty() {
+            assert_eq!(status("ck"), Some(diffloom_core::NodeStatus::Cached), "the checkpoint was reloaded");
+        }
+        let v = cached(&mut ex, &reg, &d, &[("l", 0)]);
+        let m = model(&v[&("l".to_string(), 0)]);
+        let ctx = Tensor::ones([1, 77, m.unet.config.context_dim], (Kind::Float, Device::Cpu));
+        outs.push(m.unet.forward(&x, &t, &ctx));
+    }
+    assert!(max_abs_diff(&outs[0], &outs[1]) > 1e-3);
+    assert_eq!(max_abs_diff(&outs[0], &outs[2]), 0.0, "patching compounded");
+}
