@@ -6,7 +6,7 @@
 //! node re-run with another strength, never compound.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
@@ -27,7 +27,6 @@ pub struct LoraModule {
 
 /// A LoRA file's modules, and the keys diffloom cannot apply (with why).
 pub struct LoraFile {
-    pub path: PathBuf,
     pub modules: Vec<LoraModule>,
     pub unsupported: Vec<(String, &'static str)>,
 }
@@ -94,7 +93,7 @@ impl LoraFile {
             }
         }
         unsupported.extend(keys.iter().filter(|k| !used.contains(k.as_str())).map(|k| (k.to_string(), unsupported_kind(k))));
-        Ok(LoraFile { path: path.to_path_buf(), modules, unsupported })
+        Ok(LoraFile { modules, unsupported })
     }
 }
 
