@@ -69,6 +69,13 @@ pub struct NodeReport {
     pub messages: Vec<String>,
 }
 
+impl NodeReport {
+    /// A node whose result came from the cache.
+    fn cached(id: &str, node_type: &str) -> NodeReport {
+        NodeReport { id: id.to_owned(), node_type: node_type.to_owned(), status: NodeStatus::Cached, time: Duration::ZERO, messages: Vec::new() }
+    }
+}
+
 /// What a run did. `error` is set when a node failed; results computed before it stay cached.
 #[derive(Debug, Default)]
 pub struct RunReport {
@@ -223,25 +230,13 @@ impl Executor {
             let node = &graph.nodes[i];
             let schema = &node.entry.schema;
             if !must_run[i] {
-                report.nodes.push(NodeReport {
-                    id: node.id.clone(),
-                    node_type: schema.name.clone(),
-                    status: NodeStatus::Cached,
-                    time: Duration::ZERO,
-                    messages: Vec::new(),
-                });
+                report.nodes.push(NodeReport::cached(&node.id, &schema.name));
                 continue;
             }
             // An identical node earlier in this run (same key) has just produced this result.
             if let Some(v) = self.cache.get(&keys[i]) {
                 values[i] = Some(v);
-                report.nodes.push(NodeReport {
-                    id: node.id.clone(),
-                    node_type: schema.name.clone(),
-                    status: NodeStatus::Cached,
-                    time: Duration::ZERO,
-                    messages: Vec::new(),
-                });
+                report.nodes.push(NodeReport::cached(&node.id, &schema.name));
                 release_inputs(node, &mut consumers, &mut values);
                 continue;
             }
