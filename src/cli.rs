@@ -6,10 +6,13 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Runs Stable Diffusion workflows saved as RON node graphs.
 #[derive(Parser, Debug)]
-#[command(name = "diffloom", version, about)]
+#[command(name = "diffloom", about, disable_version_flag = true, arg_required_else_help = true)]
 pub struct Cli {
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
+    /// Print the version; with -v also libtorch's, CUDA support and the CPU's bf16 support.
+    #[arg(short = 'V', long)]
+    pub version: bool,
     /// Where tensors are computed: cpu, cuda or cuda:N (default: CUDA when available, else CPU).
     #[arg(long, global = true)]
     pub device: Option<String>,

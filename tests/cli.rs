@@ -333,3 +333,46 @@ fn every_example_graph_runs_as_it_is() {
     println!("{}", ran.join("\n"));
     assert!(ran.len() >= 12, "{ran:?}");
 }
+
+/// The shared libraries an ELF file asks the loader for (readelf comes with the binutils every Rust
+/// build on Linux needs).
+fn needed_libraries(path: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("readelf").arg("-d").arg(path).output().expect("run readelf");
+    assert!(out.status.success(), "readelf -d {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1).map(|s| s.trim_end_matches(']').to_owned()))
+        .collect()
+}
+
+// libtorch registers CUDA from libtorch_cuda.so's static initialisers, which the linker used to drop
+// as unneeded (`--as-needed`): `--device cuda` then failed even on a GPU machine. Checked here on the
+// CPU-only machine: every binary needs the library, and the running ones have it loaded.
+#[test]
+fn every_binary_links_libtorch_cuda_and_reports_it() {
+    let libtorch = std::path::PathBuf::from(option_env!("LIBTORCH").expect("built with scripts/env.sh's LIBTORCH"));
+    if !libtorch.join("lib/libtorch_cuda.so").exists() {
+        eprintln!("skipped: this libtorch ({}) has no CUDA backend", libtorch.display());
+        return;
+    }
+    let main = std::path::PathBuf::from(env!("CARGO_BIN_EXE_diffloom"));
+    let binaries = [main.clone(), main.with_file_name("make-test-models"), std::env::current_exe().unwrap()];
+    for bin in &binaries {
+        let needed = needed_libraries(bin);
+        assert!(needed.iter().any(|l| l == "libtorch_cuda.so"), "{} needs only {needed:?}", bin.display());
+    }
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(maps.contains("libtorch_cuda.so"), "libtorch_cuda.so is not loaded in the test process");
+
+    let d = Dir::new();
+    let out = d.diffloom(&["--version", "-v"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with(&format!("diffloom {}\n", env!("CARGO_PKG_VERSION"))), "{text}");
+    assert!(text.contains("libtorch 2.13.0"), "{text}");
+    assert!(text.contains("CUDA: compiled in;"), "{text}");
+    assert!(text.contains("bf16 on this CPU: "), "{text}");
+    let short = d.diffloom(&["--version"]);
+    assert_eq!(stdout(&short), format!("diffloom {}\n", env!("CARGO_PKG_VERSION")));
+}

@@ -2,6 +2,7 @@
 //! (issue 5): ComfyUI's semantics checked on values, and the sampler's per-entry averaging checked
 //! against the UNet run by hand.
 
+use diffloom_aten::Generator;
 use diffloom_core::value::{Area, CondEntry, Shared};
 use diffloom_core::{Latent, Node, Value};
 use diffloom_nodes::builtin::latent::LatentComposite;
@@ -95,8 +96,8 @@ fn the_denoiser_averages_entries_by_their_weights_as_comfyui() {
     let unet = ck.unet.unwrap();
     let ms = ModelSampling::sd(Prediction::Eps);
     let _g = tch::no_grad_guard();
-    tch::manual_seed(3);
-    let x = Tensor::randn([1, 4, 16, 16], (Kind::Float, Device::Cpu)) * 3.0;
+    let mut g = Generator::cpu(3);
+    let x = g.randn_f32(&[1, 4, 16, 16]) * 3.0;
     let target = Target { latent_in: &x, noise_mask: None, inpaint_unet: false };
     let (full, part) = (entry(32), {
         let mut e = entry(32);
@@ -336,8 +337,8 @@ fn latent_from_batch_keeps_each_items_noise() {
 
 #[test]
 fn bislerp_interpolates_lengths_bilinearly_and_directions_on_the_sphere() {
-    tch::manual_seed(4);
-    let x = Tensor::randn([1, 4, 5, 6], (Kind::Float, Device::Cpu));
+    let mut g = Generator::cpu(4);
+    let x = g.randn_f32(&[1, 4, 5, 6]);
     let up = common_upscale(&x, 13, 9, "bislerp", "disabled").unwrap();
     assert_eq!(up.size(), [1, 4, 9, 13]);
     // Lengths: exactly the bilinear resize of the length map (slerp keeps unit length, the length is

@@ -2,6 +2,7 @@
 //! modules, separate strengths), strength 0 as identity, no compounding on shared base weights,
 //! stacking, and the report of keys that cannot be applied.
 
+use diffloom_aten::Generator;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -145,10 +146,10 @@ fn strength_zero_is_identity_and_strengths_never_compound() {
     let v = cached(&mut ex, &reg, &d, &wanted);
     let at = |id: &str, i: usize| &v[&(id.to_string(), i)];
     let _guard = tch::no_grad_guard();
-    tch::manual_seed(1);
+    let mut g = Generator::cpu(1);
     let context_dim = model(at("ck", 0)).unet.config.context_dim;
-    let (x, t) = (Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[500f32]));
-    let ctx = Tensor::randn([1, 77, context_dim], (Kind::Float, Device::Cpu));
+    let (x, t) = (g.randn_f32(&[1, 4, 8, 8]), Tensor::from_slice(&[500f32]));
+    let ctx = g.randn_f32(&[1, 77, context_dim]);
     let out = |id: &str| model(at(id, 0)).unet.forward(&x, &t, &ctx);
     let base_before = out("ck");
     // Strength 0: the very same model and text encoder.
@@ -266,8 +267,8 @@ fn re_running_with_another_strength_starts_from_the_unpatched_base() {
         )
     };
     let _guard = tch::no_grad_guard();
-    tch::manual_seed(2);
-    let (x, t) = (Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu)), Tensor::from_slice(&[300f32]));
+    let mut g = Generator::cpu(2);
+    let (x, t) = (g.randn_f32(&[1, 4, 8, 8]), Tensor::from_slice(&[300f32]));
     let mut outs = Vec::new();
     for (sm, sc) in [(0.5, 0.5), (1.0, 1.0), (0.5, 1.0)] {
         let r = run_graph(&mut ex, &reg, &d, &graph(sm, sc), &[]);

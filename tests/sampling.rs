@@ -70,7 +70,7 @@ fn reference(d: &Dir, spec: serde_json::Value) -> SafetensorsFile {
 fn trajectory(name: &str, model: &mut dyn Denoiser, seed: i128, shape: &[i64], sigmas: &[f64]) -> Vec<Tensor> {
     let x0 = initial_noise(seed, shape, None) * (sigmas[0] as f32) as f64;
     let mut xs = vec![x0.shallow_clone()];
-    let mut noise = step_noise(seed);
+    let mut noise = step_noise(seed, Device::Cpu).unwrap();
     let mut step = |_: usize, _: usize, x: &Tensor| {
         xs.push(x.shallow_clone());
         Ok(())
@@ -168,12 +168,23 @@ fn initial_noise_and_schedules_match_pytorch_and_k_diffusion() {
     let r = reference(&d, serde_json::json!({
         "seed": 0, "shape": [1, 4, 2, 2], "sigmas": [1.0, 0.0], "samplers": [], "model": "toy",
         "noise_seeds": seeds.iter().map(|(s, sh)| serde_json::json!([*s as u64, sh])).collect::<Vec<_>>(),
+        "step_noise_seeds": seeds.iter().map(|(s, sh)| serde_json::json!([*s as u64, sh, 3])).collect::<Vec<_>>(),
         "karras_exponential_steps": [1, 10, 25],
     }));
     for (i, (seed, shape)) in seeds.iter().enumerate() {
         let ours = initial_noise(*seed, shape, None);
         let theirs = r.load(&format!("noise.{i}"), Device::Cpu, None).unwrap();
         assert_eq!(max_diff(&ours, &theirs), 0.0, "seed {seed} shape {shape:?}");
+        // Step noise: ComfyUI 0.8's default_noise_sampler on the CPU (seed + 1), three draws in a row.
+        let mut step = step_noise(*seed, Device::Cpu).unwrap();
+        let x = Tensor::zeros(shape.as_slice(), (Kind::Float, Device::Cpu));
+        let ours = Tensor::stack(&[step(&x).unwrap(), step(&x).unwrap(), step(&x).unwrap()], 0);
+        let theirs_step = r.load(&format!("step_noise.{i}"), Device::Cpu, None).unwrap();
+        assert_eq!(max_diff(&ours, &theirs_step), 0.0, "step noise, seed {seed} shape {shape:?}");
+        assert!(!ours.get(0).equal(&theirs), "seed {seed}: the first step noise repeats the initial noise");
+        // Only seed 2^64 − 1 overflows in ComfyUI (seed + 1 = 2^64); diffloom wraps it to 0.
+        let overflow = r.tensors().contains_key(&format!("step_noise.{i}.overflow"));
+        assert_eq!(overflow, *seed == u64::MAX as i128, "seed {seed}");
     }
     let (lo, hi) = (0.029167158529162407, 14.614641189575195);
     for n in [1i64, 10, 25] {

@@ -4,6 +4,7 @@ mod nodes;
 mod run;
 mod show;
 mod validate;
+mod version;
 mod watch;
 
 use std::process::ExitCode;
@@ -15,7 +16,11 @@ use crate::cli::{Cli, Command};
 /// Runs the chosen subcommand.
 pub fn run(cli: Cli) -> Result<ExitCode> {
     crate::session::set_plugin_dirs(cli.plugins.clone());
-    match cli.command {
+    let Some(command) = cli.command else {
+        // clap's arg_required_else_help leaves exactly this case: --version without a subcommand.
+        return version::version(cli.verbose);
+    };
+    match command {
         Command::Run { args } => {
             let (file, set, settings) = run::Settings::from_args(args, cli.device);
             run::run(&file, &set, settings)

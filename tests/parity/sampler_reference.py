@@ -10,12 +10,16 @@ SPEC: {"seed": int, "shape": [b, c, h, w], "sigmas": [...], "samplers": [...],
 The toy denoiser is exact for Gaussian data N(0, a): denoised = x·a/(a + σ²), a = 0.5. With "ckpt", the
 denoiser is the tiny UNet as tests/parity/reference.py loads it (diffusers' own conversion), called the
 way ComfyUI calls a model: input x/√(σ²+1), timestep = nearest training step in log sigma, eps
-prediction, denoised = x − eps·σ. Per-step noise comes from a generator seeded with `seed`, as ComfyUI's
-default_noise_sampler makes it; the starting x is that generator's first draw times sigmas[0], after
-`torch.manual_seed(seed)` as ComfyUI's prepare_noise.
+prediction, denoised = x − eps·σ. Per-step noise comes from `comfy_default_noise_sampler` below, the
+body of ComfyUI 0.8's `default_noise_sampler` (comfy/k_diffusion/sampling.py, since ComfyUI PR #11528:
+a private generator on x's device, seeded with seed + 1 on the CPU); the starting x is
+`torch.manual_seed(seed); torch.randn(shape)` (ComfyUI's prepare_noise) times sigmas[0].
 
 Writes, per sampler, `<name>.x` (the callback's x at every step, then the final x: [steps+1, ...]) and
-`<name>.denoised` ([steps, ...]); for each noise seed, `noise.<i>` = torch.manual_seed(s); torch.randn(shape).
+`<name>.denoised` ([steps, ...]); for each noise seed, `noise.<i>` = torch.manual_seed(s); torch.randn(shape);
+for each of "step_noise_seeds": [[seed, shape, draws], ...], `step_noise.<i>` = the first draws of
+comfy_default_noise_sampler on a CPU tensor of that shape ([draws, ...]), and `step_noise.<i>.overflow`
+where ComfyUI cannot seed it (then the draws are those of seed 0).
 Convention notes: for dpmpp_sde the tree is queried at the listed sigma, as ComfyUI queries it (see
 below). ComfyUI's lms returns the denoised estimate on the step to sigma 0 (k-diffusion
 integrates it); ComfyUI's euler_ancestral returns denoised when sigma_down is 0 (k-diffusion takes an
@@ -110,6 +114,15 @@ def unet_denoiser(spec):
     return denoise, ctx
 
 
+def comfy_default_noise_sampler(x, seed):
+    """ComfyUI 0.8's default_noise_sampler, as it reads (comfy/k_diffusion/sampling.py)."""
+    if x.device == torch.device("cpu"):
+        seed += 1
+    generator = torch.Generator(device=x.device)
+    generator.manual_seed(seed)
+    return lambda sigma, sigma_next: torch.randn(x.size(), dtype=x.dtype, layout=x.layout, device=x.device, generator=generator)
+
+
 def main(spec_path, out_path):
     torch.set_grad_enabled(False)
     with open(spec_path) as f:
@@ -124,8 +137,7 @@ def main(spec_path, out_path):
     for name in spec["samplers"]:
         torch.manual_seed(spec["seed"])
         x0 = torch.randn(spec["shape"]) * sigmas[0]
-        gen = torch.Generator().manual_seed(spec["seed"])
-        noise_sampler = lambda s, sn: torch.randn(spec["shape"], generator=gen)  # noqa: E731
+        noise_sampler = comfy_default_noise_sampler(x0, spec["seed"])
         xs, ds = [], []
 
         def callback(info):
@@ -169,6 +181,18 @@ def main(spec_path, out_path):
     for i, (seed, shape) in enumerate(spec.get("noise_seeds", [])):
         torch.manual_seed(seed)
         out[f"noise.{i}"] = torch.randn(shape)
+    for i, (seed, shape, draws) in enumerate(spec.get("step_noise_seeds", [])):
+        x = torch.zeros(shape)
+        try:
+            noise_sampler = comfy_default_noise_sampler(x, seed)
+        except (RuntimeError, ValueError, OverflowError) as e:
+            # seed + 1 = 2^64 does not fit a generator's seed: ComfyUI fails here. Record that, and the
+            # numbers of seed 0 (what diffloom wraps to) for comparison.
+            print(f"step noise seed {seed}: {type(e).__name__}: {e}")
+            out[f"step_noise.{i}.overflow"] = torch.ones(1)
+            generator = torch.Generator().manual_seed(0)
+            noise_sampler = lambda s, sn, g=generator, x=x: torch.randn(x.size(), generator=g)  # noqa: E731
+        out[f"step_noise.{i}"] = torch.stack([noise_sampler(None, None) for _ in range(draws)]).contiguous()
     for n in spec.get("karras_exponential_steps", []):
         out[f"karras.{n}"] = K.get_sigmas_karras(n, 0.029167158529162407, 14.614641189575195)
         out[f"exponential.{n}"] = K.get_sigmas_exponential(n, 0.029167158529162407, 14.614641189575195)

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use safetensors::tensor::{Dtype, TensorView};
+use diffloom_aten::Generator;
 use tch::{Kind, Tensor};
 
 use super::detect::{Family, ModelConfig, Prediction, CLIP_HF_PREFIX, CLIP_OPEN_PREFIX, CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX};
@@ -18,8 +19,8 @@ use crate::models::vae::{AutoencoderKl, VaeConfig};
 
 /// A random value for tensor `name`: weights scaled by 1/sqrt(fan-in) so activations stay O(1) through
 /// the layers, norm scales near 1, small biases.
-pub(crate) fn init(name: &str, shape: &[i64], kind: Kind) -> Tensor {
-    let t = Tensor::randn(shape, (Kind::Float, tch::Device::Cpu));
+pub(crate) fn init(g: &mut Generator, name: &str, shape: &[i64], kind: Kind) -> Tensor {
+    let t = g.randn_f32(shape);
     let leaf = name.rsplit('.').next().unwrap_or(name);
     let is_norm = ["norm", "ln_", "layer_norm"].iter().any(|n| name.contains(n)) && shape.len() == 1;
     let t = if is_norm && leaf == "weight" {
@@ -88,32 +89,33 @@ pub fn full_config(family: Family) -> ModelConfig {
 /// BFloat16), seeded by `seed`. With `embed_config` the config goes into the metadata, as the tiny test
 /// models need (their head counts cannot be detected); full-size files are detected like real ones.
 pub fn write_checkpoint(path: &Path, config: &ModelConfig, kind: Kind, seed: i64, embed_config: bool) -> Result<(), LoadError> {
-    tch::manual_seed(seed);
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut collect = |prefix: &str, w: Weights| {
         if let Some(made) = w.synthetic {
-            tensors.extend(made.into_inner().into_iter().map(|(k, t)| (format!("{prefix}{k}"), t)));
+            tensors.extend(made.into_inner().made.into_iter().map(|(k, t)| (format!("{prefix}{k}"), t)));
         }
     };
+    // Each part draws from its own generator, so adding a part keeps the others' weights.
+    let seed = seed as u64;
     if let Some(c) = &config.unet {
-        let w = Weights::synthetic(kind);
+        let w = Weights::synthetic(kind, seed);
         let _ = Unet::new(&w.root(), c.clone());
         collect(UNET_PREFIX, w);
     }
     if let Some(c) = &config.vae {
-        let w = Weights::synthetic(kind);
+        let w = Weights::synthetic(kind, seed.wrapping_add(1));
         let _ = AutoencoderKl::new(&w.root(), c.clone());
         collect(VAE_PREFIX, w);
     }
     if let Some(c) = &config.clip {
-        let w = Weights::synthetic(kind);
+        let w = Weights::synthetic(kind, seed.wrapping_add(2));
         let _ = ClipTextModel::new(&w.root(), c.clone());
         match c.layout {
             ClipLayout::Hf => collect(&format!("{CLIP_HF_PREFIX}text_model."), w),
             ClipLayout::OpenClip => {
                 collect(CLIP_OPEN_PREFIX, w);
                 // Present in real OpenCLIP checkpoints although SD does not use them.
-                tensors.push((format!("{CLIP_OPEN_PREFIX}text_projection"), init("text_projection", &[c.hidden_size, c.projection_dim], kind)));
+                tensors.push((format!("{CLIP_OPEN_PREFIX}text_projection"), init(&mut Generator::cpu(seed.wrapping_add(3)), "text_projection", &[c.hidden_size, c.projection_dim], kind)));
                 tensors.push((format!("{CLIP_OPEN_PREFIX}logit_scale"), Tensor::from(4.6052f32).to_kind(kind)));
             }
         }
@@ -152,10 +154,9 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Op
 /// Writes a random-weight RRDBNet upscaler: in Real-ESRGAN's key layout, or with `original_layout` in
 /// the original ESRGAN one (`model.N…`), as community "4x-…" files have it.
 pub fn write_rrdbnet(path: &Path, config: &RrdbConfig, original_layout: bool, seed: i64) -> Result<(), LoadError> {
-    tch::manual_seed(seed);
-    let w = Weights::synthetic(Kind::Float);
+    let w = Weights::synthetic(Kind::Float, seed as u64);
     let _ = RrdbNet::new(&w.root(), config.clone());
-    let made = w.synthetic.map(|m| m.into_inner()).unwrap_or_default();
+    let made = w.synthetic.map(|m| m.into_inner().made).unwrap_or_default();
     let rename = |k: String| -> String {
         if !original_layout {
             return k;
@@ -189,7 +190,7 @@ pub fn write_rrdbnet(path: &Path, config: &RrdbConfig, original_layout: bool, se
 /// and MLP layers.
 pub fn write_lora(path: &Path, unet: &Loaded<Unet>, clip: &Loaded<ClipTextModel>, rank: i64, seed: i64) -> Result<(), LoadError> {
     use crate::lora::{clip_modules, unet_modules};
-    tch::manual_seed(seed);
+    let mut g = Generator::cpu(seed as u64);
     let shapes: HashMap<&str, Vec<i64>> = unet.state.iter().chain(clip.state.iter()).map(|(k, t)| (k.as_str(), t.size())).collect();
     let mut tensors = Vec::new();
     let mut pair = |name: String, out: i64, inner: &[i64], rank: i64, alpha: f64| {
@@ -200,8 +201,8 @@ pub fn write_lora(path: &Path, unet: &Loaded<Unet>, clip: &Loaded<ClipTextModel>
         if inner.len() == 3 {
             up_shape.extend([1, 1]);
         }
-        let down = Tensor::randn(down_shape.as_slice(), (Kind::Float, tch::Device::Cpu)) / (fan_in as f64).sqrt();
-        let up = Tensor::randn(up_shape.as_slice(), (Kind::Float, tch::Device::Cpu)) / (rank as f64).sqrt();
+        let down = g.randn_f32(&down_shape) / (fan_in as f64).sqrt();
+        let up = g.randn_f32(&up_shape) / (rank as f64).sqrt();
         tensors.push((format!("{name}.lora_down.weight"), down));
         tensors.push((format!("{name}.lora_up.weight"), up));
         tensors.push((format!("{name}.alpha"), Tensor::from(alpha as f32)));

@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::rc::Rc;
 
+use diffloom_aten::Generator;
 use tch::{Device, Kind, Tensor};
 
 use super::safetensors::SafetensorsFile;
@@ -35,21 +36,24 @@ pub struct Weights {
     prefix: String,
     /// When set, lookups make random tensors and record them instead of reading files (see
     /// `synthetic.rs`): the model constructors then define exactly the keys a real file has.
-    pub(crate) synthetic: Option<RefCell<Vec<(String, Tensor)>>>,
+    pub(crate) synthetic: Option<RefCell<Synthetic>>,
     /// Every tensor handed out, by logical name (sharing storage with the model's): the model's state,
     /// from which a LoRA-patched copy is built without touching the original.
     loaded: RefCell<Vec<(String, Tensor)>>,
 }
 
-impl Weights {
-    /// Weights that invent every tensor asked for (random values, see `synthetic::init`).
-    pub(crate) fn synthetic(kind: Kind) -> Weights {
-        Weights::from_index(Vec::new(), HashMap::new(), Device::Cpu, kind).with_synthetic()
-    }
+/// The tensors a synthetic [`Weights`] invented, in order, and the generator they came from.
+pub(crate) struct Synthetic {
+    pub generator: Generator,
+    pub made: Vec<(String, Tensor)>,
+}
 
-    fn with_synthetic(mut self) -> Weights {
-        self.synthetic = Some(RefCell::default());
-        self
+impl Weights {
+    /// Weights that invent every tensor asked for (random values from a generator seeded with `seed`,
+    /// see `synthetic::init`).
+    pub(crate) fn synthetic(kind: Kind, seed: u64) -> Weights {
+        let made = Synthetic { generator: Generator::cpu(seed), made: Vec::new() };
+        Weights { synthetic: Some(RefCell::new(made)), ..Weights::from_index(Vec::new(), HashMap::new(), Device::Cpu, kind) }
     }
 
     /// Weights whose logical names are the stored names with `prefix` removed (tensors without the
@@ -133,9 +137,10 @@ impl Weights {
     }
 
     fn load(&self, name: &str, shape: Option<&[i64]>) -> Tensor {
-        if let Some(made) = &self.synthetic {
-            let t = super::synthetic::init(name, shape.unwrap_or(&[1]), self.kind);
-            made.borrow_mut().push((name.to_owned(), t.shallow_clone()));
+        if let Some(synthetic) = &self.synthetic {
+            let mut synthetic = synthetic.borrow_mut();
+            let t = super::synthetic::init(&mut synthetic.generator, name, shape.unwrap_or(&[1]), self.kind);
+            synthetic.made.push((name.to_owned(), t.shallow_clone()));
             return t;
         }
         let placeholder = |shape: Option<&[i64]>| {

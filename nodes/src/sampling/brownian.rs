@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use diffloom_aten::Generator;
 use tch::{Kind, Tensor};
 
 const INIT_A: u32 = 0x43b0_d7e5;
@@ -81,11 +82,9 @@ fn round6(x: f64) -> f64 {
     format!("{x:.6}").parse().unwrap_or(x)
 }
 
-/// `torch.randn(shape, generator=torch.Generator().manual_seed(seed))`; see `noise.rs` on why the
-/// default generator stands in for a private one.
+/// `torch.randn(shape, generator=torch.Generator().manual_seed(seed))`, as torchsde draws each node.
 fn randn_seeded(shape: &[i64], seed: u32) -> Tensor {
-    tch::manual_seed(seed as i64);
-    Tensor::randn(shape, (Kind::Float, tch::Device::Cpu))
+    Generator::cpu(u64::from(seed)).randn_f32(shape)
 }
 
 /// A Brownian motion on [t0, t1] with W(t0) = 0, queried for increments.

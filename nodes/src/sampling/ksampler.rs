@@ -154,7 +154,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
 
     let total = r.sigmas.len() - 1;
     let progress = progress_bar(total as u64, r.label);
-    let mut noise_fn = step_noise(r.seed);
+    let mut noise_fn = step_noise(r.seed, unet.device())?;
     let mut last_denoised: Option<Tensor> = None;
     let mut step = |i: usize, _n: usize, x: &Tensor| -> Result<(), NodeError> {
         progress.inc(1);

@@ -26,7 +26,7 @@ impl Sampler for Dpm2Ancestral {
                 let denoised2 = model.denoise(&x2, sigma_mid)?;
                 let d2 = to_d(&x2, sigma_mid, &denoised2);
                 x = &x + d2 * (down - sigmas[i]);
-                x = &x + (cx.noise)(&x) * (self.s_noise * up);
+                x = &x + (cx.noise)(&x)? * (self.s_noise * up);
             }
             (cx.step)(i, n, &x)?;
         }

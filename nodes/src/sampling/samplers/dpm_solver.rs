@@ -111,7 +111,7 @@ impl Sampler for DpmFast {
             };
             // ComfyUI draws per-step noise even with eta = 0 (it is multiplied by zero), which advances
             // the seeded generator; keep the draw so later draws stay in step.
-            let _ = (cx.noise)(&x);
+            let _ = (cx.noise)(&x)?;
             (cx.step)(i, orders.len(), &x)?;
         }
         Ok(x)
@@ -173,7 +173,7 @@ impl Sampler for DpmAdaptive {
             if pid.propose(error) {
                 x_prev = x_low;
                 // The noise term is su · noise with su = 0 at eta 0; ComfyUI still draws it.
-                let _ = (cx.noise)(&x);
+                let _ = (cx.noise)(&x)?;
                 x = x_high;
                 s = t;
                 (cx.step)(step, step + 1, &x)?;

@@ -33,7 +33,7 @@ impl Sampler for Dpmpp2sAncestral {
                 x = &x * (sigma_of(t_next) / sigma_of(t_now)) - denoised2 * (-h).exp_m1();
             }
             if sigmas[i + 1] > 0.0 {
-                x = &x + (cx.noise)(&x) * (self.s_noise * up);
+                x = &x + (cx.noise)(&x)? * (self.s_noise * up);
             }
             (cx.step)(i, n, &x)?;
         }

@@ -21,7 +21,7 @@ impl Sampler for EulerAncestral {
                 x = denoised;
             } else {
                 let d = to_d(&x, sigmas[i], &denoised);
-                x = &x + d * (down - sigmas[i]) + (cx.noise)(&x) * (self.s_noise * up);
+                x = &x + d * (down - sigmas[i]) + (cx.noise)(&x)? * (self.s_noise * up);
             }
             (cx.step)(i, n, &x)?;
         }

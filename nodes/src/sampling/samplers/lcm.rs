@@ -14,7 +14,7 @@ impl Sampler for Lcm {
         for i in 0..n {
             x = model.denoise(&x, sigmas[i])?;
             if sigmas[i + 1] > 0.0 {
-                x = &x + (cx.noise)(&x) * sigmas[i + 1];
+                x = &x + (cx.noise)(&x)? * sigmas[i + 1];
             }
             (cx.step)(i, n, &x)?;
         }

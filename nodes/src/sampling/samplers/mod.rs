@@ -24,8 +24,9 @@ pub mod uni_pc;
 
 /// What a sampler needs besides the model: per-step noise and a step callback.
 pub struct SampleCtx<'a> {
-    /// Fresh standard normal noise shaped like the argument (seeded as ComfyUI seeds it).
-    pub noise: &'a mut dyn FnMut(&Tensor) -> Tensor,
+    /// Fresh standard normal noise shaped like the argument (seeded as ComfyUI seeds it); fails only
+    /// where libtorch does (a device out of memory).
+    pub noise: &'a mut dyn FnMut(&Tensor) -> Result<Tensor, NodeError>,
     /// The run's seed, for samplers that build their own noise (the Brownian tree of the SDE ones).
     pub seed: i128,
     /// Called after each step with (step index, step count, the new x); stops the run with an error
