@@ -198,7 +198,7 @@ fn masks_wrong_channels_and_nans_through_the_sampling_api() {
     use tch::{Device, Tensor};
     let d = Dir::new();
     let ck = diffloom_nodes::checkpoint::load::load_checkpoint(std::path::Path::new(&ckpt(&d)), Device::Cpu, Kind::Float).unwrap();
-    let model = diffloom_nodes::sd::SdModel { unet: ck.unet.unwrap(), family: Family::Sd1, prediction: ck.config.prediction };
+    let model = diffloom_nodes::sd::SdModel { unet: ck.unet.unwrap(), family: Family::Sd1, sampling: ck.config.prediction.into() };
     let cond = vec![CondEntry::new(Tensor::randn([1, 77, 32], (Kind::Float, Device::Cpu)))];
     let cancel = AtomicBool::new(false);
     let sigmas = [14.6, 5.0, 1.0, 0.0];
@@ -228,15 +228,27 @@ fn masks_wrong_channels_and_nans_through_the_sampling_api() {
 }
 
 #[test]
-fn model_sampling_discrete_switches_to_v_prediction() {
+fn model_sampling_discrete_switches_sampling_type_and_zsnr() {
     let d = Dir::new();
     let eps = ksampler("euler", "normal", 3, 1.0, 1.0, "lat");
     let (_, a) = latent_of(&d, &graph(&d, &eps, ""));
-    let v = eps.replace(r#"Link("c", "MODEL")"#, r#"Link("vmodel", "MODEL")"#);
-    let extra = r#""vmodel": (type: "ModelSamplingDiscrete", inputs: {"model": Link("c", "MODEL"), "sampling": "v_prediction"}),"#;
-    let (_, b) = latent_of(&d, &graph(&d, &v, extra));
-    assert!(max_diff(&a, &b) > 1e-3, "the prediction type changes the result");
-    let same = r#""vmodel": (type: "ModelSamplingDiscrete", inputs: {"model": Link("c", "MODEL"), "sampling": "eps"}),"#;
-    let (_, c) = latent_of(&d, &graph(&d, &v, same));
-    assert_eq!(max_diff(&a, &c), 0.0);
+    let patched = eps.replace(r#"Link("c", "MODEL")"#, r#"Link("vmodel", "MODEL")"#);
+    let with = |sampling: &str, zsnr: bool| {
+        let extra = format!(r#""vmodel": (type: "ModelSamplingDiscrete", inputs: {{"model": Link("c", "MODEL"), "sampling": {sampling:?}, "zsnr": {zsnr}}}),"#);
+        latent_of(&d, &graph(&d, &patched, &extra)).1
+    };
+    // "eps" without zsnr, as ComfyUI workflows carry it, is the detected model unchanged.
+    assert_eq!(max_diff(&a, &with("eps", false)), 0.0);
+    let mut seen = vec![a.shallow_clone()];
+    for (sampling, zsnr) in [("v_prediction", false), ("eps", true), ("lcm", false), ("x0", false), ("img_to_img", false)] {
+        let b = with(sampling, zsnr);
+        assert!(b.isfinite().all().int64_value(&[]) == 1, "{sampling} zsnr={zsnr}: not finite");
+        for (k, other) in seen.iter().enumerate() {
+            assert!(max_diff(other, &b) > 1e-3, "{sampling} zsnr={zsnr} gives the same result as case {k}");
+        }
+        seen.push(b);
+    }
+    // The default of zsnr is false, as ComfyUI's.
+    let extra = r#""vmodel": (type: "ModelSamplingDiscrete", inputs: {"model": Link("c", "MODEL"), "sampling": "eps"}),"#;
+    assert_eq!(max_diff(&a, &latent_of(&d, &graph(&d, &patched, extra)).1), 0.0);
 }

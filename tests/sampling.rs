@@ -199,3 +199,62 @@ fn initial_noise_and_schedules_match_pytorch_and_k_diffusion() {
 }
 
 
+
+#[test]
+fn sampling_types_follow_diffusers_schedules_and_lcm_scalings() {
+    use diffloom_nodes::sampling::model_sampling::{Parameterization, SamplingMode};
+    let d = Dir::new();
+    let out = d.join("ms.safetensors");
+    run_reference("model_sampling_reference.py", &[&out]);
+    let r = SafetensorsFile::open(&out).unwrap();
+    let f64s = |name: &str| Vec::<f64>::try_from(&r.load(name, Device::Cpu, None).unwrap().to_kind(Kind::Double)).unwrap();
+    let f32s = |t: &Tensor| Vec::<f32>::try_from(&t.to_kind(Kind::Float)).unwrap();
+    let mode = |parameterization, zsnr| ModelSampling::new(SamplingMode { parameterization, zsnr });
+
+    // zsnr: diffusers' rescale_zero_terminal_snr, except the last alphā (0 there, 4.897e-8 in ComfyUI).
+    let z = mode(Parameterization::Eps, true);
+    let ours = f32s(&z.sigmas);
+    let want = f64s("zsnr.sigmas");
+    assert_eq!(ours.len(), 1000);
+    for (i, w) in want.iter().enumerate() {
+        assert!((ours[i] as f64 - w).abs() <= 2e-7 * w.max(1.0), "zsnr sigma {i}: {} vs {w}", ours[i]);
+    }
+    let last_ac = 4.8973451890853435e-08f64;
+    assert_eq!(ours[999], ((1.0 - last_ac) / last_ac).sqrt() as f32);
+    assert!(z.sigma_max() > 4000.0 && ModelSampling::sd(Prediction::Eps).sigma_max() < 15.0);
+    // Every scheduler runs on the rescaled schedule and starts at its top sigma.
+    for name in ["simple", "normal", "karras", "beta", "kl_optimal"] {
+        let s = calculate_sigmas(&z, name, 6).unwrap();
+        assert!((s[0] - z.sigma_max()).abs() < 1e-3 * z.sigma_max(), "{name}: {s:?}");
+    }
+
+    // LCM: the 50 sigmas at LCMScheduler's timesteps 19, 39, …, 999, and its boundary scalings.
+    let l = mode(Parameterization::Lcm, false);
+    let (timesteps, sigmas) = (f64s("lcm.timesteps"), f64s("lcm.sigmas"));
+    let ours = f32s(&l.sigmas);
+    assert_eq!(ours.len(), 50);
+    let (c_skip, c_out) = (f64s("lcm.c_skip"), f64s("lcm.c_out"));
+    let (x, eps) = (Tensor::from_slice(&[0.7f32, -1.2]), Tensor::from_slice(&[0.3f32, 0.9]));
+    for i in 0..50 {
+        assert_eq!(ours[i], sigmas[i] as f32, "lcm sigma {i}");
+        let t = l.timestep(&Tensor::from(ours[i])).double_value(&[]);
+        assert_eq!(t, timesteps[i], "timestep of lcm sigma {i}");
+        assert!((l.sigma(t) - ours[i] as f64).abs() <= 1e-5 * ours[i] as f64, "sigma of timestep {t}");
+        // ComfyUI's LCM: c_out·(x − eps·σ) + c_skip·x, with diffusers' scalings at that timestep.
+        let s = ours[i] as f64;
+        let want = (&x - &eps * s) * c_out[i] + &x * c_skip[i];
+        let got = l.calculate_denoised(s, &eps, &x);
+        assert!(max_diff(&got, &want) <= 1e-5, "lcm denoised at timestep {t}");
+    }
+
+    // x0 and img_to_img read the output as the denoised latent; img_to_img feeds x unscaled.
+    let sigma = 3.0;
+    let plain = mode(Parameterization::Eps, false);
+    for p in [Parameterization::X0, Parameterization::ImgToImg] {
+        let m = mode(p, false);
+        assert!(m.calculate_denoised(sigma, &eps, &x).equal(&eps), "{p:?}");
+        let input = m.calculate_input(sigma, &x);
+        let want = if p == Parameterization::ImgToImg { x.shallow_clone() } else { plain.calculate_input(sigma, &x) };
+        assert!(input.equal(&want), "{p:?} input");
+    }
+}

@@ -9,9 +9,10 @@ use diffloom_core::value::CondEntry;
 use diffloom_core::NodeError;
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::detect::{Family, Prediction};
+use crate::checkpoint::detect::Family;
 use crate::checkpoint::safetensors::SafetensorsFile;
 use crate::checkpoint::Loaded;
+use crate::sampling::model_sampling::SamplingMode;
 use crate::models::clip::{ClipOutput, ClipTextModel};
 use crate::models::unet::Unet;
 use crate::models::vae::AutoencoderKl;
@@ -23,7 +24,8 @@ use crate::tokenizer::ClipTokenizer;
 pub struct SdModel {
     pub unet: Loaded<Unet>,
     pub family: Family,
-    pub prediction: Prediction,
+    /// How its output is read and its schedule (the detected prediction, or ModelSamplingDiscrete's).
+    pub sampling: SamplingMode,
 }
 
 /// SD 1.x/2.x latent scale (the LDM configs' `scale_factor`). As in ComfyUI, LATENT values are the

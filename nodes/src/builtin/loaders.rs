@@ -82,7 +82,7 @@ impl Node for CheckpointLoaderSimple {
         };
         let model = match &ck.unet {
             Some(unet) => Handle::new(
-                SdModel { unet: unet.clone(), family: ck.config.family, prediction: ck.config.prediction },
+                SdModel { unet: unet.clone(), family: ck.config.family, sampling: ck.config.prediction.into() },
                 ck.bytes,
                 name.clone(),
             ),
@@ -216,7 +216,7 @@ fn apply_lora(
         Some((m, _)) if !unet_patches.is_empty() => {
             let state = patch_state(&m.unet.state, &unet_patches).map_err(failed)?;
             let unet = rebuild_unet(&m.unet, state).map_err(|e| failed(e.to_string()))?;
-            Some(SdModel { unet, family: m.family, prediction: m.prediction })
+            Some(SdModel { unet, family: m.family, sampling: m.sampling })
         }
         _ => None,
     };

@@ -9,7 +9,7 @@ use tch::Tensor;
 use super::conditioning::conds;
 use super::loaders::part;
 use crate::sampling::ksampler::{ksampler_sigmas, sample, slice_steps, Request};
-use crate::sampling::model_sampling::ModelSampling;
+use crate::sampling::model_sampling::{ModelSampling, Parameterization, SamplingMode, SAMPLING_NAMES};
 use crate::sampling::schedulers::{calculate_sigmas, exponential, karras, SCHEDULER_NAMES};
 use crate::sd::SdModel;
 
@@ -79,7 +79,7 @@ impl Node for KSampler {
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let model: &SdModel = part(a, "model")?;
         let (sampler, scheduler) = (a.string("sampler_name")?, a.string("scheduler")?);
-        let ms = ModelSampling::sd(model.prediction);
+        let ms = ModelSampling::new(model.sampling);
         let sigmas = ksampler_sigmas(&ms, sampler, scheduler, a.i64("steps")?, a.float("denoise")?)?;
         let (samples, _) = run(cx, a, model, sampler, &sigmas, a.int("seed")?, true)?;
         Ok(vec![samples])
@@ -109,7 +109,7 @@ impl Node for KSamplerAdvanced {
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let model: &SdModel = part(a, "model")?;
         let (sampler, scheduler) = (a.string("sampler_name")?, a.string("scheduler")?);
-        let ms = ModelSampling::sd(model.prediction);
+        let ms = ModelSampling::new(model.sampling);
         let all = ksampler_sigmas(&ms, sampler, scheduler, a.i64("steps")?, 1.0)?;
         let force_full = a.string("return_with_leftover_noise")? != "enable";
         let latent = a.latent("latent_image")?;
@@ -185,7 +185,7 @@ impl Node for BasicScheduler {
         }
         // Unlike KSampler, any denoise below 1 takes the tail, and dpm_2/uni_pc keep every sigma.
         let total = if denoise < 1.0 { (steps as f64 / denoise) as i64 } else { steps };
-        let ms = ModelSampling::sd(model.prediction);
+        let ms = ModelSampling::new(model.sampling);
         let all = calculate_sigmas(&ms, a.string("scheduler")?, total).unwrap_or_default();
         let keep = (steps as usize + 1).min(all.len());
         Ok(vec![sigmas_value(&all[all.len() - keep..])])
@@ -244,24 +244,26 @@ impl Node for SplitSigmas {
     }
 }
 
-/// ComfyUI's ModelSamplingDiscrete: overrides what the model predicts, where detection cannot tell
-/// (an SD 2.x 768-v checkpoint whose norm statistics fool the heuristic, a v-prediction fine-tune of
-/// SD 1.x). ComfyUI's `zsnr` rescaling is not offered yet.
+/// ComfyUI's ModelSamplingDiscrete: how the model's output is read (eps, v_prediction, lcm, x0,
+/// img_to_img) and whether its schedule is rescaled to zero terminal SNR, where detection cannot tell
+/// (an SD 2.x 768-v checkpoint whose norm statistics fool the heuristic, a v-prediction or zsnr
+/// fine-tune, an LCM distillation).
 pub struct ModelSamplingDiscrete;
 impl Node for ModelSamplingDiscrete {
     fn schema(&self) -> Schema {
         Schema::new("ModelSamplingDiscrete", "advanced/model")
             .input("model", ValueType::Model)
-            .input("sampling", Combo::of(&["eps", "v_prediction"]))
+            .input("sampling", Combo::of(SAMPLING_NAMES))
+            .input("zsnr", Bool(false))
             .output("MODEL", ValueType::Model)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let model: &SdModel = part(a, "model")?;
-        let prediction = match a.string("sampling")? {
-            "v_prediction" => crate::checkpoint::detect::Prediction::V,
-            _ => crate::checkpoint::detect::Prediction::Eps,
-        };
-        let label = format!("{:?} ({prediction:?})", model.family);
-        Ok(vec![Value::Model(Handle::new(SdModel { unet: model.unet.clone(), family: model.family, prediction }, 0, label))])
+        let sampling = a.string("sampling")?;
+        let parameterization = Parameterization::from_name(sampling)
+            .ok_or_else(|| NodeError::input("sampling", format!("unknown sampling type {sampling:?}")))?;
+        let mode = SamplingMode { parameterization, zsnr: a.boolean("zsnr")? };
+        let label = format!("{:?} ({sampling}{})", model.family, if mode.zsnr { ", zsnr" } else { "" });
+        Ok(vec![Value::Model(Handle::new(SdModel { unet: model.unet.clone(), family: model.family, sampling: mode }, 0, label))])
     }
 }

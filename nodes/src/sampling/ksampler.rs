@@ -113,7 +113,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     if r.positive.is_empty() || r.negative.is_empty() {
         return Err(NodeError::input(if r.positive.is_empty() { "positive" } else { "negative" }, "the conditioning is empty"));
     }
-    let ms = ModelSampling::sd(r.model.prediction);
+    let ms = ModelSampling::new(r.model.sampling);
     let noise = if r.add_noise { initial_noise(r.seed, &shape, r.latent.batch_index.as_deref()) } else { Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu)) };
     let latent_in = &latent * LATENT_SCALE;
     let (b, h, w) = (shape[0], shape[2], shape[3]);
