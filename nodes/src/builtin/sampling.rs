@@ -13,9 +13,17 @@ use crate::sampling::model_sampling::{ModelSampling, Parameterization, SamplingM
 use crate::sampling::schedulers::{calculate_sigmas, exponential, karras, SCHEDULER_NAMES};
 use crate::sd::SdModel;
 
-/// The samplers diffloom has, in ComfyUI's order (`comfy.samplers.SAMPLER_NAMES`).
-pub const SAMPLER_NAMES: &[&str] =
-    &["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm", "ddim", "uni_pc", "uni_pc_bh2"];
+/// ComfyUI 0.8's sampler names, in its order (`comfy.samplers.SAMPLER_NAMES`: `KSAMPLER_NAMES`, then
+/// ddim and the UniPC pair).
+pub const SAMPLER_NAMES: &[&str] = &[
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
+    "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
+    "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3",
+    "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+];
 
 /// ComfyUI's seed range: 0 to 2^64 − 1.
 fn seed() -> Int {

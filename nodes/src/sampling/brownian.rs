@@ -8,7 +8,8 @@
 use std::collections::HashMap;
 
 use diffloom_aten::Generator;
-use tch::{Kind, Tensor};
+use diffloom_core::NodeError;
+use tch::{Device, Kind, Tensor};
 
 const INIT_A: u32 = 0x43b0_d7e5;
 const MULT_A: u32 = 0x931e_8875;
@@ -82,14 +83,17 @@ fn round6(x: f64) -> f64 {
     format!("{x:.6}").parse().unwrap_or(x)
 }
 
-/// `torch.randn(shape, generator=torch.Generator().manual_seed(seed))`, as torchsde draws each node.
-fn randn_seeded(shape: &[i64], seed: u32) -> Tensor {
-    Generator::cpu(u64::from(seed)).randn_f32(shape)
+/// `torch.randn(shape, device=device, generator=torch.Generator(device).manual_seed(seed))`, as torchsde
+/// draws each node (`_brownian/brownian_interval.py::_randn`).
+fn randn_seeded(shape: &[i64], seed: u32, device: Device) -> Result<Tensor, NodeError> {
+    let draw = Generator::new(device, u64::from(seed)).and_then(|mut g| g.randn(shape, Kind::Float));
+    draw.map_err(|e| NodeError::Failed(format!("drawing Brownian noise on {device:?}: {e}")))
 }
 
 /// A Brownian motion on [t0, t1] with W(t0) = 0, queried for increments.
 pub struct BrownianTree {
     shape: Vec<i64>,
+    device: Device,
     entropy: u64,
     start: f64,
     end: f64,
@@ -99,14 +103,15 @@ pub struct BrownianTree {
 }
 
 impl BrownianTree {
-    pub fn new(shape: &[i64], t0: f64, t1: f64, entropy: u64) -> BrownianTree {
+    /// A tree whose noise is drawn on `device` (ComfyUI's `cpu=True` trees: the CPU).
+    pub fn new(shape: &[i64], t0: f64, t1: f64, entropy: u64, device: Device) -> Result<BrownianTree, NodeError> {
         let state = seed_sequence_state(entropy, &[], 3);
-        let root = randn_seeded(shape, state[0]) * (t1 - t0).sqrt();
-        BrownianTree { shape: shape.to_vec(), entropy, start: round6(t0), end: round6(t1), root, cache: HashMap::new() }
+        let root = randn_seeded(shape, state[0], device)? * (t1 - t0).sqrt();
+        Ok(BrownianTree { shape: shape.to_vec(), device, entropy, start: round6(t0), end: round6(t1), root, cache: HashMap::new() })
     }
 
     /// The increment of the node reached by `path` (true = left) from the root.
-    fn node(&mut self, path: &[bool]) -> Tensor {
+    fn node(&mut self, path: &[bool]) -> Result<Tensor, NodeError> {
         let (mut s, mut e) = (self.start, self.end);
         let (mut key, mut depth) = (0u64, 0u64);
         let mut w = self.root.shallow_clone();
@@ -119,7 +124,7 @@ impl BrownianTree {
                 let h_rec = 1.0 / (e - s);
                 let (ld, rd) = (mid - s, e - mid);
                 let seed = seed_sequence_state(self.entropy, &[key, depth], 4)[0];
-                let noise = randn_seeded(&self.shape, seed);
+                let noise = randn_seeded(&self.shape, seed, self.device)?;
                 let left_w = &w * ld * h_rec + noise * (ld * rd * h_rec).sqrt();
                 w = if left { left_w } else { &w - left_w };
                 self.cache.insert(child, w.shallow_clone());
@@ -127,27 +132,29 @@ impl BrownianTree {
             (key, depth) = child;
             (s, e) = if left { (s, mid) } else { (mid, e) };
         }
-        w
+        Ok(w)
     }
 
     /// W(tb) − W(ta) for ta < tb, as torchsde composes it from the tree's dyadic pieces.
-    pub fn increment(&mut self, ta: f64, tb: f64) -> Tensor {
+    pub fn increment(&mut self, ta: f64, tb: f64) -> Result<Tensor, NodeError> {
         let ta = round6(ta.clamp(self.start, self.end));
         let tb = round6(tb.clamp(self.start, self.end));
+        let (shape, device) = (self.shape.clone(), self.device);
+        let zeros = move || Tensor::zeros(shape.as_slice(), (Kind::Float, device));
         if ta == tb {
-            return Tensor::zeros(self.shape.as_slice(), (Kind::Float, tch::Device::Cpu));
+            return Ok(zeros());
         }
         let mut paths = Vec::new();
         self.decompose(self.start, self.end, &mut Vec::new(), ta, tb, &mut paths);
         let mut total: Option<Tensor> = None;
         for p in paths {
-            let w = self.node(&p);
+            let w = self.node(&p)?;
             total = Some(match total {
                 None => w,
                 Some(t) => t + w,
             });
         }
-        total.unwrap_or_else(|| Tensor::zeros(self.shape.as_slice(), (Kind::Float, tch::Device::Cpu)))
+        Ok(total.unwrap_or_else(zeros))
     }
 
     fn decompose(&self, s: f64, e: f64, path: &mut Vec<bool>, ta: f64, tb: f64, out: &mut Vec<Vec<bool>>) {
@@ -175,25 +182,27 @@ impl BrownianTree {
     }
 }
 
-/// ComfyUI's `BrownianTreeNoiseSampler` (cpu=True): unit-variance noise for a step from σ to σ_next,
+/// ComfyUI's `BrownianTreeNoiseSampler`: unit-variance noise for a step from σ to σ_next,
 /// `(W(σ_next) − W(σ)) / √|σ_next − σ|`, over a tree spanning the run's smallest positive and largest
-/// sigma.
+/// sigma, drawn on the CPU (`cpu=True`, the plain SDE samplers) or on the model's device (the `_gpu`
+/// ones, `cpu=False`).
 pub struct BrownianNoise {
     tree: BrownianTree,
 }
 
 impl BrownianNoise {
-    pub fn new(shape: &[i64], sigmas: &[f64], seed: i128) -> BrownianNoise {
+    pub fn new(shape: &[i64], sigmas: &[f64], seed: i128, device: Device) -> Result<BrownianNoise, NodeError> {
         let lo = sigmas.iter().copied().filter(|s| *s > 0.0).fold(f64::INFINITY, f64::min);
         let hi = sigmas.iter().copied().fold(0.0, f64::max);
         // Sigmas are float32 in ComfyUI; the tree takes their float64 values.
-        BrownianNoise { tree: BrownianTree::new(shape, lo as f32 as f64, hi as f32 as f64, seed as u64) }
+        Ok(BrownianNoise { tree: BrownianTree::new(shape, lo as f32 as f64, hi as f32 as f64, seed as u64, device)? })
     }
 
-    pub fn noise(&mut self, sigma: f64, sigma_next: f64) -> Tensor {
+    /// The noise for a step from `sigma` to `sigma_next`, on the tree's device.
+    pub fn noise(&mut self, sigma: f64, sigma_next: f64) -> Result<Tensor, NodeError> {
         let (a, b) = (sigma as f32 as f64, sigma_next as f32 as f64);
         let (lo, hi, sign) = if a < b { (a, b, 1.0) } else { (b, a, -1.0) };
-        let w = self.tree.increment(lo, hi) * sign;
-        w / ((b as f32 - a as f32).abs().sqrt() as f64)
+        let w = self.tree.increment(lo, hi)? * sign;
+        Ok(w / ((b as f32 - a as f32).abs().sqrt() as f64))
     }
 }

@@ -12,6 +12,14 @@ use crate::models::unet::Unet;
 /// What a sampler calls: the denoised estimate of `x` at noise level `sigma`.
 pub trait Denoiser {
     fn denoise(&mut self, x: &Tensor, sigma: f64) -> Result<Tensor, NodeError>;
+
+    /// The guided estimate and the unconditional one, for the CFG++ samplers (ComfyUI hands them the
+    /// uncond prediction through a post-CFG function and disables the cfg = 1 shortcut, so the uncond
+    /// side always runs). A denoiser without guidance returns its estimate twice.
+    fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor), NodeError> {
+        let d = self.denoise(x, sigma)?;
+        Ok((d.shallow_clone(), d))
+    }
 }
 
 /// Keeps the unmasked part of the latent: before each model call the latent is re-noised to the current
@@ -26,7 +34,8 @@ pub struct NoiseMask {
 
 /// The guided UNet. Each side's entries are run on their areas and their predictions averaged with
 /// their per-pixel weights (ComfyUI's `calc_cond_batch`); entries over the same area share one batched
-/// forward pass, uncond rows first, and the uncond side is skipped when cfg is 1, as ComfyUI does.
+/// forward pass, uncond rows first, and the uncond side is skipped when cfg is 1, as ComfyUI does
+/// (except for CFG++ samplers, which read it).
 pub struct CfgDenoiser<'a> {
     pub unet: &'a Unet,
     pub sampling: &'a ModelSampling,
@@ -61,7 +70,22 @@ fn crop(t: &Tensor, area: Option<[i64; 4]>) -> Tensor {
 
 impl Denoiser for CfgDenoiser<'_> {
     fn denoise(&mut self, x: &Tensor, sigma: f64) -> Result<Tensor, NodeError> {
+        Ok(self.guided(x, sigma, false)?.0)
+    }
+
+    fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor), NodeError> {
+        let (guided, uncond) = self.guided(x, sigma, true)?;
+        let uncond = uncond.unwrap_or_else(|| guided.shallow_clone());
+        Ok((guided, uncond))
+    }
+}
+
+impl CfgDenoiser<'_> {
+    /// The guided estimate, and with `want_uncond` the uncond side's estimate (before the noise mask
+    /// is applied, as ComfyUI's post-CFG functions see it), computed even at cfg 1.
+    fn guided(&mut self, x: &Tensor, sigma: f64, want_uncond: bool) -> Result<(Tensor, Option<Tensor>), NodeError> {
         self.calls += 1;
+        let use_uncond = self.uncond.is_some() && (want_uncond || (self.cfg - 1.0).abs() > 1e-9);
         let x_in = match &self.noise_mask {
             Some(m) => {
                 let noised = self.sampling.noise_scaling(sigma, &m.noise, &m.latent_image, false);
@@ -73,7 +97,7 @@ impl Denoiser for CfgDenoiser<'_> {
         let device = self.unet_device();
         // (side, entry): side 0 is uncond, 1 cond; grouped by area in order of first appearance.
         let mut jobs: Vec<(usize, &Cond)> = Vec::new();
-        if let Some(u) = &self.uncond {
+        if let Some(u) = self.uncond.as_ref().filter(|_| use_uncond) {
             jobs.extend(u.iter().map(|c| (0, c)));
         }
         jobs.extend(self.cond.iter().map(|c| (1, c)));
@@ -113,22 +137,19 @@ impl Denoiser for CfgDenoiser<'_> {
             }
         }
         let cond = &sums[1] / &weights[1];
-        let guided = match self.uncond {
+        let uncond = use_uncond.then(|| &sums[0] / &weights[0]);
+        let guided = match &uncond {
             // ComfyUI's cfg_function on the denoised estimates: uncond + (cond − uncond)·cfg.
-            Some(_) => {
-                let uncond = &sums[0] / &weights[0];
-                &uncond + (cond - &uncond) * self.cfg
-            }
+            Some(uncond) => uncond + (cond - uncond) * self.cfg,
             None => cond,
         };
-        Ok(match &self.noise_mask {
+        let guided = match &self.noise_mask {
             Some(m) => &guided * &m.mask + &m.latent_image * (m.mask.neg() + 1.0),
             None => guided,
-        })
+        };
+        Ok((guided, uncond))
     }
-}
 
-impl CfgDenoiser<'_> {
     fn unet_device(&self) -> tch::Device {
         self.unet.device()
     }

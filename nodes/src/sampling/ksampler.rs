@@ -143,7 +143,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         unet,
         sampling: &ms,
         cond,
-        uncond: ((r.cfg - 1.0).abs() > 1e-9).then_some(uncond),
+        uncond: Some(uncond),
         cfg: r.cfg,
         noise_mask: mask.map(|m| NoiseMask { mask: m, latent_image: latent_in.shallow_clone(), noise: mask_noise }),
         calls: 0,
@@ -167,7 +167,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         last_denoised = Some(x.shallow_clone());
         Ok(())
     };
-    let mut cx = SampleCtx { noise: &mut noise_fn, seed: r.seed, step: &mut step };
+    let mut cx = SampleCtx { sampling: &ms, device: unet.device(), noise: &mut noise_fn, seed: r.seed, step: &mut step };
     let result = sampler.sample(&mut denoiser, x, r.sigmas, &mut cx);
     progress.finish_and_clear();
     let out = result?;

@@ -142,6 +142,18 @@ impl ModelSampling {
         log_sigma.exp() as f64
     }
 
+    /// ComfyUI's `percent_to_sigma`: the sigma reached `percent` of the way through the schedule
+    /// (0 gives a sigma above any, 1 gives 0), for timestep ranges and SA-Solver's noise interval.
+    pub fn percent_to_sigma(&self, percent: f64) -> f64 {
+        if percent <= 0.0 {
+            return 999_999_999.9;
+        }
+        if percent >= 1.0 {
+            return 0.0;
+        }
+        self.sigma(((1.0 - percent) * 999.0) as f32 as f64)
+    }
+
     /// The model input for noisy latents `x` at `sigma`: x / √(σ² + 1) (σ_data = 1), or x itself for
     /// IMG_TO_IMG.
     pub fn calculate_input(&self, sigma: f64, x: &Tensor) -> Tensor {

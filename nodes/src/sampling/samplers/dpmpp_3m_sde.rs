@@ -10,12 +10,14 @@ use diffloom_core::NodeError;
 pub struct Dpmpp3mSde {
     pub eta: f64,
     pub s_noise: f64,
+    /// The `_gpu` variant: Brownian noise drawn on the model's device (ComfyUI's `cpu=False` tree).
+    pub gpu: bool,
 }
 
 impl Sampler for Dpmpp3mSde {
     fn sample(&self, model: &mut dyn Denoiser, mut x: Tensor, sigmas: &[f64], cx: &mut SampleCtx) -> Result<Tensor, NodeError> {
         let n = sigmas.len() - 1;
-        let mut bt = BrownianNoise::new(&x.size(), sigmas, cx.seed);
+        let mut bt = BrownianNoise::new(&x.size(), sigmas, cx.seed, cx.brownian_device(self.gpu))?;
         let (mut d1_prev, mut d2_prev): (Option<Tensor>, Option<Tensor>) = (None, None);
         let (mut h1, mut h2): (Option<f64>, Option<f64>) = (None, None);
         for i in 0..n {
@@ -50,7 +52,7 @@ impl Sampler for Dpmpp3mSde {
                 }
                 if self.eta > 0.0 && self.s_noise > 0.0 {
                     let scale = sigmas[i + 1] * (-(-2.0 * hh * self.eta).exp_m1()).sqrt() * self.s_noise;
-                    x = &x + bt.noise(sigmas[i], sigmas[i + 1]).to_device(x.device()) * scale;
+                    x = &x + bt.noise(sigmas[i], sigmas[i + 1])?.to_device(x.device()) * scale;
                 }
                 h = Some(hh);
             }

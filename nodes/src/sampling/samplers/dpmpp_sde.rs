@@ -12,12 +12,14 @@ pub struct DpmppSde {
     pub eta: f64,
     pub s_noise: f64,
     pub r: f64,
+    /// The `_gpu` variant: Brownian noise drawn on the model's device (ComfyUI's `cpu=False` tree).
+    pub gpu: bool,
 }
 
 impl Sampler for DpmppSde {
     fn sample(&self, model: &mut dyn Denoiser, mut x: Tensor, sigmas: &[f64], cx: &mut SampleCtx) -> Result<Tensor, NodeError> {
         let n = sigmas.len() - 1;
-        let mut bt = BrownianNoise::new(&x.size(), sigmas, cx.seed);
+        let mut bt = BrownianNoise::new(&x.size(), sigmas, cx.seed, cx.brownian_device(self.gpu))?;
         let lambda = |s: f64| -s.ln();
         let sigma_of = |l: f64| (-l).exp();
         for i in 0..n {
@@ -40,7 +42,7 @@ impl Sampler for DpmppSde {
                 let h_ = lambda(sd) - ls;
                 let mut x2 = &x * ((alpha_s1 / alpha_s) * (-h_).exp()) - &denoised * (alpha_s1 * (-h_).exp_m1());
                 if self.eta > 0.0 && self.s_noise > 0.0 {
-                    x2 = x2 + bt.noise(sigmas[i], s1).to_device(x.device()) * (alpha_s1 * self.s_noise * su);
+                    x2 = x2 + bt.noise(sigmas[i], s1)?.to_device(x.device()) * (alpha_s1 * self.s_noise * su);
                 }
                 let denoised2 = model.denoise(&x2, s1)?;
                 // Step 2: to the next sigma.
@@ -49,7 +51,7 @@ impl Sampler for DpmppSde {
                 let denoised_d = &denoised * (1.0 - fac) + denoised2 * fac;
                 x = &x * ((alpha_t / alpha_s) * (-h_).exp()) - denoised_d * (alpha_t * (-h_).exp_m1());
                 if self.eta > 0.0 && self.s_noise > 0.0 {
-                    x = &x + bt.noise(sigmas[i], sigmas[i + 1]).to_device(x.device()) * (alpha_t * self.s_noise * su);
+                    x = &x + bt.noise(sigmas[i], sigmas[i + 1])?.to_device(x.device()) * (alpha_t * self.s_noise * su);
                 }
             }
             (cx.step)(i, n, &x)?;

@@ -1,12 +1,16 @@
 //! Samplers, one file per ComfyUI `sampler_name`, all stepping over a list of sigmas (a SIGMAS value)
 //! with a [`Denoiser`], after k-diffusion's `sampling.py` as ComfyUI ships it.
 
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 use diffloom_core::NodeError;
 
 use super::guidance::Denoiser;
+use super::model_sampling::ModelSampling;
 
+pub mod cfg_pp;
+pub mod ddpm;
+pub mod deis;
 pub mod dpm_2;
 pub mod dpm_2_ancestral;
 pub mod dpm_solver;
@@ -15,15 +19,27 @@ pub mod dpmpp_2m_sde;
 pub mod dpmpp_2s_ancestral;
 pub mod dpmpp_3m_sde;
 pub mod dpmpp_sde;
+pub mod er_sde;
 pub mod euler;
 pub mod euler_ancestral;
+pub mod euler_cfg_pp;
+pub mod gradient_estimation;
 pub mod heun;
+pub mod heunpp2;
+pub mod ipndm;
 pub mod lcm;
 pub mod lms;
+pub mod res_multistep;
+pub mod sa_solver;
+pub mod seeds;
 pub mod uni_pc;
 
 /// What a sampler needs besides the model: per-step noise and a step callback.
 pub struct SampleCtx<'a> {
+    /// The model's schedule (for samplers that convert between sigma and the schedule's percent).
+    pub sampling: &'a ModelSampling,
+    /// The model's device, where `_gpu` samplers draw their Brownian noise.
+    pub device: Device,
     /// Fresh standard normal noise shaped like the argument (seeded as ComfyUI seeds it); fails only
     /// where libtorch does (a device out of memory).
     pub noise: &'a mut dyn FnMut(&Tensor) -> Result<Tensor, NodeError>,
@@ -32,6 +48,13 @@ pub struct SampleCtx<'a> {
     /// Called after each step with (step index, step count, the new x); stops the run with an error
     /// (cancellation, NaN) by returning one.
     pub step: &'a mut dyn FnMut(usize, usize, &Tensor) -> Result<(), NodeError>,
+}
+
+impl SampleCtx<'_> {
+    /// Where a Brownian tree draws: the model's device for the `_gpu` samplers, else the CPU.
+    pub fn brownian_device(&self, gpu: bool) -> Device {
+        if gpu { self.device } else { Device::Cpu }
+    }
 }
 
 /// One sampling method.
@@ -55,23 +78,51 @@ pub fn ancestral_step(from: f64, to: f64, eta: f64) -> (f64, f64) {
     ((to * to - up * up).sqrt(), up)
 }
 
-/// The sampler named `name`, if diffloom has it.
+/// The sampler named `name` (ComfyUI's `sampler_name`, with its default parameters), if diffloom has it.
 pub fn by_name(name: &str) -> Option<Box<dyn Sampler>> {
+    let (eta, s_noise) = (1.0, 1.0);
     Some(match name {
         "euler" => Box::new(euler::Euler),
-        "euler_ancestral" => Box::new(euler_ancestral::EulerAncestral { eta: 1.0, s_noise: 1.0 }),
+        "euler_cfg_pp" => Box::new(euler_cfg_pp::EulerAncestralCfgPp { eta: 0.0, s_noise: 0.0 }),
+        "euler_ancestral" => Box::new(euler_ancestral::EulerAncestral { eta, s_noise }),
+        "euler_ancestral_cfg_pp" => Box::new(euler_cfg_pp::EulerAncestralCfgPp { eta, s_noise }),
         "heun" => Box::new(heun::Heun),
+        "heunpp2" => Box::new(heunpp2::Heunpp2),
+        "exp_heun_2_x0" => Box::new(seeds::Seeds2 { eta: 0.0, s_noise: 0.0, r: 1.0, phi_2: true }),
+        "exp_heun_2_x0_sde" => Box::new(seeds::Seeds2 { eta, s_noise, r: 1.0, phi_2: true }),
         "dpm_2" => Box::new(dpm_2::Dpm2),
-        "dpm_2_ancestral" => Box::new(dpm_2_ancestral::Dpm2Ancestral { eta: 1.0, s_noise: 1.0 }),
+        "dpm_2_ancestral" => Box::new(dpm_2_ancestral::Dpm2Ancestral { eta, s_noise }),
         "lms" => Box::new(lms::Lms { order: 4 }),
         "dpm_fast" => Box::new(dpm_solver::DpmFast),
         "dpm_adaptive" => Box::new(dpm_solver::DpmAdaptive),
-        "dpmpp_2s_ancestral" => Box::new(dpmpp_2s_ancestral::Dpmpp2sAncestral { eta: 1.0, s_noise: 1.0 }),
+        "dpmpp_2s_ancestral" => Box::new(dpmpp_2s_ancestral::Dpmpp2sAncestral { eta, s_noise }),
+        "dpmpp_2s_ancestral_cfg_pp" => Box::new(cfg_pp::Dpmpp2sAncestralCfgPp { eta, s_noise }),
+        "dpmpp_sde" => Box::new(dpmpp_sde::DpmppSde { eta, s_noise, r: 0.5, gpu: false }),
+        "dpmpp_sde_gpu" => Box::new(dpmpp_sde::DpmppSde { eta, s_noise, r: 0.5, gpu: true }),
         "dpmpp_2m" => Box::new(dpmpp_2m::Dpmpp2m),
-        "dpmpp_sde" => Box::new(dpmpp_sde::DpmppSde { eta: 1.0, s_noise: 1.0, r: 0.5 }),
-        "dpmpp_2m_sde" => Box::new(dpmpp_2m_sde::Dpmpp2mSde { eta: 1.0, s_noise: 1.0 }),
-        "dpmpp_3m_sde" => Box::new(dpmpp_3m_sde::Dpmpp3mSde { eta: 1.0, s_noise: 1.0 }),
+        "dpmpp_2m_cfg_pp" => Box::new(cfg_pp::Dpmpp2mCfgPp),
+        "dpmpp_2m_sde" => Box::new(dpmpp_2m_sde::Dpmpp2mSde { eta, s_noise, gpu: false, heun: false }),
+        "dpmpp_2m_sde_gpu" => Box::new(dpmpp_2m_sde::Dpmpp2mSde { eta, s_noise, gpu: true, heun: false }),
+        "dpmpp_2m_sde_heun" => Box::new(dpmpp_2m_sde::Dpmpp2mSde { eta, s_noise, gpu: false, heun: true }),
+        "dpmpp_2m_sde_heun_gpu" => Box::new(dpmpp_2m_sde::Dpmpp2mSde { eta, s_noise, gpu: true, heun: true }),
+        "dpmpp_3m_sde" => Box::new(dpmpp_3m_sde::Dpmpp3mSde { eta, s_noise, gpu: false }),
+        "dpmpp_3m_sde_gpu" => Box::new(dpmpp_3m_sde::Dpmpp3mSde { eta, s_noise, gpu: true }),
+        "ddpm" => Box::new(ddpm::Ddpm),
         "lcm" => Box::new(lcm::Lcm),
+        "ipndm" => Box::new(ipndm::Ipndm { max_order: 4, variable: false }),
+        "ipndm_v" => Box::new(ipndm::Ipndm { max_order: 4, variable: true }),
+        "deis" => Box::new(deis::Deis { max_order: 3 }),
+        "res_multistep" => Box::new(res_multistep::ResMultistep { eta: 0.0, s_noise, cfg_pp: false }),
+        "res_multistep_cfg_pp" => Box::new(res_multistep::ResMultistep { eta: 0.0, s_noise, cfg_pp: true }),
+        "res_multistep_ancestral" => Box::new(res_multistep::ResMultistep { eta, s_noise, cfg_pp: false }),
+        "res_multistep_ancestral_cfg_pp" => Box::new(res_multistep::ResMultistep { eta, s_noise, cfg_pp: true }),
+        "gradient_estimation" => Box::new(gradient_estimation::GradientEstimation { ge_gamma: 2.0, cfg_pp: false }),
+        "gradient_estimation_cfg_pp" => Box::new(gradient_estimation::GradientEstimation { ge_gamma: 2.0, cfg_pp: true }),
+        "er_sde" => Box::new(er_sde::ErSde { s_noise, max_stage: 3 }),
+        "seeds_2" => Box::new(seeds::Seeds2 { eta, s_noise, r: 0.5, phi_2: false }),
+        "seeds_3" => Box::new(seeds::Seeds3 { eta, s_noise, r_1: 1.0 / 3.0, r_2: 2.0 / 3.0 }),
+        "sa_solver" => Box::new(sa_solver::SaSolver { eta, predictor_order: 3, corrector_order: 4, s_noise, use_pece: false }),
+        "sa_solver_pece" => Box::new(sa_solver::SaSolver { eta, predictor_order: 3, corrector_order: 4, s_noise, use_pece: true }),
         "uni_pc" => Box::new(uni_pc::UniPc { bh2: false }),
         "uni_pc_bh2" => Box::new(uni_pc::UniPc { bh2: true }),
         _ => return None,
