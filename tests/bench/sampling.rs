@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use diffloom_core::value::{CondEntry, Latent, Shared};
+use diffloom_nodes::builtin::sampling::SAMPLER_NAMES;
 use diffloom_nodes::checkpoint::detect::Family;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
@@ -28,7 +29,7 @@ fn bench(label: &str, ckpt: &Path, latent_hw: i64, steps: i64) {
     let sigmas = calculate_sigmas(&ModelSampling::new(model.sampling), "karras", steps).unwrap();
     let cancel = AtomicBool::new(false);
     println!("{label}: {steps} steps, latent {latent_hw}×{latent_hw}, cfg 7 (cond + uncond batched)");
-    for sampler in ["euler", "euler_ancestral", "dpmpp_2m", "heun"] {
+    for sampler in SAMPLER_NAMES {
         let r = Request { model: &model, positive: &cond, negative: &cond, latent: &latent, seed: 1, add_noise: true, cfg: 7.0, sampler, sigmas: &sigmas, cancel: &cancel, label: "" };
         let t = Instant::now();
         let out = sample(&r).expect("sample");
@@ -36,7 +37,7 @@ fn bench(label: &str, ckpt: &Path, latent_hw: i64, steps: i64) {
         let model_s = out.model_time.as_secs_f64();
         let n = steps as f64;
         println!(
-            "  {sampler:<16} model {:>9.2} ms/step   outside the model {:>7.3} ms/step   = {:>6.3}% of the model's time",
+            "  {sampler:<30} model {:>9.2} ms/step   outside the model {:>7.3} ms/step   = {:>6.3}% of the model's time",
             model_s / n * 1e3,
             (total - model_s) / n * 1e3,
             100.0 * (total - model_s) / model_s
