@@ -8,7 +8,8 @@ use diffloom_core::{Latent, Node, Value};
 use diffloom_nodes::builtin::latent::LatentComposite;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::resample::common_upscale;
-use diffloom_nodes::sampling::conds::{resolve_pair, Cond, Target};
+use diffloom_nodes::sampling::conds::{resolve_sides, Cond, Target};
+use diffloom_nodes::sampling::guidance::Guidance;
 use diffloom_nodes::sampling::guidance::{CfgDenoiser, Denoiser};
 use diffloom_nodes::sampling::model_sampling::ModelSampling;
 use diffloom_nodes::checkpoint::detect::Prediction;
@@ -31,6 +32,18 @@ fn conds(v: &Value) -> &Vec<CondEntry> {
 }
 
 
+/// The SD schedule, for resolving timestep ranges (leaked: tests only).
+fn sd_sampling() -> &'static ModelSampling {
+    Box::leak(Box::new(ModelSampling::sd(Prediction::Eps)))
+}
+
+/// Positive and negative resolved as a CFG guider's two sides.
+fn pair(positive: &[CondEntry], negative: &[CondEntry], target: &Target) -> Result<(Vec<Cond>, Vec<Cond>), diffloom_core::NodeError> {
+    let mut sides = resolve_sides(&[("positive", positive), ("negative", negative)], target)?;
+    let negative = sides.pop().unwrap_or_default();
+    Ok((sides.pop().unwrap_or_default(), negative))
+}
+
 fn entry(dim: i64) -> CondEntry {
     CondEntry::new(Tensor::randn([1, 77, dim], (Kind::Float, Device::Cpu)))
 }
@@ -38,12 +51,12 @@ fn entry(dim: i64) -> CondEntry {
 #[test]
 fn areas_fade_in_and_the_other_side_gets_a_same_area_entry() {
     let latent = Tensor::zeros([1, 4, 16, 24], (Kind::Float, Device::Cpu));
-    let target = Target { latent_in: &latent, noise_mask: None, inpaint_unet: false };
+    let target = Target { latent_in: &latent, noise_mask: None, inpaint_unet: false, sampling: sd_sampling() };
     // 64×64 pixels at x 32, y 0: latent area 8×8 at (y 0, x 4), strength 2.
     let mut area = entry(8);
     area.area = Some(Area::Latent { h: 8, w: 8, y: 0, x: 4 });
     area.strength = 2.0;
-    let (pos, neg) = resolve_pair(&[entry(8), area], &[entry(8)], &target).unwrap();
+    let (pos, neg) = pair(&[entry(8), area], &[entry(8)], &target).unwrap();
     assert_eq!(pos.len(), 2);
     assert_eq!(pos[1].area, Some([8, 8, 0, 4]));
     // The edges inside the latent ramp over min(8, 8 / 4) = 2 pixels: 1/2, 1; the top edge (y = 0)
@@ -59,31 +72,31 @@ fn areas_fade_in_and_the_other_side_gets_a_same_area_entry() {
     // Fractions resolve against the latent; an area outside the image is an error naming the input.
     let mut frac = entry(8);
     frac.area = Some(Area::Fraction { h: 0.5, w: 0.25, y: 0.5, x: 0.0 });
-    let (pos, _) = resolve_pair(&[frac], &[entry(8)], &target).unwrap();
+    let (pos, _) = pair(&[frac], &[entry(8)], &target).unwrap();
     assert_eq!(pos[0].area, Some([8, 6, 8, 0]));
     let mut outside = entry(8);
     outside.area = Some(Area::Latent { h: 8, w: 8, y: 0, x: 30 });
-    let err = resolve_pair(&[entry(8)], &[outside], &target).err().unwrap().to_string();
+    let err = pair(&[entry(8)], &[outside], &target).err().unwrap().to_string();
     assert!(err.contains("negative") && err.contains("outside the 192×128 image"), "{err}");
 }
 
 #[test]
 fn masks_weight_entries_and_mask_bounds_set_the_area() {
     let latent = Tensor::zeros([2, 4, 8, 8], (Kind::Float, Device::Cpu));
-    let target = Target { latent_in: &latent, noise_mask: None, inpaint_unet: false };
+    let target = Target { latent_in: &latent, noise_mask: None, inpaint_unet: false, sampling: sd_sampling() };
     // A 16×16 pixel-space mask with a 4×4 square: resized to the 8×8 latent bilinearly.
     let m = Tensor::zeros([1, 16, 16], (Kind::Float, Device::Cpu));
     let _ = m.narrow(1, 4, 4).narrow(2, 8, 4).fill_(1.0);
     let mut e = entry(8);
     e.mask = Some(Shared(m.shallow_clone()));
     e.mask_strength = 0.5;
-    let (pos, _) = resolve_pair(&[e.clone()], &[entry(8)], &target).unwrap();
+    let (pos, _) = pair(&[e.clone()], &[entry(8)], &target).unwrap();
     let want = common_upscale(&m.unsqueeze(1), 8, 8, "bilinear", "disabled").unwrap() * 0.5;
     assert_eq!(pos[0].mult.size(), [2, 4, 8, 8]);
     assert!(max_abs_diff(&pos[0].mult.narrow(0, 1, 1).narrow(1, 3, 1), &want) < 1e-7);
     // "mask bounds": the bounding box of the resized mask's nonzero pixels, at least 8×8.
     e.area_from_mask = true;
-    let (pos, _) = resolve_pair(&[e], &[entry(8)], &target).unwrap();
+    let (pos, _) = pair(&[e], &[entry(8)], &target).unwrap();
     // The square covers latent rows 2..3, columns 4..5 after resizing: an 8×8 box there, clamped to
     // the latent.
     assert_eq!(pos[0].area, Some([6, 4, 2, 4]));
@@ -98,7 +111,7 @@ fn the_denoiser_averages_entries_by_their_weights_as_comfyui() {
     let _g = tch::no_grad_guard();
     let mut g = Generator::cpu(3);
     let x = g.randn_f32(&[1, 4, 16, 16]) * 3.0;
-    let target = Target { latent_in: &x, noise_mask: None, inpaint_unet: false };
+    let target = Target { latent_in: &x, noise_mask: None, inpaint_unet: false, sampling: sd_sampling() };
     let (full, part) = (entry(32), {
         let mut e = entry(32);
         e.area = Some(Area::Latent { h: 8, w: 16, y: 8, x: 0 });
@@ -106,7 +119,7 @@ fn the_denoiser_averages_entries_by_their_weights_as_comfyui() {
         e
     });
     let neg = entry(32);
-    let (cond, uncond) = resolve_pair(&[full.clone(), part.clone()], &[neg.clone()], &target).unwrap();
+    let (cond, uncond) = pair(&[full.clone(), part.clone()], &[neg.clone()], &target).unwrap();
     assert_eq!(uncond.len(), 2, "the uncond side got the same-area entry");
     let mult = cond[1].mult.shallow_clone();
     let sigma = 3.0;
@@ -126,7 +139,7 @@ fn the_denoiser_averages_entries_by_their_weights_as_comfyui() {
     };
     let (c, c_full) = side(&full.cross_attn, &part.cross_attn);
     let (u, _) = side(&neg.cross_attn, &neg.cross_attn);
-    let mut den = CfgDenoiser { unet: &unet, sampling: &ms, cond, uncond: Some(uncond), cfg: 2.5, noise_mask: None, calls: 0, model_time: Default::default() };
+    let mut den = CfgDenoiser::new(&unet, &ms, vec![cond, uncond], Guidance::Cfg(2.5));
     let got = den.denoise(&x, sigma).unwrap();
     let want = &u + (&c - &u) * 2.5;
     let err = max_abs_diff(&got, &want);
@@ -136,7 +149,7 @@ fn the_denoiser_averages_entries_by_their_weights_as_comfyui() {
     assert!(max_abs_diff(&got, &(&u + (&c_full - &u) * 2.5)) > 1e-3, "the area entry changed nothing");
     let p_full = c_full;
     // A single entry over the whole latent is the plain prediction, bit for bit.
-    let mut one = CfgDenoiser { unet: &unet, sampling: &ms, cond: vec![Cond::whole(full.cross_attn.0.shallow_clone(), &x.size())], uncond: None, cfg: 1.0, noise_mask: None, calls: 0, model_time: Default::default() };
+    let mut one = CfgDenoiser::new(&unet, &ms, vec![vec![Cond::whole(full.cross_attn.0.shallow_clone(), &x.size())]], Guidance::Basic);
     assert_eq!(max_abs_diff(&one.denoise(&x, sigma).unwrap(), &p_full), 0.0);
 }
 

@@ -193,7 +193,7 @@ fn bad_sampling_input_is_named() {
 #[test]
 fn masks_wrong_channels_and_nans_through_the_sampling_api() {
     use diffloom_core::value::{CondEntry, Latent, Shared};
-    use diffloom_nodes::sampling::ksampler::{sample, Request};
+    use diffloom_nodes::sampling::ksampler::{sample, Guider, Request, SamplerSpec};
     use std::sync::atomic::AtomicBool;
     use tch::{Device, Tensor};
     let d = Dir::new();
@@ -202,29 +202,30 @@ fn masks_wrong_channels_and_nans_through_the_sampling_api() {
     let cond = vec![CondEntry::new(Tensor::randn([1, 77, 32], (Kind::Float, Device::Cpu)))];
     let cancel = AtomicBool::new(false);
     let sigmas = [14.6, 5.0, 1.0, 0.0];
-    fn req<'a>(model: &'a diffloom_nodes::sd::SdModel, cond: &'a [CondEntry], latent: &'a Latent, sigmas: &'a [f64], cancel: &'a AtomicBool) -> Request<'a> {
-        Request { model, positive: cond, negative: cond, latent, seed: 1, add_noise: true, cfg: 3.0, sampler: "euler", sigmas, cancel, label: "t" }
+    let (guider, euler) = (Guider::cfg(&model, cond.clone(), cond.clone(), 3.0), SamplerSpec::named("euler").unwrap());
+    fn req<'a>(guider: &'a Guider, sampler: &'a SamplerSpec, latent: &'a Latent, sigmas: &'a [f64], cancel: &'a AtomicBool) -> Request<'a> {
+        Request { guider, latent, seed: 1, add_noise: true, sampler, sigmas, cancel, label: "t" }
     }
     // Mask: left half resampled (1), right half kept (0): the kept half comes back as it went in.
     let input = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
     let mask = Tensor::cat(&[Tensor::ones([1, 8, 4], (Kind::Float, Device::Cpu)), Tensor::zeros([1, 8, 4], (Kind::Float, Device::Cpu))], 2);
     let latent = Latent { samples: Shared(input.shallow_clone()), noise_mask: Some(Shared(mask)), batch_index: None };
-    let out = sample(&req(&model, &cond, &latent, &sigmas, &cancel)).unwrap().samples;
+    let out = sample(&req(&guider, &euler, &latent, &sigmas, &cancel)).unwrap().samples;
     let kept = (out.narrow(3, 4, 4) - input.narrow(3, 4, 4)).abs().max().double_value(&[]);
     let changed = (out.narrow(3, 0, 4) - input.narrow(3, 0, 4)).abs().max().double_value(&[]);
     assert!(kept < 1e-5 && changed > 0.1, "kept {kept}, changed {changed}");
     // A 3-channel latent does not fit the model.
     let latent = Latent { samples: Shared(Tensor::zeros([1, 3, 8, 8], (Kind::Float, Device::Cpu))), noise_mask: None, batch_index: None };
-    let err = sample(&req(&model, &cond, &latent, &sigmas, &cancel)).err().unwrap().to_string();
+    let err = sample(&req(&guider, &euler, &latent, &sigmas, &cancel)).err().unwrap().to_string();
     assert!(err.contains("input \"latent_image\": a latent of shape [1, 3, 8, 8] does not fit this model, which needs 4 channels"), "{err}");
     // NaN in the latent stops the run at the first step instead of producing a black image.
     let latent = Latent { samples: Shared(Tensor::full([1, 4, 8, 8], f64::NAN, (Kind::Float, Device::Cpu))), noise_mask: None, batch_index: None };
-    let err = sample(&req(&model, &cond, &latent, &sigmas, &cancel)).err().unwrap().to_string();
+    let err = sample(&req(&guider, &euler, &latent, &sigmas, &cancel)).err().unwrap().to_string();
     assert!(err.contains("the latent became NaN at step 1 of 3"), "{err}");
     // Cancellation between steps.
     cancel.store(true, std::sync::atomic::Ordering::Relaxed);
     let latent = Latent { samples: Shared(Tensor::zeros([1, 4, 8, 8], (Kind::Float, Device::Cpu))), noise_mask: None, batch_index: None };
-    assert!(matches!(sample(&req(&model, &cond, &latent, &sigmas, &cancel)), Err(diffloom_core::NodeError::Cancelled)));
+    assert!(matches!(sample(&req(&guider, &euler, &latent, &sigmas, &cancel)), Err(diffloom_core::NodeError::Cancelled)));
 }
 
 #[test]

@@ -7,7 +7,7 @@ use diffloom_nodes::checkpoint::detect::Prediction;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
 use diffloom_nodes::sampling::conds::Cond;
-use diffloom_nodes::sampling::guidance::{CfgDenoiser, Denoiser};
+use diffloom_nodes::sampling::guidance::{CfgDenoiser, Denoiser, Guidance};
 use diffloom_nodes::sampling::model_sampling::ModelSampling;
 use diffloom_nodes::sampling::noise::{initial_noise, step_noise};
 use diffloom_nodes::sampling::samplers::{by_name, SampleCtx};
@@ -150,7 +150,7 @@ fn samplers_match_k_diffusion_on_the_tiny_unet() {
     for name in names {
         // cfg 1: the cond alone, as the reference calls the model.
         let cond = vec![Cond::whole(context.shallow_clone(), &shape)];
-        let mut model = CfgDenoiser { unet: &unet, sampling: &ms, cond, uncond: None, cfg: 1.0, noise_mask: None, calls: 0, model_time: std::time::Duration::ZERO };
+        let mut model = CfgDenoiser::new(&unet, &ms, vec![cond], Guidance::Basic);
         let worst = compare_trajectories(&r, name, &trajectory(name, &mut model, 7, &shape, &sigmas));
         println!("{name} (tiny UNet): max abs difference {worst:.2e}");
         assert!(worst <= 1e-4, "{name}: trajectory differs by {worst:.3e}");

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::error::NodeError;
-use crate::value::{Latent, Shared, Value, ValueType};
+use crate::value::{CondEntry, Latent, MissingPart, Shared, Value, ValueType};
 
 /// What a node declares about itself, after ComfyUI's `INPUT_TYPES`/`RETURN_TYPES`/`OUTPUT_NODE`.
 #[derive(Clone, Debug, Serialize)]
@@ -423,6 +423,39 @@ impl Args {
     /// Any value (for `*` inputs).
     pub fn any(&self, name: &str) -> Result<&Value, NodeError> {
         self.required(name)
+    }
+
+    /// A CONDITIONING input's entries.
+    pub fn conditioning(&self, name: &str) -> Result<Vec<CondEntry>, NodeError> {
+        match self.required(name)? {
+            Value::Conditioning(c) => Ok(c.clone()),
+            v => Err(Self::wrong(name, ValueType::Conditioning, v)),
+        }
+    }
+
+    /// A SIGMAS input as a list (float32 values widened).
+    pub fn sigmas(&self, name: &str) -> Result<Vec<f64>, NodeError> {
+        match self.required(name)? {
+            Value::Sigmas(t) => {
+                let t = t.0.to_kind(tch::Kind::Float).contiguous().view([-1]);
+                let v = Vec::<f32>::try_from(&t).map_err(|e| NodeError::input(name, format!("unreadable SIGMAS: {e}")))?;
+                Ok(v.into_iter().map(f64::from).collect())
+            }
+            v => Err(Self::wrong(name, ValueType::Sigmas, v)),
+        }
+    }
+
+    /// The object behind a handle input (MODEL, CLIP, VAE, SAMPLER, NOISE, GUIDER, UPSCALE_MODEL), or an
+    /// error naming the input: the part is missing from its file ([`MissingPart`]), or another kind.
+    pub fn handle<T: 'static>(&self, name: &str) -> Result<&T, NodeError> {
+        let value = self.required(name)?;
+        let Some(handle) = value.handle() else {
+            return Err(NodeError::input(name, format!("expected a model or sampling object, got {}", value.value_type())));
+        };
+        handle.downcast::<T>().ok_or_else(|| match handle.downcast::<MissingPart>() {
+            Some(MissingPart(why)) => NodeError::input(name, why.clone()),
+            None => NodeError::input(name, format!("{} cannot be used here", handle.label())),
+        })
     }
 }
 

@@ -26,6 +26,10 @@ pub enum ValueType {
     Vae,
     Sigmas,
     Sampler,
+    /// Initial noise for SamplerCustomAdvanced (RandomNoise, DisableNoise).
+    Noise,
+    /// A model with its conditioning and guidance (CFGGuider, BasicGuider, …).
+    Guider,
     UpscaleModel,
     /// Accepts any value; only used for inputs (e.g. `PreviewAny`).
     Any,
@@ -33,7 +37,7 @@ pub enum ValueType {
 
 impl ValueType {
     /// Every type, in the order `diffloom nodes` lists them.
-    pub const ALL: [ValueType; 15] = [
+    pub const ALL: [ValueType; 17] = [
         ValueType::Int,
         ValueType::Float,
         ValueType::String,
@@ -47,6 +51,8 @@ impl ValueType {
         ValueType::Vae,
         ValueType::Sigmas,
         ValueType::Sampler,
+        ValueType::Noise,
+        ValueType::Guider,
         ValueType::UpscaleModel,
         ValueType::Any,
     ];
@@ -67,6 +73,8 @@ impl ValueType {
             ValueType::Vae => "VAE",
             ValueType::Sigmas => "SIGMAS",
             ValueType::Sampler => "SAMPLER",
+            ValueType::Noise => "NOISE",
+            ValueType::Guider => "GUIDER",
             ValueType::UpscaleModel => "UPSCALE_MODEL",
             ValueType::Any => "*",
         }
@@ -153,6 +161,9 @@ pub struct CondEntry {
     /// UNets take as extra input channels.
     pub concat_latent: Option<Shared>,
     pub concat_mask: Option<Shared>,
+    /// ConditioningSetTimestepRange: the part of the sampling, as fractions (start, end) from 0 (the
+    /// first step) to 1, where the entry applies (ComfyUI's `start_percent`, `end_percent`).
+    pub timestep_range: Option<(f64, f64)>,
 }
 
 impl CondEntry {
@@ -168,6 +179,7 @@ impl CondEntry {
             area_from_mask: false,
             concat_latent: None,
             concat_mask: None,
+            timestep_range: None,
         }
     }
 }
@@ -212,6 +224,10 @@ impl fmt::Debug for Handle {
     }
 }
 
+/// Stands in for a part a checkpoint lacks (a file with no VAE): a node that needs it gets an error
+/// saying why it is missing ([`crate::Args::handle`]).
+pub struct MissingPart(pub String);
+
 /// A value on a link or a literal input.
 #[derive(Clone, Debug)]
 pub enum Value {
@@ -232,6 +248,8 @@ pub enum Value {
     /// A decreasing 1-D list of noise levels, ending at 0 for a full run.
     Sigmas(Shared),
     Sampler(Handle),
+    Noise(Handle),
+    Guider(Handle),
     UpscaleModel(Handle),
 }
 
@@ -252,6 +270,8 @@ impl Value {
             Value::Vae(_) => ValueType::Vae,
             Value::Sigmas(_) => ValueType::Sigmas,
             Value::Sampler(_) => ValueType::Sampler,
+            Value::Noise(_) => ValueType::Noise,
+            Value::Guider(_) => ValueType::Guider,
             Value::UpscaleModel(_) => ValueType::UpscaleModel,
         }
     }
@@ -267,7 +287,15 @@ impl Value {
                 .iter()
                 .map(|e| tensor_bytes(&e.cross_attn) + e.pooled.as_ref().map_or(0, |p| tensor_bytes(p)))
                 .sum(),
-            Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::UpscaleModel(h) => h.bytes,
+            Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::Noise(h) | Value::Guider(h) | Value::UpscaleModel(h) => h.bytes,
+        }
+    }
+
+    /// The object behind a handle value (models, samplers, noise, guiders), if this is one.
+    pub fn handle(&self) -> Option<&Handle> {
+        match self {
+            Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::Noise(h) | Value::Guider(h) | Value::UpscaleModel(h) => Some(h),
+            _ => None,
         }
     }
 
@@ -287,7 +315,7 @@ impl Value {
             }
             Value::Latent(l) => format!("LATENT {:?}", l.samples.size()),
             Value::Conditioning(c) => format!("CONDITIONING ({} entries)", c.len()),
-            Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::UpscaleModel(h) => {
+            Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::Noise(h) | Value::Guider(h) | Value::UpscaleModel(h) => {
                 format!("{} {}", self.value_type(), h.label())
             }
         }

@@ -21,6 +21,7 @@ use crate::tiles::tiled_scale;
 use crate::tokenizer::ClipTokenizer;
 
 /// MODEL: the denoising UNet and how to interpret its output.
+#[derive(Clone)]
 pub struct SdModel {
     pub unet: Loaded<Unet>,
     pub family: Family,

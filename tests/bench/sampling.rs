@@ -14,7 +14,7 @@ use diffloom_nodes::builtin::sampling::SAMPLER_NAMES;
 use diffloom_nodes::checkpoint::detect::Family;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
-use diffloom_nodes::sampling::ksampler::{sample, Request};
+use diffloom_nodes::sampling::ksampler::{sample, Guider, Request, SamplerSpec};
 use diffloom_nodes::sampling::model_sampling::ModelSampling;
 use diffloom_nodes::sampling::schedulers::calculate_sigmas;
 use diffloom_nodes::sd::SdModel;
@@ -30,7 +30,8 @@ fn bench(label: &str, ckpt: &Path, latent_hw: i64, steps: i64) {
     let cancel = AtomicBool::new(false);
     println!("{label}: {steps} steps, latent {latent_hw}×{latent_hw}, cfg 7 (cond + uncond batched)");
     for sampler in SAMPLER_NAMES {
-        let r = Request { model: &model, positive: &cond, negative: &cond, latent: &latent, seed: 1, add_noise: true, cfg: 7.0, sampler, sigmas: &sigmas, cancel: &cancel, label: "" };
+        let (guider, spec) = (Guider::cfg(&model, cond.clone(), cond.clone(), 7.0), SamplerSpec::named(sampler).expect("a sampler"));
+        let r = Request { guider: &guider, latent: &latent, seed: 1, add_noise: true, sampler: &spec, sigmas: &sigmas, cancel: &cancel, label: "" };
         let t = Instant::now();
         let out = sample(&r).expect("sample");
         let total = t.elapsed().as_secs_f64();

@@ -6,7 +6,6 @@ use diffloom_core::{Args, Bool, Combo, Ctx, Float, Handle, Int, Node, NodeError,
 use tch::Tensor;
 
 use super::image::MAX_RESOLUTION;
-use super::loaders::part;
 use super::mask::mask_nchw;
 use crate::sd::{EmbeddingDir, SdClip, SdVae, VAE_FACTOR};
 
@@ -21,7 +20,7 @@ impl Node for CLIPTextEncode {
             .output("CONDITIONING", ValueType::Conditioning)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let clip: &SdClip = part(a, "clip")?;
+        let clip: &SdClip = a.handle("clip")?;
         let dir = cx.embeddings_dir.map(|d| EmbeddingDir { dir: d.to_path_buf(), family: clip.family });
         let _guard = tch::no_grad_guard();
         let cond = clip.encode(a.string("text")?, dir.as_ref().map(|d| d as &dyn crate::prompt::EmbeddingSource))?;
@@ -39,18 +38,10 @@ impl Node for CLIPSetLastLayer {
             .output("CLIP", ValueType::Clip)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let clip: &SdClip = part(a, "clip")?;
+        let clip: &SdClip = a.handle("clip")?;
         let layer = a.i64("stop_at_clip_layer")?;
         let label = format!("{} (layer {layer})", clip.model.config.hidden_size);
         Ok(vec![Value::Clip(Handle::new(SdClip { layer: Some(layer), ..clip.clone() }, 0, label))])
-    }
-}
-
-/// A CONDITIONING input's entries.
-pub(crate) fn conds(a: &Args, input: &str) -> Result<Vec<diffloom_core::value::CondEntry>, NodeError> {
-    match a.any(input)? {
-        Value::Conditioning(c) => Ok(c.clone()),
-        v => Err(NodeError::input(input, format!("expected CONDITIONING, got {}", v.value_type()))),
     }
 }
 
@@ -64,8 +55,8 @@ impl Node for ConditioningCombine {
             .output("CONDITIONING", ValueType::Conditioning)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let mut c = conds(a, "conditioning_1")?;
-        c.extend(conds(a, "conditioning_2")?);
+        let mut c = a.conditioning("conditioning_1")?;
+        c.extend(a.conditioning("conditioning_2")?);
         Ok(vec![Value::Conditioning(c)])
     }
 }
@@ -80,9 +71,9 @@ impl Node for ConditioningConcat {
             .output("CONDITIONING", ValueType::Conditioning)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let from = conds(a, "conditioning_from")?;
+        let from = a.conditioning("conditioning_from")?;
         let Some(first) = from.first() else { return Err(NodeError::input("conditioning_from", "the conditioning is empty")) };
-        let out = conds(a, "conditioning_to")?
+        let out = a.conditioning("conditioning_to")?
             .into_iter()
             .map(|e| {
                 let t = tch::Tensor::f_cat(&[e.cross_attn.0.shallow_clone(), first.cross_attn.0.shallow_clone()], 1)?;
@@ -101,7 +92,7 @@ impl Node for ConditioningZeroOut {
             .output("CONDITIONING", ValueType::Conditioning)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let out = conds(a, "conditioning")?
+        let out = a.conditioning("conditioning")?
             .into_iter()
             .map(|e| diffloom_core::value::CondEntry {
                 cross_attn: diffloom_core::value::Shared(e.cross_attn.0.zeros_like()),
@@ -115,7 +106,7 @@ impl Node for ConditioningZeroOut {
 
 /// Every entry of `conditioning` with `set` applied.
 fn map_entries(a: &Args, set: impl Fn(&mut CondEntry)) -> Result<Vec<Value>, NodeError> {
-    let mut entries = conds(a, "conditioning")?;
+    let mut entries = a.conditioning("conditioning")?;
     entries.iter_mut().for_each(set);
     Ok(vec![Value::Conditioning(entries)])
 }
@@ -234,7 +225,7 @@ impl Node for InpaintModelConditioning {
             .output("latent", ValueType::Latent)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let vae: &SdVae = part(a, "vae")?;
+        let vae: &SdVae = a.handle("vae")?;
         let pixels = a.image("pixels")?;
         let (crop, mask) = crop_with_mask(pixels, a.mask("mask")?)?;
         let keep = mask.f_round()?.f_neg()?.f_add_scalar(1.0)?.f_squeeze_dim(1)?.f_unsqueeze(-1)?;
@@ -244,7 +235,7 @@ impl Node for InpaintModelConditioning {
         let samples = vae.encode(pixels, None)?;
         let mask = Shared(mask);
         let with = |input: &str| -> Result<Value, NodeError> {
-            let mut entries = conds(a, input)?;
+            let mut entries = a.conditioning(input)?;
             for e in &mut entries {
                 e.concat_latent = Some(concat.clone());
                 e.concat_mask = Some(mask.clone());

@@ -184,7 +184,7 @@ impl Node for ImageUpscaleWithModel {
             .output("IMAGE", ValueType::Image)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let model: &RrdbNet = super::loaders::part(a, "upscale_model")?;
+        let model: &RrdbNet = a.handle("upscale_model")?;
         let image = a.image("image")?;
         let out = upscale_tiled(model, &nchw(image)?, cx, 512, 32)?;
         Ok(vec![Value::Image(Shared(nhwc(&out.f_clamp(0.0, 1.0)?)?))])

@@ -5,7 +5,6 @@ use diffloom_core::{Args, Combo, Ctx, Float, Int, Node, NodeError, Schema, Value
 use tch::{Device, Kind, Tensor};
 
 use super::image::MAX_RESOLUTION;
-use super::loaders::part;
 use crate::resample::{common_upscale, CROP_METHODS};
 use crate::sd::{SdVae, VAE_FACTOR};
 use crate::tiles::fade_edge;
@@ -35,7 +34,7 @@ impl Node for VAEDecode {
         Schema::new("VAEDecode", "latent").input("samples", ValueType::Latent).input("vae", ValueType::Vae).output("IMAGE", ValueType::Image)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let vae: &SdVae = part(a, "vae")?;
+        let vae: &SdVae = a.handle("vae")?;
         let _guard = tch::no_grad_guard();
         Ok(vec![Value::Image(Shared(vae.decode(&a.latent("samples")?.samples, None)?))])
     }
@@ -51,7 +50,7 @@ impl Node for VAEEncode {
             .output("LATENT", ValueType::Latent)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let vae: &SdVae = part(a, "vae")?;
+        let vae: &SdVae = a.handle("vae")?;
         let _guard = tch::no_grad_guard();
         Ok(vec![latent(vae.encode(a.image("pixels")?, None)?)])
     }
@@ -71,7 +70,7 @@ impl Node for VAEDecodeTiled {
             .output("IMAGE", ValueType::Image)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let vae: &SdVae = part(a, "vae")?;
+        let vae: &SdVae = a.handle("vae")?;
         let tile = a.i64("tile_size")?;
         // ComfyUI shrinks the overlap to a quarter of the tile when it is larger.
         let overlap = a.i64("overlap")?.min(tile / 4);
@@ -95,7 +94,7 @@ impl Node for VAEEncodeTiled {
             .output("LATENT", ValueType::Latent)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let vae: &SdVae = part(a, "vae")?;
+        let vae: &SdVae = a.handle("vae")?;
         let _guard = tch::no_grad_guard();
         Ok(vec![latent(vae.encode(a.image("pixels")?, Some((a.i64("tile_size")?, a.i64("overlap")?)))?)])
     }
@@ -219,7 +218,7 @@ impl Node for VAEEncodeForInpaint {
             .output("LATENT", ValueType::Latent)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let vae: &SdVae = part(a, "vae")?;
+        let vae: &SdVae = a.handle("vae")?;
         let pixels = a.image("pixels")?;
         let (pixels, mask) = super::conditioning::crop_with_mask(pixels, a.mask("mask")?)?;
         let (ch, cw) = (pixels.size()[1], pixels.size()[2]);

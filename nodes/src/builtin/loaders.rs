@@ -3,13 +3,12 @@
 use std::path::Path;
 use std::rc::Rc;
 
+use diffloom_core::value::MissingPart;
 use diffloom_core::{Args, Ctx, Float, Handle, Node, NodeError, Schema, Str, Value, ValueType};
 
 use crate::checkpoint::load::{load_checkpoint, load_upscale_model, load_vae};
 use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
 
-/// Stands in for a part the checkpoint lacks; a node that needs it says why it is missing.
-pub struct MissingPart(pub String);
 
 /// A token for a (possibly multi-GB) model file: its path, size and modification time, so that an
 /// unchanged file is a cache hit without hashing it.
@@ -277,8 +276,8 @@ impl Node for LoraLoader {
             return Ok(vec![model_in.clone(), clip_in.clone()]);
         }
         // A part at strength 0 is passed through as it is (it may even be missing from the checkpoint).
-        let model = if sm != 0.0 { Some((part::<SdModel>(a, "model")?, sm)) } else { None };
-        let clip = if sc != 0.0 { Some((part::<SdClip>(a, "clip")?, sc)) } else { None };
+        let model = if sm != 0.0 { Some((a.handle::<SdModel>("model")?, sm)) } else { None };
+        let clip = if sc != 0.0 { Some((a.handle::<SdClip>("clip")?, sc)) } else { None };
         let path = cx.input_path("lora_name", a.string("lora_name")?)?;
         let (new_model, new_clip, messages) = apply_lora(&path, model, clip)?;
         cx.messages.extend(messages);
@@ -309,7 +308,7 @@ impl Node for LoraLoaderModelOnly {
         if sm == 0.0 {
             return Ok(vec![model_in.clone()]);
         }
-        let model: &SdModel = part(a, "model")?;
+        let model: &SdModel = a.handle("model")?;
         let path = cx.input_path("lora_name", a.string("lora_name")?)?;
         let (new_model, _, messages) = apply_lora(&path, Some((model, sm)), None)?;
         cx.messages.extend(messages);
@@ -317,14 +316,3 @@ impl Node for LoraLoaderModelOnly {
     }
 }
 
-/// The SD part behind a handle input, or an error naming the input and why the part is absent.
-pub fn part<'a, T: 'static>(a: &'a Args, input: &str) -> Result<&'a T, NodeError> {
-    let handle = match a.any(input)? {
-        Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::UpscaleModel(h) => h,
-        v => return Err(NodeError::input(input, format!("expected a model handle, got {}", v.value_type()))),
-    };
-    handle.downcast::<T>().ok_or_else(|| match handle.downcast::<MissingPart>() {
-        Some(MissingPart(why)) => NodeError::input(input, why.clone()),
-        None => NodeError::input(input, format!("{} is not a Stable Diffusion model part", handle.label())),
-    })
-}

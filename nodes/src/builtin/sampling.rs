@@ -6,9 +6,7 @@ use diffloom_core::value::{Latent, Shared};
 use diffloom_core::{Args, Bool, Combo, Ctx, Float, Handle, Int, Node, NodeError, Schema, Value, ValueType};
 use tch::Tensor;
 
-use super::conditioning::conds;
-use super::loaders::part;
-use crate::sampling::ksampler::{ksampler_sigmas, sample, slice_steps, Request};
+use crate::sampling::ksampler::{ksampler_sigmas, sample, slice_steps, Guider, Request, SamplerSpec};
 use crate::sampling::model_sampling::{ModelSampling, Parameterization, SamplingMode, SAMPLING_NAMES};
 use crate::sampling::schedulers::{calculate_sigmas, exponential, karras, SCHEDULER_NAMES};
 use crate::sd::SdModel;
@@ -40,30 +38,24 @@ fn sigmas_value(s: &[f64]) -> Value {
     Value::Sigmas(Shared(Tensor::from_slice(&v)))
 }
 
-fn sigmas_of(a: &Args, input: &str) -> Result<Vec<f64>, NodeError> {
-    match a.any(input)? {
-        Value::Sigmas(t) => Ok(Vec::<f32>::try_from(&t.0)?.into_iter().map(f64::from).collect()),
-        v => Err(NodeError::input(input, format!("expected SIGMAS, got {}", v.value_type()))),
-    }
-}
-
 fn latent_out(latent: &Latent, samples: Tensor) -> Value {
     Value::Latent(Latent { samples: Shared(samples), ..latent.clone() })
 }
 
-/// Samples with the node's `positive`, `negative`, `cfg` and `latent_image` inputs, reporting the model
-/// calls; returns the new latent and the last denoised estimate, both with the input's noise mask.
-fn run(cx: &mut Ctx, a: &Args, model: &SdModel, sampler: &str, sigmas: &[f64], seed: i128, add_noise: bool) -> Result<(Value, Value), NodeError> {
+/// Samples the node's `latent_image` with `guider`, reporting the model calls; returns the new latent
+/// and the last denoised estimate, both with the input's noise mask.
+fn run(cx: &mut Ctx, a: &Args, guider: &Guider, sampler: &SamplerSpec, sigmas: &[f64], seed: i128, add_noise: bool) -> Result<(Value, Value), NodeError> {
     let latent = a.latent("latent_image")?;
-    let (positive, negative) = (conds(a, "positive")?, conds(a, "negative")?);
     let label = cx.node_id.to_owned();
-    let r = Request {
-        model, positive: &positive, negative: &negative, latent, seed, add_noise, cfg: a.float("cfg")?, sampler, sigmas,
-        cancel: cx.cancel, label: &label,
-    };
+    let r = Request { guider, latent, seed, add_noise, sampler, sigmas, cancel: cx.cancel, label: &label };
     let out = sample(&r)?;
-    cx.messages.push(format!("{} steps of {sampler}, {} model calls", sigmas.len().saturating_sub(1), out.model_calls));
+    cx.messages.push(format!("{} steps of {}, {} model calls", sigmas.len().saturating_sub(1), sampler.name, out.model_calls));
     Ok((latent_out(latent, out.samples), latent_out(latent, out.denoised)))
+}
+
+/// The CFG guider of a node's `model`, `positive`, `negative` and `cfg` inputs.
+fn cfg_guider(a: &Args) -> Result<Guider, NodeError> {
+    Ok(Guider::cfg(a.handle("model")?, a.conditioning("positive")?, a.conditioning("negative")?, a.float("cfg")?))
 }
 
 pub struct KSampler;
@@ -85,11 +77,11 @@ impl Node for KSampler {
             .output("LATENT", ValueType::Latent)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let model: &SdModel = part(a, "model")?;
+        let model: &SdModel = a.handle("model")?;
         let (sampler, scheduler) = (a.string("sampler_name")?, a.string("scheduler")?);
         let ms = ModelSampling::new(model.sampling);
         let sigmas = ksampler_sigmas(&ms, sampler, scheduler, a.i64("steps")?, a.float("denoise")?)?;
-        let (samples, _) = run(cx, a, model, sampler, &sigmas, a.int("seed")?, true)?;
+        let (samples, _) = run(cx, a, &cfg_guider(a)?, &SamplerSpec::named(sampler)?, &sigmas, a.int("seed")?, true)?;
         Ok(vec![samples])
     }
 }
@@ -115,7 +107,7 @@ impl Node for KSamplerAdvanced {
             .output("LATENT", ValueType::Latent)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let model: &SdModel = part(a, "model")?;
+        let model: &SdModel = a.handle("model")?;
         let (sampler, scheduler) = (a.string("sampler_name")?, a.string("scheduler")?);
         let ms = ModelSampling::new(model.sampling);
         let all = ksampler_sigmas(&ms, sampler, scheduler, a.i64("steps")?, 1.0)?;
@@ -125,13 +117,11 @@ impl Node for KSamplerAdvanced {
         let Some(sigmas) = range else {
             return Ok(vec![latent_out(latent, latent.samples.shallow_clone())]);
         };
-        let (samples, _) = run(cx, a, model, sampler, &sigmas, a.int("noise_seed")?, a.string("add_noise")? == "enable")?;
+        let spec = SamplerSpec::named(sampler)?;
+        let (samples, _) = run(cx, a, &cfg_guider(a)?, &spec, &sigmas, a.int("noise_seed")?, a.string("add_noise")? == "enable")?;
         Ok(vec![samples])
     }
 }
-
-/// A chosen sampler (SAMPLER value).
-pub struct SamplerChoice(pub String);
 
 pub struct SamplerCustom;
 impl Node for SamplerCustom {
@@ -150,14 +140,9 @@ impl Node for SamplerCustom {
             .output("denoised_output", ValueType::Latent)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let model: &SdModel = part(a, "model")?;
-        let sampler = match a.any("sampler")? {
-            Value::Sampler(h) => h.downcast::<SamplerChoice>().map(|s| s.0.clone()),
-            _ => None,
-        }
-        .ok_or_else(|| NodeError::input("sampler", "not a sampler"))?;
-        let sigmas = sigmas_of(a, "sigmas")?;
-        let (samples, denoised) = run(cx, a, model, &sampler, &sigmas, a.int("noise_seed")?, a.boolean("add_noise")?)?;
+        let sampler: &SamplerSpec = a.handle("sampler")?;
+        let sigmas = a.sigmas("sigmas")?;
+        let (samples, denoised) = run(cx, a, &cfg_guider(a)?, sampler, &sigmas, a.int("noise_seed")?, a.boolean("add_noise")?)?;
         Ok(vec![samples, denoised])
     }
 }
@@ -170,8 +155,8 @@ impl Node for KSamplerSelect {
             .output("SAMPLER", ValueType::Sampler)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let name = a.string("sampler_name")?.to_owned();
-        Ok(vec![Value::Sampler(Handle::new(SamplerChoice(name.clone()), 0, name))])
+        let name = a.string("sampler_name")?;
+        Ok(vec![Value::Sampler(Handle::new(SamplerSpec::named(name)?, 0, name))])
     }
 }
 
@@ -186,7 +171,7 @@ impl Node for BasicScheduler {
             .output("SIGMAS", ValueType::Sigmas)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let model: &SdModel = part(a, "model")?;
+        let model: &SdModel = a.handle("model")?;
         let (steps, denoise) = (a.i64("steps")?, a.float("denoise")?);
         if denoise <= 0.0 {
             return Ok(vec![sigmas_value(&[])]);
@@ -243,7 +228,7 @@ impl Node for SplitSigmas {
             .output("low_sigmas", ValueType::Sigmas)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let s = sigmas_of(a, "sigmas")?;
+        let s = a.sigmas("sigmas")?;
         let step = (a.i64("step")? as usize).min(s.len());
         // The boundary sigma belongs to both halves, as in ComfyUI.
         let high = &s[..(step + 1).min(s.len())];
@@ -266,7 +251,7 @@ impl Node for ModelSamplingDiscrete {
             .output("MODEL", ValueType::Model)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let model: &SdModel = part(a, "model")?;
+        let model: &SdModel = a.handle("model")?;
         let sampling = a.string("sampling")?;
         let parameterization = Parameterization::from_name(sampling)
             .ok_or_else(|| NodeError::input("sampling", format!("unknown sampling type {sampling:?}")))?;

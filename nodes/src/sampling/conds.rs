@@ -7,6 +7,7 @@ use diffloom_core::value::{Area, CondEntry, Shared};
 use diffloom_core::NodeError;
 use tch::{Kind, Tensor};
 
+use super::model_sampling::ModelSampling;
 use crate::resample::common_upscale;
 use crate::sd::LATENT_SCALE;
 use crate::tiles::fade_edge;
@@ -21,13 +22,24 @@ pub struct Cond {
     pub mult: Tensor,
     /// Inpainting UNets: mask and masked-image latent, `[b, 5, H, W]` over the whole latent.
     pub concat: Option<Tensor>,
+    /// The sigmas (start, end) between which the entry applies (ConditioningSetTimestepRange through
+    /// `percent_to_sigma`); None for the whole run.
+    pub sigma_range: Option<(f64, f64)>,
 }
 
 impl Cond {
     /// A plain entry over the whole of a latent of `shape` `[b, c, h, w]` (no area, mask or
     /// inpainting input), for driving a sampler directly.
     pub fn whole(context: Tensor, shape: &[i64]) -> Cond {
-        Cond { context, area: None, mult: Tensor::ones(shape, (Kind::Float, tch::Device::Cpu)), concat: None }
+        Cond { context, area: None, mult: Tensor::ones(shape, (Kind::Float, tch::Device::Cpu)), concat: None, sigma_range: None }
+    }
+
+    /// Whether the entry applies at `sigma` (ComfyUI's `get_area_and_mult` compares float32 sigmas).
+    pub fn active_at(&self, sigma: f64) -> bool {
+        match self.sigma_range {
+            Some((start, end)) => !((sigma as f32) > (start as f32) || (sigma as f32) < (end as f32)),
+            None => true,
+        }
     }
 }
 
@@ -39,6 +51,8 @@ pub struct Target<'a> {
     pub noise_mask: Option<&'a Tensor>,
     /// Whether the UNet takes the 5 inpainting channels.
     pub inpaint_unet: bool,
+    /// The model's schedule, to turn timestep ranges into sigmas.
+    pub sampling: &'a ModelSampling,
 }
 
 /// An entry with its area and mask resolved to the latent's size.
@@ -64,24 +78,34 @@ pub fn repeat_to_batch(t: &Tensor, b: i64) -> Tensor {
     }
 }
 
-/// Resolves `positive` and `negative` for `target`: the conds the denoiser runs, positive first.
-pub fn resolve_pair(positive: &[CondEntry], negative: &[CondEntry], target: &Target) -> Result<(Vec<Cond>, Vec<Cond>), NodeError> {
-    let mut pos = positive.iter().map(|e| resolve_area(e, target, "positive")).collect::<Result<Vec<_>, _>>()?;
-    let mut neg = negative.iter().map(|e| resolve_area(e, target, "negative")).collect::<Result<Vec<_>, _>>()?;
-    // Each side gets, for every area entry of the other side, an entry of the same area (ComfyUI's
-    // create_cond_with_same_area_if_none), so the guidance compares like with like there.
-    for i in 0..pos.len() {
-        if let Some(copy) = same_area_copy(&pos[i], &neg) {
-            neg.push(copy);
+/// Resolves the guider's sides (each a conditioning and the input it came from, for errors) for
+/// `target`: the conds the denoiser runs, side by side in the same order.
+pub fn resolve_sides(sides: &[(&str, &[CondEntry])], target: &Target) -> Result<Vec<Vec<Cond>>, NodeError> {
+    let mut resolved = sides
+        .iter()
+        .map(|(input, entries)| entries.iter().map(|e| resolve_area(e, target, input)).collect::<Result<Vec<_>, _>>())
+        .collect::<Result<Vec<_>, _>>()?;
+    // Each side gets, for every area entry of another side, an entry of the same area (ComfyUI's
+    // create_cond_with_same_area_if_none, in its order: side by side, entries added on the way
+    // included), so the guidance compares like with like there.
+    for k in 0..resolved.len() {
+        let mut i = 0;
+        while i < resolved[k].len() {
+            for kk in 0..resolved.len() {
+                if kk != k {
+                    if let Some(copy) = same_area_copy(&resolved[k][i], &resolved[kk]) {
+                        resolved[kk].push(copy);
+                    }
+                }
+            }
+            i += 1;
         }
     }
-    for i in 0..neg.len() {
-        if let Some(copy) = same_area_copy(&neg[i], &pos) {
-            pos.push(copy);
-        }
-    }
-    let build = |list: Vec<Resolved>, input: &str| list.into_iter().map(|r| build_cond(r, target, input)).collect::<Result<Vec<_>, _>>();
-    Ok((build(pos, "positive")?, build(neg, "negative")?))
+    resolved
+        .into_iter()
+        .zip(sides)
+        .map(|(list, (input, _))| list.into_iter().map(|r| build_cond(r, target, input)).collect::<Result<Vec<_>, _>>())
+        .collect()
 }
 
 fn resolve_area(e: &CondEntry, target: &Target, input: &str) -> Result<Resolved, NodeError> {
@@ -186,7 +210,8 @@ fn build_cond(r: Resolved, target: &Target, input: &str) -> Result<Cond, NodeErr
         }
     }
     let concat = if target.inpaint_unet { Some(inpaint_channels(&r.entry, target, input)?) } else { None };
-    Ok(Cond { context: r.entry.cross_attn.to_kind(Kind::Float), area, mult, concat })
+    let sigma_range = r.entry.timestep_range.map(|(start, end)| (target.sampling.percent_to_sigma(start), target.sampling.percent_to_sigma(end)));
+    Ok(Cond { context: r.entry.cross_attn.to_kind(Kind::Float), area, mult, concat, sigma_range })
 }
 
 /// The mask and masked-image latent an inpainting UNet takes (ComfyUI's `BaseModel.concat_cond`): the

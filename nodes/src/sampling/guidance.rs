@@ -32,21 +32,100 @@ pub struct NoiseMask {
     pub noise: Tensor,
 }
 
+/// How a guider combines its sides' denoised predictions (ComfyUI's guiders).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Guidance {
+    /// KSampler, SamplerCustom and CFGGuider, sides [positive, negative]: uncond + (cond − uncond)·cfg.
+    /// At cfg 1 the negative side is not run (ComfyUI's cfg = 1 shortcut).
+    Cfg(f64),
+    /// BasicGuider, sides [conditioning]: the prediction itself.
+    Basic,
+    /// DualCFGGuider, sides [cond1, cond2, negative]. Regular: CFG of cond2 against the negative by
+    /// `cfg_cond2_negative`, plus (cond1 − cond2)·`cfg_conds`; nested: CFG of cond1 against cond2 by
+    /// `cfg_conds`, then against the negative by `cfg_cond2_negative`.
+    DualCfg { cfg_conds: f64, cfg_cond2_negative: f64, nested: bool },
+    /// PerpNegGuider, sides [positive, negative, empty]: CFG against the empty prompt with the
+    /// negative's component perpendicular to the positive direction subtracted, scaled by `neg_scale`.
+    PerpNeg { cfg: f64, neg_scale: f64 },
+}
+
+impl Guidance {
+    /// How many conditionings (sides) the guidance combines.
+    pub fn side_count(&self) -> usize {
+        match self {
+            Guidance::Basic => 1,
+            Guidance::Cfg(_) => 2,
+            Guidance::DualCfg { .. } | Guidance::PerpNeg { .. } => 3,
+        }
+    }
+
+    /// Which sides need a forward pass; with `want_uncond` (CFG++ samplers, ComfyUI's
+    /// `disable_cfg1_optimization`) the scale-1 shortcuts are off.
+    fn needed(&self, want_uncond: bool) -> Vec<bool> {
+        let one = |v: f64| !want_uncond && (v - 1.0).abs() <= 1e-9;
+        let zero = |v: f64| !want_uncond && v.abs() <= 1e-9;
+        match *self {
+            Guidance::Cfg(cfg) => vec![true, !one(cfg)],
+            Guidance::Basic => vec![true],
+            Guidance::DualCfg { cfg_conds, cfg_cond2_negative, nested } => {
+                let skip_negative = !nested && one(cfg_cond2_negative);
+                vec![true, !(skip_negative && one(cfg_conds)), !skip_negative]
+            }
+            Guidance::PerpNeg { cfg, neg_scale } => vec![true, !zero(neg_scale), !(zero(neg_scale) && one(cfg))],
+        }
+    }
+
+    /// The guided estimate and the unconditional one a CFG++ sampler reads, from each side's
+    /// prediction (zeros for a side not run, as ComfyUI's `calc_cond_batch` gives for a missing one).
+    fn combine(&self, p: &[Tensor]) -> (Tensor, Tensor) {
+        match *self {
+            Guidance::Cfg(cfg) => (&p[1] + (&p[0] - &p[1]) * cfg, p[1].shallow_clone()),
+            // No negative side: ComfyUI hands CFG++ samplers zeros.
+            Guidance::Basic => (p[0].shallow_clone(), p[0].zeros_like()),
+            Guidance::DualCfg { cfg_conds, cfg_cond2_negative, nested } => {
+                let (c1, c2, neg) = (&p[0], &p[1], &p[2]);
+                if nested {
+                    let text = c2 + (c1 - c2) * cfg_conds;
+                    (neg + (text - neg) * cfg_cond2_negative, c2.shallow_clone())
+                } else {
+                    (neg + (c2 - neg) * cfg_cond2_negative + (c1 - c2) * cfg_conds, neg.shallow_clone())
+                }
+            }
+            Guidance::PerpNeg { cfg, neg_scale } => {
+                let (positive, negative, empty) = (&p[0], &p[1], &p[2]);
+                let pos = positive - empty;
+                let neg = negative - empty;
+                // Over the whole batch, as ComfyUI's perp_neg sums.
+                let proj = (&neg * &pos).sum(Kind::Float) / pos.square().sum(Kind::Float);
+                let perp = &neg - &pos * proj;
+                (empty + (pos - perp * neg_scale) * cfg, negative.shallow_clone())
+            }
+        }
+    }
+}
+
 /// The guided UNet. Each side's entries are run on their areas and their predictions averaged with
 /// their per-pixel weights (ComfyUI's `calc_cond_batch`); entries over the same area share one batched
-/// forward pass, uncond rows first, and the uncond side is skipped when cfg is 1, as ComfyUI does
-/// (except for CFG++ samplers, which read it).
+/// forward pass, the last side's rows first, as ComfyUI batches them; entries outside their timestep
+/// range are left out; then [`Guidance`] combines the sides.
 pub struct CfgDenoiser<'a> {
     pub unet: &'a Unet,
     pub sampling: &'a ModelSampling,
-    pub cond: Vec<Cond>,
-    pub uncond: Option<Vec<Cond>>,
-    pub cfg: f64,
+    /// The conditioning of each side, in the order the guidance names them.
+    pub sides: Vec<Vec<Cond>>,
+    pub guidance: Guidance,
     pub noise_mask: Option<NoiseMask>,
     /// Model calls so far (for NaN reports and benchmarks).
     pub calls: usize,
     /// Time spent in the UNet itself, so benchmarks can tell sampler overhead from model time.
     pub model_time: std::time::Duration,
+}
+
+impl<'a> CfgDenoiser<'a> {
+    /// A denoiser with no noise mask.
+    pub fn new(unet: &'a Unet, sampling: &'a ModelSampling, sides: Vec<Vec<Cond>>, guidance: Guidance) -> CfgDenoiser<'a> {
+        CfgDenoiser { unet, sampling, sides, guidance, noise_mask: None, calls: 0, model_time: std::time::Duration::ZERO }
+    }
 }
 
 /// Repeats token sequences to a common length (their least common multiple) and stacks them, so that
@@ -74,18 +153,20 @@ impl Denoiser for CfgDenoiser<'_> {
     }
 
     fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor), NodeError> {
-        let (guided, uncond) = self.guided(x, sigma, true)?;
-        let uncond = uncond.unwrap_or_else(|| guided.shallow_clone());
-        Ok((guided, uncond))
+        self.guided(x, sigma, true)
     }
 }
 
 impl CfgDenoiser<'_> {
-    /// The guided estimate, and with `want_uncond` the uncond side's estimate (before the noise mask
-    /// is applied, as ComfyUI's post-CFG functions see it), computed even at cfg 1.
-    fn guided(&mut self, x: &Tensor, sigma: f64, want_uncond: bool) -> Result<(Tensor, Option<Tensor>), NodeError> {
+    /// The guided estimate (the noise mask applied) and the unconditional estimate CFG++ samplers read
+    /// (before the mask, as ComfyUI's post-CFG functions see it). With `want_uncond` the scale-1
+    /// shortcuts are off.
+    fn guided(&mut self, x: &Tensor, sigma: f64, want_uncond: bool) -> Result<(Tensor, Tensor), NodeError> {
         self.calls += 1;
-        let use_uncond = self.uncond.is_some() && (want_uncond || (self.cfg - 1.0).abs() > 1e-9);
+        if self.sides.len() != self.guidance.side_count() {
+            return Err(NodeError::Failed(format!("{:?} combines {} conditionings, {} were given", self.guidance, self.guidance.side_count(), self.sides.len())));
+        }
+        let needed = self.guidance.needed(want_uncond);
         let x_in = match &self.noise_mask {
             Some(m) => {
                 let noised = self.sampling.noise_scaling(sigma, &m.noise, &m.latent_image, false);
@@ -95,12 +176,13 @@ impl CfgDenoiser<'_> {
         };
         let b = x_in.size()[0];
         let device = self.unet_device();
-        // (side, entry): side 0 is uncond, 1 cond; grouped by area in order of first appearance.
+        // (side, entry), the last side first; grouped by area in order of first appearance.
         let mut jobs: Vec<(usize, &Cond)> = Vec::new();
-        if let Some(u) = self.uncond.as_ref().filter(|_| use_uncond) {
-            jobs.extend(u.iter().map(|c| (0, c)));
+        for (side, conds) in self.sides.iter().enumerate().rev() {
+            if needed.get(side).copied().unwrap_or(false) {
+                jobs.extend(conds.iter().filter(|c| c.active_at(sigma)).map(|c| (side, c)));
+            }
         }
-        jobs.extend(self.cond.iter().map(|c| (1, c)));
         let mut groups: Vec<(Option<[i64; 4]>, Vec<(usize, &Cond)>)> = Vec::new();
         for job in jobs {
             match groups.iter_mut().find(|(a, _)| *a == job.1.area) {
@@ -108,9 +190,8 @@ impl CfgDenoiser<'_> {
                 None => groups.push((job.1.area, vec![job])),
             }
         }
-        let zeros = || x_in.zeros_like();
-        let sums = [zeros(), zeros()];
-        let weights = [x_in.ones_like() * 1e-37, x_in.ones_like() * 1e-37];
+        let sums: Vec<Tensor> = (0..self.sides.len()).map(|_| x_in.zeros_like()).collect();
+        let weights: Vec<Tensor> = (0..self.sides.len()).map(|_| x_in.ones_like() * 1e-37).collect();
         for (area, group) in &groups {
             let n = group.len() as i64;
             let xs = crop(&x_in, *area).repeat([n, 1, 1, 1]);
@@ -136,13 +217,8 @@ impl CfgDenoiser<'_> {
                 let _ = crop(&weights[*side], *area).f_add_(&c.mult)?;
             }
         }
-        let cond = &sums[1] / &weights[1];
-        let uncond = use_uncond.then(|| &sums[0] / &weights[0]);
-        let guided = match &uncond {
-            // ComfyUI's cfg_function on the denoised estimates: uncond + (cond − uncond)·cfg.
-            Some(uncond) => uncond + (cond - uncond) * self.cfg,
-            None => cond,
-        };
+        let preds: Vec<Tensor> = sums.iter().zip(&weights).map(|(s, w)| s / w).collect();
+        let (guided, uncond) = self.guidance.combine(&preds);
         let guided = match &self.noise_mask {
             Some(m) => &guided * &m.mask + &m.latent_image * (m.mask.neg() + 1.0),
             None => guided,

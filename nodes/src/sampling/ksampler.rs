@@ -2,17 +2,18 @@
 //! `common_ksampler` → `KSAMPLER.sample`): noise, latent scaling, the noise mask, inpainting-model
 //! inputs, guidance, the sampler, progress and cancellation.
 
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use diffloom_core::value::{CondEntry, Latent};
 use diffloom_core::NodeError;
 use tch::{Kind, Tensor};
 
-use super::conds::{repeat_to_batch, resolve_pair, Target};
-use super::guidance::{CfgDenoiser, NoiseMask};
+use super::conds::{repeat_to_batch, resolve_sides, Target};
+use super::guidance::{CfgDenoiser, Guidance, NoiseMask};
 use super::model_sampling::ModelSampling;
 use super::noise::{initial_noise, step_noise};
-use super::samplers::{self, SampleCtx};
+use super::samplers::{self, SampleCtx, Sampler};
 use super::schedulers::calculate_sigmas;
 use crate::sd::{SdModel, LATENT_SCALE};
 
@@ -63,16 +64,55 @@ pub fn slice_steps(mut sigmas: Vec<f64>, start: Option<usize>, last: Option<usiz
     }
 }
 
+/// A SAMPLER value: a sampling method with its parameters, under ComfyUI's name.
+#[derive(Clone)]
+pub struct SamplerSpec {
+    /// ComfyUI's `sampler_name` (or the sampler node's type), for reports and KSampler's schedule rule.
+    pub name: String,
+    pub sampler: Rc<dyn Sampler>,
+    /// `ddim`: the inpainting re-noise comes from seed + 1 rather than the initial noise (ComfyUI's
+    /// `inpaint_options={"random": True}`).
+    pub random_inpaint_noise: bool,
+}
+
+impl SamplerSpec {
+    /// The sampler ComfyUI's `sampler_name` names, with its default parameters.
+    pub fn named(name: &str) -> Result<SamplerSpec, NodeError> {
+        // "ddim" is Euler whose inpainting re-noise comes from seed + 1 (comfy's sampler_object).
+        let method = if name == "ddim" { "euler" } else { name };
+        let sampler = samplers::by_name(method).ok_or_else(|| NodeError::input("sampler_name", format!("unknown sampler {name:?}")))?;
+        Ok(SamplerSpec { name: name.to_owned(), sampler: Rc::from(sampler), random_inpaint_noise: name == "ddim" })
+    }
+
+    /// A sampler node's configured method, reported as `name`.
+    pub fn custom(name: &str, sampler: impl Sampler + 'static) -> SamplerSpec {
+        SamplerSpec { name: name.to_owned(), sampler: Rc::new(sampler), random_inpaint_noise: false }
+    }
+}
+
+/// A GUIDER value: the model, its conditionings (with the input each came from, for errors) and how
+/// their predictions combine. KSampler and SamplerCustom make a CFG one from positive and negative.
+#[derive(Clone)]
+pub struct Guider {
+    pub model: SdModel,
+    pub sides: Vec<(String, Vec<CondEntry>)>,
+    pub guidance: Guidance,
+}
+
+impl Guider {
+    /// CFG of `positive` against `negative` (CFGGuider, KSampler).
+    pub fn cfg(model: &SdModel, positive: Vec<CondEntry>, negative: Vec<CondEntry>, cfg: f64) -> Guider {
+        Guider { model: model.clone(), sides: vec![("positive".into(), positive), ("negative".into(), negative)], guidance: Guidance::Cfg(cfg) }
+    }
+}
+
 /// One sampling run.
 pub struct Request<'a> {
-    pub model: &'a SdModel,
-    pub positive: &'a [CondEntry],
-    pub negative: &'a [CondEntry],
+    pub guider: &'a Guider,
     pub latent: &'a Latent,
     pub seed: i128,
     pub add_noise: bool,
-    pub cfg: f64,
-    pub sampler: &'a str,
+    pub sampler: &'a SamplerSpec,
     pub sigmas: &'a [f64],
     pub cancel: &'a AtomicBool,
     /// Shown in the progress bar.
@@ -93,7 +133,8 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     let _guard = tch::no_grad_guard();
     let latent = r.latent.samples.to_kind(Kind::Float);
     let shape = latent.size();
-    let unet = &r.model.unet;
+    let model = &r.guider.model;
+    let unet = &model.unet;
     let channels = unet.config.out_channels;
     if shape.len() != 4 || shape[1] != channels {
         return Err(NodeError::input(
@@ -110,10 +151,10 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     if r.sigmas.iter().any(|s| !s.is_finite() || *s < 0.0) {
         return Err(NodeError::input("sigmas", "sigmas must be finite and not negative"));
     }
-    if r.positive.is_empty() || r.negative.is_empty() {
-        return Err(NodeError::input(if r.positive.is_empty() { "positive" } else { "negative" }, "the conditioning is empty"));
+    if let Some((input, _)) = r.guider.sides.iter().find(|(_, c)| c.is_empty()) {
+        return Err(NodeError::input(input, "the conditioning is empty"));
     }
-    let ms = ModelSampling::new(r.model.sampling);
+    let ms = ModelSampling::new(model.sampling);
     let noise = if r.add_noise { initial_noise(r.seed, &shape, r.latent.batch_index.as_deref()) } else { Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu)) };
     let latent_in = &latent * LATENT_SCALE;
     let (b, h, w) = (shape[0], shape[2], shape[3]);
@@ -128,29 +169,18 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
 
     let sigma_max = ms.sigma_max();
     let max_denoise = (r.sigmas[0] - sigma_max).abs() <= 1e-5 * r.sigmas[0].abs().max(sigma_max) || r.sigmas[0] > sigma_max;
-    // "ddim" is Euler whose inpainting re-noise comes from seed + 1 (comfy's sampler_object).
-    let mask_noise = match (&mask, r.sampler) {
-        (Some(_), "ddim") => initial_noise(r.seed + 1, &shape, r.latent.batch_index.as_deref()),
+    let mask_noise = match &mask {
+        Some(_) if r.sampler.random_inpaint_noise => initial_noise(r.seed + 1, &shape, r.latent.batch_index.as_deref()),
         _ => noise.shallow_clone(),
     };
     let x = ms.noise_scaling(r.sigmas[0], &noise, &latent_in, max_denoise);
 
     // Areas, masks and strengths of the entries, and the 5 extra input channels of inpainting UNets
     // (mask and masked-image latent).
-    let target = Target { latent_in: &latent_in, noise_mask: mask.as_ref(), inpaint_unet: unet.config.in_channels == channels + 5 };
-    let (cond, uncond) = resolve_pair(r.positive, r.negative, &target)?;
-    let mut denoiser = CfgDenoiser {
-        unet,
-        sampling: &ms,
-        cond,
-        uncond: Some(uncond),
-        cfg: r.cfg,
-        noise_mask: mask.map(|m| NoiseMask { mask: m, latent_image: latent_in.shallow_clone(), noise: mask_noise }),
-        calls: 0,
-        model_time: std::time::Duration::ZERO,
-    };
-    let sampler_name = if r.sampler == "ddim" { "euler" } else { r.sampler };
-    let sampler = samplers::by_name(sampler_name).ok_or_else(|| NodeError::input("sampler_name", format!("unknown sampler {:?}", r.sampler)))?;
+    let target = Target { latent_in: &latent_in, noise_mask: mask.as_ref(), inpaint_unet: unet.config.in_channels == channels + 5, sampling: &ms };
+    let sides: Vec<(&str, &[CondEntry])> = r.guider.sides.iter().map(|(input, c)| (input.as_str(), c.as_slice())).collect();
+    let mut denoiser = CfgDenoiser::new(unet, &ms, resolve_sides(&sides, &target)?, r.guider.guidance);
+    denoiser.noise_mask = mask.map(|m| NoiseMask { mask: m, latent_image: latent_in.shallow_clone(), noise: mask_noise });
 
     let total = r.sigmas.len() - 1;
     let progress = progress_bar(total as u64, r.label);
@@ -168,7 +198,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         Ok(())
     };
     let mut cx = SampleCtx { sampling: &ms, device: unet.device(), noise: &mut noise_fn, seed: r.seed, step: &mut step };
-    let result = sampler.sample(&mut denoiser, x, r.sigmas, &mut cx);
+    let result = r.sampler.sampler.sample(&mut denoiser, x, r.sigmas, &mut cx);
     progress.finish_and_clear();
     let out = result?;
     let (calls, model_time) = (denoiser.calls, denoiser.model_time);
