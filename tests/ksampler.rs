@@ -2,7 +2,7 @@
 //! img2img and masks, two-pass graphs, and bad input.
 
 use diffloom_core::{RunReport, Value};
-use diffloom_nodes::builtin::sampling::SAMPLER_NAMES;
+use diffloom_nodes::sampling::samplers::SAMPLER_NAMES;
 use diffloom_nodes::checkpoint::detect::Family;
 use diffloom_nodes::sampling::schedulers::SCHEDULER_NAMES;
 use tch::Kind;

@@ -18,7 +18,7 @@ use std::rc::Rc;
 use diffloom_core::{Node, Origin, Registry};
 
 use builtin::sampling as sampling_nodes;
-use builtin::{conditioning, image, latent, loaders, mask, primitive};
+use builtin::{conditioning, custom_sampling as custom, image, latent, loaders, mask, primitive};
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
 pub fn builtin() -> Vec<Rc<dyn Node>> {
@@ -43,13 +43,48 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         // sampling
         Rc::new(sampling_nodes::KSampler),
         Rc::new(sampling_nodes::KSamplerAdvanced),
-        Rc::new(sampling_nodes::SamplerCustom),
-        Rc::new(sampling_nodes::KSamplerSelect),
-        Rc::new(sampling_nodes::BasicScheduler),
-        Rc::new(sampling_nodes::KarrasScheduler),
-        Rc::new(sampling_nodes::ExponentialScheduler),
-        Rc::new(sampling_nodes::SplitSigmas),
         Rc::new(sampling_nodes::ModelSamplingDiscrete),
+        // sampling/custom_sampling
+        Rc::new(custom::SamplerCustom),
+        Rc::new(custom::SamplerCustomAdvanced),
+        Rc::new(custom::RandomNoise),
+        Rc::new(custom::DisableNoise),
+        Rc::new(custom::AddNoise),
+        Rc::new(custom::CFGGuider),
+        Rc::new(custom::BasicGuider),
+        Rc::new(custom::DualCFGGuider),
+        Rc::new(custom::PerpNegGuider),
+        Rc::new(custom::KSamplerSelect),
+        Rc::new(custom::SamplerEulerAncestral),
+        Rc::new(custom::SamplerEulerAncestralCFGPP),
+        Rc::new(custom::SamplerLMS),
+        Rc::new(custom::SamplerDpmpp3mSde),
+        Rc::new(custom::SamplerDpmpp2mSde),
+        Rc::new(custom::SamplerDpmppSde),
+        Rc::new(custom::SamplerDpmpp2sAncestral),
+        Rc::new(custom::SamplerDPMAdaptative),
+        Rc::new(custom::SamplerErSde),
+        Rc::new(custom::SamplerSASolver),
+        Rc::new(custom::SamplerSEEDS2),
+        Rc::new(custom::SamplerLCMUpscale),
+        Rc::new(custom::SamplerEulerCFGpp),
+        Rc::new(custom::BasicScheduler),
+        Rc::new(custom::KarrasScheduler),
+        Rc::new(custom::ExponentialScheduler),
+        Rc::new(custom::PolyexponentialScheduler),
+        Rc::new(custom::LaplaceScheduler),
+        Rc::new(custom::VPScheduler),
+        Rc::new(custom::BetaSamplingScheduler),
+        Rc::new(custom::SDTurboScheduler),
+        Rc::new(custom::AlignYourStepsScheduler),
+        Rc::new(custom::GITSScheduler),
+        Rc::new(custom::SplitSigmas),
+        Rc::new(custom::SplitSigmasDenoise),
+        Rc::new(custom::FlipSigmas),
+        Rc::new(custom::SetFirstSigma),
+        Rc::new(custom::ExtendIntermediateSigmas),
+        Rc::new(custom::SamplingPercentToSigma),
+        Rc::new(custom::ManualSigmas),
         // latent
         Rc::new(latent::EmptyLatentImage),
         Rc::new(latent::VAEEncode),

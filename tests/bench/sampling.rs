@@ -10,7 +10,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use diffloom_core::value::{CondEntry, Latent, Shared};
-use diffloom_nodes::builtin::sampling::SAMPLER_NAMES;
+use diffloom_nodes::sampling::samplers::SAMPLER_NAMES;
 use diffloom_nodes::checkpoint::detect::Family;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};

@@ -5,8 +5,7 @@ use diffloom_core::value::{Area, CondEntry, Latent, Shared};
 use diffloom_core::{Args, Bool, Combo, Ctx, Float, Handle, Int, Node, NodeError, Schema, Str, Value, ValueType};
 use tch::Tensor;
 
-use super::image::MAX_RESOLUTION;
-use super::mask::mask_nchw;
+use super::shared::{mask_nchw, MAX_RESOLUTION};
 use crate::sd::{EmbeddingDir, SdClip, SdVae, VAE_FACTOR};
 
 pub struct CLIPTextEncode;

@@ -6,13 +6,12 @@ use diffloom_core::value::Shared;
 use diffloom_core::{Args, Combo, Ctx, Float, Int, Node, NodeError, Schema, Str, Value, ValueType};
 use tch::{Kind, Tensor};
 
+use super::shared::{mask_nchw, MAX_RESOLUTION};
 use crate::imageio;
 use crate::models::rrdbnet::RrdbNet;
 use crate::tiles::tiled_scale;
 use crate::resample::{common_upscale, CROP_METHODS, IMAGE_METHODS};
 
-/// ComfyUI's MAX_RESOLUTION.
-pub const MAX_RESOLUTION: i128 = 16384;
 
 /// Hash of a file's bytes, so that editing an input file re-runs the node and touching it does not.
 fn file_token(graph_dir: &Path, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
@@ -387,7 +386,7 @@ impl Node for ImageCompositeMasked {
         let (x, y) = (a.i64("x")?.min(ds[3]), a.i64("y")?.min(ds[2]));
         let mask = match a.opt_mask("mask")? {
             Some(m) => {
-                let m = super::mask::mask_nchw(m, b)?.f_upsample_bilinear2d([sh, sw], false, None, None)?;
+                let m = mask_nchw(m, b)?.f_upsample_bilinear2d([sh, sw], false, None, None)?;
                 if m.size()[0] == 1 { m.f_repeat([b, 1, 1, 1])? } else { m }
             }
             None => Tensor::f_ones([b, 1, sh, sw], (Kind::Float, tch::Device::Cpu))?,

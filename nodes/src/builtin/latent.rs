@@ -4,7 +4,7 @@ use diffloom_core::value::{Latent, Shared};
 use diffloom_core::{Args, Combo, Ctx, Float, Int, Node, NodeError, Schema, Value, ValueType};
 use tch::{Device, Kind, Tensor};
 
-use super::image::MAX_RESOLUTION;
+use super::shared::MAX_RESOLUTION;
 use crate::resample::{common_upscale, CROP_METHODS};
 use crate::sd::{SdVae, VAE_FACTOR};
 use crate::tiles::fade_edge;

@@ -4,7 +4,7 @@ use diffloom_core::value::Shared;
 use diffloom_core::{Args, Bool, Combo, Ctx, Float, Int, Node, NodeError, Schema, Value, ValueType};
 use tch::{Device, Kind, Tensor};
 
-use super::image::MAX_RESOLUTION;
+use super::shared::MAX_RESOLUTION;
 
 /// A MASK input as `[b, h, w]`.
 fn mask3(a: &Args, input: &str) -> Result<Tensor, NodeError> {
@@ -178,14 +178,3 @@ impl Node for MaskComposite {
     }
 }
 
-/// A MASK input as `[b, 1, h, w]`, for a batch of `images`: one mask for all of them or one per image
-/// (an error on the `mask` input otherwise).
-pub fn mask_nchw(mask: &Tensor, images: i64) -> Result<Tensor, NodeError> {
-    let s = mask.size();
-    let m = mask.f_reshape([-1, 1, s[s.len() - 2], s[s.len() - 1]])?;
-    let mb = m.size()[0];
-    if mb != 1 && mb != images {
-        return Err(NodeError::input("mask", format!("{mb} masks for {images} images; give one mask, or one per image")));
-    }
-    Ok(m)
-}

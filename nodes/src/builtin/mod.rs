@@ -1,9 +1,11 @@
 //! The built-in nodes, one module per ComfyUI category.
 
 pub mod conditioning;
+pub mod custom_sampling;
 pub mod image;
 pub mod latent;
 pub mod loaders;
 pub mod mask;
 pub mod primitive;
 pub mod sampling;
+pub mod shared;

@@ -3,6 +3,7 @@
 
 pub mod brownian;
 pub mod conds;
+pub mod gits;
 pub mod guidance;
 pub mod ksampler;
 pub mod model_sampling;

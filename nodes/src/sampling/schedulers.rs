@@ -246,3 +246,91 @@ fn ln_gamma(x: f64) -> f64 {
     }
     0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
 }
+
+/// A polynomial ramp in log sigma, then 0 (k-diffusion's `get_sigmas_polyexponential`; ρ = 1 is
+/// exponential).
+pub fn polyexponential(n: i64, sigma_min: f64, sigma_max: f64, rho: f64) -> Vec<f64> {
+    let ramp = Tensor::linspace(1.0, 0.0, n, (Kind::Float, Device::Cpu)).pow_tensor_scalar(rho);
+    let (lmin, lmax) = (sigma_min.ln(), sigma_max.ln());
+    append_zero(f32s(&(ramp * (lmax - lmin) + lmin).exp()))
+}
+
+/// The continuous VP schedule, then 0 (k-diffusion's `get_sigmas_vp`).
+pub fn vp(n: i64, beta_d: f64, beta_min: f64, eps_s: f64) -> Vec<f64> {
+    let t = Tensor::linspace(1.0, eps_s, n, (Kind::Float, Device::Cpu));
+    let sigmas = (t.square() * (beta_d / 2.0) + &t * beta_min).special_expm1().sqrt();
+    append_zero(f32s(&sigmas))
+}
+
+/// Tiankai et al.'s (2024) Laplace schedule, clamped to [σmin, σmax], without a final 0 (ComfyUI's
+/// `get_sigmas_laplace`).
+pub fn laplace(n: i64, sigma_min: f64, sigma_max: f64, mu: f64, beta: f64) -> Vec<f64> {
+    let x = Tensor::linspace(0.0, 1.0, n, (Kind::Float, Device::Cpu));
+    let half = x.neg() + 0.5;
+    let lmb = (half.sign() * ((half.abs() * -2.0 + 1.0 + 1e-5).log() * beta)).neg() + mu;
+    f32s(&lmb.exp().clamp(sigma_min, sigma_max))
+}
+
+/// SDTurboScheduler: SD-Turbo's timesteps 999, 899, …, 99, from the one denoise picks, then 0.
+pub fn sd_turbo(ms: &ModelSampling, steps: i64, denoise: f64) -> Vec<f64> {
+    let start = (10 - (10.0 * denoise) as i64).clamp(0, 10) as usize;
+    let timesteps: Vec<i64> = (1..=10).rev().map(|k| k * 100 - 1).collect();
+    let end = (start + steps.max(0) as usize).min(timesteps.len());
+    append_zero(timesteps[start..end].iter().map(|t| ms.sigma(*t as f64)).collect())
+}
+
+/// numpy's `interp` of a log-decreasing list to `num` points, as ComfyUI's `loglinear_interp`.
+pub fn loglinear_interp(t_steps: &[f64], num: usize) -> Vec<f64> {
+    let ys: Vec<f64> = t_steps.iter().rev().map(|v| v.ln()).collect();
+    let m = ys.len();
+    let at = |x: f64| {
+        let pos = x * (m - 1) as f64;
+        let i = (pos.floor() as usize).min(m - 2);
+        ys[i] + (ys[i + 1] - ys[i]) * (pos - i as f64)
+    };
+    let mut out: Vec<f64> = (0..num).map(|k| at(if num == 1 { 0.0 } else { k as f64 / (num - 1) as f64 }).exp()).collect();
+    out.reverse();
+    out
+}
+
+/// The noise levels Align Your Steps found for SD 1.x, SDXL and SVD (NVIDIA's how-to, as ComfyUI's
+/// AlignYourStepsScheduler has them), 10 steps each.
+pub const AYS_NOISE_LEVELS: &[(&str, [f64; 11])] = &[
+    ("SD1", [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092, 0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582]),
+    ("SDXL", [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141, 0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582]),
+    ("SVD", [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002]),
+];
+
+/// The last `round(steps·denoise) + 1` levels of a table schedule for `steps`, the final one set to 0
+/// (AlignYourStepsScheduler and GITSScheduler).
+fn table_tail(levels: Vec<f64>, steps: i64, denoise: f64) -> Vec<f64> {
+    if denoise <= 0.0 {
+        return vec![];
+    }
+    let total = if denoise < 1.0 { (steps as f64 * denoise).round_ties_even() as usize } else { steps as usize };
+    let mut s = levels[levels.len().saturating_sub(total + 1)..].to_vec();
+    if let Some(last) = s.last_mut() {
+        *last = 0.0;
+    }
+    s
+}
+
+/// AlignYourStepsScheduler for `model_type` (SD1, SDXL, SVD).
+pub fn align_your_steps(model_type: &str, steps: i64, denoise: f64) -> Option<Vec<f64>> {
+    let levels = AYS_NOISE_LEVELS.iter().find(|(m, _)| *m == model_type)?.1;
+    let levels = if (steps + 1) as usize != levels.len() { loglinear_interp(&levels, steps as usize + 1) } else { levels.to_vec() };
+    Some(table_tail(levels, steps, denoise))
+}
+
+/// GITSScheduler: the table's schedule for `steps` (2–20) at `coeff` (0.80–1.50 in 0.05 steps), or
+/// its 20-step one interpolated for more steps.
+pub fn gits(coeff: f64, steps: i64, denoise: f64) -> Option<Vec<f64>> {
+    let key = (coeff * 100.0).round() / 100.0;
+    let table = super::gits::GITS_NOISE_LEVELS.iter().find(|(c, _)| (*c - key).abs() < 1e-9)?.1;
+    let levels = if steps <= 20 {
+        table.get(steps.checked_sub(2)? as usize)?.to_vec()
+    } else {
+        loglinear_interp(table.last()?, steps as usize + 1)
+    };
+    Some(table_tail(levels, steps, denoise))
+}

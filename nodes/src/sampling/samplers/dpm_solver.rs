@@ -147,18 +147,42 @@ impl Pid {
     }
 }
 
-pub struct DpmAdaptive;
+/// k-diffusion's `dpm_solver_adaptive` with its parameters (ComfyUI's SamplerDPMAdaptative; the
+/// `dpm_adaptive` sampler name uses [`DpmAdaptive::default`]).
+pub struct DpmAdaptive {
+    /// 2 or 3.
+    pub order: u32,
+    pub rtol: f64,
+    pub atol: f64,
+    pub h_init: f64,
+    pub pcoeff: f64,
+    pub icoeff: f64,
+    pub dcoeff: f64,
+    pub accept_safety: f64,
+    pub eta: f64,
+    pub s_noise: f64,
+}
+
+impl Default for DpmAdaptive {
+    fn default() -> DpmAdaptive {
+        DpmAdaptive { order: 3, rtol: 0.05, atol: 0.0078, h_init: 0.05, pcoeff: 0.0, icoeff: 1.0, dcoeff: 0.0, accept_safety: 0.81, eta: 0.0, s_noise: 1.0 }
+    }
+}
 
 impl Sampler for DpmAdaptive {
     fn sample(&self, model: &mut dyn Denoiser, mut x: Tensor, sigmas: &[f64], cx: &mut SampleCtx) -> Result<Tensor, NodeError> {
         if sigmas.len() <= 1 {
             return Ok(x);
         }
-        // k-diffusion's defaults: order 3, rtol 0.05, atol 0.0078, h_init 0.05, I-controller, eta 0.
+        if self.order != 2 && self.order != 3 {
+            return Err(NodeError::input("order", format!("DPM-Solver's adaptive order is 2 or 3, not {}", self.order)));
+        }
         let (lo, hi) = range(sigmas)?;
         let (t_start, t_end) = (t_of(hi), t_of(lo));
-        let (order, rtol, atol) = (3.0, 0.05, 0.0078);
-        let mut pid = Pid { h: 0.05, b1: 1.0 / order, b2: 0.0, b3: 0.0, accept_safety: 0.81, errs: vec![] };
+        // The controller's order is 1.5 with noise (k-diffusion).
+        let order = if self.eta != 0.0 { 1.5 } else { f64::from(self.order) };
+        let (p, i, d) = (self.pcoeff, self.icoeff, self.dcoeff);
+        let mut pid = Pid { h: self.h_init.abs(), b1: (p + i + d) / order, b2: -(p + 2.0 * d) / order, b3: d / order, accept_safety: self.accept_safety, errs: vec![] };
         let mut s = t_start;
         let mut x_prev = x.shallow_clone();
         let mut solver = Solver { model, calls: 0 };
@@ -166,15 +190,24 @@ impl Sampler for DpmAdaptive {
         while s < t_end - 1e-5 {
             let mut cache = HashMap::new();
             let t = t_end.min(s + pid.h);
-            let x_low = solver.step2(&x, s, t, 1.0 / 3.0, &mut cache)?;
-            let x_high = solver.step3(&x, s, t, &mut cache)?;
-            let delta = (x_low.abs().maximum(&x_prev.abs()) * rtol).clamp_min(atol);
+            let (t_, su) = if self.eta != 0.0 {
+                let (sd, _) = super::ancestral_step(sigma_of(s), sigma_of(t), self.eta);
+                let t_ = t_end.min(t_of(sd));
+                (t_, (sigma_of(t).powi(2) - sigma_of(t_).powi(2)).max(0.0).sqrt())
+            } else {
+                (t, 0.0)
+            };
+            let (x_low, x_high) = if self.order == 2 {
+                (solver.step1(&x, s, t_, &mut cache)?, solver.step2(&x, s, t_, 0.5, &mut cache)?)
+            } else {
+                (solver.step2(&x, s, t_, 1.0 / 3.0, &mut cache)?, solver.step3(&x, s, t_, &mut cache)?)
+            };
+            let delta = (x_low.abs().maximum(&x_prev.abs()) * self.rtol).clamp_min(self.atol);
             let error = ((&x_low - &x_high) / delta).norm().double_value(&[]) / (x.numel() as f64).sqrt();
             if pid.propose(error) {
                 x_prev = x_low;
-                // The noise term is su · noise with su = 0 at eta 0; ComfyUI still draws it.
-                let _ = (cx.noise)(&x)?;
-                x = x_high;
+                // ComfyUI draws the noise even when su is 0 (eta 0), which advances the generator.
+                x = x_high + (cx.noise)(&x)? * (su * self.s_noise);
                 s = t;
                 (cx.step)(step, step + 1, &x)?;
                 step += 1;

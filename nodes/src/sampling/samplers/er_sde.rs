@@ -11,11 +11,18 @@ use diffloom_core::NodeError;
 pub struct ErSde {
     pub s_noise: f64,
     pub max_stage: usize,
+    /// None: ER-SDE's own noise scaler x·(e^(x^0.3) + 10); Some(eta): the reverse-time SDE's x^(eta+1)
+    /// (SamplerER_SDE's "Reverse-time SDE" and, with eta 0, "ODE").
+    pub reverse_time_eta: Option<f64>,
 }
 
-/// ComfyUI's default `er_sde` noise scaler.
-fn scaler(x: f64) -> f64 {
-    x * (x.powf(0.3).exp() + 10.0)
+impl ErSde {
+    fn scaler(&self, x: f64) -> f64 {
+        match self.reverse_time_eta {
+            None => x * (x.powf(0.3).exp() + 10.0),
+            Some(eta) => x.powf(eta + 1.0),
+        }
+    }
 }
 
 const POINTS: usize = 200;
@@ -36,21 +43,21 @@ impl Sampler for ErSde {
                 let (ls, lt) = (er[i], er[i + 1]);
                 let (alpha_s, alpha_t) = (sigmas[i] / ls, sigmas[i + 1] / lt);
                 let r_alpha = alpha_t / alpha_s;
-                let r = scaler(lt) / scaler(ls);
+                let r = self.scaler(lt) / self.scaler(ls);
                 x = &x * (r_alpha * r) + &denoised * (alpha_t * (1.0 - r));
                 if stage >= 2 {
                     if let Some(old) = &old_denoised {
                         let dt = lt - ls;
                         let step = -dt / POINTS as f64;
                         let pos: Vec<f64> = (0..POINTS).map(|k| lt + k as f64 * step).collect();
-                        let s: f64 = pos.iter().map(|p| 1.0 / scaler(*p)).sum::<f64>() * step;
+                        let s: f64 = pos.iter().map(|p| 1.0 / self.scaler(*p)).sum::<f64>() * step;
                         let denoised_d = (&denoised - old) / (ls - er[i - 1]);
-                        x = &x + &denoised_d * (alpha_t * (dt + s * scaler(lt)));
+                        x = &x + &denoised_d * (alpha_t * (dt + s * self.scaler(lt)));
                         if stage >= 3 {
                             if let Some(old_d) = &old_denoised_d {
-                                let s_u: f64 = pos.iter().map(|p| (p - ls) / scaler(*p)).sum::<f64>() * step;
+                                let s_u: f64 = pos.iter().map(|p| (p - ls) / self.scaler(*p)).sum::<f64>() * step;
                                 let denoised_u = (&denoised_d - old_d) / ((ls - er[i - 2]) / 2.0);
-                                x = &x + denoised_u * (alpha_t * (dt * dt / 2.0 + s_u * scaler(lt)));
+                                x = &x + denoised_u * (alpha_t * (dt * dt / 2.0 + s_u * self.scaler(lt)));
                             }
                         }
                         old_denoised_d = Some(denoised_d);

@@ -34,3 +34,20 @@ impl Sampler for EulerAncestralCfgPp {
         Ok(x)
     }
 }
+
+/// SamplerEulerCFGpp's "alternative" version (ComfyUI's `sample_euler_pp`): Euler steps whose slope
+/// replaces the guided estimate's noise by the unconditional one's.
+pub struct EulerCfgPpAlternative;
+
+impl Sampler for EulerCfgPpAlternative {
+    fn sample(&self, model: &mut dyn Denoiser, mut x: Tensor, sigmas: &[f64], cx: &mut SampleCtx) -> Result<Tensor, NodeError> {
+        let n = sigmas.len() - 1;
+        for i in 0..n {
+            let (denoised, uncond) = model.denoise_with_uncond(&x, sigmas[i])?;
+            let d = to_d(&(&x - &denoised + uncond), sigmas[i], &denoised);
+            x = &x + d * (sigmas[i + 1] - sigmas[i]);
+            (cx.step)(i, n, &x)?;
+        }
+        Ok(x)
+    }
+}

@@ -28,11 +28,24 @@ pub mod heun;
 pub mod heunpp2;
 pub mod ipndm;
 pub mod lcm;
+pub mod lcm_upscale;
 pub mod lms;
 pub mod res_multistep;
 pub mod sa_solver;
 pub mod seeds;
 pub mod uni_pc;
+
+/// ComfyUI 0.8's sampler names, in its order (`comfy.samplers.SAMPLER_NAMES`: `KSAMPLER_NAMES`, then
+/// ddim and the UniPC pair).
+pub const SAMPLER_NAMES: &[&str] = &[
+    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "exp_heun_2_x0",
+    "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
+    "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3",
+    "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
+];
 
 /// What a sampler needs besides the model: per-step noise and a step callback.
 pub struct SampleCtx<'a> {
@@ -94,7 +107,7 @@ pub fn by_name(name: &str) -> Option<Box<dyn Sampler>> {
         "dpm_2_ancestral" => Box::new(dpm_2_ancestral::Dpm2Ancestral { eta, s_noise }),
         "lms" => Box::new(lms::Lms { order: 4 }),
         "dpm_fast" => Box::new(dpm_solver::DpmFast),
-        "dpm_adaptive" => Box::new(dpm_solver::DpmAdaptive),
+        "dpm_adaptive" => Box::new(dpm_solver::DpmAdaptive::default()),
         "dpmpp_2s_ancestral" => Box::new(dpmpp_2s_ancestral::Dpmpp2sAncestral { eta, s_noise }),
         "dpmpp_2s_ancestral_cfg_pp" => Box::new(cfg_pp::Dpmpp2sAncestralCfgPp { eta, s_noise }),
         "dpmpp_sde" => Box::new(dpmpp_sde::DpmppSde { eta, s_noise, r: 0.5, gpu: false }),
@@ -118,11 +131,11 @@ pub fn by_name(name: &str) -> Option<Box<dyn Sampler>> {
         "res_multistep_ancestral_cfg_pp" => Box::new(res_multistep::ResMultistep { eta, s_noise, cfg_pp: true }),
         "gradient_estimation" => Box::new(gradient_estimation::GradientEstimation { ge_gamma: 2.0, cfg_pp: false }),
         "gradient_estimation_cfg_pp" => Box::new(gradient_estimation::GradientEstimation { ge_gamma: 2.0, cfg_pp: true }),
-        "er_sde" => Box::new(er_sde::ErSde { s_noise, max_stage: 3 }),
+        "er_sde" => Box::new(er_sde::ErSde { s_noise, max_stage: 3, reverse_time_eta: None }),
         "seeds_2" => Box::new(seeds::Seeds2 { eta, s_noise, r: 0.5, phi_2: false }),
         "seeds_3" => Box::new(seeds::Seeds3 { eta, s_noise, r_1: 1.0 / 3.0, r_2: 2.0 / 3.0 }),
-        "sa_solver" => Box::new(sa_solver::SaSolver { eta, predictor_order: 3, corrector_order: 4, s_noise, use_pece: false }),
-        "sa_solver_pece" => Box::new(sa_solver::SaSolver { eta, predictor_order: 3, corrector_order: 4, s_noise, use_pece: true }),
+        "sa_solver" => Box::new(sa_solver::SaSolver { use_pece: false, ..sa_solver::SaSolver::default() }),
+        "sa_solver_pece" => Box::new(sa_solver::SaSolver { use_pece: true, ..sa_solver::SaSolver::default() }),
         "uni_pc" => Box::new(uni_pc::UniPc { bh2: false }),
         "uni_pc_bh2" => Box::new(uni_pc::UniPc { bh2: true }),
         _ => return None,

@@ -12,11 +12,21 @@ use diffloom_core::NodeError;
 pub struct SaSolver {
     /// Stochasticity τ inside the noise interval (ComfyUI's tau_func; 0 makes it an ODE solver).
     pub eta: f64,
+    /// The noise interval as fractions of the schedule (start, end): 0.2–0.8 by default.
+    pub sde_percent: (f64, f64),
     pub predictor_order: usize,
     pub corrector_order: usize,
     pub s_noise: f64,
     /// Predict–evaluate–correct–evaluate.
     pub use_pece: bool,
+    /// The paper's simplified order-2 coefficients (its appendix D).
+    pub simple_order_2: bool,
+}
+
+impl Default for SaSolver {
+    fn default() -> SaSolver {
+        SaSolver { eta: 1.0, sde_percent: (0.2, 0.8), predictor_order: 3, corrector_order: 4, s_noise: 1.0, use_pece: false, simple_order_2: false }
+    }
 }
 
 /// (1 + τ²)·∫ₛᵗ e^((1+τ²)(x − t))·xᵖ dx for p < order, by ComfyUI's recursion (`compute_exponential_coeffs`).
@@ -66,9 +76,24 @@ fn solve(mut a: Vec<Vec<f64>>, mut b: Vec<f64>) -> Vec<f64> {
 }
 
 /// The b coefficients of one step from λ_s to λ_t over the Lagrange basis on `lambdas`
-/// (`compute_stochastic_adams_b_coeffs`; α_t = σ_t·e^λ_t is 1 on SD's schedule but kept).
-fn b_coeffs(sigma_next: f64, lambdas: &[f64], lambda_s: f64, lambda_t: f64, tau: f64) -> Vec<f64> {
+/// (`compute_stochastic_adams_b_coeffs`; α_t = σ_t·e^λ_t is 1 on SD's schedule but kept); with
+/// `simple_order_2` and two points, the paper's simplified ones.
+fn b_coeffs(sigma_next: f64, lambdas: &[f64], lambda_s: f64, lambda_t: f64, tau: f64, simple_order_2: bool, corrector: bool) -> Vec<f64> {
     let k = lambdas.len();
+    if simple_order_2 && k == 2 {
+        let tau_mul = 1.0 + tau * tau;
+        let h = lambda_t - lambda_s;
+        let alpha_t = sigma_next * lambda_t.exp();
+        let total = alpha_t * -(-h * tau_mul).exp_m1();
+        let (b_2, b_1) = if corrector {
+            let b_1 = alpha_t * (0.5 * tau_mul * h);
+            (total - b_1, b_1)
+        } else {
+            let b_2 = alpha_t * (0.5 * tau_mul * h * h) / (lambdas[0] - lambda_s);
+            (b_2, total - b_2)
+        };
+        return vec![b_2, b_1];
+    }
     let integrals = exponential_coeffs(lambda_s, lambda_t, k, tau);
     // Vandermonde transposed: row p holds λ_i^p.
     let vt: Vec<Vec<f64>> = (0..k).map(|p| lambdas.iter().map(|l| l.powi(p as i32)).collect()).collect();
@@ -89,7 +114,7 @@ impl Sampler for SaSolver {
         }
         let n = sigmas.len() - 1;
         let lambdas: Vec<f64> = sigmas.iter().map(|s| -s.ln()).collect();
-        let (start_sigma, end_sigma) = (cx.sampling.percent_to_sigma(0.2), cx.sampling.percent_to_sigma(0.8));
+        let (start_sigma, end_sigma) = (cx.sampling.percent_to_sigma(self.sde_percent.0), cx.sampling.percent_to_sigma(self.sde_percent.1));
         let tau_of = |sigma: f64| if self.eta > 0.0 && start_sigma >= sigma && sigma >= end_sigma { self.eta } else { 0.0 };
         let max_order = self.predictor_order.max(self.corrector_order);
         let lower_order_to_end = sigmas[n] == 0.0;
@@ -113,7 +138,7 @@ impl Sampler for SaSolver {
             if corrector_order == 0 {
                 x = x_pred.shallow_clone();
             } else {
-                let b = b_coeffs(sigmas[i], &lambdas[i + 1 - corrector_order..=i], lambdas[i - 1], lambdas[i], tau_t);
+                let b = b_coeffs(sigmas[i], &lambdas[i + 1 - corrector_order..=i], lambdas[i - 1], lambdas[i], tau_t, self.simple_order_2, true);
                 x = &x * (sigmas[i] / sigmas[i - 1] * (-(tau_t * tau_t) * h).exp()) + combine(&preds, &b);
                 if tau_t > 0.0 && self.s_noise > 0.0 {
                     if let Some(noise) = &noise {
@@ -132,7 +157,7 @@ impl Sampler for SaSolver {
                 x_pred = denoised;
             } else {
                 tau_t = tau_of(sigmas[i + 1]);
-                let b = b_coeffs(sigmas[i + 1], &lambdas[i + 1 - predictor_order..=i], lambdas[i], lambdas[i + 1], tau_t);
+                let b = b_coeffs(sigmas[i + 1], &lambdas[i + 1 - predictor_order..=i], lambdas[i], lambdas[i + 1], tau_t, self.simple_order_2, false);
                 h = lambdas[i + 1] - lambdas[i];
                 x_pred = &x * (sigmas[i + 1] / sigmas[i] * (-(tau_t * tau_t) * h).exp()) + combine(&preds, &b);
                 if tau_t > 0.0 && self.s_noise > 0.0 {
