@@ -5,6 +5,7 @@ mod util;
 mod cache;
 mod cli;
 mod conditioning;
+mod custom_sampling;
 mod graph_format;
 mod ksampler;
 mod latent_mask;

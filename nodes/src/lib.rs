@@ -35,6 +35,8 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(conditioning::ConditioningCombine),
         Rc::new(conditioning::ConditioningConcat),
         Rc::new(conditioning::ConditioningZeroOut),
+        Rc::new(conditioning::ConditioningAverage),
+        Rc::new(conditioning::ConditioningSetTimestepRange),
         Rc::new(conditioning::ConditioningSetArea),
         Rc::new(conditioning::ConditioningSetAreaPercentage),
         Rc::new(conditioning::ConditioningSetAreaStrength),

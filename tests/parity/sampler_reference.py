@@ -32,6 +32,8 @@ import os
 import sys
 import types
 
+import numpy as np
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
@@ -193,6 +195,25 @@ def main(spec_path, out_path):
             generator = torch.Generator().manual_seed(0)
             noise_sampler = lambda s, sn, g=generator, x=x: torch.randn(x.size(), generator=g)  # noqa: E731
         out[f"step_noise.{i}"] = torch.stack([noise_sampler(None, None) for _ in range(draws)]).contiguous()
+    for sched in spec.get("schedules", []):
+        # k-diffusion's own schedule functions, and numpy's interpolation as ComfyUI's loglinear_interp
+        # uses it (on the Align Your Steps SD1 levels).
+        kind, args = sched[0], sched[1:]
+        if kind == "polyexponential":
+            out["polyexponential"] = K.get_sigmas_polyexponential(*args).to(torch.float64)
+        elif kind == "vp":
+            # ComfyUI's copy of get_sigmas_vp takes expm1 where k-diffusion 0.1.1 has exp(...) - 1,
+            # which loses digits at small t; the rest is k-diffusion's.
+            n, beta_d, beta_min, eps_s = args
+            t = torch.linspace(1, eps_s, n)
+            out["vp"] = torch.cat([torch.sqrt(torch.special.expm1(beta_d * t ** 2 / 2 + beta_min * t)), torch.zeros(1)]).to(torch.float64)
+            out["vp.k_diffusion"] = K.get_sigmas_vp(*args).to(torch.float64)
+        elif kind == "loglinear":
+            levels = np.array([14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+                               0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582])
+            xs, ys = np.linspace(0, 1, len(levels)), np.log(levels[::-1])
+            interped = np.exp(np.interp(np.linspace(0, 1, args[0]), xs, ys))[::-1].copy()
+            out[f"loglinear.{args[0]}"] = torch.from_numpy(interped)
     for n in spec.get("karras_exponential_steps", []):
         out[f"karras.{n}"] = K.get_sigmas_karras(n, 0.029167158529162407, 14.614641189575195)
         out[f"exponential.{n}"] = K.get_sigmas_exponential(n, 0.029167158529162407, 14.614641189575195)

@@ -103,6 +103,71 @@ impl Node for ConditioningZeroOut {
     }
 }
 
+/// ComfyUI's ConditioningSetTimestepRange: the entries apply only from `start` to `end` of the
+/// sampling (fractions of the schedule; outside it a side without entries predicts 0, as in ComfyUI).
+pub struct ConditioningSetTimestepRange;
+impl Node for ConditioningSetTimestepRange {
+    fn schema(&self) -> Schema {
+        Schema::new("ConditioningSetTimestepRange", "advanced/conditioning")
+            .input("conditioning", ValueType::Conditioning)
+            .input("start", Float::new(0.0).range(0.0, 1.0).step(0.001))
+            .input("end", Float::new(1.0).range(0.0, 1.0).step(0.001))
+            .output("CONDITIONING", ValueType::Conditioning)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let range = (a.float("start")?, a.float("end")?);
+        map_entries(a, |e| e.timestep_range = Some(range))
+    }
+}
+
+/// ComfyUI's ConditioningAverage: each entry of `conditioning_to` blended with the first entry of
+/// `conditioning_from` (its tokens cut or zero-padded to the same length), `to` weighted by
+/// `conditioning_to_strength`.
+pub struct ConditioningAverage;
+impl Node for ConditioningAverage {
+    fn schema(&self) -> Schema {
+        Schema::new("ConditioningAverage", "conditioning")
+            .input("conditioning_to", ValueType::Conditioning)
+            .input("conditioning_from", ValueType::Conditioning)
+            .input("conditioning_to_strength", Float::new(1.0).range(0.0, 1.0).step(0.01))
+            .output("CONDITIONING", ValueType::Conditioning)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let w = a.float("conditioning_to_strength")?;
+        let from = a.conditioning("conditioning_from")?;
+        let Some(first) = from.first() else {
+            return Err(NodeError::input("conditioning_from", "the conditioning is empty"));
+        };
+        if from.len() > 1 {
+            cx.messages.push("warning: conditioning_from has more than one entry; only the first is used (as in ComfyUI)".into());
+        }
+        let out = a
+            .conditioning("conditioning_to")?
+            .into_iter()
+            .map(|e| {
+                let (t1, t0) = (&e.cross_attn.0, &first.cross_attn.0);
+                let (n1, n0) = (t1.size()[1], t0.size()[1]);
+                let t0 = if n0 >= n1 {
+                    t0.narrow(1, 0, n1)
+                } else {
+                    let pad = Tensor::zeros([t0.size()[0], n1 - n0, t0.size()[2]], (t0.kind(), t0.device()));
+                    Tensor::cat(&[t0.shallow_clone(), pad], 1)
+                };
+                if t0.size()[2] != t1.size()[2] {
+                    return Err(NodeError::input("conditioning_from", format!("its token width {} differs from conditioning_to's {} (another text encoder?)", t0.size()[2], t1.size()[2])));
+                }
+                let pooled = match (&e.pooled, &first.pooled) {
+                    (Some(to), Some(fr)) => Some(Shared(&to.0 * w + &fr.0 * (1.0 - w))),
+                    (None, Some(fr)) => Some(fr.clone()),
+                    (to, None) => to.clone(),
+                };
+                Ok(CondEntry { cross_attn: Shared(t1 * w + t0 * (1.0 - w)), pooled, ..e })
+            })
+            .collect::<Result<Vec<_>, NodeError>>()?;
+        Ok(vec![Value::Conditioning(out)])
+    }
+}
+
 /// Every entry of `conditioning` with `set` applied.
 fn map_entries(a: &Args, set: impl Fn(&mut CondEntry)) -> Result<Vec<Value>, NodeError> {
     let mut entries = a.conditioning("conditioning")?;

@@ -167,6 +167,9 @@ impl CfgDenoiser<'_> {
             return Err(NodeError::Failed(format!("{:?} combines {} conditionings, {} were given", self.guidance, self.guidance.side_count(), self.sides.len())));
         }
         let needed = self.guidance.needed(want_uncond);
+        if let Some(m) = self.noise_mask.as_ref().filter(|m| m.mask.size() != x.size()) {
+            return Err(NodeError::Failed(format!("the latent changed size while sampling ({:?} → {:?}); a noise mask cannot follow it", m.mask.size(), x.size())));
+        }
         let x_in = match &self.noise_mask {
             Some(m) => {
                 let noised = self.sampling.noise_scaling(sigma, &m.noise, &m.latent_image, false);
@@ -176,6 +179,18 @@ impl CfgDenoiser<'_> {
         };
         let b = x_in.size()[0];
         let device = self.unet_device();
+        // A sampler may change the latent's size (SamplerLCMUpscale): uniform entries follow it; areas,
+        // masks and inpainting inputs were resolved for the size sampling started at.
+        let resized = |c: &Cond| c.mult.size() != x_in.size();
+        for c in self.sides.iter().flatten() {
+            if resized(c) && (c.uniform.is_none() || c.concat.is_some()) {
+                return Err(NodeError::Failed(format!(
+                    "the latent changed size while sampling ({:?} → {:?}); area, mask and inpainting conditioning cannot follow it",
+                    c.mult.size(),
+                    x_in.size()
+                )));
+            }
+        }
         // (side, entry), the last side first; grouped by area in order of first appearance.
         let mut jobs: Vec<(usize, &Cond)> = Vec::new();
         for (side, conds) in self.sides.iter().enumerate().rev() {
@@ -213,8 +228,12 @@ impl CfgDenoiser<'_> {
             let denoised = self.sampling.calculate_denoised(sigma, &out, &xs);
             for (k, (side, c)) in group.iter().enumerate() {
                 let pred = denoised.narrow(0, k as i64 * b, b);
-                let _ = crop(&sums[*side], *area).f_add_(&(pred * &c.mult))?;
-                let _ = crop(&weights[*side], *area).f_add_(&c.mult)?;
+                let mult = match c.uniform {
+                    Some(strength) if resized(c) => x_in.ones_like() * strength,
+                    _ => c.mult.shallow_clone(),
+                };
+                let _ = crop(&sums[*side], *area).f_add_(&(pred * &mult))?;
+                let _ = crop(&weights[*side], *area).f_add_(&mult)?;
             }
         }
         let preds: Vec<Tensor> = sums.iter().zip(&weights).map(|(s, w)| s / w).collect();
