@@ -20,6 +20,11 @@ pub trait Denoiser {
         let d = self.denoise(x, sigma)?;
         Ok((d.shallow_clone(), d))
     }
+
+    /// Whether the guidance has an unconditional side at all (BasicGuider has none).
+    fn has_uncond(&self) -> bool {
+        true
+    }
 }
 
 /// Keeps the unmasked part of the latent: before each model call the latent is re-noised to the current
@@ -154,6 +159,10 @@ impl Denoiser for CfgDenoiser<'_> {
 
     fn denoise_with_uncond(&mut self, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor), NodeError> {
         self.guided(x, sigma, true)
+    }
+
+    fn has_uncond(&self) -> bool {
+        self.guidance != Guidance::Basic
     }
 }
 

@@ -13,7 +13,7 @@ pub struct Lms {
 }
 
 /// ∫_{σ_i}^{σ_{i+1}} ∏_{k≠j} (τ − σ_{i−k}) / (σ_{i−j} − σ_{i−k}) dτ.
-fn coefficient(order: usize, t: &[f64], i: usize, j: usize) -> f64 {
+pub(super) fn coefficient(order: usize, t: &[f64], i: usize, j: usize) -> f64 {
     let basis = |tau: f64| {
         (0..order).filter(|k| *k != j).map(|k| (tau - t[i - k]) / (t[i - j] - t[i - k])).product::<f64>()
     };

@@ -9,6 +9,7 @@ use super::guidance::Denoiser;
 use super::model_sampling::ModelSampling;
 
 pub mod cfg_pp;
+pub mod cfgpp_history;
 pub mod ddpm;
 pub mod deis;
 pub mod dpm_2;
@@ -42,7 +43,7 @@ pub const SAMPLER_NAMES: &[&str] = &[
     "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral",
     "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde",
     "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm",
-    "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
+    "ipndm", "ipndm_v", "deis", "cfgpp_ud10_ab", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
     "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3",
     "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
 ];
@@ -125,6 +126,7 @@ pub fn by_name(name: &str) -> Option<Box<dyn Sampler>> {
         "ipndm" => Box::new(ipndm::Ipndm { max_order: 4, variable: false }),
         "ipndm_v" => Box::new(ipndm::Ipndm { max_order: 4, variable: true }),
         "deis" => Box::new(deis::Deis { max_order: 3 }),
+        "cfgpp_ud10_ab" => Box::new(cfgpp_history::UD10_AB),
         "res_multistep" => Box::new(res_multistep::ResMultistep { eta: 0.0, s_noise, cfg_pp: false }),
         "res_multistep_cfg_pp" => Box::new(res_multistep::ResMultistep { eta: 0.0, s_noise, cfg_pp: true }),
         "res_multistep_ancestral" => Box::new(res_multistep::ResMultistep { eta, s_noise, cfg_pp: false }),
