@@ -383,3 +383,42 @@ fn sde_samplers_converge_on_a_fixed_brownian_path() {
         }
     }
 }
+
+/// The toy as an eps-predicting model under a sampling type: the exact noise (x − D)/σ for the toy's
+/// Gaussian data, read back through `ms` (for LCM, its boundary-condition scalings).
+struct ToyEps {
+    ms: ModelSampling,
+}
+impl Denoiser for ToyEps {
+    fn denoise(&mut self, x: &Tensor, sigma: f64) -> Result<Tensor, NodeError> {
+        let eps = (x - Toy.denoise(x, sigma)?) / sigma;
+        Ok(self.ms.calculate_denoised(sigma, &eps, x))
+    }
+}
+
+// Issue 12: ddpm against diffusers' DDPMScheduler and lcm (with the lcm sampling type) against its
+// LCMScheduler, driven with the same timesteps, model and step noise (ComfyUI's CPU stream, seed + 1).
+#[test]
+fn ddpm_and_lcm_match_diffusers_schedulers() {
+    use diffloom_nodes::sampling::model_sampling::{Parameterization, SamplingMode};
+    let d = Dir::new();
+    let spec = d.write("spec.json", serde_json::json!({"seed": 5, "shape": [1, 4, 8, 8], "ddpm_timesteps": [999, 749, 499, 249, 0], "lcm_steps": 4}).to_string());
+    let out = d.join("ref.safetensors");
+    run_reference("scheduler_reference.py", &[&spec, &out]);
+    let r = SafetensorsFile::open(&out).unwrap();
+    let sigmas_of = |name: &str| Vec::<f64>::try_from(&r.load(name, Device::Cpu, None).unwrap().to_kind(Kind::Double)).unwrap();
+    for (name, sampler, model) in [
+        ("ddpm", "ddpm", Box::new(Toy) as Box<dyn Denoiser>),
+        ("lcm", "lcm", Box::new(ToyEps { ms: ModelSampling::new(SamplingMode { parameterization: Parameterization::Lcm, zsnr: false }) })),
+    ] {
+        let mut model = model;
+        let sigmas = sigmas_of(&format!("{name}.sigmas"));
+        let ours = trajectory(sampler, model.as_mut(), 5, &[1, 4, 8, 8], &sigmas);
+        let theirs = r.load(&format!("{name}.x"), Device::Cpu, None).unwrap();
+        assert_eq!(ours.len() as i64 - 1, theirs.size()[0], "{name}");
+        let worst = (1..ours.len()).map(|i| max_diff(&ours[i], &theirs.get(i as i64 - 1))).fold(0.0, f64::max);
+        let scale = theirs.abs().max().double_value(&[]);
+        println!("{name} vs diffusers: max abs difference {worst:.2e} (scale {scale:.2})");
+        assert!(worst <= 1e-4 * scale.max(1.0), "{name}: {worst}");
+    }
+}
