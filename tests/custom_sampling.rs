@@ -137,6 +137,18 @@ fn sampler_nodes_at_their_defaults_equal_the_named_samplers() {
     assert!(alt.isfinite().all().int64_value(&[]) == 1);
     let up = advanced(&d, &cfg_guider(5.0), r#"(type: "SamplerLCMUpscale", inputs: {"scale_ratio": 1.5})"#);
     assert_eq!(up.size(), [2, 4, 9, 12]);
+    // Area conditioning cannot follow the growing latent: a clear error, not a shape panic.
+    let nodes = format!(
+        r#""area": (type: "ConditioningSetArea", inputs: {{"conditioning": Link("pos", "CONDITIONING"), "width": 64, "height": 64, "x": 0, "y": 0, "strength": 1.0}}),
+        "noise": (type: "RandomNoise", inputs: {{"noise_seed": 1}}),
+        "g": (type: "CFGGuider", inputs: {{"model": Link("c", "MODEL"), "positive": Link("area", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "cfg": 5.0}}),
+        "smp": (type: "SamplerLCMUpscale", inputs: {{"scale_ratio": 1.5}}),
+        "sig": (type: "BasicScheduler", inputs: {{"model": Link("c", "MODEL"), "scheduler": "normal", "steps": 3, "denoise": 1.0}}),
+        "s": (type: "SamplerCustomAdvanced", inputs: {{"noise": Link("noise", "NOISE"), "guider": Link("g", "GUIDER"),
+            "sampler": Link("smp", "SAMPLER"), "sigmas": Link("sig", "SIGMAS"), "latent_image": Link("lat", "LATENT")}}),"#
+    );
+    let err = outputs(&d, &format!("{} {nodes}", base(&d)), &[("s", "output", 0)]).err().expect("an error");
+    assert!(err.contains("node \"s\"") && err.contains("the latent changed size while sampling"), "{err}");
 }
 
 // Issue 12: the guiders follow their formulas: BasicGuider is CFG at 1; DualCFG with cond1 = cond2 is

@@ -23,6 +23,8 @@ pub struct Cond {
     /// The entry's strength when its weight is the same everywhere (no area, no mask): a latent that
     /// changes size while sampling (SamplerLCMUpscale) can then still be weighted.
     pub uniform: Option<f64>,
+    /// The latent's (height, width) the entry was resolved for.
+    pub latent_hw: (i64, i64),
     /// Inpainting UNets: mask and masked-image latent, `[b, 5, H, W]` over the whole latent.
     pub concat: Option<Tensor>,
     /// The sigmas (start, end) between which the entry applies (ConditioningSetTimestepRange through
@@ -34,7 +36,8 @@ impl Cond {
     /// A plain entry over the whole of a latent of `shape` `[b, c, h, w]` (no area, mask or
     /// inpainting input), for driving a sampler directly.
     pub fn whole(context: Tensor, shape: &[i64]) -> Cond {
-        Cond { context, area: None, mult: Tensor::ones(shape, (Kind::Float, tch::Device::Cpu)), uniform: Some(1.0), concat: None, sigma_range: None }
+        let latent_hw = (shape[2], shape[3]);
+        Cond { context, area: None, mult: Tensor::ones(shape, (Kind::Float, tch::Device::Cpu)), uniform: Some(1.0), latent_hw, concat: None, sigma_range: None }
     }
 
     /// Whether the entry applies at `sigma` (ComfyUI's `get_area_and_mult` compares float32 sigmas).
@@ -215,7 +218,7 @@ fn build_cond(r: Resolved, target: &Target, input: &str) -> Result<Cond, NodeErr
     let concat = if target.inpaint_unet { Some(inpaint_channels(&r.entry, target, input)?) } else { None };
     let sigma_range = r.entry.timestep_range.map(|(start, end)| (target.sampling.percent_to_sigma(start), target.sampling.percent_to_sigma(end)));
     let uniform = (r.mask.is_none() && area.is_none()).then_some(r.entry.strength);
-    Ok(Cond { context: r.entry.cross_attn.to_kind(Kind::Float), area, mult, uniform, concat, sigma_range })
+    Ok(Cond { context: r.entry.cross_attn.to_kind(Kind::Float), area, mult, uniform, latent_hw: (lh, lw), concat, sigma_range })
 }
 
 /// The mask and masked-image latent an inpainting UNet takes (ComfyUI's `BaseModel.concat_cond`): the

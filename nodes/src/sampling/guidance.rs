@@ -190,13 +190,13 @@ impl CfgDenoiser<'_> {
         let device = self.unet_device();
         // A sampler may change the latent's size (SamplerLCMUpscale): uniform entries follow it; areas,
         // masks and inpainting inputs were resolved for the size sampling started at.
-        let resized = |c: &Cond| c.mult.size() != x_in.size();
+        let hw = (x_in.size()[2], x_in.size()[3]);
+        let resized = |c: &Cond| c.latent_hw != hw;
         for c in self.sides.iter().flatten() {
             if resized(c) && (c.uniform.is_none() || c.concat.is_some()) {
                 return Err(NodeError::Failed(format!(
-                    "the latent changed size while sampling ({:?} → {:?}); area, mask and inpainting conditioning cannot follow it",
-                    c.mult.size(),
-                    x_in.size()
+                    "the latent changed size while sampling ({:?} → {hw:?}); area, mask and inpainting conditioning cannot follow it",
+                    c.latent_hw
                 )));
             }
         }
