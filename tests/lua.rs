@@ -283,3 +283,36 @@ fn conditioning_tensors_can_be_read_and_rebuilt() {
     let Value::String(s) = output(&d, &mut ex, &reg, &nodes, "s", 1) else { panic!() };
     assert_eq!(s, "1 1x77x32");
 }
+
+// Issue 11: a LATENT that passes through a Lua node keeps its noise mask and its batch indices (they
+// were dropped, so inpainting lost its mask and a latent split off a batch its noise).
+#[test]
+fn a_latent_through_lua_keeps_its_noise_mask_and_batch_index() {
+    let d = Dir::new();
+    d.write(
+        "plugins/scale.lua",
+        r#"
+diffloom.node {
+  name = "LatentScale",
+  inputs = { { "latent", "LATENT" }, { "by", "FLOAT", default = 1.0 } },
+  outputs = { { "LATENT", "LATENT" } },
+  execute = function(a) return a.latent * a.by end,
+}
+"#,
+    );
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let nodes = r#"
+        "e": (type: "EmptyLatentImage", inputs: {"width": 64, "height": 64, "batch_size": 3}),
+        "m": (type: "SolidMask", inputs: {"value": 0.5, "width": 64, "height": 64}),
+        "n": (type: "SetLatentNoiseMask", inputs: {"samples": Link("e", "LATENT"), "mask": Link("m", "MASK")}),
+        "b": (type: "LatentFromBatch", inputs: {"samples": Link("n", "LATENT"), "batch_index": 1, "length": 2}),
+        "s": (type: "LatentScale", inputs: {"latent": Link("b", "LATENT"), "by": 2.0}),
+        "o": (type: "PreviewAny", inputs: {"source": Link("s", "LATENT")}),
+    "#;
+    let Value::Latent(l) = output(&d, &mut ex, &reg, nodes, "s", 0) else { panic!("not a latent") };
+    assert_eq!(l.batch_index.as_deref(), Some(&[1i64, 2][..]));
+    let mask = l.noise_mask.expect("the noise mask is kept");
+    assert_eq!(mask.flatten(0, -1).double_value(&[0]), 0.5);
+}

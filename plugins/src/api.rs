@@ -2,6 +2,7 @@
 //! whose operations run in libtorch (arithmetic, clamp, resize, crop, pad, per-channel scales,
 //! statistics, small tables), so common work never loops over pixels in Lua.
 
+use std::rc::Rc;
 use diffloom_core::value::{Latent, Shared};
 use diffloom_core::{Value, ValueType};
 use mlua::{FromLua, Lua, MetaMethod, UserData, UserDataMethods, Value as LuaValue};
@@ -12,11 +13,21 @@ use tch::{Kind, Tensor};
 pub struct LuaTensor {
     pub tensor: Tensor,
     pub ty: Option<ValueType>,
+    /// For a LATENT's samples (and tensors computed from them): its noise mask and batch indices, so a
+    /// latent that passes through Lua keeps them.
+    pub latent: Option<Rc<LatentExtras>>,
+}
+
+/// What a LATENT carries besides its samples.
+#[derive(Default)]
+pub struct LatentExtras {
+    pub noise_mask: Option<Shared>,
+    pub batch_index: Option<Vec<i64>>,
 }
 
 impl Clone for LuaTensor {
     fn clone(&self) -> Self {
-        LuaTensor { tensor: self.tensor.shallow_clone(), ty: self.ty }
+        LuaTensor { tensor: self.tensor.shallow_clone(), ty: self.ty, latent: self.latent.clone() }
     }
 }
 
@@ -48,8 +59,14 @@ fn operand(v: &LuaValue) -> mlua::Result<Tensor> {
 }
 
 impl LuaTensor {
+    /// A tensor of type `ty` (None: untyped), with no latent extras.
+    pub fn new(tensor: Tensor, ty: Option<ValueType>) -> LuaTensor {
+        LuaTensor { tensor, ty, latent: None }
+    }
+
+    /// A result of an operation on this tensor: the same type and latent extras.
     fn same(&self, tensor: Tensor) -> LuaTensor {
-        LuaTensor { tensor, ty: self.ty }
+        LuaTensor { tensor, ty: self.ty, latent: self.latent.clone() }
     }
 
     /// NCHW view for spatial operations (IMAGE is NHWC, MASK is NHW).
@@ -138,18 +155,18 @@ impl UserData for LuaTensor {
         });
         // The largest value over the channels of an IMAGE, as a MASK.
         m.add_method("channel_max", |_, t, ()| {
-            Ok(LuaTensor { tensor: torch(t.tensor.f_amax([-1], false))?, ty: Some(ValueType::Mask) })
+            Ok(LuaTensor::new(torch(t.tensor.f_amax([-1], false))?, Some(ValueType::Mask)))
         });
         // A MASK as a grayscale IMAGE.
         m.add_method("to_image", |_, t, ()| {
             let x = torch(t.tensor.f_unsqueeze(-1))?;
             let s = x.size();
-            Ok(LuaTensor { tensor: torch(x.f_expand([s[0], s[1], s[2], 3], false).and_then(|x| x.f_contiguous()))?, ty: Some(ValueType::Image) })
+            Ok(LuaTensor::new(torch(x.f_expand([s[0], s[1], s[2], 3], false).and_then(|x| x.f_contiguous()))?, Some(ValueType::Image)))
         });
         // One channel of an IMAGE as a MASK-shaped tensor.
         m.add_method("channel", |_, t, i: i64| {
             let dim = t.tensor.dim() as i64 - 1;
-            Ok(LuaTensor { tensor: torch(t.tensor.f_select(dim, i))?, ty: Some(ValueType::Mask) })
+            Ok(LuaTensor::new(torch(t.tensor.f_select(dim, i))?, Some(ValueType::Mask)))
         });
         m.add_method("resize", |_, t, (w, h, method): (i64, i64, Option<String>)| {
             let x = t.to_nchw()?;
@@ -187,6 +204,10 @@ impl UserData for LuaTensor {
                     LuaValue::UserData(ud) => ud.borrow::<LuaTensor>().ok().and_then(|t| t.ty),
                     _ => None,
                 });
+                let latent = [&a, &b].iter().find_map(|v| match v {
+                    LuaValue::UserData(ud) => ud.borrow::<LuaTensor>().ok().and_then(|t| t.latent.clone()),
+                    _ => None,
+                });
                 let (x, y) = (operand(&a)?, operand(&b)?);
                 let r = match op {
                     0 => x.f_add(&y),
@@ -194,7 +215,7 @@ impl UserData for LuaTensor {
                     2 => x.f_mul(&y),
                     _ => x.f_div(&y),
                 };
-                Ok(LuaTensor { tensor: torch(r)?, ty })
+                Ok(LuaTensor { tensor: torch(r)?, ty, latent })
             });
         }
         m.add_meta_method(MetaMethod::Unm, |_, t, ()| Ok(t.same(torch(t.tensor.f_neg())?)));
@@ -216,7 +237,11 @@ pub fn to_lua(lua: &Lua, v: &Value) -> mlua::Result<LuaValue> {
         Value::Boolean(b) => LuaValue::Boolean(*b),
         Value::Image(t) => tensor(lua, t.0.shallow_clone(), ValueType::Image)?,
         Value::Mask(t) => tensor(lua, t.0.shallow_clone(), ValueType::Mask)?,
-        Value::Latent(l) => tensor(lua, l.samples.0.shallow_clone(), ValueType::Latent)?,
+        Value::Latent(l) => {
+            let extras = LatentExtras { noise_mask: l.noise_mask.clone(), batch_index: l.batch_index.clone() };
+            let t = LuaTensor { tensor: l.samples.0.shallow_clone(), ty: Some(ValueType::Latent), latent: Some(Rc::new(extras)) };
+            LuaValue::UserData(lua.create_userdata(t)?)
+        }
         Value::Conditioning(entries) => LuaValue::UserData(lua.create_userdata(LuaConditioning(entries.clone()))?),
         other => {
             // Handles (models, conditioning, …) pass through Lua untouched, for diffloom.call.
@@ -237,7 +262,7 @@ pub struct LuaConditioning(pub Vec<diffloom_core::value::CondEntry>);
 impl UserData for LuaConditioning {
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
         m.add_method("tensors", |_, c, ()| {
-            Ok(c.0.iter().map(|e| LuaTensor { tensor: e.cross_attn.0.shallow_clone(), ty: None }).collect::<Vec<_>>())
+            Ok(c.0.iter().map(|e| LuaTensor::new(e.cross_attn.0.shallow_clone(), None)).collect::<Vec<_>>())
         });
         m.add_method("len", |_, c, ()| Ok(c.0.len()));
         m.add_meta_method(MetaMethod::ToString, |_, c, ()| Ok(format!("Conditioning({} entries)", c.0.len())));
@@ -259,7 +284,7 @@ pub fn conditioning(parts: Vec<LuaTensor>) -> mlua::Result<LuaConditioning> {
 }
 
 fn tensor(lua: &Lua, t: Tensor, ty: ValueType) -> mlua::Result<LuaValue> {
-    Ok(LuaValue::UserData(lua.create_userdata(LuaTensor { tensor: t, ty: Some(ty) })?))
+    Ok(LuaValue::UserData(lua.create_userdata(LuaTensor::new(t, Some(ty)))?))
 }
 
 /// A Lua value as an engine value of type `want`, or a message saying what came instead.
@@ -267,6 +292,10 @@ pub fn from_lua(v: LuaValue, want: ValueType) -> Result<Value, String> {
     let got = v.type_name().to_owned();
     let tensor_of = |v: &LuaValue| match v {
         LuaValue::UserData(ud) => ud.borrow::<LuaTensor>().ok().map(|t| t.tensor.shallow_clone()),
+        _ => None,
+    };
+    let extras_of = |v: &LuaValue| match v {
+        LuaValue::UserData(ud) => ud.borrow::<LuaTensor>().ok().and_then(|t| t.latent.clone()),
         _ => None,
     };
     let opaque = |v: &LuaValue| match v {
@@ -304,7 +333,11 @@ pub fn from_lua(v: LuaValue, want: ValueType) -> Result<Value, String> {
             if t.dim() != 4 {
                 return Err(shape_err(&t, "[batch, channels, h, w]"));
             }
-            Ok(Value::Latent(Latent { samples: Shared(t.to_kind(Kind::Float)), noise_mask: None, batch_index: None }))
+            // The samples' latent keeps its noise mask, and its batch indices while the batch is the
+            // same size (a new batch has no indices into the old one).
+            let extras = extras_of(&v).unwrap_or_default();
+            let batch_index = extras.batch_index.clone().filter(|b| b.len() as i64 == t.size()[0]);
+            Ok(Value::Latent(Latent { samples: Shared(t.to_kind(Kind::Float)), noise_mask: extras.noise_mask.clone(), batch_index }))
         }
         (_, _) if opaque(&v).is_some_and(|o| o.value_type().feeds(want)) => Ok(opaque(&v).unwrap_or(Value::Boolean(false))),
         (ValueType::Any, _) => match &v {

@@ -199,15 +199,15 @@ fn install_api(state: &Rc<PluginState>, declared: Rc<RefCell<Vec<(Schema, Functi
     )?;
     t.set(
         "tensor",
-        lua.create_function(|_, (values, shape): (Vec<f64>, Vec<i64>)| Ok(LuaTensor { tensor: api::tensor_from_table(values, shape)?, ty: None }))?,
+        lua.create_function(|_, (values, shape): (Vec<f64>, Vec<i64>)| Ok(LuaTensor::new(api::tensor_from_table(values, shape)?, None)))?,
     )?;
     t.set(
         "zeros",
-        lua.create_function(|_, shape: Vec<i64>| Ok(LuaTensor { tensor: tch::Tensor::zeros(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu)), ty: None }))?,
+        lua.create_function(|_, shape: Vec<i64>| Ok(LuaTensor::new(tch::Tensor::zeros(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu)), None)))?,
     )?;
     t.set(
         "ones",
-        lua.create_function(|_, shape: Vec<i64>| Ok(LuaTensor { tensor: tch::Tensor::ones(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu)), ty: None }))?,
+        lua.create_function(|_, shape: Vec<i64>| Ok(LuaTensor::new(tch::Tensor::ones(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu)), None)))?,
     )?;
     t.set(
         "cat",
@@ -215,12 +215,12 @@ fn install_api(state: &Rc<PluginState>, declared: Rc<RefCell<Vec<(Schema, Functi
             let ty = parts.first().and_then(|p| p.ty);
             let ts: Vec<tch::Tensor> = parts.iter().map(|p| p.tensor.shallow_clone()).collect();
             let t = tch::Tensor::f_cat(&ts, dim.unwrap_or(0)).map_err(|e| mlua::Error::RuntimeError(format!("cat: {e}")))?;
-            Ok(LuaTensor { tensor: t, ty })
+            Ok(LuaTensor::new(t, ty))
         })?,
     )?;
     t.set("conditioning", lua.create_function(|_, parts: Vec<LuaTensor>| api::conditioning(parts))?)?;
     for (name, ty) in [("image", ValueType::Image), ("mask", ValueType::Mask), ("latent", ValueType::Latent)] {
-        t.set(name, lua.create_function(move |_, x: LuaTensor| Ok(LuaTensor { tensor: x.tensor, ty: Some(ty) }))?)?;
+        t.set(name, lua.create_function(move |_, x: LuaTensor| Ok(LuaTensor::new(x.tensor, Some(ty))))?)?;
     }
     lua.globals().set("diffloom", t)?;
     Ok(())
