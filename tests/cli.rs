@@ -261,6 +261,7 @@ fn blend_modes_follow_comfyuis_formulas() {
         let mut cx = diffloom_core::Ctx {
             device: tch::Device::Cpu, node_id: "b", graph_dir: std::path::Path::new("."), output_dir: std::path::Path::new("."),
             graph_source: "", cancel: &flag, dtype: tch::Kind::Float, embeddings_dir: None, messages: vec![],
+            registry: &diffloom_core::Registry::new(),
         };
         let out = diffloom_nodes::builtin::image::ImageBlend.execute(&mut cx, &args).unwrap();
         let Value::Image(t) = &out[0] else { panic!() };

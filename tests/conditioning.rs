@@ -302,6 +302,7 @@ fn call(node: &dyn Node, args: Vec<(&str, Option<Value>)>) -> Result<Vec<Value>,
         dtype: Kind::Float,
         embeddings_dir: None,
         messages: Vec::new(),
+        registry: &diffloom_core::Registry::new(),
     };
     node.execute(&mut cx, &args)
 }

@@ -316,3 +316,23 @@ diffloom.node {
     let mask = l.noise_mask.expect("the noise mask is kept");
     assert_eq!(mask.flatten(0, -1).double_value(&[0]), 0.5);
 }
+
+// Issue 11: after a plugin is reloaded, another plugin's diffloom.call reaches the new version (each
+// plugin used to keep the registry it was loaded with).
+#[test]
+fn diffloom_call_reaches_a_reloaded_node() {
+    let d = Dir::new();
+    let v1 = "diffloom.node { name = 'Const', outputs = { {'INT', 'INT'} }, execute = function() return 1 end }\n";
+    d.write("plugins/const.lua", v1);
+    d.write("plugins/caller.lua", "diffloom.node { name = 'Caller', outputs = { {'INT', 'INT'} }, execute = function() return diffloom.call('Const') end }\n");
+    let (mut reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let nodes = r#""c": (type: "Caller"), "o": (type: "PreviewAny", inputs: {"source": Link("c", "INT")}),"#;
+    let (mut ex, _) = executor(&d, 1 << 30);
+    assert!(matches!(output(&d, &mut ex, &reg, nodes, "c", 0), Value::Int(1)));
+    let path = PathBuf::from(d.join("plugins/const.lua")).canonicalize().unwrap();
+    d.write("plugins/const.lua", v1.replace("return 1", "return 2"));
+    reload(&path, &mut reg).unwrap();
+    let (mut fresh, _) = executor(&d, 1 << 30);
+    assert!(matches!(output(&d, &mut fresh, &reg, nodes, "c", 0), Value::Int(2)));
+}

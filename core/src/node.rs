@@ -10,6 +10,7 @@ use serde::Serialize;
 use tch::Device;
 
 use crate::error::NodeError;
+use crate::registry::Registry;
 use crate::value::{CondEntry, Latent, MissingPart, Shared, Value, ValueType};
 
 /// What a node declares about itself, after ComfyUI's `INPUT_TYPES`/`RETURN_TYPES`/`OUTPUT_NODE`.
@@ -294,6 +295,8 @@ pub struct Ctx<'a> {
     pub embeddings_dir: Option<&'a Path>,
     /// Lines a node wants in the run report (files written, previews).
     pub messages: Vec<String>,
+    /// The node types of the run, for nodes that run other nodes (Lua's `diffloom.call`).
+    pub registry: &'a Registry,
 }
 
 impl Ctx<'_> {

@@ -239,6 +239,7 @@ pub fn validate(file: &Path, graph: &GraphFile, registry: &Registry) -> Result<R
         source: file::to_ron(graph),
         nodes,
         dag,
+        registry: registry.clone(),
     })
 }
 

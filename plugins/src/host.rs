@@ -28,8 +28,6 @@ struct PluginState {
     path: PathBuf,
     /// BLAKE3 of the source: part of every cache key of the file's nodes, so an edit re-runs them.
     source_hash: String,
-    /// The registry `diffloom.call` resolves node types in (set once all plugins are registered).
-    registry: RefCell<Option<Registry>>,
     logs: RefCell<Vec<String>>,
 }
 
@@ -144,7 +142,6 @@ pub fn load_file(path: &Path) -> Result<Vec<Rc<LuaNode>>, PluginError> {
         budget,
         path: path.to_path_buf(),
         source_hash: blake3::hash(source.as_bytes()).to_hex().to_string(),
-        registry: RefCell::new(None),
         logs: RefCell::new(Vec::new()),
     });
     let declared: Rc<RefCell<Vec<(Schema, Function)>>> = Rc::default();
@@ -245,13 +242,13 @@ impl Node for LuaNode {
             }
         }
         self.state.budget.reset();
-        let registry = self.state.registry.borrow().clone();
+        // The run's registry, so a node reloaded since this plugin loaded is reached as it is now.
+        let registry: &Registry = cx.registry;
         let returned: mlua::MultiValue = lua
             .scope(|scope| {
                 // diffloom.call runs another registered node with this node's context.
                 let call = scope.create_function_mut(|lua, (name, inputs): (String, Option<Table>)| {
-                    let reg = registry.as_ref().ok_or_else(|| mlua::Error::RuntimeError("diffloom.call: no registry".into()))?;
-                    let entry = reg.get(&name).ok_or_else(|| mlua::Error::RuntimeError(format!("diffloom.call: unknown node type {name:?}")))?;
+                    let entry = registry.get(&name).ok_or_else(|| mlua::Error::RuntimeError(format!("diffloom.call: unknown node type {name:?}")))?;
                     let mut values = Vec::new();
                     for spec in &entry.schema.inputs {
                         let given: LuaValue = match &inputs {
@@ -329,22 +326,13 @@ pub fn plugin_files(dir: &Path) -> Vec<PathBuf> {
 /// reported and skipped; the rest load.
 pub fn load_plugins(dirs: &[PathBuf], registry: &mut Registry) -> Vec<PluginError> {
     let mut errors = Vec::new();
-    let mut states = Vec::new();
     for dir in dirs {
         for file in plugin_files(dir) {
             match load_file(&file) {
-                Ok(nodes) => {
-                    if let Some(n) = nodes.first() {
-                        states.push(n.state.clone());
-                    }
-                    errors.extend(register(&file, nodes, registry));
-                }
+                Ok(nodes) => errors.extend(register(&file, nodes, registry)),
                 Err(e) => errors.push(e),
             }
         }
-    }
-    for s in states {
-        *s.registry.borrow_mut() = Some(registry.clone());
     }
     errors
 }
@@ -365,7 +353,6 @@ pub fn reload(file: &Path, registry: &mut Registry) -> Result<Vec<String>, Plugi
     let old: Vec<_> = registry.entries().filter(|e| e.origin == origin).cloned().collect();
     registry.remove_origin(&origin);
     let names: Vec<String> = nodes.iter().map(|n| n.schema.name.clone()).collect();
-    let state = nodes.first().map(|n| n.state.clone());
     let errors = register(file, nodes, registry);
     if let Some(e) = errors.into_iter().next() {
         registry.remove_origin(&origin);
@@ -373,9 +360,6 @@ pub fn reload(file: &Path, registry: &mut Registry) -> Result<Vec<String>, Plugi
             let _ = registry.register(entry.node.clone(), origin.clone());
         }
         return Err(e);
-    }
-    if let Some(s) = state {
-        *s.registry.borrow_mut() = Some(registry.clone());
     }
     Ok(names)
 }

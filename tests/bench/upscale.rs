@@ -41,6 +41,7 @@ fn upscale_only(model: &Path, size: i64) {
         dtype: Kind::Float,
         embeddings_dir: None,
         messages: Vec::new(),
+        registry: &diffloom_core::Registry::new(),
     };
     let before = peak_rss();
     let started = Instant::now();

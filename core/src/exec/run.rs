@@ -251,6 +251,7 @@ impl Executor {
                 dtype: self.options.resolved_dtype(),
                 embeddings_dir: self.options.embeddings_dir.as_deref(),
                 messages: Vec::new(),
+                registry: &graph.registry,
             };
             let result = cx.check_cancel().and_then(|_| {
                 let args = gather_args(node, &values)?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use crate::registry::Entry;
+use crate::registry::{Entry, Registry};
 use crate::value::Value;
 
 /// A graph ready to schedule and run.
@@ -20,6 +20,9 @@ pub struct ResolvedGraph {
     pub nodes: Vec<ResolvedNode>,
     /// Edges run from the producing node to the consuming node.
     pub dag: DiGraph<usize, ()>,
+    /// The node types the graph was validated against: nodes that run others (a Lua plugin's
+    /// `diffloom.call`) look them up here, so a reloaded plugin is reached in its new version.
+    pub registry: Registry,
 }
 
 /// One node of a resolved graph.
