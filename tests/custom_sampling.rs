@@ -334,3 +334,45 @@ fn sigma_tools_by_hand() {
     assert!(matches!(v[0], Value::Float(f) if f == 999_999_999.9), "{:?}", v[0]);
     assert!(matches!(v[1], Value::Float(f) if (f - 14.614641).abs() < 1e-5), "{:?}", v[1]);
 }
+
+/// Runs `node` directly on `args`, past validation (as a value that slipped through would reach it).
+fn call(node: &dyn diffloom_core::Node, args: Vec<(&str, Option<Value>)>) -> Result<Vec<Value>, diffloom_core::NodeError> {
+    let args = diffloom_core::Args::new(args.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let mut cx = diffloom_core::Ctx {
+        device: Device::Cpu,
+        node_id: "n",
+        graph_dir: std::path::Path::new("."),
+        output_dir: std::path::Path::new("."),
+        graph_source: "",
+        cancel: &cancel,
+        dtype: tch::Kind::Float,
+        embeddings_dir: None,
+        messages: Vec::new(),
+        registry: &diffloom_core::Registry::new(),
+    };
+    node.execute(&mut cx, &args)
+}
+
+// Issue 11: silent defaults became errors: an unknown scheduler gave BasicScheduler an empty schedule
+// (the sampler then returned its input), an unknown channel gave ImageToMask the red one.
+#[test]
+fn unknown_choices_are_errors_not_defaults() {
+    use diffloom_core::{Handle, Shared};
+    let d = Dir::new();
+    let ck = diffloom_nodes::checkpoint::load::load_checkpoint(&tiny_sd1(&d, "m.safetensors"), Device::Cpu, tch::Kind::Float).unwrap();
+    let model = diffloom_nodes::sd::SdModel { unet: ck.unet.unwrap(), family: ck.config.family, sampling: ck.config.prediction.into() };
+    let model = Value::Model(Handle::new(model, 0, "tiny"));
+    let err = call(
+        &diffloom_nodes::builtin::custom_sampling::BasicScheduler,
+        vec![("model", Some(model)), ("scheduler", Some(Value::String("nope".into()))), ("steps", Some(Value::Int(4))), ("denoise", Some(Value::Float(1.0)))],
+    )
+    .err()
+    .expect("an unknown scheduler is an error");
+    assert!(err.to_string().contains("input \"scheduler\": unknown scheduler \"nope\""), "{err}");
+    let image = Value::Image(Shared(Tensor::rand([1, 4, 4, 3], (tch::Kind::Float, Device::Cpu))));
+    let err = call(&diffloom_nodes::builtin::mask::ImageToMask, vec![("image", Some(image)), ("channel", Some(Value::String("purple".into())))])
+        .err()
+        .expect("an unknown channel is an error");
+    assert!(err.to_string().contains("input \"channel\": \"purple\" is not one of red, green, blue, alpha"), "{err}");
+}

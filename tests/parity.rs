@@ -50,6 +50,17 @@ fn check_model_parity(family: Family, inpaint: bool) {
     // The single file, and the diffusers folder diffusers itself wrote from it, give the same outputs.
     compare(&ckpt, &reference, family, inpaint);
     compare(&folder, &reference, family, inpaint);
+    // Issue 11: diffusers' list form of transformer_layers_per_block loads when the levels agree and is a
+    // clear error when they differ (it was read as 1 whatever it held).
+    let config_path = folder.join("unet/config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["transformer_layers_per_block"] = serde_json::json!([1, 1]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    compare(&folder, &reference, family, inpaint);
+    config["transformer_layers_per_block"] = serde_json::json!([1, 2]);
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let err = load_checkpoint(&folder, Device::Cpu, Kind::Float).err().expect("per-level depths are refused").to_string();
+    assert!(err.contains("config.json") && err.contains("[1, 2]") && err.contains("not supported"), "{err}");
 }
 
 fn compare(model: &Path, reference: &Path, family: Family, inpaint: bool) {

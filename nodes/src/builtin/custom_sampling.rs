@@ -100,7 +100,8 @@ impl Node for BasicScheduler {
         // Unlike KSampler, any denoise below 1 takes the tail, and dpm_2/uni_pc keep every sigma.
         let total = if denoise < 1.0 { (steps as f64 / denoise) as i64 } else { steps };
         let ms = ModelSampling::new(model.sampling);
-        let all = calculate_sigmas(&ms, a.string("scheduler")?, total).unwrap_or_default();
+        let scheduler = a.string("scheduler")?;
+        let all = calculate_sigmas(&ms, scheduler, total).ok_or_else(|| NodeError::input("scheduler", format!("unknown scheduler {scheduler:?}")))?;
         let keep = (steps as usize + 1).min(all.len());
         Ok(vec![sigmas_value(&all[all.len() - keep..])])
     }

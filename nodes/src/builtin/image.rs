@@ -6,7 +6,7 @@ use diffloom_core::value::Shared;
 use diffloom_core::{Args, Combo, Ctx, Float, Int, Node, NodeError, Schema, Str, Value, ValueType};
 use tch::{Kind, Tensor};
 
-use super::shared::{mask_nchw, MAX_RESOLUTION};
+use super::shared::{choice_index, mask_nchw, MAX_RESOLUTION};
 use crate::imageio;
 use crate::models::rrdbnet::RrdbNet;
 use crate::tiles::tiled_scale;
@@ -68,10 +68,7 @@ impl Node for LoadImageMask {
         let mask = match (a.string("channel")?, img.alpha) {
             ("alpha", Some(alpha)) => alpha.f_neg()?.f_add_scalar(1.0)?,
             ("alpha", None) => Tensor::f_zeros([1, 64, 64], (Kind::Float, tch::Device::Cpu))?,
-            (channel, _) => {
-                let c = ["red", "green", "blue"].iter().position(|n| *n == channel).unwrap_or(0) as i64;
-                img.rgb.f_select(3, c)?.f_contiguous()?
-            }
+            (_, _) => img.rgb.f_select(3, choice_index(a, "channel", &["red", "green", "blue"])?)?.f_contiguous()?,
         };
         Ok(vec![Value::Mask(Shared(mask))])
     }

@@ -4,7 +4,7 @@ use diffloom_core::value::Shared;
 use diffloom_core::{Args, Bool, Combo, Ctx, Float, Int, Node, NodeError, Schema, Value, ValueType};
 use tch::{Device, Kind, Tensor};
 
-use super::shared::MAX_RESOLUTION;
+use super::shared::{choice_index, MAX_RESOLUTION};
 
 /// A MASK input as `[b, h, w]`.
 fn mask3(a: &Args, input: &str) -> Result<Tensor, NodeError> {
@@ -35,7 +35,7 @@ impl Node for ImageToMask {
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let img = a.image("image")?;
-        let c = ["red", "green", "blue", "alpha"].iter().position(|n| *n == a.string("channel").unwrap_or("red")).unwrap_or(0) as i64;
+        let c = choice_index(a, "channel", &["red", "green", "blue", "alpha"])?;
         if c >= img.size()[3] {
             return Err(NodeError::input("channel", "the image has no alpha channel (LoadImage gives alpha as its MASK output)"));
         }

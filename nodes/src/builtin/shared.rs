@@ -32,6 +32,17 @@ pub fn mask_nchw(mask: &Tensor, images: i64) -> Result<Tensor, NodeError> {
     Ok(m)
 }
 
+/// The position of choice input `input`'s value among `choices` (the schema's list), or an error naming
+/// the input where a value slipped past validation.
+pub fn choice_index(a: &Args, input: &str, choices: &[&str]) -> Result<i64, NodeError> {
+    let value = a.string(input)?;
+    choices
+        .iter()
+        .position(|c| *c == value)
+        .map(|i| i as i64)
+        .ok_or_else(|| NodeError::input(input, format!("{value:?} is not one of {}", choices.join(", "))))
+}
+
 /// A SIGMAS value from a list (stored as float32, as ComfyUI's).
 pub fn sigmas_value(s: &[f64]) -> Value {
     let v: Vec<f32> = s.iter().map(|x| *x as f32).collect();

@@ -188,7 +188,7 @@ pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Checkpoi
             attention_resolutions: down_types.iter().enumerate().filter(|(_, t)| crossattn(t)).map(|(i, _)| 1i64 << i).rev().collect(),
             num_heads,
             num_head_channels,
-            transformer_depth: c.get("transformer_layers_per_block").and_then(|v| v.as_i64()).unwrap_or(1),
+            transformer_depth: transformer_depth(&c, &cfg_path)?,
             context_dim: json_i64(&c, "cross_attention_dim", &cfg_path)?,
             use_linear_in_transformer: c.get("use_linear_projection").and_then(|v| v.as_bool()).unwrap_or(false),
         };
@@ -328,4 +328,26 @@ pub fn load_upscale_model(path: &Path, device: Device, kind: Kind) -> Result<(Rr
     let model = RrdbNet::new(&w.root(), config);
     w.finish()?;
     Ok((model, w.loaded_bytes()))
+}
+
+/// A diffusers UNet config's `transformer_layers_per_block`: one depth for every level (a number, or
+/// a list of equal numbers), 1 when absent. Per-level depths (SDXL's [1, 2, 10]) are an error naming
+/// the file: SD 1.x/2.x UNets have one depth.
+fn transformer_depth(c: &serde_json::Value, path: &Path) -> Result<i64, LoadError> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Depth {
+        One(i64),
+        PerLevel(Vec<i64>),
+    }
+    let bad = |message: String| LoadError::Unsupported { file: path.to_path_buf(), message };
+    let Some(v) = c.get("transformer_layers_per_block").filter(|v| !v.is_null()) else { return Ok(1) };
+    match serde_json::from_value::<Depth>(v.clone()) {
+        Ok(Depth::One(d)) => Ok(d),
+        Ok(Depth::PerLevel(levels)) => match levels.first() {
+            Some(first) if levels.iter().all(|l| l == first) => Ok(*first),
+            _ => Err(bad(format!("transformer_layers_per_block {levels:?}: per-level transformer depths (an SDXL-style UNet) are not supported"))),
+        },
+        Err(_) => Err(bad(format!("transformer_layers_per_block {v} is neither a number nor a list of numbers"))),
+    }
 }

@@ -134,7 +134,8 @@ impl SpatialTransformer {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
-        let (b, _c, h, w) = x.size4().unwrap_or((0, 0, 0, 0));
+        // invariant: the nodes check that latents and images are 4-D [b, c, h, w] before the models run.
+        let (b, _c, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation");
         let to_tokens = |t: &Tensor| {
             let c = t.size()[1];
             t.permute([0, 2, 3, 1]).reshape([b, h * w, c])

@@ -78,7 +78,8 @@ impl AttnBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let (b, c, h, w) = x.size4().unwrap_or((0, 0, 0, 0));
+        // invariant: the nodes check that latents and images are 4-D [b, c, h, w] before the models run.
+        let (b, c, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation");
         let hn = self.norm.forward(x);
         let tokens = |t: Tensor| t.view([b, c, h * w]).transpose(1, 2);
         let out = attention(&tokens(self.q.forward(&hn)), &tokens(self.k.forward(&hn)), &tokens(self.v.forward(&hn)), 1, false);
@@ -201,7 +202,8 @@ impl Decoder {
                 h = b.forward(&h);
             }
             if let Some(conv) = upsample {
-                let (_, _, hh, ww) = h.size4().unwrap_or((0, 0, 0, 0));
+                // invariant: the nodes check that latents and images are 4-D [b, c, h, w] before the models run.
+                let (_, _, hh, ww) = h.size4().expect("a 4-D [b, c, h, w] activation");
                 h = conv.forward(&h.upsample_nearest2d([hh * 2, ww * 2], None, None));
             }
         }
