@@ -336,3 +336,61 @@ fn diffloom_call_reaches_a_reloaded_node() {
     let (mut fresh, _) = executor(&d, 1 << 30);
     assert!(matches!(output(&d, &mut fresh, &reg, nodes, "c", 0), Value::Int(2)));
 }
+
+// Issue 11: Lua declarations mean what built-in schemas mean: a FLOAT without a default is required
+// (it used to default to 0.0), INT takes a step, an unsigned INT reaches seeds up to 2^64 − 1 (Lua
+// holds them as two's complement and diffloom.call takes them back exactly), and an input can offer a
+// built-in node's choices ("KSampler.sampler_name"), so a typo is a validation error with a suggestion.
+#[test]
+fn lua_declarations_follow_built_in_schema_semantics() {
+    let d = Dir::new();
+    d.write(
+        "plugins/decl.lua",
+        r#"
+diffloom.node {
+  name = "Decl",
+  inputs = {
+    { "f", "FLOAT" },
+    { "n", "INT", default = 64, min = 8, step = 8 },
+    { "seed", "INT", default = 0, unsigned = true },
+    { "sampler", "KSampler.sampler_name", default = "euler" },
+  },
+  outputs = { { "NOISE", "NOISE" }, { "STRING", "STRING" } },
+  execute = function(a) return diffloom.call("RandomNoise", { noise_seed = a.seed }), a.sampler end,
+}
+"#,
+    );
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let schema = reg.get("Decl").unwrap().schema.clone();
+    let kind = |n: &str| schema.input_spec(n).unwrap().kind.clone();
+    assert!(matches!(kind("f"), diffloom_core::InputKind::Float { default: None, .. }), "{:?}", kind("f"));
+    assert!(matches!(kind("n"), diffloom_core::InputKind::Int { default: Some(64), min: 8, step: 8, .. }), "{:?}", kind("n"));
+    assert!(matches!(kind("seed"), diffloom_core::InputKind::Int { min: 0, max, .. } if max == u64::MAX as i128), "{:?}", kind("seed"));
+    let diffloom_core::InputKind::Combo { choices, default } = kind("sampler") else { panic!("not a choice input") };
+    assert_eq!(choices.len(), diffloom_nodes::sampling::samplers::SAMPLER_NAMES.len());
+    assert_eq!(default.as_deref(), Some("euler"));
+
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let graph = |inputs: &str| format!(r#""x": (type: "Decl", inputs: {{ {inputs} }}), "o": (type: "PreviewAny", inputs: {{"source": Link("x", "NOISE")}}),"#);
+    let invalid = |nodes: &str| {
+        let path = d.write("check.ron", format!("(version: 1, nodes: {{ {nodes} }})"));
+        let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
+        diffloom_core::validate::validate(&path, &parsed, &reg).err().expect("invalid").to_string()
+    };
+    // A FLOAT without a default must be given.
+    let err = invalid(&graph(""));
+    assert!(err.contains("node \"x\", input \"f\": required input is missing"), "{err}");
+    // A choice typo is caught before running, with the nearest choice.
+    let err = invalid(&graph(r#""f": 1.0, "sampler": "eulr""#));
+    assert!(err.contains("\"eulr\"") && err.contains("euler"), "{err}");
+    // The largest seed goes through Lua and back into RandomNoise exactly.
+    let r = run(&d, &mut ex, &reg, &graph(r#""f": 1.0, "seed": 18446744073709551615"#));
+    assert!(r.error.is_none(), "{}", r.error.unwrap());
+    let shown = &r.nodes.iter().find(|n| n.id == "o").unwrap().messages;
+    assert!(shown.iter().any(|m| m.contains("seed 18446744073709551615")), "{shown:?}");
+    // A reference to a choice list that does not exist is a load error naming the plugin.
+    d.write("plugins/decl.lua", r#"diffloom.node { name = "Bad", inputs = { { "s", "KSampler.nope" } }, outputs = {}, execute = function() end }"#);
+    let (_, errors) = registry(&d);
+    assert!(errors.iter().any(|e| e.contains("decl.lua") && e.contains("\"KSampler.nope\" names no built-in choice input")), "{errors:?}");
+}

@@ -141,6 +141,10 @@ impl Float {
     pub fn new(default: f64) -> Float {
         Float { default: Some(default), min: f64::MIN, max: f64::MAX, step: 0.01 }
     }
+    /// A number the graph must set.
+    pub fn required() -> Float {
+        Float { default: None, ..Float::new(0.0) }
+    }
     pub fn range(self, min: f64, max: f64) -> Float {
         Float { min, max, ..self }
     }

@@ -228,8 +228,11 @@ impl UserData for LuaTensor {
 /// An engine value as a Lua value.
 pub fn to_lua(lua: &Lua, v: &Value) -> mlua::Result<LuaValue> {
     Ok(match v {
+        // Seeds above 2^63 − 1 reach Lua as their two's complement (Lua integers are i64); an unsigned
+        // INT input takes them back exactly (see `from_lua_input`).
         Value::Int(i) => match i64::try_from(*i) {
             Ok(i) => LuaValue::Integer(i),
+            Err(_) if (0..=u64::MAX as i128).contains(i) => LuaValue::Integer(*i as u64 as i64),
             Err(_) => LuaValue::Number(*i as f64),
         },
         Value::Float(f) => LuaValue::Number(*f),
@@ -285,6 +288,17 @@ pub fn conditioning(parts: Vec<LuaTensor>) -> mlua::Result<LuaConditioning> {
 
 fn tensor(lua: &Lua, t: Tensor, ty: ValueType) -> mlua::Result<LuaValue> {
     Ok(LuaValue::UserData(lua.create_userdata(LuaTensor::new(t, Some(ty)))?))
+}
+
+/// A Lua value for an input declared as `kind`: as [`from_lua`], and a negative integer for an INT
+/// whose range lies above 2^63 − 1 (a seed) is the two's complement Lua holds it as.
+pub fn from_lua_input(v: LuaValue, kind: &diffloom_core::InputKind) -> Result<Value, String> {
+    match (from_lua(v, kind.value_type())?, kind) {
+        (Value::Int(i), diffloom_core::InputKind::Int { min, max, .. }) if i < 0 && *min >= 0 && *max > i64::MAX as i128 => {
+            Ok(Value::Int(i as i64 as u64 as i128))
+        }
+        (v, _) => Ok(v),
+    }
 }
 
 /// A Lua value as an engine value of type `want`, or a message saying what came instead.

@@ -3,6 +3,7 @@
 //! memory or failures cannot touch another's.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
@@ -44,8 +45,31 @@ fn declaration_error(lua: &Lua, path: &Path, message: impl std::fmt::Display) ->
     mlua::Error::RuntimeError(format!("{at}{message}"))
 }
 
-/// The schema of one input entry `{ "name", TYPE, default = …, min = …, max = …, optional = … }`.
-fn input_spec(entry: &Table) -> Result<InputSpec, String> {
+/// The built-in nodes' choice lists by `"Node.input"` (`KSampler.sampler_name`), which a plugin input
+/// may name as its type to offer the same choices.
+pub type ChoiceLists = Rc<HashMap<String, InputKind>>;
+
+/// The choice lists of the nodes registered so far (the built-ins, when plugins load).
+pub fn choice_lists(registry: &Registry) -> ChoiceLists {
+    let mut lists = HashMap::new();
+    for entry in registry.entries() {
+        for input in entry.schema.inputs.iter().filter(|i| matches!(i.kind, InputKind::Combo { .. })) {
+            lists.insert(format!("{}.{}", entry.schema.name, input.name), input.kind.clone());
+        }
+    }
+    Rc::new(lists)
+}
+
+/// An INT bound from Lua. With `unsigned`, a negative integer is the two's complement of a value
+/// above 2^63 − 1 (Lua writes 0xffffffffffffffff as −1), so seeds up to 2^64 − 1 can be declared.
+fn int_bound(v: i64, unsigned: bool) -> i128 {
+    if unsigned && v < 0 { v as u64 as i128 } else { v as i128 }
+}
+
+/// The schema of one input entry `{ "name", TYPE, default = …, min = …, max = …, step = …,
+/// optional = … }`, where TYPE is a type name, a list of choices, or a built-in node's choice input
+/// (`"KSampler.sampler_name"`).
+fn input_spec(entry: &Table, choices_of: &ChoiceLists) -> Result<InputSpec, String> {
     let name: String = entry.get(1).map_err(|_| "an input needs a name as its first element".to_owned())?;
     let ty: LuaValue = entry.get(2).map_err(|e| e.to_string())?;
     let optional = entry.get::<Option<bool>>("optional").ok().flatten().unwrap_or(false);
@@ -65,24 +89,35 @@ fn input_spec(entry: &Table) -> Result<InputSpec, String> {
             let t = s.to_str().map_err(|e| e.to_string())?.to_string();
             match t.as_str() {
                 "INT" => {
+                    let unsigned = entry.get::<Option<bool>>("unsigned").ok().flatten().unwrap_or(false);
                     let mut i = match entry.get::<Option<i64>>("default").ok().flatten() {
-                        Some(d) => Int::new(d as i128),
+                        Some(d) => Int::new(int_bound(d, unsigned)),
                         None => Int::required(),
                     };
+                    if unsigned {
+                        i = i.range(0, u64::MAX as i128);
+                    }
                     if let Ok(Some(min)) = entry.get::<Option<i64>>("min") {
-                        i = i.min(min as i128);
+                        i = i.min(int_bound(min, unsigned));
                     }
                     if let Ok(Some(max)) = entry.get::<Option<i64>>("max") {
-                        i = i.max(max as i128);
+                        i = i.max(int_bound(max, unsigned));
+                    }
+                    if let Ok(Some(step)) = entry.get::<Option<i64>>("step") {
+                        i = i.step(step as i128);
                     }
                     i.into()
                 }
                 "FLOAT" => {
-                    let d = entry.get::<Option<f64>>("default").ok().flatten().unwrap_or(0.0);
+                    // Without a default the graph must set it, as an INT or STRING without one.
+                    let f = match entry.get::<Option<f64>>("default").ok().flatten() {
+                        Some(d) => Float::new(d),
+                        None => Float::required(),
+                    };
                     let min = entry.get::<Option<f64>>("min").ok().flatten().unwrap_or(f64::MIN);
                     let max = entry.get::<Option<f64>>("max").ok().flatten().unwrap_or(f64::MAX);
                     let step = entry.get::<Option<f64>>("step").ok().flatten().unwrap_or(0.01);
-                    Float::new(d).range(min, max).step(step).into()
+                    f.range(min, max).step(step).into()
                 }
                 "STRING" => {
                     let s = match entry.get::<Option<String>>("default").ok().flatten() {
@@ -92,6 +127,17 @@ fn input_spec(entry: &Table) -> Result<InputSpec, String> {
                     if entry.get::<Option<bool>>("multiline").ok().flatten().unwrap_or(false) { s.multiline().into() } else { s.into() }
                 }
                 "BOOLEAN" => Bool(entry.get::<Option<bool>>("default").ok().flatten().unwrap_or(false)).into(),
+                other if other.contains('.') => match choices_of.get(other) {
+                    Some(InputKind::Combo { choices, default }) => {
+                        let default = match entry.get::<Option<String>>("default").ok().flatten() {
+                            Some(d) if choices.contains(&d) => Some(d),
+                            Some(d) => return Err(format!("input {name:?}: default {d:?} is not one of {other}'s choices")),
+                            None => default.clone(),
+                        };
+                        InputKind::Combo { choices: choices.clone(), default }
+                    }
+                    _ => return Err(format!("input {name:?}: {other:?} names no built-in choice input (Node.input, e.g. \"KSampler.sampler_name\")")),
+                },
                 other => match ValueType::from_name(other) {
                     Some(vt) => vt.into(),
                     None => return Err(format!("input {name:?}: unknown type {other:?}")),
@@ -105,7 +151,7 @@ fn input_spec(entry: &Table) -> Result<InputSpec, String> {
 }
 
 /// Parses a `diffloom.node{…}` table.
-fn declaration(t: &Table) -> Result<(Schema, Function), String> {
+fn declaration(t: &Table, choices_of: &ChoiceLists) -> Result<(Schema, Function), String> {
     let name: String = t.get("name").map_err(|_| "a node needs a `name`".to_owned())?;
     let category = t.get::<Option<String>>("category").ok().flatten().unwrap_or_else(|| "plugins".into());
     let mut schema = Schema::new(&name, &category);
@@ -113,7 +159,7 @@ fn declaration(t: &Table) -> Result<(Schema, Function), String> {
     if let Ok(Some(inputs)) = t.get::<Option<Table>>("inputs") {
         for entry in inputs.sequence_values::<Table>() {
             let entry = entry.map_err(|_| format!("{name}: each input is a table like {{\"name\", \"IMAGE\"}}"))?;
-            schema.inputs.push(input_spec(&entry).map_err(|e| format!("{name}: {e}"))?);
+            schema.inputs.push(input_spec(&entry, choices_of).map_err(|e| format!("{name}: {e}"))?);
         }
     }
     if let Ok(Some(outputs)) = t.get::<Option<Table>>("outputs") {
@@ -133,7 +179,7 @@ fn declaration(t: &Table) -> Result<(Schema, Function), String> {
 }
 
 /// Loads one plugin file: runs it in a fresh sandboxed state and returns the nodes it declared.
-pub fn load_file(path: &Path) -> Result<Vec<Rc<LuaNode>>, PluginError> {
+pub fn load_file(path: &Path, choices_of: &ChoiceLists) -> Result<Vec<Rc<LuaNode>>, PluginError> {
     let fail = |message: String| PluginError { file: path.to_path_buf(), message };
     let source = std::fs::read_to_string(path).map_err(|e| fail(format!("{}: cannot read: {e}", path.display())))?;
     let (lua, budget) = sandbox::new_state().map_err(|e| fail(format!("{}: {e}", path.display())))?;
@@ -145,7 +191,7 @@ pub fn load_file(path: &Path) -> Result<Vec<Rc<LuaNode>>, PluginError> {
         logs: RefCell::new(Vec::new()),
     });
     let declared: Rc<RefCell<Vec<(Schema, Function)>>> = Rc::default();
-    install_api(&state, declared.clone()).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    install_api(&state, declared.clone(), choices_of.clone()).map_err(|e| fail(format!("{}: {e}", path.display())))?;
     state.budget.reset();
     state
         .lua
@@ -172,14 +218,14 @@ fn lua_message(e: &mlua::Error) -> String {
 
 /// The `diffloom` table: `node`, `log`, `tensor`, `zeros`, `ones`, `cat`, `image`, `mask`, `latent`
 /// (`call` is added around each execute, where the running node's context exists).
-fn install_api(state: &Rc<PluginState>, declared: Rc<RefCell<Vec<(Schema, Function)>>>) -> mlua::Result<()> {
+fn install_api(state: &Rc<PluginState>, declared: Rc<RefCell<Vec<(Schema, Function)>>>, choices_of: ChoiceLists) -> mlua::Result<()> {
     let lua = &state.lua;
     let t = lua.create_table()?;
     let path = state.path.clone();
     t.set(
         "node",
         lua.create_function(move |lua, decl: Table| {
-            let (schema, execute) = declaration(&decl).map_err(|m| declaration_error(lua, &path, m))?;
+            let (schema, execute) = declaration(&decl, &choices_of).map_err(|m| declaration_error(lua, &path, m))?;
             declared.borrow_mut().push((schema, execute));
             Ok(())
         })?,
@@ -258,7 +304,7 @@ impl Node for LuaNode {
                         let v = if given.is_nil() {
                             spec.kind.default_value()
                         } else {
-                            let v = api::from_lua(given, spec.kind.value_type())
+                            let v = api::from_lua_input(given, &spec.kind)
                                 .map_err(|m| mlua::Error::RuntimeError(format!("diffloom.call({name:?}): input {:?}: {m}", spec.name)))?;
                             Some(diffloom_core::validate::check_value(&spec.kind, v).map_err(|k| {
                                 mlua::Error::RuntimeError(format!("diffloom.call({name:?}): input {:?}: {k:?}", spec.name))
@@ -326,9 +372,10 @@ pub fn plugin_files(dir: &Path) -> Vec<PathBuf> {
 /// reported and skipped; the rest load.
 pub fn load_plugins(dirs: &[PathBuf], registry: &mut Registry) -> Vec<PluginError> {
     let mut errors = Vec::new();
+    let choices_of = choice_lists(registry);
     for dir in dirs {
         for file in plugin_files(dir) {
-            match load_file(&file) {
+            match load_file(&file, &choices_of) {
                 Ok(nodes) => errors.extend(register(&file, nodes, registry)),
                 Err(e) => errors.push(e),
             }
@@ -348,7 +395,7 @@ fn register(file: &Path, nodes: Vec<Rc<LuaNode>>, registry: &mut Registry) -> Ve
 /// Reloads an edited plugin: on success its old nodes are replaced; on failure they stay and the error
 /// comes back. Returns the names of the nodes now registered from the file.
 pub fn reload(file: &Path, registry: &mut Registry) -> Result<Vec<String>, PluginError> {
-    let nodes = load_file(file)?;
+    let nodes = load_file(file, &choice_lists(registry))?;
     let origin = Origin::Plugin(file.to_path_buf());
     let old: Vec<_> = registry.entries().filter(|e| e.origin == origin).cloned().collect();
     registry.remove_origin(&origin);
