@@ -191,8 +191,10 @@ fn standalone_vae_files_load_with_or_without_the_prefix() {
         assert_eq!(vae.config, tiny_config(Family::Sd1, false).vae.unwrap(), "{name}");
         assert!(bytes > 0);
     }
-    let msg = diffloom_nodes::checkpoint::load::load_vae(&src, Device::Cpu, Kind::Float).map(|_| ()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(msg, ());
+    // A whole checkpoint given as a VAE file: its first_stage_model.* part loads.
+    let (vae, bytes) = diffloom_nodes::checkpoint::load::load_vae(&src, Device::Cpu, Kind::Float).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(vae.config, tiny_config(Family::Sd1, false).vae.unwrap());
+    assert!(bytes > 0);
 }
 
 #[test]

@@ -42,13 +42,14 @@ fn encode(d: &Dir, family: Family, layer: Option<i64>, prompts: &[&str]) -> Vec<
             );
             let r = run_graph(&mut ex, &reg, d, &g, &[]);
             assert!(r.error.is_none(), "{p}: {}", r.error.unwrap());
-            // The executor drops intermediate values once used; re-derive from the cache via a
-            // second node reading the same key is not possible, so encode directly as well.
-            let clip_value = direct_clip(d, family, layer);
-            clip_value.encode(p, Some(&diffloom_nodes::sd::EmbeddingDir { dir: d.join("embeddings"), family }))
-                .unwrap()
-                .cross_attn
-                .0
+            // The CLIPTextEncode node's own output, from the executor's cache.
+            let path = d.join("graph.ron");
+            let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
+            let resolved = diffloom_core::validate::validate(&path, &parsed, &reg).unwrap();
+            match ex.cached_output(&resolved, "e", 0) {
+                Some(diffloom_core::Value::Conditioning(c)) => c[0].cross_attn.0.shallow_clone(),
+                other => panic!("{p}: no CONDITIONING from the node: {other:?}"),
+            }
         })
         .collect()
 }

@@ -20,7 +20,7 @@ use diffloom_nodes::sampling::schedulers::calculate_sigmas;
 use diffloom_nodes::sd::SdModel;
 use tch::{Device, Kind, Tensor};
 
-fn bench(label: &str, ckpt: &Path, latent_hw: i64, steps: i64) {
+fn bench(label: &str, ckpt: &Path, latent_hw: i64, steps: i64, samplers: &[&str]) {
     let ck = load_checkpoint(ckpt, Device::Cpu, Kind::Float).expect("load");
     let ctx_dim = ck.config.unet.as_ref().map_or(768, |u| u.context_dim);
     let model = SdModel { unet: ck.unet.expect("unet"), family: ck.config.family, sampling: ck.config.prediction.into() };
@@ -29,7 +29,7 @@ fn bench(label: &str, ckpt: &Path, latent_hw: i64, steps: i64) {
     let sigmas = calculate_sigmas(&ModelSampling::new(model.sampling), "karras", steps).unwrap();
     let cancel = AtomicBool::new(false);
     println!("{label}: {steps} steps, latent {latent_hw}×{latent_hw}, cfg 7 (cond + uncond batched)");
-    for sampler in SAMPLER_NAMES {
+    for sampler in samplers {
         let (guider, spec) = (Guider::cfg(&model, cond.clone(), cond.clone(), 7.0), SamplerSpec::named(sampler).expect("a sampler"));
         let r = Request { guider: &guider, latent: &latent, seed: 1, add_noise: true, sampler: &spec, sigmas: &sigmas, cancel: &cancel, label: "" };
         let t = Instant::now();
@@ -51,10 +51,15 @@ fn main() {
     let tiny = std::env::temp_dir().join("diffloom-bench-tiny.safetensors");
     write_checkpoint(&tiny, &tiny_config(Family::Sd1, false), Kind::Float, 1, true).expect("tiny model");
     let _g = tch::no_grad_guard();
-    bench("tiny UNet", &tiny, 16, 20);
+    bench("tiny UNet", &tiny, 16, 20, SAMPLER_NAMES);
     let full = root.join("models/bench/full-sd1.safetensors");
     if full.exists() {
-        bench("full-size SD 1.5 UNet (fp32)", &full, 64, 3);
+        // A sampler's own arithmetic does not grow with the model, so the tiny run above covers every
+        // sampler; the full-size run takes one of each kind (DIFFLOOM_BENCH_ALL=1 for all of them).
+        let some: &[&str] = &["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "uni_pc", "deis", "ipndm_v",
+            "res_multistep", "er_sde", "seeds_3", "sa_solver", "dpmpp_2m_cfg_pp", "cfgpp_ud10_ab", "lcm"];
+        let all = std::env::var("DIFFLOOM_BENCH_ALL").is_ok_and(|v| v == "1");
+        bench("full-size SD 1.5 UNet (fp32)", &full, 64, 3, if all { SAMPLER_NAMES } else { some });
     } else {
         println!("(no {}: scripts/bench.sh sampling makes it)", full.display());
     }
