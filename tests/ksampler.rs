@@ -204,6 +204,7 @@ fn masks_wrong_channels_and_nans_through_the_sampling_api() {
     let cond = vec![CondEntry::new(Tensor::randn([1, 77, 32], (Kind::Float, Device::Cpu)))];
     let cancel = AtomicBool::new(false);
     let sigmas = [14.6, 5.0, 1.0, 0.0];
+    let _g = tch::no_grad_guard();
     let (guider, euler) = (Guider::cfg(&model, cond.clone(), cond.clone(), 3.0), SamplerSpec::named("euler").unwrap());
     fn req<'a>(guider: &'a Guider, sampler: &'a SamplerSpec, latent: &'a Latent, sigmas: &'a [f64], cancel: &'a AtomicBool) -> Request<'a> {
         Request { guider, latent, seed: 1, add_noise: true, sampler, sigmas, cancel, label: "t" }

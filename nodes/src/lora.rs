@@ -10,11 +10,14 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+use diffloom_core::NodeError;
+
 use crate::checkpoint::safetensors::SafetensorsFile;
 use crate::checkpoint::load::build;
 use crate::checkpoint::{keymap, Loaded, LoadError, Weights};
 use crate::models::clip::{ClipLayout, ClipTextModel};
 use crate::models::unet::{Unet, UnetConfig};
+use crate::sd::{SdClip, SdModel};
 
 /// One low-rank pair: `delta = up.flatten(1) @ down.flatten(1)`, scaled by `alpha / rank`.
 pub struct LoraModule {
@@ -286,4 +289,83 @@ pub fn rebuild_clip(clip: &Loaded<ClipTextModel>, state: Vec<(String, Tensor)>) 
 fn from_state(state: Vec<(String, Tensor)>) -> Weights {
     let (device, kind) = state.first().map_or((Device::Cpu, Kind::Float), |(_, t)| (t.device(), t.kind()));
     Weights::from_tensors(state, device, kind)
+}
+
+/// The model and text encoder with a LoRA file applied, each given with its strength only when it is to
+/// be patched (`None`: unchanged), and the report lines. Keys that cannot be applied are reported, never
+/// dropped silently; a file none of whose modules fits is an error.
+pub fn apply_lora(
+    path: &Path,
+    model: Option<(&SdModel, f64)>,
+    clip: Option<(&SdClip, f64)>,
+) -> Result<(Option<SdModel>, Option<SdClip>, Vec<String>), NodeError> {
+    let failed = |e: String| NodeError::input("lora_name", format!("{}: {e}", path.display()));
+    let lora = LoraFile::open(path).map_err(|e| NodeError::Failed(e.to_string()))?;
+    let unet_map = model.map(|(m, _)| unet_key_map(&m.unet.config, &m.unet.state)).unwrap_or_default();
+    let clip_map = clip.map(|(c, _)| clip_key_map(&c.model)).unwrap_or_default();
+    let is_text = |n: &str| n.starts_with("lora_te") || n.starts_with("text_encoder.");
+    let (mut unet_patches, mut clip_patches, mut unmatched, mut skipped) = (Vec::new(), Vec::new(), Vec::new(), (0, 0));
+    for m in &lora.modules {
+        match (unet_map.get(&m.name), clip_map.get(&m.name), model, clip) {
+            (Some(t), _, Some((_, s)), _) => unet_patches.push((t, m, s)),
+            (_, Some(t), _, Some((_, s))) => clip_patches.push((t, m, s)),
+            // A part this node leaves alone (strength 0, or the model-only node).
+            _ if is_text(&m.name) && clip.is_none() => skipped.1 += 1,
+            _ if !is_text(&m.name) && model.is_none() => skipped.0 += 1,
+            _ => unmatched.push(m.name.as_str()),
+        }
+    }
+    if unet_patches.is_empty() && clip_patches.is_empty() {
+        let kinds: Vec<&str> = lora.unsupported.iter().map(|(_, k)| *k).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        return Err(failed(match (lora.modules.first(), lora.unsupported.first()) {
+            (Some(_), _) if unmatched.is_empty() => format!(
+                "its {} UNet and {} text-encoder modules are all for a part this node does not patch",
+                skipped.0, skipped.1
+            ),
+            (Some(first), _) => format!(
+                "none of its {} LoRA modules addresses this model (first: {:?}); a LoRA for another model family?",
+                lora.modules.len(),
+                first.name
+            ),
+            (None, Some((key, _))) => format!("holds no LoRA up/down pairs diffloom can apply (first key {key:?}; kinds: {})", kinds.join(", ")),
+            (None, None) => "holds no tensors".into(),
+        }));
+    }
+    let mut messages = vec![format!(
+        "{}: {} UNet weights (strength {}) and {} text-encoder weights (strength {}) patched",
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        unet_patches.len(),
+        model.map_or(0.0, |m| m.1),
+        clip_patches.len(),
+        clip.map_or(0.0, |c| c.1)
+    )];
+    for (n, part) in [(skipped.0, "UNet"), (skipped.1, "text-encoder")] {
+        if n > 0 {
+            messages.push(format!("{n} {part} modules not applied: this node leaves the {part} as it is"));
+        }
+    }
+    let mut not_loaded: Vec<String> = unmatched.iter().map(|n| format!("{n} (no such module in this model)")).collect();
+    not_loaded.extend(lora.unsupported.iter().map(|(k, why)| format!("{k} ({why})")));
+    if !not_loaded.is_empty() {
+        let shown: Vec<&str> = not_loaded.iter().take(5).map(String::as_str).collect();
+        let more = if not_loaded.len() > 5 { format!(", and {} more", not_loaded.len() - 5) } else { String::new() };
+        messages.push(format!("warning: {} LoRA keys not loaded: {}{more}", not_loaded.len(), shown.join(", ")));
+    }
+    let new_model = match model {
+        Some((m, _)) if !unet_patches.is_empty() => {
+            let state = patch_state(&m.unet.state, &unet_patches).map_err(failed)?;
+            let unet = rebuild_unet(&m.unet, state).map_err(|e| failed(e.to_string()))?;
+            Some(SdModel { unet, family: m.family, sampling: m.sampling })
+        }
+        _ => None,
+    };
+    let new_clip = match clip {
+        Some((c, _)) if !clip_patches.is_empty() => {
+            let state = patch_state(&c.model.state, &clip_patches).map_err(failed)?;
+            let model = rebuild_clip(&c.model, state).map_err(|e| failed(e.to_string()))?;
+            Some(SdClip { model, ..c.clone() })
+        }
+        _ => None,
+    };
+    Ok((new_model, new_clip, messages))
 }

@@ -168,6 +168,9 @@ impl Executor {
     /// Runs what the graph's output nodes need. Never panics: a failing or panicking node ends the run
     /// with `error` set, naming the node.
     pub fn run(&mut self, graph: &ResolvedGraph) -> RunReport {
+        // Inference only: no node needs gradients, so autograd is off for the whole run (once, here,
+        // rather than in every node).
+        let _no_grad = tch::no_grad_guard();
         let started = Instant::now();
         self.runs += 1;
         let mut report = RunReport::default();

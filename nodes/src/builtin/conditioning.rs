@@ -21,7 +21,6 @@ impl Node for CLIPTextEncode {
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let clip: &SdClip = a.handle("clip")?;
         let dir = cx.embeddings_dir.map(|d| EmbeddingDir { dir: d.to_path_buf(), family: clip.family });
-        let _guard = tch::no_grad_guard();
         let cond = clip.encode(a.string("text")?, dir.as_ref().map(|d| d as &dyn crate::prompt::EmbeddingSource))?;
         Ok(vec![Value::Conditioning(vec![cond])])
     }
@@ -294,7 +293,6 @@ impl Node for InpaintModelConditioning {
         let (crop, mask) = crop_with_mask(pixels, a.mask("mask")?)?;
         let keep = mask.f_round()?.f_neg()?.f_add_scalar(1.0)?.f_squeeze_dim(1)?.f_unsqueeze(-1)?;
         let masked = crop.f_sub_scalar(0.5)?.f_mul(&keep)?.f_add_scalar(0.5)?;
-        let _guard = tch::no_grad_guard();
         let concat = Shared(vae.encode(&masked, None)?);
         let samples = vae.encode(pixels, None)?;
         let mask = Shared(mask);

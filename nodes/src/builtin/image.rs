@@ -189,7 +189,6 @@ impl Node for ImageUpscaleWithModel {
 
 /// `x` `[b, c, h, w]` upscaled by `model` in `tile`-sized tiles (halved on allocation failure).
 pub fn upscale_tiled(model: &RrdbNet, x: &Tensor, cx: &Ctx, mut tile: i64, overlap: i64) -> Result<Tensor, NodeError> {
-    let _guard = tch::no_grad_guard();
     let c = x.size()[1];
     if c != model.config.in_nc {
         return Err(NodeError::input("image", format!("the image has {c} channels; this upscaler takes {}", model.config.in_nc)));

@@ -35,7 +35,6 @@ impl Node for VAEDecode {
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let vae: &SdVae = a.handle("vae")?;
-        let _guard = tch::no_grad_guard();
         Ok(vec![Value::Image(Shared(vae.decode(&a.latent("samples")?.samples, None)?))])
     }
 }
@@ -51,7 +50,6 @@ impl Node for VAEEncode {
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let vae: &SdVae = a.handle("vae")?;
-        let _guard = tch::no_grad_guard();
         Ok(vec![latent(vae.encode(a.image("pixels")?, None)?)])
     }
 }
@@ -74,7 +72,6 @@ impl Node for VAEDecodeTiled {
         let tile = a.i64("tile_size")?;
         // ComfyUI shrinks the overlap to a quarter of the tile when it is larger.
         let overlap = a.i64("overlap")?.min(tile / 4);
-        let _guard = tch::no_grad_guard();
         let image = vae.decode(&a.latent("samples")?.samples, Some((tile / VAE_FACTOR, overlap / VAE_FACTOR)))?;
         Ok(vec![Value::Image(Shared(image))])
     }
@@ -95,7 +92,6 @@ impl Node for VAEEncodeTiled {
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let vae: &SdVae = a.handle("vae")?;
-        let _guard = tch::no_grad_guard();
         Ok(vec![latent(vae.encode(a.image("pixels")?, Some((a.i64("tile_size")?, a.i64("overlap")?)))?)])
     }
 }
@@ -233,7 +229,6 @@ impl Node for VAEEncodeForInpaint {
         };
         let keep = mask.f_round()?.f_neg()?.f_add_scalar(1.0)?.f_squeeze_dim(1)?.f_unsqueeze(-1)?;
         let pixels = pixels.f_sub_scalar(0.5)?.f_mul(&keep)?.f_add_scalar(0.5)?;
-        let _guard = tch::no_grad_guard();
         let samples = vae.encode(&pixels, None)?;
         let noise_mask = grown.f_narrow(2, 0, ch)?.f_narrow(3, 0, cw)?.f_round()?;
         Ok(vec![Value::Latent(Latent { samples: Shared(samples), noise_mask: Some(Shared(noise_mask)), batch_index: None })])

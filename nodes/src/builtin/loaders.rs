@@ -7,6 +7,7 @@ use diffloom_core::value::MissingPart;
 use diffloom_core::{Args, Ctx, Float, Handle, Node, NodeError, Schema, Str, Value, ValueType};
 
 use crate::checkpoint::load::{load_checkpoint, load_upscale_model, load_vae};
+use crate::lora::apply_lora;
 use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
 
 
@@ -64,7 +65,6 @@ impl Node for CheckpointLoaderSimple {
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let path = cx.input_path("ckpt_name", a.string("ckpt_name")?)?;
-        let _guard = tch::no_grad_guard();
         let ck = load_checkpoint(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
         cx.messages.push(format!(
             "loaded {} ({:?}, {:?}) in {:.2} s: {} of weights, peak resident memory {}",
@@ -118,7 +118,6 @@ impl Node for VAELoader {
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let path = cx.input_path("vae_name", a.string("vae_name")?)?;
-        let _guard = tch::no_grad_guard();
         let (vae, bytes) = load_vae(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
         let name = file_label(&path);
         Ok(vec![Value::Vae(Handle::new(SdVae { model: Rc::new(vae) }, bytes, name))])
@@ -139,7 +138,6 @@ impl Node for UpscaleModelLoader {
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let path = cx.input_path("model_name", a.string("model_name")?)?;
-        let _guard = tch::no_grad_guard();
         // fp32 whatever --dtype says, as ComfyUI runs these: RRDBNet activations overflow fp16.
         let (model, bytes) = load_upscale_model(&path, cx.device, tch::Kind::Float).map_err(|e| NodeError::Failed(e.to_string()))?;
         let c = &model.config;
@@ -147,87 +145,6 @@ impl Node for UpscaleModelLoader {
         cx.messages.push(format!("{name}: RRDBNet ×{} ({} blocks, {} features)", c.scale(), c.nb, c.nf));
         Ok(vec![Value::UpscaleModel(Handle::new(model, bytes, name))])
     }
-}
-
-/// The model and text encoder with a LoRA file applied, each given with its strength only when it is to
-/// be patched (`None`: unchanged), and the report lines. Keys that cannot be applied are reported, never
-/// dropped silently; a file none of whose modules fits is an error.
-fn apply_lora(
-    path: &Path,
-    model: Option<(&SdModel, f64)>,
-    clip: Option<(&SdClip, f64)>,
-) -> Result<(Option<SdModel>, Option<SdClip>, Vec<String>), NodeError> {
-    use crate::lora::{clip_key_map, patch_state, rebuild_clip, rebuild_unet, unet_key_map, LoraFile};
-    let _guard = tch::no_grad_guard();
-    let failed = |e: String| NodeError::input("lora_name", format!("{}: {e}", path.display()));
-    let lora = LoraFile::open(path).map_err(|e| NodeError::Failed(e.to_string()))?;
-    let unet_map = model.map(|(m, _)| unet_key_map(&m.unet.config, &m.unet.state)).unwrap_or_default();
-    let clip_map = clip.map(|(c, _)| clip_key_map(&c.model)).unwrap_or_default();
-    let is_text = |n: &str| n.starts_with("lora_te") || n.starts_with("text_encoder.");
-    let (mut unet_patches, mut clip_patches, mut unmatched, mut skipped) = (Vec::new(), Vec::new(), Vec::new(), (0, 0));
-    for m in &lora.modules {
-        match (unet_map.get(&m.name), clip_map.get(&m.name), model, clip) {
-            (Some(t), _, Some((_, s)), _) => unet_patches.push((t, m, s)),
-            (_, Some(t), _, Some((_, s))) => clip_patches.push((t, m, s)),
-            // A part this node leaves alone (strength 0, or the model-only node).
-            _ if is_text(&m.name) && clip.is_none() => skipped.1 += 1,
-            _ if !is_text(&m.name) && model.is_none() => skipped.0 += 1,
-            _ => unmatched.push(m.name.as_str()),
-        }
-    }
-    if unet_patches.is_empty() && clip_patches.is_empty() {
-        let kinds: Vec<&str> = lora.unsupported.iter().map(|(_, k)| *k).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
-        return Err(failed(match (lora.modules.first(), lora.unsupported.first()) {
-            (Some(_), _) if unmatched.is_empty() => format!(
-                "its {} UNet and {} text-encoder modules are all for a part this node does not patch",
-                skipped.0, skipped.1
-            ),
-            (Some(first), _) => format!(
-                "none of its {} LoRA modules addresses this model (first: {:?}); a LoRA for another model family?",
-                lora.modules.len(),
-                first.name
-            ),
-            (None, Some((key, _))) => format!("holds no LoRA up/down pairs diffloom can apply (first key {key:?}; kinds: {})", kinds.join(", ")),
-            (None, None) => "holds no tensors".into(),
-        }));
-    }
-    let mut messages = vec![format!(
-        "{}: {} UNet weights (strength {}) and {} text-encoder weights (strength {}) patched",
-        file_label(path),
-        unet_patches.len(),
-        model.map_or(0.0, |m| m.1),
-        clip_patches.len(),
-        clip.map_or(0.0, |c| c.1)
-    )];
-    for (n, part) in [(skipped.0, "UNet"), (skipped.1, "text-encoder")] {
-        if n > 0 {
-            messages.push(format!("{n} {part} modules not applied: this node leaves the {part} as it is"));
-        }
-    }
-    let mut not_loaded: Vec<String> = unmatched.iter().map(|n| format!("{n} (no such module in this model)")).collect();
-    not_loaded.extend(lora.unsupported.iter().map(|(k, why)| format!("{k} ({why})")));
-    if !not_loaded.is_empty() {
-        let shown: Vec<&str> = not_loaded.iter().take(5).map(String::as_str).collect();
-        let more = if not_loaded.len() > 5 { format!(", and {} more", not_loaded.len() - 5) } else { String::new() };
-        messages.push(format!("warning: {} LoRA keys not loaded: {}{more}", not_loaded.len(), shown.join(", ")));
-    }
-    let new_model = match model {
-        Some((m, _)) if !unet_patches.is_empty() => {
-            let state = patch_state(&m.unet.state, &unet_patches).map_err(failed)?;
-            let unet = rebuild_unet(&m.unet, state).map_err(|e| failed(e.to_string()))?;
-            Some(SdModel { unet, family: m.family, sampling: m.sampling })
-        }
-        _ => None,
-    };
-    let new_clip = match clip {
-        Some((c, _)) if !clip_patches.is_empty() => {
-            let state = patch_state(&c.model.state, &clip_patches).map_err(failed)?;
-            let model = rebuild_clip(&c.model, state).map_err(|e| failed(e.to_string()))?;
-            Some(SdClip { model, ..c.clone() })
-        }
-        _ => None,
-    };
-    Ok((new_model, new_clip, messages))
 }
 
 /// Bytes of the tensors `new` holds that `old` does not share (what a patched copy costs).

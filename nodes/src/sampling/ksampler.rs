@@ -130,7 +130,6 @@ pub struct Output {
 
 /// Runs the request. Errors name the input at fault; a NaN appearing in the latent names the step.
 pub fn sample(r: &Request) -> Result<Output, NodeError> {
-    let _guard = tch::no_grad_guard();
     let latent = r.latent.samples.to_kind(Kind::Float);
     let shape = latent.size();
     let model = &r.guider.model;
