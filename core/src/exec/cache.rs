@@ -2,11 +2,8 @@
 
 use std::collections::HashMap;
 
+use crate::exec::key::Key;
 use crate::value::Value;
-
-/// A result's key: a BLAKE3 hash of the node type, its literal inputs in schema order, the keys of the
-/// results it reads and its change token (see `run::node_key`).
-pub type Key = [u8; 32];
 
 struct Slot {
     values: Vec<Value>,

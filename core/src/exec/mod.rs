@@ -1,9 +1,17 @@
-//! Running a resolved graph: [`schedule`] orders the work, [`cache`] keeps results between runs, [`run`]
-//! drives both and reports what ran.
+//! Running a resolved graph: [`schedule`] orders the work, [`key`] says what determines each result,
+//! [`cache`] keeps results between runs, [`args`] binds a node's inputs, and [`run`] drives them and
+//! fills a [`report`]; [`options`] are the settings every run shares.
 
+pub mod args;
 pub mod cache;
+pub mod key;
+pub mod options;
+pub mod report;
 pub mod run;
 pub mod schedule;
 
-pub use cache::{Cache, Key};
-pub use run::{Executor, NodeReport, NodeStatus, RunOptions, RunReport};
+pub use cache::Cache;
+pub use key::Key;
+pub use options::RunOptions;
+pub use report::{NodeReport, NodeStatus, RunReport};
+pub use run::Executor;

@@ -3,6 +3,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use super::*;
+use tch::Device;
 use crate::graph::file::parse;
 use crate::node::{Node, Schema, Str};
 use crate::registry::{Origin, Registry};
