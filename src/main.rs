@@ -1,6 +1,8 @@
 //! The `diffloom` command line: parses arguments, runs one subcommand, prints errors once with their
 //! whole context chain, and chooses the exit code in one place.
 
+#![forbid(unsafe_code)]
+
 mod cli;
 mod cmd;
 mod session;

@@ -119,7 +119,7 @@ fn the_denoiser_averages_entries_by_their_weights_as_comfyui() {
         e
     });
     let neg = entry(32);
-    let (cond, uncond) = pair(&[full.clone(), part.clone()], &[neg.clone()], &target).unwrap();
+    let (cond, uncond) = pair(&[full.clone(), part.clone()], std::slice::from_ref(&neg), &target).unwrap();
     assert_eq!(uncond.len(), 2, "the uncond side got the same-area entry");
     let mult = cond[1].mult.shallow_clone();
     let sigma = 3.0;

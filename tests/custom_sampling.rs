@@ -138,16 +138,14 @@ fn sampler_nodes_at_their_defaults_equal_the_named_samplers() {
     let up = advanced(&d, &cfg_guider(5.0), r#"(type: "SamplerLCMUpscale", inputs: {"scale_ratio": 1.5})"#);
     assert_eq!(up.size(), [2, 4, 9, 12]);
     // Area conditioning cannot follow the growing latent: a clear error, not a shape panic.
-    let nodes = format!(
-        r#""area": (type: "ConditioningSetArea", inputs: {{"conditioning": Link("pos", "CONDITIONING"), "width": 64, "height": 64, "x": 0, "y": 0, "strength": 1.0}}),
-        "noise": (type: "RandomNoise", inputs: {{"noise_seed": 1}}),
-        "g": (type: "CFGGuider", inputs: {{"model": Link("c", "MODEL"), "positive": Link("area", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "cfg": 5.0}}),
-        "smp": (type: "SamplerLCMUpscale", inputs: {{"scale_ratio": 1.5}}),
-        "sig": (type: "BasicScheduler", inputs: {{"model": Link("c", "MODEL"), "scheduler": "normal", "steps": 3, "denoise": 1.0}}),
-        "s": (type: "SamplerCustomAdvanced", inputs: {{"noise": Link("noise", "NOISE"), "guider": Link("g", "GUIDER"),
-            "sampler": Link("smp", "SAMPLER"), "sigmas": Link("sig", "SIGMAS"), "latent_image": Link("lat", "LATENT")}}),"#
-    );
-    let err = outputs(&d, &format!("{} {nodes}", base(&d)), &[("s", "output", 0)]).err().expect("an error");
+    let nodes = r#""area": (type: "ConditioningSetArea", inputs: {"conditioning": Link("pos", "CONDITIONING"), "width": 64, "height": 64, "x": 0, "y": 0, "strength": 1.0}),
+        "noise": (type: "RandomNoise", inputs: {"noise_seed": 1}),
+        "g": (type: "CFGGuider", inputs: {"model": Link("c", "MODEL"), "positive": Link("area", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "cfg": 5.0}),
+        "smp": (type: "SamplerLCMUpscale", inputs: {"scale_ratio": 1.5}),
+        "sig": (type: "BasicScheduler", inputs: {"model": Link("c", "MODEL"), "scheduler": "normal", "steps": 3, "denoise": 1.0}),
+        "s": (type: "SamplerCustomAdvanced", inputs: {"noise": Link("noise", "NOISE"), "guider": Link("g", "GUIDER"),
+            "sampler": Link("smp", "SAMPLER"), "sigmas": Link("sig", "SIGMAS"), "latent_image": Link("lat", "LATENT")}),"#.to_string();
+    let err = outputs(&d, &format!("{} {nodes}", base(&d)), &[("s", "output", 0)]).expect_err("an error");
     assert!(err.contains("node \"s\"") && err.contains("the latent changed size while sampling"), "{err}");
 }
 
@@ -367,12 +365,10 @@ fn unknown_choices_are_errors_not_defaults() {
         &diffloom_nodes::builtin::custom_sampling::BasicScheduler,
         vec![("model", Some(model)), ("scheduler", Some(Value::String("nope".into()))), ("steps", Some(Value::Int(4))), ("denoise", Some(Value::Float(1.0)))],
     )
-    .err()
-    .expect("an unknown scheduler is an error");
+    .expect_err("an unknown scheduler is an error");
     assert!(err.to_string().contains("input \"scheduler\": unknown scheduler \"nope\""), "{err}");
     let image = Value::Image(Shared(Tensor::rand([1, 4, 4, 3], (tch::Kind::Float, Device::Cpu))));
     let err = call(&diffloom_nodes::builtin::mask::ImageToMask, vec![("image", Some(image)), ("channel", Some(Value::String("purple".into())))])
-        .err()
-        .expect("an unknown channel is an error");
+        .expect_err("an unknown channel is an error");
     assert!(err.to_string().contains("input \"channel\": \"purple\" is not one of red, green, blue, alpha"), "{err}");
 }

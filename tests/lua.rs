@@ -1,8 +1,6 @@
 //! Lua plugins: the API, the sandbox (every escape attempt refused), error reporting with file and
 //! line, output type checks, name clashes, reloading, and the shipped plugins.
 
-use std::path::PathBuf;
-
 use diffloom_core::{Executor, Registry, RunReport, Value};
 use diffloom_plugins::{load_plugins, reload};
 
@@ -176,7 +174,7 @@ fn an_edited_plugin_reruns_exactly_its_nodes_and_a_broken_edit_keeps_the_old_one
                    "s": (type: "PrimitiveString", inputs: {"value": "x"}), "o2": (type: "PreviewAny", inputs: {"source": Link("s", "STRING")}),"#;
     assert_eq!(run(&d, &mut ex, &reg, nodes).ran(), ["c", "o", "s", "o2"]);
     assert!(run(&d, &mut ex, &reg, nodes).ran().is_empty());
-    let path = PathBuf::from(d.join("plugins/const.lua")).canonicalize().unwrap();
+    let path = d.join("plugins/const.lua").canonicalize().unwrap();
     d.write("plugins/const.lua", v1.replace("return 1", "return 2"));
     assert_eq!(reload(&path, &mut reg).unwrap(), ["Const"]);
     let r = run(&d, &mut ex, &reg, nodes);
@@ -330,7 +328,7 @@ fn diffloom_call_reaches_a_reloaded_node() {
     let nodes = r#""c": (type: "Caller"), "o": (type: "PreviewAny", inputs: {"source": Link("c", "INT")}),"#;
     let (mut ex, _) = executor(&d, 1 << 30);
     assert!(matches!(output(&d, &mut ex, &reg, nodes, "c", 0), Value::Int(1)));
-    let path = PathBuf::from(d.join("plugins/const.lua")).canonicalize().unwrap();
+    let path = d.join("plugins/const.lua").canonicalize().unwrap();
     d.write("plugins/const.lua", v1.replace("return 1", "return 2"));
     reload(&path, &mut reg).unwrap();
     let (mut fresh, _) = executor(&d, 1 << 30);

@@ -45,8 +45,8 @@ fn schedules_match_comfyuis_for_the_sd_schedule() {
         ("kl_optimal", [14.614632606506348, 4.2323503494262695, 2.393718957901001, 1.5970659255981445, 1.132996916770935, 0.8152444362640381, 0.572914183139801, 0.37248414754867554, 0.19528833031654358, 0.029167158529162407, 0.0]),
     ];
     let ms = ModelSampling::sd(Prediction::Eps);
-    assert_eq!(ms.sigma_min() as f32, 0.029167158529162407f32);
-    assert_eq!(ms.sigma_max() as f32, 14.614641189575195f32);
+    assert_eq!(ms.sigma_min() as f32, 0.029_167_159_f32);
+    assert_eq!(ms.sigma_max() as f32, 14.614_641_f32);
     for (name, expected) in want {
         let got = calculate_sigmas(&ms, name, 10).unwrap();
         assert_eq!(got.len(), 11, "{name}");

@@ -1,6 +1,8 @@
 //! diffloom-core: the graph format, validation, the node trait and registry, and the cached executor.
 //! No model code lives here; nodes come from `diffloom-nodes` and Lua plugins.
 
+#![forbid(unsafe_code)]
+
 pub mod error;
 pub mod exec;
 pub mod graph;

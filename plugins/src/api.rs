@@ -79,7 +79,7 @@ impl LuaTensor {
         })
     }
 
-    fn from_nchw(&self, t: Tensor) -> mlua::Result<LuaTensor> {
+    fn same_from_nchw(&self, t: Tensor) -> mlua::Result<LuaTensor> {
         let t = match (self.ty, self.tensor.dim()) {
             (Some(ValueType::Image), 4) => torch(t.f_permute([0, 2, 3, 1]).and_then(|t| t.f_contiguous()))?,
             (Some(ValueType::Mask), 3) => torch(t.f_squeeze_dim(1))?,
@@ -177,7 +177,7 @@ impl UserData for LuaTensor {
                 "area" => torch(x.f_adaptive_avg_pool2d([h, w]))?,
                 other => return Err(err(format!("resize: unknown method {other:?} (nearest, bilinear, bicubic, area)"))),
             };
-            t.from_nchw(out)
+            t.same_from_nchw(out)
         });
         m.add_method("crop", |_, t, (x, y, w, h): (i64, i64, i64, i64)| {
             let n = t.to_nchw()?;
@@ -185,18 +185,18 @@ impl UserData for LuaTensor {
             if x < 0 || y < 0 || w < 1 || h < 1 || x + w > s[3] || y + h > s[2] {
                 return Err(err(format!("crop: {w}×{h} at ({x}, {y}) does not fit {}×{}", s[3], s[2])));
             }
-            t.from_nchw(torch(n.f_narrow(2, y, h).and_then(|v| v.f_narrow(3, x, w)))?)
+            t.same_from_nchw(torch(n.f_narrow(2, y, h).and_then(|v| v.f_narrow(3, x, w)))?)
         });
         m.add_method("pad", |_, t, (left, right, top, bottom, value): (i64, i64, i64, i64, Option<f64>)| {
             let n = t.to_nchw()?;
-            t.from_nchw(torch(n.f_pad([left, right, top, bottom], "constant", value.unwrap_or(0.0)))?)
+            t.same_from_nchw(torch(n.f_pad([left, right, top, bottom], "constant", value.unwrap_or(0.0)))?)
         });
         // Small tensors to Lua tables (flattened), for inspection; large ones are refused.
         m.add_method("to_table", |_, t, ()| {
             if t.tensor.numel() > 65_536 {
                 return Err(err(format!("to_table: {} elements is too many (at most 65536); use tensor operations", t.tensor.numel())));
             }
-            Ok(torch(Vec::<f32>::try_from(&torch(t.tensor.f_flatten(0, -1))?.to_kind(Kind::Float)))?)
+            torch(Vec::<f32>::try_from(&torch(t.tensor.f_flatten(0, -1))?.to_kind(Kind::Float)))
         });
         for (meta, op) in [(MetaMethod::Add, 0), (MetaMethod::Sub, 1), (MetaMethod::Mul, 2), (MetaMethod::Div, 3)] {
             m.add_meta_function(meta, move |_, (a, b): (LuaValue, LuaValue)| {

@@ -2,6 +2,8 @@
 //! declares nodes with `diffloom.node{…}`; they register beside the built-ins and are run, validated
 //! and cached the same way.
 
+#![forbid(unsafe_code)]
+
 pub mod api;
 pub mod host;
 pub mod sandbox;

@@ -6,6 +6,8 @@
 //!
 //! Existing files are kept when they already hold the wanted configuration.
 
+#![forbid(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 

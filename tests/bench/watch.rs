@@ -80,6 +80,7 @@ fn main() {
         reruns.push(total_ms(&run));
     }
     let _ = child.kill();
+    let _ = child.wait();
     latencies.sort_by(f64::total_cmp);
     reruns.sort_by(f64::total_cmp);
     let (lat, rerun) = (latencies[latencies.len() / 2], reruns[reruns.len() / 2]);

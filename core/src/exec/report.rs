@@ -60,6 +60,8 @@ impl RunReport {
     }
 
     /// The failure, if any, as a `Result`.
+    // The report is the point of the error side (what ran before the failure), so it is not boxed.
+    #[allow(clippy::result_large_err)]
     pub fn into_result(mut self) -> Result<RunReport, (RunReport, RunError)> {
         match self.error.take() {
             None => Ok(self),

@@ -392,7 +392,7 @@ impl Node for ImageCompositeMasked {
             let m = mask.f_narrow(2, 0, vh)?.f_narrow(3, 0, vw)?;
             let mut region = dest.f_narrow(2, y, vh)?.f_narrow(3, x, vw)?;
             let mixed = src.f_narrow(2, 0, vh)?.f_narrow(3, 0, vw)?.f_mul(&m)?.f_add(&region.f_mul(&m.f_neg()?.f_add_scalar(1.0)?)?)?;
-            let _ = region.f_copy_(&mixed)?;
+            region.f_copy_(&mixed)?;
         }
         Ok(vec![Value::Image(Shared(nhwc(&dest)?))])
     }

@@ -173,7 +173,7 @@ impl Node for MaskComposite {
             "or" => region.f_round()?.f_to_kind(Kind::Bool)?.f_logical_or(&s.f_round()?.f_to_kind(Kind::Bool)?)?.f_to_kind(Kind::Float)?,
             _ => region.f_round()?.f_to_kind(Kind::Bool)?.f_logical_xor(&s.f_round()?.f_to_kind(Kind::Bool)?)?.f_to_kind(Kind::Float)?,
         };
-        let _ = region.f_copy_(&combined.f_expand_as(&region)?)?;
+        region.f_copy_(&combined.f_expand_as(&region)?)?;
         Ok(vec![Value::Mask(Shared(out.f_clamp(0.0, 1.0)?))])
     }
 }

@@ -1,6 +1,10 @@
 //! Memory-mapped safetensors files: header validation with clear errors, and tensors copied straight
 //! from the mapping into their target device and dtype (one copy, no intermediate CPU tensor).
 
+// The one place nodes uses unsafe code: memory-mapping checkpoint files and viewing their bytes as
+// tensors without a copy (the map outlives every view; see SafetensorsFile::load).
+#![allow(unsafe_code)]
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -112,7 +116,7 @@ impl SafetensorsFile {
             _ => src_kind,
         };
         let bytes = &self.mmap[info.start..info.end];
-        let aligned = (bytes.as_ptr() as usize) % src_kind.elt_size_in_bytes() == 0;
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(src_kind.elt_size_in_bytes());
         let t = if aligned && !bytes.is_empty() {
             // SAFETY: `bytes` lies inside the mapping (validated at open), holds numel elements of
             // src_kind (checked by safetensors' validation), and outlives this borrow-only view; the

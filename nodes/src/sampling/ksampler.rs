@@ -144,7 +144,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     if r.sigmas.is_empty() {
         return Ok(Output { samples: latent.shallow_clone(), denoised: latent, model_calls: 0, model_time: std::time::Duration::ZERO });
     }
-    if let Some(bad) = r.sigmas.windows(2).position(|w| !(w[1] <= w[0]) || w[0].is_nan()) {
+    if let Some(bad) = r.sigmas.windows(2).position(|w| w[1] > w[0] || w[0].is_nan() || w[1].is_nan()) {
         return Err(NodeError::input("sigmas", format!("sigmas must decrease: {} is followed by {}", r.sigmas[bad], r.sigmas[bad + 1])));
     }
     if r.sigmas.iter().any(|s| !s.is_finite() || *s < 0.0) {

@@ -35,7 +35,7 @@ impl Sampler for CfgppHistory {
             let mut uncond_d = current.shallow_clone();
             if let (Some(old), true) = (&old_uncond_d, self.uncond_history_weight != 0.0) {
                 let ratio = dt / (sigmas[i] - sigmas[i - 1]);
-                uncond_d = uncond_d + (&current - old) * (self.uncond_history_weight * ratio);
+                uncond_d += (&current - old) * (self.uncond_history_weight * ratio);
             }
             let euler_step = &denoised + uncond_d * sigmas[i + 1] - &x;
             derivatives.push(&euler_step / dt);

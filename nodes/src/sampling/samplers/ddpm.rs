@@ -23,7 +23,7 @@ impl Sampler for Ddpm {
             let mut mu = (x_vp - eps * ((1.0 - alpha) / (1.0 - ac).sqrt())) * (1.0 / alpha).sqrt();
             if sigma_prev > 0.0 {
                 mu = &mu + (cx.noise)(&mu)? * ((1.0 - alpha) * (1.0 - ac_prev) / (1.0 - ac)).sqrt();
-                mu = mu * (1.0 + sigma_prev * sigma_prev).sqrt();
+                mu *= (1.0 + sigma_prev * sigma_prev).sqrt();
             }
             x = mu;
             (cx.step)(i, n, &x)?;

@@ -69,7 +69,7 @@ impl Sampler for Deis {
                 let c = &coeffs[i];
                 let mut next = &x + &d * c[0];
                 for k in 1..order {
-                    next = next + &buffer[buffer.len() - k] * c[k];
+                    next += &buffer[buffer.len() - k] * c[k];
                 }
                 next
             };

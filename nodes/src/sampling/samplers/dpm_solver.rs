@@ -91,7 +91,7 @@ impl Sampler for DpmFast {
         let (t_start, t_end) = (t_of(hi), t_of(lo));
         let m = nfe / 3 + 1;
         let ts: Vec<f64> = (0..=m).map(|i| t_start + (t_end - t_start) * i as f64 / m as f64).collect();
-        let orders: Vec<usize> = if nfe % 3 == 0 {
+        let orders: Vec<usize> = if nfe.is_multiple_of(3) {
             let mut o = vec![3; m - 2];
             o.extend([2, 1]);
             o

@@ -42,7 +42,7 @@ impl Sampler for DpmppSde {
                 let h_ = lambda(sd) - ls;
                 let mut x2 = &x * ((alpha_s1 / alpha_s) * (-h_).exp()) - &denoised * (alpha_s1 * (-h_).exp_m1());
                 if self.eta > 0.0 && self.s_noise > 0.0 {
-                    x2 = x2 + bt.noise(sigmas[i], s1)?.to_device(x.device()) * (alpha_s1 * self.s_noise * su);
+                    x2 += bt.noise(sigmas[i], s1)?.to_device(x.device()) * (alpha_s1 * self.s_noise * su);
                 }
                 let denoised2 = model.denoise(&x2, s1)?;
                 // Step 2: to the next sigma.

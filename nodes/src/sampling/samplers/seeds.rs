@@ -54,7 +54,7 @@ impl Sampler for Seeds2 {
             let mut sde_noise = None;
             if inject {
                 let noise = (cx.noise)(&x)? * (-(-2.0 * r * h * eta).exp_m1()).sqrt();
-                x2 = x2 + &noise * (s1 * self.s_noise);
+                x2 += &noise * (s1 * self.s_noise);
                 sde_noise = Some(noise);
             }
             let denoised2 = model.denoise(&x2, s1)?;
@@ -109,7 +109,7 @@ impl Sampler for Seeds3 {
             let mut sde_noise = None;
             if inject {
                 let noise = (cx.noise)(&x)? * (-(-2.0 * r1 * h * eta).exp_m1()).sqrt();
-                x2 = x2 + &noise * (s1 * self.s_noise);
+                x2 += &noise * (s1 * self.s_noise);
                 sde_noise = Some(noise);
             }
             let denoised2 = model.denoise(&x2, s1)?;
@@ -120,7 +120,7 @@ impl Sampler for Seeds3 {
             if let Some(noise) = sde_noise.take() {
                 let seg = (r1 - r2) * h * eta;
                 let noise = noise * seg.exp() + (cx.noise)(&x)? * (-(2.0 * seg).exp_m1()).sqrt();
-                x3 = x3 + &noise * (s2 * self.s_noise);
+                x3 += &noise * (s2 * self.s_noise);
                 sde_noise = Some(noise);
             }
             let denoised3 = model.denoise(&x3, s2)?;
