@@ -32,9 +32,7 @@ pub fn config_path() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("DIFFLOOM_CONFIG") {
         return Some(PathBuf::from(p));
     }
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    let base = std::env::var_os("XDG_CONFIG_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
     Some(base.join("diffloom").join("config.ron"))
 }
 

@@ -9,8 +9,7 @@ fn png_info(path: &std::path::Path) -> (u32, u32, Vec<(String, String)>) {
     let dec = png::Decoder::new(std::io::BufReader::new(File::open(path).unwrap()));
     let reader = dec.read_info().unwrap();
     let info = reader.info();
-    let mut texts: Vec<(String, String)> =
-        info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+    let mut texts: Vec<(String, String)> = info.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
     for t in &info.utf8_text {
         texts.push((t.keyword.clone(), t.get_text().unwrap()));
     }
@@ -53,10 +52,7 @@ fn a_second_run_never_overwrites() {
     d.write("out/image_ops_00003_.png", b"mine");
     let out = d.diffloom(&["run", &example("image_ops.ron"), "-o", "out", "--set", "scale=1.0"]);
     assert!(out.status.success(), "{}", stderr(&out));
-    assert_eq!(
-        d.files("out"),
-        ["image_ops_00001_.png", "image_ops_00002_.png", "image_ops_00003_.png", "image_ops_00004_.png", "image_ops_00005_.png"]
-    );
+    assert_eq!(d.files("out"), ["image_ops_00001_.png", "image_ops_00002_.png", "image_ops_00003_.png", "image_ops_00004_.png", "image_ops_00005_.png"]);
     assert_eq!(std::fs::read(d.join("out/image_ops_00002_.png")).unwrap(), first);
     assert_eq!(std::fs::read(d.join("out/image_ops_00003_.png")).unwrap(), b"mine");
 }
@@ -118,11 +114,7 @@ fn unwritable_output_directory_is_a_clear_error_with_nothing_left_behind() {
     d.write("afile", b"x");
     let out = d.diffloom(&["run", "g.ron", "-o", "afile/out"]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr(&out).contains("node \"save\" (SaveImage): afile/out: cannot create the output directory"),
-        "{}",
-        stderr(&out)
-    );
+    assert!(stderr(&out).contains("node \"save\" (SaveImage): afile/out: cannot create the output directory"), "{}", stderr(&out));
     assert_eq!(std::fs::read(d.join("afile")).unwrap(), b"x");
 }
 
@@ -245,8 +237,8 @@ fn image_nodes_behave_as_comfyui() {
 
 #[test]
 fn blend_modes_follow_comfyuis_formulas() {
-    use diffloom_core::{Args, Node, Value};
     use diffloom_core::value::Shared;
+    use diffloom_core::{Args, Node, Value};
     use tch::Tensor;
     let a = Tensor::from_slice(&[0.2f32, 0.7]).view([1, 1, 2, 1]).expand([1, 1, 2, 3], false).contiguous();
     let b = Tensor::from_slice(&[0.6f32, 0.3]).view([1, 1, 2, 1]).expand([1, 1, 2, 3], false).contiguous();
@@ -259,8 +251,15 @@ fn blend_modes_follow_comfyuis_formulas() {
         ]);
         let flag = std::sync::atomic::AtomicBool::new(false);
         let mut cx = diffloom_core::Ctx {
-            device: tch::Device::Cpu, node_id: "b", graph_dir: std::path::Path::new("."), output_dir: std::path::Path::new("."),
-            graph_source: "", cancel: &flag, dtype: tch::Kind::Float, embeddings_dir: None, messages: vec![],
+            device: tch::Device::Cpu,
+            node_id: "b",
+            graph_dir: std::path::Path::new("."),
+            output_dir: std::path::Path::new("."),
+            graph_source: "",
+            cancel: &flag,
+            dtype: tch::Kind::Float,
+            embeddings_dir: None,
+            messages: vec![],
             registry: &diffloom_core::Registry::new(),
         };
         let out = diffloom_nodes::builtin::image::ImageBlend.execute(&mut cx, &args).unwrap();

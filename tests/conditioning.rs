@@ -6,13 +6,13 @@ use diffloom_aten::Generator;
 use diffloom_core::value::{Area, CondEntry, Shared};
 use diffloom_core::{Latent, Node, Value};
 use diffloom_nodes::builtin::latent::LatentComposite;
+use diffloom_nodes::checkpoint::detect::Prediction;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::resample::common_upscale;
 use diffloom_nodes::sampling::conds::{resolve_sides, Cond, Target};
 use diffloom_nodes::sampling::guidance::Guidance;
 use diffloom_nodes::sampling::guidance::{CfgDenoiser, Denoiser};
 use diffloom_nodes::sampling::model_sampling::ModelSampling;
-use diffloom_nodes::checkpoint::detect::Prediction;
 use tch::{Device, Kind, Tensor};
 
 use crate::util::{max_abs_diff, outputs, tiny_sd1, Dir};
@@ -30,7 +30,6 @@ fn conds(v: &Value) -> &Vec<CondEntry> {
         other => panic!("{other:?}"),
     }
 }
-
 
 /// The SD schedule, for resolving timestep ranges (leaked: tests only).
 fn sd_sampling() -> &'static ModelSampling {
@@ -174,7 +173,8 @@ fn area_and_mask_nodes_in_a_sampled_graph() {
         "s0": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": 1, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
               "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link("e", "LATENT"), "denoise": 1.0}}),"#
     );
-    let v = outputs(&d, &nodes, &[("qa", "CONDITIONING", 0), ("qm", "CONDITIONING", 0), ("qs", "CONDITIONING", 0), ("s", "LATENT", 0), ("s0", "LATENT", 0)]).unwrap();
+    let v = outputs(&d, &nodes, &[("qa", "CONDITIONING", 0), ("qm", "CONDITIONING", 0), ("qs", "CONDITIONING", 0), ("s", "LATENT", 0), ("s0", "LATENT", 0)])
+        .unwrap();
     let qa = &conds(&v[0])[0];
     assert_eq!((qa.area, qa.strength), (Some(Area::Latent { h: 8, w: 8, y: 0, x: 8 }), 1.5));
     let qm = &conds(&v[1])[0];
@@ -194,7 +194,14 @@ fn inpaint_model_conditioning_for_standard_and_inpainting_unets() {
     let d = Dir::new();
     let ck = tiny_sd1(&d, "m.safetensors").display().to_string();
     let inpaint = d.join("inpaint.safetensors");
-    diffloom_nodes::checkpoint::synthetic::write_checkpoint(&inpaint, &diffloom_nodes::checkpoint::synthetic::tiny_config(diffloom_nodes::checkpoint::detect::Family::Sd1, true), Kind::Float, 3, true).unwrap();
+    diffloom_nodes::checkpoint::synthetic::write_checkpoint(
+        &inpaint,
+        &diffloom_nodes::checkpoint::synthetic::tiny_config(diffloom_nodes::checkpoint::detect::Family::Sd1, true),
+        Kind::Float,
+        3,
+        true,
+    )
+    .unwrap();
     // Sides that are multiples of 8, so SetLatentNoiseMask's mask and InpaintModelConditioning's
     // (resized to the cropped pixels) are the same.
     d.png("in.png", 64, 40, 2);
@@ -217,7 +224,8 @@ fn inpaint_model_conditioning_for_standard_and_inpainting_unets() {
         )
     };
     // A standard UNet ignores the inpainting channels: the result is VAEEncode + SetLatentNoiseMask's.
-    let v = outputs(&d, &graph(&ck, true), &[("imc", "positive", 0), ("imc", "latent", 2), ("ve", "LATENT", 0), ("s", "LATENT", 0), ("s2", "LATENT", 0)]).unwrap();
+    let v =
+        outputs(&d, &graph(&ck, true), &[("imc", "positive", 0), ("imc", "latent", 2), ("ve", "LATENT", 0), ("s", "LATENT", 0), ("s2", "LATENT", 0)]).unwrap();
     let p = &conds(&v[0])[0];
     assert_eq!(p.concat_latent.as_ref().unwrap().size(), [1, 4, 5, 8]);
     assert_eq!(p.concat_mask.as_ref().unwrap().size(), [1, 1, 40, 64]);
@@ -239,25 +247,38 @@ fn inpaint_model_conditioning_for_standard_and_inpainting_unets() {
     let c = load_checkpoint(std::path::Path::new(&ck), Device::Cpu, Kind::Float).unwrap();
     let vae = diffloom_core::Handle::new(diffloom_nodes::sd::SdVae { model: c.vae.unwrap() }, 0, "vae");
     let cond = Value::Conditioning(vec![entry(32)]);
-    let err = call(&diffloom_nodes::builtin::conditioning::InpaintModelConditioning, vec![
-        ("positive", Some(cond.clone())),
-        ("negative", Some(cond)),
-        ("vae", Some(Value::Vae(vae))),
-        ("pixels", Some(Value::Image(Shared(Tensor::rand([1, 16, 16, 3], (Kind::Float, Device::Cpu)))))),
-        ("mask", Some(Value::Mask(Shared(Tensor::ones([2, 16, 16], (Kind::Float, Device::Cpu)))))),
-        ("noise_mask", Some(Value::Boolean(true))),
-    ])
+    let err = call(
+        &diffloom_nodes::builtin::conditioning::InpaintModelConditioning,
+        vec![
+            ("positive", Some(cond.clone())),
+            ("negative", Some(cond)),
+            ("vae", Some(Value::Vae(vae))),
+            ("pixels", Some(Value::Image(Shared(Tensor::rand([1, 16, 16, 3], (Kind::Float, Device::Cpu)))))),
+            ("mask", Some(Value::Mask(Shared(Tensor::ones([2, 16, 16], (Kind::Float, Device::Cpu)))))),
+            ("noise_mask", Some(Value::Boolean(true))),
+        ],
+    )
     .err()
     .unwrap()
     .to_string();
     assert!(err.contains("mask") && err.contains("2 masks for 1 images"), "{err}");
     // VAEEncodeForInpaint checks the same way (the mask is resized to the image; only batches clash).
-    let err = call(&diffloom_nodes::builtin::latent::VAEEncodeForInpaint, vec![
-        ("pixels", Some(Value::Image(Shared(Tensor::rand([3, 16, 16, 3], (Kind::Float, Device::Cpu)))))),
-        ("vae", Some(Value::Vae(diffloom_core::Handle::new(diffloom_nodes::sd::SdVae { model: load_checkpoint(std::path::Path::new(&ck), Device::Cpu, Kind::Float).unwrap().vae.unwrap() }, 0, "vae")))),
-        ("mask", Some(Value::Mask(Shared(Tensor::ones([2, 7, 9], (Kind::Float, Device::Cpu)))))),
-        ("grow_mask_by", Some(Value::Int(6))),
-    ])
+    let err = call(
+        &diffloom_nodes::builtin::latent::VAEEncodeForInpaint,
+        vec![
+            ("pixels", Some(Value::Image(Shared(Tensor::rand([3, 16, 16, 3], (Kind::Float, Device::Cpu)))))),
+            (
+                "vae",
+                Some(Value::Vae(diffloom_core::Handle::new(
+                    diffloom_nodes::sd::SdVae { model: load_checkpoint(std::path::Path::new(&ck), Device::Cpu, Kind::Float).unwrap().vae.unwrap() },
+                    0,
+                    "vae",
+                ))),
+            ),
+            ("mask", Some(Value::Mask(Shared(Tensor::ones([2, 7, 9], (Kind::Float, Device::Cpu)))))),
+            ("grow_mask_by", Some(Value::Int(6))),
+        ],
+    )
     .err()
     .unwrap()
     .to_string();
@@ -281,10 +302,13 @@ fn latent_composite_pastes_with_feathered_inner_edges() {
     // Channels must match; a batch of 3 does not go into a batch of 2.
     let three = Tensor::ones([3, 4, 4, 4], (Kind::Float, Device::Cpu));
     let lat = |t: &Tensor| Some(Value::Latent(Latent { samples: Shared(t.shallow_clone()), noise_mask: None, batch_index: None }));
-    let err = call(&LatentComposite, vec![("samples_to", lat(&to)), ("samples_from", lat(&three)), ("x", Some(Value::Int(0))), ("y", Some(Value::Int(0))), ("feather", Some(Value::Int(0)))])
-        .err()
-        .unwrap()
-        .to_string();
+    let err = call(
+        &LatentComposite,
+        vec![("samples_to", lat(&to)), ("samples_from", lat(&three)), ("x", Some(Value::Int(0))), ("y", Some(Value::Int(0))), ("feather", Some(Value::Int(0)))],
+    )
+    .err()
+    .unwrap()
+    .to_string();
     assert!(err.contains("samples_from") && err.contains("batch 1 or 2"), "{err}");
 }
 

@@ -5,8 +5,8 @@
 
 use diffloom_core::Value;
 use diffloom_nodes::builtin::custom_sampling::manual_sigmas;
-use diffloom_nodes::sampling::schedulers::{align_your_steps, gits, laplace, loglinear_interp, sd_turbo, AYS_NOISE_LEVELS};
 use diffloom_nodes::sampling::gits::GITS_NOISE_LEVELS;
+use diffloom_nodes::sampling::schedulers::{align_your_steps, gits, laplace, loglinear_interp, sd_turbo, AYS_NOISE_LEVELS};
 use tch::{Device, Tensor};
 
 use crate::parity::run_reference;
@@ -68,7 +68,9 @@ fn advanced(d: &Dir, guider: &str, sampler: &str) -> Tensor {
 }
 
 fn cfg_guider(cfg: f64) -> String {
-    format!(r#"(type: "CFGGuider", inputs: {{"model": Link("c", "MODEL"), "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "cfg": {cfg:?}}})"#)
+    format!(
+        r#"(type: "CFGGuider", inputs: {{"model": Link("c", "MODEL"), "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "cfg": {cfg:?}}})"#
+    )
 }
 
 fn select(name: &str) -> String {
@@ -192,7 +194,9 @@ fn guiders_reduce_to_cfg_where_their_formulas_do() {
 fn conditioning_over_time_and_averages() {
     let d = Dir::new();
     let range = |id: &str, src: &str, start: f64, end: f64| {
-        format!(r#""{id}": (type: "ConditioningSetTimestepRange", inputs: {{"conditioning": Link({src:?}, "CONDITIONING"), "start": {start:?}, "end": {end:?}}}),"#)
+        format!(
+            r#""{id}": (type: "ConditioningSetTimestepRange", inputs: {{"conditioning": Link({src:?}, "CONDITIONING"), "start": {start:?}, "end": {end:?}}}),"#
+        )
     };
     let run = |extra: &str, positive: &str| {
         let node = format!(
@@ -214,7 +218,11 @@ fn conditioning_over_time_and_averages() {
     );
     let switched = run(&halves, "both");
     assert!(max_abs_diff(&switched, &plain) > 1e-3 && max_abs_diff(&switched, &run("", "pos2")) > 1e-3);
-    let avg = |w: f64| format!(r#""avg": (type: "ConditioningAverage", inputs: {{"conditioning_to": Link("pos", "CONDITIONING"), "conditioning_from": Link("pos2", "CONDITIONING"), "conditioning_to_strength": {w:?}}}),"#);
+    let avg = |w: f64| {
+        format!(
+            r#""avg": (type: "ConditioningAverage", inputs: {{"conditioning_to": Link("pos", "CONDITIONING"), "conditioning_from": Link("pos2", "CONDITIONING"), "conditioning_to_strength": {w:?}}}),"#
+        )
+    };
     assert_eq!(max_abs_diff(&run(&avg(1.0), "avg"), &plain), 0.0);
     assert_eq!(max_abs_diff(&run(&avg(0.0), "avg"), &run("", "pos2")), 0.0);
     assert!(max_abs_diff(&run(&avg(0.5), "avg"), &plain) > 1e-3);
@@ -249,7 +257,11 @@ fn schedulers_match_k_diffusion_numpy_and_their_definitions() {
             assert!((x - y).abs() <= 2e-6 * y.abs().max(1.0), "{what}: {a:?} vs {b:?}");
         }
     };
-    near(&sigmas_of(&d, r#"(type: "PolyexponentialScheduler", inputs: {"steps": 12, "sigma_min": 0.03, "sigma_max": 14.6, "rho": 1.7})"#), &theirs("polyexponential"), "polyexponential");
+    near(
+        &sigmas_of(&d, r#"(type: "PolyexponentialScheduler", inputs: {"steps": 12, "sigma_min": 0.03, "sigma_max": 14.6, "rho": 1.7})"#),
+        &theirs("polyexponential"),
+        "polyexponential",
+    );
     let vp = sigmas_of(&d, r#"(type: "VPScheduler", inputs: {"steps": 9})"#);
     near(&vp, &theirs("vp"), "vp");
     // k-diffusion's own exp(…) − 1 differs only where the exponent is small.
@@ -303,7 +315,8 @@ fn sigma_tools_by_hand() {
     let with = |tool: &str| {
         let nodes = format!(r#""m": {}, "x": {tool},"#, manual("8, 4, 2, 1, 0"));
         let nodes = format!("{} {nodes}", base(&d));
-        let names: &[(&str, &str, usize)] = if tool.contains("SplitSigmas") { &[("x", "high_sigmas", 0), ("x", "low_sigmas", 1)] } else { &[("x", "SIGMAS", 0)] };
+        let names: &[(&str, &str, usize)] =
+            if tool.contains("SplitSigmas") { &[("x", "high_sigmas", 0), ("x", "low_sigmas", 1)] } else { &[("x", "SIGMAS", 0)] };
         outputs(&d, &nodes, names)
             .map(|v| {
                 v.iter()

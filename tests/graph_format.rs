@@ -12,13 +12,8 @@ fn every_broken_graph_gets_its_exact_messages() {
     names.sort();
     for graph in names.iter().filter(|p| p.extension().is_some_and(|e| e == "ron")) {
         let rel = graph.strip_prefix(repo()).unwrap();
-        let expected = std::fs::read_to_string(graph.with_extension("expected"))
-            .unwrap_or_else(|_| panic!("{} has no .expected file", rel.display()));
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_diffloom"))
-            .args(["validate", rel.to_str().unwrap()])
-            .current_dir(repo())
-            .output()
-            .unwrap();
+        let expected = std::fs::read_to_string(graph.with_extension("expected")).unwrap_or_else(|_| panic!("{} has no .expected file", rel.display()));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_diffloom")).args(["validate", rel.to_str().unwrap()]).current_dir(repo()).output().unwrap();
         if out.status.code() != Some(1) || stderr(&out) != expected {
             failures.push(format!("{}: exit {:?}\n--- got\n{}--- expected\n{}", rel.display(), out.status.code(), stderr(&out), expected));
         }
@@ -80,10 +75,7 @@ fn thousands_of_nodes_and_megabytes_of_text_validate() {
     g.push_str(&"x".repeat(4 << 20));
     g.push_str("\"}, nodes: {\n\"n0\": (type: \"PrimitiveString\", inputs: {\"value\": Param(\"big\")}),\n");
     for i in 1..5000 {
-        g.push_str(&format!(
-            "\"n{i}\": (type: \"StringConcatenate\", inputs: {{\"string_a\": Link(\"n{}\", \"STRING\"), \"string_b\": \"y\"}}),\n",
-            i - 1
-        ));
+        g.push_str(&format!("\"n{i}\": (type: \"StringConcatenate\", inputs: {{\"string_a\": Link(\"n{}\", \"STRING\"), \"string_b\": \"y\"}}),\n", i - 1));
     }
     g.push_str("\"show\": (type: \"PreviewAny\", inputs: {\"source\": Link(\"n4999\", \"STRING\")}),\n})");
     d.write("big.ron", &g);

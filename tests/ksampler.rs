@@ -2,8 +2,8 @@
 //! img2img and masks, two-pass graphs, and bad input.
 
 use diffloom_core::{RunReport, Value};
-use diffloom_nodes::sampling::samplers::SAMPLER_NAMES;
 use diffloom_nodes::checkpoint::detect::Family;
+use diffloom_nodes::sampling::samplers::SAMPLER_NAMES;
 use diffloom_nodes::sampling::schedulers::SCHEDULER_NAMES;
 use tch::Kind;
 
@@ -160,12 +160,18 @@ fn split_sigmas_two_passes_equal_one_pass_for_a_deterministic_sampler() {
 fn bad_sampling_input_is_named() {
     let d = Dir::new();
     let cases = [
-        (r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "steps": 0, "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("lat", "LATENT")})"#,
-         "input \"steps\": 0 is below the minimum 1"),
-        (r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "denoise": 1.5, "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("lat", "LATENT")})"#,
-         "input \"denoise\": 1.5 is above the maximum 1"),
-        (r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "sampler_name": "euler_a", "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("lat", "LATENT")})"#,
-         "input \"sampler_name\": \"euler_a\" is not one of"),
+        (
+            r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "steps": 0, "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("lat", "LATENT")})"#,
+            "input \"steps\": 0 is below the minimum 1",
+        ),
+        (
+            r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "denoise": 1.5, "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("lat", "LATENT")})"#,
+            "input \"denoise\": 1.5 is above the maximum 1",
+        ),
+        (
+            r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "sampler_name": "euler_a", "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("lat", "LATENT")})"#,
+            "input \"sampler_name\": \"euler_a\" is not one of",
+        ),
     ];
     for (node, want) in cases {
         let g = graph(&d, node, "");

@@ -7,7 +7,13 @@ use crate::util::{executor, run_graph, Dir};
 
 fn output(d: &Dir, nodes: &str, id: &str, out: usize) -> Result<Value, String> {
     let (mut ex, reg): (_, Registry) = executor(d, 1 << 30);
-    let r = run_graph(&mut ex, &reg, d, &format!("(version: 1, nodes: {{ {nodes} \"zz\": (type: \"PreviewAny\", inputs: {{\"source\": Link({id:?}, \"{}\")}}) }})", out_name(id, out)), &[]);
+    let r = run_graph(
+        &mut ex,
+        &reg,
+        d,
+        &format!("(version: 1, nodes: {{ {nodes} \"zz\": (type: \"PreviewAny\", inputs: {{\"source\": Link({id:?}, \"{}\")}}) }})", out_name(id, out)),
+        &[],
+    );
     if let Some(e) = r.error {
         return Err(e.to_string());
     }
@@ -51,22 +57,27 @@ fn grow_mask_dilates_and_erodes_with_square_or_tapered_kernels() {
     assert_eq!(grown(1, true).sum(Kind::Float).double_value(&[]), 5.0);
     assert_eq!(grown(2, true).sum(Kind::Float).double_value(&[]), 13.0);
     // Shrinking the grown square by 1 gives the pixel back.
-    let nodes = format!(r#"{SOLID} "mg": (type: "GrowMask", inputs: {{"mask": Link("mone", "MASK"), "expand": 1, "tapered_corners": false}}),
-        "ms": (type: "GrowMask", inputs: {{"mask": Link("mg", "MASK"), "expand": -1, "tapered_corners": false}}),"#);
+    let nodes = format!(
+        r#"{SOLID} "mg": (type: "GrowMask", inputs: {{"mask": Link("mone", "MASK"), "expand": 1, "tapered_corners": false}}),
+        "ms": (type: "GrowMask", inputs: {{"mask": Link("mg", "MASK"), "expand": -1, "tapered_corners": false}}),"#
+    );
     assert_eq!(t(output(&d, &nodes, "ms", 0).unwrap()).sum(Kind::Float).double_value(&[]), 1.0);
 }
 
 #[test]
 fn mask_image_conversions_composite_and_feather() {
     let d = Dir::new();
-    let nodes = format!(r#"{SOLID} "imask": (type: "MaskToImage", inputs: {{"mask": Link("mone", "MASK")}}),
+    let nodes = format!(
+        r#"{SOLID} "imask": (type: "MaskToImage", inputs: {{"mask": Link("mone", "MASK")}}),
         "mback": (type: "ImageToMask", inputs: {{"image": Link("imask", "IMAGE"), "channel": "green"}}),
-        "minv": (type: "InvertMask", inputs: {{"mask": Link("mback", "MASK")}}),"#);
+        "minv": (type: "InvertMask", inputs: {{"mask": Link("mback", "MASK")}}),"#
+    );
     let img = t(output(&d, &nodes, "imask", 0).unwrap());
     assert_eq!(img.size(), [1, 7, 9, 3]);
     let inv = t(output(&d, &nodes, "minv", 0).unwrap());
     assert_eq!(inv.sum(Kind::Float).double_value(&[]), 62.0);
-    let err = output(&d, &format!(r#"{nodes} "ma": (type: "ImageToMask", inputs: {{"image": Link("imask", "IMAGE"), "channel": "alpha"}}),"#), "ma", 0).unwrap_err();
+    let err =
+        output(&d, &format!(r#"{nodes} "ma": (type: "ImageToMask", inputs: {{"image": Link("imask", "IMAGE"), "channel": "alpha"}}),"#), "ma", 0).unwrap_err();
     assert!(err.contains("input \"channel\": the image has no alpha channel"), "{err}");
     // Feathering a full mask: the left ramp is 1/4, 2/4, 3/4, 1 over the first four columns.
     let nodes = r#""mfull": (type: "SolidMask", inputs: {"value": 1.0, "width": 8, "height": 2}),
@@ -85,9 +96,11 @@ fn latent_upscale_noise_masks_and_inpaint_encoding() {
     let d = Dir::new();
     let ck = ckpt(&d);
     d.png("in.png", 70, 45, 2);
-    let base = format!(r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+    let base = format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
         "img": (type: "LoadImage", inputs: {{"image": "in.png"}}),
-        "e": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 48, "batch_size": 2}}),"#);
+        "e": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 48, "batch_size": 2}}),"#
+    );
     let up = |w: i64, h: i64| {
         let nodes = format!(r#"{base} "lu": (type: "LatentUpscale", inputs: {{"samples": Link("e", "LATENT"), "width": {w}, "height": {h}}}),"#);
         t(output(&d, &nodes, "lu", 0).unwrap()).size()
@@ -96,22 +109,28 @@ fn latent_upscale_noise_masks_and_inpaint_encoding() {
     // 0 keeps the aspect ratio (64×48 → width 128 → height 96); sides are at least 64 pixels.
     assert_eq!(up(128, 0), [2, 4, 12, 16]);
     assert_eq!(up(16, 16), [2, 4, 8, 8]);
-    let nodes = format!(r#"{base} "lb": (type: "LatentUpscaleBy", inputs: {{"samples": Link("e", "LATENT"), "scale_by": 1.5}}),
-        "lr": (type: "RepeatLatentBatch", inputs: {{"samples": Link("lb", "LATENT"), "amount": 3}}),"#);
+    let nodes = format!(
+        r#"{base} "lb": (type: "LatentUpscaleBy", inputs: {{"samples": Link("e", "LATENT"), "scale_by": 1.5}}),
+        "lr": (type: "RepeatLatentBatch", inputs: {{"samples": Link("lb", "LATENT"), "amount": 3}}),"#
+    );
     assert_eq!(t(output(&d, &nodes, "lr", 0).unwrap()).size(), [6, 4, 9, 12]);
 
     // Inpaint encoding: a 70×45 image is cropped to 64×40; the noise mask covers the grown mask.
-    let nodes = format!(r#"{base} "mhalf": (type: "SolidMask", inputs: {{"value": 1.0, "width": 70, "height": 45}}),
-        "lin": (type: "VAEEncodeForInpaint", inputs: {{"pixels": Link("img", "IMAGE"), "vae": Link("c", "VAE"), "mask": Link("mhalf", "MASK"), "grow_mask_by": 6}}),"#);
+    let nodes = format!(
+        r#"{base} "mhalf": (type: "SolidMask", inputs: {{"value": 1.0, "width": 70, "height": 45}}),
+        "lin": (type: "VAEEncodeForInpaint", inputs: {{"pixels": Link("img", "IMAGE"), "vae": Link("c", "VAE"), "mask": Link("mhalf", "MASK"), "grow_mask_by": 6}}),"#
+    );
     let Value::Latent(l) = output(&d, &nodes, "lin", 0).unwrap() else { panic!() };
     assert_eq!(l.samples.size(), [1, 4, 5, 8]);
     let m = l.noise_mask.unwrap();
     assert_eq!(m.size(), [1, 1, 40, 64]);
     assert_eq!(m.min().double_value(&[]), 1.0);
     // A single mask applies to every latent of a batch, at any resolution.
-    let nodes = format!(r#"{base} "m2": (type: "SolidMask", inputs: {{"value": 1.0, "width": 8, "height": 8}}),
+    let nodes = format!(
+        r#"{base} "m2": (type: "SolidMask", inputs: {{"value": 1.0, "width": 8, "height": 8}}),
         "e3": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 64, "batch_size": 3}}),
-        "lm": (type: "SetLatentNoiseMask", inputs: {{"samples": Link("e3", "LATENT"), "mask": Link("m2", "MASK")}}),"#);
+        "lm": (type: "SetLatentNoiseMask", inputs: {{"samples": Link("e3", "LATENT"), "mask": Link("m2", "MASK")}}),"#
+    );
     let Value::Latent(l) = output(&d, &nodes, "lm", 0).unwrap() else { panic!() };
     assert_eq!(l.noise_mask.unwrap().size(), [1, 1, 8, 8]);
 }
@@ -120,12 +139,14 @@ fn latent_upscale_noise_masks_and_inpaint_encoding() {
 fn conditioning_combine_concat_and_zero_out() {
     let d = Dir::new();
     let ck = ckpt(&d);
-    let base = format!(r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+    let base = format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
         "ca": (type: "CLIPTextEncode", inputs: {{"text": "a fox", "clip": Link("c", "CLIP")}}),
         "cb": (type: "CLIPTextEncode", inputs: {{"text": "snow", "clip": Link("c", "CLIP")}}),
         "cc": (type: "ConditioningCombine", inputs: {{"conditioning_1": Link("ca", "CONDITIONING"), "conditioning_2": Link("cb", "CONDITIONING")}}),
         "ct": (type: "ConditioningConcat", inputs: {{"conditioning_to": Link("ca", "CONDITIONING"), "conditioning_from": Link("cb", "CONDITIONING")}}),
-        "cz": (type: "ConditioningZeroOut", inputs: {{"conditioning": Link("ca", "CONDITIONING")}}),"#);
+        "cz": (type: "ConditioningZeroOut", inputs: {{"conditioning": Link("ca", "CONDITIONING")}}),"#
+    );
     let Value::Conditioning(c) = output(&d, &base, "cc", 0).unwrap() else { panic!() };
     assert_eq!(c.len(), 2);
     let Value::Conditioning(c) = output(&d, &base, "ct", 0).unwrap() else { panic!() };
@@ -149,7 +170,13 @@ fn outpaint_padding_and_masked_composites() {
     assert_eq!((img.narrow(1, 0, 12).narrow(2, 8, 16) - &orig).abs().max().double_value(&[]), 0.0);
     // The mask: 1 on the padding, fading in over 4 pixels from the padded left and bottom edges, 0 inside.
     let (mut ex, reg) = executor(&d, 1 << 30);
-    let r = run_graph(&mut ex, &reg, &d, &format!("(version: 1, nodes: {{ {nodes} \"o\": (type: \"PreviewAny\", inputs: {{\"source\": Link(\"ipad\", \"MASK\")}}) }})"), &[]);
+    let r = run_graph(
+        &mut ex,
+        &reg,
+        &d,
+        &format!("(version: 1, nodes: {{ {nodes} \"o\": (type: \"PreviewAny\", inputs: {{\"source\": Link(\"ipad\", \"MASK\")}}) }})"),
+        &[],
+    );
     assert!(r.error.is_none());
     let path = d.join("graph.ron");
     let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();

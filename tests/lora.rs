@@ -6,6 +6,7 @@ use diffloom_aten::Generator;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use diffloom_core::Executor;
 use diffloom_core::{Registry, Value};
 use diffloom_nodes::checkpoint::detect::Family;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
@@ -14,11 +15,10 @@ use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint, write
 use diffloom_nodes::lora::{patch_state, unet_key_map, LoraFile};
 use diffloom_nodes::models::clip::ClipOutput;
 use diffloom_nodes::sd::{SdClip, SdModel};
-use diffloom_core::Executor;
 use tch::{Device, Kind, Tensor};
 
 use crate::parity::run_reference;
-use crate::util::{max_abs_diff, executor, run_graph, Dir};
+use crate::util::{executor, max_abs_diff, run_graph, Dir};
 
 /// A tiny checkpoint of `family` and a kohya LoRA for it, in `d`.
 fn model_and_lora(d: &Dir, family: Family) -> (PathBuf, PathBuf) {
@@ -34,10 +34,8 @@ fn model_and_lora(d: &Dir, family: Family) -> (PathBuf, PathBuf) {
 /// executor and registry holding the results, and the run's messages by node id.
 fn run(d: &Dir, ckpt: &Path, nodes: &str) -> (Executor, Registry, Result<Vec<(String, Vec<String>)>, String>) {
     let (mut ex, reg) = executor(d, 1 << 32);
-    let text = format!(
-        r#"(version: 1, nodes: {{ "ck": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {:?}}}), {nodes} }})"#,
-        ckpt.display().to_string()
-    );
+    let text =
+        format!(r#"(version: 1, nodes: {{ "ck": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {:?}}}), {nodes} }})"#, ckpt.display().to_string());
     let r = run_graph(&mut ex, &reg, d, &text, &[]);
     let result = match r.error {
         Some(e) => Err(e.to_string()),
@@ -67,7 +65,6 @@ fn clip(v: &Value) -> &SdClip {
         other => panic!("{other:?}"),
     }
 }
-
 
 /// A LoraLoader node "l" on "ck" with the given strengths, previewed so it runs.
 fn lora_node(id: &str, from: &str, lora: &Path, sm: f64, sc: f64) -> String {
@@ -232,20 +229,30 @@ fn keys_that_cannot_be_applied_are_reported_or_refused() {
 
     // A file for another model: nothing fits, an error names the file and the first module.
     let sdxl = d.join("sdxl.safetensors");
-    write_safetensors(&sdxl, &[
-        ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_down.weight".into(), z(&[4, 640])),
-        ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_up.weight".into(), z(&[640, 4])),
-    ], None).unwrap();
+    write_safetensors(
+        &sdxl,
+        &[
+            ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_down.weight".into(), z(&[4, 640])),
+            ("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_up.weight".into(), z(&[640, 4])),
+        ],
+        None,
+    )
+    .unwrap();
     let (_, _, result) = run(&d, &ckpt, &lora_node("l", "ck", &sdxl, 1.0, 1.0));
     let err = result.unwrap_err();
     assert!(err.contains("sdxl.safetensors") && err.contains("another model family") && err.contains("lora_name"), "{err}");
 
     // A module whose shapes do not fit (an SD 2.x LoRA on SD 1.x): an error naming the module.
     let wrong = d.join("wrong.safetensors");
-    write_safetensors(&wrong, &[
-        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight".into(), z(&[4, 1024])),
-        ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight".into(), z(&[64, 4])),
-    ], None).unwrap();
+    write_safetensors(
+        &wrong,
+        &[
+            ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_down.weight".into(), z(&[4, 1024])),
+            ("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k.lora_up.weight".into(), z(&[64, 4])),
+        ],
+        None,
+    )
+    .unwrap();
     let (_, _, result) = run(&d, &ckpt, &lora_node("l", "ck", &wrong, 1.0, 1.0));
     let err = result.unwrap_err();
     assert!(err.contains("attn2_to_k") && err.contains("does not fit"), "{err}");

@@ -55,16 +55,21 @@ fn the_tensor_api_runs_whole_tensor_operations() {
     let (reg, errors) = registry(&d);
     assert!(errors.is_empty(), "{errors:?}");
     let (mut ex, _) = executor(&d, 1 << 30);
-    let probe = |code: &str| format!(
-        r#""load": (type: "LoadImage", inputs: {{"image": "in.png"}}),
+    let probe = |code: &str| {
+        format!(
+            r#""load": (type: "LoadImage", inputs: {{"image": "in.png"}}),
            "p": (type: "Probe", inputs: {{"image": Link("load", "IMAGE"), "code": {code:?}}}),
            "o": (type: "PreviewAny", inputs: {{"source": Link("p", "STRING")}}),"#
-    );
+        )
+    };
     let img = tensor(&output(&d, &mut ex, &reg, &probe("local x = ... return x, 'ok'"), "load", 0));
     let cases: Vec<(&str, Box<dyn Fn(&tch::Tensor) -> tch::Tensor>)> = vec![
         ("local x = ... return (x * 2 - 0.5):clamp(0, 1), ''", Box::new(|t| (t * 2.0 - 0.5).clamp(0.0, 1.0))),
         ("local x = ... return 1 - x, ''", Box::new(|t| t.neg() + 1.0)),
-        ("local x = ... return x:channels({1, 0.5, 0}, {0, 0, 0.25}), ''", Box::new(|t| t * tch::Tensor::from_slice(&[1.0f32, 0.5, 0.0]) + tch::Tensor::from_slice(&[0.0f32, 0.0, 0.25]))),
+        (
+            "local x = ... return x:channels({1, 0.5, 0}, {0, 0, 0.25}), ''",
+            Box::new(|t| t * tch::Tensor::from_slice(&[1.0f32, 0.5, 0.0]) + tch::Tensor::from_slice(&[0.0f32, 0.0, 0.25])),
+        ),
         ("local x = ... return x:crop(2, 1, 4, 3), ''", Box::new(|t| t.narrow(2, 2, 4).narrow(1, 1, 3))),
         ("local x = ... return x:pad(1, 0, 0, 2, 0.5):crop(1, 0, 8, 6), ''", Box::new(|t| t.shallow_clone())),
         ("local x = ... return x:resize(4, 3, 'area'), ''", Box::new(|t| t.permute([0, 3, 1, 2]).adaptive_avg_pool2d([3, 4]).permute([0, 2, 3, 1]))),
@@ -78,7 +83,14 @@ fn the_tensor_api_runs_whole_tensor_operations() {
         assert!(diff < 1e-5, "{code}: {diff}");
     }
     // Statistics and small tables come back as Lua numbers.
-    let s = output(&d, &mut ex, &reg, &probe("local x = ... local t = x:crop(0,0,1,1):to_table() return x, string.format('%d %.4f %.4f', #t, x:mean(), x:max())"), "p", 1);
+    let s = output(
+        &d,
+        &mut ex,
+        &reg,
+        &probe("local x = ... local t = x:crop(0,0,1,1):to_table() return x, string.format('%d %.4f %.4f', #t, x:mean(), x:max())"),
+        "p",
+        1,
+    );
     let Value::String(s) = s else { panic!() };
     assert_eq!(s, format!("3 {:.4} {:.4}", img.mean(tch::Kind::Float).double_value(&[]), img.max().double_value(&[])));
 }
@@ -202,16 +214,22 @@ fn shipped_plugins_behave() {
     let (mut ex, _) = executor(&d, 1 << 30);
     let load = r#""load": (type: "LoadImage", inputs: {"image": "in.png"}),"#;
     // Default levels are the identity.
-    let nodes = format!(r#"{load} "l": (type: "ColorLevels", inputs: {{"image": Link("load", "IMAGE")}}), "o": (type: "PreviewAny", inputs: {{"source": Link("l", "IMAGE")}}),"#);
+    let nodes = format!(
+        r#"{load} "l": (type: "ColorLevels", inputs: {{"image": Link("load", "IMAGE")}}), "o": (type: "PreviewAny", inputs: {{"source": Link("l", "IMAGE")}}),"#
+    );
     let out = tensor(&output(&d, &mut ex, &reg, &nodes, "l", 0));
     let input = tensor(&output(&d, &mut ex, &reg, &nodes, "load", 0));
     assert!((&out - &input).abs().max().double_value(&[]) < 1e-6);
     // Saturation 0 is grey everywhere: the three channels agree.
-    let nodes = format!(r#"{load} "l": (type: "ColorLevels", inputs: {{"image": Link("load", "IMAGE"), "saturation": 0.0}}), "o": (type: "PreviewAny", inputs: {{"source": Link("l", "IMAGE")}}),"#);
+    let nodes = format!(
+        r#"{load} "l": (type: "ColorLevels", inputs: {{"image": Link("load", "IMAGE"), "saturation": 0.0}}), "o": (type: "PreviewAny", inputs: {{"source": Link("l", "IMAGE")}}),"#
+    );
     let grey = tensor(&output(&d, &mut ex, &reg, &nodes, "l", 0));
     assert!((grey.select(3, 0) - grey.select(3, 1)).abs().max().double_value(&[]) < 1e-6);
     // The mask covers exactly the green half.
-    let nodes = format!(r#"{load} "m": (type: "MaskFromColor", inputs: {{"image": Link("load", "IMAGE"), "threshold": 10}}), "o": (type: "PreviewAny", inputs: {{"source": Link("m", "MASK")}}),"#);
+    let nodes = format!(
+        r#"{load} "m": (type: "MaskFromColor", inputs: {{"image": Link("load", "IMAGE"), "threshold": 10}}), "o": (type: "PreviewAny", inputs: {{"source": Link("m", "MASK")}}),"#
+    );
     let mask = tensor(&output(&d, &mut ex, &reg, &nodes, "m", 0));
     assert_eq!(mask.size(), [1, 4, 8]);
     assert_eq!(mask.narrow(2, 0, 4).min().double_value(&[]), 1.0);
@@ -241,15 +259,19 @@ fn seed_sweep_grid_tiles_equal_single_ksampler_runs() {
            "l": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 32}}),"#,
         ckpt.display().to_string()
     );
-    let sweep = format!(r#"{base} "g": (type: "SeedSweepGrid", inputs: {{"model": Link("c", "MODEL"), "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"),
+    let sweep = format!(
+        r#"{base} "g": (type: "SeedSweepGrid", inputs: {{"model": Link("c", "MODEL"), "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"),
         "latent_image": Link("l", "LATENT"), "vae": Link("c", "VAE"), "seed": 10, "count": 3, "columns": 2, "steps": 3, "cfg": 5.0}}),
-        "o": (type: "PreviewAny", inputs: {{"source": Link("g", "IMAGE")}}),"#);
+        "o": (type: "PreviewAny", inputs: {{"source": Link("g", "IMAGE")}}),"#
+    );
     let grid = tensor(&output(&d, &mut ex, &reg, &sweep, "g", 0));
     assert_eq!(grid.size(), [1, 64, 128, 3]);
-    let single = format!(r#"{base} "k": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": 11, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+    let single = format!(
+        r#"{base} "k": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": 11, "steps": 3, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
         "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link("l", "LATENT")}}),
         "v": (type: "VAEDecode", inputs: {{"samples": Link("k", "LATENT"), "vae": Link("c", "VAE")}}),
-        "o": (type: "PreviewAny", inputs: {{"source": Link("v", "IMAGE")}}),"#);
+        "o": (type: "PreviewAny", inputs: {{"source": Link("v", "IMAGE")}}),"#
+    );
     let one = tensor(&output(&d, &mut ex, &reg, &single, "v", 0));
     // Seed 11 is the second tile (top right); the fourth tile is blank.
     assert_eq!((grid.narrow(1, 0, 32).narrow(2, 64, 64) - &one).abs().max().double_value(&[]), 0.0);

@@ -110,8 +110,7 @@ fn edited(d: &Dir, name: &str, edit: impl Fn(&mut Vec<(String, Tensor)>)) -> Str
     let src = d.join("src.safetensors");
     write_checkpoint(&src, &tiny_config(Family::Sd1, false), Kind::Float, 1, true).unwrap();
     let file = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&src).unwrap();
-    let mut tensors: Vec<(String, Tensor)> =
-        file.tensors().keys().map(|k| (k.clone(), file.load(k, Device::Cpu, None).unwrap())).collect();
+    let mut tensors: Vec<(String, Tensor)> = file.tensors().keys().map(|k| (k.clone(), file.load(k, Device::Cpu, None).unwrap())).collect();
     edit(&mut tensors);
     let out = d.join(name);
     diffloom_nodes::checkpoint::synthetic::write_safetensors(&out, &tensors, Some(file.metadata.clone())).unwrap();
@@ -131,10 +130,7 @@ fn missing_keys_and_wrong_shapes_name_the_key() {
         let e = t.iter_mut().find(|(k, _)| k == key).unwrap();
         e.1 = Tensor::zeros([32, 127], (Kind::Float, Device::Cpu));
     });
-    assert_eq!(
-        msg,
-        format!("{}: tensor \"{key}\" has shape [32, 127], expected [64, 256]", d.join("shape.safetensors").display())
-    );
+    assert_eq!(msg, format!("{}: tensor \"{key}\" has shape [32, 127], expected [64, 256]", d.join("shape.safetensors").display()));
 }
 
 #[test]
@@ -158,8 +154,7 @@ fn full_checkpoints_with_ema_weights_and_schedule_buffers_load() {
     let src = d.join("src.safetensors");
     write_checkpoint(&src, &tiny_config(Family::Sd1, false), Kind::Float, 1, true).unwrap();
     let file = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&src).unwrap();
-    let mut tensors: Vec<(String, Tensor)> =
-        file.tensors().keys().map(|k| (k.clone(), file.load(k, Device::Cpu, None).unwrap())).collect();
+    let mut tensors: Vec<(String, Tensor)> = file.tensors().keys().map(|k| (k.clone(), file.load(k, Device::Cpu, None).unwrap())).collect();
     tensors.push(("model_ema.decay".into(), Tensor::from_slice(&[0.9999f32])));
     tensors.push(("model_ema.diffusion_modelinput_blocks00weight".into(), Tensor::zeros([64, 4, 3, 3], (Kind::Float, Device::Cpu))));
     tensors.push(("alphas_cumprod".into(), Tensor::ones([1000], (Kind::Float, Device::Cpu))));

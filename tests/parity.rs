@@ -25,20 +25,9 @@ pub fn python() -> std::path::PathBuf {
 
 /// Runs a reference script with `args`, failing the test with its output when it fails.
 pub fn run_reference(script: &str, args: &[&Path]) {
-    let out = Command::new(python())
-        .arg(repo().join("tests/parity").join(script))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run python");
-    assert!(
-        out.status.success(),
-        "{script} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(python()).arg(repo().join("tests/parity").join(script)).args(args).env("HF_HUB_OFFLINE", "1").output().expect("run python");
+    assert!(out.status.success(), "{script} failed:\n{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
 }
-
 
 fn check_model_parity(family: Family, inpaint: bool) {
     let d = Dir::new();

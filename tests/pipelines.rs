@@ -65,7 +65,10 @@ fn check(mode: &str, inpaint_unet: bool) {
     };
     let (p, n) = (r#"Link("p", "CONDITIONING")"#, r#"Link("n", "CONDITIONING")"#);
     let graph = match (mode, inpaint_unet) {
-        ("img2img", _) => format!(r#"{common} "enc": (type: "VAEEncode", inputs: {{"pixels": Link("img", "IMAGE"), "vae": Link("c", "VAE")}}), {}"#, sampler(p, n, r#"Link("enc", "LATENT")"#)),
+        ("img2img", _) => format!(
+            r#"{common} "enc": (type: "VAEEncode", inputs: {{"pixels": Link("img", "IMAGE"), "vae": Link("c", "VAE")}}), {}"#,
+            sampler(p, n, r#"Link("enc", "LATENT")"#)
+        ),
         (_, false) => format!(
             r#"{common} "enc": (type: "VAEEncode", inputs: {{"pixels": Link("img", "IMAGE"), "vae": Link("c", "VAE")}}),
             "nm": (type: "SetLatentNoiseMask", inputs: {{"samples": Link("enc", "LATENT"), "mask": Link("mask", "MASK")}}), {}"#,
@@ -78,23 +81,33 @@ fn check(mode: &str, inpaint_unet: bool) {
         ),
     };
     let start = if inpaint_unet { ("imc", "latent", 2) } else { ("enc", "LATENT", 0) };
-    let v = outputs(&d, &graph, &[("img", "IMAGE", 0), ("mask", "MASK", 0), ("p", "CONDITIONING", 0), ("n", "CONDITIONING", 0), ("s", "LATENT", 0), ("dec", "IMAGE", 0), start]).unwrap();
+    let v = outputs(
+        &d,
+        &graph,
+        &[("img", "IMAGE", 0), ("mask", "MASK", 0), ("p", "CONDITIONING", 0), ("n", "CONDITIONING", 0), ("s", "LATENT", 0), ("dec", "IMAGE", 0), start],
+    )
+    .unwrap();
     let ms = ModelSampling::sd(Prediction::Eps);
     let sigmas = ksampler_sigmas(&ms, "euler", "normal", STEPS, DENOISE).unwrap();
     let sig32: Vec<f32> = sigmas.iter().map(|s| *s as f32).collect();
     let timesteps = ms.timestep(&Tensor::from_slice(&sig32[..sig32.len() - 1])).to_kind(Kind::Float);
     let input = d.join("in.safetensors");
     let named = |k: &str, t: Tensor| (k.to_string(), t.contiguous());
-    write_safetensors(&input, &[
-        named("image", tensor(&v[0])),
-        named("mask", tensor(&v[1])),
-        named("prompt_embeds", tensor(&v[2])),
-        named("negative_prompt_embeds", tensor(&v[3])),
-        named("sigmas", Tensor::from_slice(&sig32)),
-        named("timesteps", timesteps),
-        named("seed", Tensor::from_slice(&[SEED])),
-        named("cfg", Tensor::from_slice(&[CFG as f32])),
-    ], None).unwrap();
+    write_safetensors(
+        &input,
+        &[
+            named("image", tensor(&v[0])),
+            named("mask", tensor(&v[1])),
+            named("prompt_embeds", tensor(&v[2])),
+            named("negative_prompt_embeds", tensor(&v[3])),
+            named("sigmas", Tensor::from_slice(&sig32)),
+            named("timesteps", timesteps),
+            named("seed", Tensor::from_slice(&[SEED])),
+            named("cfg", Tensor::from_slice(&[CFG as f32])),
+        ],
+        None,
+    )
+    .unwrap();
     let reference = d.join("out.safetensors");
     run_reference("pipeline_reference.py", &[Path::new(mode), &ckpt, &input, &reference]);
     let r = SafetensorsFile::open(&reference).unwrap();
@@ -104,7 +117,10 @@ fn check(mode: &str, inpaint_unet: bool) {
     let e_latent = (&latent - &want_latent).abs().max().double_value(&[]);
     let e_image = (&image - &want_image).abs().max().double_value(&[]);
     let magnitude = want_latent.abs().max().double_value(&[]);
-    println!("{mode} ({} UNet): max |Δ| latent {e_latent:.2e} (|latent| up to {magnitude:.1}), image {e_image:.2e}", if inpaint_unet { "9-channel" } else { "4-channel" });
+    println!(
+        "{mode} ({} UNet): max |Δ| latent {e_latent:.2e} (|latent| up to {magnitude:.1}), image {e_image:.2e}",
+        if inpaint_unet { "9-channel" } else { "4-channel" }
+    );
     assert!(excess <= 0.0 && e_image < 1e-4, "{mode}: latent {e_latent}, image {e_image}");
     // Sampling moved the latent far more than the two implementations differ.
     let moved = (&latent - tensor(&v[6])).abs().max().double_value(&[]);

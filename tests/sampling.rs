@@ -34,15 +34,150 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 fn schedules_match_comfyuis_for_the_sd_schedule() {
     // ComfyUI's own output for 10 steps on the SD schedule (comfy/samplers.py run under torch 2.13).
     let want: &[(&str, [f64; 11])] = &[
-        ("simple", [14.614641189575195, 8.302803039550781, 5.08776330947876, 3.3210830688476562, 2.276463031768799, 1.6128861904144287, 1.1605783700942993, 0.8298595547676086, 0.5692849159240723, 0.3416738212108612, 0.0]),
-        ("sgm_uniform", [14.614640235900879, 8.307170867919922, 5.092408180236816, 3.325068950653076, 2.2797305583953857, 1.6155803203582764, 1.1628645658493042, 0.8318837285041809, 0.5711888670921326, 0.34370481967926025, 0.0]),
-        ("karras", [14.614643096923828, 9.10292911529541, 5.478392124176025, 3.168604850769043, 1.749418020248413, 0.9140726923942566, 0.4469183683395386, 0.2013983577489853, 0.08191029727458954, 0.0291671771556139, 0.0]),
-        ("exponential", [14.614640235900879, 7.324869155883789, 3.6712303161621094, 1.8400236368179321, 0.922221302986145, 0.4622182846069336, 0.23166418075561523, 0.11611027270555496, 0.058194562792778015, 0.029167160391807556, 0.0]),
-        ("ddim_uniform", [8.390685081481934, 5.134430885314941, 3.3477635383605957, 2.292853832244873, 1.6236920356750488, 1.1682159900665283, 0.8356528282165527, 0.57405024766922, 0.34618669748306274, 0.04131441190838814, 0.0]),
-        ("beta", [14.614641189575195, 11.542770385742188, 7.371844291687012, 4.372801780700684, 2.6152358055114746, 1.6182788610458374, 1.0273293256759644, 0.6548853516578674, 0.3955096900463104, 0.1990586221218109, 0.0]),
-        ("normal", [14.614640235900879, 7.839882850646973, 4.6091742515563965, 2.918307065963745, 1.9501614570617676, 1.3449277877807617, 0.9323579668998718, 0.6249769330024719, 0.3686577379703522, 0.029167160391807556, 0.0]),
-        ("linear_quadratic", [14.614641189575195, 14.5415678024292, 14.46849536895752, 14.395421981811523, 14.322348594665527, 14.249275207519531, 13.620844841003418, 11.88170337677002, 9.031847953796387, 5.071280479431152, 0.0]),
-        ("kl_optimal", [14.614632606506348, 4.2323503494262695, 2.393718957901001, 1.5970659255981445, 1.132996916770935, 0.8152444362640381, 0.572914183139801, 0.37248414754867554, 0.19528833031654358, 0.029167158529162407, 0.0]),
+        (
+            "simple",
+            [
+                14.614641189575195,
+                8.302803039550781,
+                5.08776330947876,
+                3.3210830688476562,
+                2.276463031768799,
+                1.6128861904144287,
+                1.1605783700942993,
+                0.8298595547676086,
+                0.5692849159240723,
+                0.3416738212108612,
+                0.0,
+            ],
+        ),
+        (
+            "sgm_uniform",
+            [
+                14.614640235900879,
+                8.307170867919922,
+                5.092408180236816,
+                3.325068950653076,
+                2.2797305583953857,
+                1.6155803203582764,
+                1.1628645658493042,
+                0.8318837285041809,
+                0.5711888670921326,
+                0.34370481967926025,
+                0.0,
+            ],
+        ),
+        (
+            "karras",
+            [
+                14.614643096923828,
+                9.10292911529541,
+                5.478392124176025,
+                3.168604850769043,
+                1.749418020248413,
+                0.9140726923942566,
+                0.4469183683395386,
+                0.2013983577489853,
+                0.08191029727458954,
+                0.0291671771556139,
+                0.0,
+            ],
+        ),
+        (
+            "exponential",
+            [
+                14.614640235900879,
+                7.324869155883789,
+                3.6712303161621094,
+                1.8400236368179321,
+                0.922221302986145,
+                0.4622182846069336,
+                0.23166418075561523,
+                0.11611027270555496,
+                0.058194562792778015,
+                0.029167160391807556,
+                0.0,
+            ],
+        ),
+        (
+            "ddim_uniform",
+            [
+                8.390685081481934,
+                5.134430885314941,
+                3.3477635383605957,
+                2.292853832244873,
+                1.6236920356750488,
+                1.1682159900665283,
+                0.8356528282165527,
+                0.57405024766922,
+                0.34618669748306274,
+                0.04131441190838814,
+                0.0,
+            ],
+        ),
+        (
+            "beta",
+            [
+                14.614641189575195,
+                11.542770385742188,
+                7.371844291687012,
+                4.372801780700684,
+                2.6152358055114746,
+                1.6182788610458374,
+                1.0273293256759644,
+                0.6548853516578674,
+                0.3955096900463104,
+                0.1990586221218109,
+                0.0,
+            ],
+        ),
+        (
+            "normal",
+            [
+                14.614640235900879,
+                7.839882850646973,
+                4.6091742515563965,
+                2.918307065963745,
+                1.9501614570617676,
+                1.3449277877807617,
+                0.9323579668998718,
+                0.6249769330024719,
+                0.3686577379703522,
+                0.029167160391807556,
+                0.0,
+            ],
+        ),
+        (
+            "linear_quadratic",
+            [
+                14.614641189575195,
+                14.5415678024292,
+                14.46849536895752,
+                14.395421981811523,
+                14.322348594665527,
+                14.249275207519531,
+                13.620844841003418,
+                11.88170337677002,
+                9.031847953796387,
+                5.071280479431152,
+                0.0,
+            ],
+        ),
+        (
+            "kl_optimal",
+            [
+                14.614632606506348,
+                4.2323503494262695,
+                2.393718957901001,
+                1.5970659255981445,
+                1.132996916770935,
+                0.8152444362640381,
+                0.572914183139801,
+                0.37248414754867554,
+                0.19528833031654358,
+                0.029167158529162407,
+                0.0,
+            ],
+        ),
     ];
     let ms = ModelSampling::sd(Prediction::Eps);
     assert_eq!(ms.sigma_min() as f32, 0.029_167_159_f32);
@@ -106,9 +241,12 @@ fn samplers_match_k_diffusion_on_a_toy_denoiser() {
     let shape = [2i64, 4, 8, 8];
     let mut names = K_DIFFUSION_SAMPLERS.to_vec();
     names.extend(["dpm_fast", "dpm_adaptive", "uni_pc", "uni_pc_bh2"]);
-    let r = reference(&d, serde_json::json!({
-        "seed": 42, "shape": shape, "sigmas": sigmas, "samplers": names, "model": "toy",
-    }));
+    let r = reference(
+        &d,
+        serde_json::json!({
+            "seed": 42, "shape": shape, "sigmas": sigmas, "samplers": names, "model": "toy",
+        }),
+    );
     let mut failures = Vec::new();
     for name in K_DIFFUSION_SAMPLERS {
         let worst = compare_trajectories(&r, name, &trajectory(name, &mut Toy, 42, &shape, &sigmas));
@@ -139,10 +277,13 @@ fn samplers_match_k_diffusion_on_the_tiny_unet() {
     let sigmas = calculate_sigmas(&ms, "normal", 8).unwrap();
     let shape = [1i64, 4, 8, 8];
     let names = ["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde"];
-    let r = reference(&d, serde_json::json!({
-        "seed": 7, "shape": shape, "sigmas": sigmas, "samplers": names,
-        "model": {"ckpt": ckpt, "context_seed": 1},
-    }));
+    let r = reference(
+        &d,
+        serde_json::json!({
+            "seed": 7, "shape": shape, "sigmas": sigmas, "samplers": names,
+            "model": {"ckpt": ckpt, "context_seed": 1},
+        }),
+    );
     let ck = load_checkpoint(&ckpt, Device::Cpu, Kind::Float).unwrap();
     let unet = ck.unet.unwrap();
     let context = r.load("context", Device::Cpu, None).unwrap();
@@ -160,18 +301,17 @@ fn samplers_match_k_diffusion_on_the_tiny_unet() {
 #[test]
 fn initial_noise_and_schedules_match_pytorch_and_k_diffusion() {
     let d = Dir::new();
-    let seeds: Vec<(i128, Vec<i64>)> = vec![
-        (0, vec![1, 4, 64, 64]),
-        (42, vec![2, 4, 8, 8]),
-        (u64::MAX as i128, vec![1, 4, 16, 16]),
-        (123_456_789_012, vec![3, 4, 5, 7]),
-    ];
-    let r = reference(&d, serde_json::json!({
-        "seed": 0, "shape": [1, 4, 2, 2], "sigmas": [1.0, 0.0], "samplers": [], "model": "toy",
-        "noise_seeds": seeds.iter().map(|(s, sh)| serde_json::json!([*s as u64, sh])).collect::<Vec<_>>(),
-        "step_noise_seeds": seeds.iter().map(|(s, sh)| serde_json::json!([*s as u64, sh, 3])).collect::<Vec<_>>(),
-        "karras_exponential_steps": [1, 10, 25],
-    }));
+    let seeds: Vec<(i128, Vec<i64>)> =
+        vec![(0, vec![1, 4, 64, 64]), (42, vec![2, 4, 8, 8]), (u64::MAX as i128, vec![1, 4, 16, 16]), (123_456_789_012, vec![3, 4, 5, 7])];
+    let r = reference(
+        &d,
+        serde_json::json!({
+            "seed": 0, "shape": [1, 4, 2, 2], "sigmas": [1.0, 0.0], "samplers": [], "model": "toy",
+            "noise_seeds": seeds.iter().map(|(s, sh)| serde_json::json!([*s as u64, sh])).collect::<Vec<_>>(),
+            "step_noise_seeds": seeds.iter().map(|(s, sh)| serde_json::json!([*s as u64, sh, 3])).collect::<Vec<_>>(),
+            "karras_exponential_steps": [1, 10, 25],
+        }),
+    );
     for (i, (seed, shape)) in seeds.iter().enumerate() {
         let ours = initial_noise(*seed, shape, None);
         let theirs = r.load(&format!("noise.{i}"), Device::Cpu, None).unwrap();
@@ -198,8 +338,6 @@ fn initial_noise_and_schedules_match_pytorch_and_k_diffusion() {
         }
     }
 }
-
-
 
 #[test]
 fn sampling_types_follow_diffusers_schedules_and_lcm_scalings() {
@@ -354,9 +492,25 @@ fn toy_run(name: &str, seed: i128, n: usize) -> Tensor {
 #[test]
 fn stochastic_samplers_are_deterministic_per_seed() {
     let stochastic = [
-        "euler_ancestral", "euler_ancestral_cfg_pp", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
-        "dpmpp_sde", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "ddpm", "lcm", "res_multistep_ancestral",
-        "res_multistep_ancestral_cfg_pp", "er_sde", "seeds_2", "seeds_3", "exp_heun_2_x0_sde", "sa_solver", "sa_solver_pece",
+        "euler_ancestral",
+        "euler_ancestral_cfg_pp",
+        "dpm_2_ancestral",
+        "dpmpp_2s_ancestral",
+        "dpmpp_2s_ancestral_cfg_pp",
+        "dpmpp_sde",
+        "dpmpp_2m_sde",
+        "dpmpp_2m_sde_heun",
+        "dpmpp_3m_sde",
+        "ddpm",
+        "lcm",
+        "res_multistep_ancestral",
+        "res_multistep_ancestral_cfg_pp",
+        "er_sde",
+        "seeds_2",
+        "seeds_3",
+        "exp_heun_2_x0_sde",
+        "sa_solver",
+        "sa_solver_pece",
     ];
     for name in stochastic {
         let a = toy_run(name, 5, 6);
@@ -402,7 +556,8 @@ impl Denoiser for ToyEps {
 fn ddpm_and_lcm_match_diffusers_schedulers() {
     use diffloom_nodes::sampling::model_sampling::{Parameterization, SamplingMode};
     let d = Dir::new();
-    let spec = d.write("spec.json", serde_json::json!({"seed": 5, "shape": [1, 4, 8, 8], "ddpm_timesteps": [999, 749, 499, 249, 0], "lcm_steps": 4}).to_string());
+    let spec =
+        d.write("spec.json", serde_json::json!({"seed": 5, "shape": [1, 4, 8, 8], "ddpm_timesteps": [999, 749, 499, 249, 0], "lcm_steps": 4}).to_string());
     let out = d.join("ref.safetensors");
     run_reference("scheduler_reference.py", &[&spec, &out]);
     let r = SafetensorsFile::open(&out).unwrap();

@@ -92,7 +92,13 @@ fn sd2_pads_with_zero_and_sd1_with_the_end_token() {
     let tok = default_tokenizer().unwrap();
     for (pad, family) in [(49407u32, "sd1"), (0, "sd2")] {
         let w = tokenize(&tok, "a photo of a cat", pad, None).unwrap();
-        let ids: Vec<u32> = w.windows[0].iter().map(|(s, _)| match s { Slot::Token(t) => *t, _ => u32::MAX }).collect();
+        let ids: Vec<u32> = w.windows[0]
+            .iter()
+            .map(|(s, _)| match s {
+                Slot::Token(t) => *t,
+                _ => u32::MAX,
+            })
+            .collect();
         assert_eq!(&ids[..7], &[49406, 320, 1125, 539, 320, 2368, 49407], "{family}");
         assert!(ids[7..].iter().all(|t| *t == pad), "{family}");
     }
@@ -182,24 +188,43 @@ fn vae_nodes_round_trip_with_crop_tiling_and_clear_errors() {
     d.png("odd.png", 70, 45, 3);
     d.png("tiny.png", 6, 6, 3);
     let ck = ckpt(&d, Family::Sd1);
-    let base = format!(r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}), "img": (type: "LoadImage", inputs: {{"image": "odd.png"}}),"#);
-    let msgs = run_nodes(&d, &format!(r#"{base}
+    let base =
+        format!(r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}), "img": (type: "LoadImage", inputs: {{"image": "odd.png"}}),"#);
+    let msgs = run_nodes(
+        &d,
+        &format!(
+            r#"{base}
         "enc": (type: "VAEEncode", inputs: {{"pixels": Link("img", "IMAGE"), "vae": Link("c", "VAE")}}),
         "dec": (type: "VAEDecode", inputs: {{"samples": Link("enc", "LATENT"), "vae": Link("c", "VAE")}}),
         "o": (type: "PreviewAny", inputs: {{"source": Link("enc", "LATENT")}}),
-        "o2": (type: "PreviewAny", inputs: {{"source": Link("dec", "IMAGE")}}),"#)).unwrap();
+        "o2": (type: "PreviewAny", inputs: {{"source": Link("dec", "IMAGE")}}),"#
+        ),
+    )
+    .unwrap();
     // 70×45 is cropped to 64×40 around the centre: latents 8×5, decoded 64×40.
     assert!(msgs.contains(&"LATENT [1, 4, 5, 8]".to_owned()), "{msgs:?}");
     assert!(msgs.contains(&"IMAGE [1, 40, 64, 3]".to_owned()), "{msgs:?}");
-    let msgs = run_nodes(&d, &format!(r#"{base}
+    let msgs = run_nodes(
+        &d,
+        &format!(
+            r#"{base}
         "e": (type: "EmptyLatentImage", inputs: {{"width": 96, "height": 64, "batch_size": 2}}),
         "dec": (type: "VAEDecodeTiled", inputs: {{"samples": Link("e", "LATENT"), "vae": Link("c", "VAE"), "tile_size": 64, "overlap": 32}}),
-        "o": (type: "PreviewAny", inputs: {{"source": Link("dec", "IMAGE")}}),"#)).unwrap();
+        "o": (type: "PreviewAny", inputs: {{"source": Link("dec", "IMAGE")}}),"#
+        ),
+    )
+    .unwrap();
     assert!(msgs.contains(&"IMAGE [2, 64, 96, 3]".to_owned()), "{msgs:?}");
-    let err = run_nodes(&d, &format!(r#"{base}
+    let err = run_nodes(
+        &d,
+        &format!(
+            r#"{base}
         "small": (type: "LoadImage", inputs: {{"image": "tiny.png"}}),
         "enc": (type: "VAEEncode", inputs: {{"pixels": Link("small", "IMAGE"), "vae": Link("c", "VAE")}}),
-        "o": (type: "PreviewAny", inputs: {{"source": Link("enc", "LATENT")}}),"#)).unwrap_err();
+        "o": (type: "PreviewAny", inputs: {{"source": Link("enc", "LATENT")}}),"#
+        ),
+    )
+    .unwrap_err();
     assert!(err.contains("node \"enc\" (VAEEncode): input \"pixels\": the image is 6×6; the VAE needs at least 8×8"), "{err}");
 }
 
@@ -227,9 +252,16 @@ fn missing_checkpoint_parts_are_named_where_they_are_needed() {
     config.clip = None;
     let path = d.join("noclip.safetensors");
     write_checkpoint(&path, &config, Kind::Float, 5, true).unwrap();
-    let err = run_nodes(&d, &format!(r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {:?}}}),
+    let err = run_nodes(
+        &d,
+        &format!(
+            r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {:?}}}),
         "e": (type: "CLIPTextEncode", inputs: {{"text": "x", "clip": Link("c", "CLIP")}}),
-        "o": (type: "PreviewAny", inputs: {{"source": Link("e", "CONDITIONING")}}),"#, path.display().to_string())).unwrap_err();
+        "o": (type: "PreviewAny", inputs: {{"source": Link("e", "CONDITIONING")}}),"#,
+            path.display().to_string()
+        ),
+    )
+    .unwrap_err();
     assert!(err.contains("node \"e\" (CLIPTextEncode): input \"clip\": ") && err.contains("noclip.safetensors has no text encoder"), "{err}");
 }
 
@@ -238,14 +270,18 @@ fn an_unchanged_checkpoint_loads_once() {
     let d = Dir::new();
     let ck = ckpt(&d, Family::Sd1);
     let (mut ex, reg) = executor(&d, GIB);
-    let g = |seed_text: &str| format!(r#"(version: 1, nodes: {{
+    let g = |seed_text: &str| {
+        format!(
+            r#"(version: 1, nodes: {{
         "c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
         "c2": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
         "e": (type: "CLIPTextEncode", inputs: {{"text": {seed_text:?}, "clip": Link("c", "CLIP")}}),
         "e2": (type: "CLIPTextEncode", inputs: {{"text": "other", "clip": Link("c2", "CLIP")}}),
         "o": (type: "PreviewAny", inputs: {{"source": Link("e", "CONDITIONING")}}),
         "o2": (type: "PreviewAny", inputs: {{"source": Link("e2", "CONDITIONING")}}),
-    }})"#);
+    }})"#
+        )
+    };
     let r = run_graph(&mut ex, &reg, &d, &g("a"), &[]);
     // Two loader nodes of the same file share one result: the second is a cache hit.
     assert_eq!(r.ran(), ["c", "e", "e2", "o", "o2"]);

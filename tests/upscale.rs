@@ -13,7 +13,7 @@ use diffloom_nodes::tiles::tiled_scale;
 use tch::{Device, Kind, Tensor};
 
 use crate::parity::run_reference;
-use crate::util::{max_abs_diff, executor, run_graph, tiny_sd1, Dir};
+use crate::util::{executor, max_abs_diff, run_graph, tiny_sd1, Dir};
 
 fn rrdb(nf: i64, nb: i64, upsamples: i64, shuffle: i64) -> RrdbConfig {
     RrdbConfig { in_nc: 3, out_nc: 3, nf, gc: 32, nb, upsamples, shuffle }
@@ -60,7 +60,6 @@ fn load(path: &Path) -> RrdbNet {
     load_upscale_model(path, Device::Cpu, Kind::Float).unwrap().0
 }
 
-
 #[test]
 fn rrdbnet_matches_spandrel_on_both_layouts_and_scales() {
     let d = Dir::new();
@@ -106,10 +105,7 @@ fn rrdbnet_matches_spandrel_on_both_layouts_and_scales() {
 
 /// Mean absolute step between neighbouring output columns at `cols`.
 fn step_at(x: &Tensor, cols: &[i64]) -> f64 {
-    let steps: Vec<f64> = cols
-        .iter()
-        .map(|c| (x.narrow(3, *c, 1) - x.narrow(3, c - 1, 1)).abs().mean(Kind::Float).double_value(&[]))
-        .collect();
+    let steps: Vec<f64> = cols.iter().map(|c| (x.narrow(3, *c, 1) - x.narrow(3, c - 1, 1)).abs().mean(Kind::Float).double_value(&[])).collect();
     steps.iter().sum::<f64>() / steps.len() as f64
 }
 

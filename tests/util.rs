@@ -42,9 +42,7 @@ impl Dir {
 
     /// Writes a `w`×`h` RGB PNG whose pixels depend on `seed`.
     pub fn png(&self, name: &str, w: u32, h: u32, seed: u8) -> PathBuf {
-        let img = image::RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([(x as u8).wrapping_mul(7) ^ seed, (y as u8).wrapping_mul(13), seed.wrapping_add(x as u8)])
-        });
+        let img = image::RgbImage::from_fn(w, h, |x, y| image::Rgb([(x as u8).wrapping_mul(7) ^ seed, (y as u8).wrapping_mul(13), seed.wrapping_add(x as u8)]));
         let p = self.join(name);
         img.save(&p).expect("save png");
         p
@@ -52,12 +50,7 @@ impl Dir {
 
     /// `diffloom ARGS` run in this directory.
     pub fn diffloom(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_diffloom"))
-            .args(args)
-            .current_dir(self.path())
-            .env_remove("DIFFLOOM_LOG")
-            .output()
-            .expect("run diffloom")
+        Command::new(env!("CARGO_BIN_EXE_diffloom")).args(args).current_dir(self.path()).env_remove("DIFFLOOM_LOG").output().expect("run diffloom")
     }
 
     /// Sorted names of the files in `sub`.

@@ -18,14 +18,7 @@ extern "C" {
     fn dl_free_string(s: *mut c_char);
     fn dl_generator_new(device_type: c_int, device_index: c_int, seed: u64, err: *mut *mut c_char) -> *mut c_void;
     fn dl_generator_free(gen: *mut c_void);
-    fn dl_generator_draw(
-        gen: *mut c_void,
-        sizes: *const i64,
-        ndim: usize,
-        dtype: c_int,
-        uniform: c_int,
-        err: *mut *mut c_char,
-    ) -> *mut c_void;
+    fn dl_generator_draw(gen: *mut c_void, sizes: *const i64, ndim: usize, dtype: c_int, uniform: c_int, err: *mut *mut c_char) -> *mut c_void;
     fn dl_cuda_built() -> c_int;
     fn dl_torch_version() -> *mut c_char;
     fn dl_cpu_capability() -> *mut c_char;
@@ -95,9 +88,7 @@ impl Generator {
     fn draw(&mut self, shape: &[i64], kind: Kind, uniform: bool) -> Result<Tensor, AtenError> {
         let mut err = std::ptr::null_mut();
         // SAFETY: `shape` outlives the call; the shim returns a heap at::Tensor that tch then owns.
-        let t = unsafe {
-            dl_generator_draw(self.ptr, shape.as_ptr(), shape.len(), scalar_type(kind)?, c_int::from(uniform), &mut err)
-        };
+        let t = unsafe { dl_generator_draw(self.ptr, shape.as_ptr(), shape.len(), scalar_type(kind)?, c_int::from(uniform), &mut err) };
         if let Some(e) = take_string(err) {
             return Err(AtenError(e));
         }

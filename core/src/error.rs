@@ -75,20 +75,13 @@ impl fmt::Display for ValidationError {
             ValidationKind::UnknownLinkNode { target, suggestion } => {
                 write!(f, ": links to node {target:?}, which does not exist{}", hint(suggestion))
             }
-            ValidationKind::UnknownOutput { target, output, available } => write!(
-                f,
-                ": node {target:?} has no output {output:?} (its outputs: {})",
-                quoted_list(available)
-            ),
+            ValidationKind::UnknownOutput { target, output, available } => {
+                write!(f, ": node {target:?} has no output {output:?} (its outputs: {})", quoted_list(available))
+            }
             ValidationKind::TypeMismatch { expected, found } => write!(f, ": expected {expected}, got {found}"),
             ValidationKind::BelowMin { value, min } => write!(f, ": {value} is below the minimum {min}"),
             ValidationKind::AboveMax { value, max } => write!(f, ": {value} is above the maximum {max}"),
-            ValidationKind::NotAChoice { value, choices, suggestion } => write!(
-                f,
-                ": {value:?} is not one of {}{}",
-                quoted_list(choices),
-                hint(suggestion)
-            ),
+            ValidationKind::NotAChoice { value, choices, suggestion } => write!(f, ": {value:?} is not one of {}{}", quoted_list(choices), hint(suggestion)),
             ValidationKind::UnknownParam { name, suggestion } => {
                 write!(f, ": parameter {name:?} is not declared in `params`{}", hint(suggestion))
             }

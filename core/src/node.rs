@@ -81,9 +81,7 @@ impl InputKind {
             InputKind::Float { default, .. } => default.map(Value::Float),
             InputKind::String { default, .. } => default.clone().map(Value::String),
             InputKind::Boolean { default } => default.map(Value::Boolean),
-            InputKind::Combo { default, choices } => {
-                default.clone().or_else(|| choices.first().cloned()).map(Value::String)
-            }
+            InputKind::Combo { default, choices } => default.clone().or_else(|| choices.first().cloned()).map(Value::String),
             InputKind::Link { .. } => None,
         }
     }
@@ -333,10 +331,7 @@ pub fn resolve_input_path(graph_dir: &Path, input: &str, path: &str) -> Result<P
     if beside.exists() {
         return Ok(beside);
     }
-    Err(NodeError::input(
-        input,
-        format!("file {path:?} not found (looked in the working directory and in {})", graph_dir.display()),
-    ))
+    Err(NodeError::input(input, format!("file {path:?} not found (looked in the working directory and in {})", graph_dir.display())))
 }
 
 /// A node's inputs for one call, by name, with defaults filled in and parameters substituted.

@@ -67,8 +67,7 @@ impl Registry {
 
     /// Removes every node type registered from `origin` (a plugin file being reloaded).
     pub fn remove_origin(&mut self, origin: &Origin) -> Vec<String> {
-        let names: Vec<String> =
-            self.entries.iter().filter(|(_, e)| &e.origin == origin).map(|(n, _)| n.clone()).collect();
+        let names: Vec<String> = self.entries.iter().filter(|(_, e)| &e.origin == origin).map(|(n, _)| n.clone()).collect();
         for n in &names {
             self.entries.remove(n);
         }

@@ -54,10 +54,7 @@ pub fn apply_params(file: &Path, graph: &mut GraphFile, sets: &[(String, String)
 /// Checks a value against what an input accepts, converting where the input allows (INT to FLOAT).
 /// Also used by the executor for values that arrive over links.
 pub fn check_value(kind: &InputKind, value: Value) -> Result<Value, ValidationKind> {
-    let mismatch = |value: &Value| ValidationKind::TypeMismatch {
-        expected: kind.value_type().name().to_owned(),
-        found: value.value_type().name().to_owned(),
-    };
+    let mismatch = |value: &Value| ValidationKind::TypeMismatch { expected: kind.value_type().name().to_owned(), found: value.value_type().name().to_owned() };
     match (kind, value) {
         (InputKind::Int { min, max, .. }, Value::Int(v)) => {
             if v < *min {
@@ -132,10 +129,7 @@ pub fn validate(file: &Path, graph: &GraphFile, registry: &Registry) -> Result<R
 
     for (i, (id, entry)) in graph.nodes.iter().enumerate() {
         let Some(reg) = registry.get(&entry.node_type) else {
-            errors.push(mk(Some(id), None, ValidationKind::UnknownNodeType {
-                name: entry.node_type.clone(),
-                suggestion: registry.suggest(&entry.node_type),
-            }));
+            errors.push(mk(Some(id), None, ValidationKind::UnknownNodeType { name: entry.node_type.clone(), suggestion: registry.suggest(&entry.node_type) }));
             continue;
         };
         let schema = &reg.schema;
@@ -184,11 +178,15 @@ pub fn validate(file: &Path, graph: &GraphFile, registry: &Registry) -> Result<R
                                 None => None,
                                 Some(ts) => match ts.output_index(output) {
                                     None => {
-                                        errors.push(mk(Some(id), Some(name), ValidationKind::UnknownOutput {
-                                            target: target.clone(),
-                                            output: output.clone(),
-                                            available: ts.outputs.iter().map(|o| o.name.clone()).collect(),
-                                        }));
+                                        errors.push(mk(
+                                            Some(id),
+                                            Some(name),
+                                            ValidationKind::UnknownOutput {
+                                                target: target.clone(),
+                                                output: output.clone(),
+                                                available: ts.outputs.iter().map(|o| o.name.clone()).collect(),
+                                            },
+                                        ));
                                         None
                                     }
                                     Some(o) => {
@@ -196,10 +194,14 @@ pub fn validate(file: &Path, graph: &GraphFile, registry: &Registry) -> Result<R
                                         if out_ty.feeds(spec.kind.value_type()) {
                                             Some(ResolvedInput::Link { node: t, output: o })
                                         } else {
-                                            errors.push(mk(Some(id), Some(name), ValidationKind::TypeMismatch {
-                                                expected: spec.kind.value_type().name().to_owned(),
-                                                found: format!("{out_ty} (output {output:?} of node {target:?})"),
-                                            }));
+                                            errors.push(mk(
+                                                Some(id),
+                                                Some(name),
+                                                ValidationKind::TypeMismatch {
+                                                    expected: spec.kind.value_type().name().to_owned(),
+                                                    found: format!("{out_ty} (output {output:?} of node {target:?})"),
+                                                },
+                                            ));
                                             None
                                         }
                                     }
@@ -246,10 +248,7 @@ pub fn validate(file: &Path, graph: &GraphFile, registry: &Registry) -> Result<R
 /// Converts a literal for an input of `kind`, reporting what is wrong through `report`.
 fn literal_input(kind: &InputKind, lit: &Literal, report: impl FnOnce(ValidationKind)) -> Option<ResolvedInput> {
     if let InputKind::Link { ty } = kind {
-        report(ValidationKind::TypeMismatch {
-            expected: format!("a link to an output of type {ty}"),
-            found: format!("the literal {lit}"),
-        });
+        report(ValidationKind::TypeMismatch { expected: format!("a link to an output of type {ty}"), found: format!("the literal {lit}") });
         return None;
     }
     match check_value(kind, literal_value(lit)) {
@@ -260,4 +259,3 @@ fn literal_input(kind: &InputKind, lit: &Literal, report: impl FnOnce(Validation
         }
     }
 }
-

@@ -283,10 +283,7 @@ impl Value {
             Value::String(s) => s.len() + 24,
             Value::Image(t) | Value::Mask(t) | Value::Sigmas(t) => tensor_bytes(t),
             Value::Latent(l) => tensor_bytes(&l.samples) + l.noise_mask.as_ref().map_or(0, |m| tensor_bytes(m)),
-            Value::Conditioning(c) => c
-                .iter()
-                .map(|e| tensor_bytes(&e.cross_attn) + e.pooled.as_ref().map_or(0, |p| tensor_bytes(p)))
-                .sum(),
+            Value::Conditioning(c) => c.iter().map(|e| tensor_bytes(&e.cross_attn) + e.pooled.as_ref().map_or(0, |p| tensor_bytes(p))).sum(),
             Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::Noise(h) | Value::Guider(h) | Value::UpscaleModel(h) => h.bytes,
         }
     }

@@ -22,8 +22,7 @@ pub fn load(path: &Path) -> Result<Decoded, NodeError> {
         Ok(f @ (ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)) => f,
         _ => return Err(NodeError::file(path, "not a PNG, JPEG or WebP image")),
     };
-    let img = image::load_from_memory_with_format(&bytes, format)
-        .map_err(|e| NodeError::file(path, format!("cannot decode the image: {e}")))?;
+    let img = image::load_from_memory_with_format(&bytes, format).map_err(|e| NodeError::file(path, format!("cannot decode the image: {e}")))?;
     let has_alpha = img.color().has_alpha();
     let (w, h) = (img.width() as i64, img.height() as i64);
     let rgba = img.into_rgba32f();
@@ -46,13 +45,7 @@ pub fn read(path: &Path) -> Result<Vec<u8>, NodeError> {
 pub fn to_rgb8(image: &Tensor) -> Result<image::RgbImage, NodeError> {
     let size = image.size();
     let (h, w) = (size[0] as u32, size[1] as u32);
-    let bytes = image
-        .f_to_kind(Kind::Float)?
-        .f_mul_scalar(255.0)?
-        .f_clamp(0.0, 255.0)?
-        .f_to_kind(Kind::Uint8)?
-        .f_contiguous()?
-        .f_view([-1])?;
+    let bytes = image.f_to_kind(Kind::Float)?.f_mul_scalar(255.0)?.f_clamp(0.0, 255.0)?.f_to_kind(Kind::Uint8)?.f_contiguous()?.f_view([-1])?;
     let data = Vec::<u8>::try_from(&bytes)?;
     image::RgbImage::from_raw(w, h, data).ok_or_else(|| NodeError::Failed("image buffer has the wrong size".into()))
 }
@@ -80,8 +73,7 @@ pub fn save_png(dir: &Path, prefix: &str, img: &image::RgbImage, keyword: &str, 
     // invariant: check_prefix rejected empty prefixes, so there is a file name component.
     let folder = full.parent().map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf());
     let stem = full.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    fs::create_dir_all(&folder)
-        .map_err(|e| NodeError::file(&folder, format!("cannot create the output directory: {e}")))?;
+    fs::create_dir_all(&folder).map_err(|e| NodeError::file(&folder, format!("cannot create the output directory: {e}")))?;
 
     let mut tmp = tempfile::Builder::new()
         .prefix(".diffloom-")

@@ -12,9 +12,9 @@ use tch::{Device, Kind, Tensor};
 
 use diffloom_core::NodeError;
 
-use crate::checkpoint::safetensors::SafetensorsFile;
 use crate::checkpoint::load::build;
-use crate::checkpoint::{keymap, Loaded, LoadError, Weights};
+use crate::checkpoint::safetensors::SafetensorsFile;
+use crate::checkpoint::{keymap, LoadError, Loaded, Weights};
 use crate::models::clip::{ClipLayout, ClipTextModel};
 use crate::models::unet::{Unet, UnetConfig};
 use crate::sd::{SdClip, SdModel};
@@ -35,8 +35,7 @@ pub struct LoraFile {
 }
 
 /// (down, up) suffixes: kohya's, PEFT's (`lora_A`/`lora_B`), older diffusers'.
-const PAIRS: [(&str, &str); 3] =
-    [(".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight")];
+const PAIRS: [(&str, &str); 3] = [(".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up.weight")];
 
 /// What an unusable key belongs to, for the report.
 fn unsupported_kind(key: &str) -> &'static str {
@@ -135,8 +134,7 @@ pub fn unet_modules(config: &UnetConfig, state: &[(String, Tensor)]) -> Vec<(Str
     let keys = has(state);
     let nrb = config.num_res_blocks as usize;
     let levels = config.channel_mult.len();
-    let up_has_attn: Vec<bool> =
-        (0..levels).map(|i| keys.contains(format!("output_blocks.{}.1.proj_in.weight", i * (nrb + 1)).as_str())).collect();
+    let up_has_attn: Vec<bool> = (0..levels).map(|i| keys.contains(format!("output_blocks.{}.1.proj_in.weight", i * (nrb + 1)).as_str())).collect();
     let resnet = |p: &str| ["conv1", "conv2", "time_emb_proj", "conv_shortcut"].map(|l| format!("{p}.{l}")).to_vec();
     let attention = |p: &str| {
         let mut m = vec![format!("{p}.proj_in"), format!("{p}.proj_out")];
@@ -149,8 +147,7 @@ pub fn unet_modules(config: &UnetConfig, state: &[(String, Tensor)]) -> Vec<(Str
         }
         m
     };
-    let mut paths: Vec<String> =
-        ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"].map(String::from).to_vec();
+    let mut paths: Vec<String> = ["conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2"].map(String::from).to_vec();
     for i in 0..levels {
         for j in 0..=nrb {
             for block in ["down_blocks", "up_blocks"] {
@@ -269,10 +266,7 @@ pub fn patch_state(state: &[(String, Tensor)], patches: &[(&Target, &LoraModule,
         }
         patched.insert(key, w.to_kind(base.kind()));
     }
-    Ok(state
-        .iter()
-        .map(|(k, t)| (k.clone(), patched.remove(k.as_str()).unwrap_or_else(|| t.shallow_clone())))
-        .collect())
+    Ok(state.iter().map(|(k, t)| (k.clone(), patched.remove(k.as_str()).unwrap_or_else(|| t.shallow_clone()))).collect())
 }
 
 /// The UNet rebuilt from a patched state.
@@ -318,15 +312,12 @@ pub fn apply_lora(
     if unet_patches.is_empty() && clip_patches.is_empty() {
         let kinds: Vec<&str> = lora.unsupported.iter().map(|(_, k)| *k).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         return Err(failed(match (lora.modules.first(), lora.unsupported.first()) {
-            (Some(_), _) if unmatched.is_empty() => format!(
-                "its {} UNet and {} text-encoder modules are all for a part this node does not patch",
-                skipped.0, skipped.1
-            ),
-            (Some(first), _) => format!(
-                "none of its {} LoRA modules addresses this model (first: {:?}); a LoRA for another model family?",
-                lora.modules.len(),
-                first.name
-            ),
+            (Some(_), _) if unmatched.is_empty() => {
+                format!("its {} UNet and {} text-encoder modules are all for a part this node does not patch", skipped.0, skipped.1)
+            }
+            (Some(first), _) => {
+                format!("none of its {} LoRA modules addresses this model (first: {:?}); a LoRA for another model family?", lora.modules.len(), first.name)
+            }
             (None, Some((key, _))) => format!("holds no LoRA up/down pairs diffloom can apply (first key {key:?}; kinds: {})", kinds.join(", ")),
             (None, None) => "holds no tensors".into(),
         }));

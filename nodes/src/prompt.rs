@@ -10,7 +10,10 @@ use crate::tokenizer::{ClipTokenizer, END, START};
 pub enum Slot {
     Token(u32),
     /// Row `row` of the embedding at index `embedding` of [`Windows::embeddings`].
-    Embedding { embedding: usize, row: i64 },
+    Embedding {
+        embedding: usize,
+        row: i64,
+    },
 }
 
 /// The prompt cut into 77-slot windows, each slot with its weight.
@@ -34,10 +37,7 @@ const IDENT: &str = "embedding:";
 /// ComfyUI's `token_weights`: splits `text` into segments with weights.
 pub fn parse_weights(text: &str) -> Vec<(String, f64)> {
     let escaped = text.replace("\\)", "\0\u{1}").replace("\\(", "\0\u{2}");
-    token_weights(&escaped, 1.0)
-        .into_iter()
-        .map(|(s, w)| (s.replace("\0\u{1}", ")").replace("\0\u{2}", "("), w))
-        .collect()
+    token_weights(&escaped, 1.0).into_iter().map(|(s, w)| (s.replace("\0\u{1}", ")").replace("\0\u{2}", "("), w)).collect()
 }
 
 fn parse_parentheses(s: &str) -> Vec<String> {

@@ -48,8 +48,7 @@ fn lanczos(x: &Tensor, width: i64, height: i64) -> Result<Tensor, NodeError> {
     let mut out = Vec::with_capacity((n * c) as usize);
     for i in 0..n * c {
         let data = Vec::<f32>::try_from(&planes.f_get(i)?.f_view([-1])?)?;
-        let img = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(w, h, data)
-            .ok_or_else(|| NodeError::Failed("plane has the wrong size".into()))?;
+        let img = image::ImageBuffer::<image::Luma<f32>, Vec<f32>>::from_raw(w, h, data).ok_or_else(|| NodeError::Failed("plane has the wrong size".into()))?;
         let resized = image::imageops::resize(&img, width as u32, height as u32, image::imageops::FilterType::Lanczos3);
         out.push(Tensor::f_from_slice(resized.as_raw())?.f_view([height, width])?);
     }

@@ -12,11 +12,11 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::detect::Family;
 use crate::checkpoint::safetensors::SafetensorsFile;
 use crate::checkpoint::Loaded;
-use crate::sampling::model_sampling::SamplingMode;
 use crate::models::clip::{ClipOutput, ClipTextModel};
 use crate::models::unet::Unet;
 use crate::models::vae::AutoencoderKl;
 use crate::prompt::{self, EmbeddingSource, Slot};
+use crate::sampling::model_sampling::SamplingMode;
 use crate::tiles::tiled_scale;
 use crate::tokenizer::ClipTokenizer;
 
@@ -81,7 +81,11 @@ impl SdClip {
 
     /// The padding token: SD 1.x pads with the end token, SD 2.x (OpenCLIP) with 0.
     fn pad(&self) -> u32 {
-        if self.family == Family::Sd2 { 0 } else { crate::tokenizer::END }
+        if self.family == Family::Sd2 {
+            0
+        } else {
+            crate::tokenizer::END
+        }
     }
 
     /// ComfyUI's `encode_token_weights`: every 77-token window encoded, weights applied as
@@ -155,10 +159,7 @@ impl EmbeddingSource for EmbeddingDir {
             return Err(unknown());
         }
         let exact = self.dir.join(name);
-        let path = [exact.clone(), self.dir.join(format!("{name}.safetensors"))]
-            .into_iter()
-            .find(|p| p.is_file())
-            .ok_or_else(unknown)?;
+        let path = [exact.clone(), self.dir.join(format!("{name}.safetensors"))].into_iter().find(|p| p.is_file()).ok_or_else(unknown)?;
         if path.extension().is_some_and(|e| e == "pt" || e == "bin") {
             return Err(format!("{}: pickle embeddings are not loaded; convert it to .safetensors", path.display()));
         }
@@ -193,7 +194,11 @@ impl SdVae {
         }
         let crop = |x: Tensor, d: i64, n: i64| {
             let keep = n / VAE_FACTOR * VAE_FACTOR;
-            if keep == n { x } else { x.narrow(d, (n % VAE_FACTOR) / 2, keep) }
+            if keep == n {
+                x
+            } else {
+                x.narrow(d, (n % VAE_FACTOR) / 2, keep)
+            }
         };
         let pixels = crop(crop(image.shallow_clone(), 1, h), 2, w).narrow(3, 0, 3).permute([0, 3, 1, 2]);
         let device = self.model.device();
@@ -220,10 +225,7 @@ impl SdVae {
     pub fn decode(&self, samples: &Tensor, tile: Option<(i64, i64)>) -> Result<Tensor, NodeError> {
         let c = samples.size()[1];
         if c != self.model.config.embed_dim {
-            return Err(NodeError::input(
-                "samples",
-                format!("the latent has {c} channels, this VAE's have {}", self.model.config.embed_dim),
-            ));
+            return Err(NodeError::input("samples", format!("the latent has {c} channels, this VAE's have {}", self.model.config.embed_dim)));
         }
         let device = self.model.device();
         let mut dec = |z: &Tensor| -> Result<Tensor, NodeError> {

@@ -46,18 +46,13 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| format!("{}: {e}", dir.display()))?;
         let mut tk = Tokenizer::new(bpe);
-        let spaces = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(|e| e.to_string())?;
+        let spaces = Replace::new(tokenizers::normalizers::replace::ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| e.to_string())?;
         tk.with_normalizer(Some(NormSequence::new(vec![NFC.into(), spaces.into(), Lowercase.into()])));
-        let split = Split::new(SplitPattern::Regex(CLIP_SPLIT.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| e.to_string())?;
+        let split = Split::new(SplitPattern::Regex(CLIP_SPLIT.into()), SplitDelimiterBehavior::Removed, true).map_err(|e| e.to_string())?;
         // Every chunk the CLIP split leaves is a single match of ByteLevel's own regex, so ByteLevel
         // only maps bytes to its characters here.
         tk.with_pre_tokenizer(Some(PreSequence::new(vec![split.into(), ByteLevel::new(false, true, false).into()])));
-        tk.add_special_tokens(&[
-            AddedToken::from("<|startoftext|>", true),
-            AddedToken::from("<|endoftext|>", true),
-        ]);
+        tk.add_special_tokens(&[AddedToken::from("<|startoftext|>", true), AddedToken::from("<|endoftext|>", true)]);
         Ok(ClipTokenizer { inner: tk })
     }
 

@@ -2,10 +2,10 @@
 //! whose operations run in libtorch (arithmetic, clamp, resize, crop, pad, per-channel scales,
 //! statistics, small tables), so common work never loops over pixels in Lua.
 
-use std::rc::Rc;
 use diffloom_core::value::{Latent, Shared};
 use diffloom_core::{Value, ValueType};
 use mlua::{FromLua, Lua, MetaMethod, UserData, UserDataMethods, Value as LuaValue};
+use std::rc::Rc;
 use tch::{Kind, Tensor};
 
 /// A tensor handed to Lua, with the engine type it stands for (IMAGE, MASK, LATENT, or a plain
@@ -154,9 +154,7 @@ impl UserData for LuaTensor {
             Ok(t.same(torch(luma.f_expand_as(&t.tensor).and_then(|x| x.f_contiguous()))?))
         });
         // The largest value over the channels of an IMAGE, as a MASK.
-        m.add_method("channel_max", |_, t, ()| {
-            Ok(LuaTensor::new(torch(t.tensor.f_amax([-1], false))?, Some(ValueType::Mask)))
-        });
+        m.add_method("channel_max", |_, t, ()| Ok(LuaTensor::new(torch(t.tensor.f_amax([-1], false))?, Some(ValueType::Mask))));
         // A MASK as a grayscale IMAGE.
         m.add_method("to_image", |_, t, ()| {
             let x = torch(t.tensor.f_unsqueeze(-1))?;
@@ -264,9 +262,7 @@ pub struct LuaConditioning(pub Vec<diffloom_core::value::CondEntry>);
 
 impl UserData for LuaConditioning {
     fn add_methods<M: UserDataMethods<Self>>(m: &mut M) {
-        m.add_method("tensors", |_, c, ()| {
-            Ok(c.0.iter().map(|e| LuaTensor::new(e.cross_attn.0.shallow_clone(), None)).collect::<Vec<_>>())
-        });
+        m.add_method("tensors", |_, c, ()| Ok(c.0.iter().map(|e| LuaTensor::new(e.cross_attn.0.shallow_clone(), None)).collect::<Vec<_>>()));
         m.add_method("len", |_, c, ()| Ok(c.0.len()));
         m.add_meta_method(MetaMethod::ToString, |_, c, ()| Ok(format!("Conditioning({} entries)", c.0.len())));
     }
@@ -313,11 +309,9 @@ pub fn from_lua(v: LuaValue, want: ValueType) -> Result<Value, String> {
         _ => None,
     };
     let opaque = |v: &LuaValue| match v {
-        LuaValue::UserData(ud) => ud
-            .borrow::<Opaque>()
-            .ok()
-            .map(|o| o.0.clone())
-            .or_else(|| ud.borrow::<LuaConditioning>().ok().map(|c| Value::Conditioning(c.0.clone()))),
+        LuaValue::UserData(ud) => {
+            ud.borrow::<Opaque>().ok().map(|o| o.0.clone()).or_else(|| ud.borrow::<LuaConditioning>().ok().map(|c| Value::Conditioning(c.0.clone())))
+        }
         _ => None,
     };
     let shape_err = |t: &Tensor, need: &str| format!("expected {want} ({need}), got a tensor of shape {:?}", t.size());

@@ -63,7 +63,11 @@ pub fn choice_lists(registry: &Registry) -> ChoiceLists {
 /// An INT bound from Lua. With `unsigned`, a negative integer is the two's complement of a value
 /// above 2^63 − 1 (Lua writes 0xffffffffffffffff as −1), so seeds up to 2^64 − 1 can be declared.
 fn int_bound(v: i64, unsigned: bool) -> i128 {
-    if unsigned && v < 0 { v as u64 as i128 } else { v as i128 }
+    if unsigned && v < 0 {
+        v as u64 as i128
+    } else {
+        v as i128
+    }
 }
 
 /// The schema of one input entry `{ "name", TYPE, default = …, min = …, max = …, step = …,
@@ -124,7 +128,11 @@ fn input_spec(entry: &Table, choices_of: &ChoiceLists) -> Result<InputSpec, Stri
                         Some(d) => Str::new(&d),
                         None => Str::required(),
                     };
-                    if entry.get::<Option<bool>>("multiline").ok().flatten().unwrap_or(false) { s.multiline().into() } else { s.into() }
+                    if entry.get::<Option<bool>>("multiline").ok().flatten().unwrap_or(false) {
+                        s.multiline().into()
+                    } else {
+                        s.into()
+                    }
                 }
                 "BOOLEAN" => Bool(entry.get::<Option<bool>>("default").ok().flatten().unwrap_or(false)).into(),
                 other if other.contains('.') => match choices_of.get(other) {
@@ -193,13 +201,7 @@ pub fn load_file(path: &Path, choices_of: &ChoiceLists) -> Result<Vec<Rc<LuaNode
     let declared: Rc<RefCell<Vec<(Schema, Function)>>> = Rc::default();
     install_api(&state, declared.clone(), choices_of.clone()).map_err(|e| fail(format!("{}: {e}", path.display())))?;
     state.budget.reset();
-    state
-        .lua
-        .load(source.as_str())
-        .set_name(format!("@{}", path.display()))
-        .set_mode(mlua::ChunkMode::Text)
-        .exec()
-        .map_err(|e| fail(lua_message(&e)))?;
+    state.lua.load(source.as_str()).set_name(format!("@{}", path.display())).set_mode(mlua::ChunkMode::Text).exec().map_err(|e| fail(lua_message(&e)))?;
     let nodes = declared.take().into_iter().map(|(schema, execute)| Rc::new(LuaNode { state: state.clone(), schema, execute })).collect::<Vec<_>>();
     if nodes.is_empty() {
         return Err(fail(format!("{}: declares no node (call diffloom.node{{…}})", path.display())));
@@ -240,10 +242,7 @@ fn install_api(state: &Rc<PluginState>, declared: Rc<RefCell<Vec<(Schema, Functi
             Ok(())
         })?,
     )?;
-    t.set(
-        "tensor",
-        lua.create_function(|_, (values, shape): (Vec<f64>, Vec<i64>)| Ok(LuaTensor::new(api::tensor_from_table(values, shape)?, None)))?,
-    )?;
+    t.set("tensor", lua.create_function(|_, (values, shape): (Vec<f64>, Vec<i64>)| Ok(LuaTensor::new(api::tensor_from_table(values, shape)?, None)))?)?;
     t.set(
         "zeros",
         lua.create_function(|_, shape: Vec<i64>| Ok(LuaTensor::new(tch::Tensor::zeros(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu)), None)))?,
@@ -306,19 +305,17 @@ impl Node for LuaNode {
                         } else {
                             let v = api::from_lua_input(given, &spec.kind)
                                 .map_err(|m| mlua::Error::RuntimeError(format!("diffloom.call({name:?}): input {:?}: {m}", spec.name)))?;
-                            Some(diffloom_core::validate::check_value(&spec.kind, v).map_err(|k| {
-                                mlua::Error::RuntimeError(format!("diffloom.call({name:?}): input {:?}: {k:?}", spec.name))
-                            })?)
+                            Some(
+                                diffloom_core::validate::check_value(&spec.kind, v)
+                                    .map_err(|k| mlua::Error::RuntimeError(format!("diffloom.call({name:?}): input {:?}: {k:?}", spec.name)))?,
+                            )
                         };
                         if v.is_none() && !spec.optional {
                             return Err(mlua::Error::RuntimeError(format!("diffloom.call({name:?}): input {:?} is required", spec.name)));
                         }
                         values.push((spec.name.clone(), v));
                     }
-                    let outs = entry
-                        .node
-                        .execute(cx, &Args::new(values))
-                        .map_err(|e| mlua::Error::RuntimeError(format!("diffloom.call({name:?}): {e}")))?;
+                    let outs = entry.node.execute(cx, &Args::new(values)).map_err(|e| mlua::Error::RuntimeError(format!("diffloom.call({name:?}): {e}")))?;
                     let mut ret = mlua::MultiValue::new();
                     for o in &outs {
                         ret.push_back(api::to_lua(lua, o)?);
@@ -345,9 +342,7 @@ impl Node for LuaNode {
         returned
             .into_iter()
             .zip(&self.schema.outputs)
-            .map(|(v, spec)| {
-                api::from_lua(v, spec.ty).map_err(|m| NodeError::Failed(format!("{}: output {:?}: {m}", self.state.path.display(), spec.name)))
-            })
+            .map(|(v, spec)| api::from_lua(v, spec.ty).map_err(|m| NodeError::Failed(format!("{}: output {:?}: {m}", self.state.path.display(), spec.name))))
             .collect()
     }
 }
@@ -357,11 +352,7 @@ impl Node for LuaNode {
 pub fn plugin_files(dir: &Path) -> Vec<PathBuf> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| p.extension().is_some_and(|x| x == "lua"))
-                .map(|p| p.canonicalize().unwrap_or(p))
-                .collect()
+            rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "lua")).map(|p| p.canonicalize().unwrap_or(p)).collect()
         })
         .unwrap_or_default();
     files.sort();

@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use diffloom_nodes::checkpoint::detect::{Family, CONFIG_METADATA_KEY};
-use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
+use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
 use diffloom_nodes::checkpoint::synthetic::{full_config, tiny_config, write_checkpoint, write_lora, write_rrdbnet};
 use diffloom_nodes::models::rrdbnet::RrdbConfig;
 use tch::{Device, Kind};
@@ -46,11 +46,15 @@ fn up_to_date<C: serde::de::DeserializeOwned + PartialEq>(path: &Path, config: &
 
 fn run(dir: &Path, full: bool, full_sd1_only: bool) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let mut jobs = if full_sd1_only { vec![] } else { vec![
-        ("tiny-sd1.safetensors", tiny_config(Family::Sd1, false), Kind::Float, 1, true),
-        ("tiny-sd2.safetensors", tiny_config(Family::Sd2, false), Kind::Float, 2, true),
-        ("tiny-sd1-inpaint.safetensors", tiny_config(Family::Sd1, true), Kind::Float, 3, true),
-    ] };
+    let mut jobs = if full_sd1_only {
+        vec![]
+    } else {
+        vec![
+            ("tiny-sd1.safetensors", tiny_config(Family::Sd1, false), Kind::Float, 1, true),
+            ("tiny-sd2.safetensors", tiny_config(Family::Sd2, false), Kind::Float, 2, true),
+            ("tiny-sd1-inpaint.safetensors", tiny_config(Family::Sd1, true), Kind::Float, 3, true),
+        ]
+    };
     if full_sd1_only {
         jobs.push(("full-sd1.safetensors", full_config(Family::Sd1), Kind::Half, 4, false));
     }

@@ -34,14 +34,14 @@ fn dot(graph: &ResolvedGraph) -> String {
             }
         }
     }
-    format!("{}", Dot::with_config(&g, &[Config::GraphContentOnly]))
-        .lines()
-        .fold(String::from("digraph {\n    rankdir=LR\n    node [shape=box]\n"), |mut s, l| {
+    format!("{}", Dot::with_config(&g, &[Config::GraphContentOnly])).lines().fold(
+        String::from("digraph {\n    rankdir=LR\n    node [shape=box]\n"),
+        |mut s, l| {
             s.push_str(l);
             s.push('\n');
             s
-        })
-        + "}\n"
+        },
+    ) + "}\n"
 }
 
 /// One line per node that would run, in order, with its inputs.

@@ -160,11 +160,7 @@ pub fn watch(file: &Path, sets: &[String], settings: Settings, cache_bytes: usiz
                 Err(e) => println!("plugin error: {e} (keeping the previous version)"),
             }
         }
-        reason = changed
-            .iter()
-            .map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join(", ")
-            + " changed";
+        reason =
+            changed.iter().map(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()).collect::<Vec<_>>().join(", ") + " changed";
     }
 }

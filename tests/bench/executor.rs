@@ -43,18 +43,26 @@ fn main() {
     let registry = diffloom_nodes::registry();
     let reps = 15;
 
-    let parse_t = median((0..reps).map(|_| {
-        let t = Instant::now();
-        let _ = file::parse(path, &text).expect("parse");
-        t.elapsed()
-    }).collect());
+    let parse_t = median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = file::parse(path, &text).expect("parse");
+                t.elapsed()
+            })
+            .collect(),
+    );
     let parsed = file::parse(path, &text).expect("parse");
     let n = parsed.nodes.0.len();
-    let validate_t = median((0..reps).map(|_| {
-        let t = Instant::now();
-        let _ = validate(path, &parsed, &registry).expect("valid");
-        t.elapsed()
-    }).collect());
+    let validate_t = median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                let _ = validate(path, &parsed, &registry).expect("valid");
+                t.elapsed()
+            })
+            .collect(),
+    );
     let graph = validate(path, &parsed, &registry).expect("valid");
 
     let mut cold = Vec::new();

@@ -53,13 +53,17 @@ fn run_graph(reg: &Registry, dir: &Path, text: &str, reps: usize) -> f64 {
     std::fs::write(&path, text).unwrap();
     let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
     let graph = diffloom_core::validate::validate(&path, &parsed, reg).unwrap_or_else(|e| panic!("{e}"));
-    median((0..reps).map(|_| {
-        let mut ex = Executor::new(RunOptions::new(tch::Device::Cpu, dir.join("out")), 1 << 30);
-        let t = Instant::now();
-        let r = ex.run(&graph);
-        assert!(r.error.is_none(), "{}", r.error.unwrap());
-        t.elapsed()
-    }).collect())
+    median(
+        (0..reps)
+            .map(|_| {
+                let mut ex = Executor::new(RunOptions::new(tch::Device::Cpu, dir.join("out")), 1 << 30);
+                let t = Instant::now();
+                let r = ex.run(&graph);
+                assert!(r.error.is_none(), "{}", r.error.unwrap());
+                t.elapsed()
+            })
+            .collect(),
+    )
 }
 
 fn main() {
@@ -108,7 +112,12 @@ fn main() {
             }})"#
         )
     };
-    let load_only = run_graph(&reg, dir.path(), r#"(version: 1, nodes: {"load": (type: "LoadImage", inputs: {"image": "big.png"}), "o": (type: "PreviewAny", inputs: {"source": Link("load", "IMAGE")})})"#, 9);
+    let load_only = run_graph(
+        &reg,
+        dir.path(),
+        r#"(version: 1, nodes: {"load": (type: "LoadImage", inputs: {"image": "big.png"}), "o": (type: "PreviewAny", inputs: {"source": Link("load", "IMAGE")})})"#,
+        9,
+    );
     let lua = run_graph(&reg, dir.path(), &grade("ColorLevels"), 9) - load_only;
     let rust = run_graph(&reg, dir.path(), &grade("LevelsRust"), 9) - load_only;
     println!("colour grade of a 1024×1024 image (levels, gamma, saturation; median of 9, image loading subtracted):");

@@ -44,11 +44,15 @@ fn unet_forward(path: &Path, kind: Kind) -> Duration {
     let t = Tensor::from_slice(&[500f32, 500.0]);
     let ctx = Tensor::randn([2, 77, 768], (Kind::Float, Device::Cpu)).to_kind(kind);
     let _ = unet.forward(&x, &t, &ctx);
-    median((0..REPS).map(|_| {
-        let s = Instant::now();
-        let _ = unet.forward(&x, &t, &ctx);
-        s.elapsed()
-    }).collect())
+    median(
+        (0..REPS)
+            .map(|_| {
+                let s = Instant::now();
+                let _ = unet.forward(&x, &t, &ctx);
+                s.elapsed()
+            })
+            .collect(),
+    )
 }
 
 fn main() {
@@ -87,13 +91,11 @@ fn main() {
     let ours32 = unet_forward(&ckpt, Kind::Float);
     let ours16 = unet_forward(&ckpt, Kind::BFloat16);
     let py = root.join(".venv/bin/python");
-    let out = Command::new(&py)
-        .args([root.join("tests/bench/unet_reference.py").to_str().unwrap(), ckpt.to_str().unwrap(), &REPS.to_string()])
-        .output()
-        .unwrap();
+    let out =
+        Command::new(&py).args([root.join("tests/bench/unet_reference.py").to_str().unwrap(), ckpt.to_str().unwrap(), &REPS.to_string()]).output().unwrap();
     let line = String::from_utf8_lossy(&out.stdout);
-    let reference: serde_json::Value = serde_json::from_str(line.trim())
-        .unwrap_or_else(|_| panic!("unet_reference.py: {line} {}", String::from_utf8_lossy(&out.stderr)));
+    let reference: serde_json::Value =
+        serde_json::from_str(line.trim()).unwrap_or_else(|_| panic!("unet_reference.py: {line} {}", String::from_utf8_lossy(&out.stderr)));
     let (ref32, ref16) = (reference["fp32_s"].as_f64().unwrap(), reference["bf16_s"].as_f64().unwrap());
     println!("UNet forward, batch 2, 64×64 latents, median of {REPS} (diffusers with {} threads):", reference["threads"]);
     for (name, ours, theirs) in [("fp32", ours32.as_secs_f64(), ref32), ("bf16", ours16.as_secs_f64(), ref16)] {

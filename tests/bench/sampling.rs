@@ -10,12 +10,12 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use diffloom_core::value::{CondEntry, Latent, Shared};
-use diffloom_nodes::sampling::samplers::SAMPLER_NAMES;
 use diffloom_nodes::checkpoint::detect::Family;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
 use diffloom_nodes::sampling::ksampler::{sample, Guider, Request, SamplerSpec};
 use diffloom_nodes::sampling::model_sampling::ModelSampling;
+use diffloom_nodes::sampling::samplers::SAMPLER_NAMES;
 use diffloom_nodes::sampling::schedulers::calculate_sigmas;
 use diffloom_nodes::sd::SdModel;
 use tch::{Device, Kind, Tensor};
@@ -56,8 +56,24 @@ fn main() {
     if full.exists() {
         // A sampler's own arithmetic does not grow with the model, so the tiny run above covers every
         // sampler; the full-size run takes one of each kind (DIFFLOOM_BENCH_ALL=1 for all of them).
-        let some: &[&str] = &["euler", "euler_ancestral", "heun", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "uni_pc", "deis", "ipndm_v",
-            "res_multistep", "er_sde", "seeds_3", "sa_solver", "dpmpp_2m_cfg_pp", "cfgpp_ud10_ab", "lcm"];
+        let some: &[&str] = &[
+            "euler",
+            "euler_ancestral",
+            "heun",
+            "dpmpp_2m",
+            "dpmpp_2m_sde",
+            "dpmpp_3m_sde",
+            "uni_pc",
+            "deis",
+            "ipndm_v",
+            "res_multistep",
+            "er_sde",
+            "seeds_3",
+            "sa_solver",
+            "dpmpp_2m_cfg_pp",
+            "cfgpp_ud10_ab",
+            "lcm",
+        ];
         let all = std::env::var("DIFFLOOM_BENCH_ALL").is_ok_and(|v| v == "1");
         bench("full-size SD 1.5 UNet (fp32)", &full, 64, 3, if all { SAMPLER_NAMES } else { some });
     } else {

@@ -26,15 +26,13 @@ pub(super) fn gather_args(node: &ResolvedNode, values: &[Option<Vec<Value>>]) ->
                 let v = match &spec.kind {
                     InputKind::Link { .. } => v,
                     kind => check_value(kind, v).map_err(|k| {
-                        NodeError::input(&spec.name, crate::error::ValidationError {
-                            file: PathBuf::new(),
-                            node: None,
-                            input: None,
-                            kind: k,
-                        }
-                        .to_string()
-                        .trim_start_matches(": ")
-                        .to_owned())
+                        NodeError::input(
+                            &spec.name,
+                            crate::error::ValidationError { file: PathBuf::new(), node: None, input: None, kind: k }
+                                .to_string()
+                                .trim_start_matches(": ")
+                                .to_owned(),
+                        )
                     })?,
                 };
                 Some(v)

@@ -22,13 +22,7 @@ pub struct RunOptions {
 impl RunOptions {
     /// Options for `device` writing to `output_dir`, with defaults for the rest.
     pub fn new(device: Device, output_dir: impl Into<PathBuf>) -> RunOptions {
-        RunOptions {
-            device,
-            output_dir: output_dir.into(),
-            cancel: Arc::new(AtomicBool::new(false)),
-            dtype: None,
-            embeddings_dir: None,
-        }
+        RunOptions { device, output_dir: output_dir.into(), cancel: Arc::new(AtomicBool::new(false)), dtype: None, embeddings_dir: None }
     }
 
     /// The weight kind actually used.

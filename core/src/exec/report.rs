@@ -90,13 +90,7 @@ impl fmt::Display for RunReport {
             }
         }
         let ran = self.nodes.iter().filter(|n| n.status == NodeStatus::Ran).count();
-        write!(
-            f,
-            "{} nodes: {ran} ran, {} cached, {} in all",
-            self.nodes.len(),
-            self.cached().len(),
-            format_duration(self.total)
-        )
+        write!(f, "{} nodes: {ran} ran, {} cached, {} in all", self.nodes.len(), self.cached().len(), format_duration(self.total))
     }
 }
 

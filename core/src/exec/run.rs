@@ -129,22 +129,10 @@ impl Executor {
                 Ok(outputs) => {
                     self.cache.insert(keys[i], outputs.clone());
                     values[i] = Some(outputs);
-                    report.nodes.push(NodeReport {
-                        id: node.id.clone(),
-                        node_type: schema.name.clone(),
-                        status: NodeStatus::Ran,
-                        time,
-                        messages,
-                    });
+                    report.nodes.push(NodeReport { id: node.id.clone(), node_type: schema.name.clone(), status: NodeStatus::Ran, time, messages });
                 }
                 Err(e) => {
-                    report.nodes.push(NodeReport {
-                        id: node.id.clone(),
-                        node_type: schema.name.clone(),
-                        status: NodeStatus::Failed,
-                        time,
-                        messages,
-                    });
+                    report.nodes.push(NodeReport { id: node.id.clone(), node_type: schema.name.clone(), status: NodeStatus::Failed, time, messages });
                     report.error = Some(self.node_error(graph, i, e));
                     break;
                 }
@@ -168,12 +156,7 @@ impl Executor {
 
     fn node_error(&self, graph: &ResolvedGraph, i: usize, cause: NodeError) -> RunError {
         let node = &graph.nodes[i];
-        RunError {
-            file: graph.file.clone(),
-            node: node.id.clone(),
-            node_type: node.entry.schema.name.clone(),
-            cause,
-        }
+        RunError { file: graph.file.clone(), node: node.id.clone(), node_type: node.entry.schema.name.clone(), cause }
     }
 }
 
@@ -193,23 +176,13 @@ fn release_inputs(node: &ResolvedNode, consumers: &mut [usize], values: &mut [Op
 /// anything).
 fn execute_guarded(node: &ResolvedNode, cx: &mut Ctx, args: &Args) -> Result<Vec<Value>, NodeError> {
     let schema = &node.entry.schema;
-    let outputs = catch_unwind(AssertUnwindSafe(|| node.entry.node.execute(cx, args)))
-        .unwrap_or_else(|p| Err(NodeError::Panic(panic_message(&p))))?;
+    let outputs = catch_unwind(AssertUnwindSafe(|| node.entry.node.execute(cx, args))).unwrap_or_else(|p| Err(NodeError::Panic(panic_message(&p))))?;
     if outputs.len() != schema.outputs.len() {
-        return Err(NodeError::Failed(format!(
-            "returned {} outputs, but the node declares {}",
-            outputs.len(),
-            schema.outputs.len()
-        )));
+        return Err(NodeError::Failed(format!("returned {} outputs, but the node declares {}", outputs.len(), schema.outputs.len())));
     }
     for (value, spec) in outputs.iter().zip(&schema.outputs) {
         if !value.value_type().feeds(spec.ty) {
-            return Err(NodeError::Failed(format!(
-                "output {:?} should be {}, but the node returned {}",
-                spec.name,
-                spec.ty,
-                value.value_type()
-            )));
+            return Err(NodeError::Failed(format!("output {:?} should be {}, but the node returned {}", spec.name, spec.ty, value.value_type())));
         }
     }
     Ok(outputs)

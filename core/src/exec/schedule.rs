@@ -35,11 +35,9 @@ pub fn all_in_order(graph: &ResolvedGraph) -> Vec<usize> {
 /// reports and `show` follow the file where the dependencies allow.
 fn file_ordered_toposort(graph: &ResolvedGraph) -> Vec<petgraph::graph::NodeIndex> {
     let dag = &graph.dag;
-    let mut pending: Vec<usize> =
-        dag.node_indices().map(|v| dag.neighbors_directed(v, Direction::Incoming).count()).collect();
+    let mut pending: Vec<usize> = dag.node_indices().map(|v| dag.neighbors_directed(v, Direction::Incoming).count()).collect();
     // Vertex indices equal file positions: validation adds one vertex per node in file order.
-    let mut ready: BinaryHeap<Reverse<usize>> =
-        dag.node_indices().filter(|v| pending[v.index()] == 0).map(|v| Reverse(v.index())).collect();
+    let mut ready: BinaryHeap<Reverse<usize>> = dag.node_indices().filter(|v| pending[v.index()] == 0).map(|v| Reverse(v.index())).collect();
     let mut order = Vec::with_capacity(pending.len());
     while let Some(Reverse(i)) = ready.pop() {
         let v = petgraph::graph::NodeIndex::new(i);

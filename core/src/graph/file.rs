@@ -179,8 +179,7 @@ pub fn read(file: &Path) -> Result<(String, GraphFile), GraphError> {
         file: file.to_path_buf(),
         message: if file.is_dir() { "it is a directory, not a file".to_owned() } else { e.to_string() },
     })?;
-    let text = String::from_utf8(bytes)
-        .map_err(|e| GraphError::NotUtf8 { file: file.to_path_buf(), offset: e.utf8_error().valid_up_to() })?;
+    let text = String::from_utf8(bytes).map_err(|e| GraphError::NotUtf8 { file: file.to_path_buf(), offset: e.utf8_error().valid_up_to() })?;
     let graph = parse(file, &text)?;
     Ok((text, graph))
 }

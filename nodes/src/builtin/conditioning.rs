@@ -12,8 +12,10 @@ pub struct CLIPTextEncode;
 impl Node for CLIPTextEncode {
     fn schema(&self) -> Schema {
         Schema::new("CLIPTextEncode", "conditioning")
-            .describe("Encodes a prompt: (text:1.2) weights, \\( escapes, embedding:name textual inversions, \
-                       prompts of any length in 77-token windows, as ComfyUI.")
+            .describe(
+                "Encodes a prompt: (text:1.2) weights, \\( escapes, embedding:name textual inversions, \
+                       prompts of any length in 77-token windows, as ComfyUI.",
+            )
             .input("text", Str::required().multiline())
             .input("clip", ValueType::Clip)
             .output("CONDITIONING", ValueType::Conditioning)
@@ -71,7 +73,8 @@ impl Node for ConditioningConcat {
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let from = a.conditioning("conditioning_from")?;
         let Some(first) = from.first() else { return Err(NodeError::input("conditioning_from", "the conditioning is empty")) };
-        let out = a.conditioning("conditioning_to")?
+        let out = a
+            .conditioning("conditioning_to")?
             .into_iter()
             .map(|e| {
                 let t = tch::Tensor::f_cat(&[e.cross_attn.0.shallow_clone(), first.cross_attn.0.shallow_clone()], 1)?;
@@ -90,7 +93,8 @@ impl Node for ConditioningZeroOut {
             .output("CONDITIONING", ValueType::Conditioning)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let out = a.conditioning("conditioning")?
+        let out = a
+            .conditioning("conditioning")?
             .into_iter()
             .map(|e| diffloom_core::value::CondEntry {
                 cross_attn: diffloom_core::value::Shared(e.cross_attn.0.zeros_like()),
@@ -153,7 +157,10 @@ impl Node for ConditioningAverage {
                     Tensor::cat(&[t0.shallow_clone(), pad], 1)
                 };
                 if t0.size()[2] != t1.size()[2] {
-                    return Err(NodeError::input("conditioning_from", format!("its token width {} differs from conditioning_to's {} (another text encoder?)", t0.size()[2], t1.size()[2])));
+                    return Err(NodeError::input(
+                        "conditioning_from",
+                        format!("its token width {} differs from conditioning_to's {} (another text encoder?)", t0.size()[2], t1.size()[2]),
+                    ));
                 }
                 let pooled = match (&e.pooled, &first.pooled) {
                     (Some(to), Some(fr)) => Some(Shared(&to.0 * w + &fr.0 * (1.0 - w))),

@@ -71,9 +71,7 @@ impl Node for SamplerCustom {
 pub struct KSamplerSelect;
 impl Node for KSamplerSelect {
     fn schema(&self) -> Schema {
-        Schema::new("KSamplerSelect", "sampling/custom_sampling/samplers")
-            .input("sampler_name", Combo::of(SAMPLER_NAMES))
-            .output("SAMPLER", ValueType::Sampler)
+        Schema::new("KSamplerSelect", "sampling/custom_sampling/samplers").input("sampler_name", Combo::of(SAMPLER_NAMES)).output("SAMPLER", ValueType::Sampler)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let name = a.string("sampler_name")?;
@@ -158,7 +156,6 @@ impl Node for SplitSigmas {
         Ok(vec![sigmas_value(high), sigmas_value(low)])
     }
 }
-
 
 pub struct SamplerCustomAdvanced;
 impl Node for SamplerCustomAdvanced {
@@ -284,7 +281,8 @@ impl Node for DualCFGGuider {
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let model: &SdModel = a.handle("model")?;
         let sides = ["cond1", "cond2", "negative"].iter().map(|n| Ok((n.to_string(), a.conditioning(n)?))).collect::<Result<Vec<_>, NodeError>>()?;
-        let guidance = Guidance::DualCfg { cfg_conds: a.float("cfg_conds")?, cfg_cond2_negative: a.float("cfg_cond2_negative")?, nested: a.string("style")? == "nested" };
+        let guidance =
+            Guidance::DualCfg { cfg_conds: a.float("cfg_conds")?, cfg_cond2_negative: a.float("cfg_cond2_negative")?, nested: a.string("style")? == "nested" };
         Ok(guider_value(Guider { model: model.clone(), sides, guidance }, "dual CFG"))
     }
 }
@@ -303,7 +301,8 @@ impl Node for PerpNegGuider {
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let model: &SdModel = a.handle("model")?;
-        let sides = ["positive", "negative", "empty_conditioning"].iter().map(|n| Ok((n.to_string(), a.conditioning(n)?))).collect::<Result<Vec<_>, NodeError>>()?;
+        let sides =
+            ["positive", "negative", "empty_conditioning"].iter().map(|n| Ok((n.to_string(), a.conditioning(n)?))).collect::<Result<Vec<_>, NodeError>>()?;
         let guidance = Guidance::PerpNeg { cfg: a.float("cfg")?, neg_scale: a.float("neg_scale")? };
         Ok(guider_value(Guider { model: model.clone(), sides, guidance }, "perp-neg"))
     }

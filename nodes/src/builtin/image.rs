@@ -9,9 +9,8 @@ use tch::{Kind, Tensor};
 use super::shared::{choice_index, mask_nchw, MAX_RESOLUTION};
 use crate::imageio;
 use crate::models::rrdbnet::RrdbNet;
-use crate::tiles::tiled_scale;
 use crate::resample::{common_upscale, CROP_METHODS, IMAGE_METHODS};
-
+use crate::tiles::tiled_scale;
 
 /// Hash of a file's bytes, so that editing an input file re-runs the node and touching it does not.
 fn file_token(graph_dir: &Path, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
@@ -89,8 +88,10 @@ pub struct SaveImage;
 impl Node for SaveImage {
     fn schema(&self) -> Schema {
         Schema::new("SaveImage", "image")
-            .describe("Saves images as numbered PNGs (<prefix>_00001_.png, …) in the output directory, with the graph \
-                       embedded; never overwrites a file.")
+            .describe(
+                "Saves images as numbered PNGs (<prefix>_00001_.png, …) in the output directory, with the graph \
+                       embedded; never overwrites a file.",
+            )
             .input("images", ValueType::Image)
             .input("filename_prefix", Str::new("diffloom"))
             .doc("file name prefix; may contain subfolders")
@@ -200,9 +201,8 @@ pub fn upscale_tiled(model: &RrdbNet, x: &Tensor, cx: &Ctx, mut tile: i64, overl
             cx.check_cancel()?;
             Ok(model.upscale(&t.to_device(device)).to_device(tch::Device::Cpu))
         };
-        let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            tiled_scale(x, &mut run, tile, tile, overlap, scale as f64, model.config.out_nc)
-        }));
+        let attempt =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tiled_scale(x, &mut run, tile, tile, overlap, scale as f64, model.config.out_nc)));
         match attempt {
             Ok(result) => return result,
             Err(panic) => {
@@ -243,16 +243,9 @@ impl Node for ImageBlend {
         let (img1, img2) = (a.image("image1")?, a.image("image2")?);
         let (s1, s2) = (img1.size(), img2.size());
         if s1[0] != s2[0] && s1[0] != 1 && s2[0] != 1 {
-            return Err(NodeError::input(
-                "image2",
-                format!("batch of {} images does not match image1's batch of {} (one of them may be 1)", s2[0], s1[0]),
-            ));
+            return Err(NodeError::input("image2", format!("batch of {} images does not match image1's batch of {} (one of them may be 1)", s2[0], s1[0])));
         }
-        let img2 = if s1[1..] != s2[1..] {
-            nhwc(&common_upscale(&nchw(img2)?, s1[2], s1[1], "bicubic", "center")?)?
-        } else {
-            img2.shallow_clone()
-        };
+        let img2 = if s1[1..] != s2[1..] { nhwc(&common_upscale(&nchw(img2)?, s1[2], s1[1], "bicubic", "center")?)? } else { img2.shallow_clone() };
         let f = a.float("blend_factor")?;
         let blended = blend(img1, &img2, a.string("blend_mode")?)?;
         let out = img1.f_mul_scalar(1.0 - f)?.f_add(&blended.f_mul_scalar(f)?)?.f_clamp(0.0, 1.0)?;
@@ -383,7 +376,11 @@ impl Node for ImageCompositeMasked {
         let mask = match a.opt_mask("mask")? {
             Some(m) => {
                 let m = mask_nchw(m, b)?.f_upsample_bilinear2d([sh, sw], false, None, None)?;
-                if m.size()[0] == 1 { m.f_repeat([b, 1, 1, 1])? } else { m }
+                if m.size()[0] == 1 {
+                    m.f_repeat([b, 1, 1, 1])?
+                } else {
+                    m
+                }
             }
             None => Tensor::f_ones([b, 1, sh, sw], (Kind::Float, tch::Device::Cpu))?,
         };

@@ -10,7 +10,6 @@ use crate::checkpoint::load::{load_checkpoint, load_upscale_model, load_vae};
 use crate::lora::apply_lora;
 use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
 
-
 /// A token for a (possibly multi-GB) model file: its path, size and modification time, so that an
 /// unchanged file is a cache hit without hashing it.
 fn file_stamp(graph_dir: &Path, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
@@ -76,15 +75,9 @@ impl Node for CheckpointLoaderSimple {
             peak_rss().map_or("unknown".into(), gib)
         ));
         let name = file_label(&path);
-        let missing = |part: &str, keys: &str| {
-            Handle::new(MissingPart(format!("{} has no {part} ({keys})", path.display())), 0, format!("{name} (no {part})"))
-        };
+        let missing = |part: &str, keys: &str| Handle::new(MissingPart(format!("{} has no {part} ({keys})", path.display())), 0, format!("{name} (no {part})"));
         let model = match &ck.unet {
-            Some(unet) => Handle::new(
-                SdModel { unet: unet.clone(), family: ck.config.family, sampling: ck.config.prediction.into() },
-                ck.bytes,
-                name.clone(),
-            ),
+            Some(unet) => Handle::new(SdModel { unet: unet.clone(), family: ck.config.family, sampling: ck.config.prediction.into() }, ck.bytes, name.clone()),
             None => missing("UNet", "model.diffusion_model.*"),
         };
         let clip = match &ck.clip {
@@ -232,4 +225,3 @@ impl Node for LoraLoaderModelOnly {
         Ok(vec![patched_value(model_in, new_model, |m| patched_bytes(&model.unet.state, &m.unet.state), &path)])
     }
 }
-

@@ -177,4 +177,3 @@ impl Node for MaskComposite {
         Ok(vec![Value::Mask(Shared(out.f_clamp(0.0, 1.0)?))])
     }
 }
-

@@ -51,10 +51,7 @@ impl Node for StringConcatenate {
 pub struct PreviewAny;
 impl Node for PreviewAny {
     fn schema(&self) -> Schema {
-        Schema::new("PreviewAny", "utils")
-            .describe("Shows any value in the run report.")
-            .input("source", ValueType::Any)
-            .output_node()
+        Schema::new("PreviewAny", "utils").describe("Shows any value in the run report.").input("source", ValueType::Any).output_node()
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         cx.messages.push(a.any("source")?.describe());

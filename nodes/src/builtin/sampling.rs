@@ -91,8 +91,8 @@ impl Node for ModelSamplingDiscrete {
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let model: &SdModel = a.handle("model")?;
         let sampling = a.string("sampling")?;
-        let parameterization = Parameterization::from_name(sampling)
-            .ok_or_else(|| NodeError::input("sampling", format!("unknown sampling type {sampling:?}")))?;
+        let parameterization =
+            Parameterization::from_name(sampling).ok_or_else(|| NodeError::input("sampling", format!("unknown sampling type {sampling:?}")))?;
         let mode = SamplingMode { parameterization, zsnr: a.boolean("zsnr")? };
         let label = format!("{:?} ({sampling}{})", model.family, if mode.zsnr { ", zsnr" } else { "" });
         Ok(vec![Value::Model(Handle::new(SdModel { unet: model.unet.clone(), family: model.family, sampling: mode }, 0, label))])

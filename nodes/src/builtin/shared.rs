@@ -36,11 +36,7 @@ pub fn mask_nchw(mask: &Tensor, images: i64) -> Result<Tensor, NodeError> {
 /// the input where a value slipped past validation.
 pub fn choice_index(a: &Args, input: &str, choices: &[&str]) -> Result<i64, NodeError> {
     let value = a.string(input)?;
-    choices
-        .iter()
-        .position(|c| *c == value)
-        .map(|i| i as i64)
-        .ok_or_else(|| NodeError::input(input, format!("{value:?} is not one of {}", choices.join(", "))))
+    choices.iter().position(|c| *c == value).map(|i| i as i64).ok_or_else(|| NodeError::input(input, format!("{value:?} is not one of {}", choices.join(", "))))
 }
 
 /// A SIGMAS value from a list (stored as float32, as ComfyUI's).
@@ -56,7 +52,15 @@ pub fn latent_out(latent: &Latent, samples: Tensor) -> Value {
 
 /// Samples the node's `latent_image` with `guider`, reporting the model calls; returns the new latent
 /// and the last denoised estimate, both with the input's noise mask.
-pub fn sample_latent(cx: &mut Ctx, a: &Args, guider: &Guider, sampler: &SamplerSpec, sigmas: &[f64], seed: i128, add_noise: bool) -> Result<(Value, Value), NodeError> {
+pub fn sample_latent(
+    cx: &mut Ctx,
+    a: &Args,
+    guider: &Guider,
+    sampler: &SamplerSpec,
+    sigmas: &[f64],
+    seed: i128,
+    add_noise: bool,
+) -> Result<(Value, Value), NodeError> {
     let latent = a.latent("latent_image")?;
     let label = cx.node_id.to_owned();
     let r = Request { guider, latent, seed, add_noise, sampler, sigmas, cancel: cx.cancel, label: &label };

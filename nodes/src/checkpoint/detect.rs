@@ -102,7 +102,11 @@ pub fn detect(file: &Path, shapes: &Shapes, metadata: &HashMap<String, String>) 
 /// Sets the prediction type by ComfyUI's SD 2.x heuristic, given the standard deviation of
 /// `output_blocks.11.1.transformer_blocks.0.norm1.bias` (only the loader can compute it).
 pub fn sd2_prediction(norm1_bias_std: f64) -> Prediction {
-    if norm1_bias_std > 0.09 { Prediction::V } else { Prediction::Eps }
+    if norm1_bias_std > 0.09 {
+        Prediction::V
+    } else {
+        Prediction::Eps
+    }
 }
 
 /// The key ComfyUI's SD 2.x v-prediction heuristic reads.

@@ -131,10 +131,7 @@ fn component_weights(dir: &Path) -> Result<std::path::PathBuf, LoadError> {
     }
     let pickle = ["diffusion_pytorch_model.bin", "pytorch_model.bin"].iter().map(|n| dir.join(n)).find(|p| p.is_file());
     Err(match pickle {
-        Some(p) => LoadError::Unsupported {
-            file: p,
-            message: "pickle weights are not loaded; save the folder with safe_serialization=True".into(),
-        },
+        Some(p) => LoadError::Unsupported { file: p, message: "pickle weights are not loaded; save the folder with safe_serialization=True".into() },
         None => LoadError::Missing { file: dir.to_path_buf(), key: "diffusion_pytorch_model.safetensors or model.safetensors".into() },
     })
 }
@@ -194,11 +191,7 @@ pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Checkpoi
         };
         let up_has_attn: Vec<bool> = up_types.iter().map(crossattn).collect();
         let file = Rc::new(SafetensorsFile::open(&component_weights(&unet_dir)?)?);
-        let index = file
-            .tensors()
-            .keys()
-            .filter_map(|k| super::keymap::unet_key(k, nrb as usize, &up_has_attn).map(|l| (l, (0, k.clone()))))
-            .collect();
+        let index = file.tensors().keys().filter_map(|k| super::keymap::unet_key(k, nrb as usize, &up_has_attn).map(|l| (l, (0, k.clone())))).collect();
         let w = Weights::from_index(vec![file], index, device, kind);
         (Some(build(w, |p| Unet::new(p, config.clone()), &mut bytes)?), Some(config))
     } else {
@@ -247,11 +240,7 @@ pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Checkpoi
         };
         let file = Rc::new(SafetensorsFile::open(&component_weights(&te_dir)?)?);
         // transformers 4 saves `text_model.*`, transformers 5 drops that level.
-        let index = file
-            .tensors()
-            .keys()
-            .map(|k| (k.strip_prefix("text_model.").unwrap_or(k).to_owned(), (0, k.clone())))
-            .collect();
+        let index = file.tensors().keys().map(|k| (k.strip_prefix("text_model.").unwrap_or(k).to_owned(), (0, k.clone()))).collect();
         let w = Weights::from_index(vec![file], index, device, kind);
         (Some(build(w, |p| ClipTextModel::new(p, config.clone()), &mut bytes)?), Some(config))
     } else {
@@ -301,11 +290,7 @@ pub fn load_upscale_model(path: &Path, device: Device, kind: Kind) -> Result<(Rr
     let old_layout = stored.iter().any(|k| plain(k) == "model.0.weight");
     let index: HashMap<String, (usize, String)> = if old_layout {
         let nb = (0..).take_while(|i| stored.iter().any(|k| plain(k).starts_with(&format!("model.1.sub.{i}.RDB1.")))).count();
-        let last = stored
-            .iter()
-            .filter_map(|k| plain(k).strip_prefix("model.")?.split('.').next()?.parse::<usize>().ok())
-            .max()
-            .unwrap_or(0);
+        let last = stored.iter().filter_map(|k| plain(k).strip_prefix("model.")?.split('.').next()?.parse::<usize>().ok()).max().unwrap_or(0);
         let mut index = HashMap::new();
         for k in &stored {
             // As spandrel loads strictly: a key of no known layer means another architecture.

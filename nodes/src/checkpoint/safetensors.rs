@@ -66,10 +66,7 @@ impl SafetensorsFile {
         }
         let header_len = u64::from_le_bytes(mmap[..8].try_into().unwrap_or([0; 8]));
         if header_len > (mmap.len() as u64).saturating_sub(8) {
-            return Err(corrupt(format!(
-                "the header claims {header_len} bytes but the file has only {} (truncated or not a safetensors file)",
-                mmap.len()
-            )));
+            return Err(corrupt(format!("the header claims {header_len} bytes but the file has only {} (truncated or not a safetensors file)", mmap.len())));
         }
         let st = SafeTensors::deserialize(&mmap).map_err(|e| corrupt(format!("invalid safetensors header: {e}")))?;
         let data_start = 8 + header_len as usize;
@@ -102,15 +99,9 @@ impl SafetensorsFile {
     /// converted; others keep their kind). The pages read are released from the mapping afterwards, so
     /// that resident memory stays near the size of the model itself.
     pub fn load(&self, name: &str, device: Device, kind: Option<Kind>) -> Result<Tensor, LoadError> {
-        let info = self.tensors.get(name).ok_or_else(|| LoadError::Missing {
-            file: self.path.clone(),
-            key: name.to_owned(),
-        })?;
-        let src_kind = dtype_kind(info.dtype).ok_or_else(|| LoadError::Dtype {
-            file: self.path.clone(),
-            key: name.to_owned(),
-            found: format!("{:?}", info.dtype),
-        })?;
+        let info = self.tensors.get(name).ok_or_else(|| LoadError::Missing { file: self.path.clone(), key: name.to_owned() })?;
+        let src_kind =
+            dtype_kind(info.dtype).ok_or_else(|| LoadError::Dtype { file: self.path.clone(), key: name.to_owned(), found: format!("{:?}", info.dtype) })?;
         let dst_kind = match kind {
             Some(k) if matches!(src_kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) => k,
             _ => src_kind,

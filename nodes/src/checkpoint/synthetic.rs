@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use safetensors::tensor::{Dtype, TensorView};
 use diffloom_aten::Generator;
+use safetensors::tensor::{Dtype, TensorView};
 use tch::{Kind, Tensor};
 
 use super::detect::{Family, ModelConfig, Prediction, CLIP_HF_PREFIX, CLIP_OPEN_PREFIX, CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX};
@@ -115,14 +115,15 @@ pub fn write_checkpoint(path: &Path, config: &ModelConfig, kind: Kind, seed: i64
             ClipLayout::OpenClip => {
                 collect(CLIP_OPEN_PREFIX, w);
                 // Present in real OpenCLIP checkpoints although SD does not use them.
-                tensors.push((format!("{CLIP_OPEN_PREFIX}text_projection"), init(&mut Generator::cpu(seed.wrapping_add(3)), "text_projection", &[c.hidden_size, c.projection_dim], kind)));
+                tensors.push((
+                    format!("{CLIP_OPEN_PREFIX}text_projection"),
+                    init(&mut Generator::cpu(seed.wrapping_add(3)), "text_projection", &[c.hidden_size, c.projection_dim], kind),
+                ));
                 tensors.push((format!("{CLIP_OPEN_PREFIX}logit_scale"), Tensor::from(4.6052f32).to_kind(kind)));
             }
         }
     }
-    let metadata = embed_config.then(|| {
-        HashMap::from([(CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default())])
-    });
+    let metadata = embed_config.then(|| HashMap::from([(CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default())]));
     write_safetensors(path, &tensors, metadata)
 }
 

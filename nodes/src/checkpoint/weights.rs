@@ -59,11 +59,7 @@ impl Weights {
     /// Weights whose logical names are the stored names with `prefix` removed (tensors without the
     /// prefix are not visible).
     pub fn from_prefix(file: Rc<SafetensorsFile>, prefix: &str, device: Device, kind: Kind) -> Weights {
-        let index = file
-            .tensors()
-            .keys()
-            .filter_map(|k| k.strip_prefix(prefix).map(|l| (l.to_owned(), (0, k.clone()))))
-            .collect();
+        let index = file.tensors().keys().filter_map(|k| k.strip_prefix(prefix).map(|l| (l.to_owned(), (0, k.clone())))).collect();
         Weights { prefix: prefix.to_owned(), ..Weights::from_index(vec![file], index, device, kind) }
     }
 
@@ -143,9 +139,7 @@ impl Weights {
             synthetic.made.push((name.to_owned(), t.shallow_clone()));
             return t;
         }
-        let placeholder = |shape: Option<&[i64]>| {
-            Tensor::zeros(shape.unwrap_or(&[1]), (self.kind, Device::Cpu))
-        };
+        let placeholder = |shape: Option<&[i64]>| Tensor::zeros(shape.unwrap_or(&[1]), (self.kind, Device::Cpu));
         let (f, stored) = match self.index.get(name) {
             Some(Source::File(f, stored)) => (f, stored),
             Some(Source::Memory(t)) => {
@@ -222,7 +216,11 @@ impl<'a> WPath<'a> {
     }
 
     fn key(&self, name: &str) -> String {
-        if self.prefix.is_empty() { name.to_owned() } else { format!("{}.{name}", self.prefix) }
+        if self.prefix.is_empty() {
+            name.to_owned()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
     }
 
     /// Tensor `name` under this path, which must have `shape`.

@@ -58,10 +58,7 @@ pub struct FeedForward {
 impl FeedForward {
     pub fn new(p: &WPath, dim: i64) -> Self {
         let inner = dim * 4;
-        FeedForward {
-            proj_in: linear(&p.pp("net").pp(0).pp("proj"), dim, inner * 2),
-            proj_out: linear(&p.pp("net").pp(2), inner, dim),
-        }
+        FeedForward { proj_in: linear(&p.pp("net").pp(0).pp("proj"), dim, inner * 2), proj_out: linear(&p.pp("net").pp(2), inner, dim) }
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
@@ -126,9 +123,7 @@ impl SpatialTransformer {
         SpatialTransformer {
             norm: group_norm(&p.pp("norm"), channels, 1e-6),
             proj_in,
-            blocks: (0..depth)
-                .map(|i| BasicTransformerBlock::new(&p.pp("transformer_blocks").pp(i), inner, context_dim, heads, dim_head))
-                .collect(),
+            blocks: (0..depth).map(|i| BasicTransformerBlock::new(&p.pp("transformer_blocks").pp(i), inner, context_dim, heads, dim_head)).collect(),
             proj_out,
         }
     }

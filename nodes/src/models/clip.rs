@@ -111,11 +111,7 @@ impl ClipTextModel {
                         let a = l.pp("self_attn");
                         EncoderLayer {
                             ln1: layer_norm(&l.pp("layer_norm1"), d, 1e-5),
-                            qkv: Qkv::Separate {
-                                q: linear(&a.pp("q_proj"), d, d),
-                                k: linear(&a.pp("k_proj"), d, d),
-                                v: linear(&a.pp("v_proj"), d, d),
-                            },
+                            qkv: Qkv::Separate { q: linear(&a.pp("q_proj"), d, d), k: linear(&a.pp("k_proj"), d, d), v: linear(&a.pp("v_proj"), d, d) },
                             out_proj: linear(&a.pp("out_proj"), d, d),
                             ln2: layer_norm(&l.pp("layer_norm2"), d, 1e-5),
                             fc1: linear(&l.pp("mlp").pp("fc1"), d, inter),
@@ -140,10 +136,7 @@ impl ClipTextModel {
                         EncoderLayer {
                             ln1: layer_norm(&l.pp("ln_1"), d, 1e-5),
                             // nn.MultiheadAttention stores q, k and v stacked: [3d, d] and [3d].
-                            qkv: Qkv::Fused(Linear {
-                                weight: a.get("in_proj_weight", &[3 * d, d]),
-                                bias: Some(a.get("in_proj_bias", &[3 * d])),
-                            }),
+                            qkv: Qkv::Fused(Linear { weight: a.get("in_proj_weight", &[3 * d, d]), bias: Some(a.get("in_proj_bias", &[3 * d])) }),
                             out_proj: linear(&a.pp("out_proj"), d, d),
                             ln2: layer_norm(&l.pp("ln_2"), d, 1e-5),
                             fc1: linear(&l.pp("mlp").pp("c_fc"), d, inter),

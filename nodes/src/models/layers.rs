@@ -34,12 +34,7 @@ pub struct Conv2d {
 }
 
 pub fn conv2d(p: &WPath, c_in: i64, c_out: i64, kernel: i64, stride: i64, padding: i64) -> Conv2d {
-    Conv2d {
-        weight: p.get("weight", &[c_out, c_in, kernel, kernel]),
-        bias: p.get("bias", &[c_out]),
-        stride,
-        padding,
-    }
+    Conv2d { weight: p.get("weight", &[c_out, c_in, kernel, kernel]), bias: p.get("bias", &[c_out]), stride, padding }
 }
 
 /// 3×3, padding 1: the convolution nearly every SD block uses.

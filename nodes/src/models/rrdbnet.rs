@@ -51,9 +51,10 @@ impl RrdbConfig {
         let nb = (0..).take_while(|i| shapes.contains_key(&format!("body.{i}.rdb1.conv1.weight"))).count() as i64;
         let upsamples = (1..).take_while(|k| shapes.contains_key(&format!("conv_up{k}.weight"))).count() as i64;
         // The input is RGB (or gray) before any pixel-unshuffle, as the output is.
-        let shuffle = [1, 2, 4].into_iter().find(|s| in_ch == out_nc * s * s).ok_or_else(|| {
-            format!("conv_first takes {in_ch} channels, which is not {out_nc} (the output's) times 1, 4 or 16")
-        })?;
+        let shuffle = [1, 2, 4]
+            .into_iter()
+            .find(|s| in_ch == out_nc * s * s)
+            .ok_or_else(|| format!("conv_first takes {in_ch} channels, which is not {out_nc} (the output's) times 1, 4 or 16"))?;
         let config = RrdbConfig { in_nc: out_nc, out_nc, nf, gc, nb, upsamples, shuffle };
         if (1 << upsamples) < shuffle {
             return Err(format!("{upsamples} upsampling stages after a pixel-unshuffle by {shuffle} would shrink the image"));
@@ -118,9 +119,7 @@ struct DenseBlock {
 
 impl DenseBlock {
     fn new(p: &WPath, nf: i64, gc: i64) -> Self {
-        let convs = (0..5)
-            .map(|c| conv3x3(&p.pp(format!("conv{}", c + 1)), nf + c * gc, if c == 4 { nf } else { gc }))
-            .collect();
+        let convs = (0..5).map(|c| conv3x3(&p.pp(format!("conv{}", c + 1)), nf + c * gc, if c == 4 { nf } else { gc })).collect();
         DenseBlock { convs }
     }
 

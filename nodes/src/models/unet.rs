@@ -119,11 +119,8 @@ impl Unet {
         }
 
         let mp = p.pp("middle_block");
-        let middle_block = Block(vec![
-            Layer::Res(ResBlock::new(&mp.pp(0), ch, ch, emb)),
-            attn(&mp.pp(1), ch),
-            Layer::Res(ResBlock::new(&mp.pp(2), ch, ch, emb)),
-        ]);
+        let middle_block =
+            Block(vec![Layer::Res(ResBlock::new(&mp.pp(0), ch, ch, emb)), attn(&mp.pp(1), ch), Layer::Res(ResBlock::new(&mp.pp(2), ch, ch, emb))]);
 
         let ob = p.pp("output_blocks");
         let mut output_blocks = Vec::new();

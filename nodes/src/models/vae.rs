@@ -96,11 +96,7 @@ struct Mid {
 
 impl Mid {
     fn new(p: &WPath, c: i64) -> Self {
-        Mid {
-            block_1: ResnetBlock::new(&p.pp("block_1"), c, c),
-            attn_1: AttnBlock::new(&p.pp("attn_1"), c),
-            block_2: ResnetBlock::new(&p.pp("block_2"), c, c),
-        }
+        Mid { block_1: ResnetBlock::new(&p.pp("block_1"), c, c), attn_1: AttnBlock::new(&p.pp("attn_1"), c), block_2: ResnetBlock::new(&p.pp("block_2"), c, c) }
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
@@ -186,13 +182,7 @@ impl Decoder {
             let upsample = (i > 0).then(|| conv3x3(&lp.pp("upsample").pp("conv"), ch, ch));
             up.insert(0, (blocks, upsample));
         }
-        Decoder {
-            conv_in,
-            mid,
-            up,
-            norm_out: group_norm(&p.pp("norm_out"), ch, 1e-6),
-            conv_out: conv3x3(&p.pp("conv_out"), ch, c.out_ch),
-        }
+        Decoder { conv_in, mid, up, norm_out: group_norm(&p.pp("norm_out"), ch, 1e-6), conv_out: conv3x3(&p.pp("conv_out"), ch, c.out_ch) }
     }
 
     fn forward(&self, z: &Tensor) -> Tensor {

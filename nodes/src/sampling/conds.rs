@@ -107,11 +107,7 @@ pub fn resolve_sides(sides: &[(&str, &[CondEntry])], target: &Target) -> Result<
             i += 1;
         }
     }
-    resolved
-        .into_iter()
-        .zip(sides)
-        .map(|(list, (input, _))| list.into_iter().map(|r| build_cond(r, target, input)).collect::<Result<Vec<_>, _>>())
-        .collect()
+    resolved.into_iter().zip(sides).map(|(list, (input, _))| list.into_iter().map(|r| build_cond(r, target, input)).collect::<Result<Vec<_>, _>>()).collect()
 }
 
 fn resolve_area(e: &CondEntry, target: &Target, input: &str) -> Result<Resolved, NodeError> {
@@ -120,9 +116,7 @@ fn resolve_area(e: &CondEntry, target: &Target, input: &str) -> Result<Resolved,
     let round = |v: f64| v.round_ties_even() as i64;
     let mut area = e.area.map(|a| match a {
         Area::Latent { h, w, y, x } => [h, w, y, x],
-        Area::Fraction { h, w, y, x } => {
-            [round(h * lh as f64).max(1), round(w * lw as f64).max(1), round(y * lh as f64), round(x * lw as f64)]
-        }
+        Area::Fraction { h, w, y, x } => [round(h * lh as f64).max(1), round(w * lw as f64).max(1), round(y * lh as f64), round(x * lw as f64)],
     });
     let mask = match &e.mask {
         None => None,
@@ -133,11 +127,7 @@ fn resolve_area(e: &CondEntry, target: &Target, input: &str) -> Result<Resolved,
                 _ => return Err(NodeError::input(input, format!("a conditioning mask of shape {:?}; a MASK is [h, w] or [b, h, w]", m.size()))),
             };
             let ms = m.size();
-            let m = if (ms[1], ms[2]) != (lh, lw) {
-                common_upscale(&m.unsqueeze(1), lw, lh, "bilinear", "disabled")?.squeeze_dim(1)
-            } else {
-                m
-            };
+            let m = if (ms[1], ms[2]) != (lh, lw) { common_upscale(&m.unsqueeze(1), lw, lh, "bilinear", "disabled")?.squeeze_dim(1) } else { m };
             if e.area_from_mask {
                 // The bounding box of the mask's nonzero pixels over the batch, at least 8×8.
                 let any = m.abs().amax([0], false).gt(0.0);

@@ -142,7 +142,11 @@ pub fn batch_conds(parts: &[Tensor]) -> Tensor {
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
-    if b == 0 { a } else { gcd(b, a % b) }
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 fn crop(t: &Tensor, area: Option<[i64; 4]>) -> Tensor {
@@ -173,11 +177,20 @@ impl CfgDenoiser<'_> {
     fn guided(&mut self, x: &Tensor, sigma: f64, want_uncond: bool) -> Result<(Tensor, Tensor), NodeError> {
         self.calls += 1;
         if self.sides.len() != self.guidance.side_count() {
-            return Err(NodeError::Failed(format!("{:?} combines {} conditionings, {} were given", self.guidance, self.guidance.side_count(), self.sides.len())));
+            return Err(NodeError::Failed(format!(
+                "{:?} combines {} conditionings, {} were given",
+                self.guidance,
+                self.guidance.side_count(),
+                self.sides.len()
+            )));
         }
         let needed = self.guidance.needed(want_uncond);
         if let Some(m) = self.noise_mask.as_ref().filter(|m| m.mask.size() != x.size()) {
-            return Err(NodeError::Failed(format!("the latent changed size while sampling ({:?} → {:?}); a noise mask cannot follow it", m.mask.size(), x.size())));
+            return Err(NodeError::Failed(format!(
+                "the latent changed size while sampling ({:?} → {:?}); a noise mask cannot follow it",
+                m.mask.size(),
+                x.size()
+            )));
         }
         let x_in = match &self.noise_mask {
             Some(m) => {

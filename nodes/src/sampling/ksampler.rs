@@ -154,7 +154,11 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         return Err(NodeError::input(input, "the conditioning is empty"));
     }
     let ms = ModelSampling::new(model.sampling);
-    let noise = if r.add_noise { initial_noise(r.seed, &shape, r.latent.batch_index.as_deref()) } else { Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu)) };
+    let noise = if r.add_noise {
+        initial_noise(r.seed, &shape, r.latent.batch_index.as_deref())
+    } else {
+        Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu))
+    };
     let latent_in = &latent * LATENT_SCALE;
     let (b, h, w) = (shape[0], shape[2], shape[3]);
 

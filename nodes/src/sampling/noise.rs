@@ -47,8 +47,7 @@ pub fn step_seed(seed: i128, device: Device) -> u64 {
 /// noise shaped like its argument, in its dtype, on `device` (ComfyUI's `default_noise_sampler`, whose
 /// latent lives on the model's device), and hands it over on the argument's device.
 pub fn step_noise(seed: i128, device: Device) -> Result<impl FnMut(&Tensor) -> Result<Tensor, NodeError>, NodeError> {
-    let mut g = Generator::new(device, step_seed(seed, device))
-        .map_err(|e| NodeError::Failed(format!("cannot make a random generator on {device:?}: {e}")))?;
+    let mut g = Generator::new(device, step_seed(seed, device)).map_err(|e| NodeError::Failed(format!("cannot make a random generator on {device:?}: {e}")))?;
     Ok(move |x: &Tensor| {
         let kind = match x.kind() {
             k @ (Kind::Half | Kind::BFloat16 | Kind::Double) => k,

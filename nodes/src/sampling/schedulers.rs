@@ -6,8 +6,7 @@ use tch::{Device, Kind, Tensor};
 use super::model_sampling::ModelSampling;
 
 /// ComfyUI's scheduler names, in its order (`comfy.samplers.SCHEDULER_NAMES`).
-pub const SCHEDULER_NAMES: &[&str] =
-    &["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal"];
+pub const SCHEDULER_NAMES: &[&str] = &["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal"];
 
 fn f32s(t: &Tensor) -> Vec<f64> {
     Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous()).unwrap_or_default().into_iter().map(f64::from).collect()
@@ -59,7 +58,11 @@ pub fn normal(ms: &ModelSampling, steps: i64, sgm: bool) -> Vec<f64> {
         (f32s(&Tensor::linspace(start, end, steps, (Kind::Float, Device::Cpu))), true)
     };
     let sigs: Vec<f64> = timesteps.iter().map(|t| ms.sigma(*t)).collect();
-    if append { append_zero(sigs) } else { sigs }
+    if append {
+        append_zero(sigs)
+    } else {
+        sigs
+    }
 }
 
 /// DDIM's uniform timestep spacing (`ddim_scheduler`).
@@ -296,8 +299,38 @@ pub fn loglinear_interp(t_steps: &[f64], num: usize) -> Vec<f64> {
 /// The noise levels Align Your Steps found for SD 1.x, SDXL and SVD (NVIDIA's how-to, as ComfyUI's
 /// AlignYourStepsScheduler has them), 10 steps each.
 pub const AYS_NOISE_LEVELS: &[(&str, [f64; 11])] = &[
-    ("SD1", [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092, 0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582]),
-    ("SDXL", [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141, 0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582]),
+    (
+        "SD1",
+        [
+            14.6146412293,
+            6.4745760956,
+            3.8636745985,
+            2.6946151520,
+            1.8841921177,
+            1.3943805092,
+            0.9642583904,
+            0.6523686016,
+            0.3977456272,
+            0.1515232662,
+            0.0291671582,
+        ],
+    ),
+    (
+        "SDXL",
+        [
+            14.6146412293,
+            6.3184485287,
+            3.7681790315,
+            2.1811480769,
+            1.3405244945,
+            0.8620721141,
+            0.5550693289,
+            0.3798540708,
+            0.2332364134,
+            0.1114188177,
+            0.0291671582,
+        ],
+    ),
     ("SVD", [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002]),
 ];
 
@@ -327,10 +360,6 @@ pub fn align_your_steps(model_type: &str, steps: i64, denoise: f64) -> Option<Ve
 pub fn gits(coeff: f64, steps: i64, denoise: f64) -> Option<Vec<f64>> {
     let key = (coeff * 100.0).round() / 100.0;
     let table = super::gits::GITS_NOISE_LEVELS.iter().find(|(c, _)| (*c - key).abs() < 1e-9)?.1;
-    let levels = if steps <= 20 {
-        table.get(steps.checked_sub(2)? as usize)?.to_vec()
-    } else {
-        loglinear_interp(table.last()?, steps as usize + 1)
-    };
+    let levels = if steps <= 20 { table.get(steps.checked_sub(2)? as usize)?.to_vec() } else { loglinear_interp(table.last()?, steps as usize + 1) };
     Some(table_tail(levels, steps, denoise))
 }

@@ -3,12 +3,12 @@ use std::path::Path;
 use std::rc::Rc;
 
 use super::*;
-use tch::Device;
 use crate::graph::file::parse;
 use crate::node::{Node, Schema, Str};
 use crate::registry::{Origin, Registry};
 use crate::validate::validate;
 use crate::value::ValueType;
+use tch::Device;
 
 /// Behaves as its name says: panics, returns nothing, or returns an INT for a STRING output.
 struct Misbehaving(&'static str);
@@ -42,9 +42,7 @@ fn run_one(node_type: &str) -> RunReport {
         reg.register(Rc::new(Misbehaving(n)), Origin::Builtin).unwrap();
     }
     reg.register(Rc::new(Sink), Origin::Builtin).unwrap();
-    let text = format!(
-        r#"(version: 1, nodes: {{"bad": (type: "{node_type}"), "sink": (type: "Sink", inputs: {{"v": Link("bad", "STRING")}})}})"#
-    );
+    let text = format!(r#"(version: 1, nodes: {{"bad": (type: "{node_type}"), "sink": (type: "Sink", inputs: {{"v": Link("bad", "STRING")}})}})"#);
     let file = Path::new("g.ron");
     let graph = validate(file, &parse(file, &text).unwrap(), &reg).unwrap();
     let options = RunOptions::new(Device::Cpu, "unused");
@@ -64,10 +62,7 @@ fn outputs_are_checked_against_the_schema() {
     let err = run_one("ReturnsNothing").error.expect("error");
     assert_eq!(err.to_string(), "g.ron: node \"bad\" (ReturnsNothing): returned 0 outputs, but the node declares 1");
     let err = run_one("ReturnsInt").error.expect("error");
-    assert_eq!(
-        err.to_string(),
-        "g.ron: node \"bad\" (ReturnsInt): output \"STRING\" should be STRING, but the node returned INT"
-    );
+    assert_eq!(err.to_string(), "g.ron: node \"bad\" (ReturnsInt): output \"STRING\" should be STRING, but the node returned INT");
 }
 
 /// A node that opts out of caching (ComfyUI's IS_CHANGED = NaN).

@@ -58,8 +58,7 @@ impl Solver<'_> {
         let (s1, s2) = (t + r1 * h, t + r2 * h);
         let u1 = x - &eps * (sigma_of(s1) * (r1 * h).exp_m1());
         let eps_r1 = self.eps(cache, "eps_r1", &u1, s1)?;
-        let u2 = x - &eps * (sigma_of(s2) * (r2 * h).exp_m1())
-            - (&eps_r1 - &eps) * (sigma_of(s2) * (r2 / r1) * ((r2 * h).exp_m1() / (r2 * h) - 1.0));
+        let u2 = x - &eps * (sigma_of(s2) * (r2 * h).exp_m1()) - (&eps_r1 - &eps) * (sigma_of(s2) * (r2 / r1) * ((r2 * h).exp_m1() / (r2 * h) - 1.0));
         let eps_r2 = self.eps(cache, "eps_r2", &u2, s2)?;
         Ok(x - &eps * (sigma_of(t_next) * h.exp_m1()) - (eps_r2 - &eps) * (sigma_of(t_next) / r2 * (h.exp_m1() / h - 1.0)))
     }
@@ -182,7 +181,8 @@ impl Sampler for DpmAdaptive {
         // The controller's order is 1.5 with noise (k-diffusion).
         let order = if self.eta != 0.0 { 1.5 } else { f64::from(self.order) };
         let (p, i, d) = (self.pcoeff, self.icoeff, self.dcoeff);
-        let mut pid = Pid { h: self.h_init.abs(), b1: (p + i + d) / order, b2: -(p + 2.0 * d) / order, b3: d / order, accept_safety: self.accept_safety, errs: vec![] };
+        let mut pid =
+            Pid { h: self.h_init.abs(), b1: (p + i + d) / order, b2: -(p + 2.0 * d) / order, b3: d / order, accept_safety: self.accept_safety, errs: vec![] };
         let mut s = t_start;
         let mut x_prev = x.shallow_clone();
         let mut solver = Solver { model, calls: 0 };

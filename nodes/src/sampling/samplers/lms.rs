@@ -14,9 +14,7 @@ pub struct Lms {
 
 /// ∫_{σ_i}^{σ_{i+1}} ∏_{k≠j} (τ − σ_{i−k}) / (σ_{i−j} − σ_{i−k}) dτ.
 pub(super) fn coefficient(order: usize, t: &[f64], i: usize, j: usize) -> f64 {
-    let basis = |tau: f64| {
-        (0..order).filter(|k| *k != j).map(|k| (tau - t[i - k]) / (t[i - j] - t[i - k])).product::<f64>()
-    };
+    let basis = |tau: f64| (0..order).filter(|k| *k != j).map(|k| (tau - t[i - k]) / (t[i - j] - t[i - k])).product::<f64>();
     // Gauss–Legendre on [a, b] with 3 points is exact to degree 5.
     let (a, b) = (t[i], t[i + 1]);
     let nodes = [(-(0.6f64).sqrt(), 5.0 / 9.0), (0.0, 8.0 / 9.0), ((0.6f64).sqrt(), 5.0 / 9.0)];

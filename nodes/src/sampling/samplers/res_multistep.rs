@@ -25,7 +25,11 @@ fn phi2(t: f64) -> f64 {
 
 /// ComfyUI replaces a NaN coefficient (from a zero step) with 0.
 fn nan_to_zero(v: f64) -> f64 {
-    if v.is_nan() { 0.0 } else { v }
+    if v.is_nan() {
+        0.0
+    } else {
+        v
+    }
 }
 
 impl Sampler for ResMultistep {

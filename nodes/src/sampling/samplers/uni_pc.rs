@@ -92,9 +92,7 @@ impl UniPc {
         let rhos_c = if order == 1 { vec![0.5] } else { solve(r_mat.clone(), b.clone()) };
         let a_t = alpha(t);
         let x_t_ = x * (std_vp(t) / std_vp(t0)) - m0 * (a_t * h_phi_1);
-        let residual = |rhos: &[f64]| -> Option<Tensor> {
-            d1s.iter().zip(rhos).map(|(d, r)| d * *r).reduce(|a, b| a + b)
-        };
+        let residual = |rhos: &[f64]| -> Option<Tensor> { d1s.iter().zip(rhos).map(|(d, r)| d * *r).reduce(|a, b| a + b) };
         let x_t = match residual(&rhos_p) {
             Some(res) => &x_t_ - res * (a_t * b_h),
             None => x_t_.shallow_clone(),
