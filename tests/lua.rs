@@ -414,3 +414,22 @@ diffloom.node {
     let (_, errors) = registry(&d);
     assert!(errors.iter().any(|e| e.contains("decl.lua") && e.contains("\"KSampler.nope\" names no built-in choice input")), "{errors:?}");
 }
+
+// Issue 11: diffloom.call binds inputs as the executor does, with the same sentences (a range error
+// used to reach Lua users as Rust debug output, `BelowMin { value: "0", min: "1" }`).
+#[test]
+fn diffloom_call_reports_bad_inputs_in_the_validators_words() {
+    let d = Dir::new();
+    d.write(
+        "plugins/callbad.lua",
+        "diffloom.node { name = 'CallBad', outputs = { {'MASK', 'MASK'} }, execute = function() \
+         return diffloom.call('SolidMask', { width = 0, height = 8 }) end }\n",
+    );
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let r = run(&d, &mut ex, &reg, r#""c": (type: "CallBad"), "o": (type: "PreviewAny", inputs: {"source": Link("c", "MASK")}),"#);
+    let err = r.error.expect("an error").to_string();
+    assert!(err.contains("diffloom.call(\"SolidMask\"): input \"width\": 0 is below the minimum 1"), "{err}");
+    assert!(!err.contains("BelowMin"), "{err}");
+}

@@ -62,33 +62,40 @@ impl fmt::Display for ValidationError {
         if let Some(input) = &self.input {
             write!(f, ", input {input:?}")?;
         }
+        write!(f, ": {}", self.kind)
+    }
+}
+
+/// The sentence of a problem, as a user reads it after the file, node and input it concerns.
+impl fmt::Display for ValidationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let hint = |s: &Option<String>| s.as_ref().map(|s| format!(" (did you mean {s:?}?)")).unwrap_or_default();
-        match &self.kind {
+        match self {
             ValidationKind::UnsupportedVersion { found, supported } => {
-                write!(f, ": format version {found} is not supported (this diffloom reads version {supported})")
+                write!(f, "format version {found} is not supported (this diffloom reads version {supported})")
             }
             ValidationKind::UnknownNodeType { name, suggestion } => {
-                write!(f, ": unknown node type {name:?}{}", hint(suggestion))
+                write!(f, "unknown node type {name:?}{}", hint(suggestion))
             }
-            ValidationKind::MissingInput => write!(f, ": required input is missing"),
-            ValidationKind::UnknownInput { suggestion } => write!(f, ": no such input{}", hint(suggestion)),
+            ValidationKind::MissingInput => write!(f, "required input is missing"),
+            ValidationKind::UnknownInput { suggestion } => write!(f, "no such input{}", hint(suggestion)),
             ValidationKind::UnknownLinkNode { target, suggestion } => {
-                write!(f, ": links to node {target:?}, which does not exist{}", hint(suggestion))
+                write!(f, "links to node {target:?}, which does not exist{}", hint(suggestion))
             }
             ValidationKind::UnknownOutput { target, output, available } => {
-                write!(f, ": node {target:?} has no output {output:?} (its outputs: {})", quoted_list(available))
+                write!(f, "node {target:?} has no output {output:?} (its outputs: {})", quoted_list(available))
             }
-            ValidationKind::TypeMismatch { expected, found } => write!(f, ": expected {expected}, got {found}"),
-            ValidationKind::BelowMin { value, min } => write!(f, ": {value} is below the minimum {min}"),
-            ValidationKind::AboveMax { value, max } => write!(f, ": {value} is above the maximum {max}"),
-            ValidationKind::NotAChoice { value, choices, suggestion } => write!(f, ": {value:?} is not one of {}{}", quoted_list(choices), hint(suggestion)),
+            ValidationKind::TypeMismatch { expected, found } => write!(f, "expected {expected}, got {found}"),
+            ValidationKind::BelowMin { value, min } => write!(f, "{value} is below the minimum {min}"),
+            ValidationKind::AboveMax { value, max } => write!(f, "{value} is above the maximum {max}"),
+            ValidationKind::NotAChoice { value, choices, suggestion } => write!(f, "{value:?} is not one of {}{}", quoted_list(choices), hint(suggestion)),
             ValidationKind::UnknownParam { name, suggestion } => {
-                write!(f, ": parameter {name:?} is not declared in `params`{}", hint(suggestion))
+                write!(f, "parameter {name:?} is not declared in `params`{}", hint(suggestion))
             }
-            ValidationKind::LinkNotAllowed => write!(f, ": a link is not allowed here"),
-            ValidationKind::Cycle { nodes } => write!(f, ": cycle through nodes {}", quoted_list(nodes)),
+            ValidationKind::LinkNotAllowed => write!(f, "a link is not allowed here"),
+            ValidationKind::Cycle { nodes } => write!(f, "cycle through nodes {}", quoted_list(nodes)),
             ValidationKind::NoOutputNode => {
-                write!(f, ": the graph has no output node (SaveImage, PreviewImage, …), so nothing would run")
+                write!(f, "the graph has no output node (SaveImage, PreviewImage, …), so nothing would run")
             }
         }
     }

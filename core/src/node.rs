@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use serde::Serialize;
 use tch::Device;
 
-use crate::error::NodeError;
+use crate::error::{NodeError, ValidationKind};
 use crate::registry::Registry;
 use crate::value::{CondEntry, Latent, MissingPart, Shared, Value, ValueType};
 
@@ -71,6 +71,53 @@ impl InputKind {
             InputKind::String { .. } | InputKind::Combo { .. } => ValueType::String,
             InputKind::Boolean { .. } => ValueType::Boolean,
             InputKind::Link { ty } => *ty,
+        }
+    }
+
+    /// Checks a value against what the input accepts (type, range, choices), converting where the input
+    /// allows (INT to FLOAT): the one check for literals, linked values and Lua's `diffloom.call`.
+    pub fn check(&self, value: Value) -> Result<Value, ValidationKind> {
+        let kind = self;
+        let mismatch =
+            |value: &Value| ValidationKind::TypeMismatch { expected: kind.value_type().name().to_owned(), found: value.value_type().name().to_owned() };
+        match (kind, value) {
+            (InputKind::Int { min, max, .. }, Value::Int(v)) => {
+                if v < *min {
+                    Err(ValidationKind::BelowMin { value: v.to_string(), min: min.to_string() })
+                } else if v > *max {
+                    Err(ValidationKind::AboveMax { value: v.to_string(), max: max.to_string() })
+                } else {
+                    Ok(Value::Int(v))
+                }
+            }
+            (InputKind::Float { min, max, .. }, v @ (Value::Float(_) | Value::Int(_))) => {
+                let v = match v {
+                    Value::Int(i) => i as f64,
+                    Value::Float(f) => f,
+                    _ => f64::NAN, // not reachable: the pattern admits only Int and Float
+                };
+                if v.is_nan() {
+                    Err(ValidationKind::TypeMismatch { expected: "a number".into(), found: "NaN".into() })
+                } else if v < *min {
+                    Err(ValidationKind::BelowMin { value: v.to_string(), min: min.to_string() })
+                } else if v > *max {
+                    Err(ValidationKind::AboveMax { value: v.to_string(), max: max.to_string() })
+                } else {
+                    Ok(Value::Float(v))
+                }
+            }
+            (InputKind::String { .. }, v @ Value::String(_)) => Ok(v),
+            (InputKind::Boolean { .. }, v @ Value::Boolean(_)) => Ok(v),
+            (InputKind::Combo { choices, .. }, Value::String(s)) => {
+                if choices.contains(&s) {
+                    Ok(Value::String(s))
+                } else {
+                    let suggestion = crate::registry::closest(&s, choices.iter().map(String::as_str));
+                    Err(ValidationKind::NotAChoice { value: s, choices: choices.clone(), suggestion })
+                }
+            }
+            (InputKind::Link { ty }, v) if v.value_type().feeds(*ty) => Ok(v),
+            (_, v) => Err(mismatch(&v)),
         }
     }
 
@@ -266,6 +313,26 @@ impl Schema {
     }
 
     /// The input named `name`.
+    /// Binds values to the inputs, in schema order: each given value checked against its input
+    /// ([`InputKind::check`]), each left out filled with the default, a required one left out an error
+    /// naming it. `given` returns an input's value, or None when it is left out. The one binding the
+    /// executor (linked values) and Lua's `diffloom.call` use; validation checks literals with the same
+    /// [`InputKind::check`].
+    pub fn bind(&self, mut given: impl FnMut(&InputSpec) -> Result<Option<Value>, NodeError>) -> Result<Args, NodeError> {
+        let mut values = Vec::with_capacity(self.inputs.len());
+        for spec in &self.inputs {
+            let value = match given(spec)? {
+                Some(v) => Some(spec.kind.check(v).map_err(|k| NodeError::input(&spec.name, k.to_string()))?),
+                None => spec.kind.default_value(),
+            };
+            if value.is_none() && !spec.optional {
+                return Err(NodeError::input(&spec.name, ValidationKind::MissingInput.to_string()));
+            }
+            values.push((spec.name.clone(), value));
+        }
+        Ok(Args::new(values))
+    }
+
     pub fn input_spec(&self, name: &str) -> Option<&InputSpec> {
         self.inputs.iter().find(|i| i.name == name)
     }

@@ -51,51 +51,6 @@ pub fn apply_params(file: &Path, graph: &mut GraphFile, sets: &[(String, String)
     Ok(())
 }
 
-/// Checks a value against what an input accepts, converting where the input allows (INT to FLOAT).
-/// Also used by the executor for values that arrive over links.
-pub fn check_value(kind: &InputKind, value: Value) -> Result<Value, ValidationKind> {
-    let mismatch = |value: &Value| ValidationKind::TypeMismatch { expected: kind.value_type().name().to_owned(), found: value.value_type().name().to_owned() };
-    match (kind, value) {
-        (InputKind::Int { min, max, .. }, Value::Int(v)) => {
-            if v < *min {
-                Err(ValidationKind::BelowMin { value: v.to_string(), min: min.to_string() })
-            } else if v > *max {
-                Err(ValidationKind::AboveMax { value: v.to_string(), max: max.to_string() })
-            } else {
-                Ok(Value::Int(v))
-            }
-        }
-        (InputKind::Float { min, max, .. }, v @ (Value::Float(_) | Value::Int(_))) => {
-            let v = match v {
-                Value::Int(i) => i as f64,
-                Value::Float(f) => f,
-                _ => f64::NAN, // not reachable: the pattern admits only Int and Float
-            };
-            if v.is_nan() {
-                Err(ValidationKind::TypeMismatch { expected: "a number".into(), found: "NaN".into() })
-            } else if v < *min {
-                Err(ValidationKind::BelowMin { value: v.to_string(), min: min.to_string() })
-            } else if v > *max {
-                Err(ValidationKind::AboveMax { value: v.to_string(), max: max.to_string() })
-            } else {
-                Ok(Value::Float(v))
-            }
-        }
-        (InputKind::String { .. }, v @ Value::String(_)) => Ok(v),
-        (InputKind::Boolean { .. }, v @ Value::Boolean(_)) => Ok(v),
-        (InputKind::Combo { choices, .. }, Value::String(s)) => {
-            if choices.contains(&s) {
-                Ok(Value::String(s))
-            } else {
-                let suggestion = closest(&s, choices.iter().map(String::as_str));
-                Err(ValidationKind::NotAChoice { value: s, choices: choices.clone(), suggestion })
-            }
-        }
-        (InputKind::Link { ty }, v) if v.value_type().feeds(*ty) => Ok(v),
-        (_, v) => Err(mismatch(&v)),
-    }
-}
-
 fn literal_value(lit: &Literal) -> Value {
     match lit {
         Literal::Bool(b) => Value::Boolean(*b),
@@ -251,7 +206,7 @@ fn literal_input(kind: &InputKind, lit: &Literal, report: impl FnOnce(Validation
         report(ValidationKind::TypeMismatch { expected: format!("a link to an output of type {ty}"), found: format!("the literal {lit}") });
         return None;
     }
-    match check_value(kind, literal_value(lit)) {
+    match kind.check(literal_value(lit)) {
         Ok(v) => Some(ResolvedInput::Value(v)),
         Err(k) => {
             report(k);

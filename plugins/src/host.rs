@@ -294,28 +294,21 @@ impl Node for LuaNode {
                 // diffloom.call runs another registered node with this node's context.
                 let call = scope.create_function_mut(|lua, (name, inputs): (String, Option<Table>)| {
                     let entry = registry.get(&name).ok_or_else(|| mlua::Error::RuntimeError(format!("diffloom.call: unknown node type {name:?}")))?;
-                    let mut values = Vec::new();
-                    for spec in &entry.schema.inputs {
-                        let given: LuaValue = match &inputs {
-                            Some(t) => t.get(spec.name.as_str())?,
-                            None => LuaValue::Nil,
-                        };
-                        let v = if given.is_nil() {
-                            spec.kind.default_value()
-                        } else {
-                            let v = api::from_lua_input(given, &spec.kind)
-                                .map_err(|m| mlua::Error::RuntimeError(format!("diffloom.call({name:?}): input {:?}: {m}", spec.name)))?;
-                            Some(
-                                diffloom_core::validate::check_value(&spec.kind, v)
-                                    .map_err(|k| mlua::Error::RuntimeError(format!("diffloom.call({name:?}): input {:?}: {k:?}", spec.name)))?,
-                            )
-                        };
-                        if v.is_none() && !spec.optional {
-                            return Err(mlua::Error::RuntimeError(format!("diffloom.call({name:?}): input {:?} is required", spec.name)));
-                        }
-                        values.push((spec.name.clone(), v));
-                    }
-                    let outs = entry.node.execute(cx, &Args::new(values)).map_err(|e| mlua::Error::RuntimeError(format!("diffloom.call({name:?}): {e}")))?;
+                    // The same binding as the executor's: defaults filled, ranges and choices checked.
+                    let args = entry
+                        .schema
+                        .bind(|spec| {
+                            let given: LuaValue = match &inputs {
+                                Some(t) => t.get(spec.name.as_str()).map_err(|e| NodeError::input(&spec.name, e.to_string()))?,
+                                None => LuaValue::Nil,
+                            };
+                            if given.is_nil() {
+                                return Ok(None);
+                            }
+                            api::from_lua_input(given, &spec.kind).map(Some).map_err(|m| NodeError::input(&spec.name, m))
+                        })
+                        .map_err(|e| mlua::Error::RuntimeError(format!("diffloom.call({name:?}): {e}")))?;
+                    let outs = entry.node.execute(cx, &args).map_err(|e| mlua::Error::RuntimeError(format!("diffloom.call({name:?}): {e}")))?;
                     let mut ret = mlua::MultiValue::new();
                     for o in &outs {
                         ret.push_back(api::to_lua(lua, o)?);
