@@ -142,8 +142,8 @@ pub fn calculate_sigmas(ms: &ModelSampling, name: &str, steps: i64) -> Option<Ve
     })
 }
 
-/// The inverse of the regularized incomplete beta function I_x(a, b): the x with I_x = q
-/// (scipy.stats.beta.ppf), by bisection to full double precision.
+/// The inverse of the regularized incomplete beta function I_x(a, b) (statrs's `beta_reg`): the x with
+/// I_x = q (scipy.stats.beta.ppf), by bisection to full double precision.
 pub fn beta_ppf(q: f64, a: f64, b: f64) -> f64 {
     if q <= 0.0 {
         return 0.0;
@@ -157,97 +157,13 @@ pub fn beta_ppf(q: f64, a: f64, b: f64) -> f64 {
         if mid <= lo || mid >= hi {
             break;
         }
-        if reg_inc_beta(mid, a, b) < q {
+        if statrs::function::beta::beta_reg(a, b, mid) < q {
             lo = mid;
         } else {
             hi = mid;
         }
     }
     0.5 * (lo + hi)
-}
-
-/// I_x(a, b) by Lentz's continued fraction (Numerical Recipes' `betai`/`betacf`).
-fn reg_inc_beta(x: f64, a: f64, b: f64) -> f64 {
-    if x <= 0.0 {
-        return 0.0;
-    }
-    if x >= 1.0 {
-        return 1.0;
-    }
-    let ln_front = ln_gamma(a + b) - ln_gamma(a) - ln_gamma(b) + a * x.ln() + b * (1.0 - x).ln();
-    if x < (a + 1.0) / (a + b + 2.0) {
-        ln_front.exp() * beta_cf(x, a, b) / a
-    } else {
-        1.0 - ln_front.exp() * beta_cf(1.0 - x, b, a) / b
-    }
-}
-
-fn beta_cf(x: f64, a: f64, b: f64) -> f64 {
-    const TINY: f64 = 1e-300;
-    let (qab, qap, qam) = (a + b, a + 1.0, a - 1.0);
-    let mut c = 1.0;
-    let mut d = 1.0 - qab * x / qap;
-    if d.abs() < TINY {
-        d = TINY;
-    }
-    d = 1.0 / d;
-    let mut h = d;
-    for m in 1..10_000 {
-        let m = m as f64;
-        let m2 = 2.0 * m;
-        let aa = m * (b - m) * x / ((qam + m2) * (a + m2));
-        d = 1.0 + aa * d;
-        if d.abs() < TINY {
-            d = TINY;
-        }
-        c = 1.0 + aa / c;
-        if c.abs() < TINY {
-            c = TINY;
-        }
-        d = 1.0 / d;
-        h *= d * c;
-        let aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2));
-        d = 1.0 + aa * d;
-        if d.abs() < TINY {
-            d = TINY;
-        }
-        c = 1.0 + aa / c;
-        if c.abs() < TINY {
-            c = TINY;
-        }
-        d = 1.0 / d;
-        let del = d * c;
-        h *= del;
-        if (del - 1.0).abs() < 1e-16 {
-            break;
-        }
-    }
-    h
-}
-
-/// ln Γ(x) (Lanczos approximation, g = 7, n = 9; accurate to ~1e-15 for x > 0).
-fn ln_gamma(x: f64) -> f64 {
-    const G: [f64; 9] = [
-        0.999_999_999_999_809_9,
-        676.520_368_121_885_1,
-        -1_259.139_216_722_402_8,
-        771.323_428_777_653_1,
-        -176.615_029_162_140_6,
-        12.507_343_278_686_905,
-        -0.138_571_095_265_720_12,
-        9.984_369_578_019_572e-6,
-        1.505_632_735_149_311_6e-7,
-    ];
-    if x < 0.5 {
-        return (std::f64::consts::PI / (std::f64::consts::PI * x).sin()).ln() - ln_gamma(1.0 - x);
-    }
-    let x = x - 1.0;
-    let mut a = G[0];
-    let t = x + 7.5;
-    for (i, g) in G.iter().enumerate().skip(1) {
-        a += g / (x + i as f64);
-    }
-    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + a.ln()
 }
 
 /// A polynomial ramp in log sigma, then 0 (k-diffusion's `get_sigmas_polyexponential`; ρ = 1 is
