@@ -50,7 +50,7 @@ fn entry(dim: i64) -> CondEntry {
 #[test]
 fn areas_fade_in_and_the_other_side_gets_a_same_area_entry() {
     let latent = Tensor::zeros([1, 4, 16, 24], (Kind::Float, Device::Cpu));
-    let target = Target { latent_in: &latent, noise_mask: None, inpaint_unet: false, sampling: sd_sampling() };
+    let target = Target { latent_in: &latent, noise_mask: None, inpaint_unet: false, sampling: sd_sampling(), family: &diffloom_nodes::family::SD1 };
     // 64×64 pixels at x 32, y 0: latent area 8×8 at (y 0, x 4), strength 2.
     let mut area = entry(8);
     area.area = Some(Area::Latent { h: 8, w: 8, y: 0, x: 4 });
@@ -82,7 +82,7 @@ fn areas_fade_in_and_the_other_side_gets_a_same_area_entry() {
 #[test]
 fn masks_weight_entries_and_mask_bounds_set_the_area() {
     let latent = Tensor::zeros([2, 4, 8, 8], (Kind::Float, Device::Cpu));
-    let target = Target { latent_in: &latent, noise_mask: None, inpaint_unet: false, sampling: sd_sampling() };
+    let target = Target { latent_in: &latent, noise_mask: None, inpaint_unet: false, sampling: sd_sampling(), family: &diffloom_nodes::family::SD1 };
     // A 16×16 pixel-space mask with a 4×4 square: resized to the 8×8 latent bilinearly.
     let m = Tensor::zeros([1, 16, 16], (Kind::Float, Device::Cpu));
     let _ = m.narrow(1, 4, 4).narrow(2, 8, 4).fill_(1.0);
@@ -110,7 +110,7 @@ fn the_denoiser_averages_entries_by_their_weights_as_comfyui() {
     let _g = tch::no_grad_guard();
     let mut g = Generator::cpu(3);
     let x = g.randn_f32(&[1, 4, 16, 16]) * 3.0;
-    let target = Target { latent_in: &x, noise_mask: None, inpaint_unet: false, sampling: sd_sampling() };
+    let target = Target { latent_in: &x, noise_mask: None, inpaint_unet: false, sampling: sd_sampling(), family: &diffloom_nodes::family::SD1 };
     let (full, part) = (entry(32), {
         let mut e = entry(32);
         e.area = Some(Area::Latent { h: 8, w: 16, y: 8, x: 0 });

@@ -3,6 +3,7 @@
 
 pub mod builtin;
 pub mod checkpoint;
+pub mod family;
 pub mod imageio;
 pub mod lora;
 pub mod models;

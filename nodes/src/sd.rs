@@ -29,10 +29,6 @@ pub struct SdModel {
     pub sampling: SamplingMode,
 }
 
-/// SD 1.x/2.x latent scale (the LDM configs' `scale_factor`). As in ComfyUI, LATENT values are the
-/// VAE's own (unscaled); the sampler scales them in and out (`process_latent_in`/`_out`).
-pub const LATENT_SCALE: f64 = 0.18215;
-
 /// CLIP: the text encoder, its tokenizer, and the layer CLIPSetLastLayer chose.
 #[derive(Clone)]
 pub struct SdClip {
@@ -72,20 +68,16 @@ impl SdClip {
     /// layer, SD 2.x to the penultimate; both apply the final layer norm to an intermediate layer;
     /// an index beyond the layer count means the last).
     pub fn output(&self) -> ClipOutput {
-        let layer = self.layer.or((self.family == Family::Sd2).then_some(-2));
+        let layer = self.layer.or(self.family.spec().default_clip_layer);
         match layer {
             Some(i) if i.abs() <= self.model.num_layers() && i != -1 => ClipOutput::Hidden { index: i, layer_norm: true },
             _ => ClipOutput::Last,
         }
     }
 
-    /// The padding token: SD 1.x pads with the end token, SD 2.x (OpenCLIP) with 0.
+    /// The padding token (the family's).
     fn pad(&self) -> u32 {
-        if self.family == Family::Sd2 {
-            0
-        } else {
-            crate::tokenizer::END
-        }
+        self.family.spec().pad_token
     }
 
     /// ComfyUI's `encode_token_weights`: every 77-token window encoded, weights applied as
@@ -164,7 +156,7 @@ impl EmbeddingSource for EmbeddingDir {
             return Err(format!("{}: pickle embeddings are not loaded; convert it to .safetensors", path.display()));
         }
         let file = SafetensorsFile::open(&path).map_err(|e| e.to_string())?;
-        let preferred = if self.family == Family::Sd2 { "clip_h" } else { "clip_l" };
+        let preferred = self.family.spec().embedding_key;
         let mut names: Vec<&String> = file.tensors().keys().collect();
         // File order, so "the first tensor" means what ComfyUI's loader gets.
         names.sort_by_key(|n| file.info(n).map_or(0, |i| i.start));

@@ -13,7 +13,7 @@ use crate::sampling::samplers::*;
 use crate::sampling::schedulers::{
     align_your_steps, beta, calculate_sigmas, exponential, gits, karras, laplace, polyexponential, sd_turbo, vp, SCHEDULER_NAMES,
 };
-use crate::sd::{SdModel, LATENT_SCALE};
+use crate::sd::SdModel;
 
 /// A float input as ComfyUI's samplers declare them: a default, 0 to `max`.
 fn param(default: f64, max: f64) -> Float {
@@ -226,11 +226,12 @@ impl Node for AddNoise {
             true => initial_noise(noise.seed, &shape, latent.batch_index.as_deref()),
             false => samples.zeros_like(),
         };
-        let scale = if sigmas.len() > 1 { (sigmas[0] - sigmas[sigmas.len() - 1]).abs() } else { sigmas[0] };
+        let span = if sigmas.len() > 1 { (sigmas[0] - sigmas[sigmas.len() - 1]).abs() } else { sigmas[0] };
         let nonzero = samples.count_nonzero(None::<i64>).int64_value(&[]) > 0;
-        let latent_in = if nonzero { &samples * LATENT_SCALE } else { samples.shallow_clone() };
+        let scale = model.family.spec().latent_scale;
+        let latent_in = if nonzero { &samples * scale } else { samples.shallow_clone() };
         let ms = ModelSampling::new(model.sampling);
-        let noisy = ms.noise_scaling(scale, &drawn, &latent_in, false) / LATENT_SCALE;
+        let noisy = ms.noise_scaling(span, &drawn, &latent_in, false) / scale;
         Ok(vec![latent_out(latent, noisy.nan_to_num(0.0, 0.0, 0.0))])
     }
 }

@@ -87,9 +87,9 @@ pub fn detect(file: &Path, shapes: &Shapes, metadata: &HashMap<String, String>) 
         }
     };
     let unet = unet.map(|mut u| {
-        // Head layout is not visible in the shapes; these are the released models' values.
-        if family == Family::Sd2 {
-            (u.num_heads, u.num_head_channels) = (-1, 64);
+        // Head layout is not visible in the shapes; the family spec has the released models' values.
+        if let Some(heads) = family.spec().unet_heads {
+            (u.num_heads, u.num_head_channels) = heads;
         }
         u
     });

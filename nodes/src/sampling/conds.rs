@@ -8,8 +8,8 @@ use diffloom_core::NodeError;
 use tch::{Kind, Tensor};
 
 use super::model_sampling::ModelSampling;
+use crate::family::FamilySpec;
 use crate::resample::common_upscale;
-use crate::sd::LATENT_SCALE;
 use crate::tiles::fade_edge;
 
 /// One entry ready for the denoiser.
@@ -59,6 +59,8 @@ pub struct Target<'a> {
     pub inpaint_unet: bool,
     /// The model's schedule, to turn timestep ranges into sigmas.
     pub sampling: &'a ModelSampling,
+    /// The model's family (latent scale, blank inpainting latent).
+    pub family: &'a FamilySpec,
 }
 
 /// An entry with its area and mask resolved to the latent's size.
@@ -224,7 +226,7 @@ fn inpaint_channels(e: &CondEntry, target: &Target, input: &str) -> Result<Tenso
     };
     let Some(mask) = mask else {
         // "Zero" in pixel space, encoded (model_base.blank_inpaint_image_like).
-        let blank = Tensor::from_slice(&[0.8223f32, -0.6876, 0.6364, 0.1380]).view([1, 4, 1, 1]).expand([b, 4, lh, lw], false);
+        let blank = Tensor::from_slice(&target.family.blank_inpaint_latent).view([1, 4, 1, 1]).expand([b, 4, lh, lw], false);
         return Ok(Tensor::cat(&[Tensor::ones([b, 1, lh, lw], (Kind::Float, tch::Device::Cpu)), blank], 1));
     };
     let ms = mask.size();
@@ -233,7 +235,7 @@ fn inpaint_channels(e: &CondEntry, target: &Target, input: &str) -> Result<Tenso
     let mask = resize_to_batch(&mask.round(), b);
     let image = match &e.concat_latent {
         Some(l) => {
-            let l = l.to_kind(Kind::Float) * LATENT_SCALE;
+            let l = l.to_kind(Kind::Float) * target.family.latent_scale;
             if l.size()[1] != s[1] {
                 return Err(NodeError::input(input, format!("the inpainting latent has {} channels, the model's have {}", l.size()[1], s[1])));
             }

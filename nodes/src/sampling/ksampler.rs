@@ -15,7 +15,7 @@ use super::model_sampling::ModelSampling;
 use super::noise::{initial_noise, step_noise};
 use super::samplers::{self, SampleCtx, Sampler};
 use super::schedulers::calculate_sigmas;
-use crate::sd::{SdModel, LATENT_SCALE};
+use crate::sd::SdModel;
 
 /// Samplers whose last step is wasted on a tiny sigma; KSampler plans one more step and drops the
 /// penultimate sigma (ComfyUI's `DISCARD_PENULTIMATE_SIGMA_SAMPLERS`).
@@ -159,7 +159,9 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     } else {
         Tensor::zeros(shape.as_slice(), (Kind::Float, tch::Device::Cpu))
     };
-    let latent_in = &latent * LATENT_SCALE;
+    // LATENT values are the VAE's own; the sampler works on them scaled (ComfyUI's process_latent_in).
+    let latent_scale = model.family.spec().latent_scale;
+    let latent_in = &latent * latent_scale;
     let (b, h, w) = (shape[0], shape[2], shape[3]);
 
     // The noise mask at latent resolution, one channel per latent channel (comfy's reshape_mask).
@@ -180,7 +182,13 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
 
     // Areas, masks and strengths of the entries, and the 5 extra input channels of inpainting UNets
     // (mask and masked-image latent).
-    let target = Target { latent_in: &latent_in, noise_mask: mask.as_ref(), inpaint_unet: unet.config.in_channels == channels + 5, sampling: &ms };
+    let target = Target {
+        latent_in: &latent_in,
+        noise_mask: mask.as_ref(),
+        inpaint_unet: unet.config.in_channels == channels + 5,
+        sampling: &ms,
+        family: model.family.spec(),
+    };
     let sides: Vec<(&str, &[CondEntry])> = r.guider.sides.iter().map(|(input, c)| (input.as_str(), c.as_slice())).collect();
     let mut denoiser = CfgDenoiser::new(unet, &ms, resolve_sides(&sides, &target)?, r.guider.guidance);
     denoiser.noise_mask = mask.map(|m| NoiseMask { mask: m, latent_image: latent_in.shallow_clone(), noise: mask_noise });
@@ -206,7 +214,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     let out = result?;
     let (calls, model_time) = (denoiser.calls, denoiser.model_time);
     let denoised = last_denoised.unwrap_or_else(|| out.shallow_clone());
-    Ok(Output { samples: &out / LATENT_SCALE, denoised: denoised / LATENT_SCALE, model_calls: calls, model_time })
+    Ok(Output { samples: &out / latent_scale, denoised: denoised / latent_scale, model_calls: calls, model_time })
 }
 
 /// A per-run progress bar (step, it/s, ETA) on stderr; indicatif draws nothing when stderr is not a
