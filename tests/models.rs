@@ -252,3 +252,26 @@ fn a_header_length_that_looks_like_a_pickle_opcode_is_still_safetensors() {
     let file = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&path).unwrap();
     assert_eq!(file.load("w", Device::Cpu, None).unwrap().size(), [2]);
 }
+
+// Issue 11: per-level transformer depths are detected from a file's own keys and survive loading.
+#[test]
+fn per_level_transformer_depths_are_detected() {
+    let d = Dir::new();
+    let path = d.join("deep.safetensors");
+    let mut config = tiny_config(Family::Sd1, false);
+    if let Some(u) = config.unet.as_mut() {
+        u.transformer_depth = vec![1, 2];
+    }
+    write_checkpoint(&path, &config, Kind::Float, 4, false).unwrap();
+    let ck = load_checkpoint(&path, Device::Cpu, Kind::Float).unwrap();
+    let unet = ck.unet.unwrap();
+    assert_eq!(unet.config.transformer_depth, [1, 2]);
+    assert_eq!(unet.config.depth_middle(), 2);
+    let _g = tch::no_grad_guard();
+    let out = unet.forward(
+        &Tensor::ones([1, 4, 8, 8], (Kind::Float, Device::Cpu)),
+        &Tensor::from_slice(&[10f32]),
+        &Tensor::ones([1, 77, 32], (Kind::Float, Device::Cpu)),
+    );
+    assert_eq!(out.size(), [1, 4, 8, 8]);
+}

@@ -138,7 +138,9 @@ pub fn unet_modules(config: &UnetConfig, state: &[(String, Tensor)]) -> Vec<(Str
     let resnet = |p: &str| ["conv1", "conv2", "time_emb_proj", "conv_shortcut"].map(|l| format!("{p}.{l}")).to_vec();
     let attention = |p: &str| {
         let mut m = vec![format!("{p}.proj_in"), format!("{p}.proj_out")];
-        for k in 0..config.transformer_depth {
+        // The deepest level's count covers every level; paths a level lacks are filtered out below.
+        let depth = config.transformer_depth.iter().copied().chain(config.transformer_depth_middle).max().unwrap_or(1);
+        for k in 0..depth {
             let t = format!("{p}.transformer_blocks.{k}");
             for a in ["attn1", "attn2"] {
                 m.extend(["to_q", "to_k", "to_v", "to_out.0"].map(|l| format!("{t}.{a}.{l}")));

@@ -52,6 +52,9 @@ def original_config(cfg):
     unet = {k: u[k] for k in ("in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
                               "attention_resolutions", "transformer_depth", "context_dim",
                               "use_linear_in_transformer")}
+    # diffloom writes one depth for every level as a one-element list; the yamls write a number.
+    if isinstance(unet["transformer_depth"], list) and len(unet["transformer_depth"]) == 1:
+        unet["transformer_depth"] = unet["transformer_depth"][0]
     # The real yamls name only the head parameter in use (v1: num_heads, v2: num_head_channels) and
     # create_unet_diffusers_config_from_ldm keys off the *presence* of num_heads, so never pass -1.
     for k in ("num_heads", "num_head_channels"):

@@ -143,11 +143,15 @@ fn detect_unet(s: &Shapes, p: &str) -> Option<UnetConfig> {
     let mut level_ch = mc;
     let mut context_dim = 0;
     let mut use_linear = false;
-    let mut depth = 1;
+    // Transformer depth per level (0 where a level has no attention).
+    let mut depths = Vec::new();
+    let mut level_depth = 0;
     for block in 1.. {
         if get(&format!("input_blocks.{block}.0.op.weight")).is_some() {
             channel_mult.push(level_ch / mc);
             res_per_level.push(count);
+            depths.push(level_depth);
+            level_depth = 0;
             count = 0;
             ds *= 2;
             continue;
@@ -163,11 +167,21 @@ fn detect_unet(s: &Shapes, p: &str) -> Option<UnetConfig> {
             if let Some(k) = get(&format!("input_blocks.{block}.1.transformer_blocks.0.attn2.to_k.weight")) {
                 context_dim = k[1];
             }
-            depth = (0..).take_while(|t| get(&format!("input_blocks.{block}.1.transformer_blocks.{t}.norm1.weight")).is_some()).count() as i64;
+            level_depth = (0..).take_while(|t| get(&format!("input_blocks.{block}.1.transformer_blocks.{t}.norm1.weight")).is_some()).count() as i64;
         }
     }
     channel_mult.push(level_ch / mc);
     res_per_level.push(count);
+    depths.push(level_depth);
+    // One number when the attention levels agree (SD 1.x/2.x); levels without attention do not count.
+    let attn_depths: Vec<i64> = depths.iter().copied().filter(|d| *d > 0).collect();
+    let transformer_depth = match attn_depths.first() {
+        Some(first) if attn_depths.iter().all(|d| d == first) => vec![*first],
+        Some(_) => depths,
+        None => vec![1],
+    };
+    let middle = (0..).take_while(|t| get(&format!("middle_block.1.transformer_blocks.{t}.norm1.weight")).is_some()).count() as i64;
+    let adm_in_channels = get("label_emb.0.0.weight").map(|w| w[1]);
     // Largest first, as the LDM yaml configs list them.
     attention_resolutions.sort_unstable_by(|a, b| b.cmp(a));
     if context_dim == 0 {
@@ -182,7 +196,9 @@ fn detect_unet(s: &Shapes, p: &str) -> Option<UnetConfig> {
         attention_resolutions,
         num_heads: 8,
         num_head_channels: -1,
-        transformer_depth: depth.max(1),
+        transformer_depth_middle: (middle > 0 && Some(&middle) != transformer_depth.last()).then_some(middle),
+        transformer_depth,
+        adm_in_channels,
         context_dim,
         use_linear_in_transformer: use_linear,
     })

@@ -185,7 +185,9 @@ pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Checkpoi
             attention_resolutions: down_types.iter().enumerate().filter(|(_, t)| crossattn(t)).map(|(i, _)| 1i64 << i).rev().collect(),
             num_heads,
             num_head_channels,
-            transformer_depth: transformer_depth(&c, &cfg_path)?,
+            transformer_depth: vec![transformer_depth(&c, &cfg_path)?],
+            transformer_depth_middle: None,
+            adm_in_channels: None,
             context_dim: json_i64(&c, "cross_attention_dim", &cfg_path)?,
             use_linear_in_transformer: c.get("use_linear_projection").and_then(|v| v.as_bool()).unwrap_or(false),
         };

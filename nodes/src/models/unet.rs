@@ -28,7 +28,17 @@ pub struct UnetConfig {
     pub num_heads: i64,
     /// Fixed head width (SD 2.x: 64), or -1 when `num_heads` is used.
     pub num_head_channels: i64,
-    pub transformer_depth: i64,
+    /// Transformer blocks per spatial transformer, per level (one number for every level: SD 1.x/2.x
+    /// have 1; SDXL's levels have [0, 2, 10]). Files written before per-level depths read as one.
+    #[serde(deserialize_with = "per_level")]
+    pub transformer_depth: Vec<i64>,
+    /// The middle block's depth; None: the deepest level's.
+    #[serde(default)]
+    pub transformer_depth_middle: Option<i64>,
+    /// Width of the class-label input added to the timestep embedding (`label_emb`, SDXL's
+    /// size-and-crop conditioning); None for SD 1.x/2.x.
+    #[serde(default)]
+    pub adm_in_channels: Option<i64>,
     /// Width of the text encoder's states (768 for SD 1.x, 1024 for SD 2.x).
     pub context_dim: i64,
     /// Linear rather than 1×1-convolution projections in and out of the transformers (SD 2.x).
@@ -47,7 +57,9 @@ impl UnetConfig {
             attention_resolutions: vec![4, 2, 1],
             num_heads: 8,
             num_head_channels: -1,
-            transformer_depth: 1,
+            transformer_depth: vec![1],
+            transformer_depth_middle: None,
+            adm_in_channels: None,
             context_dim: 768,
             use_linear_in_transformer: false,
         }
@@ -63,6 +75,19 @@ impl UnetConfig {
         UnetConfig { in_channels: 9, ..Self::sd1() }
     }
 
+    /// Transformer blocks at `level` (0 = the first, full-resolution level).
+    pub fn depth_at(&self, level: usize) -> i64 {
+        match self.transformer_depth.as_slice() {
+            [one] => *one,
+            per_level => per_level.get(level).copied().unwrap_or(1),
+        }
+    }
+
+    /// The middle block's transformer depth.
+    pub fn depth_middle(&self) -> i64 {
+        self.transformer_depth_middle.unwrap_or_else(|| self.depth_at(self.channel_mult.len().saturating_sub(1)))
+    }
+
     /// Heads and head width for a transformer over `channels` channels.
     fn heads(&self, channels: i64) -> (i64, i64) {
         if self.num_head_channels > 0 {
@@ -76,6 +101,8 @@ impl UnetConfig {
 pub struct Unet {
     pub config: UnetConfig,
     time_embed: (Linear, Linear),
+    /// `label_emb.0.{0,2}`: the class-label input's projection, when the config has one.
+    label_emb: Option<(Linear, Linear)>,
     input_blocks: Vec<Block>,
     middle_block: Block,
     output_blocks: Vec<Block>,
@@ -88,9 +115,9 @@ impl Unet {
         let c = &config;
         let mc = c.model_channels;
         let emb = mc * 4;
-        let attn = |p: &WPath, ch: i64| {
+        let attn = |p: &WPath, ch: i64, depth: i64| {
             let (heads, dim_head) = c.heads(ch);
-            Layer::Attn(SpatialTransformer::new(p, ch, heads, dim_head, c.transformer_depth, c.context_dim, c.use_linear_in_transformer))
+            Layer::Attn(SpatialTransformer::new(p, ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer))
         };
 
         let ib = p.pp("input_blocks");
@@ -105,7 +132,7 @@ impl Unet {
                 let mut layers = vec![Layer::Res(ResBlock::new(&bp.pp(0), ch, mult * mc, emb))];
                 ch = mult * mc;
                 if c.attention_resolutions.contains(&ds) {
-                    layers.push(attn(&bp.pp(1), ch));
+                    layers.push(attn(&bp.pp(1), ch, c.depth_at(level)));
                 }
                 input_blocks.push(Block(layers));
                 skips.push(ch);
@@ -119,8 +146,11 @@ impl Unet {
         }
 
         let mp = p.pp("middle_block");
-        let middle_block =
-            Block(vec![Layer::Res(ResBlock::new(&mp.pp(0), ch, ch, emb)), attn(&mp.pp(1), ch), Layer::Res(ResBlock::new(&mp.pp(2), ch, ch, emb))]);
+        let middle_block = Block(vec![
+            Layer::Res(ResBlock::new(&mp.pp(0), ch, ch, emb)),
+            attn(&mp.pp(1), ch, c.depth_middle()),
+            Layer::Res(ResBlock::new(&mp.pp(2), ch, ch, emb)),
+        ]);
 
         let ob = p.pp("output_blocks");
         let mut output_blocks = Vec::new();
@@ -131,7 +161,7 @@ impl Unet {
                 let mut layers = vec![Layer::Res(ResBlock::new(&bp.pp(0), ch + skip, mult * mc, emb))];
                 ch = mult * mc;
                 if c.attention_resolutions.contains(&ds) {
-                    layers.push(attn(&bp.pp(1), ch));
+                    layers.push(attn(&bp.pp(1), ch, c.depth_at(level)));
                 }
                 if level > 0 && i == c.num_res_blocks {
                     layers.push(Layer::Up(Upsample::new(&bp.pp(layers.len()), ch)));
@@ -144,6 +174,10 @@ impl Unet {
         let te = p.pp("time_embed");
         Unet {
             time_embed: (linear(&te.pp(0), mc, emb), linear(&te.pp(2), emb, emb)),
+            label_emb: c.adm_in_channels.map(|adm| {
+                let le = p.pp("label_emb").pp(0);
+                (linear(&le.pp(0), adm, emb), linear(&le.pp(2), emb, emb))
+            }),
             input_blocks,
             middle_block,
             output_blocks,
@@ -161,9 +195,18 @@ impl Unet {
     /// Predicts noise (or v) for latents `x` `[b, in_channels, h, w]` at `timesteps` `[b]` (0..999,
     /// fractional allowed) given text states `context` `[b, tokens, context_dim]`.
     pub fn forward(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
+        self.forward_with_class(x, timesteps, context, None)
+    }
+
+    /// [`Unet::forward`] with the class-label input `y` `[b, adm_in_channels]` added to the timestep
+    /// embedding, for UNets that have one (a UNet without `label_emb` ignores it).
+    pub fn forward_with_class(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor, y: Option<&Tensor>) -> Tensor {
         let kind = self.out_conv.weight.kind();
         let t_emb = timestep_embedding(timesteps, self.config.model_channels).to_kind(kind);
-        let emb = self.time_embed.1.forward(&self.time_embed.0.forward(&t_emb).silu());
+        let mut emb = self.time_embed.1.forward(&self.time_embed.0.forward(&t_emb).silu());
+        if let (Some((l0, l2)), Some(y)) = (&self.label_emb, y) {
+            emb += l2.forward(&l0.forward(&y.to_kind(kind)).silu());
+        }
         let context = context.to_kind(kind);
         let mut h = x.to_kind(kind);
         let mut hs = Vec::with_capacity(self.input_blocks.len());
@@ -185,6 +228,21 @@ impl Unet {
     }
 }
 
+/// A depth per level from a list, or from one number (every level; configs written before per-level
+/// depths).
+fn per_level<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Depth {
+        One(i64),
+        PerLevel(Vec<i64>),
+    }
+    Ok(match Depth::deserialize(d)? {
+        Depth::One(n) => vec![n],
+        Depth::PerLevel(v) => v,
+    })
+}
+
 /// Sinusoidal embedding of `timesteps` `[b]` into `[b, dim]`, cosines first (LDM's
 /// `timestep_embedding`, max period 10000).
 pub fn timestep_embedding(timesteps: &Tensor, dim: i64) -> Tensor {
@@ -194,3 +252,7 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: i64) -> Tensor {
     let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * freqs.unsqueeze(0);
     Tensor::cat(&[args.cos(), args.sin()], -1)
 }
+
+#[cfg(test)]
+#[path = "../tests/unet.rs"]
+mod tests;
