@@ -1,6 +1,7 @@
-//! The one table from diffusers names to the LDM names the models use, so a diffusers folder loads into
-//! the same models as a single file (after ComfyUI's `unet_to_diffusers` and diffusers' own
-//! `convert_ldm_*` functions, read in the other direction).
+//! Every key rename, in one place: diffusers names to the LDM names the models use, so a diffusers
+//! folder loads into the same models as a single file (after ComfyUI's `unet_to_diffusers` and
+//! diffusers' own `convert_ldm_*` functions, read in the other direction), and RRDBNet's two older
+//! layouts to Real-ESRGAN's, with the inverse the test-file writer uses.
 
 /// The LDM UNet name of diffusers UNet key `k`. `nrb` is layers_per_block; `up_has_attn[i]` whether
 /// up block `i` has attentions (its upsampler then sits at index 2 of the LDM block, else 1).
@@ -122,6 +123,78 @@ fn vae_resnet(rest: &str) -> String {
         Some(p) => format!("nin_shortcut.{p}"),
         None => rest.to_owned(),
     }
+}
+
+/// The Real-ESRGAN-layout name of an original-ESRGAN key, given the index of the last layer
+/// (`model.{last}`): `model.0` is the first conv, `model.1.sub.{i}` the RRDBs and (at `nb`) the trunk
+/// conv, then per upsampling stage an Upsample, a conv and a LeakyReLU (`model.3`, `model.6`, …),
+/// then the HR conv and, after a LeakyReLU, the last conv.
+pub fn rrdbnet_old_layout_key(k: &str, nb: usize, last: usize) -> Option<String> {
+    let rest = k.strip_prefix("model.")?;
+    let (index, tail) = rest.split_once('.')?;
+    let index: usize = index.parse().ok()?;
+    let upsamples = (last.checked_sub(4)?) / 3;
+    match index {
+        0 => Some(format!("conv_first.{tail}")),
+        1 => {
+            let sub = tail.strip_prefix("sub.")?;
+            let (i, inner) = sub.split_once('.')?;
+            let i: usize = i.parse().ok()?;
+            if i == nb {
+                return Some(format!("conv_body.{inner}"));
+            }
+            // RDB1.conv1.0.weight: the ".0" is the conv inside its (conv, LeakyReLU) Sequential.
+            let (rdb, inner) = inner.split_once('.')?;
+            let (conv, param) = inner.split_once(".0.")?;
+            Some(format!("body.{i}.{}.{conv}.{param}", rdb.to_lowercase()))
+        }
+        i if i == last => Some(format!("conv_last.{tail}")),
+        i if i == last - 2 => Some(format!("conv_hr.{tail}")),
+        i if i % 3 == 0 && i / 3 <= upsamples => Some(format!("conv_up{}.{tail}", i / 3)),
+        _ => None,
+    }
+}
+
+/// The Real-ESRGAN-layout name of a key in ESRGAN's second layout (`RRDB_trunk.N.RDBR.convC`,
+/// `trunk_conv`, `upconvK`, `HRconv`), or the key itself.
+pub fn rrdbnet_trunk_layout_key(k: &str) -> String {
+    if let Some(rest) = k.strip_prefix("RRDB_trunk.") {
+        // N.RDBR.convC.param
+        let mut parts: Vec<String> = rest.split('.').map(str::to_owned).collect();
+        if let Some(rdb) = parts.get_mut(1) {
+            *rdb = rdb.to_lowercase();
+        }
+        return format!("body.{}", parts.join("."));
+    }
+    for (from, to) in [("trunk_conv.", "conv_body."), ("HRconv.", "conv_hr."), ("upconv", "conv_up")] {
+        if let Some(rest) = k.strip_prefix(from) {
+            return format!("{to}{rest}");
+        }
+    }
+    k.to_owned()
+}
+
+/// The original ESRGAN name (`model.N…`) of a Real-ESRGAN-layout RRDBNet key: the inverse of
+/// [`rrdbnet_old_layout_key`], for writing test files in the layout community models have.
+pub fn rrdbnet_original_key(k: &str, config: &crate::models::rrdbnet::RrdbConfig) -> String {
+    let (layer, param) = k.rsplit_once('.').unwrap_or((k, ""));
+    let up = config.upsamples as usize;
+    let old = match layer {
+        "conv_first" => "model.0".to_owned(),
+        "conv_body" => format!("model.1.sub.{}", config.nb),
+        "conv_hr" => format!("model.{}", 3 * up + 2),
+        "conv_last" => format!("model.{}", 3 * up + 4),
+        l if l.starts_with("conv_up") => format!("model.{}", 3 * l["conv_up".len()..].parse::<usize>().unwrap_or(0)),
+        // body.I.rdbR.convC → model.1.sub.I.RDBR.convC.0
+        l => {
+            let parts: Vec<&str> = l.split('.').collect();
+            match parts.as_slice() {
+                [_, i, rdb, conv] => format!("model.1.sub.{i}.{}.{conv}.0", rdb.to_uppercase()),
+                _ => l.to_owned(),
+            }
+        }
+    };
+    format!("{old}.{param}")
 }
 
 #[cfg(test)]

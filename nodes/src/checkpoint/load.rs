@@ -10,9 +10,9 @@ use tch::{Device, Kind};
 
 use super::detect::{self, ModelConfig, Prediction, Shapes};
 use super::safetensors::SafetensorsFile;
-use super::{LoadError, Loaded, WPath, Weights};
+use super::{keymap, LoadError, Loaded, WPath, Weights};
 use crate::models::clip::ClipTextModel;
-use crate::models::rrdbnet::{self, RrdbConfig, RrdbNet};
+use crate::models::rrdbnet::{RrdbConfig, RrdbNet};
 use crate::models::unet::Unet;
 use crate::models::vae::AutoencoderKl;
 
@@ -296,13 +296,13 @@ pub fn load_upscale_model(path: &Path, device: Device, kind: Kind) -> Result<(Rr
         let mut index = HashMap::new();
         for k in &stored {
             // As spandrel loads strictly: a key of no known layer means another architecture.
-            let l = rrdbnet::old_layout_key(&plain(k), nb, last)
+            let l = keymap::rrdbnet_old_layout_key(&plain(k), nb, last)
                 .ok_or_else(|| unsupported(format!("not an upscale model diffloom runs: unexpected tensor {k:?} for an ESRGAN layout")))?;
             index.insert(l, (0, k.clone()));
         }
         index
     } else {
-        stored.iter().map(|k| (rrdbnet::trunk_layout_key(&plain(k)), (0, k.clone()))).collect()
+        stored.iter().map(|k| (keymap::rrdbnet_trunk_layout_key(&plain(k)), (0, k.clone()))).collect()
     };
     let shapes: Shapes = index.iter().filter_map(|(l, (_, k))| Some((l.clone(), file.info(k)?.shape.clone()))).collect();
     let config = RrdbConfig::detect(&shapes).map_err(|why| {

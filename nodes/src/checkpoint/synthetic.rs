@@ -11,7 +11,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use tch::{Kind, Tensor};
 
 use super::detect::{Family, ModelConfig, Prediction, CLIP_HF_PREFIX, CLIP_OPEN_PREFIX, CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX};
-use super::{LoadError, Loaded, Weights};
+use super::{keymap, LoadError, Loaded, Weights};
 use crate::models::clip::{ClipConfig, ClipLayout, ClipTextModel};
 use crate::models::rrdbnet::{RrdbConfig, RrdbNet};
 use crate::models::unet::{Unet, UnetConfig};
@@ -160,27 +160,8 @@ pub fn write_rrdbnet(path: &Path, config: &RrdbConfig, original_layout: bool, se
     let w = Weights::synthetic(Kind::Float, seed as u64);
     let _ = RrdbNet::new(&w.root(), config.clone());
     let made = w.synthetic.map(|m| m.into_inner().made).unwrap_or_default();
-    let rename = |k: String| -> String {
-        if !original_layout {
-            return k;
-        }
-        let (layer, param) = k.rsplit_once('.').unwrap_or((&k, ""));
-        let up = config.upsamples as usize;
-        let old = match layer {
-            "conv_first" => "model.0".to_owned(),
-            "conv_body" => format!("model.1.sub.{}", config.nb),
-            "conv_hr" => format!("model.{}", 3 * up + 2),
-            "conv_last" => format!("model.{}", 3 * up + 4),
-            l if l.starts_with("conv_up") => format!("model.{}", 3 * l["conv_up".len()..].parse::<usize>().unwrap_or(0)),
-            // body.I.rdbR.convC → model.1.sub.I.RDBR.convC.0
-            l => {
-                let parts: Vec<&str> = l.split('.').collect();
-                format!("model.1.sub.{}.{}.{}.0", parts[1], parts[2].to_uppercase(), parts[3])
-            }
-        };
-        format!("{old}.{param}")
-    };
-    let tensors: Vec<(String, Tensor)> = made.into_iter().map(|(k, t)| (rename(k), t)).collect();
+    let tensors: Vec<(String, Tensor)> =
+        made.into_iter().map(|(k, t)| (if original_layout { keymap::rrdbnet_original_key(&k, config) } else { k }, t)).collect();
     // The config rides along only so make-test-models can tell an up-to-date file; loading ignores it.
     let metadata = HashMap::from([(CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default())]);
     write_safetensors(path, &tensors, Some(metadata))

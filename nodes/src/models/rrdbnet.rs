@@ -1,8 +1,8 @@
 //! ESRGAN's RRDBNet, the upscaler behind ESRGAN, Real-ESRGAN (x4plus, x2plus), BSRGAN and most
 //! community "4x-…" models. Keys in Real-ESRGAN's (BasicSR's) layout: `conv_first`, `body.N.rdbR.convC`,
 //! `conv_body`, `conv_upK`, `conv_hr`, `conv_last`. Files in the original ESRGAN layout (`model.0`,
-//! `model.1.sub.N.RDBR.convC.0`, …) are renamed into it by [`old_layout_key`], those in ESRGAN's second
-//! layout (`RRDB_trunk`, `trunk_conv`, `upconvK`, `HRconv`; BSRGAN) by [`trunk_layout_key`].
+//! `model.1.sub.N.RDBR.convC.0`, …) are renamed into it by `keymap::rrdbnet_old_layout_key`, those in ESRGAN's second
+//! layout (`RRDB_trunk`, `trunk_conv`, `upconvK`, `HRconv`; BSRGAN) by `keymap::rrdbnet_trunk_layout_key`.
 
 use std::collections::HashMap;
 
@@ -61,55 +61,6 @@ impl RrdbConfig {
         }
         Ok(config)
     }
-}
-
-/// The Real-ESRGAN-layout name of an original-ESRGAN key, given the index of the last layer
-/// (`model.{last}`): `model.0` is the first conv, `model.1.sub.{i}` the RRDBs and (at `nb`) the trunk
-/// conv, then per upsampling stage an Upsample, a conv and a LeakyReLU (`model.3`, `model.6`, …),
-/// then the HR conv and, after a LeakyReLU, the last conv.
-pub fn old_layout_key(k: &str, nb: usize, last: usize) -> Option<String> {
-    let rest = k.strip_prefix("model.")?;
-    let (index, tail) = rest.split_once('.')?;
-    let index: usize = index.parse().ok()?;
-    let upsamples = (last.checked_sub(4)?) / 3;
-    match index {
-        0 => Some(format!("conv_first.{tail}")),
-        1 => {
-            let sub = tail.strip_prefix("sub.")?;
-            let (i, inner) = sub.split_once('.')?;
-            let i: usize = i.parse().ok()?;
-            if i == nb {
-                return Some(format!("conv_body.{inner}"));
-            }
-            // RDB1.conv1.0.weight: the ".0" is the conv inside its (conv, LeakyReLU) Sequential.
-            let (rdb, inner) = inner.split_once('.')?;
-            let (conv, param) = inner.split_once(".0.")?;
-            Some(format!("body.{i}.{}.{conv}.{param}", rdb.to_lowercase()))
-        }
-        i if i == last => Some(format!("conv_last.{tail}")),
-        i if i == last - 2 => Some(format!("conv_hr.{tail}")),
-        i if i % 3 == 0 && i / 3 <= upsamples => Some(format!("conv_up{}.{tail}", i / 3)),
-        _ => None,
-    }
-}
-
-/// The Real-ESRGAN-layout name of a key in ESRGAN's second layout (`RRDB_trunk.N.RDBR.convC`,
-/// `trunk_conv`, `upconvK`, `HRconv`), or the key itself.
-pub fn trunk_layout_key(k: &str) -> String {
-    if let Some(rest) = k.strip_prefix("RRDB_trunk.") {
-        // N.RDBR.convC.param
-        let mut parts: Vec<String> = rest.split('.').map(str::to_owned).collect();
-        if let Some(rdb) = parts.get_mut(1) {
-            *rdb = rdb.to_lowercase();
-        }
-        return format!("body.{}", parts.join("."));
-    }
-    for (from, to) in [("trunk_conv.", "conv_body."), ("HRconv.", "conv_hr."), ("upconv", "conv_up")] {
-        if let Some(rest) = k.strip_prefix(from) {
-            return format!("{to}{rest}");
-        }
-    }
-    k.to_owned()
 }
 
 /// Five densely connected convolutions; the output is scaled by 0.2 and added to the input.
