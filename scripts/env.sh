@@ -5,6 +5,9 @@ DIFFLOOM_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DIFFLOOM_VENV=$DIFFLOOM_ROOT/.venv
 LIBTORCH=
 for d in "$DIFFLOOM_VENV"/lib/python3*/site-packages/torch; do [[ -d $d ]] && LIBTORCH=$d; done
+# The fixed link scripts/setup.sh makes (and .cargo/config.toml names): the same LIBTORCH for scripted
+# and plain cargo runs, so neither rebuilds libtorch's bindings for the other.
+[[ -n $LIBTORCH && -d $DIFFLOOM_VENV/libtorch/lib ]] && LIBTORCH=$DIFFLOOM_VENV/libtorch
 export DIFFLOOM_ROOT DIFFLOOM_VENV LIBTORCH
 export LIBTORCH_CXX11_ABI=1
 # The CLIP tokenizer vocabulary scripts/setup.sh writes (see nodes/src/tokenizer.rs).

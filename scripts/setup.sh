@@ -30,6 +30,11 @@ if [[ ! -f $stamp || $(cat "$stamp") != "$want" || -z $LIBTORCH ]]; then
     echo "setup: venv ready (LIBTORCH=$LIBTORCH)"
 fi
 
+# A fixed path to libtorch (the venv's site-packages folder names the Python version), which
+# .cargo/config.toml gives cargo, so a plain `cargo build` or `cargo test` works after this set-up.
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+[[ -d $DIFFLOOM_VENV/libtorch/lib ]] || ln -sfn "$(cd "$LIBTORCH" && pwd -P)" "$DIFFLOOM_VENV/libtorch"
+
 # The CLIP BPE vocabulary: no model hub is reachable, but the open-clip-torch wheel on PyPI ships
 # OpenAI's bpe_simple_vocab_16e6.txt.gz; scripts/clip_vocab.py turns it into vocab.json + merges.txt
 # exactly as transformers' CLIPTokenizer reads them.
