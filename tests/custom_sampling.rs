@@ -333,6 +333,17 @@ fn sigma_tools_by_hand() {
     assert_eq!(split[0], [8.0, 4.0, 2.0]);
     assert_eq!(split[1], [2.0, 1.0, 0.0]);
     assert_eq!(with(r#"(type: "FlipSigmas", inputs: {"sigmas": Link("m", "SIGMAS")})"#)[0], [0.0001f32 as f64, 1.0, 2.0, 4.0, 8.0]);
+    // Flipped sigmas run the sampler backwards (unsampling), as ComfyUI allows.
+    let nodes = format!(
+        r#"{} "m": {}, "f": (type: "FlipSigmas", inputs: {{"sigmas": Link("m", "SIGMAS")}}),
+        "pick": (type: "KSamplerSelect", inputs: {{"sampler_name": "euler"}}),
+        "s": (type: "SamplerCustom", inputs: {{"model": Link("c", "MODEL"), "add_noise": false, "cfg": 1.0, "positive": Link("pos", "CONDITIONING"),
+            "negative": Link("neg", "CONDITIONING"), "sampler": Link("pick", "SAMPLER"), "sigmas": Link("f", "SIGMAS"), "latent_image": Link("lat", "LATENT")}}),"#,
+        base(&d),
+        manual("8, 4, 2, 1, 0")
+    );
+    let up = outputs(&d, &nodes, &[("s", "output", 0)]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(&up[0], Value::Latent(l) if l.samples.isfinite().all().int64_value(&[]) == 1 && l.samples.abs().max().double_value(&[]) > 1.0));
     assert_eq!(with(r#"(type: "SetFirstSigma", inputs: {"sigmas": Link("m", "SIGMAS"), "sigma": 20.0})"#)[0], [20.0, 4.0, 2.0, 1.0, 0.0]);
     let extended = with(r#"(type: "ExtendIntermediateSigmas", inputs: {"sigmas": Link("m", "SIGMAS"), "steps": 2, "end_at_sigma": 3.0})"#);
     assert_eq!(extended[0], [8.0, 6.0, 4.0, 3.0, 2.0, 1.0, 0.0]);

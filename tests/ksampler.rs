@@ -180,15 +180,15 @@ fn bad_sampling_input_is_named() {
         let err = diffloom_core::validate::validate(&path, &parsed, &diffloom_nodes::registry()).err().unwrap().to_string();
         assert!(err.contains(&format!("node \"s\", {want}")), "{err}");
     }
-    // Not-decreasing sigmas fail at run time, naming the input (a latent of the wrong channel count is
+    // Negative sigmas fail at run time, naming the input (a latent of the wrong channel count is
     // refused by the sampling call itself: masks_wrong_channels_and_nans_through_the_sampling_api).
-    let extra = r#""k": (type: "KarrasScheduler", inputs: {"steps": 4, "sigma_max": 0.5, "sigma_min": 2.0}),
+    let extra = r#""k": (type: "ManualSigmas", inputs: {"sigmas": "2, 1, -0.5"}),
         "pick": (type: "KSamplerSelect", inputs: {"sampler_name": "euler"}),"#;
     let node = r#"(type: "SamplerCustom", inputs: {"model": Link("c", "MODEL"), "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"),
         "sampler": Link("pick", "SAMPLER"), "sigmas": Link("k", "SIGMAS"), "latent_image": Link("lat", "LATENT")})"#;
     let (mut ex, reg) = executor(&d, 1 << 30);
     let err = run_graph(&mut ex, &reg, &d, &graph_out(&d, node, "output", extra), &[]).error.unwrap().to_string();
-    assert!(err.contains("node \"s\" (SamplerCustom): input \"sigmas\": sigmas must decrease"), "{err}");
+    assert!(err.contains("node \"s\" (SamplerCustom): input \"sigmas\": sigmas must be finite and not negative"), "{err}");
     let img = r#""img": (type: "LoadImage", inputs: {"image": "x.png"}),"#;
     d.png("x.png", 16, 16, 1);
     let node = r#"(type: "KSampler", inputs: {"model": Link("c", "MODEL"), "positive": Link("pos", "CONDITIONING"), "negative": Link("neg", "CONDITIONING"), "latent_image": Link("bad", "LATENT")})"#;

@@ -428,6 +428,9 @@ fn flow_error(sampler: &dyn diffloom_nodes::sampling::samplers::Sampler, n: usiz
 //   variable-step ones approach 4 slowly (2.5 at 64 steps, 3.2 at 512): checked as at least 2.3.
 // - heunpp2 and gradient_estimation are first order: Heun++'s σ/σ₀ weights do not tend to a
 //   higher-order rule, and the gradient-estimation term changes each step by O(h²).
+// - dpmpp_2s_ancestral_cfg_pp is left out: its final update shifts by the first call's guided
+//   estimate minus the second call's unconditional one (ComfyUI's post-CFG hook overwrites the latter),
+//   an O(h) difference even at cfg 1, so it does not converge to the ODE's solution either.
 // - cfgpp_ud10_ab is left out: its extrapolated unconditional slope enters each step scaled by the
 //   next sigma rather than the step, an O(h) change per step, so it is no consistent ODE method.
 #[test]
@@ -442,7 +445,6 @@ fn ode_samplers_converge_at_their_order_on_gaussian_data() {
         ("dpmpp_2m", by_name("dpmpp_2m").unwrap(), 2.0),
         ("dpmpp_2m_cfg_pp", by_name("dpmpp_2m_cfg_pp").unwrap(), 2.0),
         ("dpmpp_2s_ancestral eta 0", Box::new(dpmpp_2s_ancestral::Dpmpp2sAncestral { eta: 0.0, s_noise: 1.0 }), 2.0),
-        ("dpmpp_2s_ancestral_cfg_pp eta 0", Box::new(cfg_pp::Dpmpp2sAncestralCfgPp { eta: 0.0, s_noise: 1.0 }), 2.0),
         ("dpmpp_2m_sde eta 0", Box::new(dpmpp_2m_sde::Dpmpp2mSde { eta: 0.0, s_noise: 1.0, gpu: false, heun: false }), 2.0),
         ("dpmpp_2m_sde_heun eta 0", Box::new(dpmpp_2m_sde::Dpmpp2mSde { eta: 0.0, s_noise: 1.0, gpu: false, heun: true }), 2.0),
         ("dpmpp_3m_sde eta 0", Box::new(dpmpp_3m_sde::Dpmpp3mSde { eta: 0.0, s_noise: 1.0, gpu: false }), 2.0),

@@ -591,10 +591,8 @@ impl Node for LaplaceScheduler {
             .output("SIGMAS", ValueType::Sigmas)
     }
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        // sigma_min above sigma_max clamps everything to sigma_max, as torch.clamp does in ComfyUI.
         let (lo, hi) = (a.float("sigma_min")?, a.float("sigma_max")?);
-        if lo > hi {
-            return Err(NodeError::input("sigma_min", format!("{lo} is above sigma_max {hi}")));
-        }
         Ok(vec![sigmas_value(&laplace(a.i64("steps")?, lo, hi, a.float("mu")?, a.float("beta")?))])
     }
 }

@@ -1,6 +1,9 @@
 //! The denoiser samplers call: the UNet with classifier-free guidance (cond and uncond in one batched
 //! forward pass), the model-sampling conversions, and ComfyUI's latent noise mask.
 
+use std::cell::RefCell;
+use std::rc::Rc;
+
 use tch::{Kind, Tensor};
 
 use diffloom_core::NodeError;
@@ -68,7 +71,8 @@ impl Guidance {
     /// `disable_cfg1_optimization`) the scale-1 shortcuts are off.
     fn needed(&self, want_uncond: bool) -> Vec<bool> {
         let one = |v: f64| !want_uncond && (v - 1.0).abs() <= 1e-9;
-        let zero = |v: f64| !want_uncond && v.abs() <= 1e-9;
+        // math.isclose(v, 0.0) with its default tolerances holds only at 0 itself.
+        let zero = |v: f64| !want_uncond && v == 0.0;
         match *self {
             Guidance::Cfg(cfg) => vec![true, !one(cfg)],
             Guidance::Basic => vec![true],
@@ -124,12 +128,14 @@ pub struct CfgDenoiser<'a> {
     pub calls: usize,
     /// Time spent in the UNet itself, so benchmarks can tell sampler overhead from model time.
     pub model_time: std::time::Duration,
+    /// Where the first estimate after each take is kept (the sampling run's per-step denoised output).
+    pub first_estimate: Option<Rc<RefCell<Option<Tensor>>>>,
 }
 
 impl<'a> CfgDenoiser<'a> {
     /// A denoiser with no noise mask.
     pub fn new(unet: &'a Unet, sampling: &'a ModelSampling, sides: Vec<Vec<Cond>>, guidance: Guidance) -> CfgDenoiser<'a> {
-        CfgDenoiser { unet, sampling, sides, guidance, noise_mask: None, calls: 0, model_time: std::time::Duration::ZERO }
+        CfgDenoiser { unet, sampling, sides, guidance, noise_mask: None, calls: 0, model_time: std::time::Duration::ZERO, first_estimate: None }
     }
 }
 
@@ -264,6 +270,9 @@ impl CfgDenoiser<'_> {
             Some(m) => &guided * &m.mask + &m.latent_image * (m.mask.neg() + 1.0),
             None => guided,
         };
+        if let Some(cell) = &self.first_estimate {
+            cell.borrow_mut().get_or_insert_with(|| guided.shallow_clone());
+        }
         Ok((guided, uncond))
     }
 

@@ -2,6 +2,7 @@
 //! `common_ksampler` → `KSAMPLER.sample`): noise, latent scaling, the noise mask, inpainting-model
 //! inputs, guidance, the sampler, progress and cancellation.
 
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -144,9 +145,8 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     if r.sigmas.is_empty() {
         return Ok(Output { samples: latent.shallow_clone(), denoised: latent, model_calls: 0, model_time: std::time::Duration::ZERO });
     }
-    if let Some(bad) = r.sigmas.windows(2).position(|w| w[1] > w[0] || w[0].is_nan() || w[1].is_nan()) {
-        return Err(NodeError::input("sigmas", format!("sigmas must decrease: {} is followed by {}", r.sigmas[bad], r.sigmas[bad + 1])));
-    }
+    // Sigmas usually decrease; rising ones (FlipSigmas) run the sampler backwards, to "unsample" an
+    // image into its noise, as ComfyUI allows.
     if r.sigmas.iter().any(|s| !s.is_finite() || *s < 0.0) {
         return Err(NodeError::input("sigmas", "sigmas must be finite and not negative"));
     }
@@ -175,7 +175,8 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     let sigma_max = ms.sigma_max();
     let max_denoise = (r.sigmas[0] - sigma_max).abs() <= 1e-5 * r.sigmas[0].abs().max(sigma_max) || r.sigmas[0] > sigma_max;
     let mask_noise = match &mask {
-        Some(_) if r.sampler.random_inpaint_noise => initial_noise(r.seed + 1, &shape, r.latent.batch_index.as_deref()),
+        // One draw of the latent's shape, batch indices aside (comfy's KSAMPLER inpaint "random").
+        Some(_) if r.sampler.random_inpaint_noise => initial_noise(r.seed + 1, &shape, None),
         _ => noise.shallow_clone(),
     };
     let x = ms.noise_scaling(r.sigmas[0], &noise, &latent_in, max_denoise);
@@ -192,6 +193,10 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     let sides: Vec<(&str, &[CondEntry])> = r.guider.sides.iter().map(|(input, c)| (input.as_str(), c.as_slice())).collect();
     let mut denoiser = CfgDenoiser::new(unet, &ms, resolve_sides(&sides, &target)?, r.guider.guidance);
     denoiser.noise_mask = mask.map(|m| NoiseMask { mask: m, latent_image: latent_in.shallow_clone(), noise: mask_noise });
+    // The denoised estimate of each step's first model call, what ComfyUI's step callback shows and
+    // keeps as `denoised_output`.
+    let step_estimate: Rc<RefCell<Option<Tensor>>> = Rc::default();
+    denoiser.first_estimate = Some(step_estimate.clone());
 
     let total = r.sigmas.len() - 1;
     let progress = progress_bar(total as u64, r.label);
@@ -205,7 +210,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         if x.isnan().any().int64_value(&[]) != 0 {
             return Err(NodeError::Failed(format!("the latent became NaN at step {} of {total} (sigma {:.4})", i + 1, r.sigmas[i])));
         }
-        last_denoised = Some(x.shallow_clone());
+        last_denoised = step_estimate.borrow_mut().take().or_else(|| Some(x.shallow_clone()));
         Ok(())
     };
     let mut cx = SampleCtx { sampling: &ms, device: unet.device(), noise: &mut noise_fn, seed: r.seed, step: &mut step };

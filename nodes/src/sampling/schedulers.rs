@@ -187,7 +187,7 @@ pub fn laplace(n: i64, sigma_min: f64, sigma_max: f64, mu: f64, beta: f64) -> Ve
     let x = Tensor::linspace(0.0, 1.0, n, (Kind::Float, Device::Cpu));
     let half = x.neg() + 0.5;
     let lmb = (half.sign() * ((half.abs() * -2.0 + 1.0 + 1e-5).log() * beta)).neg() + mu;
-    f32s(&lmb.exp().clamp(sigma_min, sigma_max))
+    f32s(&lmb.exp().clamp_min(sigma_min).clamp_max(sigma_max))
 }
 
 /// SDTurboScheduler: SD-Turbo's timesteps 999, 899, …, 99, from the one denoise picks, then 0.

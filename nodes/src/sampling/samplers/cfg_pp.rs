@@ -29,11 +29,11 @@ impl Sampler for Dpmpp2sAncestralCfgPp {
                 let r = 0.5;
                 let h = t_next - t;
                 let s = t + r * h;
-                let shifted = &x + (&denoised - &uncond);
-                let x2 = &shifted * (sigma_of(s) / sigma_of(t)) - &denoised * (-h * r).exp_m1();
-                // The second evaluation's uncond estimate is not used (ComfyUI keeps the first).
-                let (denoised2, _) = model.denoise_with_uncond(&x2, sigma_of(s))?;
-                x = shifted * (sigma_of(t_next) / sigma_of(t)) - denoised2 * (-h).exp_m1();
+                let x2 = (&x + (&denoised - &uncond)) * (sigma_of(s) / sigma_of(t)) - &denoised * (-h * r).exp_m1();
+                // ComfyUI's post-CFG hook overwrites the uncond estimate on every model call, so the
+                // final update shifts by the second evaluation's.
+                let (denoised2, uncond2) = model.denoise_with_uncond(&x2, sigma_of(s))?;
+                x = (&x + (&denoised - uncond2)) * (sigma_of(t_next) / sigma_of(t)) - denoised2 * (-h).exp_m1();
             }
             if sigmas[i + 1] > 0.0 {
                 x = &x + (cx.noise)(&x)? * (self.s_noise * up);

@@ -28,11 +28,13 @@ impl Sampler for LcmUpscale {
         // np.linspace(1, total, steps)[1:]
         let upscales: Vec<f64> = (1..steps).map(|k| 1.0 + (self.total_upscale - 1.0) * k as f64 / (steps - 1) as f64).collect();
         let (h0, w0) = (x.size()[2], x.size()[3]);
-        // ComfyUI re-noises with torch.randn_like, the process-wide generator, which prepare_noise
-        // seeded with the seed and then drew the initial noise: a generator seeded with the seed that
-        // has drawn one latent of this shape continues that stream.
-        let mut g = Generator::cpu(seed_bits(cx.seed));
-        let _ = g.randn_f32(&x.size());
+        // ComfyUI re-noises with torch.randn_like on the latent's device, from the default generator
+        // that prepare_noise's torch.manual_seed(seed) seeded. On the CPU that stream has since drawn
+        // the initial noise (one latent of this shape); a CUDA device's is fresh.
+        let mut g = Generator::new(cx.device, seed_bits(cx.seed)).map_err(|e| NodeError::Failed(format!("lcm_upscale noise on {:?}: {e}", cx.device)))?;
+        if cx.device == tch::Device::Cpu {
+            let _ = g.randn_f32(&x.size());
+        }
         for i in 0..n {
             let denoised = model.denoise(&x, sigmas[i])?;
             x = denoised;
@@ -41,7 +43,8 @@ impl Sampler for LcmUpscale {
                 x = common_upscale(&x, w, h, &self.upscale_method, "disabled")?;
             }
             if sigmas[i + 1] > 0.0 {
-                x = &x + g.randn_f32(&x.size()).to_device(x.device()) * sigmas[i + 1];
+                let noise = g.randn(&x.size(), tch::Kind::Float).map_err(|e| NodeError::Failed(format!("lcm_upscale noise: {e}")))?;
+                x = &x + noise.to_device(x.device()) * sigmas[i + 1];
             }
             (cx.step)(i, n, &x)?;
         }

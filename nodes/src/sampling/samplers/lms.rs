@@ -1,6 +1,6 @@
 //! `lms`: the linear multistep method (order 4), with coefficients from integrating the Lagrange basis
-//! polynomials over each step (k-diffusion integrates with scipy's `quad`; a 64-point Gauss–Legendre
-//! rule is exact for these degree ≤ 3 polynomials).
+//! polynomials over each step (k-diffusion integrates with scipy's `quad`; Gauss–Legendre is exact for
+//! the default order's cubic polynomials).
 
 use tch::Tensor;
 
@@ -15,11 +15,18 @@ pub struct Lms {
 /// ∫_{σ_i}^{σ_{i+1}} ∏_{k≠j} (τ − σ_{i−k}) / (σ_{i−j} − σ_{i−k}) dτ.
 pub(super) fn coefficient(order: usize, t: &[f64], i: usize, j: usize) -> f64 {
     let basis = |tau: f64| (0..order).filter(|k| *k != j).map(|k| (tau - t[i - k]) / (t[i - j] - t[i - k])).product::<f64>();
-    // Gauss–Legendre on [a, b] with 3 points is exact to degree 5.
-    let (a, b) = (t[i], t[i + 1]);
+    // 3-point Gauss–Legendre, exact to degree 5 (orders up to 6), on 32 sub-intervals, which keeps the
+    // higher orders SamplerLMS allows far inside scipy quad's 1e-4 tolerance.
+    const PARTS: usize = 32;
     let nodes = [(-(0.6f64).sqrt(), 5.0 / 9.0), (0.0, 8.0 / 9.0), ((0.6f64).sqrt(), 5.0 / 9.0)];
-    let (mid, half) = ((a + b) / 2.0, (b - a) / 2.0);
-    nodes.iter().map(|(x, w)| w * basis(mid + half * x)).sum::<f64>() * half
+    let (a, b) = (t[i], t[i + 1]);
+    let width = (b - a) / PARTS as f64;
+    (0..PARTS)
+        .map(|p| {
+            let (mid, half) = (a + width * (p as f64 + 0.5), width / 2.0);
+            nodes.iter().map(|(x, w)| w * basis(mid + half * x)).sum::<f64>() * half
+        })
+        .sum()
 }
 
 impl Sampler for Lms {

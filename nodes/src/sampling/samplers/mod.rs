@@ -36,8 +36,8 @@ pub mod sa_solver;
 pub mod seeds;
 pub mod uni_pc;
 
-/// ComfyUI 0.8's sampler names, in its order (`comfy.samplers.SAMPLER_NAMES`: `KSAMPLER_NAMES`, then
-/// ddim and the UniPC pair).
+/// ComfyUI's sampler names, in its order (`comfy.samplers.SAMPLER_NAMES`: `KSAMPLER_NAMES`, then ddim
+/// and the UniPC pair): 0.8's 44 and `cfgpp_ud10_ab`, which later versions add after `deis`.
 pub const SAMPLER_NAMES: &[&str] = &[
     "euler",
     "euler_cfg_pp",
