@@ -97,6 +97,26 @@ fn sampler_custom_advanced_equals_ksampler() {
         select("euler")
     );
     let quiet = latent(&d, &nodes, "s", 0);
+    // `denoised_output` is the last step's first denoised estimate, as ComfyUI's callback keeps it: after
+    // a full euler run it is the output itself (the last step lands on it); stopped halfway (SplitSigmas'
+    // high half) it is not the still-noisy output.
+    let run = |split: bool| {
+        let sigmas = if split { r#"Link("split", "high_sigmas")"# } else { r#"Link("sig", "SIGMAS")"# };
+        let nodes = format!(
+            r#""noise": (type: "RandomNoise", inputs: {{"noise_seed": 3}}), "g": {}, "smp": {},
+            "sig": (type: "BasicScheduler", inputs: {{"model": Link("c", "MODEL"), "scheduler": "normal", "steps": 4, "denoise": 1.0}}),
+            "split": (type: "SplitSigmas", inputs: {{"sigmas": Link("sig", "SIGMAS"), "step": 2}}),
+            "s": (type: "SamplerCustomAdvanced", inputs: {{"noise": Link("noise", "NOISE"), "guider": Link("g", "GUIDER"),
+                "sampler": Link("smp", "SAMPLER"), "sigmas": {sigmas}, "latent_image": Link("lat", "LATENT")}}),"#,
+            cfg_guider(6.0),
+            select("euler")
+        );
+        (latent(&d, &nodes, "s", 0), latent(&d, &nodes, "s", 1))
+    };
+    let (out, estimate) = run(false);
+    assert!(max_abs_diff(&out, &estimate) <= 1e-4 * out.abs().max().double_value(&[]), "full run");
+    let (out, estimate) = run(true);
+    assert!(max_abs_diff(&out, &estimate) > 1e-2, "halfway, denoised_output is the output");
     assert!(max_abs_diff(&quiet, &ksampler(&d, "euler", "normal", 6.0, "pos", "neg")) > 1e-3);
 }
 
