@@ -77,7 +77,7 @@ impl Generator {
     /// A seeded CPU generator; creating one cannot fail.
     pub fn cpu(seed: u64) -> Generator {
         // invariant: the CPU generator needs no device and allocates a few kilobytes.
-        Generator::new(Device::Cpu, seed).expect("a CPU generator")
+        Generator::new(Device::Cpu, seed).expect("a CPU generator") // invariant: see above
     }
 
     /// The device this generator draws on.
@@ -109,7 +109,7 @@ impl Generator {
     pub fn randn_f32(&mut self, shape: &[i64]) -> Tensor {
         // invariant: a float32 draw on the CPU has no failure mode short of allocation failure,
         // which aborts the process before it could be reported.
-        self.randn(shape, Kind::Float).expect("a float32 draw")
+        self.randn(shape, Kind::Float).expect("a float32 draw") // invariant: see above
     }
 }
 

@@ -129,8 +129,7 @@ impl SpatialTransformer {
     }
 
     pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
-        // invariant: the nodes check that latents and images are 4-D [b, c, h, w] before the models run.
-        let (b, _c, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation");
+        let (b, _c, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation"); // invariant: nodes check shapes first
         let to_tokens = |t: &Tensor| {
             let c = t.size()[1];
             t.permute([0, 2, 3, 1]).reshape([b, h * w, c])

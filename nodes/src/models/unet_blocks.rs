@@ -31,8 +31,7 @@ impl Upsample {
 
     /// `size` is the skip connection's resolution, so odd sizes round-trip (LDM passes `output_shape`).
     pub fn forward(&self, x: &Tensor, size: Option<(i64, i64)>) -> Tensor {
-        // invariant: the nodes check that latents and images are 4-D [b, c, h, w] before the models run.
-        let (_, _, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation");
+        let (_, _, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation"); // invariant: nodes check shapes first
         let (oh, ow) = size.unwrap_or((h * 2, w * 2));
         self.conv.forward(&x.upsample_nearest2d([oh, ow], None, None))
     }

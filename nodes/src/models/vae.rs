@@ -78,8 +78,7 @@ impl AttnBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        // invariant: the nodes check that latents and images are 4-D [b, c, h, w] before the models run.
-        let (b, c, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation");
+        let (b, c, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation"); // invariant: nodes check shapes first
         let hn = self.norm.forward(x);
         let tokens = |t: Tensor| t.view([b, c, h * w]).transpose(1, 2);
         let out = attention(&tokens(self.q.forward(&hn)), &tokens(self.k.forward(&hn)), &tokens(self.v.forward(&hn)), 1, false);
@@ -192,8 +191,7 @@ impl Decoder {
                 h = b.forward(&h);
             }
             if let Some(conv) = upsample {
-                // invariant: the nodes check that latents and images are 4-D [b, c, h, w] before the models run.
-                let (_, _, hh, ww) = h.size4().expect("a 4-D [b, c, h, w] activation");
+                let (_, _, hh, ww) = h.size4().expect("a 4-D [b, c, h, w] activation"); // invariant: nodes check shapes first
                 h = conv.forward(&h.upsample_nearest2d([hh * 2, ww * 2], None, None));
             }
         }

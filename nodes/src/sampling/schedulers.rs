@@ -9,9 +9,10 @@ use super::model_sampling::ModelSampling;
 pub const SCHEDULER_NAMES: &[&str] = &["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal", "linear_quadratic", "kl_optimal"];
 
 fn f32s(t: &Tensor) -> Vec<f64> {
-    // invariant: the schedules are 1-D float tensors built here, which always convert (an empty
-    // schedule from a failed conversion would make the sampler return its input unchanged).
-    Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous().view([-1])).expect("a 1-D float schedule").into_iter().map(f64::from).collect()
+    // The schedules are 1-D float tensors built here, which always convert (an empty schedule from a
+    // failed conversion would make the sampler return its input unchanged).
+    let v = Vec::<f32>::try_from(&t.to_kind(Kind::Float).contiguous().view([-1])).expect("a 1-D float schedule"); // invariant: see above
+    v.into_iter().map(f64::from).collect()
 }
 
 fn append_zero(mut v: Vec<f64>) -> Vec<f64> {
