@@ -19,6 +19,12 @@ fn phi2(h: f64) -> f64 {
     (h.exp_m1() - h) / h
 }
 
+/// SEEDS' noise carried across a segment of length `seg` (in λ, times eta): the earlier draw decays by
+/// e^seg and a fresh draw fills in the lost variance, so the path stays one Brownian motion.
+fn carry_noise(noise: Tensor, seg: f64, x: &Tensor, cx: &mut SampleCtx) -> Result<Tensor, NodeError> {
+    Ok(noise * seg.exp() + (cx.noise)(x)? * (-(2.0 * seg).exp_m1()).sqrt())
+}
+
 fn lerp(a: f64, b: f64, w: f64) -> f64 {
     a + w * (b - a)
 }
@@ -68,8 +74,7 @@ impl Sampler for Seeds2 {
                 &x * decay - mixed * (alpha_t * phi1(-h_eta))
             };
             if let Some(noise) = sde_noise {
-                let seg = (r - 1.0) * h * eta;
-                let noise = noise * seg.exp() + (cx.noise)(&x)? * (-(2.0 * seg).exp_m1()).sqrt();
+                let noise = carry_noise(noise, (r - 1.0) * h * eta, &x, cx)?;
                 x = &x + noise * (sigmas[i + 1] * self.s_noise);
             }
             (cx.step)(i, n, &x)?;
@@ -118,8 +123,7 @@ impl Sampler for Seeds3 {
             let a3_1 = phi1(-r2 * h_eta) - a3_2;
             let mut x3 = &x * (s2 / sigmas[i] * (-r2 * h * eta).exp()) - (&denoised * a3_1 + denoised2 * a3_2) * alpha_s2;
             if let Some(noise) = sde_noise.take() {
-                let seg = (r1 - r2) * h * eta;
-                let noise = noise * seg.exp() + (cx.noise)(&x)? * (-(2.0 * seg).exp_m1()).sqrt();
+                let noise = carry_noise(noise, (r1 - r2) * h * eta, &x, cx)?;
                 x3 += &noise * (s2 * self.s_noise);
                 sde_noise = Some(noise);
             }
@@ -129,8 +133,7 @@ impl Sampler for Seeds3 {
             let b1 = phi1(-h_eta) - b3;
             x = &x * (sigmas[i + 1] / sigmas[i] * (-h * eta).exp()) - (&denoised * b1 + denoised3 * b3) * alpha_t;
             if let Some(noise) = sde_noise {
-                let seg = (r2 - 1.0) * h * eta;
-                let noise = noise * seg.exp() + (cx.noise)(&x)? * (-(2.0 * seg).exp_m1()).sqrt();
+                let noise = carry_noise(noise, (r2 - 1.0) * h * eta, &x, cx)?;
                 x = &x + noise * (sigmas[i + 1] * self.s_noise);
             }
             (cx.step)(i, n, &x)?;
