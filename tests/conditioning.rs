@@ -4,7 +4,7 @@
 
 use diffloom_aten::Generator;
 use diffloom_core::value::{Area, CondEntry, Shared};
-use diffloom_core::{Latent, Node, Value};
+use diffloom_core::{Latent, Value};
 use diffloom_nodes::builtin::latent::LatentComposite;
 use diffloom_nodes::checkpoint::detect::Prediction;
 use diffloom_nodes::checkpoint::load::load_checkpoint;
@@ -15,7 +15,7 @@ use diffloom_nodes::sampling::guidance::{CfgDenoiser, Denoiser};
 use diffloom_nodes::sampling::model_sampling::ModelSampling;
 use tch::{Device, Kind, Tensor};
 
-use crate::util::{max_abs_diff, outputs, tiny_sd1, Dir};
+use crate::util::{call, max_abs_diff, outputs, tiny_sd1, Dir};
 
 fn latent(v: &Value) -> &diffloom_core::Latent {
     match v {
@@ -310,25 +310,6 @@ fn latent_composite_pastes_with_feathered_inner_edges() {
     .unwrap()
     .to_string();
     assert!(err.contains("samples_from") && err.contains("batch 1 or 2"), "{err}");
-}
-
-/// Runs a node directly on `args`.
-fn call(node: &dyn Node, args: Vec<(&str, Option<Value>)>) -> Result<Vec<Value>, diffloom_core::NodeError> {
-    let args = diffloom_core::Args::new(args.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let mut cx = diffloom_core::Ctx {
-        device: Device::Cpu,
-        node_id: "n",
-        graph_dir: std::path::Path::new("."),
-        output_dir: std::path::Path::new("."),
-        graph_source: "",
-        cancel: &cancel,
-        dtype: Kind::Float,
-        embeddings_dir: None,
-        messages: Vec::new(),
-        registry: &diffloom_core::Registry::new(),
-    };
-    node.execute(&mut cx, &args)
 }
 
 /// LatentComposite on raw tensors.

@@ -10,7 +10,7 @@ use diffloom_nodes::sampling::schedulers::{align_your_steps, gits, laplace, logl
 use tch::{Device, Tensor};
 
 use crate::parity::run_reference;
-use crate::util::{max_abs_diff, outputs, tiny_sd1, Dir};
+use crate::util::{call, max_abs_diff, outputs, tiny_sd1, Dir};
 
 /// The shared part of every graph: the tiny checkpoint, prompts, a 2-image latent.
 fn base(d: &Dir) -> String {
@@ -375,25 +375,6 @@ fn sigma_tools_by_hand() {
     let v = outputs(&d, &nodes, &[("p", "sigma_value", 0), ("q", "sigma_value", 0)]).unwrap();
     assert!(matches!(v[0], Value::Float(f) if f == 999_999_999.9), "{:?}", v[0]);
     assert!(matches!(v[1], Value::Float(f) if (f - 14.614641).abs() < 1e-5), "{:?}", v[1]);
-}
-
-/// Runs `node` directly on `args`, past validation (as a value that slipped through would reach it).
-fn call(node: &dyn diffloom_core::Node, args: Vec<(&str, Option<Value>)>) -> Result<Vec<Value>, diffloom_core::NodeError> {
-    let args = diffloom_core::Args::new(args.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
-    let cancel = std::sync::atomic::AtomicBool::new(false);
-    let mut cx = diffloom_core::Ctx {
-        device: Device::Cpu,
-        node_id: "n",
-        graph_dir: std::path::Path::new("."),
-        output_dir: std::path::Path::new("."),
-        graph_source: "",
-        cancel: &cancel,
-        dtype: tch::Kind::Float,
-        embeddings_dir: None,
-        messages: Vec::new(),
-        registry: &diffloom_core::Registry::new(),
-    };
-    node.execute(&mut cx, &args)
 }
 
 // Issue 11: silent defaults became errors: an unknown scheduler gave BasicScheduler an empty schedule

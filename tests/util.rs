@@ -131,3 +131,22 @@ pub fn max_abs_diff(a: &tch::Tensor, b: &tch::Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
     (a.to_kind(tch::Kind::Double) - b.to_kind(tch::Kind::Double)).abs().max().double_value(&[])
 }
+
+/// Runs `node` directly on `args`, past validation (as a value that slipped through would reach it).
+pub fn call(node: &dyn diffloom_core::Node, args: Vec<(&str, Option<diffloom_core::Value>)>) -> Result<Vec<diffloom_core::Value>, diffloom_core::NodeError> {
+    let args = diffloom_core::Args::new(args.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let mut cx = diffloom_core::Ctx {
+        device: tch::Device::Cpu,
+        node_id: "n",
+        graph_dir: Path::new("."),
+        output_dir: Path::new("."),
+        graph_source: "",
+        cancel: &cancel,
+        dtype: tch::Kind::Float,
+        embeddings_dir: None,
+        messages: Vec::new(),
+        registry: &Registry::new(),
+    };
+    node.execute(&mut cx, &args)
+}
