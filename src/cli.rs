@@ -81,9 +81,20 @@ pub struct RunArgs {
     /// Floating-point type of model weights (default: fp32 on the CPU, fp16 on CUDA).
     #[arg(long, value_enum)]
     pub dtype: Option<Dtype>,
-    /// Directory of textual-inversion .safetensors files for `embedding:name` in prompts.
+    /// A models directory in ComfyUI's layout (checkpoints/, loras/, vae/, upscale_models/, embeddings/,
+    /// controlnet/, …): model names in graphs are looked up in it. Repeatable; searched in order.
+    #[arg(long = "models", value_name = "DIR")]
+    pub models: Vec<PathBuf>,
+    /// A ComfyUI extra_model_paths.yaml whose folders are searched too (an existing ComfyUI install's).
+    /// Repeatable.
+    #[arg(long = "extra-model-paths", value_name = "FILE")]
+    pub extra_model_paths: Vec<PathBuf>,
+    /// Directory of textual inversions for `embedding:name` in prompts (besides the models folders').
     #[arg(long, value_name = "DIR")]
     pub embeddings: Option<PathBuf>,
+    /// Where LoadImage's image names are looked up, as ComfyUI's input directory.
+    #[arg(long, value_name = "DIR", default_value = "input")]
+    pub input_dir: PathBuf,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

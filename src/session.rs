@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use diffloom_core::graph::file;
 use diffloom_core::validate::{apply_params, validate};
-use diffloom_core::{Registry, ResolvedGraph};
+use diffloom_core::{Folders, Registry, ResolvedGraph};
 use tch::Device;
 
 /// The directory of the plugins that ship with diffloom: `$DIFFLOOM_PLUGINS_DIR`, else `plugins/lua` in
@@ -36,39 +36,67 @@ pub fn config_path() -> Option<PathBuf> {
     Some(base.join("diffloom").join("config.ron"))
 }
 
-/// The configuration file's contents: `(plugins: ["dir", …])`, relative directories being relative to
-/// the file.
+/// The configuration file's contents, relative paths being relative to the file:
+/// `(plugins: ["dir", …], models: ["~/ComfyUI/models"], extra_model_paths: ["…/extra_model_paths.yaml"])`.
 #[derive(serde::Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct Config {
+pub struct Config {
+    /// More Lua plugin directories.
     #[serde(default)]
-    plugins: Vec<PathBuf>,
+    pub plugins: Vec<PathBuf>,
+    /// Models directories in ComfyUI's layout, searched after `--models`.
+    #[serde(default)]
+    pub models: Vec<PathBuf>,
+    /// ComfyUI `extra_model_paths.yaml` files, searched after `--extra-model-paths`.
+    #[serde(default)]
+    pub extra_model_paths: Vec<PathBuf>,
 }
 
-fn config_plugin_dirs() -> Vec<PathBuf> {
-    let Some(path) = config_path().filter(|p| p.is_file()) else { return Vec::new() };
+/// The configuration file's settings (empty without one; a broken one is reported and ignored).
+pub fn config() -> Config {
+    let Some(path) = config_path().filter(|p| p.is_file()) else { return Config::default() };
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("warning: {}: cannot read: {e}", path.display());
-            return Vec::new();
+            return Config::default();
         }
     };
     match ron::from_str::<Config>(&text) {
         Ok(c) => {
             let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-            c.plugins.into_iter().map(|d| if d.is_absolute() { d } else { base.join(d) }).collect()
+            let rebase = |dirs: Vec<PathBuf>| dirs.into_iter().map(|d| if d.is_absolute() { d } else { base.join(d) }).collect();
+            Config { plugins: rebase(c.plugins), models: rebase(c.models), extra_model_paths: rebase(c.extra_model_paths) }
         }
         Err(e) => {
             eprintln!("warning: {}:{}:{}: {} (the configuration is ignored)", path.display(), e.span.start.line, e.span.start.col, e.code);
-            Vec::new()
+            Config::default()
         }
     }
 }
 
 /// The plugin directories in effect: the shipped one, the configuration's, then the `--plugins` ones.
 pub fn plugin_dirs() -> Vec<PathBuf> {
-    shipped_plugins().into_iter().chain(config_plugin_dirs()).chain(EXTRA_PLUGIN_DIRS.get().cloned().unwrap_or_default()).collect()
+    shipped_plugins().into_iter().chain(config().plugins).chain(EXTRA_PLUGIN_DIRS.get().cloned().unwrap_or_default()).collect()
+}
+
+/// The model folders in effect: `--models` directories, `--extra-model-paths` files, then the
+/// configuration's of both (entries marked `is_default` first, as ComfyUI does), then `--embeddings`.
+pub fn folders(models: &[PathBuf], extra: &[PathBuf], embeddings: Option<&Path>, input_dir: &Path) -> Result<Folders> {
+    let config = config();
+    let mut folders = Folders { input_dir: input_dir.to_path_buf(), ..Folders::default() };
+    for dir in models.iter().chain(&config.models) {
+        anyhow::ensure!(dir.is_dir(), "--models {}: not a directory", dir.display());
+        folders.add_models_dir(dir);
+    }
+    for file in extra.iter().chain(&config.extra_model_paths) {
+        diffloom_comfy::model_paths::apply(&mut folders, diffloom_comfy::model_paths::read(file)?);
+    }
+    if let Some(dir) = embeddings {
+        anyhow::ensure!(dir.is_dir(), "--embeddings {}: not a directory", dir.display());
+        folders.add("embeddings", dir.to_path_buf());
+    }
+    Ok(folders)
 }
 
 /// The node types available to graphs: the built-ins, then the plugins. A broken plugin is reported and

@@ -253,12 +253,15 @@ fn blend_modes_follow_comfyuis_formulas() {
         let mut cx = diffloom_core::Ctx {
             device: tch::Device::Cpu,
             node_id: "b",
-            graph_dir: std::path::Path::new("."),
+            files: diffloom_core::Locator {
+                graph_dir: std::path::Path::new("."),
+                folders: &diffloom_core::Folders::default(),
+                output_dir: std::path::Path::new("."),
+            },
             output_dir: std::path::Path::new("."),
             graph_source: "",
             cancel: &flag,
             dtype: tch::Kind::Float,
-            embeddings_dir: None,
             messages: vec![],
             registry: &diffloom_core::Registry::new(),
         };

@@ -22,7 +22,7 @@ fn ckpt(d: &Dir, family: Family) -> String {
 /// Encodes each prompt with a fresh graph and returns the CONDITIONING tensors `[1, tokens, dim]`.
 fn encode(d: &Dir, family: Family, layer: Option<i64>, prompts: &[&str]) -> Vec<Tensor> {
     let (mut ex, reg) = executor(d, GIB);
-    ex.options.embeddings_dir = Some(d.join("embeddings"));
+    ex.options.folders.add("embeddings", d.join("embeddings"));
     let ck = ckpt(d, family);
     let clip = match layer {
         Some(l) => format!(r#""skip": (type: "CLIPSetLastLayer", inputs: {{"clip": Link("c", "CLIP"), "stop_at_clip_layer": {l}}}),"#),
@@ -124,7 +124,7 @@ fn textual_inversions_fill_slots_and_unknown_ones_are_errors() {
     write_safetensors(&d.join("embeddings/mystyle.safetensors"), &[("emb_params".into(), vectors.shallow_clone())], None).unwrap();
     write_safetensors(&d.join("embeddings/wide.safetensors"), &[("emb_params".into(), Tensor::randn([1, 768], (Kind::Float, Device::Cpu)))], None).unwrap();
     let tok = default_tokenizer().unwrap();
-    let source = diffloom_nodes::sd::EmbeddingDir { dir: d.join("embeddings"), family: Family::Sd1 };
+    let source = diffloom_nodes::sd::EmbeddingDir { dirs: vec![d.join("embeddings")], family: Family::Sd1 };
     let w = tokenize(&tok, "a photo, embedding:mystyle cat", 49407, Some(&source)).unwrap();
     let slots: Vec<&Slot> = w.windows[0].iter().map(|(s, _)| s).collect();
     assert_eq!(slots[4], &Slot::Embedding { embedding: 0, row: 0 });
@@ -135,7 +135,7 @@ fn textual_inversions_fill_slots_and_unknown_ones_are_errors() {
     assert!(max_diff(&with, &without) > 1e-3);
 
     let (mut ex, reg) = executor(&d, GIB);
-    ex.options.embeddings_dir = Some(d.join("embeddings"));
+    ex.options.folders.add("embeddings", d.join("embeddings"));
     let ck = ckpt(&d, Family::Sd1);
     for (prompt, want) in [
         ("a embedding:nosuch cat", "input \"text\": unknown embedding \"nosuch\""),

@@ -139,12 +139,15 @@ pub fn call(node: &dyn diffloom_core::Node, args: Vec<(&str, Option<diffloom_cor
     let mut cx = diffloom_core::Ctx {
         device: tch::Device::Cpu,
         node_id: "n",
-        graph_dir: Path::new("."),
-        output_dir: Path::new("."),
+        files: diffloom_core::Locator {
+            graph_dir: std::path::Path::new("."),
+            folders: &diffloom_core::Folders::default(),
+            output_dir: std::path::Path::new("."),
+        },
+        output_dir: std::path::Path::new("."),
         graph_source: "",
         cancel: &cancel,
         dtype: tch::Kind::Float,
-        embeddings_dir: None,
         messages: Vec::new(),
         registry: &Registry::new(),
     };

@@ -29,6 +29,8 @@ pub struct ValidationError {
     pub file: PathBuf,
     /// The node the problem is in, if any.
     pub node: Option<String>,
+    /// That node's id in ComfyUI, for imported workflows.
+    pub comfy_id: Option<String>,
     /// The input of that node, if any.
     pub input: Option<String>,
     pub kind: ValidationKind,
@@ -57,7 +59,7 @@ impl fmt::Display for ValidationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.file.display())?;
         if let Some(node) = &self.node {
-            write!(f, ": node {node:?}")?;
+            write!(f, ": node {node:?}{}", comfy_suffix(&self.comfy_id))?;
         }
         if let Some(input) = &self.input {
             write!(f, ", input {input:?}")?;
@@ -72,7 +74,7 @@ impl fmt::Display for ValidationKind {
         let hint = |s: &Option<String>| s.as_ref().map(|s| format!(" (did you mean {s:?}?)")).unwrap_or_default();
         match self {
             ValidationKind::UnsupportedVersion { found, supported } => {
-                write!(f, "format version {found} is not supported (this diffloom reads version {supported})")
+                write!(f, "format version {found} is not supported (this diffloom reads versions 1 to {supported})")
             }
             ValidationKind::UnknownNodeType { name, suggestion } => {
                 write!(f, "unknown node type {name:?}{}", hint(suggestion))
@@ -99,6 +101,11 @@ impl fmt::Display for ValidationKind {
             }
         }
     }
+}
+
+/// ` (ComfyUI #12)` for a node that came from a ComfyUI workflow, so both ids are named.
+fn comfy_suffix(id: &Option<String>) -> String {
+    id.as_ref().map(|id| format!(" (ComfyUI #{id})")).unwrap_or_default()
 }
 
 fn quoted_list(items: &[String]) -> String {
@@ -158,10 +165,12 @@ impl NodeError {
 
 /// A run that stopped: which node failed and why. Results computed before it stay cached.
 #[derive(Debug, Error)]
-#[error("{}: node {node:?} ({node_type}): {cause}", .file.display())]
+#[error("{}: node {node:?}{} ({node_type}): {cause}", .file.display(), comfy_suffix(.comfy_id))]
 pub struct RunError {
     pub file: PathBuf,
     pub node: String,
+    /// The node's id in ComfyUI, for imported workflows.
+    pub comfy_id: Option<String>,
     pub node_type: String,
     /// Part of the message above (not a `source`, so that it is printed once).
     pub cause: NodeError,

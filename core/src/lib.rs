@@ -7,6 +7,7 @@ pub mod error;
 pub mod exec;
 pub mod graph;
 pub mod node;
+pub mod paths;
 pub mod registry;
 pub mod validate;
 pub mod value;
@@ -15,5 +16,6 @@ pub use error::{GraphError, NodeError, RunError, ValidationError, ValidationErro
 pub use exec::{Executor, NodeReport, NodeStatus, RunOptions, RunReport};
 pub use graph::{GraphFile, ResolvedGraph};
 pub use node::{Args, Bool, Combo, Ctx, Float, InputKind, Int, Node, Schema, Str};
+pub use paths::{Folders, Locator};
 pub use registry::{Origin, Registry};
 pub use value::{Handle, Latent, Shared, Value, ValueType};

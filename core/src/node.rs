@@ -3,13 +3,15 @@
 //! A schema is data: validation, `diffloom nodes`, the cache key and Lua plugins all read it, and a
 //! node's `execute` never re-checks what its schema already states.
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::Serialize;
 use tch::Device;
 
+use std::path::Path;
+
 use crate::error::{NodeError, ValidationKind};
+use crate::paths::Locator;
 use crate::registry::Registry;
 use crate::value::{CondEntry, Latent, MissingPart, Shared, Value, ValueType};
 
@@ -349,9 +351,8 @@ pub struct Ctx<'a> {
     pub device: Device,
     /// The id of the node being run, for messages.
     pub node_id: &'a str,
-    /// Directory of the graph file; relative input paths are looked up in the working directory first,
-    /// then here.
-    pub graph_dir: &'a Path,
+    /// Where files named by inputs are found: model folders, the input directory, the graph's directory.
+    pub files: Locator<'a>,
     /// Where output nodes write their files.
     pub output_dir: &'a Path,
     /// The graph as run (RON, parameters applied), embedded in saved images.
@@ -360,8 +361,6 @@ pub struct Ctx<'a> {
     pub cancel: &'a AtomicBool,
     /// Floating-point kind for model weights (fp32 on CPU, fp16 on CUDA unless `--dtype`).
     pub dtype: tch::Kind,
-    /// Where prompts' `embedding:name` textual inversions are looked up.
-    pub embeddings_dir: Option<&'a Path>,
     /// Lines a node wants in the run report (files written, previews).
     pub messages: Vec<String>,
     /// The node types of the run, for nodes that run other nodes (Lua's `diffloom.call`).
@@ -377,28 +376,6 @@ impl Ctx<'_> {
             Ok(())
         }
     }
-
-    /// Resolves a path from an input: absolute as is; relative in the working directory if it exists
-    /// there, else next to the graph file. The error names both places tried.
-    pub fn input_path(&self, input: &str, path: &str) -> Result<PathBuf, NodeError> {
-        resolve_input_path(self.graph_dir, input, path)
-    }
-}
-
-/// See [`Ctx::input_path`]; also used to compute change tokens before a run.
-pub fn resolve_input_path(graph_dir: &Path, input: &str, path: &str) -> Result<PathBuf, NodeError> {
-    let p = Path::new(path);
-    if path.is_empty() {
-        return Err(NodeError::input(input, "expected a file path, got an empty string"));
-    }
-    if p.is_absolute() || p.exists() {
-        return Ok(p.to_path_buf());
-    }
-    let beside = graph_dir.join(p);
-    if beside.exists() {
-        return Ok(beside);
-    }
-    Err(NodeError::input(input, format!("file {path:?} not found (looked in the working directory and in {})", graph_dir.display())))
 }
 
 /// A node's inputs for one call, by name, with defaults filled in and parameters substituted.
@@ -540,7 +517,7 @@ pub trait Node {
     /// of the file LoadImage reads), like ComfyUI's `IS_CHANGED`. It sees the literal inputs only
     /// (linked inputs are absent): keys are computed before anything runs, so that a cached node's
     /// ancestors need not run at all.
-    fn change_token(&self, _graph_dir: &Path, _literals: &Args) -> Result<Option<String>, NodeError> {
+    fn change_token(&self, _files: &Locator, _literals: &Args) -> Result<Option<String>, NodeError> {
         Ok(None)
     }
 }

@@ -7,7 +7,7 @@ use petgraph::algo::{tarjan_scc, toposort};
 use petgraph::graph::DiGraph;
 
 use crate::error::{GraphError, ValidationError, ValidationErrors, ValidationKind};
-use crate::graph::file::{self, GraphFile, InputValue, Literal, Reference, FORMAT_VERSION};
+use crate::graph::file::{self, GraphFile, InputValue, Literal, Reference, FORMAT_VERSION, READ_VERSIONS};
 use crate::graph::resolved::{ResolvedGraph, ResolvedInput, ResolvedNode};
 use crate::node::InputKind;
 use crate::registry::{closest, Registry};
@@ -68,10 +68,11 @@ pub fn validate(file: &Path, graph: &GraphFile, registry: &Registry) -> Result<R
     let mk = |node: Option<&str>, input: Option<&str>, kind: ValidationKind| ValidationError {
         file: file.to_path_buf(),
         node: node.map(str::to_owned),
+        comfy_id: node.and_then(|n| graph.nodes.get(n)).and_then(|e| e.canvas.comfy_id.clone()),
         input: input.map(str::to_owned),
         kind,
     };
-    if graph.version != FORMAT_VERSION {
+    if !READ_VERSIONS.contains(&graph.version) {
         errors.push(mk(None, None, ValidationKind::UnsupportedVersion { found: graph.version, supported: FORMAT_VERSION }));
     }
 
@@ -169,7 +170,7 @@ pub fn validate(file: &Path, graph: &GraphFile, registry: &Registry) -> Result<R
             inputs.extend(resolved);
         }
         if inputs.len() == schema.inputs.len() {
-            nodes.push(ResolvedNode { id: id.to_owned(), entry: reg.clone(), inputs, vertex: vertices[i] });
+            nodes.push(ResolvedNode { id: id.to_owned(), comfy_id: entry.canvas.comfy_id.clone(), entry: reg.clone(), inputs, vertex: vertices[i] });
         }
     }
 

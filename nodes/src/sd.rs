@@ -137,21 +137,27 @@ impl SdClip {
     }
 }
 
-/// Textual inversions from `.safetensors` files in a directory (subfolders allowed), named as in
-/// ComfyUI: `embedding:name` tries `name`, then `name.safetensors`.
+/// Textual inversions in the embeddings folders (subfolders allowed), named as in ComfyUI:
+/// `embedding:name` tries `name`, then `name.safetensors`, `name.pt` and `name.bin`, in each folder.
 pub struct EmbeddingDir {
-    pub dir: PathBuf,
+    pub dirs: Vec<PathBuf>,
     pub family: Family,
 }
 
 impl EmbeddingSource for EmbeddingDir {
     fn embedding(&self, name: &str) -> Result<Tensor, String> {
-        let unknown = || format!("unknown embedding {name:?} (looked in {})", self.dir.display());
+        let unknown = || {
+            let searched: Vec<String> = self.dirs.iter().map(|d| d.display().to_string()).collect();
+            match searched.is_empty() {
+                true => format!("unknown embedding {name:?}: no embeddings folder is set (--models DIR, --embeddings DIR or the configuration file)"),
+                false => format!("unknown embedding {name:?} (searched {})", searched.join(", ")),
+            }
+        };
         if name.is_empty() || Path::new(name).components().any(|c| !matches!(c, Component::Normal(_))) {
             return Err(unknown());
         }
-        let exact = self.dir.join(name);
-        let path = [exact.clone(), self.dir.join(format!("{name}.safetensors"))].into_iter().find(|p| p.is_file()).ok_or_else(unknown)?;
+        let candidates = self.dirs.iter().flat_map(|d| ["", ".safetensors", ".pt", ".bin"].map(|ext| d.join(format!("{name}{ext}"))));
+        let path = candidates.into_iter().find(|p| p.is_file()).ok_or_else(unknown)?;
         if path.extension().is_some_and(|e| e == "pt" || e == "bin") {
             return Err(format!("{}: pickle embeddings are not loaded; convert it to .safetensors", path.display()));
         }

@@ -273,7 +273,7 @@ impl Node for LuaNode {
         self.schema.clone()
     }
 
-    fn change_token(&self, _graph_dir: &Path, _literals: &Args) -> Result<Option<String>, NodeError> {
+    fn change_token(&self, _files: &diffloom_core::Locator, _literals: &Args) -> Result<Option<String>, NodeError> {
         Ok(Some(self.state.source_hash.clone()))
     }
 

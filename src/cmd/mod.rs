@@ -22,11 +22,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     };
     match command {
         Command::Run { args } => {
-            let (file, set, settings) = run::Settings::from_args(args, cli.device);
+            let (file, set, settings) = run::Settings::from_args(args, cli.device)?;
             run::run(&file, &set, settings)
         }
         Command::Watch { args, cache_mb, debounce_ms } => {
-            let (file, set, settings) = run::Settings::from_args(args, cli.device);
+            let (file, set, settings) = run::Settings::from_args(args, cli.device)?;
             watch::watch(&file, &set, settings, cache_mb << 20, std::time::Duration::from_millis(debounce_ms))
         }
         Command::Validate { file, set } => validate::validate(&file, &set),

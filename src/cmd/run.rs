@@ -18,25 +18,23 @@ pub struct Settings {
     pub output_dir: PathBuf,
     pub device: Option<String>,
     pub dtype: Option<tch::Kind>,
-    pub embeddings: Option<PathBuf>,
+    pub folders: diffloom_core::Folders,
 }
 
 impl Settings {
     /// Splits the command line's run arguments into the graph file, its `--set`s and the settings.
-    pub fn from_args(args: crate::cli::RunArgs, device: Option<String>) -> (PathBuf, Vec<String>, Settings) {
-        let settings = Settings { output_dir: args.output_dir, device, dtype: args.dtype.map(|d| d.kind()), embeddings: args.embeddings };
-        (args.file, args.set, settings)
+    pub fn from_args(args: crate::cli::RunArgs, device: Option<String>) -> Result<(PathBuf, Vec<String>, Settings)> {
+        let folders = session::folders(&args.models, &args.extra_model_paths, args.embeddings.as_deref(), &args.input_dir)?;
+        let settings = Settings { output_dir: args.output_dir, device, dtype: args.dtype.map(|d| d.kind()), folders };
+        Ok((args.file, args.set, settings))
     }
 }
 
 /// The executor's options for these settings.
 pub fn run_options(settings: Settings) -> Result<RunOptions> {
-    if let Some(dir) = &settings.embeddings {
-        anyhow::ensure!(dir.is_dir(), "--embeddings {}: not a directory", dir.display());
-    }
     let mut options = RunOptions::new(session::device(settings.device.as_deref())?, settings.output_dir);
     options.dtype = settings.dtype;
-    options.embeddings_dir = settings.embeddings;
+    options.folders = settings.folders;
     Ok(options)
 }
 

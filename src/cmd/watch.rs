@@ -16,8 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use diffloom_core::graph::{ResolvedGraph, ResolvedInput};
-use diffloom_core::node::resolve_input_path;
-use diffloom_core::{Executor, NodeError, Value};
+use diffloom_core::{Executor, Locator, NodeError, Value};
 use notify::{RecursiveMode, Watcher};
 
 use super::run::{install_ctrlc, run_options, Settings};
@@ -34,16 +33,12 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 /// The files a graph reads: string inputs that name an existing file.
-fn input_files(graph: &ResolvedGraph) -> Vec<PathBuf> {
+fn input_files(graph: &ResolvedGraph, files: &Locator) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for node in &graph.nodes {
-        for (spec, input) in node.entry.schema.inputs.iter().zip(&node.inputs) {
+        for input in &node.inputs {
             if let ResolvedInput::Value(Value::String(s)) = input {
-                if let Ok(p) = resolve_input_path(&graph.graph_dir, &spec.name, s) {
-                    if p.is_file() {
-                        out.push(absolute(&p));
-                    }
-                }
+                out.extend(files.any(s).map(|p| absolute(&p)));
             }
         }
     }
@@ -102,7 +97,7 @@ pub fn watch(file: &Path, sets: &[String], settings: Settings, cache_bytes: usiz
     loop {
         match session::load_graph(file, sets, &registry) {
             Ok(graph) => {
-                let inputs = input_files(&graph);
+                let inputs = input_files(&graph, &executor.options.locator(&graph.graph_dir));
                 if let Ok(mut set) = watched.lock() {
                     set.retain(|p| always.contains(p));
                     set.extend(inputs.iter().cloned());

@@ -34,12 +34,15 @@ fn upscale_only(model: &Path, size: i64) {
     let cx = diffloom_core::Ctx {
         device: Device::Cpu,
         node_id: "upscale",
-        graph_dir: Path::new("."),
-        output_dir: Path::new("."),
+        files: diffloom_core::Locator {
+            graph_dir: std::path::Path::new("."),
+            folders: &diffloom_core::Folders::default(),
+            output_dir: std::path::Path::new("."),
+        },
+        output_dir: std::path::Path::new("."),
         graph_source: "",
         cancel: &cancel,
         dtype: Kind::Float,
-        embeddings_dir: None,
         messages: Vec::new(),
         registry: &diffloom_core::Registry::new(),
     };

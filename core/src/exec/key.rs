@@ -7,6 +7,7 @@ use crate::error::NodeError;
 use crate::exec::run::panic_message;
 use crate::graph::{ResolvedGraph, ResolvedInput};
 use crate::node::Args;
+use crate::paths::Locator;
 use crate::value::Value;
 
 /// A result's key: a BLAKE3 hash of the node type, its literal inputs in schema order, the keys of the
@@ -15,7 +16,7 @@ pub type Key = [u8; 32];
 
 /// The node's cache key; see [`Key`]. Output nodes also mix in their id, so that two identical output
 /// nodes each write their file; nodes that opt out of caching mix in the run number.
-pub(super) fn node_key(graph: &ResolvedGraph, i: usize, keys: &[Key], run: u64) -> Result<Key, NodeError> {
+pub(super) fn node_key(graph: &ResolvedGraph, i: usize, keys: &[Key], run: u64, files: &Locator) -> Result<Key, NodeError> {
     let node = &graph.nodes[i];
     let schema = &node.entry.schema;
     let mut h = blake3::Hasher::new();
@@ -57,8 +58,8 @@ pub(super) fn node_key(graph: &ResolvedGraph, i: usize, keys: &[Key], run: u64) 
             })
             .collect(),
     );
-    let token = catch_unwind(AssertUnwindSafe(|| node.entry.node.change_token(&graph.graph_dir, &literals)))
-        .unwrap_or_else(|p| Err(NodeError::Panic(panic_message(&p))))?;
+    let token =
+        catch_unwind(AssertUnwindSafe(|| node.entry.node.change_token(files, &literals))).unwrap_or_else(|p| Err(NodeError::Panic(panic_message(&p))))?;
     if let Some(token) = token {
         h.update(b"t");
         hash_str(&mut h, &token);

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use tch::{Device, Kind};
 
+use crate::paths::{Folders, Locator};
+
 /// Settings shared by every run of an executor.
 pub struct RunOptions {
     pub device: Device,
@@ -15,14 +17,19 @@ pub struct RunOptions {
     pub cancel: Arc<AtomicBool>,
     /// Floating-point kind for model weights; `None` picks per device (fp32 on CPU, fp16 on CUDA).
     pub dtype: Option<Kind>,
-    /// Where `embedding:name` in prompts looks for textual inversions.
-    pub embeddings_dir: Option<PathBuf>,
+    /// Model folders and the input directory files named in graphs are looked up in.
+    pub folders: Folders,
 }
 
 impl RunOptions {
     /// Options for `device` writing to `output_dir`, with defaults for the rest.
     pub fn new(device: Device, output_dir: impl Into<PathBuf>) -> RunOptions {
-        RunOptions { device, output_dir: output_dir.into(), cancel: Arc::new(AtomicBool::new(false)), dtype: None, embeddings_dir: None }
+        RunOptions { device, output_dir: output_dir.into(), cancel: Arc::new(AtomicBool::new(false)), dtype: None, folders: Folders::default() }
+    }
+
+    /// Looks up files for a graph in `graph_dir` under these options.
+    pub fn locator<'a>(&'a self, graph_dir: &'a std::path::Path) -> Locator<'a> {
+        Locator { graph_dir, folders: &self.folders, output_dir: &self.output_dir }
     }
 
     /// The weight kind actually used.

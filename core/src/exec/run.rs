@@ -43,7 +43,7 @@ impl Executor {
         // Nodes outside `order` keep a zero key; nothing reads it.
         let mut keys: Vec<Key> = vec![[0; 32]; graph.nodes.len()];
         for &i in &order {
-            match node_key(graph, i, &keys, self.runs) {
+            match node_key(graph, i, &keys, self.runs, &self.options.locator(&graph.graph_dir)) {
                 Ok(k) => keys[i] = k,
                 Err(e) => {
                     report.error = Some(self.node_error(graph, i, e));
@@ -110,12 +110,11 @@ impl Executor {
             let mut cx = Ctx {
                 device: self.options.device,
                 node_id: &node.id,
-                graph_dir: &graph.graph_dir,
+                files: self.options.locator(&graph.graph_dir),
                 output_dir: &self.options.output_dir,
                 graph_source: &graph.source,
                 cancel: &self.options.cancel,
                 dtype: self.options.resolved_dtype(),
-                embeddings_dir: self.options.embeddings_dir.as_deref(),
                 messages: Vec::new(),
                 registry: &graph.registry,
             };
@@ -149,14 +148,14 @@ impl Executor {
         let target = graph.index_of(id)?;
         let mut keys: Vec<Key> = vec![[0; 32]; graph.nodes.len()];
         for i in crate::exec::schedule::all_in_order(graph) {
-            keys[i] = node_key(graph, i, &keys, self.runs).ok()?;
+            keys[i] = node_key(graph, i, &keys, self.runs, &self.options.locator(&graph.graph_dir)).ok()?;
         }
         self.cache.get(&keys[target])?.get(output).cloned()
     }
 
     fn node_error(&self, graph: &ResolvedGraph, i: usize, cause: NodeError) -> RunError {
         let node = &graph.nodes[i];
-        RunError { file: graph.file.clone(), node: node.id.clone(), node_type: node.entry.schema.name.clone(), cause }
+        RunError { file: graph.file.clone(), node: node.id.clone(), comfy_id: node.comfy_id.clone(), node_type: node.entry.schema.name.clone(), cause }
     }
 }
 

@@ -21,8 +21,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::GraphError;
 
-/// The format version this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format version this build writes. Version 2 added the canvas fields of [`NodeEntry`] (ComfyUI
+/// id, position, size, group, colours) and graph notes; version 1 files still read.
+pub const FORMAT_VERSION: u32 = 2;
+
+/// The versions this build reads.
+pub const READ_VERSIONS: std::ops::RangeInclusive<u32> = 1..=FORMAT_VERSION;
 
 /// A whole graph file.
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -34,6 +38,9 @@ pub struct GraphFile {
     /// and `diffloom run --set name=value` overrides them.
     #[serde(default, skip_serializing_if = "Entries::is_empty")]
     pub params: Entries<Literal>,
+    /// Free-form notes on the whole graph (ComfyUI `Note` nodes no group holds); informational.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
     /// Nodes keyed by their id, in file order.
     pub nodes: Entries<NodeEntry>,
 }
@@ -54,6 +61,40 @@ pub struct NodeEntry {
     /// Free-form notes; informational.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<String>,
+    /// What ComfyUI's canvas knows of the node (imported workflows, `serve`); informational.
+    #[serde(default, skip_serializing_if = "Canvas::is_empty")]
+    pub canvas: Canvas,
+}
+
+/// A node's place on ComfyUI's canvas: kept so that a workflow exported back to ComfyUI looks as it
+/// did, and so that errors can name the id ComfyUI shows.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Canvas {
+    /// The node's id in ComfyUI (`"3"`; `"12:5"` for a node inside subgraph instance 12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comfy_id: Option<String>,
+    /// Position `(x, y)` on the canvas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pos: Option<(f64, f64)>,
+    /// Size `(width, height)` on the canvas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<(f64, f64)>,
+    /// The title of the group the node sits in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Title bar colour (`"#322"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub color: Option<String>,
+    /// Body colour (`"#533"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bgcolor: Option<String>,
+}
+
+impl Canvas {
+    pub fn is_empty(&self) -> bool {
+        *self == Canvas::default()
+    }
 }
 
 /// What an input is set to: a literal, a link to another node's output, or a graph parameter.

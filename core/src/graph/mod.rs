@@ -3,5 +3,5 @@
 pub mod file;
 pub mod resolved;
 
-pub use file::{GraphFile, InputValue, Literal, NodeEntry, Reference};
+pub use file::{Canvas, GraphFile, InputValue, Literal, NodeEntry, Reference};
 pub use resolved::{ResolvedGraph, ResolvedInput, ResolvedNode};

@@ -28,6 +28,8 @@ pub struct ResolvedGraph {
 /// One node of a resolved graph.
 pub struct ResolvedNode {
     pub id: String,
+    /// The node's id in ComfyUI, for imported workflows (named in errors beside `id`).
+    pub comfy_id: Option<String>,
     pub entry: Entry,
     /// One per schema input, in schema order.
     pub inputs: Vec<ResolvedInput>,

@@ -1,6 +1,8 @@
 //! ComfyUI's `conditioning` category: prompt encoding, the CLIP layer choice, combining entries, areas
 //! and masks, and the inputs of inpainting models.
 
+use std::path::Path;
+
 use diffloom_core::value::{Area, CondEntry, Latent, Shared};
 use diffloom_core::{Args, Bool, Combo, Ctx, Float, Handle, Int, Node, NodeError, Schema, Str, Value, ValueType};
 use tch::Tensor;
@@ -22,8 +24,8 @@ impl Node for CLIPTextEncode {
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let clip: &SdClip = a.handle("clip")?;
-        let dir = cx.embeddings_dir.map(|d| EmbeddingDir { dir: d.to_path_buf(), family: clip.family });
-        let cond = clip.encode(a.string("text")?, dir.as_ref().map(|d| d as &dyn crate::prompt::EmbeddingSource))?;
+        let dir = EmbeddingDir { dirs: cx.files.folders.dirs("embeddings").map(Path::to_path_buf).collect(), family: clip.family };
+        let cond = clip.encode(a.string("text")?, Some(&dir as &dyn crate::prompt::EmbeddingSource))?;
         Ok(vec![Value::Conditioning(vec![cond])])
     }
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use diffloom_core::value::Shared;
-use diffloom_core::{Args, Combo, Ctx, Float, Int, Node, NodeError, Schema, Str, Value, ValueType};
+use diffloom_core::{Args, Combo, Ctx, Float, Int, Locator, Node, NodeError, Schema, Str, Value, ValueType};
 use tch::{Kind, Tensor};
 
 use super::shared::{choice_index, mask_nchw, MAX_RESOLUTION};
@@ -13,9 +13,9 @@ use crate::resample::{common_upscale, CROP_METHODS, IMAGE_METHODS};
 use crate::tiles::tiled_scale;
 
 /// Hash of a file's bytes, so that editing an input file re-runs the node and touching it does not.
-fn file_token(graph_dir: &Path, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
-    let Some(Value::String(path)) = literals.get(input) else { return Ok(None) };
-    let path = diffloom_core::node::resolve_input_path(graph_dir, input, path)?;
+fn file_token(files: &Locator, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
+    let Some(Value::String(name)) = literals.get(input) else { return Ok(None) };
+    let path = files.image(input, name)?;
     Ok(Some(blake3::hash(&imageio::read(&path)?).to_hex().to_string()))
 }
 
@@ -33,15 +33,15 @@ impl Node for LoadImage {
         Schema::new("LoadImage", "image")
             .describe("Loads a PNG, JPEG or WebP file. MASK is 1 - alpha (64×64 zeros without alpha), as ComfyUI.")
             .input("image", Str::required())
-            .doc("path; relative paths are looked up in the working directory, then next to the graph")
+            .doc("file name in the input directory (subfolders and ComfyUI's `[input]`/`[output]` annotations allowed), or a path")
             .output("IMAGE", ValueType::Image)
             .output("MASK", ValueType::Mask)
     }
-    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
-        file_token(graph_dir, "image", literals)
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_token(files, "image", literals)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let img = imageio::load(&cx.input_path("image", a.string("image")?)?)?;
+        let img = imageio::load(&cx.files.image("image", a.string("image")?)?)?;
         let mask = match img.alpha {
             Some(alpha) => alpha.f_neg()?.f_add_scalar(1.0)?,
             None => Tensor::f_zeros([1, 64, 64], (Kind::Float, tch::Device::Cpu))?,
@@ -59,11 +59,11 @@ impl Node for LoadImageMask {
             .input("channel", Combo::of(&["alpha", "red", "green", "blue"]))
             .output("MASK", ValueType::Mask)
     }
-    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
-        file_token(graph_dir, "image", literals)
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_token(files, "image", literals)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let img = imageio::load(&cx.input_path("image", a.string("image")?)?)?;
+        let img = imageio::load(&cx.files.image("image", a.string("image")?)?)?;
         let mask = match (a.string("channel")?, img.alpha) {
             ("alpha", Some(alpha)) => alpha.f_neg()?.f_add_scalar(1.0)?,
             ("alpha", None) => Tensor::f_zeros([1, 64, 64], (Kind::Float, tch::Device::Cpu))?,

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::rc::Rc;
 
 use diffloom_core::value::MissingPart;
-use diffloom_core::{Args, Ctx, Float, Handle, Node, NodeError, Schema, Str, Value, ValueType};
+use diffloom_core::{Args, Ctx, Float, Handle, Locator, Node, NodeError, Schema, Str, Value, ValueType};
 
 use crate::checkpoint::load::{load_checkpoint, load_upscale_model, load_vae};
 use crate::lora::apply_lora;
@@ -12,9 +12,9 @@ use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
 
 /// A token for a (possibly multi-GB) model file: its path, size and modification time, so that an
 /// unchanged file is a cache hit without hashing it.
-fn file_stamp(graph_dir: &Path, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
-    let Some(Value::String(path)) = literals.get(input) else { return Ok(None) };
-    let path = diffloom_core::node::resolve_input_path(graph_dir, input, path)?;
+fn file_stamp(files: &Locator, folder: &str, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
+    let Some(Value::String(name)) = literals.get(input) else { return Ok(None) };
+    let path = files.model(folder, input, name)?;
     let mut stamp = path.display().to_string();
     stamp_into(&path, &mut stamp, 3).map_err(|e| NodeError::file(&path, e))?;
     Ok(Some(stamp))
@@ -59,11 +59,11 @@ impl Node for CheckpointLoaderSimple {
             .output("CLIP", ValueType::Clip)
             .output("VAE", ValueType::Vae)
     }
-    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
-        file_stamp(graph_dir, "ckpt_name", literals)
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "checkpoints", "ckpt_name", literals)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let path = cx.input_path("ckpt_name", a.string("ckpt_name")?)?;
+        let path = cx.files.model("checkpoints", "ckpt_name", a.string("ckpt_name")?)?;
         let ck = load_checkpoint(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
         cx.messages.push(format!(
             "loaded {} ({:?}, {:?}) in {:.2} s: {} of weights, peak resident memory {}",
@@ -106,11 +106,11 @@ impl Node for VAELoader {
             .input("vae_name", Str::required())
             .output("VAE", ValueType::Vae)
     }
-    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
-        file_stamp(graph_dir, "vae_name", literals)
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "vae", "vae_name", literals)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let path = cx.input_path("vae_name", a.string("vae_name")?)?;
+        let path = cx.files.model("vae", "vae_name", a.string("vae_name")?)?;
         let (vae, bytes) = load_vae(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
         let name = file_label(&path);
         Ok(vec![Value::Vae(Handle::new(SdVae { model: Rc::new(vae) }, bytes, name))])
@@ -126,11 +126,11 @@ impl Node for UpscaleModelLoader {
             .doc("path to the .safetensors file")
             .output("UPSCALE_MODEL", ValueType::UpscaleModel)
     }
-    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
-        file_stamp(graph_dir, "model_name", literals)
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "upscale_models", "model_name", literals)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let path = cx.input_path("model_name", a.string("model_name")?)?;
+        let path = cx.files.model("upscale_models", "model_name", a.string("model_name")?)?;
         // fp32 whatever --dtype says, as ComfyUI runs these: RRDBNet activations overflow fp16.
         let (model, bytes) = load_upscale_model(&path, cx.device, tch::Kind::Float).map_err(|e| NodeError::Failed(e.to_string()))?;
         let c = &model.config;
@@ -176,8 +176,8 @@ impl Node for LoraLoader {
             .output("MODEL", ValueType::Model)
             .output("CLIP", ValueType::Clip)
     }
-    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
-        file_stamp(graph_dir, "lora_name", literals)
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "loras", "lora_name", literals)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let (sm, sc) = (a.float("strength_model")?, a.float("strength_clip")?);
@@ -188,7 +188,7 @@ impl Node for LoraLoader {
         // A part at strength 0 is passed through as it is (it may even be missing from the checkpoint).
         let model = if sm != 0.0 { Some((a.handle::<SdModel>("model")?, sm)) } else { None };
         let clip = if sc != 0.0 { Some((a.handle::<SdClip>("clip")?, sc)) } else { None };
-        let path = cx.input_path("lora_name", a.string("lora_name")?)?;
+        let path = cx.files.model("loras", "lora_name", a.string("lora_name")?)?;
         let (new_model, new_clip, messages) = apply_lora(&path, model, clip)?;
         cx.messages.extend(messages);
         Ok(vec![
@@ -209,8 +209,8 @@ impl Node for LoraLoaderModelOnly {
             .input("strength_model", Float::new(1.0).range(-100.0, 100.0).step(0.01))
             .output("MODEL", ValueType::Model)
     }
-    fn change_token(&self, graph_dir: &Path, literals: &Args) -> Result<Option<String>, NodeError> {
-        file_stamp(graph_dir, "lora_name", literals)
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "loras", "lora_name", literals)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let sm = a.float("strength_model")?;
@@ -219,7 +219,7 @@ impl Node for LoraLoaderModelOnly {
             return Ok(vec![model_in.clone()]);
         }
         let model: &SdModel = a.handle("model")?;
-        let path = cx.input_path("lora_name", a.string("lora_name")?)?;
+        let path = cx.files.model("loras", "lora_name", a.string("lora_name")?)?;
         let (new_model, _, messages) = apply_lora(&path, Some((model, sm)), None)?;
         cx.messages.extend(messages);
         Ok(vec![patched_value(model_in, new_model, |m| patched_bytes(&model.unet.state, &m.unet.state), &path)])

@@ -1,0 +1,1 @@
+//! PyTorch pickle files read as `torch.load(weights_only=True)` reads them (work in progress).
