@@ -57,6 +57,31 @@ pub enum Command {
         #[arg(long = "set", value_name = "NAME=VALUE")]
         set: Vec<String>,
     },
+    /// Convert a ComfyUI workflow (UI or API JSON, or a PNG/WebP that carries one) into a RON graph.
+    Import {
+        /// The workflow: .json, .png or .webp.
+        file: PathBuf,
+        /// Where to write the RON graph (never over an existing file); standard output without it.
+        #[arg(short, long, value_name = "OUT.ron")]
+        output: Option<PathBuf>,
+    },
+    /// Write a graph as a ComfyUI workflow: API JSON (for POST /prompt) or UI JSON (for the canvas).
+    Export {
+        /// The graph (.ron, or any workflow `run` reads).
+        file: PathBuf,
+        #[arg(long, value_enum)]
+        format: ExportFormat,
+        /// Where to write the JSON (never over an existing file); standard output without it.
+        #[arg(short, long, value_name = "OUT.json")]
+        output: Option<PathBuf>,
+        #[arg(long = "set", value_name = "NAME=VALUE")]
+        set: Vec<String>,
+        /// Models directories (ComfyUI layout): model paths inside them are written as ComfyUI names them.
+        #[arg(long = "models", value_name = "DIR")]
+        models: Vec<PathBuf>,
+        #[arg(long = "extra-model-paths", value_name = "FILE")]
+        extra_model_paths: Vec<PathBuf>,
+    },
     /// List the available node types with their inputs and outputs.
     Nodes {
         /// Only this node type.
@@ -112,6 +137,14 @@ impl Dtype {
             Dtype::Bf16 => tch::Kind::BFloat16,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ExportFormat {
+    /// ComfyUI's API format, as `POST /prompt` takes it (parameters inlined).
+    Api,
+    /// ComfyUI's UI format, as the canvas opens it (parameters as primitive nodes).
+    Ui,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use diffloom_core::graph::file;
 use diffloom_core::validate::{apply_params, validate};
-use diffloom_core::{Folders, Registry, ResolvedGraph};
+use diffloom_core::{Folders, GraphFile, Registry, ResolvedGraph};
 use tch::Device;
 
 /// The directory of the plugins that ship with diffloom: `$DIFFLOOM_PLUGINS_DIR`, else `plugins/lua` in
@@ -142,11 +142,21 @@ pub fn parse_sets(sets: &[String]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
+/// Reads a graph: RON as it is; a ComfyUI workflow (`.json`, or a `.png`/`.webp` that carries one)
+/// converted in memory.
+pub fn read_graph(path: &Path, registry: &Registry) -> Result<GraphFile> {
+    if diffloom_comfy::is_importable(path) {
+        Ok(diffloom_comfy::import_file(path, registry)?.0)
+    } else {
+        Ok(file::read(path)?.1)
+    }
+}
+
 /// Reads, parameterises and validates a graph file. Validation problems come back all together, one
 /// per line.
 pub fn load_graph(path: &Path, sets: &[String], registry: &Registry) -> Result<ResolvedGraph> {
     let sets = parse_sets(sets)?;
-    let (_, mut graph) = file::read(path)?;
+    let mut graph = read_graph(path, registry)?;
     apply_params(path, &mut graph, &sets)?;
     Ok(validate(path, &graph, registry)?)
 }

@@ -259,7 +259,7 @@ fn blend_modes_follow_comfyuis_formulas() {
                 output_dir: std::path::Path::new("."),
             },
             output_dir: std::path::Path::new("."),
-            graph_source: "",
+            image_texts: &|_, _| Vec::new(),
             cancel: &flag,
             dtype: tch::Kind::Float,
             messages: vec![],

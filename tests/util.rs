@@ -145,7 +145,7 @@ pub fn call(node: &dyn diffloom_core::Node, args: Vec<(&str, Option<diffloom_cor
             output_dir: std::path::Path::new("."),
         },
         output_dir: std::path::Path::new("."),
-        graph_source: "",
+        image_texts: &|_, _| Vec::new(),
         cancel: &cancel,
         dtype: tch::Kind::Float,
         messages: Vec::new(),

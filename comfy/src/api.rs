@@ -27,7 +27,8 @@ pub fn from_api(prompt: &Map<String, Json>, file: &Path) -> Result<Flat, ImportE
     let mut flat = Flat::default();
     for (id, node) in prompt {
         let class_type = node.get("class_type").and_then(Json::as_str).unwrap_or_default().to_owned();
-        let title = node.pointer("/_meta/title").and_then(Json::as_str).map(str::to_owned);
+        // diffloom writes the type as the title of an untitled node.
+        let title = node.pointer("/_meta/title").and_then(Json::as_str).filter(|t| *t != class_type).map(str::to_owned);
         let mut inputs = Vec::new();
         if let Some(map) = node.get("inputs").and_then(Json::as_object) {
             for (name, value) in map {
@@ -147,7 +148,7 @@ pub fn to_api(graph: &GraphFile, registry: &Registry, file: &Path, model_name: &
     Ok(out)
 }
 
-fn value_json(v: &diffloom_core::Value) -> Option<Json> {
+pub fn value_json(v: &diffloom_core::Value) -> Option<Json> {
     use diffloom_core::Value;
     match v {
         Value::Int(i) => i64::try_from(*i).ok().map(|i| json!(i)).or_else(|| u64::try_from(*i).ok().map(|u| json!(u))),

@@ -4,11 +4,14 @@
 
 #![forbid(unsafe_code)]
 
+pub mod a1111;
 pub mod api;
 pub mod embedded;
 pub mod error;
+pub mod export;
 pub mod flat;
 pub mod import;
+pub mod metadata;
 pub mod model_paths;
 pub mod ui;
 pub mod widgets;

@@ -208,7 +208,8 @@ impl<'a> Reader<'a> {
                 bgcolor: node.get("bgcolor").and_then(Json::as_str).map(str::to_owned),
             };
             let title = node.get("title").and_then(Json::as_str).map(str::to_owned);
-            self.flat.nodes.push(FlatNode { comfy_id, class_type: ty, title, inputs, canvas, notes: Vec::new() });
+            let notes = node.pointer(&format!("/properties/{}", crate::export::NOTES_PROPERTY)).and_then(Json::as_str).map(str::to_owned).into_iter().collect();
+            self.flat.nodes.push(FlatNode { comfy_id, class_type: ty, title, inputs, canvas, notes });
         }
         // A note inside a group belongs to the group's nodes; any other note to the whole workflow.
         for (group, text) in notes {

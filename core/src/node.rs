@@ -355,8 +355,9 @@ pub struct Ctx<'a> {
     pub files: Locator<'a>,
     /// Where output nodes write their files.
     pub output_dir: &'a Path,
-    /// The graph as run (RON, parameters applied), embedded in saved images.
-    pub graph_source: &'a str,
+    /// The text chunks a saved image of `(width, height)` pixels carries: the graph as run (RON,
+    /// parameters applied) under `diffloom`, and what the run's [`ImageTexts`] hook adds.
+    pub image_texts: &'a dyn Fn(u32, u32) -> Vec<(String, String)>,
     /// Set from another thread (Ctrl-C, a newer save in `watch`) to stop at the next step boundary.
     pub cancel: &'a AtomicBool,
     /// Floating-point kind for model weights (fp32 on CPU, fp16 on CUDA unless `--dtype`).
@@ -377,6 +378,11 @@ impl Ctx<'_> {
         }
     }
 }
+
+/// What a run adds to the images its output nodes save, beside the RON graph: called with the graph,
+/// the saving node's index and the image size; returns (keyword, text) pairs (ComfyUI's `prompt` and
+/// `workflow`, A1111's `parameters`).
+pub type ImageTexts = std::sync::Arc<dyn Fn(&crate::graph::ResolvedGraph, usize, (u32, u32)) -> Vec<(String, String)> + Send + Sync>;
 
 /// A node's inputs for one call, by name, with defaults filled in and parameters substituted.
 pub struct Args {

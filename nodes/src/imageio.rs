@@ -64,10 +64,10 @@ pub fn check_prefix(prefix: &str) -> Result<(), NodeError> {
 }
 
 /// Writes `img` as `<dir>/<prefix>_<NNNNN>_.png` (ComfyUI's naming) with the next free number, and
-/// returns the path. The PNG carries `text` under `keyword` (tEXt, or iTXt when it is not Latin-1). The
+/// returns the path. The PNG carries each (keyword, text) (tEXt, or iTXt when it is not Latin-1). The
 /// file is written under a temporary name and linked into place only if the name is still free, so an
 /// existing file is never overwritten and no partial file is left behind.
-pub fn save_png(dir: &Path, prefix: &str, img: &image::RgbImage, keyword: &str, text: &str) -> Result<PathBuf, NodeError> {
+pub fn save_png(dir: &Path, prefix: &str, img: &image::RgbImage, texts: &[(String, String)]) -> Result<PathBuf, NodeError> {
     check_prefix(prefix)?;
     let full = dir.join(prefix);
     // invariant: check_prefix rejected empty prefixes, so there is a file name component.
@@ -80,7 +80,7 @@ pub fn save_png(dir: &Path, prefix: &str, img: &image::RgbImage, keyword: &str, 
         .suffix(".png.tmp")
         .tempfile_in(&folder)
         .map_err(|e| NodeError::file(&folder, format!("cannot write to the output directory: {e}")))?;
-    encode_png(tmp.as_file_mut(), img, keyword, text).map_err(|e| NodeError::file(tmp.path(), e))?;
+    encode_png(tmp.as_file_mut(), img, texts).map_err(|e| NodeError::file(tmp.path(), e))?;
     tmp.as_file_mut().flush().map_err(|e| NodeError::file(tmp.path(), e))?;
     // Temporary files are created private (0600); a saved image is an ordinary file.
     #[cfg(unix)]
@@ -117,16 +117,19 @@ fn next_counter(folder: &Path, stem: &str) -> u64 {
         .map_or(1, |n| n + 1)
 }
 
-fn encode_png(out: &mut fs::File, img: &image::RgbImage, keyword: &str, text: &str) -> Result<(), String> {
+fn encode_png(out: &mut fs::File, img: &image::RgbImage, texts: &[(String, String)]) -> Result<(), String> {
     let w = std::io::BufWriter::new(out);
     let mut enc = png::Encoder::new(w, img.width(), img.height());
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let latin1 = text.chars().all(|c| (c as u32) < 256 && c != '\0');
-    if latin1 {
-        enc.add_text_chunk(keyword.to_owned(), text.to_owned()).map_err(|e| e.to_string())?;
-    } else {
-        enc.add_itxt_chunk(keyword.to_owned(), text.to_owned()).map_err(|e| e.to_string())?;
+    for (keyword, text) in texts {
+        // As PIL's PngInfo.add_text, which ComfyUI and A1111 use: tEXt when Latin-1 holds the text.
+        let latin1 = text.chars().all(|c| (c as u32) < 256 && c != '\0');
+        if latin1 {
+            enc.add_text_chunk(keyword.to_owned(), text.to_owned()).map_err(|e| e.to_string())?;
+        } else {
+            enc.add_itxt_chunk(keyword.to_owned(), text.to_owned()).map_err(|e| e.to_string())?;
+        }
     }
     let mut writer = enc.write_header().map_err(|e| e.to_string())?;
     writer.write_image_data(img.as_raw()).map_err(|e| e.to_string())?;

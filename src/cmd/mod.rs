@@ -1,5 +1,7 @@
 //! One file per subcommand.
 
+mod export;
+mod import;
 mod nodes;
 mod run;
 mod show;
@@ -31,6 +33,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Validate { file, set } => validate::validate(&file, &set),
         Command::Show { file, format, set } => show::show(&file, format, &set),
+        Command::Export { file, format, output, set, models, extra_model_paths } => {
+            let folders = crate::session::folders(&models, &extra_model_paths, None, std::path::Path::new("input"))?;
+            export::export(&file, format, output.as_deref(), &set, &folders)
+        }
+        Command::Import { file, output } => import::import(&file, output.as_deref()),
         Command::Nodes { name, json } => nodes::nodes(name.as_deref(), json),
     }
 }

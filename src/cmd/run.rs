@@ -34,6 +34,7 @@ impl Settings {
 pub fn run_options(settings: Settings) -> Result<RunOptions> {
     let mut options = RunOptions::new(session::device(settings.device.as_deref())?, settings.output_dir);
     options.dtype = settings.dtype;
+    options.image_texts = Some(diffloom_comfy::metadata::image_texts(settings.folders.clone()));
     options.folders = settings.folders;
     Ok(options)
 }

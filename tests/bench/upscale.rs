@@ -40,7 +40,7 @@ fn upscale_only(model: &Path, size: i64) {
             output_dir: std::path::Path::new("."),
         },
         output_dir: std::path::Path::new("."),
-        graph_source: "",
+        image_texts: &|_, _| Vec::new(),
         cancel: &cancel,
         dtype: Kind::Float,
         messages: Vec::new(),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind};
 
+use crate::node::ImageTexts;
 use crate::paths::{Folders, Locator};
 
 /// Settings shared by every run of an executor.
@@ -19,12 +20,21 @@ pub struct RunOptions {
     pub dtype: Option<Kind>,
     /// Model folders and the input directory files named in graphs are looked up in.
     pub folders: Folders,
+    /// What saved images carry besides the RON graph (set by the CLI: ComfyUI's and A1111's metadata).
+    pub image_texts: Option<ImageTexts>,
 }
 
 impl RunOptions {
     /// Options for `device` writing to `output_dir`, with defaults for the rest.
     pub fn new(device: Device, output_dir: impl Into<PathBuf>) -> RunOptions {
-        RunOptions { device, output_dir: output_dir.into(), cancel: Arc::new(AtomicBool::new(false)), dtype: None, folders: Folders::default() }
+        RunOptions {
+            device,
+            output_dir: output_dir.into(),
+            cancel: Arc::new(AtomicBool::new(false)),
+            dtype: None,
+            folders: Folders::default(),
+            image_texts: None,
+        }
     }
 
     /// Looks up files for a graph in `graph_dir` under these options.

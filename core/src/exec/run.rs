@@ -107,12 +107,19 @@ impl Executor {
                 continue;
             }
             let t0 = Instant::now();
+            let image_texts = |w: u32, h: u32| {
+                let mut texts = vec![("diffloom".to_owned(), graph.source.clone())];
+                if let Some(hook) = &self.options.image_texts {
+                    texts.extend(hook(graph, i, (w, h)));
+                }
+                texts
+            };
             let mut cx = Ctx {
                 device: self.options.device,
                 node_id: &node.id,
                 files: self.options.locator(&graph.graph_dir),
                 output_dir: &self.options.output_dir,
-                graph_source: &graph.source,
+                image_texts: &image_texts,
                 cancel: &self.options.cancel,
                 dtype: self.options.resolved_dtype(),
                 messages: Vec::new(),

@@ -78,7 +78,7 @@ fn save_batch(cx: &mut Ctx, images: &Tensor, dir: &Path, prefix: &str) -> Result
     for i in 0..images.size()[0] {
         cx.check_cancel()?;
         let rgb = imageio::to_rgb8(&images.f_get(i)?)?;
-        let path = imageio::save_png(dir, prefix, &rgb, "diffloom", cx.graph_source)?;
+        let path = imageio::save_png(dir, prefix, &rgb, &(cx.image_texts)(rgb.width(), rgb.height()))?;
         cx.messages.push(format!("wrote {}", path.display()));
     }
     Ok(())
