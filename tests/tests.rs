@@ -4,6 +4,7 @@ mod util;
 
 mod cache;
 mod cli;
+mod comfy;
 mod conditioning;
 mod custom_sampling;
 mod graph_format;
