@@ -116,6 +116,12 @@ fn every_workflow_form_renders_the_image_the_ron_graph_renders() {
         let report = ok(&d, &["run", file, "--models", "models"]);
         assert_eq!(pixels(&d, &written(&report)), want, "{file} renders another image");
     }
+    // A WebP as ComfyUI's SaveAnimatedWEBP writes it (PIL, EXIF Make/Model).
+    d.write("prompt.json", &api);
+    crate::parity::run_reference("comfy_webp.py", &[&d.path().join(&reference), &d.join("prompt.json"), &d.join("ui_v04.json"), &d.join("comfy.webp")]);
+    let report = ok(&d, &["run", "comfy.webp", "--models", "models"]);
+    assert_eq!(pixels(&d, &written(&report)), want, "the WebP's workflow renders another image");
+    assert_eq!(import(&d, "comfy.webp").0.nodes.get("positive").unwrap().title.as_deref(), Some("Positive"));
     assert_eq!(import(&d, reference.to_str().unwrap()).1, Source::ImageRon);
     assert_eq!(import(&d, comfy_png.file_name().unwrap().to_str().unwrap()).1, Source::ImagePrompt);
     assert_eq!(import(&d, workflow_only.file_name().unwrap().to_str().unwrap()).1, Source::ImageWorkflow);
@@ -172,6 +178,16 @@ fn ui_workflows_map_widgets_reroutes_primitives_bypass_mute_notes_and_groups() {
     assert_eq!(g.nodes.get("load_checkpoint").unwrap().canvas.comfy_id.as_deref(), Some("4"));
     assert_eq!(*input(&g, "ksampler", "positive"), link("positive", "CONDITIONING"));
     assert_eq!(g.nodes.get("ksampler").unwrap().title, None, "a title equal to the type is no title");
+
+    // The newer primitive nodes (backend PrimitiveInt, …) become parameters too.
+    let mut api: Json = serde_json::from_str(&std::fs::read_to_string(d.join("api.json")).unwrap()).unwrap();
+    api["12"] = json!({"class_type": "PrimitiveInt", "inputs": {"value": 6}, "_meta": {"title": "Steps"}});
+    api["3"]["inputs"]["steps"] = json!(["12", 0]);
+    d.write("primitive.json", api.to_string());
+    let (g, _) = import(&d, "primitive.json");
+    assert_eq!(g.params.0, [("steps".to_owned(), Literal::Int(6))]);
+    assert_eq!(*input(&g, "ksampler", "steps"), InputValue::Ref(Reference::Param("steps".into())));
+    assert!(g.nodes.iter().all(|(_, n)| n.node_type != "PrimitiveInt"));
 
     // A PNG as ComfyUI writes it: values from `prompt` (what ran), titles, notes and the primitive's
     // parameter from `workflow` — with the value the prompt holds.
