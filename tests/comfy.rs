@@ -363,3 +363,118 @@ fn saved_images_carry_comfyui_and_a1111_metadata() {
     let o = d.diffloom(&["export", lua.to_str().unwrap(), "--format", "api"]);
     assert!(!o.status.success() && stderr(&o).contains("ComfyUI cannot run Lua plugin nodes"), "{}", stderr(&o));
 }
+
+/// The folder of ComfyUI's own example workflows (PyPI `comfyui-workflow-templates`, pinned by the set-up).
+fn templates() -> PathBuf {
+    let out = std::process::Command::new(crate::parity::python())
+        .args(["-c", "import comfyui_workflow_templates as t, os; print(os.path.join(os.path.dirname(t.__file__), 'templates'))"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "comfyui-workflow-templates is missing: run scripts/setup.sh\n{}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+/// Literal widget values of `node` in the saved file, for checking the mapping value by value.
+fn saved_widgets(workflow: &Json, comfy_id: &str) -> Vec<Json> {
+    let node = workflow["nodes"].as_array().unwrap().iter().find(|n| n["id"].to_string() == comfy_id).unwrap_or_else(|| panic!("no node {comfy_id}"));
+    node["widgets_values"].as_array().cloned().unwrap_or_default()
+}
+
+/// Scales pixel sizes and positions down 8× (to multiples of 8) and caps steps at 2, so that a real
+/// workflow runs on the tiny models in moments; everything else stays as saved.
+fn shrink(g: &mut GraphFile) {
+    for (_, node) in g.nodes.0.iter_mut() {
+        for (name, value) in node.inputs.0.iter_mut() {
+            if let InputValue::Literal(Literal::Int(v)) = value {
+                match name.as_str() {
+                    "width" | "height" | "x" | "y" if *v >= 64 => *v = (*v / 8 / 8 * 8).max(8),
+                    "steps" | "end_at_step" => *v = (*v).min(2),
+                    "start_at_step" => *v = (*v).min(1),
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// ComfyUI's example workflows, as its own package ships them, imported, checked against the saved
+/// widget values and run on tiny models saved under the file names they expect (pickles included).
+#[test]
+fn comfyui_example_workflows_import_and_run() {
+    use diffloom_nodes::checkpoint::detect::Family;
+    use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
+    let d = Dir::new();
+    let dir = templates();
+    let ck = |name: &str, family: Family, inpaint: bool| {
+        let p = d.join(&format!("models/checkpoints/{name}"));
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        write_checkpoint(&p, &tiny_config(family, inpaint), tch::Kind::Float, 3, true).unwrap();
+    };
+    ck("v1-5-pruned-emaonly-fp16.safetensors", Family::Sd1, false);
+    ck("v2-1_768-ema-pruned.safetensors", Family::Sd2, false);
+    ck("512-inpainting-ema.safetensors", Family::Sd2, true);
+    for name in ["dreamshaper_8.safetensors", "AbyssOrangeMix2_hard.safetensors", "cardosAnime_v10.safetensors", "wd-illusion-fp16.safetensors"] {
+        ck(name, Family::Sd1, false);
+    }
+    {
+        let loaded =
+            diffloom_nodes::checkpoint::load::load_checkpoint(&d.join("models/checkpoints/dreamshaper_8.safetensors"), tch::Device::Cpu, tch::Kind::Float)
+                .unwrap();
+        std::fs::create_dir_all(d.join("models/loras")).unwrap();
+        diffloom_nodes::checkpoint::synthetic::write_lora(
+            &d.join("models/loras/blindbox_v1_mix.safetensors"),
+            loaded.unet.as_ref().unwrap(),
+            loaded.clip.as_ref().unwrap(),
+            4,
+            9,
+        )
+        .unwrap();
+    }
+    std::fs::create_dir_all(d.join("input")).unwrap();
+    for name in ["example.png", "input.png", "input (1).png"] {
+        d.png(&format!("input/{name}"), 96, 64, 5);
+    }
+
+    for (name, ran) in [
+        ("default", 7),
+        ("image2image", 8),
+        ("hiresfix_latent_workflow", 11),
+        ("inpaint_example", 8),
+        ("inpain_model_outpainting", 9),
+        ("lora", 8),
+        ("latent_upscale_different_prompt_model", 15),
+    ] {
+        let file = dir.join(format!("{name}.json"));
+        let (mut g, source) = import_file(&file, &diffloom_nodes::registry()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(source, Source::UiJson);
+        // Value by value: each node's literal widget inputs are the saved widget values, in order.
+        let saved: Json = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        for (id, node) in g.nodes.iter() {
+            let widgets = saved_widgets(&saved, node.canvas.comfy_id.as_deref().unwrap());
+            let mut rest = widgets.iter();
+            for (input, value) in node.inputs.iter() {
+                if let InputValue::Literal(l) = value {
+                    let want = diffloom_comfy::api::literal_json(l);
+                    assert!(rest.any(|w| *w == want), "{name}: node {id:?} input {input:?} = {want} is not among the saved widgets {widgets:?} in order");
+                }
+            }
+        }
+        shrink(&mut g);
+        d.write(&format!("{name}.ron"), file::to_ron(&g));
+        let report = ok(&d, &["run", &format!("{name}.ron"), "--models", "models"]);
+        assert!(report.contains(&format!("{ran} nodes: {ran} ran")), "{name}:\n{report}");
+    }
+    // Node by node for the default workflow, as ComfyUI's own API export of it reads.
+    let (g, _) = import_file(&dir.join("default.json"), &diffloom_nodes::registry()).unwrap();
+    let k = g.nodes.iter().find(|(_, n)| n.node_type == "KSampler").unwrap().1;
+    for (input, v) in [
+        ("seed", lit(156680208700286u64)),
+        ("steps", lit(20)),
+        ("cfg", lit(8)),
+        ("sampler_name", lit("euler")),
+        ("scheduler", lit("normal")),
+        ("denoise", lit(1)),
+    ] {
+        assert_eq!(k.inputs.get(input), Some(&v), "{input}");
+    }
+}
