@@ -376,7 +376,12 @@ fn templates() -> PathBuf {
 
 /// Literal widget values of `node` in the saved file, for checking the mapping value by value.
 fn saved_widgets(workflow: &Json, comfy_id: &str) -> Vec<Json> {
-    let node = workflow["nodes"].as_array().unwrap().iter().find(|n| n["id"].to_string() == comfy_id).unwrap_or_else(|| panic!("no node {comfy_id}"));
+    let node = workflow["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"].as_u64().map(|i| i.to_string()).as_deref() == Some(comfy_id))
+        .unwrap_or_else(|| panic!("no node {comfy_id}"));
     node["widgets_values"].as_array().cloned().unwrap_or_default()
 }
 
