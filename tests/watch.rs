@@ -258,3 +258,27 @@ fn ctrl_c_quits_cleanly() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn a_comfyui_workflow_json_is_watched_like_a_graph() {
+    let d = Dir::new();
+    d.png("in.png", 16, 12, 1);
+    let api = |w: u32| {
+        serde_json::json!({
+            "1": {"class_type": "LoadImage", "inputs": {"image": "in.png"}},
+            "2": {"class_type": "ImageCrop", "inputs": {"image": ["1", 0], "width": w, "height": 8, "x": 0, "y": 0}},
+            "3": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+            "4": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "a"}},
+            "5": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "b"}},
+        })
+        .to_string()
+    };
+    d.write("wf.json", api(8));
+    let w = Watch::start(&d, "wf.json");
+    let first = w.next();
+    assert_eq!(first.ran.len(), 5, "{}", first.text);
+    pause();
+    d.write("wf.json", api(4));
+    let r = w.next();
+    assert_eq!(r.ran, ["imagecrop", "saveimage"], "{}", r.text);
+}
