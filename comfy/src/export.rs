@@ -234,8 +234,9 @@ pub fn to_ui(graph: &GraphFile, registry: &Registry, file: &Path, model_name: &d
         }
         let first = b.nodes.iter().find(|n| n["id"] == json!(targets[0].0)).cloned().unwrap_or(Json::Null);
         let (x, y) = (first["pos"][0].as_f64().unwrap_or(0.0) - 260.0, first["pos"][1].as_f64().unwrap_or(0.0) - 120.0);
+        // The canvas gives a primitive of a number or a choice its control widget ("fixed": as run).
         let mut values = vec![literal_json(lit)];
-        if widget == "seed" || widget == "noise_seed" {
+        if matches!(ty.as_str(), "INT" | "FLOAT" | "COMBO") {
             values.push(json!("fixed"));
         }
         b.nodes.push(json!({

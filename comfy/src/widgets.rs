@@ -10,9 +10,11 @@ use serde_json::Value as Json;
 const CONTROL_VALUES: &[&str] = &["fixed", "increment", "decrement", "randomize"];
 
 /// Whether ComfyUI's canvas adds a control-after-generate widget after this input: INT inputs named
-/// `seed` or `noise_seed` (the frontend's rule for inputs that do not say otherwise).
-pub fn has_control(name: &str, kind: &InputKind) -> bool {
-    matches!(kind, InputKind::Int { .. }) && (name == "seed" || name == "noise_seed")
+/// `seed` or `noise_seed` (the frontend's rule, `control_after_generate ?? ["seed", "noise_seed"]`),
+/// and the one input of ComfyUI 0.8's SD node set that asks for it by name otherwise (PrimitiveInt's
+/// `value`).
+pub fn has_control(node: &str, name: &str, kind: &InputKind) -> bool {
+    matches!(kind, InputKind::Int { .. }) && (name == "seed" || name == "noise_seed" || (node == "PrimitiveInt" && name == "value"))
 }
 
 /// Whether the input shows as a widget on the canvas (everything but sockets for models, latents, …).
@@ -41,7 +43,7 @@ pub fn assign(schema: &Schema, values: Option<&Json>) -> Result<Vec<(String, Jso
                 let Some(v) = list.get(k) else { break };
                 out.push((spec.name.clone(), v.clone()));
                 k += 1;
-                if has_control(&spec.name, &spec.kind) && list.get(k).is_some_and(is_control_value) {
+                if has_control(&schema.name, &spec.name, &spec.kind) && list.get(k).is_some_and(is_control_value) {
                     k += 1;
                 }
                 // LoadImage's upload button sits right after the image name and saves "image".
@@ -66,7 +68,7 @@ pub fn values_for(schema: &Schema, value_of: &dyn Fn(&str) -> Option<Json>) -> V
     for spec in schema.inputs.iter().filter(|i| is_widget(&i.kind)) {
         let v = value_of(&spec.name).unwrap_or(Json::Null);
         out.push(v);
-        if has_control(&spec.name, &spec.kind) {
+        if has_control(&schema.name, &spec.name, &spec.kind) {
             out.push(Json::String("fixed".into()));
         }
         if spec.name == "image" && matches!(spec.kind, InputKind::String { .. }) && schema.name.starts_with("LoadImage") {
