@@ -149,3 +149,69 @@ fn results_over_the_memory_bound_are_recomputed_when_needed() {
     assert!(r.ran().contains(&"save"));
     assert!(r.ran().len() > 1, "the evicted inputs of save were recomputed: {:?}", r.ran());
 }
+
+/// Records what an observer is told, as `kind id [detail]` lines.
+#[derive(Default)]
+struct Recorder(std::sync::Mutex<Vec<String>>);
+
+impl diffloom_core::Observer for Recorder {
+    fn cached(&self, ids: &[&str]) {
+        self.0.lock().unwrap().push(format!("cached {}", ids.join(",")));
+    }
+    fn executing(&self, id: &str) {
+        self.0.lock().unwrap().push(format!("executing {id}"));
+    }
+    fn progress(&self, id: &str, value: u64, max: u64) {
+        self.0.lock().unwrap().push(format!("progress {id} {value}/{max}"));
+    }
+    fn executed(&self, id: &str, ui: &serde_json::Map<String, serde_json::Value>) {
+        self.0.lock().unwrap().push(format!("executed {id} {}", serde_json::Value::Object(ui.clone())));
+    }
+}
+
+#[test]
+fn an_observer_is_told_what_is_cached_what_runs_its_progress_and_its_images() {
+    let d = Dir::new();
+    let ckpt = crate::util::tiny_sd1(&d, "m.safetensors");
+    let graph = format!(
+        r#"(version: 2, nodes: {{
+        "ck": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+        "p": (type: "CLIPTextEncode", inputs: {{"text": "a", "clip": Link("ck", "CLIP")}}),
+        "latent": (type: "EmptyLatentImage", inputs: {{"width": 32, "height": 32}}),
+        "k": (type: "KSampler", inputs: {{"model": Link("ck", "MODEL"), "positive": Link("p", "CONDITIONING"), "negative": Link("p", "CONDITIONING"),
+              "latent_image": Link("latent", "LATENT"), "steps": 3, "cfg": 1.0}}),
+        "dec": (type: "VAEDecode", inputs: {{"samples": Link("k", "LATENT"), "vae": Link("ck", "VAE")}}),
+        "save": (type: "SaveImage", inputs: {{"images": Link("dec", "IMAGE"), "filename_prefix": "sub/obs"}}),
+    }})"#,
+        ck = ckpt.display().to_string()
+    );
+    let (mut ex, reg) = executor(&d, GIB);
+    let seen = std::sync::Arc::new(Recorder::default());
+    ex.options.observer = Some(seen.clone());
+    assert!(run_graph(&mut ex, &reg, &d, &graph, &[]).error.is_none());
+    let events = std::mem::take(&mut *seen.0.lock().unwrap());
+    let want = [
+        "cached ",
+        "executing ck",
+        "executed ck {}",
+        "executing p",
+        "executed p {}",
+        "executing latent",
+        "executed latent {}",
+        "executing k",
+        "progress k 1/3",
+        "progress k 2/3",
+        "progress k 3/3",
+        "executed k {}",
+        "executing dec",
+        "executed dec {}",
+        "executing save",
+        r#"executed save {"images":[{"filename":"obs_00001_.png","subfolder":"sub","type":"output"}]}"#,
+    ];
+    assert_eq!(events, want);
+    // Again with a new prefix: everything but the save node comes from the cache.
+    assert!(run_graph(&mut ex, &reg, &d, &graph.replace("sub/obs", "again"), &[]).error.is_none());
+    let events = std::mem::take(&mut *seen.0.lock().unwrap());
+    assert_eq!(events[0], "cached dec");
+    assert_eq!(events[1], "executing save");
+}

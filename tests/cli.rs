@@ -263,6 +263,8 @@ fn blend_modes_follow_comfyuis_formulas() {
             cancel: &flag,
             dtype: tch::Kind::Float,
             messages: vec![],
+            ui: serde_json::Map::new(),
+            progress: &|_, _| {},
             registry: &diffloom_core::Registry::new(),
         };
         let out = diffloom_nodes::builtin::image::ImageBlend.execute(&mut cx, &args).unwrap();

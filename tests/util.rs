@@ -149,6 +149,8 @@ pub fn call(node: &dyn diffloom_core::Node, args: Vec<(&str, Option<diffloom_cor
         cancel: &cancel,
         dtype: tch::Kind::Float,
         messages: Vec::new(),
+        ui: serde_json::Map::new(),
+        progress: &|_, _| {},
         registry: &Registry::new(),
     };
     node.execute(&mut cx, &args)

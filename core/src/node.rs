@@ -364,6 +364,10 @@ pub struct Ctx<'a> {
     pub dtype: tch::Kind,
     /// Lines a node wants in the run report (files written, previews).
     pub messages: Vec<String>,
+    /// What the node shows in ComfyUI's UI once done (`images`: the files it saved), for observers.
+    pub ui: serde_json::Map<String, serde_json::Value>,
+    /// Reports `(done, total)` steps of a long node (sampling) to the run's observer.
+    pub progress: &'a dyn Fn(u64, u64),
     /// The node types of the run, for nodes that run other nodes (Lua's `diffloom.call`).
     pub registry: &'a Registry,
 }

@@ -42,13 +42,14 @@ pub struct Folders {
     pub models: Vec<(String, PathBuf)>,
     /// Where `LoadImage` names are looked up (ComfyUI's `input/`).
     pub input_dir: PathBuf,
-    /// Where `[temp]`-annotated image names are looked up.
+    /// Where previews go and `[temp]`-annotated image names are looked up (`diffloom-preview` in the
+    /// system's temporary directory by default).
     pub temp_dir: PathBuf,
 }
 
 impl Default for Folders {
     fn default() -> Folders {
-        Folders { models: Vec::new(), input_dir: "input".into(), temp_dir: "temp".into() }
+        Folders { models: Vec::new(), input_dir: "input".into(), temp_dir: std::env::temp_dir().join("diffloom-preview") }
     }
 }
 

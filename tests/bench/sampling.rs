@@ -31,7 +31,17 @@ fn bench(label: &str, ckpt: &Path, latent_hw: i64, steps: i64, samplers: &[&str]
     println!("{label}: {steps} steps, latent {latent_hw}×{latent_hw}, cfg 7 (cond + uncond batched)");
     for sampler in samplers {
         let (guider, spec) = (Guider::cfg(&model, cond.clone(), cond.clone(), 7.0), SamplerSpec::named(sampler).expect("a sampler"));
-        let r = Request { guider: &guider, latent: &latent, seed: 1, add_noise: true, sampler: &spec, sigmas: &sigmas, cancel: &cancel, label: "" };
+        let r = Request {
+            guider: &guider,
+            latent: &latent,
+            seed: 1,
+            add_noise: true,
+            sampler: &spec,
+            sigmas: &sigmas,
+            cancel: &cancel,
+            label: "",
+            progress: &|_, _| {},
+        };
         let t = Instant::now();
         let out = sample(&r).expect("sample");
         let total = t.elapsed().as_secs_f64();

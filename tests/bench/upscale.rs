@@ -44,6 +44,8 @@ fn upscale_only(model: &Path, size: i64) {
         cancel: &cancel,
         dtype: Kind::Float,
         messages: Vec::new(),
+        ui: serde_json::Map::new(),
+        progress: &|_, _| {},
         registry: &diffloom_core::Registry::new(),
     };
     let before = peak_rss();

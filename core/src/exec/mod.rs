@@ -5,6 +5,7 @@
 pub mod args;
 pub mod cache;
 pub mod key;
+pub mod observer;
 pub mod options;
 pub mod report;
 pub mod run;
@@ -12,6 +13,7 @@ pub mod schedule;
 
 pub use cache::Cache;
 pub use key::Key;
+pub use observer::Observer;
 pub use options::RunOptions;
 pub use report::{NodeReport, NodeStatus, RunReport};
 pub use run::Executor;

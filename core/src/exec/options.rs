@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind};
 
+use crate::exec::observer::Observer;
 use crate::node::ImageTexts;
 use crate::paths::{Folders, Locator};
 
@@ -22,6 +23,8 @@ pub struct RunOptions {
     pub folders: Folders,
     /// What saved images carry besides the RON graph (set by the CLI: ComfyUI's and A1111's metadata).
     pub image_texts: Option<ImageTexts>,
+    /// Told what happens as a run goes (the server's progress messages).
+    pub observer: Option<std::sync::Arc<dyn Observer>>,
 }
 
 impl RunOptions {
@@ -34,6 +37,7 @@ impl RunOptions {
             dtype: None,
             folders: Folders::default(),
             image_texts: None,
+            observer: None,
         }
     }
 

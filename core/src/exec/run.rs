@@ -88,6 +88,11 @@ impl Executor {
             }
         }
         report.overhead = started.elapsed();
+        let observer = self.options.observer.clone();
+        if let Some(o) = &observer {
+            let cached: Vec<&str> = order.iter().filter(|&&i| wanted[i] && !must_run[i]).map(|&i| graph.nodes[i].id.as_str()).collect();
+            o.cached(&cached);
+        }
 
         for &i in &order {
             if !wanted[i] {
@@ -107,6 +112,14 @@ impl Executor {
                 continue;
             }
             let t0 = Instant::now();
+            if let Some(o) = &observer {
+                o.executing(&node.id);
+            }
+            let progress = |value: u64, max: u64| {
+                if let Some(o) = &observer {
+                    o.progress(&node.id, value, max);
+                }
+            };
             let image_texts = |w: u32, h: u32| {
                 let mut texts = vec![("diffloom".to_owned(), graph.source.clone())];
                 if let Some(hook) = &self.options.image_texts {
@@ -123,6 +136,8 @@ impl Executor {
                 cancel: &self.options.cancel,
                 dtype: self.options.resolved_dtype(),
                 messages: Vec::new(),
+                ui: serde_json::Map::new(),
+                progress: &progress,
                 registry: &graph.registry,
             };
             let result = cx.check_cancel().and_then(|_| {
@@ -130,9 +145,13 @@ impl Executor {
                 execute_guarded(node, &mut cx, &args)
             });
             let messages = std::mem::take(&mut cx.messages);
+            let ui = std::mem::take(&mut cx.ui);
             let time = t0.elapsed();
             match result {
                 Ok(outputs) => {
+                    if let Some(o) = &observer {
+                        o.executed(&node.id, &ui);
+                    }
                     self.cache.insert(keys[i], outputs.clone());
                     values[i] = Some(outputs);
                     report.nodes.push(NodeReport { id: node.id.clone(), node_type: schema.name.clone(), status: NodeStatus::Ran, time, messages });

@@ -73,14 +73,21 @@ impl Node for LoadImageMask {
     }
 }
 
-/// Saves every image of the batch into `dir` with the graph embedded, reporting each path.
-fn save_batch(cx: &mut Ctx, images: &Tensor, dir: &Path, prefix: &str) -> Result<(), NodeError> {
+/// Saves every image of the batch into `dir` with the graph embedded, reporting each path, and lists
+/// them as ComfyUI's UI does (`{filename, subfolder, type}`, `kind` being "output" or "temp").
+fn save_batch(cx: &mut Ctx, images: &Tensor, dir: &Path, prefix: &str, kind: &str) -> Result<(), NodeError> {
+    let mut shown = Vec::new();
     for i in 0..images.size()[0] {
         cx.check_cancel()?;
         let rgb = imageio::to_rgb8(&images.f_get(i)?)?;
         let path = imageio::save_png(dir, prefix, &rgb, &(cx.image_texts)(rgb.width(), rgb.height()))?;
         cx.messages.push(format!("wrote {}", path.display()));
+        let rel = path.strip_prefix(dir).unwrap_or(&path);
+        let subfolder = rel.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let filename = rel.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        shown.push(serde_json::json!({"filename": filename, "subfolder": subfolder, "type": kind}));
     }
+    cx.ui.insert("images".to_owned(), serde_json::Value::Array(shown));
     Ok(())
 }
 
@@ -99,7 +106,7 @@ impl Node for SaveImage {
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let dir = cx.output_dir.to_path_buf();
-        save_batch(cx, a.image("images")?, &dir, a.string("filename_prefix")?)?;
+        save_batch(cx, a.image("images")?, &dir, a.string("filename_prefix")?, "output")?;
         Ok(vec![])
     }
 }
@@ -108,13 +115,13 @@ pub struct PreviewImage;
 impl Node for PreviewImage {
     fn schema(&self) -> Schema {
         Schema::new("PreviewImage", "image")
-            .describe("Writes images to a temporary folder (diffloom-preview in the system temp directory) to look at.")
+            .describe("Writes images to the temporary folder (diffloom-preview in the system temp directory unless set) to look at.")
             .input("images", ValueType::Image)
             .output_node()
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let dir = std::env::temp_dir().join("diffloom-preview");
-        save_batch(cx, a.image("images")?, &dir, "preview")?;
+        let dir = cx.files.folders.temp_dir.clone();
+        save_batch(cx, a.image("images")?, &dir, "preview", "temp")?;
         Ok(vec![])
     }
 }

@@ -63,7 +63,7 @@ pub fn sample_latent(
 ) -> Result<(Value, Value), NodeError> {
     let latent = a.latent("latent_image")?;
     let label = cx.node_id.to_owned();
-    let r = Request { guider, latent, seed, add_noise, sampler, sigmas, cancel: cx.cancel, label: &label };
+    let r = Request { guider, latent, seed, add_noise, sampler, sigmas, cancel: cx.cancel, label: &label, progress: cx.progress };
     let out = sample(&r)?;
     cx.messages.push(format!("{} steps of {}, {} model calls", sigmas.len().saturating_sub(1), sampler.name, out.model_calls));
     Ok((latent_out(latent, out.samples), latent_out(latent, out.denoised)))

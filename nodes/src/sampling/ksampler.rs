@@ -118,6 +118,8 @@ pub struct Request<'a> {
     pub cancel: &'a AtomicBool,
     /// Shown in the progress bar.
     pub label: &'a str,
+    /// Told `(step, steps)` after each step (the run's observer).
+    pub progress: &'a dyn Fn(u64, u64),
 }
 
 /// The result: the new latent (unscaled) and the last denoised estimate.
@@ -204,6 +206,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     let mut last_denoised: Option<Tensor> = None;
     let mut step = |i: usize, _n: usize, x: &Tensor| -> Result<(), NodeError> {
         progress.inc(1);
+        (r.progress)(i as u64 + 1, total as u64);
         if r.cancel.load(Ordering::Relaxed) {
             return Err(NodeError::Cancelled);
         }
