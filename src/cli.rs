@@ -82,6 +82,41 @@ pub enum Command {
         #[arg(long = "extra-model-paths", value_name = "FILE")]
         extra_model_paths: Vec<PathBuf>,
     },
+    /// Serve ComfyUI's HTTP and WebSocket API (and its web frontend) over diffloom's executor.
+    Serve {
+        /// Address to listen on; anything but loopback requires --token.
+        #[arg(long, default_value = "127.0.0.1")]
+        listen: std::net::IpAddr,
+        #[arg(long, default_value_t = 8188)]
+        port: u16,
+        /// A models directory in ComfyUI's layout. Repeatable.
+        #[arg(long = "models", value_name = "DIR")]
+        models: Vec<PathBuf>,
+        #[arg(long = "extra-model-paths", value_name = "FILE")]
+        extra_model_paths: Vec<PathBuf>,
+        /// Directory of RON graphs (relative paths in prompts resolve here).
+        #[arg(long, value_name = "DIR", default_value = "graphs")]
+        graphs: PathBuf,
+        #[arg(long, value_name = "DIR", default_value = "input")]
+        input_dir: PathBuf,
+        #[arg(short, long, default_value = "output")]
+        output_dir: PathBuf,
+        /// Settings and user data.
+        #[arg(long, value_name = "DIR", default_value = "user")]
+        user_dir: PathBuf,
+        /// The ComfyUI frontend's static files (default: the comfyui-frontend-package in .venv).
+        #[arg(long, value_name = "DIR")]
+        front_end_root: Option<PathBuf>,
+        /// A secret every request must carry (required when listening beyond loopback).
+        #[arg(long)]
+        token: Option<String>,
+        /// Memory for cached results (models included), in MiB.
+        #[arg(long, default_value_t = 16384)]
+        cache_mb: usize,
+        /// Floating-point type of model weights.
+        #[arg(long, value_enum)]
+        dtype: Option<Dtype>,
+    },
     /// List the available node types with their inputs and outputs.
     Nodes {
         /// Only this node type.

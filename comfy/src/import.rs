@@ -59,6 +59,11 @@ pub fn import_bytes(path: &Path, bytes: &[u8], registry: &Registry) -> Result<(G
     Err(ImportError::at(path, "not a ComfyUI workflow: expected the UI format ({\"nodes\": [...], \"links\": [...]}) or the API format ({\"3\": {\"class_type\": ..., \"inputs\": {...}}})"))
 }
 
+/// A graph for an API prompt (what `POST /prompt` carries); `name` stands for it in errors.
+pub fn graph_from_prompt(prompt: &serde_json::Map<String, Json>, registry: &Registry, name: &Path) -> Result<GraphFile, ImportError> {
+    finish(api::from_api(prompt, name)?, registry, name)
+}
+
 fn finish(mut flat: Flat, registry: &Registry, path: &Path) -> Result<GraphFile, ImportError> {
     flat::primitives_to_params(&mut flat);
     flat::sort_by_id(&mut flat);

@@ -17,4 +17,4 @@ pub mod ui;
 pub mod widgets;
 
 pub use error::ImportError;
-pub use import::{import_bytes, import_file, is_importable, Source};
+pub use import::{graph_from_prompt, import_bytes, import_file, is_importable, Source};

@@ -4,6 +4,7 @@ mod export;
 mod import;
 mod nodes;
 mod run;
+mod serve;
 mod show;
 mod validate;
 mod version;
@@ -38,6 +39,22 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             export::export(&file, format, output.as_deref(), &set, &folders)
         }
         Command::Import { file, output } => import::import(&file, output.as_deref()),
+        Command::Serve { listen, port, models, extra_model_paths, graphs, input_dir, output_dir, user_dir, front_end_root, token, cache_mb, dtype } => {
+            let folders = crate::session::folders(&models, &extra_model_paths, None, &input_dir)?;
+            let settings = serve::Settings {
+                listen,
+                port,
+                folders,
+                graphs,
+                output_dir,
+                user_dir,
+                front_end_root,
+                token,
+                cache_bytes: cache_mb << 20,
+                dtype: dtype.map(|d| d.kind()),
+            };
+            serve::serve(settings, cli.device)
+        }
         Command::Nodes { name, json } => nodes::nodes(name.as_deref(), json),
     }
 }

@@ -1,0 +1,459 @@
+//! The HTTP routes ComfyUI's frontend and API clients call, each registered with and without the `/api`
+//! prefix as ComfyUI registers them, and the frontend's static files.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Multipart, Path as UrlPath, Query, State};
+use axum::http::{header, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use tokio::sync::oneshot;
+
+use crate::queue::{Job, Shared};
+use crate::security::{confine, guard};
+use crate::worker::ValidateRequest;
+
+type S = State<Arc<Shared>>;
+
+fn api() -> Router<Arc<Shared>> {
+    Router::new()
+        .route("/object_info", get(object_info))
+        .route("/object_info/{node}", get(object_info_node))
+        .route("/prompt", get(prompt_info).post(post_prompt))
+        .route("/queue", get(queue).post(post_queue))
+        .route("/history", get(history).post(post_history))
+        .route("/history/{id}", get(history_one))
+        .route("/interrupt", post(interrupt))
+        .route("/free", post(free))
+        .route("/view", get(view))
+        .route("/upload/image", post(upload_image))
+        .route("/upload/mask", post(upload_image))
+        .route("/system_stats", get(system_stats))
+        .route("/features", get(features))
+        .route("/extensions", get(|| async { Json(json!([])) }))
+        .route("/embeddings", get(embeddings))
+        .route("/models", get(model_folders))
+        .route("/models/{folder}", get(model_files))
+        .route("/users", get(|| async { Json(json!({"storage": "server", "migrated": true})) }))
+        .route("/settings", get(settings).post(post_settings))
+        .route("/settings/{id}", get(setting).post(post_setting))
+        .route("/ws", get(crate::ws::handler))
+}
+
+/// Every route, with and without `/api`, the static frontend as the fallback, behind the guard.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let limit = shared.config.max_body;
+    Router::new()
+        .nest("/api", api())
+        .merge(api())
+        .fallback(get(frontend))
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(shared.clone(), guard))
+        .with_state(shared)
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({"error": message.into()}))).into_response()
+}
+
+async fn object_info(State(s): S) -> Response {
+    let info = s.object_info.read().map(|i| i.clone()).unwrap_or_default();
+    Json((*info).clone()).into_response()
+}
+
+async fn object_info_node(State(s): S, UrlPath(node): UrlPath<String>) -> Response {
+    let info = s.object_info.read().map(|i| i.clone()).unwrap_or_default();
+    let mut out = Map::new();
+    if let Some(n) = info.get(&node) {
+        out.insert(node, n.clone());
+    }
+    Json(Value::Object(out)).into_response()
+}
+
+async fn prompt_info(State(s): S) -> Json<Value> {
+    Json(s.queue_info())
+}
+
+/// `POST /prompt`: validates on the validator thread, then queues; a bad prompt gets ComfyUI's 400 body
+/// (`error` and per-node `node_errors`) so the canvas highlights the node and input.
+async fn post_prompt(State(s): S, body: Bytes) -> Response {
+    let Ok(body) = serde_json::from_slice::<Value>(&body) else {
+        return error(StatusCode::BAD_REQUEST, "the body is not JSON");
+    };
+    let Some(prompt) = body.get("prompt").and_then(Value::as_object).cloned() else {
+        let e = json!({"type": "no_prompt", "message": "No prompt provided", "details": "No prompt provided", "extra_info": {}});
+        return (StatusCode::BAD_REQUEST, Json(json!({"error": e, "node_errors": {}}))).into_response();
+    };
+    let (reply, answer) = oneshot::channel();
+    let sent = s.validator.lock().map(|v| v.send(ValidateRequest { prompt: prompt.clone(), reply }).is_ok()).unwrap_or(false);
+    let checked = match (sent, answer.await) {
+        (true, Ok(r)) => r,
+        _ => return error(StatusCode::SERVICE_UNAVAILABLE, "the validator is not running"),
+    };
+    let (graph, outputs) = match checked {
+        Ok(v) => v,
+        Err(body) => return (StatusCode::BAD_REQUEST, Json(body)).into_response(),
+    };
+    let mut extra = body.get("extra_data").cloned().filter(Value::is_object).unwrap_or_else(|| json!({}));
+    let client_id = body.get("client_id").and_then(Value::as_str).map(str::to_owned);
+    if let Some(c) = &client_id {
+        extra["client_id"] = json!(c);
+    }
+    extra["create_time"] = json!(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0));
+    let id = body.get("prompt_id").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let number = {
+        let Ok(mut state) = s.state.lock() else { return error(StatusCode::INTERNAL_SERVER_ERROR, "queue unavailable") };
+        let number = match body.get("number").and_then(Value::as_f64) {
+            Some(n) => n,
+            None => {
+                let n = state.counter;
+                state.counter += 1.0;
+                if body.get("front").and_then(Value::as_bool) == Some(true) {
+                    -n
+                } else {
+                    n
+                }
+            }
+        };
+        state.pending.push(Job { number, id: id.clone(), prompt, extra, outputs, graph, client_id });
+        number
+    };
+    s.wake.notify_all();
+    s.queue_updated();
+    Json(json!({"prompt_id": id, "number": crate::queue::number(number), "node_errors": {}})).into_response()
+}
+
+async fn queue(State(s): S) -> Response {
+    let Ok(state) = s.state.lock() else { return error(StatusCode::INTERNAL_SERVER_ERROR, "queue unavailable") };
+    let running: Vec<Value> = state.running.iter().map(Job::item).collect();
+    let pending: Vec<Value> = state.pending.iter().map(Job::item).collect();
+    Json(json!({"queue_running": running, "queue_pending": pending})).into_response()
+}
+
+#[derive(Deserialize)]
+struct QueueEdit {
+    #[serde(default)]
+    clear: bool,
+    #[serde(default)]
+    delete: Vec<String>,
+}
+
+/// `POST /queue`: `{"clear": true}` or `{"delete": [ids]}` (how a queued prompt is cancelled).
+async fn post_queue(State(s): S, body: Bytes) -> Response {
+    let Ok(edit) = serde_json::from_slice::<QueueEdit>(&body) else { return error(StatusCode::BAD_REQUEST, "expected {\"clear\": bool, \"delete\": [ids]}") };
+    if let Ok(mut state) = s.state.lock() {
+        if edit.clear {
+            state.pending.clear();
+        }
+        state.pending.retain(|j| !edit.delete.contains(&j.id));
+    }
+    s.queue_updated();
+    StatusCode::OK.into_response()
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    max_items: Option<usize>,
+    offset: Option<usize>,
+}
+
+async fn history(State(s): S, Query(q): Query<HistoryQuery>) -> Response {
+    let Ok(state) = s.state.lock() else { return error(StatusCode::INTERNAL_SERVER_ERROR, "history unavailable") };
+    let n = state.history.len();
+    let offset = q.offset.unwrap_or(0).min(n);
+    let take = q.max_items.unwrap_or(n);
+    let out: Map<String, Value> = state.history.iter().skip(offset).take(take).map(|(k, v)| (k.clone(), v.clone())).collect();
+    Json(Value::Object(out)).into_response()
+}
+
+async fn history_one(State(s): S, UrlPath(id): UrlPath<String>) -> Response {
+    let Ok(state) = s.state.lock() else { return error(StatusCode::INTERNAL_SERVER_ERROR, "history unavailable") };
+    let out: Map<String, Value> = state.history.iter().filter(|(k, _)| *k == id).map(|(k, v)| (k.clone(), v.clone())).collect();
+    Json(Value::Object(out)).into_response()
+}
+
+async fn post_history(State(s): S, body: Bytes) -> Response {
+    let Ok(edit) = serde_json::from_slice::<QueueEdit>(&body) else { return error(StatusCode::BAD_REQUEST, "expected {\"clear\": bool, \"delete\": [ids]}") };
+    if let Ok(mut state) = s.state.lock() {
+        if edit.clear {
+            state.history.clear();
+        }
+        state.history.retain(|(id, _)| !edit.delete.contains(id));
+    }
+    StatusCode::OK.into_response()
+}
+
+/// `POST /interrupt`: stops the running prompt (or only the one named by `prompt_id`).
+async fn interrupt(State(s): S, body: Bytes) -> Response {
+    let wanted = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("prompt_id").and_then(Value::as_str).map(str::to_owned));
+    let running = s.state.lock().ok().and_then(|st| st.running.as_ref().map(|j| j.id.clone()));
+    if wanted.is_none() || wanted == running {
+        s.cancel.store(true, Ordering::SeqCst);
+    }
+    StatusCode::OK.into_response()
+}
+
+async fn free(State(s): S, body: Bytes) -> Response {
+    let v: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if v.get("unload_models").and_then(Value::as_bool) == Some(true) || v.get("free_memory").and_then(Value::as_bool) == Some(true) {
+        if let Ok(mut state) = s.state.lock() {
+            state.free = true;
+        }
+    }
+    StatusCode::OK.into_response()
+}
+
+#[derive(Deserialize)]
+struct ViewQuery {
+    filename: String,
+    #[serde(default)]
+    subfolder: String,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+}
+
+fn dir_of(s: &Shared, kind: Option<&str>) -> Option<PathBuf> {
+    match kind.unwrap_or("output") {
+        "output" => Some(s.config.output_dir.clone()),
+        "input" => Some(s.config.folders.input_dir.clone()),
+        "temp" => Some(s.config.folders.temp_dir.clone()),
+        _ => None,
+    }
+}
+
+/// The content type for a served user file: images and a few safe kinds inline; anything that a
+/// browser would run (HTML, JavaScript, SVG) only as a download.
+fn user_file_type(path: &Path) -> (&'static str, bool) {
+    match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        Some("png") => ("image/png", true),
+        Some("jpg" | "jpeg") => ("image/jpeg", true),
+        Some("webp") => ("image/webp", true),
+        Some("gif") => ("image/gif", true),
+        Some("json") => ("application/json", true),
+        _ => ("application/octet-stream", false),
+    }
+}
+
+/// `GET /view`: a file of the output, input or temp directory, never one outside them.
+async fn view(State(s): S, Query(q): Query<ViewQuery>) -> Response {
+    let Some(dir) = dir_of(&s, q.kind.as_deref()) else { return error(StatusCode::BAD_REQUEST, "type must be output, input or temp") };
+    // ComfyUI accepts "name [output]" style names here too.
+    let (name, dir) = match q.filename.rsplit_once(" [") {
+        Some((n, k)) if k.ends_with(']') => (n.to_owned(), dir_of(&s, Some(&k[..k.len() - 1])).unwrap_or(dir)),
+        _ => (q.filename.clone(), dir),
+    };
+    let Some(path) = confine(&dir, &q.subfolder, &name) else { return error(StatusCode::FORBIDDEN, "the file is outside the served directories") };
+    let Ok(bytes) = tokio::fs::read(&path).await else { return error(StatusCode::NOT_FOUND, "no such file") };
+    let (ty, inline) = user_file_type(&path);
+    let disposition = format!("{}; filename=\"{}\"", if inline { "inline" } else { "attachment" }, name.replace('"', ""));
+    ([(header::CONTENT_TYPE, ty.to_owned()), (header::CONTENT_DISPOSITION, disposition), (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned())], bytes)
+        .into_response()
+}
+
+/// `POST /upload/image` (and `/upload/mask`): multipart `image`, optional `subfolder`, `type`,
+/// `overwrite`; answers `{name, subfolder, type}`. Only images are accepted; names stay in their folder.
+async fn upload_image(State(s): S, mut form: Multipart) -> Response {
+    let (mut data, mut filename, mut subfolder, mut kind, mut overwrite) = (None, String::new(), String::new(), None, false);
+    loop {
+        let field = match form.next_field().await {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed upload: {e}")),
+        };
+        let name = field.name().unwrap_or("").to_owned();
+        if name == "image" {
+            filename = field.file_name().unwrap_or("").to_owned();
+            match field.bytes().await {
+                Ok(b) => data = Some(b),
+                Err(e) => return error(StatusCode::PAYLOAD_TOO_LARGE, format!("upload refused: {e}")),
+            }
+        } else {
+            let text = field.text().await.unwrap_or_default();
+            match name.as_str() {
+                "subfolder" => subfolder = text,
+                "type" => kind = Some(text),
+                "overwrite" => overwrite = text == "true" || text == "1",
+                _ => {}
+            }
+        }
+    }
+    let Some(data) = data else { return error(StatusCode::BAD_REQUEST, "no image field") };
+    if !matches!(user_file_type(Path::new(&filename)), (_, true)) || filename.ends_with(".json") {
+        return error(StatusCode::BAD_REQUEST, "only PNG, JPEG, WebP and GIF images are accepted");
+    }
+    let kind = kind.unwrap_or_else(|| "input".to_owned());
+    let Some(dir) = dir_of(&s, Some(&kind)) else { return error(StatusCode::BAD_REQUEST, "type must be input, output or temp") };
+    if tokio::fs::create_dir_all(dir.join(&subfolder)).await.is_err() && confine(&dir, &subfolder, "x").is_none() {
+        return error(StatusCode::FORBIDDEN, "the folder is outside the served directories");
+    }
+    let Some(mut path) = confine(&dir, &subfolder, &filename) else { return error(StatusCode::FORBIDDEN, "the name leaves the served directories") };
+    // An existing file with other content is kept: the upload gets a new name, as ComfyUI does.
+    if !overwrite {
+        let (stem, ext) = filename.rsplit_once('.').map(|(a, b)| (a.to_owned(), b.to_owned())).unwrap_or((filename.clone(), String::new()));
+        let mut k = 1;
+        while let Ok(existing) = tokio::fs::read(&path).await {
+            if existing == data {
+                break;
+            }
+            filename = format!("{stem} ({k}).{ext}");
+            path = match confine(&dir, &subfolder, &filename) {
+                Some(p) => p,
+                None => return error(StatusCode::FORBIDDEN, "the name leaves the served directories"),
+            };
+            k += 1;
+        }
+    }
+    if let Err(e) = tokio::fs::write(&path, &data).await {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot save the upload: {e}"));
+    }
+    Json(json!({"name": filename, "subfolder": subfolder, "type": kind})).into_response()
+}
+
+async fn system_stats() -> Json<Value> {
+    let (total, free) = memory();
+    let devices = if tch::Cuda::is_available() {
+        (0..tch::Cuda::device_count()).map(|i| json!({"name": format!("cuda:{i}"), "type": "cuda", "index": i, "vram_total": 0, "vram_free": 0, "torch_vram_total": 0, "torch_vram_free": 0})).collect()
+    } else {
+        vec![json!({"name": "cpu", "type": "cpu", "index": null, "vram_total": total, "vram_free": free, "torch_vram_total": total, "torch_vram_free": free})]
+    };
+    Json(json!({
+        "system": {
+            "os": std::env::consts::OS,
+            "ram_total": total,
+            "ram_free": free,
+            "comfyui_version": "0.8.0",
+            "python_version": format!("diffloom {}", env!("CARGO_PKG_VERSION")),
+            "pytorch_version": diffloom_aten_version(),
+            "embedded_python": false,
+            "argv": std::env::args().collect::<Vec<_>>(),
+        },
+        "devices": devices,
+    }))
+}
+
+fn diffloom_aten_version() -> String {
+    "libtorch".to_owned()
+}
+
+/// (total, available) memory from /proc/meminfo, in bytes.
+fn memory() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field =
+        |k: &str| text.lines().find(|l| l.starts_with(k)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0) * 1024;
+    (field("MemTotal:"), field("MemAvailable:"))
+}
+
+async fn features(State(s): S) -> Json<Value> {
+    Json(json!({"supports_preview_metadata": false, "max_upload_size": s.config.max_body}))
+}
+
+async fn embeddings(State(s): S) -> Json<Value> {
+    let mut names = Vec::new();
+    for dir in s.config.folders.dirs("embeddings") {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_file() {
+                    if let Some(stem) = p.file_stem() {
+                        names.push(stem.to_string_lossy().into_owned());
+                    }
+                }
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    Json(json!(names))
+}
+
+async fn model_folders(State(s): S) -> Json<Value> {
+    let mut names: Vec<String> = s.config.folders.models.iter().map(|(f, _)| f.clone()).collect();
+    names.sort();
+    names.dedup();
+    Json(json!(names))
+}
+
+async fn model_files(State(s): S, UrlPath(folder): UrlPath<String>) -> Response {
+    let dirs: Vec<PathBuf> = s.config.folders.dirs(&folder).map(Path::to_path_buf).collect();
+    if dirs.is_empty() {
+        return error(StatusCode::NOT_FOUND, format!("no model folder {folder:?}"));
+    }
+    let mut files = Vec::new();
+    for d in &dirs {
+        list_files(d, d, &mut files, 0);
+    }
+    files.sort();
+    Json(json!(files)).into_response()
+}
+
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>, depth: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() && depth < 8 {
+            list_files(root, &p, out, depth + 1);
+        } else if let Ok(rel) = p.strip_prefix(root) {
+            out.push(rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/"));
+        }
+    }
+}
+
+fn settings_file(s: &Shared) -> PathBuf {
+    s.config.user_dir.join("comfy.settings.json")
+}
+
+fn read_settings(s: &Shared) -> Map<String, Value> {
+    std::fs::read(settings_file(s)).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+}
+
+fn write_settings(s: &Shared, settings: &Map<String, Value>) -> Response {
+    let path = settings_file(s);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    match std::fs::write(&path, serde_json::to_vec_pretty(settings).unwrap_or_default()) {
+        Ok(()) => StatusCode::OK.into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot save settings: {e}")),
+    }
+}
+
+async fn settings(State(s): S) -> Json<Value> {
+    Json(Value::Object(read_settings(&s)))
+}
+
+async fn post_settings(State(s): S, body: Bytes) -> Response {
+    let Ok(Value::Object(new)) = serde_json::from_slice::<Value>(&body) else { return error(StatusCode::BAD_REQUEST, "expected a JSON object") };
+    let mut all = read_settings(&s);
+    all.extend(new);
+    write_settings(&s, &all)
+}
+
+async fn setting(State(s): S, UrlPath(id): UrlPath<String>) -> Json<Value> {
+    Json(read_settings(&s).get(&id).cloned().unwrap_or(Value::Null))
+}
+
+async fn post_setting(State(s): S, UrlPath(id): UrlPath<String>, body: Bytes) -> Response {
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else { return error(StatusCode::BAD_REQUEST, "expected JSON") };
+    let mut all = read_settings(&s);
+    all.insert(id, v);
+    write_settings(&s, &all)
+}
+
+/// The frontend's static files (`index.html` for `/`), with their MIME types.
+async fn frontend(State(s): S, uri: Uri) -> Response {
+    let Some(root) = &s.config.frontend_root else {
+        return (StatusCode::NOT_FOUND, "diffloom serve: no frontend (install comfyui-frontend-package or pass --front-end-root)").into_response();
+    };
+    let path = uri.path().trim_start_matches('/');
+    let path = if path.is_empty() { "index.html" } else { path };
+    let Some(file) = confine(root, "", path) else { return error(StatusCode::NOT_FOUND, "not found") };
+    let Ok(bytes) = tokio::fs::read(&file).await else { return error(StatusCode::NOT_FOUND, "not found") };
+    let mime = mime_guess::from_path(&file).first_or_octet_stream();
+    ([(header::CONTENT_TYPE, mime.to_string())], bytes).into_response()
+}

@@ -1,0 +1,280 @@
+//! The two threads that own node registries (which are not `Send`): the validator, which checks posted
+//! prompts and answers `object_info`, and the executor thread, which runs the queue with one executor
+//! whose cache (models included) lives across prompts.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use diffloom_comfy::ImportError;
+use diffloom_core::graph::GraphFile;
+use diffloom_core::validate::validate;
+use diffloom_core::{Executor, Observer, Registry, RunOptions, ValidationErrors, ValidationKind};
+use serde_json::{json, Map, Value as Json};
+use tokio::sync::oneshot;
+
+use crate::queue::{Job, Shared, MAX_HISTORY};
+
+/// A posted prompt to check: its graph and output node ids, or ComfyUI's 400 body.
+pub struct ValidateRequest {
+    pub prompt: Map<String, Json>,
+    pub reply: oneshot::Sender<Result<(GraphFile, Vec<String>), Json>>,
+}
+
+/// Where a prompt's relative paths resolve; it names the prompt in messages.
+pub fn prompt_path(graphs: &Path, id: &str) -> PathBuf {
+    graphs.join(format!("prompt {id}"))
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Checks prompts until the server goes away.
+pub fn validator(shared: Arc<Shared>, requests: Receiver<ValidateRequest>, ready: std::sync::mpsc::Sender<()>) {
+    let registry = (shared.config.registry)();
+    if let Ok(mut info) = shared.object_info.write() {
+        *info = Arc::new(crate::object_info::object_info(&registry, &shared.config.folders));
+    }
+    let _ = ready.send(());
+    let base = shared.config.graphs_dir.clone();
+    while let Ok(req) = requests.recv() {
+        let _ = req.reply.send(check(&req.prompt, &registry, &prompt_path(&base, "")));
+    }
+}
+
+fn check(prompt: &Map<String, Json>, registry: &Registry, path: &Path) -> Result<(GraphFile, Vec<String>), Json> {
+    let graph = diffloom_comfy::graph_from_prompt(prompt, registry, path).map_err(|e| import_error(prompt, e))?;
+    let resolved = validate(path, &graph, registry).map_err(|e| validation_error(prompt, &graph, e))?;
+    let outputs = resolved.nodes.iter().filter(|n| n.entry.schema.output_node).filter_map(|n| n.comfy_id.clone()).collect();
+    Ok((graph, outputs))
+}
+
+fn error_body(kind: &str, message: &str, details: String, node_errors: Map<String, Json>) -> Json {
+    json!({"error": {"type": kind, "message": message, "details": details, "extra_info": {}}, "node_errors": node_errors})
+}
+
+fn class_of(prompt: &Map<String, Json>, id: &str) -> Json {
+    prompt.get(id).and_then(|n| n.get("class_type")).cloned().unwrap_or(Json::Null)
+}
+
+fn import_error(prompt: &Map<String, Json>, e: ImportError) -> Json {
+    let mut node_errors = Map::new();
+    match &e {
+        ImportError::UnknownNodes { unknown, .. } => {
+            for u in unknown {
+                for (id, _) in &u.nodes {
+                    let message = format!("Node type {:?} is not available in diffloom", u.class_type);
+                    node_errors.insert(
+                        id.clone(),
+                        json!({"errors": [{"type": "invalid_prompt", "message": message, "details": e.to_string(), "extra_info": {}}], "dependent_outputs": [], "class_type": u.class_type}),
+                    );
+                }
+            }
+            let first = unknown.first().map(|u| u.class_type.clone()).unwrap_or_default();
+            error_body("invalid_prompt", &format!("Cannot execute because node {first} does not exist."), e.to_string(), node_errors)
+        }
+        ImportError::Node { comfy_id, input, message, .. } => {
+            node_errors.insert(
+                comfy_id.clone(),
+                json!({"errors": [{"type": "invalid_input_type", "message": message, "details": format!("{input}: {message}"), "extra_info": {"input_name": input}}],
+                       "dependent_outputs": [], "class_type": class_of(prompt, comfy_id)}),
+            );
+            error_body("prompt_outputs_failed_validation", "Prompt outputs failed validation", e.to_string(), node_errors)
+        }
+        _ => error_body("invalid_prompt", "Invalid prompt", e.to_string(), node_errors),
+    }
+}
+
+/// ComfyUI's error types for diffloom's validation problems, so the canvas highlights node and input.
+fn validation_error(prompt: &Map<String, Json>, graph: &GraphFile, errors: ValidationErrors) -> Json {
+    let mut node_errors = Map::new();
+    let mut general = Vec::new();
+    for e in &errors.0 {
+        let comfy = e.node.as_ref().and_then(|n| graph.nodes.get(n)).and_then(|n| n.canvas.comfy_id.clone());
+        let Some(id) = comfy else {
+            general.push(e.to_string());
+            continue;
+        };
+        let kind = match &e.kind {
+            ValidationKind::MissingInput => "required_input_missing",
+            ValidationKind::BelowMin { .. } => "value_smaller_than_min",
+            ValidationKind::AboveMax { .. } => "value_bigger_than_max",
+            ValidationKind::NotAChoice { .. } => "value_not_in_list",
+            ValidationKind::TypeMismatch { .. } => "return_type_mismatch",
+            ValidationKind::UnknownInput { .. } => "invalid_input_type",
+            ValidationKind::UnknownLinkNode { .. } | ValidationKind::UnknownOutput { .. } => "bad_linked_input",
+            _ => "invalid_prompt",
+        };
+        let input = e.input.clone().unwrap_or_default();
+        let entry = node_errors.entry(id.clone()).or_insert_with(|| json!({"errors": [], "dependent_outputs": [], "class_type": class_of(prompt, &id)}));
+        if let Some(list) = entry["errors"].as_array_mut() {
+            list.push(json!({"type": kind, "message": e.kind.to_string(), "details": format!("{input}: {}", e.kind), "extra_info": {"input_name": input}}));
+        }
+    }
+    if node_errors.is_empty() {
+        let details = general.join("\n");
+        let message = if errors.0.iter().any(|e| e.kind == ValidationKind::NoOutputNode) { "Prompt has no outputs" } else { "Invalid prompt" };
+        return error_body(if message == "Prompt has no outputs" { "prompt_no_outputs" } else { "invalid_prompt" }, message, details, node_errors);
+    }
+    error_body("prompt_outputs_failed_validation", "Prompt outputs failed validation", general.join("\n"), node_errors)
+}
+
+/// Turns the executor's events into ComfyUI's messages for the prompt's client.
+struct Relay {
+    shared: Arc<Shared>,
+    prompt_id: String,
+    client: Option<String>,
+    /// diffloom node id → ComfyUI node id.
+    ids: Vec<(String, String)>,
+    /// ComfyUI ids of the nodes that ran, and their UI outputs.
+    done: Mutex<(Vec<String>, Map<String, Json>)>,
+}
+
+impl Relay {
+    fn comfy(&self, id: &str) -> String {
+        self.ids.iter().find(|(d, _)| d == id).map_or_else(|| id.to_owned(), |(_, c)| c.clone())
+    }
+}
+
+impl Observer for Relay {
+    fn cached(&self, ids: &[&str]) {
+        let nodes: Vec<String> = ids.iter().map(|i| self.comfy(i)).collect();
+        self.shared.send("execution_cached", json!({"nodes": nodes, "prompt_id": self.prompt_id, "timestamp": now_ms()}), self.client.as_deref());
+    }
+    fn executing(&self, id: &str) {
+        let node = self.comfy(id);
+        self.shared.send("executing", json!({"node": node, "display_node": node, "prompt_id": self.prompt_id}), self.client.as_deref());
+        let state = json!({node.clone(): {"value": 0, "max": 1, "state": "running", "node_id": node, "prompt_id": self.prompt_id, "display_node_id": node, "parent_node_id": null, "real_node_id": node}});
+        self.shared.send("progress_state", json!({"prompt_id": self.prompt_id, "nodes": state}), self.client.as_deref());
+    }
+    fn progress(&self, id: &str, value: u64, max: u64) {
+        let node = self.comfy(id);
+        self.shared.send("progress", json!({"value": value, "max": max, "prompt_id": self.prompt_id, "node": node}), self.client.as_deref());
+        let state = json!({node.clone(): {"value": value, "max": max, "state": "running", "node_id": node, "prompt_id": self.prompt_id, "display_node_id": node, "parent_node_id": null, "real_node_id": node}});
+        self.shared.send("progress_state", json!({"prompt_id": self.prompt_id, "nodes": state}), self.client.as_deref());
+    }
+    fn executed(&self, id: &str, ui: &Map<String, Json>) {
+        let node = self.comfy(id);
+        if let Ok(mut done) = self.done.lock() {
+            done.0.push(node.clone());
+            if !ui.is_empty() {
+                done.1.insert(node.clone(), Json::Object(ui.clone()));
+            }
+        }
+        if !ui.is_empty() {
+            self.shared.send("executed", json!({"node": node, "display_node": node, "output": ui, "prompt_id": self.prompt_id}), self.client.as_deref());
+        }
+    }
+}
+
+/// Runs queued prompts one at a time until the server goes away.
+pub fn executor(shared: Arc<Shared>) {
+    let registry = (shared.config.registry)();
+    let mut options = RunOptions::new(shared.config.device, shared.config.output_dir.clone());
+    options.dtype = shared.config.dtype;
+    options.folders = shared.config.folders.clone();
+    options.cancel = shared.cancel.clone();
+    options.image_texts = Some(diffloom_comfy::metadata::image_texts(shared.config.folders.clone()));
+    let mut exec = Executor::new(options, shared.config.cache_bytes);
+    loop {
+        let job = {
+            let Ok(mut state) = shared.state.lock() else { return };
+            loop {
+                if state.free {
+                    state.free = false;
+                    exec.cache.clear();
+                }
+                if !state.pending.is_empty() {
+                    // Lowest number first (a prompt queued "front" has a negative one).
+                    let i = (0..state.pending.len()).min_by(|&a, &b| state.pending[a].number.total_cmp(&state.pending[b].number)).unwrap_or(0);
+                    let job = state.pending.remove(i);
+                    state.running = Some(job.clone());
+                    break job;
+                }
+                state = match shared.wake.wait(state) {
+                    Ok(s) => s,
+                    Err(_) => return,
+                };
+            }
+        };
+        shared.queue_updated();
+        run_job(&shared, &registry, &mut exec, &job);
+        if let Ok(mut state) = shared.state.lock() {
+            state.running = None;
+        }
+        shared.queue_updated();
+    }
+}
+
+fn run_job(shared: &Arc<Shared>, registry: &Registry, exec: &mut Executor, job: &Job) {
+    let client = job.client_id.as_deref();
+    let path = prompt_path(&shared.config.graphs_dir, &job.id);
+    shared.cancel.store(false, Ordering::SeqCst);
+    shared.send("execution_start", json!({"prompt_id": job.id, "timestamp": now_ms()}), client);
+    let mut messages = vec![json!(["execution_start", {"prompt_id": job.id, "timestamp": now_ms()}])];
+    let resolved = match validate(&path, &job.graph, registry) {
+        Ok(r) => r,
+        Err(e) => {
+            let data = json!({"prompt_id": job.id, "node_id": null, "node_type": null, "executed": [], "exception_message": e.to_string(),
+                              "exception_type": "ValidationError", "traceback": [], "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()});
+            shared.send("execution_error", data.clone(), client);
+            messages.push(json!(["execution_error", data]));
+            finish(shared, job, "error", messages, Map::new());
+            return;
+        }
+    };
+    let ids: Vec<(String, String)> = resolved.nodes.iter().map(|n| (n.id.clone(), n.comfy_id.clone().unwrap_or_else(|| n.id.clone()))).collect();
+    let relay =
+        Arc::new(Relay { shared: shared.clone(), prompt_id: job.id.clone(), client: job.client_id.clone(), ids, done: Mutex::new((Vec::new(), Map::new())) });
+    exec.options.observer = Some(relay.clone());
+    let report = exec.run(&resolved);
+    exec.options.observer = None;
+    let (executed, outputs) = relay.done.lock().map(|d| d.clone()).unwrap_or_default();
+    let status = match report.error {
+        None => {
+            let data = json!({"prompt_id": job.id, "timestamp": now_ms()});
+            shared.send("execution_success", data.clone(), client);
+            messages.push(json!(["execution_success", data]));
+            "success"
+        }
+        Some(e) => {
+            let node = relay.comfy(&e.node);
+            let cancelled = matches!(e.cause, diffloom_core::NodeError::Cancelled);
+            if cancelled {
+                let data = json!({"prompt_id": job.id, "node_id": node, "node_type": e.node_type, "executed": executed, "timestamp": now_ms()});
+                shared.send("execution_interrupted", data.clone(), client);
+                messages.push(json!(["execution_interrupted", data]));
+            } else {
+                let data = json!({"prompt_id": job.id, "node_id": node, "node_type": e.node_type, "executed": executed,
+                                  "exception_message": e.cause.to_string(), "exception_type": "diffloom.NodeError", "traceback": [e.to_string()],
+                                  "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()});
+                shared.send("execution_error", data.clone(), client);
+                messages.push(json!(["execution_error", data]));
+            }
+            "error"
+        }
+    };
+    // The legacy end marker old clients wait for.
+    shared.send("executing", json!({"node": null, "prompt_id": job.id}), client);
+    finish(shared, job, status, messages, outputs);
+}
+
+fn finish(shared: &Shared, job: &Job, status: &str, messages: Vec<Json>, outputs: Map<String, Json>) {
+    let meta: Map<String, Json> =
+        outputs.keys().map(|k| (k.clone(), json!({"node_id": k, "display_node": k, "parent_node": null, "real_node_id": k}))).collect();
+    let entry = json!({
+        "prompt": job.item(),
+        "outputs": outputs,
+        "status": {"status_str": status, "completed": status == "success", "messages": messages},
+        "meta": meta,
+    });
+    if let Ok(mut state) = shared.state.lock() {
+        if state.history.len() >= MAX_HISTORY {
+            state.history.pop_front();
+        }
+        state.history.push_back((job.id.clone(), entry));
+    }
+}
