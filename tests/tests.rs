@@ -17,5 +17,6 @@ mod parity;
 mod pipelines;
 mod sampling;
 mod sd_nodes;
+mod server;
 mod upscale;
 mod watch;

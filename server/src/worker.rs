@@ -220,9 +220,9 @@ fn run_job(shared: &Arc<Shared>, registry: &Registry, exec: &mut Executor, job: 
         Err(e) => {
             let data = json!({"prompt_id": job.id, "node_id": null, "node_type": null, "executed": [], "exception_message": e.to_string(),
                               "exception_type": "ValidationError", "traceback": [], "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()});
-            shared.send("execution_error", data.clone(), client);
-            messages.push(json!(["execution_error", data]));
+            messages.push(json!(["execution_error", data.clone()]));
             finish(shared, job, "error", messages, Map::new());
+            shared.send("execution_error", data, client);
             return;
         }
     };
@@ -233,33 +233,30 @@ fn run_job(shared: &Arc<Shared>, registry: &Registry, exec: &mut Executor, job: 
     let report = exec.run(&resolved);
     exec.options.observer = None;
     let (executed, outputs) = relay.done.lock().map(|d| d.clone()).unwrap_or_default();
-    let status = match report.error {
-        None => {
-            let data = json!({"prompt_id": job.id, "timestamp": now_ms()});
-            shared.send("execution_success", data.clone(), client);
-            messages.push(json!(["execution_success", data]));
-            "success"
+    let (status, kind, data) = match report.error {
+        None => ("success", "execution_success", json!({"prompt_id": job.id, "timestamp": now_ms()})),
+        Some(e) if matches!(e.cause, diffloom_core::NodeError::Cancelled) => {
+            let node = relay.comfy(&e.node);
+            (
+                "error",
+                "execution_interrupted",
+                json!({"prompt_id": job.id, "node_id": node, "node_type": e.node_type, "executed": executed, "timestamp": now_ms()}),
+            )
         }
         Some(e) => {
             let node = relay.comfy(&e.node);
-            let cancelled = matches!(e.cause, diffloom_core::NodeError::Cancelled);
-            if cancelled {
-                let data = json!({"prompt_id": job.id, "node_id": node, "node_type": e.node_type, "executed": executed, "timestamp": now_ms()});
-                shared.send("execution_interrupted", data.clone(), client);
-                messages.push(json!(["execution_interrupted", data]));
-            } else {
-                let data = json!({"prompt_id": job.id, "node_id": node, "node_type": e.node_type, "executed": executed,
-                                  "exception_message": e.cause.to_string(), "exception_type": "diffloom.NodeError", "traceback": [e.to_string()],
-                                  "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()});
-                shared.send("execution_error", data.clone(), client);
-                messages.push(json!(["execution_error", data]));
-            }
-            "error"
+            let data = json!({"prompt_id": job.id, "node_id": node, "node_type": e.node_type, "executed": executed,
+                              "exception_message": e.cause.to_string(), "exception_type": "diffloom.NodeError", "traceback": [e.to_string()],
+                              "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()});
+            ("error", "execution_error", data)
         }
     };
+    messages.push(json!([kind, data]));
+    // History first: a client that asks for it on the final message finds the entry.
+    finish(shared, job, status, messages, outputs);
+    shared.send(kind, data, client);
     // The legacy end marker old clients wait for.
     shared.send("executing", json!({"node": null, "prompt_id": job.id}), client);
-    finish(shared, job, status, messages, outputs);
 }
 
 fn finish(shared: &Shared, job: &Job, status: &str, messages: Vec<Json>, outputs: Map<String, Json>) {
