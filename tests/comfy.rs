@@ -248,8 +248,33 @@ fn round_trips_keep_nodes_links_values_and_titles() {
     assert_eq!(primitive["outputs"][0]["widget"]["name"], "seed");
     assert!(ui["groups"].as_array().unwrap().iter().any(|g| g["title"] == "Prompts"));
 
+    // RON → UI → RON keeps the RON's ids (carried as a node property), its parameters (as primitive
+    // nodes) and its values.
+    let ui_text = ok(&d, &["export", txt2img.to_str().unwrap(), "--format", "ui"]);
+    d.write("t2i.json", &ui_text);
+    let (back, _) = import(&d, "t2i.json");
+    let (_, original) = file::read(&txt2img).unwrap();
+    let ids = |g: &GraphFile| g.nodes.iter().map(|(k, n)| (k.to_owned(), n.node_type.clone(), n.inputs.clone())).collect::<Vec<_>>();
+    let mut a = ids(&original);
+    let mut b = ids(&back);
+    a.sort_by(|x, y| x.0.cmp(&y.0));
+    b.sort_by(|x, y| x.0.cmp(&y.0));
+    // Inputs left at their defaults come back explicit; compare those the original sets.
+    for ((ia, ta, ina), (ib, tb, inb)) in a.iter().zip(&b) {
+        assert_eq!((ia, ta), (ib, tb));
+        for (name, v) in ina.iter() {
+            assert_eq!(inb.get(name), Some(v), "{ia}.{name}");
+        }
+    }
+    assert_eq!(a.len(), b.len());
+    let mut pa = original.params.0.clone();
+    let mut pb = back.params.0.clone();
+    pa.sort_by(|x, y| x.0.cmp(&y.0));
+    pb.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(pa, pb);
+
     // A graph without canvas fields gets a layered layout: each node right of what it reads.
-    let ui: Json = serde_json::from_str(&ok(&d, &["export", txt2img.to_str().unwrap(), "--format", "ui"])).unwrap();
+    let ui: Json = serde_json::from_str(&ui_text).unwrap();
     let x = |ty: &str| ui["nodes"].as_array().unwrap().iter().find(|n| n["type"] == ty).unwrap()["pos"][0].as_f64().unwrap();
     assert!(
         x("CheckpointLoaderSimple") < x("CLIPTextEncode")

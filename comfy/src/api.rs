@@ -37,7 +37,7 @@ pub fn from_api(prompt: &Map<String, Json>, file: &Path) -> Result<Flat, ImportE
         } else if node.get("inputs").is_some() {
             return Err(ImportError::at(file, format!("node #{id} ({class_type}): \"inputs\" must be an object")));
         }
-        flat.nodes.push(FlatNode { comfy_id: id.clone(), class_type, title, inputs, canvas: Canvas::default(), notes: Vec::new() });
+        flat.nodes.push(FlatNode { comfy_id: id.clone(), class_type, title, inputs, canvas: Canvas::default(), notes: Vec::new(), diffloom_id: None });
     }
     Ok(flat)
 }

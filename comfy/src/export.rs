@@ -29,6 +29,8 @@ pub fn model_folder(node_type: &str, input: &str) -> Option<&'static str> {
 
 /// The node property that carries a node's notes (ComfyUI keeps properties it does not know).
 pub const NOTES_PROPERTY: &str = "diffloom notes";
+/// The node property that carries a node's diffloom id, so a canvas round trip keeps the RON's ids.
+pub const ID_PROPERTY: &str = "diffloom id";
 
 /// A model input's value as ComfyUI names the file: relative to the models folder it is found in,
 /// with forward slashes; other values (and files outside the folders) as they are.
@@ -201,7 +203,7 @@ pub fn to_ui(graph: &GraphFile, registry: &Registry, file: &Path, model_name: &d
                 body.insert(k.into(), json!(v));
             }
         }
-        let mut properties = json!({"Node name for S&R": entry.node_type});
+        let mut properties = json!({"Node name for S&R": entry.node_type, ID_PROPERTY: id});
         // A node's own notes have no place on ComfyUI's canvas; they travel as a property it keeps.
         if let Some(notes) = &entry.notes {
             properties[NOTES_PROPERTY] = json!(notes);

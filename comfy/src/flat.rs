@@ -31,6 +31,8 @@ pub struct FlatNode {
     pub inputs: Vec<(String, FlatInput)>,
     pub canvas: Canvas,
     pub notes: Vec<String>,
+    /// The diffloom id the node had when diffloom exported it (kept so a canvas round trip keeps ids).
+    pub diffloom_id: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -69,20 +71,30 @@ pub fn slug(text: &str) -> String {
     out.trim_end_matches('_').to_owned()
 }
 
-/// Readable, unique ids: a node's slugged title where no other node's title slugs the same, else its
-/// type in lowercase (`ksampler`, `ksampler_2`).
+/// Readable, unique ids: the id diffloom exported the node with, where it has one; else a node's
+/// slugged title where no other node's title slugs the same; else its type in lowercase (`ksampler`,
+/// `ksampler_2`).
 pub fn readable_ids(nodes: &[FlatNode]) -> Vec<String> {
+    let mut taken: HashSet<String> = HashSet::new();
+    let mut ids = vec![String::new(); nodes.len()];
+    for (i, n) in nodes.iter().enumerate() {
+        if let Some(id) = n.diffloom_id.as_ref().filter(|id| !id.is_empty() && !taken.contains(*id)) {
+            taken.insert(id.clone());
+            ids[i] = id.clone();
+        }
+    }
     let mut title_count: HashMap<String, usize> = HashMap::new();
-    for n in nodes {
+    for n in nodes.iter().filter(|n| n.diffloom_id.is_none()) {
         if let Some(t) = n.title.as_deref().map(slug).filter(|s| !s.is_empty()) {
             *title_count.entry(t).or_default() += 1;
         }
     }
-    let mut taken: HashSet<String> = HashSet::new();
-    let mut ids = vec![String::new(); nodes.len()];
     // Unique titles first, so that a type-derived id never takes a title's name.
     for (i, n) in nodes.iter().enumerate() {
-        if let Some(t) = n.title.as_deref().map(slug).filter(|s| title_count.get(s) == Some(&1)) {
+        if !ids[i].is_empty() {
+            continue;
+        }
+        if let Some(t) = n.title.as_deref().map(slug).filter(|s| title_count.get(s) == Some(&1) && !taken.contains(s)) {
             taken.insert(t.clone());
             ids[i] = t;
         }
@@ -226,7 +238,15 @@ mod tests {
     use super::*;
 
     fn node(id: &str, ty: &str, title: Option<&str>) -> FlatNode {
-        FlatNode { comfy_id: id.into(), class_type: ty.into(), title: title.map(Into::into), inputs: vec![], canvas: Canvas::default(), notes: vec![] }
+        FlatNode {
+            comfy_id: id.into(),
+            class_type: ty.into(),
+            title: title.map(Into::into),
+            inputs: vec![],
+            canvas: Canvas::default(),
+            notes: vec![],
+            diffloom_id: None,
+        }
     }
 
     #[test]

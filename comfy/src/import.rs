@@ -114,6 +114,7 @@ fn decorate(prompt: &mut Flat, canvas: Flat) {
         node.title = c.title.clone();
         node.canvas = c.canvas.clone();
         node.notes = c.notes.clone();
+        node.diffloom_id = c.diffloom_id.clone();
         for (name, input) in &mut node.inputs {
             if let (Some(FlatInput::Param(p)), FlatInput::Value(v)) = (c.input(name), &*input) {
                 let index = *params.entry(*p).or_insert_with(|| {

@@ -209,7 +209,8 @@ impl<'a> Reader<'a> {
             };
             let title = node.get("title").and_then(Json::as_str).map(str::to_owned);
             let notes = node.pointer(&format!("/properties/{}", crate::export::NOTES_PROPERTY)).and_then(Json::as_str).map(str::to_owned).into_iter().collect();
-            self.flat.nodes.push(FlatNode { comfy_id, class_type: ty, title, inputs, canvas, notes });
+            let diffloom_id = node.pointer(&format!("/properties/{}", crate::export::ID_PROPERTY)).and_then(Json::as_str).map(str::to_owned);
+            self.flat.nodes.push(FlatNode { comfy_id, class_type: ty, title, inputs, canvas, notes, diffloom_id });
         }
         // A note inside a group belongs to the group's nodes; any other note to the whole workflow.
         for (group, text) in notes {
