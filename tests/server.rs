@@ -324,3 +324,50 @@ fn files_stay_in_their_directories_and_the_token_guards_every_route() {
     assert_eq!(r.status().as_u16(), 200);
     assert_eq!(t.agent().get(&t.url("/api/queue")).header("Authorization", "Bearer wrong").call().unwrap().status().as_u16(), 401);
 }
+
+#[test]
+fn the_workflow_sidebar_reads_and_writes_ron_graphs() {
+    let d = Dir::new();
+    let s = Server::start(&d, None);
+    let ron = std::fs::read_to_string(crate::util::repo().join("graphs/txt2img.ron"))
+        .unwrap()
+        .replace("../models/test/tiny-sd1.safetensors", "SD1.5/tiny-sd1.safetensors");
+    d.write("txt2img.ron", &ron);
+    d.write("sub/other.ron", "(version: 2, nodes: {})");
+    let listed = s.json("/api/userdata?dir=workflows&recurse=true&split=false&full_info=true");
+    let paths: Vec<&str> = listed.as_array().unwrap().iter().map(|f| f["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, ["sub/other.json", "txt2img.json"]);
+    assert!(listed[1]["size"].as_u64().unwrap() > 0);
+    // Opening converts to UI JSON; the canvas moves a node and saves; the RON keeps ids, parameters,
+    // the moved position, and the file's comments (as a graph note).
+    let mut ui = s.json("/api/userdata/workflows%2Ftxt2img.json");
+    let sampler = ui["nodes"].as_array_mut().unwrap().iter_mut().find(|n| n["type"] == "KSampler").unwrap();
+    assert_eq!(sampler["properties"]["diffloom id"], "sampler");
+    sampler["pos"] = json!([1234.0, 56.0]);
+    let (status, body) = s.post("/api/userdata/workflows%2Ftxt2img.json?overwrite=true&full_info=true", &ui.to_string());
+    assert_eq!(status, 200, "{body}");
+    let (_, saved) = diffloom_core::graph::file::read(&d.join("txt2img.ron")).unwrap();
+    let node = saved.nodes.get("sampler").unwrap();
+    assert_eq!(node.canvas.pos, Some((1234.0, 56.0)));
+    assert_eq!(saved.params.get("prompt"), diffloom_core::graph::file::parse(Path::new("x"), &ron).unwrap().params.get("prompt"));
+    assert!(saved.notes.as_deref().unwrap_or("").contains("Text to image: the standard ComfyUI workflow"), "{:?}", saved.notes);
+    // The saved graph runs from the CLI.
+    let o = d.diffloom(&["run", "txt2img.ron", "--models", "models", "--set", "width=64", "--set", "height=64", "--set", "steps=2"]);
+    assert!(o.status.success(), "{}", crate::util::stderr(&o));
+    // Never over an existing graph when told not to; never outside the graphs directory.
+    assert_eq!(s.post("/api/userdata/workflows%2Ftxt2img.json?overwrite=false", &ui.to_string()).0, 409);
+    assert_eq!(s.post("/api/userdata/workflows%2F..%2F..%2Fescape.json", &ui.to_string()).0, 403);
+    assert_eq!(s.get("/api/userdata/..%2Fsecret").0, 403);
+    // Deleting from the canvas moves the graph to .trash/.
+    let r = s.agent().delete(&s.url("/api/userdata/workflows%2Fsub%2Fother.json")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 204);
+    assert!(!d.join("sub/other.ron").exists());
+    assert_eq!(std::fs::read_dir(d.join(".trash")).unwrap().count(), 1);
+    // Example graphs are templates.
+    let index = s.json("/templates/index.json");
+    assert_eq!(index[0]["templates"][0]["name"], "txt2img");
+    assert_eq!(s.json("/templates/txt2img.json")["nodes"].as_array().unwrap().len() > 5, true);
+    // Other user data lives in the user directory.
+    assert_eq!(s.post("/api/userdata/comfy.templates.json", "[]").0, 200);
+    assert_eq!(s.json("/api/userdata/comfy.templates.json"), json!([]));
+}

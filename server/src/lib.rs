@@ -11,6 +11,7 @@ pub mod object_info;
 pub mod queue;
 mod routes;
 mod security;
+mod userdata;
 pub mod worker;
 mod ws;
 

@@ -44,6 +44,11 @@ fn api() -> Router<Arc<Shared>> {
         .route("/settings", get(settings).post(post_settings))
         .route("/settings/{id}", get(setting).post(post_setting))
         .route("/ws", get(crate::ws::handler))
+        .route("/userdata", get(crate::userdata::list))
+        .route("/userdata/{file}", get(crate::userdata::read).post(crate::userdata::write).delete(crate::userdata::delete))
+        .route("/userdata/{file}/move/{dest}", post(crate::userdata::rename))
+        .route("/templates/index.json", get(crate::userdata::templates))
+        .route("/templates/{file}", get(crate::userdata::template))
 }
 
 /// Every route, with and without `/api`, the static frontend as the fallback, behind the guard.
@@ -91,7 +96,7 @@ async fn post_prompt(State(s): S, body: Bytes) -> Response {
         return (StatusCode::BAD_REQUEST, Json(json!({"error": e, "node_errors": {}}))).into_response();
     };
     let (reply, answer) = oneshot::channel();
-    let sent = s.validator.lock().map(|v| v.send(ValidateRequest { prompt: prompt.clone(), reply }).is_ok()).unwrap_or(false);
+    let sent = s.validator.lock().map(|v| v.send(ValidateRequest::Prompt { prompt: prompt.clone(), reply }).is_ok()).unwrap_or(false);
     let checked = match (sent, answer.await) {
         (true, Ok(r)) => r,
         _ => return error(StatusCode::SERVICE_UNAVAILABLE, "the validator is not running"),

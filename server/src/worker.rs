@@ -17,10 +17,14 @@ use tokio::sync::oneshot;
 
 use crate::queue::{Job, Shared, MAX_HISTORY};
 
-/// A posted prompt to check: its graph and output node ids, or ComfyUI's 400 body.
-pub struct ValidateRequest {
-    pub prompt: Map<String, Json>,
-    pub reply: oneshot::Sender<Result<(GraphFile, Vec<String>), Json>>,
+/// What the HTTP side asks of the thread that owns a registry.
+pub enum ValidateRequest {
+    /// A posted prompt: its graph and output node ids, or ComfyUI's 400 body.
+    Prompt { prompt: Map<String, Json>, reply: oneshot::Sender<Result<(GraphFile, Vec<String>), Json>> },
+    /// A RON graph file as a UI workflow for the canvas.
+    ToUi { ron: PathBuf, reply: oneshot::Sender<Result<Json, String>> },
+    /// A UI workflow from the canvas as a RON graph.
+    FromUi { workflow: Vec<u8>, name: PathBuf, reply: oneshot::Sender<Result<GraphFile, String>> },
 }
 
 /// Where a prompt's relative paths resolve; it names the prompt in messages.
@@ -41,8 +45,26 @@ pub fn validator(shared: Arc<Shared>, requests: Receiver<ValidateRequest>, ready
     let _ = ready.send(());
     let base = shared.config.graphs_dir.clone();
     while let Ok(req) = requests.recv() {
-        let _ = req.reply.send(check(&req.prompt, &registry, &prompt_path(&base, "")));
+        match req {
+            ValidateRequest::Prompt { prompt, reply } => {
+                let _ = reply.send(check(&prompt, &registry, &prompt_path(&base, "")));
+            }
+            ValidateRequest::ToUi { ron, reply } => {
+                let _ = reply.send(to_ui(&ron, &registry, &shared.config.folders));
+            }
+            ValidateRequest::FromUi { workflow, name, reply } => {
+                let _ = reply.send(diffloom_comfy::import_bytes(&name, &workflow, &registry).map(|(g, _)| g).map_err(|e| e.to_string()));
+            }
+        }
     }
+}
+
+fn to_ui(ron: &Path, registry: &Registry, folders: &diffloom_core::Folders) -> Result<Json, String> {
+    let (_, graph) = diffloom_core::graph::file::read(ron).map_err(|e| e.to_string())?;
+    let graph_dir = ron.parent().unwrap_or(Path::new(""));
+    let files = diffloom_core::Locator { graph_dir, folders, output_dir: Path::new("") };
+    let model_name = |n: &str, i: &str, v: &str| diffloom_comfy::export::comfy_model_name(&files, n, i, v);
+    diffloom_comfy::export::to_ui(&graph, registry, ron, &model_name).map_err(|e| e.to_string())
 }
 
 fn check(prompt: &Map<String, Json>, registry: &Registry, path: &Path) -> Result<(GraphFile, Vec<String>), Json> {
