@@ -366,7 +366,7 @@ fn the_workflow_sidebar_reads_and_writes_ron_graphs() {
     // Example graphs are templates.
     let index = s.json("/templates/index.json");
     assert_eq!(index[0]["templates"][0]["name"], "txt2img");
-    assert_eq!(s.json("/templates/txt2img.json")["nodes"].as_array().unwrap().len() > 5, true);
+    assert!(s.json("/templates/txt2img.json")["nodes"].as_array().unwrap().len() > 5);
     // Other user data lives in the user directory.
     assert_eq!(s.post("/api/userdata/comfy.templates.json", "[]").0, 200);
     assert_eq!(s.json("/api/userdata/comfy.templates.json"), json!([]));
