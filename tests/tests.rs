@@ -14,6 +14,7 @@ mod lora;
 mod lua;
 mod models;
 mod parity;
+mod pickle;
 mod pipelines;
 mod sampling;
 mod sd_nodes;

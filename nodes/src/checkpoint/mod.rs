@@ -1,9 +1,10 @@
-//! Reading checkpoints: safetensors files (memory-mapped), the tensor lookup the model constructors use,
+//! Reading checkpoints: safetensors files (memory-mapped) and PyTorch pickles (read as data), the tensor lookup the model constructors use,
 //! and the load errors.
 
 pub mod detect;
 pub mod keymap;
 pub mod load;
+pub mod pickle;
 pub mod safetensors;
 pub mod synthetic;
 pub mod weights;

@@ -25,16 +25,53 @@ pub struct TensorInfo {
     pub end: usize,
 }
 
-/// An open, validated safetensors file.
+/// An open, validated checkpoint file: a memory-mapped safetensors file, or a PyTorch pickle whose
+/// tensors were read into memory as data (see `pickle.rs`).
 pub struct SafetensorsFile {
     pub path: PathBuf,
-    mmap: Mmap,
+    backing: Backing,
     tensors: HashMap<String, TensorInfo>,
     /// The header's `__metadata__` strings.
     pub metadata: HashMap<String, String>,
 }
 
+enum Backing {
+    Mmap(Mmap),
+    /// A pickle's tensors (contiguous, on the CPU), by name.
+    Tensors(HashMap<String, Tensor>),
+}
+
+/// The safetensors dtype of a libtorch kind, for the kinds pickles hold.
+fn kind_dtype(k: Kind) -> Option<Dtype> {
+    Some(match k {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
 impl SafetensorsFile {
+    /// A PyTorch pickle's tensors, read without running code; `start` numbers them in file order.
+    fn open_pickle(path: &Path) -> Result<SafetensorsFile, LoadError> {
+        let mut tensors = HashMap::new();
+        let mut data = HashMap::new();
+        for (i, (name, t)) in super::pickle::read(path)?.into_iter().enumerate() {
+            let dtype =
+                kind_dtype(t.kind()).ok_or_else(|| LoadError::Dtype { file: path.to_path_buf(), key: name.clone(), found: format!("{:?}", t.kind()) })?;
+            tensors.insert(name.clone(), TensorInfo { dtype, shape: t.size(), start: i, end: i });
+            data.insert(name, t);
+        }
+        Ok(SafetensorsFile { path: path.to_path_buf(), backing: Backing::Tensors(data), tensors, metadata: HashMap::new() })
+    }
+
     /// Opens and validates `path`: a pickle checkpoint, an empty or truncated file, or a header whose
     /// offsets do not fit the file is an error naming the file.
     pub fn open(path: &Path) -> Result<SafetensorsFile, LoadError> {
@@ -52,14 +89,9 @@ impl SafetensorsFile {
         // A safetensors header is JSON right after the 8-byte length; only without one can the file be a
         // pickle (a length like 0x0280 starts with the same bytes as pickle protocol 2).
         let json_header = mmap.len() > 8 && mmap[8] == b'{';
-        if let Some(kind) = pickle_kind(&mmap).filter(|_| !json_header) {
-            return Err(LoadError::Unsupported {
-                file: path.to_path_buf(),
-                message: format!(
-                    "this is a {kind}; diffloom does not run pickle code. Convert it to .safetensors first \
-                     (e.g. load it once in a trusted Python and save it with safetensors.torch.save_file)"
-                ),
-            });
+        if is_pickle(&mmap) && !json_header {
+            drop(mmap);
+            return SafetensorsFile::open_pickle(path);
         }
         if mmap.len() < 8 {
             return Err(corrupt(format!("only {} bytes: too short for a safetensors header", mmap.len())));
@@ -83,7 +115,7 @@ impl SafetensorsFile {
         }
         drop(st);
         let metadata = meta.metadata().clone().unwrap_or_default();
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, tensors, metadata })
+        Ok(SafetensorsFile { path: path.to_path_buf(), backing: Backing::Mmap(mmap), tensors, metadata })
     }
 
     /// Tensor names and where they lie.
@@ -106,7 +138,14 @@ impl SafetensorsFile {
             Some(k) if matches!(src_kind, Kind::Float | Kind::Half | Kind::BFloat16 | Kind::Double) => k,
             _ => src_kind,
         };
-        let bytes = &self.mmap[info.start..info.end];
+        let mmap = match &self.backing {
+            Backing::Mmap(m) => m,
+            Backing::Tensors(t) => {
+                let t = t.get(name).ok_or_else(|| LoadError::Missing { file: self.path.clone(), key: name.to_owned() })?;
+                return Ok(t.f_to_device_(device, dst_kind, false, true)?);
+            }
+        };
+        let bytes = &mmap[info.start..info.end];
         let aligned = (bytes.as_ptr() as usize).is_multiple_of(src_kind.elt_size_in_bytes());
         let t = if aligned && !bytes.is_empty() {
             // SAFETY: `bytes` lies inside the mapping (validated at open), holds numel elements of
@@ -120,21 +159,15 @@ impl SafetensorsFile {
         // SAFETY: the mapping is read-only and file-backed; dropping its pages only means that a later
         // read faults them in again from the file.
         unsafe {
-            let _ = self.mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, info.start, info.end - info.start);
+            let _ = mmap.unchecked_advise_range(UncheckedAdvice::DontNeed, info.start, info.end - info.start);
         }
         Ok(t)
     }
 }
 
-/// What kind of pickle file this is, if it is one (a zip archive as torch.save writes, or a raw pickle).
-fn pickle_kind(bytes: &[u8]) -> Option<&'static str> {
-    if bytes.starts_with(b"PK\x03\x04") {
-        Some("PyTorch zip/pickle checkpoint (.ckpt/.pt/.pth)")
-    } else if bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]) {
-        Some("pickle file (.ckpt/.pt/.pth)")
-    } else {
-        None
-    }
+/// Whether the bytes are a PyTorch pickle: a zip archive as torch.save writes, or a raw pickle.
+fn is_pickle(bytes: &[u8]) -> bool {
+    bytes.starts_with(b"PK\x03\x04") || (bytes.len() >= 2 && bytes[0] == 0x80 && (2..=5).contains(&bytes[1]))
 }
 
 /// The libtorch kind of a safetensors dtype, for the dtypes checkpoints use.
