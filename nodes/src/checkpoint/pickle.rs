@@ -784,7 +784,7 @@ fn build(path: &Path, tensors: Vec<(String, Rc<TensorRef>)>, data: &HashMap<Stri
             t.size.iter().try_fold(1u64, |acc, d| acc.checked_mul(*d as u64)).filter(|c| *c <= MAX_NUMEL).ok_or_else(|| bad("too many elements".into()))?;
         if count > 0 {
             let last = t.size.iter().zip(&t.stride).try_fold(t.offset, |acc, (d, s)| acc.checked_add((*d as u64 - 1).checked_mul(*s as u64)?));
-            if !last.is_some_and(|l| l < have) {
+            if last.is_none_or(|l| l >= have) {
                 return Err(bad(format!("the view (offset {}, size {:?}, stride {:?}) runs past its storage of {have} elements", t.offset, t.size, t.stride)));
             }
         }
