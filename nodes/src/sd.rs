@@ -158,9 +158,6 @@ impl EmbeddingSource for EmbeddingDir {
         }
         let candidates = self.dirs.iter().flat_map(|d| ["", ".safetensors", ".pt", ".bin"].map(|ext| d.join(format!("{name}{ext}"))));
         let path = candidates.into_iter().find(|p| p.is_file()).ok_or_else(unknown)?;
-        if path.extension().is_some_and(|e| e == "pt" || e == "bin") {
-            return Err(format!("{}: pickle embeddings are not loaded; convert it to .safetensors", path.display()));
-        }
         let file = SafetensorsFile::open(&path).map_err(|e| e.to_string())?;
         let preferred = self.family.spec().embedding_key;
         let mut names: Vec<&String> = file.tensors().keys().collect();

@@ -75,6 +75,22 @@ pub fn tiny_config(family: Family, inpaint: bool) -> ModelConfig {
     }
 }
 
+/// A tiny model whose configuration detection finds from the tensor shapes alone, as for a file without
+/// diffloom's metadata (a pickle checkpoint): a 64-wide text encoder (one 64-wide head, as the released
+/// encoders' heads are) and the family's released UNet head layout.
+pub fn detectable_tiny_config(family: Family) -> ModelConfig {
+    let mut c = tiny_config(family, false);
+    if let Some(clip) = &mut c.clip {
+        (clip.hidden_size, clip.intermediate_size, clip.projection_dim, clip.num_heads) = (64, 128, 64, 1);
+    }
+    if let Some(u) = &mut c.unet {
+        u.context_dim = 64;
+        // Detection's layout: 8 heads (SD 1.x), or the family's own (SD 2.x: 64-wide heads).
+        (u.num_heads, u.num_head_channels) = family.spec().unet_heads.unwrap_or((8, -1));
+    }
+    c
+}
+
 /// The full-size configuration of a family (random weights, for benchmarks and the loading test).
 pub fn full_config(family: Family) -> ModelConfig {
     let sd2 = family == Family::Sd2;
