@@ -1,1 +1,0 @@
-//! PyTorch pickle files read as `torch.load(weights_only=True)` reads them (work in progress).
