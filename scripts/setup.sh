@@ -46,3 +46,19 @@ if [[ ! -f $DIFFLOOM_CLIP_VOCAB_DIR/merges.txt ]]; then
         -d "$wheels" "$OPEN_CLIP" || die "pip could not download $OPEN_CLIP"
     "$DIFFLOOM_VENV/bin/python" scripts/clip_vocab.py "$(ls "$wheels"/open_clip_torch-*.whl | head -n1)" "$DIFFLOOM_CLIP_VOCAB_DIR" >/dev/null
 fi
+
+# The browser test drives the ComfyUI frontend `diffloom serve` serves in Debian's Chromium through its
+# chromedriver (packages chromium and chromium-driver).
+if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
+    echo "setup: installing Debian's chromium and chromium-driver (for the browser test)"
+    apt=(apt-get install -y -q --no-install-recommends chromium chromium-driver)
+    if [[ $(id -u) -eq 0 ]]; then
+        (DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null; }) \
+            || die "apt-get could not install chromium and chromium-driver"
+    elif command -v sudo >/dev/null; then
+        (sudo DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null || { sudo apt-get update -q >/dev/null && sudo DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null; }) \
+            || die "apt-get could not install chromium and chromium-driver"
+    else
+        die "the browser test needs Debian's chromium and chromium-driver: install them (apt-get install chromium chromium-driver) and retry"
+    fi
+fi

@@ -2,6 +2,7 @@
 
 mod util;
 
+mod browser;
 mod cache;
 mod cli;
 mod comfy;

@@ -41,6 +41,12 @@ fn api() -> Router<Arc<Shared>> {
         .route("/models", get(model_folders))
         .route("/models/{folder}", get(model_files))
         .route("/users", get(|| async { Json(json!({"storage": "server", "migrated": true})) }))
+        .route("/workflow_templates", get(|| async { Json(json!({})) }))
+        .route("/i18n", get(|| async { Json(json!({})) }))
+        .route("/experiment/models", get(experiment_models))
+        .route("/experiment/models/{folder}", get(experiment_model_files))
+        .route("/jobs", get(jobs))
+        .route("/jobs/{id}", get(job))
         .route("/settings", get(settings).post(post_settings))
         .route("/settings/{id}", get(setting).post(post_setting))
         .route("/ws", get(crate::ws::handler))
@@ -397,6 +403,99 @@ async fn model_files(State(s): S, UrlPath(folder): UrlPath<String>) -> Response 
     Json(json!(files)).into_response()
 }
 
+/// `GET /experiment/models`: the model folders and their directories (the model library's sidebar).
+async fn experiment_models(State(s): S) -> Json<Value> {
+    let mut out: Vec<(String, Vec<String>)> = Vec::new();
+    for (folder, dir) in &s.config.folders.models {
+        match out.iter_mut().find(|(f, _)| f == folder) {
+            Some((_, dirs)) => dirs.push(dir.display().to_string()),
+            None => out.push((folder.clone(), vec![dir.display().to_string()])),
+        }
+    }
+    Json(json!(out.into_iter().map(|(name, folders)| json!({"name": name, "folders": folders})).collect::<Vec<_>>()))
+}
+
+/// `GET /experiment/models/{folder}`: `[{name, pathIndex}]`, as ComfyUI's model manager lists them.
+async fn experiment_model_files(State(s): S, UrlPath(folder): UrlPath<String>) -> Response {
+    let dirs: Vec<PathBuf> = s.config.folders.dirs(&folder).map(Path::to_path_buf).collect();
+    if dirs.is_empty() {
+        return error(StatusCode::NOT_FOUND, format!("no model folder {folder:?}"));
+    }
+    let mut out = Vec::new();
+    for (i, d) in dirs.iter().enumerate() {
+        let mut files = Vec::new();
+        list_files(d, d, &mut files, 0);
+        files.sort();
+        out.extend(files.into_iter().map(|f| json!({"name": f, "pathIndex": i})));
+    }
+    Json(json!(out)).into_response()
+}
+
+/// One job as ComfyUI's `/api/jobs` lists it.
+fn job_json(id: &str, status: &str, item: &Value, entry: Option<&Value>) -> Value {
+    let create_time = item.get(3).and_then(|e| e.get("create_time")).cloned().unwrap_or(Value::Null);
+    let outputs = entry.and_then(|e| e.get("outputs")).cloned().unwrap_or_else(|| json!({}));
+    let preview = outputs
+        .as_object()
+        .and_then(|o| {
+            o.iter().find_map(|(node, out)| {
+                out["images"].get(0).map(|img| json!({"node_id": node, "filename": img["filename"], "subfolder": img["subfolder"], "type": img["type"]}))
+            })
+        })
+        .unwrap_or(Value::Null);
+    json!({"id": id, "status": status, "priority": item.get(0), "create_time": create_time, "outputs_count": outputs.as_object().map_or(0, |o| o.len()), "preview_output": preview, "workflow_id": null})
+}
+
+#[derive(Deserialize)]
+struct JobsQuery {
+    status: Option<String>,
+    limit: Option<usize>,
+    offset: Option<usize>,
+}
+
+/// `GET /api/jobs`: running, pending and finished prompts, newest first (`status` filters, comma-separated).
+async fn jobs(State(s): S, Query(q): Query<JobsQuery>) -> Response {
+    let Ok(state) = s.state.lock() else { return error(StatusCode::INTERNAL_SERVER_ERROR, "queue unavailable") };
+    let mut all = Vec::new();
+    for j in state.running.iter() {
+        all.push(job_json(&j.id, "in_progress", &j.item(), None));
+    }
+    for j in state.pending.iter() {
+        all.push(job_json(&j.id, "pending", &j.item(), None));
+    }
+    for (id, entry) in state.history.iter().rev() {
+        let status = if entry["status"]["status_str"] == "success" { "completed" } else { "failed" };
+        all.push(job_json(id, status, &entry["prompt"], Some(entry)));
+    }
+    if let Some(wanted) = &q.status {
+        let wanted: Vec<&str> = wanted.split(',').collect();
+        all.retain(|j| j["status"].as_str().is_some_and(|s| wanted.contains(&s)));
+    }
+    let total = all.len();
+    let offset = q.offset.unwrap_or(0).min(total);
+    let limit = q.limit.unwrap_or(total);
+    let jobs: Vec<Value> = all.into_iter().skip(offset).take(limit).collect();
+    let has_more = offset + jobs.len() < total;
+    Json(json!({"jobs": jobs, "pagination": {"offset": offset, "limit": limit, "total": total, "has_more": has_more}})).into_response()
+}
+
+/// `GET /api/jobs/{id}`: one job with its outputs and workflow.
+async fn job(State(s): S, UrlPath(id): UrlPath<String>) -> Response {
+    let Ok(state) = s.state.lock() else { return error(StatusCode::INTERNAL_SERVER_ERROR, "queue unavailable") };
+    if let Some((_, entry)) = state.history.iter().find(|(k, _)| *k == id) {
+        let status = if entry["status"]["status_str"] == "success" { "completed" } else { "failed" };
+        let mut j = job_json(&id, status, &entry["prompt"], Some(entry));
+        j["outputs"] = entry["outputs"].clone();
+        j["workflow"] = json!({"prompt": entry["prompt"].get(2), "extra_data": entry["prompt"].get(3)});
+        return Json(j).into_response();
+    }
+    let live = state.running.iter().map(|j| (j, "in_progress")).chain(state.pending.iter().map(|j| (j, "pending"))).find(|(j, _)| j.id == id);
+    match live {
+        Some((j, status)) => Json(job_json(&j.id, status, &j.item(), None)).into_response(),
+        None => error(StatusCode::NOT_FOUND, "no such job"),
+    }
+}
+
 fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>, depth: usize) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for e in entries.flatten() {
@@ -457,8 +556,14 @@ async fn frontend(State(s): S, uri: Uri) -> Response {
     };
     let path = uri.path().trim_start_matches('/');
     let path = if path.is_empty() { "index.html" } else { path };
-    let Some(file) = confine(root, "", path) else { return error(StatusCode::NOT_FOUND, "not found") };
-    let Ok(bytes) = tokio::fs::read(&file).await else { return error(StatusCode::NOT_FOUND, "not found") };
+    let found = match confine(root, "", path) {
+        Some(file) => tokio::fs::read(&file).await.ok().map(|b| (file, b)),
+        None => None,
+    };
+    let Some((file, bytes)) = found else {
+        tracing::info!("diffloom serve: no route or file for {}", uri.path());
+        return error(StatusCode::NOT_FOUND, "not found");
+    };
     let mime = mime_guess::from_path(&file).first_or_octet_stream();
     ([(header::CONTENT_TYPE, mime.to_string())], bytes).into_response()
 }
