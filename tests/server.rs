@@ -305,6 +305,49 @@ fn files_stay_in_their_directories_and_the_token_guards_every_route() {
     assert_eq!(upload("x.png", &png, "../..").0, 403);
     assert_eq!(upload("x.html", b"<script>", "").0, 400);
     assert!(!d.join("evil.png").exists() && !Path::new("/tmp/evil.png").exists());
+    // In prompts, file names stay inside their folders: an absolute checkpoint path (of a file that
+    // exists), an image name that climbs out of the input folder, a save prefix through a symbolic link.
+    let run = |prompt: Value| -> Value {
+        let (status, body) = s.post("/prompt", &json!({"prompt": prompt}).to_string());
+        assert_eq!(status, 200, "{body}");
+        let id = serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let h = s.json(&format!("/history/{id}"));
+            if let Some(entry) = h.get(&id) {
+                return entry.clone();
+            }
+            assert!(Instant::now() < deadline, "prompt {id} never finished");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let failure = |entry: &Value| {
+        entry["status"]["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m[0] == "execution_error")
+            .map(|m| m[1]["exception_message"].as_str().unwrap().to_owned())
+            .unwrap_or_default()
+    };
+    let mut absolute = api_prompt();
+    absolute["4"]["inputs"]["ckpt_name"] = json!(d.join("models/checkpoints/SD1.5/tiny-sd1.safetensors").display().to_string());
+    let e = failure(&run(absolute));
+    assert!(e.contains("ckpt_name") && e.contains("not found"), "{e}");
+    let climb = json!({"1": {"class_type": "LoadImage", "inputs": {"image": "../p.png"}}, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0]}}});
+    let e = failure(&run(climb));
+    assert!(e.contains("p.png") && e.contains("not found"), "{e}");
+    #[cfg(unix)]
+    {
+        std::fs::create_dir_all(d.join("elsewhere")).unwrap();
+        std::os::unix::fs::symlink(d.join("elsewhere"), d.join("output/out")).unwrap();
+        d.png("input/ok.png", 8, 8, 1);
+        let through = json!({"1": {"class_type": "LoadImage", "inputs": {"image": "ok.png"}}, "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "out/x"}}});
+        let e = failure(&run(through));
+        assert!(e.contains("leads outside the output folder"), "{e}");
+        assert_eq!(std::fs::read_dir(d.join("elsewhere")).unwrap().count(), 0, "nothing written outside");
+    }
+
     // Cross-site requests are refused.
     let r = s.agent().post(&s.url("/api/prompt")).header("Origin", "http://evil.example").send("{}").unwrap();
     assert_eq!(r.status().as_u16(), 403);

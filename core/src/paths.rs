@@ -45,11 +45,15 @@ pub struct Folders {
     /// Where previews go and `[temp]`-annotated image names are looked up (`diffloom-preview` in the
     /// system's temporary directory by default).
     pub temp_dir: PathBuf,
+    /// Names must resolve inside the folders (after `..`, absolute paths and symbolic links): set for
+    /// prompts received over HTTP, where a name must not reach other files. Graphs run from the
+    /// command line keep their paths.
+    pub confined: bool,
 }
 
 impl Default for Folders {
     fn default() -> Folders {
-        Folders { models: Vec::new(), input_dir: "input".into(), temp_dir: std::env::temp_dir().join("diffloom-preview") }
+        Folders { models: Vec::new(), input_dir: "input".into(), temp_dir: std::env::temp_dir().join("diffloom-preview"), confined: false }
     }
 }
 
@@ -110,6 +114,9 @@ impl Locator<'_> {
         if path.is_empty() {
             return Err(NodeError::input(input, "expected a file path, got an empty string"));
         }
+        if self.folders.confined {
+            return Err(NodeError::input(input, format!("{path:?}: this server takes only names inside its models and input folders")));
+        }
         let p = Path::new(path);
         let candidates = [p.to_path_buf(), self.graph_dir.join(p)];
         let limit = if p.is_absolute() { 1 } else { 2 };
@@ -152,7 +159,7 @@ impl Locator<'_> {
             return Err(NodeError::input(input, "expected a file name, got an empty string"));
         }
         let p = Path::new(name);
-        if p.is_absolute() {
+        if p.is_absolute() && !self.folders.confined {
             return if p.exists() { Ok(p.to_path_buf()) } else { Err(NodeError::input(input, format!("file {name:?} not found"))) };
         }
         let relative = folder_relative(name);
@@ -160,9 +167,15 @@ impl Locator<'_> {
         for dir in &dirs {
             let c = dir.join(&relative);
             if c.exists() {
+                if self.folders.confined && !inside(&c, dir) {
+                    return Err(NodeError::input(input, format!("{name:?} leads outside {} (a symbolic link?)", shown(dir))));
+                }
                 return Ok(c);
             }
             searched.push(shown(dir));
+        }
+        if self.folders.confined {
+            return Err(NodeError::input(input, format!("file {name:?} not found; searched {}", searched.join(", "))));
         }
         if let Ok(found) = self.path(input, name) {
             return Ok(found);
@@ -173,6 +186,14 @@ impl Locator<'_> {
         searched.push("the working directory".to_owned());
         searched.push(shown(self.graph_dir));
         Err(NodeError::input(input, format!("file {name:?} not found; searched {}", searched.join(", "))))
+    }
+}
+
+/// Whether `path` lies inside `dir` once both are resolved (symbolic links followed).
+pub fn inside(path: &Path, dir: &Path) -> bool {
+    match (path.canonicalize(), dir.canonicalize()) {
+        (Ok(p), Ok(d)) => p.starts_with(d),
+        _ => false,
     }
 }
 
@@ -220,7 +241,7 @@ mod tests {
     #[test]
     fn image_annotations_pick_the_directory() {
         let root = std::env::temp_dir().join(format!("diffloom-images-{}", std::process::id()));
-        let folders = Folders { input_dir: root.join("in"), temp_dir: root.join("tmp"), models: Vec::new() };
+        let folders = Folders { input_dir: root.join("in"), temp_dir: root.join("tmp"), models: Vec::new(), confined: false };
         let out = root.join("out");
         std::fs::create_dir_all(folders.input_dir.join("clipspace")).unwrap();
         std::fs::create_dir_all(&out).unwrap();

@@ -64,7 +64,9 @@ pub async fn serve(config: Config, listener: TcpListener) -> std::io::Result<()>
 }
 
 /// Starts the validator and executor threads.
-pub fn start_threads(config: Config, addr: SocketAddr) -> std::io::Result<Running> {
+pub fn start_threads(mut config: Config, addr: SocketAddr) -> std::io::Result<Running> {
+    // Prompts come over HTTP: every file name stays inside its folder.
+    config.folders.confined = true;
     let (events, _) = broadcast::channel(1024);
     let (validate_tx, validate_rx) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
