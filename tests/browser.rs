@@ -143,7 +143,7 @@ fn the_comfyui_frontend_opens_queues_and_shows_a_graph_run_by_diffloom() {
             "const r = await fetch('/api/userdata/workflows%2Ftxt2img.json'); const wf = await r.json();
              await app.loadGraphData(wf);
              window.__events = [];
-             for (const t of ['execution_start', 'progress', 'executed', 'execution_success', 'execution_error']) {
+             for (const t of ['execution_start', 'progress', 'executed', 'execution_success', 'execution_error', 'b_preview', 'b_preview_with_metadata']) {
                  app.api.addEventListener(t, e => window.__events.push([t, e.detail]));
              }
              return app.graph.nodes.map(n => n.type).sort();",
@@ -159,6 +159,8 @@ fn the_comfyui_frontend_opens_queues_and_shows_a_graph_run_by_diffloom() {
         let kinds: Vec<&str> = events.as_array().unwrap().iter().map(|e| e[0].as_str().unwrap()).collect();
         assert!(!kinds.contains(&"execution_error"), "{events}");
         assert_eq!(kinds.iter().filter(|k| **k == "progress").count(), 3, "{kinds:?}");
+        // Live previews arrive as binary frames the frontend decodes (with metadata, as it asked).
+        assert!(kinds.iter().filter(|k| k.starts_with("b_preview")).count() >= 3, "{kinds:?}");
         // The image shows in the SaveImage node, loaded from /view.
         let shown = wait_for(
             &c,

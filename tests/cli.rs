@@ -264,7 +264,7 @@ fn blend_modes_follow_comfyuis_formulas() {
             dtype: tch::Kind::Float,
             messages: vec![],
             ui: serde_json::Map::new(),
-            progress: &|_, _| {},
+            progress: &|_, _, _| {},
             registry: &diffloom_core::Registry::new(),
         };
         let out = diffloom_nodes::builtin::image::ImageBlend.execute(&mut cx, &args).unwrap();

@@ -213,7 +213,7 @@ fn masks_wrong_channels_and_nans_through_the_sampling_api() {
     let _g = tch::no_grad_guard();
     let (guider, euler) = (Guider::cfg(&model, cond.clone(), cond.clone(), 3.0), SamplerSpec::named("euler").unwrap());
     fn req<'a>(guider: &'a Guider, sampler: &'a SamplerSpec, latent: &'a Latent, sigmas: &'a [f64], cancel: &'a AtomicBool) -> Request<'a> {
-        Request { guider, latent, seed: 1, add_noise: true, sampler, sigmas, cancel, label: "t", progress: &|_, _| {} }
+        Request { guider, latent, seed: 1, add_noise: true, sampler, sigmas, cancel, label: "t", progress: &|_, _, _| {} }
     }
     // Mask: left half resampled (1), right half kept (0): the kept half comes back as it went in.
     let input = Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));

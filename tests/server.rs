@@ -85,8 +85,13 @@ impl Server {
     }
 }
 
-/// Text messages until one of type `until` (inclusive), as (type, data).
+/// Text messages until one of type `until` (inclusive), as (type, data); binary frames (previews) are
+/// listed as ("binary", their length).
 fn messages_until(ws: &mut WebSocket<MaybeTlsStream<TcpStream>>, until: &str) -> Vec<(String, Value)> {
+    messages_and_frames(ws, until, &mut Vec::new())
+}
+
+fn messages_and_frames(ws: &mut WebSocket<MaybeTlsStream<TcpStream>>, until: &str, frames: &mut Vec<Vec<u8>>) -> Vec<(String, Value)> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut out = Vec::new();
     while Instant::now() < deadline {
@@ -99,6 +104,10 @@ fn messages_until(ws: &mut WebSocket<MaybeTlsStream<TcpStream>>, until: &str) ->
                 if done {
                     return out;
                 }
+            }
+            Message::Binary(b) => {
+                out.push(("binary".to_owned(), json!(b.len())));
+                frames.push(b.to_vec());
             }
             _ => continue,
         }
@@ -152,11 +161,27 @@ fn a_queued_prompt_reports_progress_and_its_image_is_served() {
     let mut ws = s.ws("tester");
     let greeting = messages_until(&mut ws, "status");
     assert_eq!(greeting[0].1["sid"], "tester");
+    // The feature-flag exchange: this client takes previews with metadata.
+    ws.send(Message::Text(json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}}).to_string().into())).unwrap();
+    let flags = messages_until(&mut ws, "feature_flags");
+    assert_eq!(flags.last().unwrap().1["supports_preview_metadata"], true);
     let (status, body) = s.post("/prompt", &json!({"prompt": api_prompt(), "client_id": "tester"}).to_string());
     assert_eq!(status, 200, "{body}");
     let id = serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned();
-    let events = messages_until(&mut ws, "execution_success");
-    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).filter(|k| *k != "status" && *k != "progress_state").collect();
+    let mut frames = Vec::new();
+    let events = messages_and_frames(&mut ws, "execution_success", &mut frames);
+    // One live preview per step: binary type 4, its metadata naming node and prompt, then a JPEG at the
+    // latent's resolution (64×48 pixels → 8×6).
+    assert_eq!(frames.len(), 4);
+    for f in &frames {
+        assert_eq!(f[..4], 4u32.to_be_bytes());
+        let len = u32::from_be_bytes(f[4..8].try_into().unwrap()) as usize;
+        let meta: Value = serde_json::from_slice(&f[8..8 + len]).unwrap();
+        assert_eq!((meta["node_id"].as_str(), meta["prompt_id"].as_str(), meta["image_type"].as_str()), (Some("3"), Some(id.as_str()), Some("image/jpeg")));
+        let preview = image::load_from_memory(&f[8 + len..]).unwrap();
+        assert_eq!((preview.width(), preview.height()), (8, 6));
+    }
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).filter(|k| *k != "status" && *k != "progress_state" && *k != "binary").collect();
     assert_eq!(kinds[..2], ["execution_start", "execution_cached"], "{kinds:?}");
     let executing: Vec<&str> = events.iter().filter(|(k, _)| k == "executing").map(|(_, d)| d["node"].as_str().unwrap()).collect();
     assert_eq!(executing, ["4", "5", "6", "7", "3", "8", "9"]);

@@ -150,7 +150,7 @@ pub fn call(node: &dyn diffloom_core::Node, args: Vec<(&str, Option<diffloom_cor
         dtype: tch::Kind::Float,
         messages: Vec::new(),
         ui: serde_json::Map::new(),
-        progress: &|_, _| {},
+        progress: &|_, _, _| {},
         registry: &Registry::new(),
     };
     node.execute(&mut cx, &args)

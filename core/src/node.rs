@@ -366,8 +366,9 @@ pub struct Ctx<'a> {
     pub messages: Vec<String>,
     /// What the node shows in ComfyUI's UI once done (`images`: the files it saved), for observers.
     pub ui: serde_json::Map<String, serde_json::Value>,
-    /// Reports `(done, total)` steps of a long node (sampling) to the run's observer.
-    pub progress: &'a dyn Fn(u64, u64),
+    /// Reports `(done, total)` steps of a long node (sampling) to the run's observer, with the step's
+    /// denoised latent where there is one (for live previews).
+    pub progress: &'a dyn Fn(u64, u64, Option<&tch::Tensor>),
     /// The node types of the run, for nodes that run other nodes (Lua's `diffloom.call`).
     pub registry: &'a Registry,
 }

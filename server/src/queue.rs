@@ -65,7 +65,12 @@ pub struct Outgoing {
 #[derive(Clone, Debug)]
 pub enum Body {
     Text(String),
-    Binary(Vec<u8>),
+    /// A live preview: ComfyUI's metadata (node and prompt ids) and the JPEG; each session frames it as
+    /// its client understands (binary type 4 with the metadata, or the older type 1).
+    Preview {
+        metadata: Json,
+        jpeg: Vec<u8>,
+    },
 }
 
 pub struct Shared {

@@ -361,7 +361,7 @@ fn memory() -> (u64, u64) {
 }
 
 async fn features(State(s): S) -> Json<Value> {
-    Json(json!({"supports_preview_metadata": false, "max_upload_size": s.config.max_body}))
+    Json(json!({"supports_preview_metadata": true, "max_upload_size": s.config.max_body}))
 }
 
 async fn embeddings(State(s): S) -> Json<Value> {

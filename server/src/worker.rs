@@ -178,6 +178,15 @@ impl Observer for Relay {
         let state = json!({node.clone(): {"value": value, "max": max, "state": "running", "node_id": node, "prompt_id": self.prompt_id, "display_node_id": node, "parent_node_id": null, "real_node_id": node}});
         self.shared.send("progress_state", json!({"prompt_id": self.prompt_id, "nodes": state}), self.client.as_deref());
     }
+    fn wants_previews(&self) -> bool {
+        true
+    }
+    fn preview(&self, id: &str, latent: &tch::Tensor) {
+        let Some(jpeg) = latent_preview(latent) else { return };
+        let node = self.comfy(id);
+        let metadata = json!({"node_id": node, "display_node_id": node, "parent_node_id": null, "real_node_id": node, "prompt_id": self.prompt_id, "image_type": "image/jpeg"});
+        let _ = self.shared.events.send(Arc::new(crate::queue::Outgoing { to: self.client.clone(), body: crate::queue::Body::Preview { metadata, jpeg } }));
+    }
     fn executed(&self, id: &str, ui: &Map<String, Json>) {
         let node = self.comfy(id);
         if let Ok(mut done) = self.done.lock() {
@@ -190,6 +199,28 @@ impl Observer for Relay {
             self.shared.send("executed", json!({"node": node, "display_node": node, "output": ui, "prompt_id": self.prompt_id}), self.client.as_deref());
         }
     }
+}
+
+/// ComfyUI's latent-to-RGB factors for SD 1.x/2.x latents (`latent_formats.SD15`), one row per channel.
+const LATENT_RGB: [[f32; 3]; 4] = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]];
+
+/// A cheap preview of a denoised latent, as ComfyUI's Latent2RGBPreviewer: the first image's channels
+/// mixed to RGB by [`LATENT_RGB`], mapped from -1..1 to 0..255, as a JPEG at latent resolution.
+fn latent_preview(latent: &tch::Tensor) -> Option<Vec<u8>> {
+    let x = latent.f_get(0).ok()?.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu);
+    if x.size().first() != Some(&4) {
+        return None;
+    }
+    let flat: Vec<f32> = LATENT_RGB.iter().flatten().copied().collect();
+    let factors = tch::Tensor::from_slice(&flat).view([4, 3]);
+    let rgb = x.permute([1, 2, 0]).matmul(&factors);
+    let bytes = ((rgb + 1.0) / 2.0).clamp(0.0, 1.0).multiply_scalar(255.0).to_kind(tch::Kind::Uint8).contiguous();
+    let (h, w) = (bytes.size()[0] as u32, bytes.size()[1] as u32);
+    let data = Vec::<u8>::try_from(bytes.view([-1])).ok()?;
+    let img = image::RgbImage::from_raw(w, h, data)?;
+    let mut out = std::io::Cursor::new(Vec::new());
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95).encode_image(&img).ok()?;
+    Some(out.into_inner())
 }
 
 /// Runs queued prompts one at a time until the server goes away.

@@ -40,7 +40,7 @@ fn bench(label: &str, ckpt: &Path, latent_hw: i64, steps: i64, samplers: &[&str]
             sigmas: &sigmas,
             cancel: &cancel,
             label: "",
-            progress: &|_, _| {},
+            progress: &|_, _, _| {},
         };
         let t = Instant::now();
         let out = sample(&r).expect("sample");

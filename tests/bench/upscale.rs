@@ -45,7 +45,7 @@ fn upscale_only(model: &Path, size: i64) {
         dtype: Kind::Float,
         messages: Vec::new(),
         ui: serde_json::Map::new(),
-        progress: &|_, _| {},
+        progress: &|_, _, _| {},
         registry: &diffloom_core::Registry::new(),
     };
     let before = peak_rss();

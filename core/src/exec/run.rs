@@ -115,9 +115,12 @@ impl Executor {
             if let Some(o) = &observer {
                 o.executing(&node.id);
             }
-            let progress = |value: u64, max: u64| {
+            let progress = |value: u64, max: u64, latent: Option<&tch::Tensor>| {
                 if let Some(o) = &observer {
                     o.progress(&node.id, value, max);
+                    if let Some(x) = latent.filter(|_| o.wants_previews()) {
+                        o.preview(&node.id, x);
+                    }
                 }
             };
             let image_texts = |w: u32, h: u32| {

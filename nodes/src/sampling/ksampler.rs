@@ -118,8 +118,9 @@ pub struct Request<'a> {
     pub cancel: &'a AtomicBool,
     /// Shown in the progress bar.
     pub label: &'a str,
-    /// Told `(step, steps)` after each step (the run's observer).
-    pub progress: &'a dyn Fn(u64, u64),
+    /// Told `(step, steps, denoised estimate)` after each step (the run's observer, for progress and
+    /// live previews; the estimate is in the model's latent scale).
+    pub progress: &'a dyn Fn(u64, u64, Option<&Tensor>),
 }
 
 /// The result: the new latent (unscaled) and the last denoised estimate.
@@ -206,7 +207,6 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
     let mut last_denoised: Option<Tensor> = None;
     let mut step = |i: usize, _n: usize, x: &Tensor| -> Result<(), NodeError> {
         progress.inc(1);
-        (r.progress)(i as u64 + 1, total as u64);
         if r.cancel.load(Ordering::Relaxed) {
             return Err(NodeError::Cancelled);
         }
@@ -214,6 +214,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
             return Err(NodeError::Failed(format!("the latent became NaN at step {} of {total} (sigma {:.4})", i + 1, r.sigmas[i])));
         }
         last_denoised = step_estimate.borrow_mut().take().or_else(|| Some(x.shallow_clone()));
+        (r.progress)(i as u64 + 1, total as u64, last_denoised.as_ref());
         Ok(())
     };
     let mut cx = SampleCtx { sampling: &ms, device: unet.device(), noise: &mut noise_fn, seed: r.seed, step: &mut step };
