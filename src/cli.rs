@@ -116,6 +116,10 @@ pub enum Command {
         /// Floating-point type of model weights.
         #[arg(long, value_enum)]
         dtype: Option<Dtype>,
+        /// Live previews when a prompt does not choose: none (ComfyUI's default), auto, latent2rgb
+        /// (auto and taesd use the latent-to-RGB projection too).
+        #[arg(long, default_value = "none", value_parser = ["none", "auto", "latent2rgb", "taesd"])]
+        preview_method: String,
     },
     /// List the available node types with their inputs and outputs.
     Nodes {

@@ -93,12 +93,14 @@ fn the_comfyui_frontend_opens_queues_and_shows_a_graph_run_by_diffloom() {
             r
         }),
         max_body: 100 << 20,
+        preview_method: "none".to_owned(),
     };
     for dir in ["input", "output"] {
         std::fs::create_dir_all(d.join(dir)).unwrap();
     }
-    // A returning user: the first-run template browser stays closed.
-    d.write("user/comfy.settings.json", r#"{"Comfy.TutorialCompleted": true}"#);
+    // A returning user: the first-run template browser stays closed,
+    // and previews on (the frontend's preview method setting, sent with each prompt).
+    d.write("user/comfy.settings.json", r#"{"Comfy.TutorialCompleted": true, "Comfy.Execution.PreviewMethod": "latent2rgb"}"#);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let addr = listener.local_addr().unwrap();

@@ -44,6 +44,7 @@ impl Server {
             cache_bytes: 1 << 30,
             registry: Arc::new(diffloom_nodes::registry),
             max_body: 1 << 20,
+            preview_method: "none".to_owned(),
         };
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
@@ -165,7 +166,8 @@ fn a_queued_prompt_reports_progress_and_its_image_is_served() {
     ws.send(Message::Text(json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}}).to_string().into())).unwrap();
     let flags = messages_until(&mut ws, "feature_flags");
     assert_eq!(flags.last().unwrap().1["supports_preview_metadata"], true);
-    let (status, body) = s.post("/prompt", &json!({"prompt": api_prompt(), "client_id": "tester"}).to_string());
+    // Previews as the frontend asks for them (its preview method setting, in extra_data).
+    let (status, body) = s.post("/prompt", &json!({"prompt": api_prompt(), "client_id": "tester", "extra_data": {"preview_method": "latent2rgb"}}).to_string());
     assert_eq!(status, 200, "{body}");
     let id = serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned();
     let mut frames = Vec::new();
@@ -211,6 +213,19 @@ fn a_queued_prompt_reports_progress_and_its_image_is_served() {
     let cached = events.iter().find(|(k, _)| k == "execution_cached").unwrap();
     assert_eq!(cached.1["nodes"], json!(["9"]));
     assert!(events.iter().all(|(k, d)| k != "executing" || d["node"].is_null()), "{events:?}");
+}
+
+#[test]
+fn an_unmodified_comfyui_api_client_from_pypi_gets_the_image() {
+    let d = Dir::new();
+    let s = Server::start(&d, None);
+    d.write("api.json", api_prompt().to_string());
+    crate::parity::run_reference("comfy_api_client.py", &[Path::new(&s.url("")), &d.join("api.json"), Path::new("Save Image"), &d.join("client.png")]);
+    let o = d.diffloom(&["run", "api.json", "--models", "models", "-o", "cli"]);
+    assert!(o.status.success(), "{}", crate::util::stderr(&o));
+    let got = image::open(d.join("client.png")).unwrap().to_rgb8().into_raw();
+    let want = image::open(d.join("cli/wf_00001_.png")).unwrap().to_rgb8().into_raw();
+    assert_eq!(got, want);
 }
 
 #[test]

@@ -48,6 +48,9 @@ pub struct Config {
     pub registry: RegistryFactory,
     /// Largest accepted upload or request body, in bytes.
     pub max_body: usize,
+    /// Live previews unless a prompt's `extra_data.preview_method` says otherwise: "none" (ComfyUI's
+    /// default), or "auto"/"latent2rgb"/"taesd" (all the latent-to-RGB projection here).
+    pub preview_method: String,
 }
 
 /// A running server.

@@ -153,6 +153,7 @@ struct Relay {
     ids: Vec<(String, String)>,
     /// ComfyUI ids of the nodes that ran, and their UI outputs.
     done: Mutex<(Vec<String>, Map<String, Json>)>,
+    previews: bool,
 }
 
 impl Relay {
@@ -179,7 +180,7 @@ impl Observer for Relay {
         self.shared.send("progress_state", json!({"prompt_id": self.prompt_id, "nodes": state}), self.client.as_deref());
     }
     fn wants_previews(&self) -> bool {
-        true
+        self.previews
     }
     fn preview(&self, id: &str, latent: &tch::Tensor) {
         let Some(jpeg) = latent_preview(latent) else { return };
@@ -280,8 +281,17 @@ fn run_job(shared: &Arc<Shared>, registry: &Registry, exec: &mut Executor, job: 
         }
     };
     let ids: Vec<(String, String)> = resolved.nodes.iter().map(|n| (n.id.clone(), n.comfy_id.clone().unwrap_or_else(|| n.id.clone()))).collect();
-    let relay =
-        Arc::new(Relay { shared: shared.clone(), prompt_id: job.id.clone(), client: job.client_id.clone(), ids, done: Mutex::new((Vec::new(), Map::new())) });
+    // As ComfyUI: the prompt's preview method (the frontend's setting) unless "default", else the server's.
+    let method = job.extra.get("preview_method").and_then(Json::as_str).filter(|m| *m != "default").unwrap_or(&shared.config.preview_method);
+    let previews = method != "none";
+    let relay = Arc::new(Relay {
+        shared: shared.clone(),
+        prompt_id: job.id.clone(),
+        client: job.client_id.clone(),
+        ids,
+        done: Mutex::new((Vec::new(), Map::new())),
+        previews,
+    });
     exec.options.observer = Some(relay.clone());
     let report = exec.run(&resolved);
     exec.options.observer = None;

@@ -39,7 +39,21 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             export::export(&file, format, output.as_deref(), &set, &folders)
         }
         Command::Import { file, output } => import::import(&file, output.as_deref()),
-        Command::Serve { listen, port, models, extra_model_paths, graphs, input_dir, output_dir, user_dir, front_end_root, token, cache_mb, dtype } => {
+        Command::Serve {
+            listen,
+            port,
+            models,
+            extra_model_paths,
+            graphs,
+            input_dir,
+            output_dir,
+            user_dir,
+            front_end_root,
+            token,
+            cache_mb,
+            dtype,
+            preview_method,
+        } => {
             let folders = crate::session::folders(&models, &extra_model_paths, None, &input_dir)?;
             let settings = serve::Settings {
                 listen,
@@ -52,6 +66,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 token,
                 cache_bytes: cache_mb << 20,
                 dtype: dtype.map(|d| d.kind()),
+                preview_method,
             };
             serve::serve(settings, cli.device)
         }

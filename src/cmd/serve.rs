@@ -21,6 +21,7 @@ pub struct Settings {
     pub token: Option<String>,
     pub cache_bytes: usize,
     pub dtype: Option<tch::Kind>,
+    pub preview_method: String,
 }
 
 /// The frontend package's static files: `$DIFFLOOM_FRONTEND_ROOT`, else the comfyui-frontend-package
@@ -67,6 +68,7 @@ pub fn serve(s: Settings, device: Option<String>) -> Result<ExitCode> {
         cache_bytes: s.cache_bytes,
         registry: Arc::new(session::registry),
         max_body: 100 << 20,
+        preview_method: s.preview_method,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
