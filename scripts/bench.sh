@@ -20,5 +20,6 @@ case "${1:-}" in
     watch) cargo bench --locked --bench watch ;;
     lua) cargo bench --locked --bench lua ;;
     upscale) cargo bench --locked --bench upscale ;;
-    *) echo "usage: scripts/bench.sh executor|models|sampling|watch|lua|upscale" >&2; exit 2 ;;
+    serve) cargo bench --locked --bench serve ;;
+    *) echo "usage: scripts/bench.sh executor|models|sampling|watch|lua|upscale|serve" >&2; exit 2 ;;
 esac
