@@ -176,6 +176,24 @@ fn the_comfyui_frontend_opens_queues_and_shows_a_graph_run_by_diffloom() {
             eval(&c, "try { await app.extensionManager.command.execute('Comfy.Canvas.FitView'); } catch (e) {} await new Promise(r => setTimeout(r, 500)); return true;").await;
             std::fs::write(path, c.screenshot().await.unwrap()).unwrap();
         }
+        // The PNG diffloom saved opens in the frontend as its workflow (dropped as a file): the same nodes
+        // and values come back.
+        let reopened = eval(
+            &c,
+            "const src = app.graph.nodes.find(n => n.type === 'SaveImage').imgs[0].src;
+             const blob = await (await fetch(src)).blob();
+             app.graph.clear();
+             await app.handleFile(new File([blob], 'diffloom.png', {type: 'image/png'}));
+             await new Promise(r => setTimeout(r, 500));
+             const k = app.graph.nodes.find(n => n.type === 'KSampler');
+             return {types: app.graph.nodes.map(n => n.type).sort(), steps: k && k.widgets.find(w => w.name === 'steps').value};",
+        )
+        .await;
+        let types: Vec<&str> = reopened["types"].as_array().unwrap_or_else(|| panic!("{reopened}")).iter().map(|t| t.as_str().unwrap()).collect();
+        for t in ["CheckpointLoaderSimple", "KSampler", "VAEDecode", "SaveImage"] {
+            assert!(types.contains(&t), "{t} missing from the workflow read back from the PNG: {reopened}");
+        }
+        assert_eq!(reopened["steps"], 3, "{reopened}");
         c.close().await.unwrap();
     });
     assert_eq!(d.files("output").len(), 1, "one image written");

@@ -146,6 +146,19 @@ fn routes_answer_as_comfyui_answers_them() {
     assert!(s.json("/api/system_stats")["system"]["ram_total"].as_u64().unwrap() > 0);
     assert!(s.json("/api/features")["max_upload_size"].is_number());
     assert_eq!(s.json("/api/prompt")["exec_info"]["queue_remaining"], 0);
+    std::fs::create_dir_all(d.join("models/embeddings")).unwrap();
+    d.write("models/embeddings/EasyNegative.safetensors", "x");
+    assert_eq!(s.json("/api/embeddings"), json!(["EasyNegative"]));
+    let folders = s.json("/api/experiment/models");
+    assert!(
+        folders.as_array().unwrap().iter().any(|f| f["name"] == "checkpoints" && f["folders"][0].as_str().unwrap().ends_with("models/checkpoints")),
+        "{folders}"
+    );
+    assert_eq!(s.json("/api/experiment/models/checkpoints"), json!([{"name": "SD1.5/tiny-sd1.safetensors", "pathIndex": 0}]));
+    assert_eq!(s.json("/api/jobs"), json!({"jobs": [], "pagination": {"offset": 0, "limit": 0, "total": 0, "has_more": false}}));
+    assert_eq!(s.get("/api/jobs/nope").0, 404);
+    assert_eq!(s.post("/api/free", r#"{"unload_models": true}"#).0, 200);
+    assert_eq!(s.json("/api/workflow_templates"), json!({}));
     assert_eq!(s.json("/api/queue"), json!({"queue_running": [], "queue_pending": []}));
     // Settings persist in the user directory.
     assert_eq!(s.post("/api/settings/Comfy.ColorPalette", "\"dark\"").0, 200);
@@ -207,6 +220,10 @@ fn a_queued_prompt_reports_progress_and_its_image_is_served() {
     // save node's result is cached too).
     let history = s.json(&format!("/history/{id}"));
     assert_eq!(history[&id]["status"]["status_str"], "success");
+    let jobs = s.json("/api/jobs?status=completed");
+    assert_eq!(jobs["jobs"][0]["id"], id.as_str());
+    assert_eq!(jobs["jobs"][0]["preview_output"]["filename"], image["filename"]);
+    assert_eq!(s.json(&format!("/api/jobs/{id}"))["outputs"]["9"]["images"][0]["filename"], image["filename"]);
     assert_eq!(history[&id]["outputs"]["9"]["images"][0]["filename"], image["filename"]);
     s.post("/prompt", &json!({"prompt": api_prompt(), "client_id": "tester"}).to_string());
     let events = messages_until(&mut ws, "execution_success");
