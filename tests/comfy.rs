@@ -173,9 +173,11 @@ fn ui_workflows_map_widgets_reroutes_primitives_bypass_mute_notes_and_groups() {
     assert_eq!(*input(&g, "ksampler", "model"), link("checkpointloadersimple", "MODEL"));
     assert_eq!(*input(&g, "saveimage", "images"), link("vaedecode", "IMAGE"));
 
-    // API: titles from _meta, links as [id, slot].
+    // API: titles from _meta (ComfyUI's default ones, display names, are no titles), links as [id, slot].
     let (g, _) = import(&d, "api.json");
-    assert_eq!(g.nodes.get("load_checkpoint").unwrap().canvas.comfy_id.as_deref(), Some("4"));
+    assert_eq!(g.nodes.get("checkpointloadersimple").unwrap().canvas.comfy_id.as_deref(), Some("4"));
+    assert_eq!(g.nodes.get("checkpointloadersimple").unwrap().title, None);
+    assert_eq!(g.nodes.get("positive").unwrap().title.as_deref(), Some("Positive"));
     assert_eq!(*input(&g, "ksampler", "positive"), link("positive", "CONDITIONING"));
     assert_eq!(g.nodes.get("ksampler").unwrap().title, None, "a title equal to the type is no title");
 
@@ -314,7 +316,7 @@ fn model_and_image_names_resolve_as_comfyui_resolves_them() {
     let err = stderr(&o);
     assert!(!o.status.success());
     for part in [
-        r#"node "load_checkpoint" (ComfyUI #4)"#,
+        r#"node "checkpointloadersimple" (ComfyUI #4)"#,
         r#"input "ckpt_name""#,
         "SD1.5/dreamshaper_8.safetensors",
         "models/checkpoints",

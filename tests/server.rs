@@ -136,6 +136,8 @@ fn routes_answer_as_comfyui_answers_them() {
         assert_eq!(k["input_order"]["required"][0], "model");
         assert_eq!(k["output"], json!(["LATENT"]));
         assert_eq!(k["category"], "sampling");
+        assert_eq!(info["CheckpointLoaderSimple"]["display_name"], "Load Checkpoint");
+        assert!(info["ColorLevels"].is_null(), "no plugins in this registry");
         // File inputs list their folder's files, as ComfyUI's combos do.
         assert_eq!(info["CheckpointLoaderSimple"]["input"]["required"]["ckpt_name"][0], json!(["SD1.5/tiny-sd1.safetensors"]));
         assert_eq!(info["LoadImage"]["input"]["required"]["image"][1]["image_upload"], true);
@@ -269,8 +271,14 @@ fn bad_requests_get_comfyui_errors_and_the_server_lives_on() {
     let (status, body) = s.post("/api/prompt", "{}");
     assert_eq!(status, 400);
     assert!(body.contains("no_prompt"));
+    // An oversized body is refused with 413; the server may close the connection before the client has
+    // sent it all, which the client sees as a broken pipe instead.
     let huge = format!("{{\"prompt\": \"{}\"}}", "x".repeat(2 << 20));
-    assert_eq!(s.post("/api/prompt", &huge).0, 413);
+    match s.agent().post(&s.url("/api/prompt")).header("Content-Type", "application/json").send(&huge) {
+        Ok(r) => assert_eq!(r.status().as_u16(), 413),
+        Err(ureq::Error::Io(e)) => assert!(matches!(e.kind(), std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset), "{e}"),
+        Err(e) => panic!("{e}"),
+    }
     assert_eq!(s.post("/api/queue", "[1, 2]").0, 400);
     assert_eq!(s.get("/api/object_info").0, 200, "still serving");
 }
@@ -358,6 +366,36 @@ fn files_stay_in_their_directories_and_the_token_guards_every_route() {
     let (_, body) = upload("a.png", &other, "clipspace");
     assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["name"], "a (1).png");
     assert_eq!(std::fs::read(d.join("input/clipspace/a.png")).unwrap(), png, "never overwritten");
+    // A mask upload puts the mask's alpha into the original image (ComfyUI's /upload/mask).
+    let mask = {
+        let img = image::RgbaImage::from_fn(4, 4, |x, y| image::Rgba([0, 0, 0, if x < 2 { 0 } else { 255 - y as u8 }]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        out.into_inner()
+    };
+    let boundary = "MaSk";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"original_ref\"\r\n\r\n{}\r\n",
+            json!({"filename": "a.png", "subfolder": "clipspace", "type": "input"})
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"subfolder\"\r\n\r\nclipspace\r\n").as_bytes());
+    body.extend_from_slice(
+        format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a-mask.png\"\r\nContent-Type: image/png\r\n\r\n").as_bytes(),
+    );
+    body.extend_from_slice(&mask);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let mut r = s.agent().post(&s.url("/upload/mask")).header("Content-Type", format!("multipart/form-data; boundary={boundary}")).send(&body[..]).unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.body_mut().read_to_string().unwrap());
+    let merged = image::open(d.join("input/clipspace/a-mask.png")).unwrap().to_rgba8();
+    let original = image::open(d.join("input/clipspace/a.png")).unwrap().to_rgba8();
+    for (x, y, p) in merged.enumerate_pixels() {
+        let o = original.get_pixel(x, y);
+        assert_eq!(p.0, [o[0], o[1], o[2], if x < 2 { 0 } else { 255 - y as u8 }]);
+    }
     assert_eq!(upload("../../evil.png", &png, "").0, 403);
     assert_eq!(upload("x.png", &png, "../..").0, 403);
     assert_eq!(upload("x.html", b"<script>", "").0, 400);

@@ -38,9 +38,7 @@ const SAMPLERS: &[(&str, &str)] = &[
     ("restart", "Restart"),
     ("ddim", "DDIM"),
     ("uni_pc", "UniPC"),
-    ("uni_pc_bh2", "UniPC"),
     ("lcm", "LCM"),
-    ("heunpp2", "Heun++ 2"),
 ];
 
 /// ComfyUI scheduler names as A1111's "Schedule type" shows them (`modules/sd_schedulers.py`).
@@ -53,7 +51,6 @@ const SCHEDULERS: &[(&str, &str)] = &[
     ("ddim_uniform", "DDIM"),
     ("beta", "Beta"),
     ("kl_optimal", "KL Optimal"),
-    ("linear_quadratic", "Linear Quadratic"),
     ("align_your_steps", "Align Your Steps"),
 ];
 

@@ -27,8 +27,8 @@ pub fn from_api(prompt: &Map<String, Json>, file: &Path) -> Result<Flat, ImportE
     let mut flat = Flat::default();
     for (id, node) in prompt {
         let class_type = node.get("class_type").and_then(Json::as_str).unwrap_or_default().to_owned();
-        // diffloom writes the type as the title of an untitled node.
-        let title = node.pointer("/_meta/title").and_then(Json::as_str).filter(|t| *t != class_type).map(str::to_owned);
+        // ComfyUI (and diffloom) write the display name as the title of an untitled node.
+        let title = node.pointer("/_meta/title").and_then(Json::as_str).filter(|t| !crate::display::is_default_title(&class_type, t)).map(str::to_owned);
         let mut inputs = Vec::new();
         if let Some(map) = node.get("inputs").and_then(Json::as_object) {
             for (name, value) in map {
@@ -142,7 +142,7 @@ pub fn to_api(graph: &GraphFile, registry: &Registry, file: &Path, model_name: &
                 }
             }
         }
-        let title = node.title.clone().unwrap_or_else(|| node.node_type.clone());
+        let title = node.title.clone().unwrap_or_else(|| crate::display::display_name(&node.node_type).to_owned());
         out.insert(cid.clone(), json!({"inputs": inputs, "class_type": node.node_type, "_meta": {"title": title}}));
     }
     Ok(out)

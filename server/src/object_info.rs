@@ -118,7 +118,7 @@ pub fn node_info(schema: &Schema, module: &str, folders: &Folders) -> Json {
         "output_is_list": vec![false; outputs.len()],
         "output_name": names,
         "name": schema.name,
-        "display_name": schema.name,
+        "display_name": diffloom_comfy::display::display_name(&schema.name),
         "description": schema.description,
         "python_module": module,
         "category": schema.category,

@@ -33,7 +33,7 @@ fn api() -> Router<Arc<Shared>> {
         .route("/free", post(free))
         .route("/view", get(view))
         .route("/upload/image", post(upload_image))
-        .route("/upload/mask", post(upload_image))
+        .route("/upload/mask", post(upload_mask))
         .route("/system_stats", get(system_stats))
         .route("/features", get(features))
         .route("/extensions", get(|| async { Json(json!([])) }))
@@ -267,10 +267,36 @@ async fn view(State(s): S, Query(q): Query<ViewQuery>) -> Response {
         .into_response()
 }
 
-/// `POST /upload/image` (and `/upload/mask`): multipart `image`, optional `subfolder`, `type`,
-/// `overwrite`; answers `{name, subfolder, type}`. Only images are accepted; names stay in their folder.
-async fn upload_image(State(s): S, mut form: Multipart) -> Response {
+/// `POST /upload/image`: multipart `image`, optional `subfolder`, `type`, `overwrite`; answers
+/// `{name, subfolder, type}`. Only images are accepted; names stay in their folder.
+async fn upload_image(state: S, form: Multipart) -> Response {
+    upload(state, form, false).await
+}
+
+/// `POST /upload/mask`: as ComfyUI's, the uploaded image's alpha put into the image `original_ref`
+/// names (`{filename, subfolder, type}`), saved as PNG under the upload's name.
+async fn upload_mask(state: S, form: Multipart) -> Response {
+    upload(state, form, true).await
+}
+
+/// The original image with the mask's alpha channel, as PNG bytes.
+fn masked(original: &Path, mask: &[u8]) -> Result<Vec<u8>, String> {
+    let mut img = image::open(original).map_err(|e| format!("cannot read the original image: {e}"))?.to_rgba8();
+    let mask = image::load_from_memory(mask).map_err(|e| format!("cannot read the mask: {e}"))?.to_rgba8();
+    if mask.dimensions() != img.dimensions() {
+        return Err(format!("the mask is {:?}, the image {:?}", mask.dimensions(), img.dimensions()));
+    }
+    for (p, m) in img.pixels_mut().zip(mask.pixels()) {
+        p.0[3] = m.0[3];
+    }
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).map_err(|e| e.to_string())?;
+    Ok(out.into_inner())
+}
+
+async fn upload(State(s): S, mut form: Multipart, mask: bool) -> Response {
     let (mut data, mut filename, mut subfolder, mut kind, mut overwrite) = (None, String::new(), String::new(), None, false);
+    let mut original: Option<Value> = None;
     loop {
         let field = match form.next_field().await {
             Ok(Some(f)) => f,
@@ -290,11 +316,28 @@ async fn upload_image(State(s): S, mut form: Multipart) -> Response {
                 "subfolder" => subfolder = text,
                 "type" => kind = Some(text),
                 "overwrite" => overwrite = text == "true" || text == "1",
+                "original_ref" => original = serde_json::from_str(&text).ok(),
                 _ => {}
             }
         }
     }
-    let Some(data) = data else { return error(StatusCode::BAD_REQUEST, "no image field") };
+    let Some(mut data) = data else { return error(StatusCode::BAD_REQUEST, "no image field") };
+    if mask {
+        let Some(r) = original else { return error(StatusCode::BAD_REQUEST, "a mask upload needs original_ref {filename, subfolder, type}") };
+        let name = r["filename"].as_str().unwrap_or("");
+        let (name, dir) = match name.rsplit_once(" [") {
+            Some((n, k)) if k.ends_with(']') => (n, dir_of(&s, Some(&k[..k.len() - 1]))),
+            _ => (name, dir_of(&s, Some(r["type"].as_str().unwrap_or("output")))),
+        };
+        let Some(dir) = dir else { return error(StatusCode::BAD_REQUEST, "original_ref: type must be input, output or temp") };
+        let Some(path) = confine(&dir, r["subfolder"].as_str().unwrap_or(""), name).filter(|p| p.is_file()) else {
+            return error(StatusCode::FORBIDDEN, "original_ref: no such image in the served directories");
+        };
+        data = match masked(&path, &data) {
+            Ok(png) => Bytes::from(png),
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        };
+    }
     if !matches!(user_file_type(Path::new(&filename)), (_, true)) || filename.ends_with(".json") {
         return error(StatusCode::BAD_REQUEST, "only PNG, JPEG, WebP and GIF images are accepted");
     }

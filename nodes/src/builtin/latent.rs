@@ -106,8 +106,8 @@ impl Node for LatentUpscale {
             .describe("Resizes latents to a pixel size (0 for one side keeps the aspect ratio), as for hires-fix.")
             .input("samples", ValueType::Latent)
             .input("upscale_method", Combo::of(LATENT_METHODS))
-            .input("width", Int::new(1024).range(0, MAX_RESOLUTION).step(8))
-            .input("height", Int::new(1024).range(0, MAX_RESOLUTION).step(8))
+            .input("width", Int::new(512).range(0, MAX_RESOLUTION).step(8))
+            .input("height", Int::new(512).range(0, MAX_RESOLUTION).step(8))
             .input("crop", Combo::of(CROP_METHODS))
             .output("LATENT", ValueType::Latent)
     }

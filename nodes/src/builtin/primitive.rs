@@ -21,7 +21,7 @@ impl Node for Primitive {
         let s = match (self.ty, self.name) {
             // ComfyUI bounds these by sys.maxsize.
             (ValueType::Int, _) => s.input("value", Int::new(0).range(-(i64::MAX as i128), i64::MAX as i128)),
-            (ValueType::Float, _) => s.input("value", Float::new(0.0)),
+            (ValueType::Float, _) => s.input("value", Float::new(0.0).range(-(i64::MAX as f64), i64::MAX as f64).step(0.1)),
             (ValueType::Boolean, _) => s.input("value", Bool(false)),
             (_, "PrimitiveStringMultiline") => s.input("value", Str::new("").multiline()),
             _ => s.input("value", Str::new("")),
