@@ -116,8 +116,8 @@ pub enum Command {
         /// Floating-point type of model weights.
         #[arg(long, value_enum)]
         dtype: Option<Dtype>,
-        /// Live previews when a prompt does not choose: none (ComfyUI's default), auto, latent2rgb
-        /// (auto and taesd use the latent-to-RGB projection too).
+        /// Live previews when a prompt does not choose: none (ComfyUI's default), latent2rgb, taesd or
+        /// auto (TAESD when vae_approx holds its decoder, else latent2rgb).
         #[arg(long, default_value = "none", value_parser = ["none", "auto", "latent2rgb", "taesd"])]
         preview_method: String,
     },

@@ -119,3 +119,22 @@ fn tokenizer_ids_match_transformers_clip_tokenizer() {
         assert_eq!(ours, want, "prompt {prompt:?}");
     }
 }
+
+/// TAESD's decoder (live previews) against diffusers' AutoencoderTiny on the same weights, from both
+/// the diffusers file and the released file's key layout.
+#[test]
+fn taesd_decoder_matches_diffusers_autoencoder_tiny() {
+    let d = Dir::new();
+    run_reference("taesd_reference.py", &[d.path()]);
+    let expected = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&d.join("expected.safetensors")).unwrap();
+    let latent = expected.load("latent", Device::Cpu, None).unwrap();
+    let want = expected.load("image", Device::Cpu, None).unwrap();
+    let _g = tch::no_grad_guard();
+    for file in ["diffusers/diffusion_pytorch_model.safetensors", "taesd_decoder.safetensors"] {
+        let decoder = diffloom_nodes::checkpoint::load::load_taesd(&d.join(file), Device::Cpu).unwrap();
+        let got = decoder.forward(&latent);
+        assert_eq!(got.size(), [1, 3, 48, 64]);
+        let diff = crate::util::max_abs_diff(&got, &want);
+        assert!(diff < 1e-4, "{file}: max |diff| {diff}");
+    }
+}

@@ -232,6 +232,22 @@ fn a_queued_prompt_reports_progress_and_its_image_is_served() {
     let cached = events.iter().find(|(k, _)| k == "execution_cached").unwrap();
     assert_eq!(cached.1["nodes"], json!(["9"]));
     assert!(events.iter().all(|(k, d)| k != "executing" || d["node"].is_null()), "{events:?}");
+
+    // With TAESD's decoder in vae_approx, the "taesd" preview method shows its images (8× the latent).
+    crate::parity::run_reference("taesd_reference.py", &[d.path()]);
+    std::fs::create_dir_all(d.join("models/vae_approx")).unwrap();
+    std::fs::copy(d.join("taesd_decoder.safetensors"), d.join("models/vae_approx/taesd_decoder.safetensors")).unwrap();
+    let mut p = api_prompt();
+    p["3"]["inputs"]["seed"] = json!(43);
+    s.post("/prompt", &json!({"prompt": p, "client_id": "tester", "extra_data": {"preview_method": "taesd"}}).to_string());
+    let mut frames = Vec::new();
+    messages_and_frames(&mut ws, "execution_success", &mut frames);
+    assert_eq!(frames.len(), 4);
+    for f in &frames {
+        let len = u32::from_be_bytes(f[4..8].try_into().unwrap()) as usize;
+        let preview = image::load_from_memory(&f[8 + len..]).unwrap();
+        assert_eq!((preview.width(), preview.height()), (64, 48));
+    }
 }
 
 #[test]

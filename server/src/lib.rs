@@ -49,7 +49,8 @@ pub struct Config {
     /// Largest accepted upload or request body, in bytes.
     pub max_body: usize,
     /// Live previews unless a prompt's `extra_data.preview_method` says otherwise: "none" (ComfyUI's
-    /// default), or "auto"/"latent2rgb"/"taesd" (all the latent-to-RGB projection here).
+    /// default), "latent2rgb", or "taesd"/"auto" (TAESD when `vae_approx` holds its decoder, else the
+    /// projection).
     pub preview_method: String,
 }
 

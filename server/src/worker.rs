@@ -15,6 +15,8 @@ use diffloom_core::{Executor, Observer, Registry, RunOptions, ValidationErrors, 
 use serde_json::{json, Map, Value as Json};
 use tokio::sync::oneshot;
 
+use diffloom_nodes::models::taesd::TaesdDecoder;
+
 use crate::queue::{Job, Shared, MAX_HISTORY};
 
 /// What the HTTP side asks of the thread that owns a registry.
@@ -154,6 +156,8 @@ struct Relay {
     /// ComfyUI ids of the nodes that ran, and their UI outputs.
     done: Mutex<(Vec<String>, Map<String, Json>)>,
     previews: bool,
+    /// TAESD's decoder when the preview method asks for it and its weights are present.
+    taesd: Option<Arc<Mutex<TaesdDecoder>>>,
 }
 
 impl Relay {
@@ -183,7 +187,11 @@ impl Observer for Relay {
         self.previews
     }
     fn preview(&self, id: &str, latent: &tch::Tensor) {
-        let Some(jpeg) = latent_preview(latent) else { return };
+        let jpeg = match &self.taesd {
+            Some(t) => t.lock().ok().and_then(|t| taesd_preview(&t, latent)),
+            None => latent_preview(latent),
+        };
+        let Some(jpeg) = jpeg else { return };
         let node = self.comfy(id);
         let metadata = json!({"node_id": node, "display_node_id": node, "parent_node_id": null, "real_node_id": node, "prompt_id": self.prompt_id, "image_type": "image/jpeg"});
         let _ = self.shared.events.send(Arc::new(crate::queue::Outgoing { to: self.client.clone(), body: crate::queue::Body::Preview { metadata, jpeg } }));
@@ -214,14 +222,35 @@ fn latent_preview(latent: &tch::Tensor) -> Option<Vec<u8>> {
     }
     let flat: Vec<f32> = LATENT_RGB.iter().flatten().copied().collect();
     let factors = tch::Tensor::from_slice(&flat).view([4, 3]);
-    let rgb = x.permute([1, 2, 0]).matmul(&factors);
-    let bytes = ((rgb + 1.0) / 2.0).clamp(0.0, 1.0).multiply_scalar(255.0).to_kind(tch::Kind::Uint8).contiguous();
+    jpeg(&x.permute([1, 2, 0]).matmul(&factors))
+}
+
+/// A TAESD preview: the decoder's image of the first latent, as ComfyUI's TAESD previewer, as a JPEG.
+fn taesd_preview(decoder: &TaesdDecoder, latent: &tch::Tensor) -> Option<Vec<u8>> {
+    let _no_grad = tch::no_grad_guard();
+    let x = latent.f_narrow(0, 0, 1).ok()?.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu);
+    let image = decoder.forward(&x).get(0).permute([1, 2, 0]);
+    jpeg(&image)
+}
+
+/// HWC values in -1..1 as a JPEG, as ComfyUI's `preview_to_image`.
+fn jpeg(hwc: &tch::Tensor) -> Option<Vec<u8>> {
+    let bytes = ((hwc + 1.0) / 2.0).clamp(0.0, 1.0).multiply_scalar(255.0).to_kind(tch::Kind::Uint8).contiguous();
     let (h, w) = (bytes.size()[0] as u32, bytes.size()[1] as u32);
     let data = Vec::<u8>::try_from(bytes.view([-1])).ok()?;
     let img = image::RgbImage::from_raw(w, h, data)?;
     let mut out = std::io::Cursor::new(Vec::new());
     image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95).encode_image(&img).ok()?;
     Some(out.into_inner())
+}
+
+/// The TAESD decoder file in the `vae_approx` folders (`taesd_decoder.*`), as ComfyUI looks for it.
+fn taesd_file(folders: &diffloom_core::Folders) -> Option<PathBuf> {
+    folders.dirs("vae_approx").find_map(|d| {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(d).ok()?.flatten().map(|e| e.path()).collect();
+        names.sort();
+        names.into_iter().find(|p| p.is_file() && p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("taesd_decoder")))
+    })
 }
 
 /// Runs queued prompts one at a time until the server goes away.
@@ -233,6 +262,8 @@ pub fn executor(shared: Arc<Shared>) {
     options.cancel = shared.cancel.clone();
     options.image_texts = Some(diffloom_comfy::metadata::image_texts(shared.config.folders.clone()));
     let mut exec = Executor::new(options, shared.config.cache_bytes);
+    // Loaded on first use, kept for the server's life (None inside: no weights, or they did not load).
+    let mut taesd: Option<Option<Arc<Mutex<TaesdDecoder>>>> = None;
     loop {
         let job = {
             let Ok(mut state) = shared.state.lock() else { return };
@@ -255,7 +286,24 @@ pub fn executor(shared: Arc<Shared>) {
             }
         };
         shared.queue_updated();
-        run_job(&shared, &registry, &mut exec, &job);
+        let method = preview_method(&shared, &job);
+        let decoder = if method == "taesd" || method == "auto" {
+            taesd
+                .get_or_insert_with(|| {
+                    let file = taesd_file(&shared.config.folders)?;
+                    match diffloom_nodes::checkpoint::load::load_taesd(&file, tch::Device::Cpu) {
+                        Ok(d) => Some(Arc::new(Mutex::new(d))),
+                        Err(e) => {
+                            tracing::warn!("TAESD previews off: {e}");
+                            None
+                        }
+                    }
+                })
+                .clone()
+        } else {
+            None
+        };
+        run_job(&shared, &registry, &mut exec, &job, decoder);
         if let Ok(mut state) = shared.state.lock() {
             state.running = None;
         }
@@ -263,7 +311,12 @@ pub fn executor(shared: Arc<Shared>) {
     }
 }
 
-fn run_job(shared: &Arc<Shared>, registry: &Registry, exec: &mut Executor, job: &Job) {
+/// The prompt's preview method (the frontend's setting) unless "default", else the server's, as ComfyUI.
+fn preview_method(shared: &Shared, job: &Job) -> String {
+    job.extra.get("preview_method").and_then(Json::as_str).filter(|m| *m != "default").unwrap_or(&shared.config.preview_method).to_owned()
+}
+
+fn run_job(shared: &Arc<Shared>, registry: &Registry, exec: &mut Executor, job: &Job, taesd: Option<Arc<Mutex<TaesdDecoder>>>) {
     let client = job.client_id.as_deref();
     let path = prompt_path(&shared.config.graphs_dir, &job.id);
     shared.cancel.store(false, Ordering::SeqCst);
@@ -281,9 +334,7 @@ fn run_job(shared: &Arc<Shared>, registry: &Registry, exec: &mut Executor, job: 
         }
     };
     let ids: Vec<(String, String)> = resolved.nodes.iter().map(|n| (n.id.clone(), n.comfy_id.clone().unwrap_or_else(|| n.id.clone()))).collect();
-    // As ComfyUI: the prompt's preview method (the frontend's setting) unless "default", else the server's.
-    let method = job.extra.get("preview_method").and_then(Json::as_str).filter(|m| *m != "default").unwrap_or(&shared.config.preview_method);
-    let previews = method != "none";
+    let previews = preview_method(shared, job) != "none";
     let relay = Arc::new(Relay {
         shared: shared.clone(),
         prompt_id: job.id.clone(),
@@ -291,6 +342,7 @@ fn run_job(shared: &Arc<Shared>, registry: &Registry, exec: &mut Executor, job: 
         ids,
         done: Mutex::new((Vec::new(), Map::new())),
         previews,
+        taesd,
     });
     exec.options.observer = Some(relay.clone());
     let report = exec.run(&resolved);

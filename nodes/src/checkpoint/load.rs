@@ -110,6 +110,22 @@ pub fn load_vae(path: &Path, device: Device, kind: Kind) -> Result<(AutoencoderK
     Ok((vae, w.loaded_bytes()))
 }
 
+/// Loads a TAESD decoder (`taesd_decoder.safetensors`/`.pth` as released, or a diffusers
+/// `AutoencoderTiny` file) for live previews, in fp32.
+pub fn load_taesd(path: &Path, device: Device) -> Result<crate::models::taesd::TaesdDecoder, LoadError> {
+    let file = Rc::new(SafetensorsFile::open(path)?);
+    let diffusers = file.tensors().keys().any(|k| k.starts_with("decoder.layers."));
+    let index: HashMap<String, (usize, String)> = file
+        .tensors()
+        .keys()
+        .filter_map(|k| if diffusers { keymap::taesd_diffusers_key(k).map(|l| (l, (0, k.clone()))) } else { Some((k.clone(), (0, k.clone()))) })
+        .collect();
+    let w = Weights::from_index(vec![file], index, device, Kind::Float);
+    let decoder = crate::models::taesd::TaesdDecoder::new(&w.root(), Default::default());
+    w.finish()?;
+    Ok(decoder)
+}
+
 /// Whether `dir` looks like a diffusers pipeline folder.
 pub fn is_diffusers_folder(dir: &Path) -> bool {
     dir.join("model_index.json").is_file() || dir.join("unet").join("config.json").is_file()

@@ -6,6 +6,7 @@ pub mod clip;
 pub mod layers;
 pub mod resnet;
 pub mod rrdbnet;
+pub mod taesd;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;
