@@ -197,6 +197,14 @@ pub fn rrdbnet_original_key(k: &str, config: &crate::models::rrdbnet::RrdbConfig
     format!("{old}.{param}")
 }
 
+/// A diffusers `AutoencoderTiny` decoder key (`decoder.layers.N.rest`) as the released TAESD decoder
+/// names it (`N+1.rest`: the Sequential there starts with the clamp, which diffusers applies in forward).
+pub fn taesd_diffusers_key(k: &str) -> Option<String> {
+    let rest = k.strip_prefix("decoder.layers.")?;
+    let (n, tail) = rest.split_once('.')?;
+    Some(format!("{}.{tail}", n.parse::<usize>().ok()? + 1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,12 +238,4 @@ mod tests {
         assert_eq!(vae_key("decoder.mid_block.attentions.0.group_norm.bias", 4).as_deref(), Some("decoder.mid.attn_1.norm.bias"));
         assert_eq!(vae_key("encoder.conv_norm_out.weight", 4).as_deref(), Some("encoder.norm_out.weight"));
     }
-}
-
-/// A diffusers `AutoencoderTiny` decoder key (`decoder.layers.N.rest`) as the released TAESD decoder
-/// names it (`N+1.rest`: the Sequential there starts with the clamp, which diffusers applies in forward).
-pub fn taesd_diffusers_key(k: &str) -> Option<String> {
-    let rest = k.strip_prefix("decoder.layers.")?;
-    let (n, tail) = rest.split_once('.')?;
-    Some(format!("{}.{tail}", n.parse::<usize>().ok()? + 1))
 }
