@@ -144,6 +144,8 @@ fn routes_answer_as_comfyui_answers_them() {
     }
     assert_eq!(s.json("/api/object_info/VAEDecode")["VAEDecode"]["output"], json!(["IMAGE"]));
     assert_eq!(s.json("/api/extensions"), json!([]));
+    assert_eq!(s.json("/api/users"), json!({"storage": "server", "migrated": true}));
+    assert!(s.json("/api/models").as_array().unwrap().contains(&json!("checkpoints")));
     assert_eq!(s.json("/api/models/checkpoints"), json!(["SD1.5/tiny-sd1.safetensors"]));
     assert!(s.json("/api/system_stats")["system"]["ram_total"].as_u64().unwrap() > 0);
     assert!(s.json("/api/features")["max_upload_size"].is_number());
@@ -415,6 +417,11 @@ fn files_stay_in_their_directories_and_the_token_guards_every_route() {
     assert_eq!(upload("../../evil.png", &png, "").0, 403);
     assert_eq!(upload("x.png", &png, "../..").0, 403);
     assert_eq!(upload("x.html", b"<script>", "").0, 400);
+    // Uploads over the size limit (1 MiB here) are refused (or the connection closed before the end).
+    let big = vec![0u8; 2 << 20];
+    let r = std::panic::catch_unwind(|| upload("big.png", &big, ""));
+    assert!(r.map_or(true, |(status, _)| status == 413), "an oversized upload was accepted");
+    assert!(!d.join("input/big.png").exists());
     assert!(!d.join("evil.png").exists() && !Path::new("/tmp/evil.png").exists());
     // In prompts, file names stay inside their folders: an absolute checkpoint path (of a file that
     // exists), an image name that climbs out of the input folder, a save prefix through a symbolic link.
@@ -524,4 +531,32 @@ fn the_workflow_sidebar_reads_and_writes_ron_graphs() {
     // Other user data lives in the user directory.
     assert_eq!(s.post("/api/userdata/comfy.templates.json", "[]").0, 200);
     assert_eq!(s.json("/api/userdata/comfy.templates.json"), json!([]));
+}
+
+#[test]
+fn the_serve_command_listens_on_loopback_and_refuses_other_addresses_without_a_token() {
+    let d = Dir::new();
+    let o = d.diffloom(&["serve", "--listen", "0.0.0.0", "--port", "0"]);
+    assert!(!o.status.success() && crate::util::stderr(&o).contains("requires --token"), "{}", crate::util::stderr(&o));
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_diffloom"))
+        .args(["serve", "--port", &port.to_string(), "--graphs", "."])
+        .current_dir(d.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stats = loop {
+        match agent.get(&format!("http://127.0.0.1:{port}/api/system_stats")).call() {
+            Ok(mut r) => break r.body_mut().read_to_string().unwrap(),
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Err(e) => panic!("diffloom serve did not answer: {e}"),
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(stats.contains("comfyui_version"), "{stats}");
+    assert_eq!(agent.get(&format!("http://127.0.0.1:{port}/api/users")).call().map(|r| r.status().as_u16()).ok(), None, "the server is gone");
 }
