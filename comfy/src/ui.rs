@@ -256,7 +256,8 @@ impl<'a> Reader<'a> {
         for input in node.get("inputs").and_then(Json::as_array).into_iter().flatten() {
             let Some(name) = input.pointer("/widget/name").or_else(|| input.get("name")).and_then(Json::as_str) else { continue };
             let Some(link) = int(input.get("link")) else { continue };
-            let source = self.resolve_link(s, link, 0)?;
+            let ty = input.get("type").and_then(Json::as_str).unwrap_or("*").to_owned();
+            let source = self.resolve_link(s, link, &ty, 0)?;
             out.retain(|(n, _)| n != name);
             if let Some(source) = source {
                 out.push((name.to_owned(), source));
@@ -267,17 +268,18 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
-    fn resolve_link(&mut self, s: usize, link: i64, depth: usize) -> Result<Option<FlatInput>, ImportError> {
+    /// What link `link` in scope `s` carries to a consumer input of type `ty`.
+    fn resolve_link(&mut self, s: usize, link: i64, ty: &str, depth: usize) -> Result<Option<FlatInput>, ImportError> {
         let Some(l) = self.scopes[s].links.get(&link).cloned() else {
             // A dangling link id: ComfyUI ignores it as well.
             return Ok(None);
         };
         let _ = (l.target, l.target_slot);
-        self.resolve_output(s, l.origin, l.origin_slot, depth + 1)
+        self.resolve_output(s, l.origin, l.origin_slot, ty, depth + 1)
     }
 
     /// What output `slot` of node `id` in scope `s` stands for once frontend-only nodes are gone.
-    fn resolve_output(&mut self, s: usize, id: i64, slot: usize, depth: usize) -> Result<Option<FlatInput>, ImportError> {
+    fn resolve_output(&mut self, s: usize, id: i64, slot: usize, ty: &str, depth: usize) -> Result<Option<FlatInput>, ImportError> {
         if depth > MAX_DEPTH {
             return Err(ImportError::at(
                 self.file,
@@ -286,7 +288,7 @@ impl<'a> Reader<'a> {
         }
         if id == SUBGRAPH_INPUT {
             let Some((p, instance)) = self.scopes[s].parent else { return Ok(None) };
-            return self.instance_input(p, instance, slot, depth);
+            return self.instance_input(p, instance, slot, ty, depth);
         }
         let Some(node) = self.scopes[s].nodes.get(&id).copied() else { return Ok(None) };
         let ty = node.get("type").and_then(Json::as_str).unwrap_or_default();
@@ -296,14 +298,14 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         if mode == MODE_BYPASS {
-            return match bypass_input(node, slot).and_then(input_link) {
-                Some(link) => self.resolve_link(s, link, depth),
+            return match bypass_input(node, slot, ty).and_then(input_link) {
+                Some(link) => self.resolve_link(s, link, ty, depth),
                 None => Ok(None),
             };
         }
         match ty {
             "Reroute" => match input_link(0) {
-                Some(link) => self.resolve_link(s, link, depth),
+                Some(link) => self.resolve_link(s, link, ty, depth),
                 None => Ok(None),
             },
             "PrimitiveNode" => Ok(self.primitive(s, id, node)),
@@ -312,7 +314,7 @@ impl<'a> Reader<'a> {
                     // The inner link that feeds the subgraph's output `slot`.
                     let inner = self.scopes[child].links.values().find(|l| l.target == SUBGRAPH_OUTPUT && l.target_slot == slot).cloned();
                     match inner {
-                        Some(l) => self.resolve_output(child, l.origin, l.origin_slot, depth + 1),
+                        Some(l) => self.resolve_output(child, l.origin, l.origin_slot, ty, depth + 1),
                         None => Ok(None),
                     }
                 }
@@ -323,12 +325,12 @@ impl<'a> Reader<'a> {
 
     /// What feeds input `slot` of subgraph instance `instance` (in scope `p`): its link, or the value of
     /// the widget the instance shows for it.
-    fn instance_input(&mut self, p: usize, instance: i64, slot: usize, depth: usize) -> Result<Option<FlatInput>, ImportError> {
+    fn instance_input(&mut self, p: usize, instance: i64, slot: usize, ty: &str, depth: usize) -> Result<Option<FlatInput>, ImportError> {
         let node = self.scopes[p].nodes[&instance];
         let inputs = node.get("inputs").and_then(Json::as_array).cloned().unwrap_or_default();
         let Some(input) = inputs.get(slot) else { return Ok(None) };
         if let Some(link) = int(input.get("link")) {
-            return self.resolve_link(p, link, depth);
+            return self.resolve_link(p, link, ty, depth);
         }
         // Promoted widgets keep their values in widgets_values, in the order of the widget inputs.
         if input.get("widget").is_some() {
@@ -357,16 +359,31 @@ impl<'a> Reader<'a> {
     }
 }
 
-/// The input a bypassed node passes to output `slot`: the input at the same index if its type is
-/// the output's, else the first input of that type (the frontend's rule).
-fn bypass_input(node: &Json, slot: usize) -> Option<usize> {
-    let ty = node.pointer(&format!("/outputs/{slot}/type")).and_then(Json::as_str)?;
+/// The input a bypassed node passes to output `slot` for a consumer input of type `ty`, by the frontend's
+/// rule (`ExecutableNodeDTO.#getBypassSlotIndex`): any-type consumers take the same slot (else the
+/// first); else the same slot if its type fits both the output and the consumer; else the first input
+/// of exactly the consumer's type; else the first that fits both.
+fn bypass_input(node: &Json, slot: usize, ty: &str) -> Option<usize> {
     let inputs = node.get("inputs").and_then(Json::as_array)?;
-    let type_of = |i: usize| inputs.get(i).and_then(|x| x.get("type")).and_then(Json::as_str);
-    if type_of(slot) == Some(ty) {
+    let type_of = |i: usize| inputs.get(i).and_then(|x| x.get("type")).and_then(Json::as_str).unwrap_or("");
+    if ty == "*" || ty.is_empty() {
+        return Some(if inputs.len() > slot { slot } else { 0 }).filter(|_| !inputs.is_empty());
+    }
+    let out = node.pointer(&format!("/outputs/{slot}/type")).and_then(Json::as_str).unwrap_or("");
+    let fits = |i: usize| valid_connection(type_of(i), out) && valid_connection(type_of(i), ty);
+    if slot < inputs.len() && fits(slot) {
         return Some(slot);
     }
-    (0..inputs.len()).find(|&i| type_of(i) == Some(ty))
+    (0..inputs.len()).find(|&i| type_of(i) == ty).or_else(|| (0..inputs.len()).find(|&i| fits(i)))
+}
+
+/// LiteGraph's `isValidConnection`: `*` or empty match anything; otherwise equal ignoring case, or any
+/// pair of a comma-separated list.
+fn valid_connection(a: &str, b: &str) -> bool {
+    if a.is_empty() || a == "*" || b.is_empty() || b == "*" || a.eq_ignore_ascii_case(b) {
+        return true;
+    }
+    a.split(',').any(|x| b.split(',').any(|y| x.trim().eq_ignore_ascii_case(y.trim())))
 }
 
 fn short(v: &Json) -> String {
@@ -375,5 +392,28 @@ fn short(v: &Json) -> String {
         format!("{}…", &s[..s.char_indices().nth(117).map_or(s.len(), |(i, _)| i)])
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn bypass_picks_the_input_the_frontend_picks() {
+        // VAEEncode-like: (pixels IMAGE, vae VAE) → LATENT; nothing fits a LATENT consumer.
+        let encode = json!({"inputs": [{"type": "IMAGE"}, {"type": "VAE"}], "outputs": [{"type": "LATENT"}]});
+        assert_eq!(bypass_input(&encode, 0, "LATENT"), None);
+        // A LATENT passes through slot 1 although the output is slot 0.
+        let node = json!({"inputs": [{"type": "MODEL"}, {"type": "LATENT"}], "outputs": [{"type": "LATENT"}]});
+        assert_eq!(bypass_input(&node, 0, "LATENT"), Some(1));
+        // Same slot first when it fits; an any-type consumer takes the same slot.
+        let invert = json!({"inputs": [{"type": "IMAGE"}], "outputs": [{"type": "IMAGE"}]});
+        assert_eq!(bypass_input(&invert, 0, "IMAGE"), Some(0));
+        assert_eq!(bypass_input(&node, 0, "*"), Some(0));
+        // Types compare without case, and lists match any member.
+        let list = json!({"inputs": [{"type": "IMAGE,MASK"}], "outputs": [{"type": "MASK"}]});
+        assert_eq!(bypass_input(&list, 0, "mask"), Some(0));
     }
 }
