@@ -291,7 +291,7 @@ impl<'a> Reader<'a> {
             return self.instance_input(p, instance, slot, ty, depth);
         }
         let Some(node) = self.scopes[s].nodes.get(&id).copied() else { return Ok(None) };
-        let ty = node.get("type").and_then(Json::as_str).unwrap_or_default();
+        let node_type = node.get("type").and_then(Json::as_str).unwrap_or_default();
         let mode = int(node.get("mode")).unwrap_or(0);
         let input_link = |i: usize| node.get("inputs").and_then(|a| a.get(i)).and_then(|x| int(x.get("link")));
         if mode == MODE_MUTED {
@@ -303,7 +303,7 @@ impl<'a> Reader<'a> {
                 None => Ok(None),
             };
         }
-        match ty {
+        match node_type {
             "Reroute" => match input_link(0) {
                 Some(link) => self.resolve_link(s, link, ty, depth),
                 None => Ok(None),
