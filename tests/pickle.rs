@@ -82,3 +82,31 @@ fn hostile_bytes_are_errors_never_panics() {
         }
     }
 }
+
+/// Pickles built to crash a reader: a million nested lists (dropping the tree would recurse once per
+/// level), a million nested tuples built without marks, and a list that contains itself used where a
+/// storage type goes (printing it would recurse forever). Each is an error or a result, never a crash.
+#[test]
+fn nesting_and_cycles_do_not_crash_the_reader() {
+    let d = Dir::new();
+    let mut deep = vec![0x80, 2];
+    deep.extend(std::iter::repeat_n(b']', 1_000_000));
+    deep.extend(std::iter::repeat_n(b'a', 999_999));
+    deep.push(b'.');
+    let path = d.write("deep.pt", &deep);
+    assert!(read(&path).is_err(), "a list of lists is no checkpoint");
+    let mut tuples = vec![0x80, 2, b')'];
+    tuples.extend(std::iter::repeat_n(0x85, 1_000_000));
+    tuples.push(b'.');
+    let path = d.write("tuples.pt", &tuples);
+    assert!(read(&path).is_err());
+    // In the legacy format (magic number, protocol and system-info pickles first): ']' q0 h0 a, a list
+    // appended to itself, then ('storage', that list, …) as a persistent id.
+    let mut cyclic = vec![0x80, 2, 0x8a, 10, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19, b'.'];
+    cyclic.extend_from_slice(&[0x80, 2, b'M', 0xe9, 0x03, b'.', 0x80, 2, b'}', b'.']);
+    cyclic.extend_from_slice(&[0x80, 2, b']', b'q', 0, b'h', 0, b'a', b'q', 1]);
+    cyclic.extend_from_slice(b"(X\x07\x00\x00\x00storageh\x01X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x01tQ.");
+    let path = d.write("cyclic.pt", &cyclic);
+    let e = read(&path).unwrap_err().to_string();
+    assert!(e.contains("the storage type is a list"), "{e}");
+}

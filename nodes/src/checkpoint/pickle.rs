@@ -29,8 +29,8 @@ const MAX_NUMEL: u64 = 1 << 40;
 const LEGACY_MAGIC: i128 = 0x1950a86a20f9469cfc6c;
 
 /// A value the unpickler builds. Containers are shared, as in Python: the memo and the stack may hold
-/// the same list, which later opcodes fill. Scalars keep their values for error messages (Debug).
-#[derive(Clone, Debug)]
+/// the same list, which later opcodes fill. Scalars keep their values, unread: the tree is data.
+#[derive(Clone)]
 #[allow(dead_code)]
 enum Obj {
     None,
@@ -39,9 +39,9 @@ enum Obj {
     Float(f64),
     Str(String),
     Bytes(Vec<u8>),
-    List(Rc<RefCell<Vec<Obj>>>),
-    Tuple(Rc<Vec<Obj>>),
-    Dict(Rc<RefCell<Vec<(Obj, Obj)>>>),
+    List(Rc<RefCell<Items>>),
+    Tuple(Rc<Items>),
+    Dict(Rc<RefCell<Pairs>>),
     /// An allowed global, not yet applied.
     Global(Rc<(String, String)>),
     /// A storage named by a persistent id: (key, element kind, elements).
@@ -59,12 +59,108 @@ struct TensorRef {
     stride: Vec<i64>,
 }
 
+/// A container's items. A hostile file can nest containers a million deep in a few megabytes; dropping
+/// such a tree the usual way recurses once per level and overflows the stack, so containers are taken
+/// apart iteratively ([`dismantle`]).
+#[derive(Clone, Default)]
+struct Items(Vec<Obj>);
+
+#[derive(Clone, Default)]
+struct Pairs(Vec<(Obj, Obj)>);
+
+impl std::ops::Deref for Items {
+    type Target = Vec<Obj>;
+    fn deref(&self) -> &Vec<Obj> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Items {
+    fn deref_mut(&mut self) -> &mut Vec<Obj> {
+        &mut self.0
+    }
+}
+
+impl std::ops::Deref for Pairs {
+    type Target = Vec<(Obj, Obj)>;
+    fn deref(&self) -> &Vec<(Obj, Obj)> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Pairs {
+    fn deref_mut(&mut self) -> &mut Vec<(Obj, Obj)> {
+        &mut self.0
+    }
+}
+
+impl Drop for Items {
+    fn drop(&mut self) {
+        dismantle(std::mem::take(&mut self.0));
+    }
+}
+
+impl Drop for Pairs {
+    fn drop(&mut self) {
+        dismantle(std::mem::take(&mut self.0).into_iter().flat_map(|(k, v)| [k, v]).collect());
+    }
+}
+
+/// Drops `stack` without recursion: a container whose last reference goes has its items moved onto the
+/// stack first (a container still referenced elsewhere is dismantled when that reference goes).
+fn dismantle(mut stack: Vec<Obj>) {
+    while let Some(o) = stack.pop() {
+        match o {
+            Obj::List(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    stack.append(&mut cell.into_inner().0);
+                }
+            }
+            Obj::Tuple(rc) => {
+                if let Ok(mut items) = Rc::try_unwrap(rc) {
+                    stack.append(&mut items.0);
+                }
+            }
+            Obj::Dict(rc) => {
+                if let Ok(cell) = Rc::try_unwrap(rc) {
+                    stack.extend(std::mem::take(&mut cell.into_inner().0).into_iter().flat_map(|(k, v)| [k, v]));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 fn list(v: Vec<Obj>) -> Obj {
-    Obj::List(Rc::new(RefCell::new(v)))
+    Obj::List(Rc::new(RefCell::new(Items(v))))
+}
+
+fn tuple(v: Vec<Obj>) -> Obj {
+    Obj::Tuple(Rc::new(Items(v)))
 }
 
 fn dict(v: Vec<(Obj, Obj)>) -> Obj {
-    Obj::Dict(Rc::new(RefCell::new(v)))
+    Obj::Dict(Rc::new(RefCell::new(Pairs(v))))
+}
+
+/// What kind of value `o` is, for messages (never the value itself: it may contain itself).
+fn kind_of(o: Option<&Obj>) -> &'static str {
+    match o {
+        None => "nothing",
+        Some(Obj::None) => "None",
+        Some(Obj::Bool(_)) => "a boolean",
+        Some(Obj::Int(_)) => "an integer",
+        Some(Obj::Float(_)) => "a float",
+        Some(Obj::Str(_)) => "a string",
+        Some(Obj::Bytes(_)) => "bytes",
+        Some(Obj::List(_)) => "a list",
+        Some(Obj::Tuple(_)) => "a tuple",
+        Some(Obj::Dict(_)) => "a dict",
+        Some(Obj::Global(_)) => "a global",
+        Some(Obj::Storage(_)) => "a storage",
+        Some(Obj::Tensor(_)) => "a tensor",
+        Some(Obj::Inert) => "an inert object",
+    }
 }
 
 /// Storage classes torch pickles, by the element kind they hold.
@@ -279,15 +375,15 @@ impl<'a> Unpickler<'a> {
             Some(Obj::Global(g)) => storage_kind(&g.1).or_else(|| dtype_kind(&g.1)),
             _ => None,
         }
-        .ok_or_else(|| self.err(format!("unknown storage type {:?}", t.get(1))))?;
+        .ok_or_else(|| self.err(format!("the storage type is {}, not a torch storage class", kind_of(t.get(1)))))?;
         let key = match t.get(2) {
             Some(Obj::Str(s)) => s.clone(),
             Some(Obj::Int(i)) => i.to_string(),
-            other => return Err(self.err(format!("storage key {other:?}"))),
+            other => return Err(self.err(format!("the storage key is {}", kind_of(other)))),
         };
         let numel = match t.get(4) {
             Some(Obj::Int(n)) if *n >= 0 && (*n as u64) <= MAX_NUMEL => *n as u64,
-            other => return Err(self.err(format!("storage size {other:?}"))),
+            other => return Err(self.err(format!("the storage size is {}", kind_of(other)))),
         };
         if self.legacy && !matches!(t.get(5), None | Some(Obj::None)) {
             return Err(self.err("legacy storage views are not supported"));
@@ -302,7 +398,7 @@ impl<'a> Unpickler<'a> {
         let (module, name) = (g.0.as_str(), g.1.as_str());
         let args: Vec<Obj> = match &args {
             Obj::Tuple(t) => t.to_vec(),
-            Obj::List(l) => l.borrow().clone(),
+            Obj::List(l) => l.borrow().to_vec(),
             _ => return Err(self.err(format!("{module}.{name}: arguments are not a tuple"))),
         };
         match (module, name) {
@@ -341,9 +437,9 @@ impl<'a> Unpickler<'a> {
                 }
                 Ok(d)
             }
-            ("torch", "Size") => Ok(args.into_iter().next().unwrap_or(Obj::Tuple(Rc::new(Vec::new())))),
+            ("torch", "Size") => Ok(args.into_iter().next().unwrap_or(tuple(Vec::new()))),
             ("builtins" | "__builtin__", "set" | "frozenset") => Ok(list(match args.into_iter().next() {
-                Some(Obj::List(l)) => l.borrow().clone(),
+                Some(Obj::List(l)) => l.borrow().to_vec(),
                 _ => Vec::new(),
             })),
             _ if inert(module, name) || allowed(module, name) => Ok(Obj::Inert),
@@ -465,7 +561,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b']' => self.push(list(Vec::new()))?,
                 b'}' => self.push(dict(Vec::new()))?,
-                b')' => self.push(Obj::Tuple(Rc::new(Vec::new())))?,
+                b')' => self.push(tuple(Vec::new()))?,
                 0x8f => self.push(list(Vec::new()))?,
                 b'l' => {
                     let items = self.pop_mark()?;
@@ -473,7 +569,7 @@ impl<'a> Unpickler<'a> {
                 }
                 b't' => {
                     let items = self.pop_mark()?;
-                    self.push(Obj::Tuple(Rc::new(items)))?
+                    self.push(tuple(items))?
                 }
                 0x91 => {
                     let items = self.pop_mark()?;
@@ -492,7 +588,7 @@ impl<'a> Unpickler<'a> {
                         items.push(self.pop()?);
                     }
                     items.reverse();
-                    self.push(Obj::Tuple(Rc::new(items)))?
+                    self.push(tuple(items))?
                 }
                 b'a' => {
                     let v = self.pop()?;
@@ -701,25 +797,27 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, LoadErro
             });
         }
     }
-    let pkl = read_entry(&mut zip, &pkl_name, path)?;
+    let pkl = read_entry(&mut zip, &pkl_name, path, bytes.len())?;
     let mut u = Unpickler::new(&pkl, path, false);
     let root = u.run()?;
     let tensors = state_dict(&root, path)?;
     let mut data: HashMap<String, Vec<u8>> = HashMap::new();
     for (key, _, _) in u.storages.values().map(|s| (**s).clone()) {
         let entry = format!("{prefix}data/{key}");
-        data.insert(key, read_entry(&mut zip, &entry, path)?);
+        data.insert(key, read_entry(&mut zip, &entry, path, bytes.len())?);
     }
     build(path, tensors, &data)
 }
 
-fn read_entry(zip: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>, name: &str, path: &Path) -> Result<Vec<u8>, LoadError> {
+/// An archive entry's bytes; `zip_len` (the archive's size) bounds what a lying header can reserve.
+fn read_entry(zip: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>, name: &str, path: &Path, zip_len: usize) -> Result<Vec<u8>, LoadError> {
     let mut f = zip.by_name(name).map_err(|e| corrupt(path, format!("archive entry {name}: {e}")))?;
     let size = f.size();
     if size > MAX_NUMEL {
         return Err(corrupt(path, format!("archive entry {name} claims {size} bytes")));
     }
-    let mut out = Vec::with_capacity(size as usize);
+    // The claimed size only caps the reservation: a lying header cannot reserve more than the file.
+    let mut out = Vec::with_capacity((size as usize).min(zip_len));
     f.read_to_end(&mut out).map_err(|e| corrupt(path, format!("archive entry {name}: {e}")))?;
     Ok(out)
 }
