@@ -51,7 +51,8 @@ from transformers import CLIPTokenizer  # noqa: E402
 import reference as ref  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOKENIZER_DIR = os.path.join(ROOT, "models", "clip-tokenizer")
+# Where the set-up put the CLIP vocabulary (scripts/env.sh: $DIFFLOOM_CLIP_VOCAB_DIR, else models/clip-tokenizer).
+TOKENIZER_DIR = os.environ.get("DIFFLOOM_CLIP_VOCAB_DIR") or os.path.join(ROOT, "models", "clip-tokenizer")
 SD1_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                      prediction_type="epsilon", timestep_spacing="linspace", interpolation_type="linear",
                      use_karras_sigmas=False, final_sigmas_type="zero", steps_offset=1)
