@@ -28,7 +28,7 @@ fn png_texts(bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     let mut at = PNG_SIGNATURE.len();
     while at + 8 <= bytes.len() {
-        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize; // invariant: the loop condition keeps at + 8 within the bytes.
         let kind = &bytes[at + 4..at + 8];
         let end = at.checked_add(8 + len).filter(|e| *e + 4 <= bytes.len()).ok_or("a PNG chunk runs past the end of the file")?;
         let data = &bytes[at + 8..end];
@@ -83,7 +83,7 @@ fn webp_texts(bytes: &[u8]) -> Result<Vec<(String, String)>, String> {
     let mut at = 12;
     while at + 8 <= bytes.len() {
         let kind = &bytes[at..at + 4];
-        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
+        let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes")) as usize; // invariant: the loop condition keeps at + 8 within the bytes.
         let end = (at + 8).checked_add(len).filter(|e| *e <= bytes.len()).ok_or("a WebP chunk runs past the end of the file")?;
         if kind == b"EXIF" {
             return Ok(exif_texts(&bytes[at + 8..end]));

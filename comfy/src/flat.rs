@@ -184,7 +184,7 @@ pub fn to_graph(flat: &Flat, registry: &Registry, file: &std::path::Path) -> Res
                 FlatInput::Param(p) => InputValue::Ref(Reference::Param(param_names[*p].clone())),
                 FlatInput::Link(src, slot) => {
                     let &s = id_of.get(src.as_str()).ok_or_else(|| bad(name, format!("links to node #{src}, which is not in the workflow")))?;
-                    let schema = &registry.get(&flat.nodes[s].class_type).expect("known: checked above").schema;
+                    let schema = &registry.get(&flat.nodes[s].class_type).expect("known: checked above").schema; // invariant: unknown node types were reported (and returned) above.
                     let output = schema.outputs.get(*slot).ok_or_else(|| {
                         bad(name, format!("links to output {slot} of node #{src} ({}), which has {} outputs", flat.nodes[s].class_type, schema.outputs.len()))
                     })?;

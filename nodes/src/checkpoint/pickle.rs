@@ -518,7 +518,8 @@ impl<'a> Unpickler<'a> {
                 }
                 b'G' => {
                     let b = self.take(8)?;
-                    self.push(Obj::Float(f64::from_be_bytes(b.try_into().expect("8 bytes"))))?
+                    let bytes: [u8; 8] = b.try_into().expect("8 bytes"); // invariant: take(8) returned exactly 8 bytes.
+                    self.push(Obj::Float(f64::from_be_bytes(bytes)))?
                 }
                 b'F' => {
                     let l = self.line()?;
@@ -851,7 +852,7 @@ fn read_legacy(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, LoadE
     for key in keys {
         let s = main.storages.get(&key).cloned().ok_or_else(|| corrupt(path, format!("storage {key} is not used by the pickle")))?;
         let head = bytes.get(at..at + 8).ok_or_else(|| corrupt(path, "the storages are truncated"))?;
-        let numel = u64::from_le_bytes(head.try_into().expect("8 bytes"));
+        let numel = u64::from_le_bytes(head.try_into().expect("8 bytes")); // invariant: `head` is the 8-byte slice at..at + 8.
         let len =
             numel.checked_mul(s.1.elt_size_in_bytes() as u64).filter(|l| *l <= MAX_NUMEL).ok_or_else(|| corrupt(path, "a storage's size overflows"))? as usize;
         let body = bytes.get(at + 8..at + 8 + len).ok_or_else(|| corrupt(path, format!("storage {key} is truncated")))?;
