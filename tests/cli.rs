@@ -238,36 +238,18 @@ fn image_nodes_behave_as_comfyui() {
 #[test]
 fn blend_modes_follow_comfyuis_formulas() {
     use diffloom_core::value::Shared;
-    use diffloom_core::{Args, Node, Value};
+    use diffloom_core::Value;
     use tch::Tensor;
     let a = Tensor::from_slice(&[0.2f32, 0.7]).view([1, 1, 2, 1]).expand([1, 1, 2, 3], false).contiguous();
     let b = Tensor::from_slice(&[0.6f32, 0.3]).view([1, 1, 2, 1]).expand([1, 1, 2, 3], false).contiguous();
     let blend = |mode: &str, f: f64| -> Vec<f32> {
-        let args = Args::new(vec![
-            ("image1".into(), Some(Value::Image(Shared(a.shallow_clone())))),
-            ("image2".into(), Some(Value::Image(Shared(b.shallow_clone())))),
-            ("blend_factor".into(), Some(Value::Float(f))),
-            ("blend_mode".into(), Some(Value::String(mode.into()))),
-        ]);
-        let flag = std::sync::atomic::AtomicBool::new(false);
-        let mut cx = diffloom_core::Ctx {
-            device: tch::Device::Cpu,
-            node_id: "b",
-            files: diffloom_core::Locator {
-                graph_dir: std::path::Path::new("."),
-                folders: &diffloom_core::Folders::default(),
-                output_dir: std::path::Path::new("."),
-            },
-            output_dir: std::path::Path::new("."),
-            image_texts: &|_, _| Vec::new(),
-            cancel: &flag,
-            dtype: tch::Kind::Float,
-            messages: vec![],
-            ui: serde_json::Map::new(),
-            progress: &|_, _, _| {},
-            registry: &diffloom_core::Registry::new(),
-        };
-        let out = diffloom_nodes::builtin::image::ImageBlend.execute(&mut cx, &args).unwrap();
+        let args = vec![
+            ("image1", Some(Value::Image(Shared(a.shallow_clone())))),
+            ("image2", Some(Value::Image(Shared(b.shallow_clone())))),
+            ("blend_factor", Some(Value::Float(f))),
+            ("blend_mode", Some(Value::String(mode.into()))),
+        ];
+        let out = crate::util::call(&diffloom_nodes::builtin::image::ImageBlend, args).unwrap();
         let Value::Image(t) = &out[0] else { panic!() };
         Vec::<f32>::try_from(&t.select(3, 0).flatten(0, -1)).unwrap()
     };
