@@ -20,6 +20,8 @@ pub const MODEL_INPUTS: &[(&str, &str, &str)] = &[
     ("LoraLoader", "lora_name", "loras"),
     ("LoraLoaderModelOnly", "lora_name", "loras"),
     ("UpscaleModelLoader", "model_name", "upscale_models"),
+    ("ControlNetLoader", "control_net_name", "controlnet"),
+    ("DiffControlNetLoader", "control_net_name", "controlnet"),
 ];
 
 /// The ComfyUI folder a node's input names a file in, if it is a model input.

@@ -31,13 +31,15 @@ pub enum ValueType {
     /// A model with its conditioning and guidance (CFGGuider, BasicGuider, …).
     Guider,
     UpscaleModel,
+    /// A ControlNet or T2I-Adapter (ControlNetLoader), applied to conditioning by ControlNetApply.
+    ControlNet,
     /// Accepts any value; only used for inputs (e.g. `PreviewAny`).
     Any,
 }
 
 impl ValueType {
     /// Every type, in the order `diffloom nodes` lists them.
-    pub const ALL: [ValueType; 17] = [
+    pub const ALL: [ValueType; 18] = [
         ValueType::Int,
         ValueType::Float,
         ValueType::String,
@@ -54,6 +56,7 @@ impl ValueType {
         ValueType::Noise,
         ValueType::Guider,
         ValueType::UpscaleModel,
+        ValueType::ControlNet,
         ValueType::Any,
     ];
 
@@ -76,6 +79,7 @@ impl ValueType {
             ValueType::Noise => "NOISE",
             ValueType::Guider => "GUIDER",
             ValueType::UpscaleModel => "UPSCALE_MODEL",
+            ValueType::ControlNet => "CONTROL_NET",
             ValueType::Any => "*",
         }
     }
@@ -164,6 +168,12 @@ pub struct CondEntry {
     /// ConditioningSetTimestepRange: the part of the sampling, as fractions (start, end) from 0 (the
     /// first step) to 1, where the entry applies (ComfyUI's `start_percent`, `end_percent`).
     pub timestep_range: Option<(f64, f64)>,
+    /// ControlNetApply: the last ControlNet or T2I-Adapter applied to this entry (a node-crate object
+    /// that holds the ones applied before it); entries sharing one are run in one batch.
+    pub control: Option<Handle>,
+    /// The deprecated ControlNetApply sets this on the positive side: a negative entry without a
+    /// ControlNet of its own then gets the positive's (ComfyUI's `control_apply_to_uncond`).
+    pub control_apply_to_uncond: bool,
 }
 
 impl CondEntry {
@@ -180,6 +190,8 @@ impl CondEntry {
             concat_latent: None,
             concat_mask: None,
             timestep_range: None,
+            control: None,
+            control_apply_to_uncond: false,
         }
     }
 }
@@ -210,6 +222,11 @@ impl Handle {
     /// The wrapped object, if it is a `T`.
     pub fn downcast<T: Any>(&self) -> Option<&T> {
         self.inner.downcast_ref::<T>()
+    }
+
+    /// Whether both handles wrap the very same object (ComfyUI compares such objects with `is`).
+    pub fn same(&self, other: &Handle) -> bool {
+        Rc::ptr_eq(&self.inner, &other.inner)
     }
 
     /// What the object is, for reports.
@@ -251,6 +268,7 @@ pub enum Value {
     Noise(Handle),
     Guider(Handle),
     UpscaleModel(Handle),
+    ControlNet(Handle),
 }
 
 impl Value {
@@ -273,6 +291,7 @@ impl Value {
             Value::Noise(_) => ValueType::Noise,
             Value::Guider(_) => ValueType::Guider,
             Value::UpscaleModel(_) => ValueType::UpscaleModel,
+            Value::ControlNet(_) => ValueType::ControlNet,
         }
     }
 
@@ -284,14 +303,28 @@ impl Value {
             Value::Image(t) | Value::Mask(t) | Value::Sigmas(t) => tensor_bytes(t),
             Value::Latent(l) => tensor_bytes(&l.samples) + l.noise_mask.as_ref().map_or(0, |m| tensor_bytes(m)),
             Value::Conditioning(c) => c.iter().map(|e| tensor_bytes(&e.cross_attn) + e.pooled.as_ref().map_or(0, |p| tensor_bytes(p))).sum(),
-            Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::Noise(h) | Value::Guider(h) | Value::UpscaleModel(h) => h.bytes,
+            Value::Model(h)
+            | Value::Clip(h)
+            | Value::Vae(h)
+            | Value::Sampler(h)
+            | Value::Noise(h)
+            | Value::Guider(h)
+            | Value::UpscaleModel(h)
+            | Value::ControlNet(h) => h.bytes,
         }
     }
 
     /// The object behind a handle value (models, samplers, noise, guiders), if this is one.
     pub fn handle(&self) -> Option<&Handle> {
         match self {
-            Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::Noise(h) | Value::Guider(h) | Value::UpscaleModel(h) => Some(h),
+            Value::Model(h)
+            | Value::Clip(h)
+            | Value::Vae(h)
+            | Value::Sampler(h)
+            | Value::Noise(h)
+            | Value::Guider(h)
+            | Value::UpscaleModel(h)
+            | Value::ControlNet(h) => Some(h),
             _ => None,
         }
     }
@@ -312,7 +345,14 @@ impl Value {
             }
             Value::Latent(l) => format!("LATENT {:?}", l.samples.size()),
             Value::Conditioning(c) => format!("CONDITIONING ({} entries)", c.len()),
-            Value::Model(h) | Value::Clip(h) | Value::Vae(h) | Value::Sampler(h) | Value::Noise(h) | Value::Guider(h) | Value::UpscaleModel(h) => {
+            Value::Model(h)
+            | Value::Clip(h)
+            | Value::Vae(h)
+            | Value::Sampler(h)
+            | Value::Noise(h)
+            | Value::Guider(h)
+            | Value::UpscaleModel(h)
+            | Value::ControlNet(h) => {
                 format!("{} {}", self.value_type(), h.label())
             }
         }

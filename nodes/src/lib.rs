@@ -3,6 +3,7 @@
 
 pub mod builtin;
 pub mod checkpoint;
+pub mod control;
 pub mod family;
 pub mod imageio;
 pub mod lora;
@@ -19,7 +20,7 @@ use std::rc::Rc;
 use diffloom_core::{Node, Origin, Registry};
 
 use builtin::sampling as sampling_nodes;
-use builtin::{conditioning, custom_sampling as custom, image, latent, loaders, mask, primitive};
+use builtin::{conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, primitive};
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
 pub fn builtin() -> Vec<Rc<dyn Node>> {
@@ -30,6 +31,8 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(loaders::UpscaleModelLoader),
         Rc::new(loaders::LoraLoader),
         Rc::new(loaders::LoraLoaderModelOnly),
+        Rc::new(loaders::ControlNetLoader),
+        Rc::new(loaders::DiffControlNetLoader),
         // conditioning
         Rc::new(conditioning::CLIPTextEncode),
         Rc::new(conditioning::CLIPSetLastLayer),
@@ -43,6 +46,9 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(conditioning::ConditioningSetAreaStrength),
         Rc::new(conditioning::ConditioningSetMask),
         Rc::new(conditioning::InpaintModelConditioning),
+        // conditioning/controlnet
+        Rc::new(controlnet::ControlNetApplyAdvanced),
+        Rc::new(controlnet::ControlNetApply),
         // sampling
         Rc::new(sampling_nodes::KSampler),
         Rc::new(sampling_nodes::KSamplerAdvanced),

@@ -27,6 +27,8 @@ pub struct SdModel {
     pub family: Family,
     /// How its output is read and its schedule (the detected prediction, or ModelSamplingDiscrete's).
     pub sampling: SamplingMode,
+    /// The checkpoint's file name, for errors that involve the model and another file.
+    pub name: String,
 }
 
 /// CLIP: the text encoder, its tokenizer, and the layer CLIPSetLastLayer chose.

@@ -1,6 +1,7 @@
 //! Writes the project's random-weight test checkpoints (real single-file key layout, no download):
 //!
-//!   make-test-models DIR            tiny SD1, SD2 and SD1-inpainting models, a LoRA, ESRGAN upscalers
+//!   make-test-models DIR            tiny SD1, SD2 and SD1-inpainting models, a LoRA, ESRGAN upscalers,
+//!                                   a ControlNet and T2I-Adapters (with a four-level SD1 model for them)
 //!   make-test-models DIR --full     also full-size SD1 and SD2 files (fp16, ~2 and ~2.6 GB)
 //!   make-test-models DIR --full-sd1 only the full-size SD1 file
 //!
@@ -14,7 +15,10 @@ use std::process::ExitCode;
 use diffloom_nodes::checkpoint::detect::{Family, CONFIG_METADATA_KEY};
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
-use diffloom_nodes::checkpoint::synthetic::{full_config, tiny_config, write_checkpoint, write_lora, write_rrdbnet};
+use diffloom_nodes::checkpoint::synthetic::{
+    full_config, tiny_adapter_config, tiny_config, tiny_controlnet_config, tiny_four_level_config, write_checkpoint, write_controlnet, write_lora,
+    write_rrdbnet, write_t2i_adapter,
+};
 use diffloom_nodes::models::rrdbnet::RrdbConfig;
 use tch::{Device, Kind};
 
@@ -53,6 +57,7 @@ fn run(dir: &Path, full: bool, full_sd1_only: bool) -> Result<(), String> {
             ("tiny-sd1.safetensors", tiny_config(Family::Sd1, false), Kind::Float, 1, true),
             ("tiny-sd2.safetensors", tiny_config(Family::Sd2, false), Kind::Float, 2, true),
             ("tiny-sd1-inpaint.safetensors", tiny_config(Family::Sd1, true), Kind::Float, 3, true),
+            ("tiny-sd1-4level.safetensors", tiny_four_level_config(), Kind::Float, 6, true),
         ]
     };
     if full_sd1_only {
@@ -102,6 +107,29 @@ fn run(dir: &Path, full: bool, full_sd1_only: bool) -> Result<(), String> {
             }
             let tmp = dir.join(format!(".{name}.tmp"));
             write_rrdbnet(&tmp, &config, original_layout, seed).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+    }
+    if !full_sd1_only {
+        // ControlNet 1.1's single-file layout for tiny-sd1; T2I-Adapters (full, grey-scale hints; light,
+        // RGB) for tiny-sd1-4level, whose block layout is SD 1.x's.
+        let controlnet = tiny_controlnet_config(tiny_config(Family::Sd1, false).unet.as_ref().ok_or("no UNet config")?);
+        let path = dir.join("tiny-sd1-controlnet.safetensors");
+        if !up_to_date(&path, &controlnet, true) {
+            let tmp = dir.join(".tiny-sd1-controlnet.safetensors.tmp");
+            write_controlnet(&tmp, &controlnet, Kind::Float, 21).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+        for (name, light, seed) in [("tiny-t2i-adapter.safetensors", false, 22), ("tiny-t2i-adapter-light.safetensors", true, 23)] {
+            let config = tiny_adapter_config(light);
+            let path = dir.join(name);
+            if up_to_date(&path, &config, true) {
+                continue;
+            }
+            let tmp = dir.join(format!(".{name}.tmp"));
+            write_t2i_adapter(&tmp, &config, seed).map_err(|e| e.to_string())?;
             std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
             println!("wrote {}", path.display());
         }

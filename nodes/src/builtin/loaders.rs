@@ -6,7 +6,9 @@ use std::rc::Rc;
 use diffloom_core::value::MissingPart;
 use diffloom_core::{Args, Ctx, Float, Handle, Locator, Node, NodeError, Schema, Str, Value, ValueType};
 
+use crate::checkpoint::control::load_control;
 use crate::checkpoint::load::{load_checkpoint, load_upscale_model, load_vae};
+use crate::control::ControlNetValue;
 use crate::lora::apply_lora;
 use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
 
@@ -77,7 +79,11 @@ impl Node for CheckpointLoaderSimple {
         let name = file_label(&path);
         let missing = |part: &str, keys: &str| Handle::new(MissingPart(format!("{} has no {part} ({keys})", path.display())), 0, format!("{name} (no {part})"));
         let model = match &ck.unet {
-            Some(unet) => Handle::new(SdModel { unet: unet.clone(), family: ck.config.family, sampling: ck.config.prediction.into() }, ck.bytes, name.clone()),
+            Some(unet) => Handle::new(
+                SdModel { unet: unet.clone(), family: ck.config.family, sampling: ck.config.prediction.into(), name: name.clone() },
+                ck.bytes,
+                name.clone(),
+            ),
             None => missing("UNet", "model.diffusion_model.*"),
         };
         let clip = match &ck.clip {
@@ -223,5 +229,60 @@ impl Node for LoraLoaderModelOnly {
         let (new_model, _, messages) = apply_lora(&path, Some((model, sm)), None)?;
         cx.messages.extend(messages);
         Ok(vec![patched_value(model_in, new_model, |m| patched_bytes(&model.unet.state, &m.unet.state), &path)])
+    }
+}
+
+/// ComfyUI's `load_controlnet` turns on global average pooling for the shuffle ControlNet by its file
+/// name.
+fn shuffle_by_name(path: &Path) -> bool {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    stem.ends_with("_shuffle") || stem.ends_with("_shuffle_fp16")
+}
+
+fn control_net_value(cx: &mut Ctx, path: &Path, base: Option<&SdModel>) -> Result<Vec<Value>, NodeError> {
+    let (model, bytes) = load_control(path, cx.device, cx.dtype, base.map(|m| &m.unet)).map_err(|e| NodeError::Failed(e.to_string()))?;
+    let name = file_label(path);
+    cx.messages.push(format!("{name}: {}", model.describe()));
+    let value = ControlNetValue { model: Rc::new(model), name: name.clone(), global_average_pooling: shuffle_by_name(path) };
+    Ok(vec![Value::ControlNet(Handle::new(value, bytes, name))])
+}
+
+pub struct ControlNetLoader;
+impl Node for ControlNetLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("ControlNetLoader", "loaders")
+            .describe(
+                "Loads an SD 1.x/2.x ControlNet (original or diffusers layout, .safetensors or .pth) or a T2I-Adapter; \
+                 what the file holds comes from its keys.",
+            )
+            .input("control_net_name", Str::required())
+            .doc("path to the file in the controlnet (or t2i_adapter) folder")
+            .output("CONTROL_NET", ValueType::ControlNet)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "controlnet", "control_net_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let path = cx.files.model("controlnet", "control_net_name", a.string("control_net_name")?)?;
+        control_net_value(cx, &path, None)
+    }
+}
+
+pub struct DiffControlNetLoader;
+impl Node for DiffControlNetLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("DiffControlNetLoader", "loaders")
+            .describe("Loads a \"diff\" ControlNet, whose weights are stored as differences to the model's (any ControlNet loads here too).")
+            .input("model", ValueType::Model)
+            .input("control_net_name", Str::required())
+            .output("CONTROL_NET", ValueType::ControlNet)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "controlnet", "control_net_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let model: &SdModel = a.handle("model")?;
+        let path = cx.files.model("controlnet", "control_net_name", a.string("control_net_name")?)?;
+        control_net_value(cx, &path, Some(model))
     }
 }

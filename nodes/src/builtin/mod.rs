@@ -1,6 +1,7 @@
 //! The built-in nodes, one module per ComfyUI category.
 
 pub mod conditioning;
+pub mod controlnet;
 pub mod custom_sampling;
 pub mod image;
 pub mod latent;

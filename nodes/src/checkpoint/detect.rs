@@ -130,7 +130,7 @@ fn unsupported_family(shapes: &Shapes) -> Option<&'static str> {
     }
 }
 
-fn detect_unet(s: &Shapes, p: &str) -> Option<UnetConfig> {
+pub(crate) fn detect_unet(s: &Shapes, p: &str) -> Option<UnetConfig> {
     let get = |k: &str| s.get(&format!("{p}{k}"));
     let conv_in = get("input_blocks.0.0.weight")?;
     let (mc, in_channels) = (conv_in[0], conv_in[1]);

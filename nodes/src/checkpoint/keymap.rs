@@ -53,6 +53,51 @@ pub fn unet_key(k: &str, nrb: usize, up_has_attn: &[bool]) -> Option<String> {
     }
 }
 
+/// The LDM (`cldm`) name of diffusers ControlNet key `k` (ComfyUI's `load_controlnet_state_dict`
+/// table): the UNet half as in [`unet_key`], then the hint embedding and the zero convolutions.
+pub fn controlnet_key(k: &str, nrb: usize, hint_blocks: usize) -> Option<String> {
+    let parts: Vec<&str> = k.splitn(3, '.').collect();
+    let rest = |n: usize| parts.get(n).copied();
+    match parts.first().copied()? {
+        "controlnet_mid_block" => Some(format!("middle_block_out.0.{}", k.strip_prefix("controlnet_mid_block.")?)),
+        "controlnet_down_blocks" => Some(format!("zero_convs.{}.0.{}", rest(1)?.parse::<usize>().ok()?, rest(2)?)),
+        "controlnet_cond_embedding" => {
+            let tail = k.strip_prefix("controlnet_cond_embedding.")?;
+            let (layer, param) = tail.split_once('.')?;
+            let index = match layer {
+                "conv_in" => 0,
+                "conv_out" => 2 * (hint_blocks + 1),
+                "blocks" => {
+                    let (n, param) = param.split_once('.')?;
+                    return Some(format!("input_hint_block.{}.{param}", 2 * (n.parse::<usize>().ok()? + 1)));
+                }
+                _ => return None,
+            };
+            Some(format!("input_hint_block.{index}.{param}"))
+        }
+        _ => unet_key(k, nrb, &[]),
+    }
+}
+
+/// The original name of a diffusers T2I-Adapter key (`adapter.` prefix). Full adapters: level i's
+/// residual block j is `body.{i * nums_rb + j}`, its input convolution on the level's first block (as
+/// ComfyUI's table); light adapters: `body.i.body.j`.
+pub fn t2i_adapter_key(k: &str, light: bool, nums_rb: usize) -> Option<String> {
+    let k = k.strip_prefix("adapter.")?;
+    let Some(rest) = k.strip_prefix("body.") else { return Some(k.to_owned()) };
+    let (i, rest) = rest.split_once('.')?;
+    let i: usize = i.parse().ok()?;
+    match rest.strip_prefix("resnets.") {
+        Some(r) => {
+            let (j, param) = r.split_once('.')?;
+            let j: usize = j.parse().ok()?;
+            Some(if light { format!("body.{i}.body.{j}.{param}") } else { format!("body.{}.{param}", i * nums_rb + j) })
+        }
+        None if light => Some(format!("body.{i}.{rest}")),
+        None => Some(format!("body.{}.{rest}", i * nums_rb)),
+    }
+}
+
 /// A UNet resnet's inner names.
 fn resnet(rest: &str) -> Option<String> {
     let (layer, param) = rest.split_once('.')?;

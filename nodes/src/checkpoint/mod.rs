@@ -1,6 +1,7 @@
 //! Reading checkpoints: safetensors files (memory-mapped) and PyTorch pickles (read as data), the tensor lookup the model constructors use,
 //! and the load errors.
 
+pub mod control;
 pub mod detect;
 pub mod keymap;
 pub mod load;

@@ -13,7 +13,9 @@ use tch::{Kind, Tensor};
 use super::detect::{Family, ModelConfig, Prediction, CLIP_HF_PREFIX, CLIP_OPEN_PREFIX, CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX};
 use super::{keymap, LoadError, Loaded, Weights};
 use crate::models::clip::{ClipConfig, ClipLayout, ClipTextModel};
+use crate::models::controlnet::{ControlNet, ControlNetConfig};
 use crate::models::rrdbnet::{RrdbConfig, RrdbNet};
+use crate::models::t2i_adapter::{AdapterConfig, AdapterKind, T2iAdapter};
 use crate::models::unet::{Unet, UnetConfig};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 
@@ -226,4 +228,53 @@ pub fn write_lora(path: &Path, unet: &Loaded<Unet>, clip: &Loaded<ClipTextModel>
         pair(format!("lora_te_text_model_{}", module.replace('.', "_")), out, &shape[1..], rank, rank as f64 / 2.0);
     }
     write_safetensors(path, &tensors, None)
+}
+
+/// Writes a random-weight ControlNet in the original single-file layout (keys under
+/// `control_model.`, as `control_v11p_sd15_canny.pth` has them), its config in the metadata (tiny head
+/// layouts cannot be detected).
+pub fn write_controlnet(path: &Path, config: &ControlNetConfig, kind: Kind, seed: i64) -> Result<(), LoadError> {
+    let w = Weights::synthetic(kind, seed as u64);
+    let _ = ControlNet::new(&w.root(), config.clone());
+    let made = w.synthetic.map(|m| m.into_inner().made).unwrap_or_default();
+    let tensors: Vec<(String, Tensor)> = made.into_iter().map(|(k, t)| (format!("control_model.{k}"), t)).collect();
+    let metadata = HashMap::from([(CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default())]);
+    write_safetensors(path, &tensors, Some(metadata))
+}
+
+/// Writes a random-weight T2I-Adapter in TencentARC's original layout (full or light). Loading
+/// detects everything from the shapes; the config rides along for make-test-models.
+pub fn write_t2i_adapter(path: &Path, config: &AdapterConfig, seed: i64) -> Result<(), LoadError> {
+    let w = Weights::synthetic(Kind::Float, seed as u64);
+    let _ = T2iAdapter::new(&w.root(), config.clone());
+    let made = w.synthetic.map(|m| m.into_inner().made).unwrap_or_default();
+    let metadata = HashMap::from([(CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default())]);
+    write_safetensors(path, &made, Some(metadata))
+}
+
+/// The tiny SD 1.x model's ControlNet (RGB hints).
+pub fn tiny_controlnet_config(unet: &UnetConfig) -> ControlNetConfig {
+    ControlNetConfig { unet: UnetConfig { in_channels: 4, ..unet.clone() }, hint_channels: 3 }
+}
+
+/// A tiny model with SD 1.x's block layout (four levels, two res blocks each, 12 input blocks), which
+/// T2I-Adapters assume: levels 32, 64, 128 and 128 wide.
+pub fn tiny_four_level_config() -> ModelConfig {
+    let mut c = tiny_config(Family::Sd1, false);
+    if let Some(u) = &mut c.unet {
+        (u.model_channels, u.channel_mult, u.num_res_blocks, u.attention_resolutions) = (32, vec![1, 2, 4, 4], 2, vec![1]);
+    }
+    c
+}
+
+/// Tiny T2I-Adapters for [`tiny_four_level_config`]: the full one (1×1 second convolutions, average
+/// downsampling, grey-scale hints, as the released sketch and canny adapters) and the light one (RGB).
+pub fn tiny_adapter_config(light: bool) -> AdapterConfig {
+    let channels = vec![32, 64, 128, 128];
+    if light {
+        AdapterConfig { kind: AdapterKind::Light, cin: 192, channels, nums_rb: 4 }
+    } else {
+        // Grey-scale hints (64 = 1 × 8²), as the canny and sketch adapters take.
+        AdapterConfig { kind: AdapterKind::Full { ksize: 1, use_conv: false }, cin: 64, channels, nums_rb: 2 }
+    }
 }

@@ -3,9 +3,11 @@
 
 pub mod attention;
 pub mod clip;
+pub mod controlnet;
 pub mod layers;
 pub mod resnet;
 pub mod rrdbnet;
+pub mod t2i_adapter;
 pub mod taesd;
 pub mod unet;
 pub mod unet_blocks;

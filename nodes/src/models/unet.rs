@@ -98,11 +98,115 @@ impl UnetConfig {
     }
 }
 
+/// The timestep embedding (`time_embed.{0,2}`), with SDXL's class-label input (`label_emb.0.{0,2}`)
+/// where the config has one.
+pub struct TimeEmbed {
+    time_embed: (Linear, Linear),
+    label_emb: Option<(Linear, Linear)>,
+    model_channels: i64,
+}
+
+impl TimeEmbed {
+    pub fn new(p: &WPath, c: &UnetConfig) -> Self {
+        let (mc, emb) = (c.model_channels, c.model_channels * 4);
+        let te = p.pp("time_embed");
+        TimeEmbed {
+            time_embed: (linear(&te.pp(0), mc, emb), linear(&te.pp(2), emb, emb)),
+            label_emb: c.adm_in_channels.map(|adm| {
+                let le = p.pp("label_emb").pp(0);
+                (linear(&le.pp(0), adm, emb), linear(&le.pp(2), emb, emb))
+            }),
+            model_channels: mc,
+        }
+    }
+
+    /// The embedding `[b, 4 * model_channels]` of `timesteps` in `kind`, the class label `y` added
+    /// where the model has that input.
+    pub fn forward(&self, timesteps: &Tensor, y: Option<&Tensor>, kind: Kind) -> Tensor {
+        let t_emb = timestep_embedding(timesteps, self.model_channels).to_kind(kind);
+        let mut emb = self.time_embed.1.forward(&self.time_embed.0.forward(&t_emb).silu());
+        if let (Some((l0, l2)), Some(y)) = (&self.label_emb, y) {
+            emb += l2.forward(&l0.forward(&y.to_kind(kind)).silu());
+        }
+        emb
+    }
+}
+
+/// The UNet's first half, which a ControlNet copies under the same key names: the input blocks, the
+/// middle block, and the channel count of every input block's output (the skips the output blocks
+/// take, in order).
+pub fn encoder_blocks(p: &WPath, c: &UnetConfig) -> (Vec<Block>, Block, Vec<i64>) {
+    let mc = c.model_channels;
+    let emb = mc * 4;
+    let ib = p.pp("input_blocks");
+    let mut input_blocks = vec![Block(vec![Layer::Conv(conv3x3(&ib.pp(0).pp(0), c.in_channels, mc))])];
+    let mut skips = vec![mc];
+    let mut ch = mc;
+    let mut ds = 1;
+    for (level, mult) in c.channel_mult.iter().enumerate() {
+        for _ in 0..c.num_res_blocks {
+            let bp = ib.pp(input_blocks.len());
+            let mut layers = vec![Layer::Res(ResBlock::new(&bp.pp(0), ch, mult * mc, emb))];
+            ch = mult * mc;
+            if c.attention_resolutions.contains(&ds) {
+                layers.push(c.transformer(&bp.pp(1), ch, c.depth_at(level)));
+            }
+            input_blocks.push(Block(layers));
+            skips.push(ch);
+        }
+        if level + 1 < c.channel_mult.len() {
+            let bp = ib.pp(input_blocks.len());
+            input_blocks.push(Block(vec![Layer::Down(Downsample::new(&bp.pp(0), ch))]));
+            skips.push(ch);
+            ds *= 2;
+        }
+    }
+    let mp = p.pp("middle_block");
+    let middle_block = Block(vec![
+        Layer::Res(ResBlock::new(&mp.pp(0), ch, ch, emb)),
+        c.transformer(&mp.pp(1), ch, c.depth_middle()),
+        Layer::Res(ResBlock::new(&mp.pp(2), ch, ch, emb)),
+    ]);
+    (input_blocks, middle_block, skips)
+}
+
+impl UnetConfig {
+    /// A spatial transformer over `ch` channels at `p`.
+    fn transformer(&self, p: &WPath, ch: i64, depth: i64) -> Layer {
+        let (heads, dim_head) = self.heads(ch);
+        Layer::Attn(SpatialTransformer::new(p, ch, heads, dim_head, depth, self.context_dim, self.use_linear_in_transformer))
+    }
+}
+
+/// What ControlNets and T2I-Adapters add to the UNet's activations (ComfyUI's `control` dict), indexed
+/// by input block (ComfyUI keeps these lists reversed and pops them).
+#[derive(Default)]
+pub struct Residuals {
+    /// Added to input block i's output before it goes on and becomes a skip (T2I-Adapters).
+    pub input: Vec<Option<Tensor>>,
+    /// Added to the middle block's output.
+    pub middle: Option<Tensor>,
+    /// Added to input block i's skip where the output blocks take it (ControlNets).
+    pub output: Vec<Option<Tensor>>,
+}
+
+/// `h + r`, or `h` with a warning when `r` does not fit (ComfyUI's `apply_control` logs and skips
+/// a residual of another shape, e.g. an adapter made for another block layout).
+fn add_residual(h: Tensor, r: Option<&Option<Tensor>>, at: &str) -> Tensor {
+    let Some(Some(r)) = r else { return h };
+    let (hs, rs) = (h.size(), r.size());
+    let fits = hs.len() == rs.len() && hs.iter().zip(&rs).enumerate().all(|(i, (a, b))| a == b || (i == 0 && *b == 1));
+    if !fits {
+        tracing::warn!("a control residual of shape {rs:?} does not fit the UNet's {at} activation {hs:?}; not applied");
+        return h;
+    }
+    let kind = h.kind();
+    h + r.to_kind(kind)
+}
+
 pub struct Unet {
     pub config: UnetConfig,
-    time_embed: (Linear, Linear),
-    /// `label_emb.0.{0,2}`: the class-label input's projection, when the config has one.
-    label_emb: Option<(Linear, Linear)>,
+    time_embed: TimeEmbed,
     input_blocks: Vec<Block>,
     middle_block: Block,
     output_blocks: Vec<Block>,
@@ -115,43 +219,9 @@ impl Unet {
         let c = &config;
         let mc = c.model_channels;
         let emb = mc * 4;
-        let attn = |p: &WPath, ch: i64, depth: i64| {
-            let (heads, dim_head) = c.heads(ch);
-            Layer::Attn(SpatialTransformer::new(p, ch, heads, dim_head, depth, c.context_dim, c.use_linear_in_transformer))
-        };
-
-        let ib = p.pp("input_blocks");
-        let mut input_blocks = vec![Block(vec![Layer::Conv(conv3x3(&ib.pp(0).pp(0), c.in_channels, mc))])];
-        // Channel counts of every input block's output, consumed in reverse by the output blocks.
-        let mut skips = vec![mc];
-        let mut ch = mc;
-        let mut ds = 1;
-        for (level, mult) in c.channel_mult.iter().enumerate() {
-            for _ in 0..c.num_res_blocks {
-                let bp = ib.pp(input_blocks.len());
-                let mut layers = vec![Layer::Res(ResBlock::new(&bp.pp(0), ch, mult * mc, emb))];
-                ch = mult * mc;
-                if c.attention_resolutions.contains(&ds) {
-                    layers.push(attn(&bp.pp(1), ch, c.depth_at(level)));
-                }
-                input_blocks.push(Block(layers));
-                skips.push(ch);
-            }
-            if level + 1 < c.channel_mult.len() {
-                let bp = ib.pp(input_blocks.len());
-                input_blocks.push(Block(vec![Layer::Down(Downsample::new(&bp.pp(0), ch))]));
-                skips.push(ch);
-                ds *= 2;
-            }
-        }
-
-        let mp = p.pp("middle_block");
-        let middle_block = Block(vec![
-            Layer::Res(ResBlock::new(&mp.pp(0), ch, ch, emb)),
-            attn(&mp.pp(1), ch, c.depth_middle()),
-            Layer::Res(ResBlock::new(&mp.pp(2), ch, ch, emb)),
-        ]);
-
+        let (input_blocks, middle_block, mut skips) = encoder_blocks(p, c);
+        let mut ch = *skips.last().unwrap_or(&mc);
+        let mut ds = 1i64 << (c.channel_mult.len().saturating_sub(1));
         let ob = p.pp("output_blocks");
         let mut output_blocks = Vec::new();
         for (level, mult) in c.channel_mult.iter().enumerate().rev() {
@@ -161,7 +231,7 @@ impl Unet {
                 let mut layers = vec![Layer::Res(ResBlock::new(&bp.pp(0), ch + skip, mult * mc, emb))];
                 ch = mult * mc;
                 if c.attention_resolutions.contains(&ds) {
-                    layers.push(attn(&bp.pp(1), ch, c.depth_at(level)));
+                    layers.push(c.transformer(&bp.pp(1), ch, c.depth_at(level)));
                 }
                 if level > 0 && i == c.num_res_blocks {
                     layers.push(Layer::Up(Upsample::new(&bp.pp(layers.len()), ch)));
@@ -170,14 +240,10 @@ impl Unet {
                 output_blocks.push(Block(layers));
             }
         }
-
-        let te = p.pp("time_embed");
         Unet {
-            time_embed: (linear(&te.pp(0), mc, emb), linear(&te.pp(2), emb, emb)),
-            label_emb: c.adm_in_channels.map(|adm| {
-                let le = p.pp("label_emb").pp(0);
-                (linear(&le.pp(0), adm, emb), linear(&le.pp(2), emb, emb))
-            }),
+            // After the blocks, as the key walk of the files written so far had it (synthetic weights
+            // are drawn in lookup order).
+            time_embed: TimeEmbed::new(p, c),
             input_blocks,
             middle_block,
             output_blocks,
@@ -192,6 +258,11 @@ impl Unet {
         self.out_conv.weight.device()
     }
 
+    /// The kind of the weights.
+    pub fn kind(&self) -> Kind {
+        self.out_conv.weight.kind()
+    }
+
     /// Predicts noise (or v) for latents `x` `[b, in_channels, h, w]` at `timesteps` `[b]` (0..999,
     /// fractional allowed) given text states `context` `[b, tokens, context_dim]`.
     pub fn forward(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor) -> Tensor {
@@ -201,23 +272,30 @@ impl Unet {
     /// [`Unet::forward`] with the class-label input `y` `[b, adm_in_channels]` added to the timestep
     /// embedding, for UNets that have one (a UNet without `label_emb` ignores it).
     pub fn forward_with_class(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor, y: Option<&Tensor>) -> Tensor {
-        let kind = self.out_conv.weight.kind();
-        let t_emb = timestep_embedding(timesteps, self.config.model_channels).to_kind(kind);
-        let mut emb = self.time_embed.1.forward(&self.time_embed.0.forward(&t_emb).silu());
-        if let (Some((l0, l2)), Some(y)) = (&self.label_emb, y) {
-            emb += l2.forward(&l0.forward(&y.to_kind(kind)).silu());
-        }
+        self.forward_controlled(x, timesteps, context, y, None)
+    }
+
+    /// [`Unet::forward_with_class`] with ControlNet / T2I-Adapter residuals added where ComfyUI's
+    /// `apply_control` adds them.
+    pub fn forward_controlled(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor, y: Option<&Tensor>, control: Option<&Residuals>) -> Tensor {
+        let kind = self.kind();
+        let emb = self.time_embed.forward(timesteps, y, kind);
         let context = context.to_kind(kind);
+        let none = Residuals::default();
+        let control = control.unwrap_or(&none);
         let mut h = x.to_kind(kind);
         let mut hs = Vec::with_capacity(self.input_blocks.len());
-        for block in &self.input_blocks {
+        for (i, block) in self.input_blocks.iter().enumerate() {
             h = block.forward(&h, &emb, &context, None);
+            h = add_residual(h, control.input.get(i), "input block");
             hs.push(h.shallow_clone());
         }
         h = self.middle_block.forward(&h, &emb, &context, None);
+        h = add_residual(h, Some(&control.middle.as_ref().map(|m| m.shallow_clone())), "middle block");
         for block in &self.output_blocks {
             // There are as many output blocks as input blocks, one skip each.
             if let Some(skip) = hs.pop() {
+                let skip = add_residual(skip, control.output.get(hs.len()), "skip");
                 h = Tensor::cat(&[h, skip], 1);
             }
             // An upsampler must match the next skip's size, so odd latent sizes work.

@@ -4,7 +4,7 @@
 //! extra input channels of inpainting UNets.
 
 use diffloom_core::value::{Area, CondEntry, Shared};
-use diffloom_core::NodeError;
+use diffloom_core::{Handle, NodeError};
 use tch::{Kind, Tensor};
 
 use super::model_sampling::ModelSampling;
@@ -30,6 +30,8 @@ pub struct Cond {
     /// The sigmas (start, end) between which the entry applies (ConditioningSetTimestepRange through
     /// `percent_to_sigma`); None for the whole run.
     pub sigma_range: Option<(f64, f64)>,
+    /// The ControlNets / T2I-Adapters applied to the entry (the latest application).
+    pub control: Option<Handle>,
 }
 
 impl Cond {
@@ -37,7 +39,16 @@ impl Cond {
     /// inpainting input), for driving a sampler directly.
     pub fn whole(context: Tensor, shape: &[i64]) -> Cond {
         let latent_hw = (shape[2], shape[3]);
-        Cond { context, area: None, mult: Tensor::ones(shape, (Kind::Float, tch::Device::Cpu)), uniform: Some(1.0), latent_hw, concat: None, sigma_range: None }
+        Cond {
+            context,
+            area: None,
+            mult: Tensor::ones(shape, (Kind::Float, tch::Device::Cpu)),
+            uniform: Some(1.0),
+            latent_hw,
+            concat: None,
+            sigma_range: None,
+            control: None,
+        }
     }
 
     /// Whether the entry applies at `sigma` (ComfyUI's `get_area_and_mult` compares float32 sigmas).
@@ -109,7 +120,33 @@ pub fn resolve_sides(sides: &[(&str, &[CondEntry])], target: &Target) -> Result<
             i += 1;
         }
     }
+    control_to_uncond(&mut resolved);
     resolved.into_iter().zip(sides).map(|(list, (input, _))| list.into_iter().map(|r| build_cond(r, target, input)).collect::<Result<Vec<_>, _>>()).collect()
+}
+
+/// ComfyUI's `apply_empty_x_to_equal_area` for `control`: the ControlNets the deprecated
+/// ControlNetApply put on whole-image positive entries go to the whole-image entries of each other
+/// side that has none of its own, in turn.
+fn control_to_uncond(resolved: &mut [Vec<Resolved>]) {
+    let Some((positive, others)) = resolved.split_first_mut() else { return };
+    let cnets: Vec<Handle> =
+        positive.iter().filter(|r| r.entry.control_apply_to_uncond && r.entry.area.is_none()).filter_map(|r| r.entry.control.clone()).collect();
+    if cnets.is_empty() {
+        return;
+    }
+    for side in others {
+        let whole: Vec<usize> = (0..side.len()).filter(|i| side[*i].entry.area.is_none()).collect();
+        if whole.iter().any(|i| side[*i].entry.control.is_some()) {
+            continue;
+        }
+        let other: Vec<usize> = whole.into_iter().filter(|i| side[*i].entry.control.is_none()).collect();
+        if other.is_empty() {
+            continue;
+        }
+        for (x, c) in cnets.iter().enumerate() {
+            side[other[x % other.len()]].entry.control = Some(c.clone());
+        }
+    }
 }
 
 fn resolve_area(e: &CondEntry, target: &Target, input: &str) -> Result<Resolved, NodeError> {
@@ -210,7 +247,7 @@ fn build_cond(r: Resolved, target: &Target, input: &str) -> Result<Cond, NodeErr
     let concat = if target.inpaint_unet { Some(inpaint_channels(&r.entry, target, input)?) } else { None };
     let sigma_range = r.entry.timestep_range.map(|(start, end)| (target.sampling.percent_to_sigma(start), target.sampling.percent_to_sigma(end)));
     let uniform = (r.mask.is_none() && area.is_none()).then_some(r.entry.strength);
-    Ok(Cond { context: r.entry.cross_attn.to_kind(Kind::Float), area, mult, uniform, latent_hw: (lh, lw), concat, sigma_range })
+    Ok(Cond { context: r.entry.cross_attn.to_kind(Kind::Float), area, mult, uniform, latent_hw: (lh, lw), concat, sigma_range, control: r.entry.control })
 }
 
 /// The mask and masked-image latent an inpainting UNet takes (ComfyUI's `BaseModel.concat_cond`): the

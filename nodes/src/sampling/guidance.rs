@@ -10,6 +10,7 @@ use diffloom_core::NodeError;
 
 use super::conds::Cond;
 use super::model_sampling::ModelSampling;
+use crate::control::AppliedControl;
 use crate::models::unet::Unet;
 
 /// What a sampler calls: the denoised estimate of `x` at noise level `sigma`.
@@ -226,9 +227,15 @@ impl CfgDenoiser<'_> {
                 jobs.extend(conds.iter().filter(|c| c.active_at(sigma)).map(|c| (side, c)));
             }
         }
+        // Entries batch together when they share the area and the very same control (ComfyUI's
+        // can_concat_cond).
+        let same_control = |a: &Cond, b: &Cond| match (&a.control, &b.control) {
+            (Some(x), Some(y)) => x.same(y),
+            (x, y) => x.is_none() && y.is_none(),
+        };
         let mut groups: Vec<(Option<[i64; 4]>, Vec<(usize, &Cond)>)> = Vec::new();
         for job in jobs {
-            match groups.iter_mut().find(|(a, _)| *a == job.1.area) {
+            match groups.iter_mut().find(|(a, g)| *a == job.1.area && same_control(g[0].1, job.1)) {
                 Some((_, g)) => g.push(job),
                 None => groups.push((job.1.area, vec![job])),
             }
@@ -238,7 +245,8 @@ impl CfgDenoiser<'_> {
         for (area, group) in &groups {
             let n = group.len() as i64;
             let xs = crop(&x_in, *area).repeat([n, 1, 1, 1]);
-            let mut model_in = self.sampling.calculate_input(sigma, &xs).to_device(device);
+            let scaled = self.sampling.calculate_input(sigma, &xs).to_device(device);
+            let mut model_in = scaled.shallow_clone();
             let concats: Vec<Tensor> = group.iter().filter_map(|(_, c)| c.concat.as_ref().map(|t| crop(t, *area))).collect();
             if !concats.is_empty() {
                 model_in = Tensor::cat(&[model_in, Tensor::cat(&concats, 0).to_device(device)], 1);
@@ -248,7 +256,12 @@ impl CfgDenoiser<'_> {
             let contexts: Vec<Tensor> = group.iter().map(|(_, c)| c.context.repeat([b, 1, 1])).collect();
             let context = batch_conds(&contexts).to_device(device);
             let started = std::time::Instant::now();
-            let out = self.unet.forward(&model_in, &t, &context).to_kind(Kind::Float).to_device(x.device());
+            let control = group[0].1.control.as_ref().and_then(|h| h.downcast::<AppliedControl>());
+            let residuals = match control {
+                Some(c) => c.residuals(&scaled, &t, &context, n, sigma, self.sampling)?,
+                None => None,
+            };
+            let out = self.unet.forward_controlled(&model_in, &t, &context, None, residuals.as_ref()).to_kind(Kind::Float).to_device(x.device());
             if let tch::Device::Cuda(i) = device {
                 tch::Cuda::synchronize(i as i64);
             }

@@ -16,6 +16,7 @@ use super::model_sampling::ModelSampling;
 use super::noise::{initial_noise, step_noise};
 use super::samplers::{self, SampleCtx, Sampler};
 use super::schedulers::calculate_sigmas;
+use crate::control::AppliedControl;
 use crate::sd::SdModel;
 
 /// Samplers whose last step is wasted on a tiny sigma; KSampler plans one more step and drops the
@@ -194,7 +195,11 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         family: model.family.spec(),
     };
     let sides: Vec<(&str, &[CondEntry])> = r.guider.sides.iter().map(|(input, c)| (input.as_str(), c.as_slice())).collect();
-    let mut denoiser = CfgDenoiser::new(unet, &ms, resolve_sides(&sides, &target)?, r.guider.guidance);
+    let conds = resolve_sides(&sides, &target)?;
+    for control in conds.iter().flatten().filter_map(|c| c.control.as_ref()?.downcast::<AppliedControl>()) {
+        control.check_fits(&unet.config, &model.name)?;
+    }
+    let mut denoiser = CfgDenoiser::new(unet, &ms, conds, r.guider.guidance);
     denoiser.noise_mask = mask.map(|m| NoiseMask { mask: m, latent_image: latent_in.shallow_clone(), noise: mask_noise });
     // The denoised estimate of each step's first model call, what ComfyUI's step callback shows and
     // keeps as `denoised_output`.
