@@ -7,6 +7,7 @@ mod cache;
 mod cli;
 mod comfy;
 mod conditioning;
+mod controlnet;
 mod custom_sampling;
 mod graph_format;
 mod ksampler;

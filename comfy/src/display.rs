@@ -47,6 +47,7 @@ const DISPLAY_NAMES: &[(&str, &str)] = &[
     ("DiffControlNetLoader", "Load ControlNet Model (diff)"),
     ("ControlNetApply", "Apply ControlNet (OLD)"),
     ("ControlNetApplyAdvanced", "Apply ControlNet"),
+    ("Morphology", "ImageMorphology"),
     ("VAEDecode", "VAE Decode"),
     ("VAEDecodeTiled", "VAE Decode (Tiled)"),
     ("VAEEncode", "VAE Encode"),

@@ -5,6 +5,7 @@ pub mod builtin;
 pub mod checkpoint;
 pub mod control;
 pub mod family;
+pub mod filters;
 pub mod imageio;
 pub mod lora;
 pub mod models;
@@ -20,7 +21,7 @@ use std::rc::Rc;
 use diffloom_core::{Node, Origin, Registry};
 
 use builtin::sampling as sampling_nodes;
-use builtin::{conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, primitive};
+use builtin::{conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, preprocessors, primitive};
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
 pub fn builtin() -> Vec<Rc<dyn Node>> {
@@ -119,6 +120,9 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(image::ImageCrop),
         Rc::new(image::ImagePadForOutpaint),
         Rc::new(image::ImageCompositeMasked),
+        // image/preprocessors, image/postprocessing
+        Rc::new(preprocessors::Canny),
+        Rc::new(preprocessors::Morphology),
         // mask
         Rc::new(image::LoadImageMask),
         Rc::new(mask::MaskToImage),

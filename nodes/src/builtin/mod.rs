@@ -7,6 +7,7 @@ pub mod image;
 pub mod latent;
 pub mod loaders;
 pub mod mask;
+pub mod preprocessors;
 pub mod primitive;
 pub mod sampling;
 pub mod shared;

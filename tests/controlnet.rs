@@ -1,0 +1,270 @@
+//! ControlNets and T2I-Adapters: loading every layout, the apply nodes' semantics (chains, ranges,
+//! strength 0, the deprecated node's negative side, batches, hint sizes), clear errors, and parity with
+//! diffusers' own single-file conversion and T2IAdapter (tests/parity/controlnet_reference.py).
+
+use std::path::{Path, PathBuf};
+
+use diffloom_core::Value;
+use diffloom_nodes::checkpoint::detect::Family;
+use diffloom_nodes::checkpoint::synthetic::{tiny_config, tiny_controlnet_config, write_checkpoint, write_controlnet, write_safetensors};
+use tch::{Device, Kind, Tensor};
+
+use crate::util::{max_abs_diff, outputs, tiny_sd1, Dir};
+
+/// Writes the tiny SD1 model's ControlNet as `dir/name`.
+pub fn tiny_controlnet(d: &Dir, name: &str) -> PathBuf {
+    let path = d.join(name);
+    let unet = tiny_config(Family::Sd1, false).unet.unwrap();
+    write_controlnet(&path, &tiny_controlnet_config(&unet), Kind::Float, 21).unwrap();
+    path
+}
+
+fn samples(v: &Value) -> Tensor {
+    match v {
+        Value::Latent(l) => l.samples.0.shallow_clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A txt2img graph on `ck` with the ControlNet `cn` (a path) applied by the node entries `apply`, which
+/// read "cn" (CONTROL_NET), "hint" (IMAGE), "p" and "n" and produce "ap"'s positive and negative.
+fn graph(ck: &Path, cn: &Path, hint: &Path, apply: &str, batch: i64) -> String {
+    format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+        "p": (type: "CLIPTextEncode", inputs: {{"text": "a house by a lake", "clip": Link("c", "CLIP")}}),
+        "n": (type: "CLIPTextEncode", inputs: {{"text": "blurry", "clip": Link("c", "CLIP")}}),
+        "cn": (type: "ControlNetLoader", inputs: {{"control_net_name": {cn:?}}}),
+        "img": (type: "LoadImage", inputs: {{"image": {hint:?}}}),
+        "hint": (type: "Canny", inputs: {{"image": Link("img", "IMAGE"), "low_threshold": 0.2, "high_threshold": 0.5}}),
+        {apply}
+        "e": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 64, "batch_size": {batch}}}),
+        "s": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": 3, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+              "positive": Link("ap", "positive"), "negative": Link("ap", "negative"), "latent_image": Link("e", "LATENT"), "denoise": 1.0}}),
+        "plain": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": 3, "steps": 3, "cfg": 4.0, "sampler_name": "euler", "scheduler": "normal",
+              "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link("e", "LATENT"), "denoise": 1.0}}),"#
+    )
+}
+
+fn advanced(strength: f64, start: f64, end: f64) -> String {
+    format!(
+        r#""ap": (type: "ControlNetApplyAdvanced", inputs: {{"positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"),
+              "control_net": Link("cn", "CONTROL_NET"), "image": Link("hint", "IMAGE"), "strength": {strength:?}, "start_percent": {start:?}, "end_percent": {end:?}}}),"#
+    )
+}
+
+/// (controlled, plain) final latents.
+fn run(d: &Dir, ck: &Path, cn: &Path, hint: &Path, apply: &str, batch: i64) -> (Tensor, Tensor) {
+    let v = outputs(d, &graph(ck, cn, hint, apply, batch), &[("s", "LATENT", 0), ("plain", "LATENT", 0)]).unwrap();
+    (samples(&v[0]), samples(&v[1]))
+}
+
+#[test]
+fn controlnets_guide_sampling_as_comfyui_applies_them() {
+    let d = Dir::new();
+    let ck = tiny_sd1(&d, "m.safetensors");
+    let cn = tiny_controlnet(&d, "cn.safetensors");
+    let hint = d.png("hint.png", 64, 64, 5);
+
+    let (full, plain) = run(&d, &ck, &cn, &hint, &advanced(1.0, 0.0, 1.0), 1);
+    let effect = max_abs_diff(&full, &plain);
+    println!("ControlNet at strength 1 moves the latent by {effect:.3}");
+    assert!(effect > 1e-2, "the ControlNet changed nothing ({effect})");
+
+    // Strength 0 returns the conditioning as it was: the plain result, bit for bit. So does a range
+    // that no step falls in (start = end = 1: sigma 0, below every step's).
+    for apply in [advanced(0.0, 0.0, 1.0), advanced(1.0, 1.0, 1.0)] {
+        let (s, plain) = run(&d, &ck, &cn, &hint, &apply, 1);
+        assert_eq!(max_abs_diff(&s, &plain), 0.0, "{apply}");
+    }
+    // Half the strength and a partial range each give something in between.
+    let (half, _) = run(&d, &ck, &cn, &hint, &advanced(0.5, 0.0, 1.0), 1);
+    let (late, _) = run(&d, &ck, &cn, &hint, &advanced(1.0, 0.4, 1.0), 1);
+    for (what, t) in [("strength 0.5", &half), ("from 40%", &late)] {
+        assert!(max_abs_diff(t, &plain) > 1e-3 && max_abs_diff(t, &full) > 1e-3, "{what}");
+    }
+
+    // The deprecated node puts the ControlNet on the positive side only; at sampling the negative side
+    // gets that same application (control_apply_to_uncond), so both sides batch together exactly as
+    // with the advanced node over the whole run.
+    let old = r#""ap0": (type: "ControlNetApply", inputs: {"conditioning": Link("p", "CONDITIONING"), "control_net": Link("cn", "CONTROL_NET"), "image": Link("hint", "IMAGE"), "strength": 1.0}),
+        "ap": (type: "ConditioningZeroOut", inputs: {"conditioning": Link("n", "CONDITIONING")}),"#;
+    let nodes = graph(&ck, &cn, &hint, old, 1).replace(
+        r#""positive": Link("ap", "positive"), "negative": Link("ap", "negative")"#,
+        r#""positive": Link("ap0", "CONDITIONING"), "negative": Link("n", "CONDITIONING")"#,
+    );
+    let v = outputs(&d, &nodes, &[("s", "LATENT", 0)]).unwrap();
+    assert_eq!(max_abs_diff(&samples(&v[0]), &full), 0.0, "ControlNetApply ≠ ControlNetApplyAdvanced over the whole run");
+
+    // Two ControlNets chained, each with its own image and strength: their residuals add up.
+    let chain = format!(
+        r#"{}
+        "inv": (type: "ImageInvert", inputs: {{"image": Link("hint", "IMAGE")}}),
+        "ap": (type: "ControlNetApplyAdvanced", inputs: {{"positive": Link("ap1", "positive"), "negative": Link("ap1", "negative"),
+              "control_net": Link("cn", "CONTROL_NET"), "image": Link("inv", "IMAGE"), "strength": 0.6, "start_percent": 0.0, "end_percent": 1.0}}),"#,
+        advanced(1.0, 0.0, 1.0).replacen("\"ap\"", "\"ap1\"", 1)
+    );
+    let (two, _) = run(&d, &ck, &cn, &hint, &chain, 1);
+    assert!(max_abs_diff(&two, &full) > 1e-3, "the second ControlNet changed nothing");
+
+    // A batch of two latents with one hint image, and a hint of another size and aspect (resized and
+    // centre-cropped to the latent's pixels as ComfyUI does).
+    let (batch, plain2) = run(&d, &ck, &cn, &hint, &advanced(1.0, 0.0, 1.0), 2);
+    assert_eq!(batch.size(), [2, 4, 8, 8]);
+    assert!(max_abs_diff(&batch, &plain2) > 1e-2);
+    let wide = d.png("wide.png", 96, 40, 9);
+    let (resized, _) = run(&d, &ck, &cn, &wide, &advanced(1.0, 0.0, 1.0), 1);
+    assert!(max_abs_diff(&resized, &plain) > 1e-2 && max_abs_diff(&resized, &full) > 1e-3);
+}
+
+/// Rewrites the ControlNet `cn` as a "diff" ControlNet for the UNet of checkpoint `ck`.
+fn write_diff(cn: &Path, ck: &Path, out: &Path) {
+    use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
+    let (c, m) = (SafetensorsFile::open(cn).unwrap(), SafetensorsFile::open(ck).unwrap());
+    let mut tensors: Vec<(String, Tensor)> = c
+        .tensors()
+        .keys()
+        .map(|k| {
+            let t = c.load(k, Device::Cpu, None).unwrap();
+            let base = k.strip_prefix("control_model.").and_then(|n| m.load(&format!("model.diffusion_model.{n}"), Device::Cpu, None).ok());
+            (
+                k.clone(),
+                match base {
+                    Some(b) if b.size() == t.size() => t - b,
+                    _ => t,
+                },
+            )
+        })
+        .collect();
+    tensors.push(("difference".into(), Tensor::from_slice(&[0f32])));
+    write_safetensors(out, &tensors, Some(c.metadata.clone())).unwrap();
+}
+
+#[test]
+fn controlnet_files_of_every_kind_and_clear_errors() {
+    let d = Dir::new();
+    let ck = tiny_sd1(&d, "m.safetensors");
+    let cn = tiny_controlnet(&d, "cn.safetensors");
+    let hint = d.png("hint.png", 64, 64, 5);
+    let (reference, _) = run(&d, &ck, &cn, &hint, &advanced(1.0, 0.0, 1.0), 1);
+
+    // Without the `control_model.` prefix, in fp16, and as a .pth pickle: the same ControlNet.
+    let c = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&cn).unwrap();
+    let all: Vec<(String, Tensor)> = c.tensors().keys().map(|k| (k.clone(), c.load(k, Device::Cpu, None).unwrap())).collect();
+    let bare: Vec<(String, Tensor)> = all.iter().map(|(k, t)| (k.trim_start_matches("control_model.").to_owned(), t.shallow_clone())).collect();
+    write_safetensors(&d.join("bare.safetensors"), &bare, Some(c.metadata.clone())).unwrap();
+    let (s, _) = run(&d, &ck, &d.join("bare.safetensors"), &hint, &advanced(1.0, 0.0, 1.0), 1);
+    assert_eq!(max_abs_diff(&s, &reference), 0.0, "no prefix");
+    let half: Vec<(String, Tensor)> = all.iter().map(|(k, t)| (k.clone(), t.to_kind(Kind::Half))).collect();
+    write_safetensors(&d.join("half.safetensors"), &half, Some(c.metadata.clone())).unwrap();
+    let (s, _) = run(&d, &ck, &d.join("half.safetensors"), &hint, &advanced(1.0, 0.0, 1.0), 1);
+    let err = max_abs_diff(&s, &reference);
+    assert!(err > 0.0 && err < 5e-2, "fp16 weights: {err}");
+    let pth = d.join("cn.pth");
+    let script = "import sys, torch; from safetensors.torch import load_file; torch.save({'state_dict': load_file(sys.argv[1])}, sys.argv[2])";
+    let out = std::process::Command::new(crate::parity::python()).args(["-c", script]).arg(&cn).arg(&pth).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // (A pickle has no metadata: the tiny head layout is not detectable, so compare the loaded config.)
+    let e = outputs(&d, &format!(r#""cn": (type: "ControlNetLoader", inputs: {{"control_net_name": {pth:?}}}),"#), &[("cn", "CONTROL_NET", 0)]);
+    assert!(e.is_ok(), "{e:?}");
+
+    // A diff ControlNet: the model's weights added back give the same ControlNet; ControlNetLoader
+    // alone says which loader it needs.
+    let diff = d.join("diff.safetensors");
+    write_diff(&cn, &ck, &diff);
+    let e = run_err(&d, &ck, &diff, &hint);
+    assert!(e.contains("diff.safetensors") && e.contains("DiffControlNetLoader"), "{e}");
+    let nodes = graph(&ck, &diff, &hint, &advanced(1.0, 0.0, 1.0), 1).replace(
+        &format!(r#""cn": (type: "ControlNetLoader", inputs: {{"control_net_name": {diff:?}}})"#),
+        &format!(r#""cn": (type: "DiffControlNetLoader", inputs: {{"model": Link("c", "MODEL"), "control_net_name": {diff:?}}})"#),
+    );
+    let v = outputs(&d, &nodes, &[("s", "LATENT", 0)]).unwrap();
+    let err = max_abs_diff(&samples(&v[0]), &reference);
+    assert!(err < 1e-4, "diff ControlNet: {err}");
+
+    // A ControlNet for SD 1.x on an SD 2.x model names both files.
+    let sd2 = d.join("sd2.safetensors");
+    write_checkpoint(&sd2, &tiny_config(Family::Sd2, false), Kind::Float, 2, true).unwrap();
+    let mut sd2_unet = tiny_config(Family::Sd2, false).unet.unwrap();
+    sd2_unet.context_dim = 48;
+    let wide = d.join("wide-context.safetensors");
+    write_controlnet(&wide, &tiny_controlnet_config(&sd2_unet), Kind::Float, 4).unwrap();
+    let e = run_err(&d, &sd2, &wide, &hint);
+    assert!(e.contains("wide-context.safetensors") && e.contains("sd2.safetensors") && e.contains("48"), "{e}");
+
+    // Other families are named and refused; a file that is neither is an error naming it.
+    for (name, key, what) in [
+        ("xl.safetensors", "control_model.label_emb.0.0.weight", "SDXL"),
+        ("flux.safetensors", "controlnet_x_embedder.weight", "Flux"),
+        ("cascade.safetensors", "backbone.0.0.weight", "Stable Cascade"),
+        ("other.safetensors", "something.weight", "neither a ControlNet"),
+    ] {
+        let path = d.join(name);
+        write_safetensors(&path, &[(key.to_owned(), Tensor::zeros([2, 2], (Kind::Float, Device::Cpu)))], None).unwrap();
+        let e = run_err(&d, &ck, &path, &hint);
+        assert!(e.contains(name) && e.contains(what), "{e}");
+    }
+}
+
+/// The error of the ControlNet graph on `ck` with `cn`.
+fn run_err(d: &Dir, ck: &Path, cn: &Path, hint: &Path) -> String {
+    outputs(d, &graph(ck, cn, hint, &advanced(1.0, 0.0, 1.0), 1), &[("s", "LATENT", 0)]).err().expect("an error")
+}
+
+fn image(v: &Value) -> Tensor {
+    match v {
+        Value::Image(t) => t.0.shallow_clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn canny_and_morphology_equal_kornia() {
+    use diffloom_core::value::Shared;
+    use diffloom_nodes::builtin::preprocessors::{Canny, Morphology};
+    let d = Dir::new();
+    crate::parity::run_reference("kornia_reference.py", &[d.path()]);
+    let r = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&d.join("kornia_expected.safetensors")).unwrap();
+    let get = |k: &str| r.load(k, Device::Cpu, None).unwrap();
+    let mut checked = 0;
+    for name in ["noise", "shapes", "large"] {
+        let input = get(&format!("input.{name}"));
+        let (magnitude, _) = diffloom_nodes::filters::canny(&input.permute([0, 3, 1, 2]), 0.4, 0.8).unwrap();
+        assert_eq!(max_abs_diff(&magnitude, &get(&format!("canny_magnitude.{name}"))), 0.0, "magnitude of {name}");
+        for (low, high) in [(0.4, 0.8), (0.1, 0.3), (0.05, 0.95), (0.5, 0.5)] {
+            let args = vec![
+                ("image", Some(Value::Image(Shared(input.shallow_clone())))),
+                ("low_threshold", Some(Value::Float(low))),
+                ("high_threshold", Some(Value::Float(high))),
+            ];
+            let got = image(&crate::util::call(&Canny, args).unwrap()[0]);
+            let want = get(&format!("canny.{name}.{low:?}_{high:?}"));
+            let wrong = got.ne_tensor(&want).sum(Kind::Int64).int64_value(&[]);
+            assert_eq!(wrong, 0, "Canny {name} ({low}, {high}): {wrong} pixels differ");
+            checked += 1;
+        }
+        if name == "large" {
+            continue;
+        }
+        for op in diffloom_nodes::filters::MORPHOLOGY_OPS {
+            for k in [1i128, 3, 4] {
+                let args = vec![
+                    ("image", Some(Value::Image(Shared(input.shallow_clone())))),
+                    ("operation", Some(Value::String(op.into()))),
+                    ("kernel_size", Some(Value::Int(k))),
+                ];
+                let got = image(&crate::util::call(&Morphology, args).unwrap()[0]);
+                assert_eq!(max_abs_diff(&got, &get(&format!("morph.{name}.{op}.{k}"))), 0.0, "{op} {k} on {name}");
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 12 + 2 * 21);
+    // A low threshold above the high one is an error naming the input (kornia raises too).
+    let args = vec![
+        ("image", Some(Value::Image(Shared(get("input.shapes"))))),
+        ("low_threshold", Some(Value::Float(0.6))),
+        ("high_threshold", Some(Value::Float(0.3))),
+    ];
+    let e = crate::util::call(&Canny, args).err().unwrap().to_string();
+    assert!(e.contains("low_threshold") && e.contains("above the high"), "{e}");
+}
