@@ -207,7 +207,7 @@ fn controlnet_files_of_every_kind_and_clear_errors() {
 
 /// The error of the ControlNet graph on `ck` with `cn`.
 fn run_err(d: &Dir, ck: &Path, cn: &Path, hint: &Path) -> String {
-    outputs(d, &graph(ck, cn, hint, &advanced(1.0, 0.0, 1.0), 1), &[("s", "LATENT", 0)]).err().expect("an error")
+    outputs(d, &graph(ck, cn, hint, &advanced(1.0, 0.0, 1.0), 1), &[("s", "LATENT", 0)]).expect_err("an error")
 }
 
 fn image(v: &Value) -> Tensor {
