@@ -268,3 +268,76 @@ fn canny_and_morphology_equal_kornia() {
     let e = crate::util::call(&Canny, args).err().unwrap().to_string();
     assert!(e.contains("low_threshold") && e.contains("above the high"), "{e}");
 }
+
+/// The files tests/parity/controlnet_reference.py reads, written as make-test-models writes them.
+fn write_control_models(d: &Dir) {
+    use diffloom_nodes::checkpoint::synthetic::{tiny_adapter_config, tiny_four_level_config, write_t2i_adapter};
+    tiny_sd1(d, "tiny-sd1.safetensors");
+    tiny_controlnet(d, "tiny-sd1-controlnet.safetensors");
+    write_checkpoint(&d.join("tiny-sd1-4level.safetensors"), &tiny_four_level_config(), Kind::Float, 6, true).unwrap();
+    write_t2i_adapter(&d.join("tiny-t2i-adapter.safetensors"), &tiny_adapter_config(false), 22).unwrap();
+    write_t2i_adapter(&d.join("tiny-t2i-adapter-light.safetensors"), &tiny_adapter_config(true), 23).unwrap();
+}
+
+#[test]
+fn controlnet_and_adapters_match_diffusers() {
+    use diffloom_nodes::checkpoint::control::{load_control, ControlModel};
+    use diffloom_nodes::checkpoint::load::load_checkpoint;
+    use diffloom_nodes::models::unet::Residuals;
+    let d = Dir::new();
+    write_control_models(&d);
+    let out = d.join("reference");
+    crate::parity::run_reference("controlnet_reference.py", &[d.path(), &out]);
+    let r = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&out.join("controlnet_expected.safetensors")).unwrap();
+    let get = |k: &str| r.load(k, Device::Cpu, None).unwrap();
+    let _g = tch::no_grad_guard();
+    let (x, t, context, hint) = (get("input.x"), get("input.t"), get("input.context"), get("input.hint"));
+    let unet = load_checkpoint(&d.join("tiny-sd1.safetensors"), Device::Cpu, Kind::Float).unwrap().unet.unwrap();
+    let scaled = |r: &Residuals, s: f64| Residuals {
+        input: Vec::new(),
+        middle: r.middle.as_ref().map(|m| m * s),
+        output: r.output.iter().map(|o| o.as_ref().map(|o| o * s)).collect(),
+    };
+    // The original single file and the diffusers folder diffusers saved from it.
+    for file in [d.join("tiny-sd1-controlnet.safetensors"), out.join("diffusers_controlnet/diffusion_pytorch_model.safetensors")] {
+        let Ok((ControlModel::ControlNet(net), _)) = load_control(&file, Device::Cpu, Kind::Float, None) else {
+            panic!("{} is not a ControlNet", file.display())
+        };
+        let res = net.forward(&x, &hint, &t, &context);
+        let mut worst = 0f64;
+        for (i, o) in res.output.iter().enumerate() {
+            worst = worst.max(max_abs_diff(o.as_ref().unwrap(), &get(&format!("cn.down.{i}"))));
+        }
+        assert_eq!(res.output.len(), 4);
+        worst = worst.max(max_abs_diff(res.middle.as_ref().unwrap(), &get("cn.mid")));
+        let full = unet.forward_controlled(&x, &t, &context, None, Some(&res));
+        let half = unet.forward_controlled(&x, &t, &context, None, Some(&scaled(&res, 0.5)));
+        let (e_full, e_half) = (max_abs_diff(&full, &get("unet.controlled")), max_abs_diff(&half, &get("unet.controlled_half")));
+        println!("{}: residuals {worst:.2e}, UNet with them {e_full:.2e} (strength 0.5: {e_half:.2e})", file.display());
+        assert!(worst < 1e-4 && e_full < 1e-4 && e_half < 1e-4);
+        // Strength 0 adds zeros: the plain UNet result, bit for bit.
+        let zero = unet.forward_controlled(&x, &t, &context, None, Some(&scaled(&res, 0.0)));
+        assert_eq!(max_abs_diff(&zero, &unet.forward(&x, &t, &context)), 0.0);
+        assert!(max_abs_diff(&zero, &get("unet.plain")) < 1e-4);
+    }
+
+    // T2I-Adapters: features, and the four-level UNet with the full adapter's features added.
+    let unet4 = load_checkpoint(&d.join("tiny-sd1-4level.safetensors"), Device::Cpu, Kind::Float).unwrap().unet.unwrap();
+    let (x4, context4) = (get("input.x4"), get("input.context4"));
+    for (kind, file, hint) in
+        [("full", "tiny-t2i-adapter.safetensors", get("input.hint_grey")), ("light", "tiny-t2i-adapter-light.safetensors", hint.shallow_clone())]
+    {
+        let Ok((ControlModel::Adapter(a), _)) = load_control(&d.join(file), Device::Cpu, Kind::Float, None) else { panic!("{file} is not an adapter") };
+        let features = a.forward(&hint);
+        assert_eq!(features.len(), 4);
+        let worst = features.iter().enumerate().map(|(i, f)| max_abs_diff(f, &get(&format!("t2i.{kind}.{i}")))).fold(0f64, f64::max);
+        let mut input: Vec<Option<Tensor>> = (0..12).map(|_| None).collect();
+        for (i, f) in features.iter().enumerate() {
+            input[3 * i + 2] = Some(f.shallow_clone());
+        }
+        let got = unet4.forward_controlled(&x4, &t, &context4, None, Some(&Residuals { input, ..Default::default() }));
+        let e = max_abs_diff(&got, &get(&format!("unet4.adapter_{kind}")));
+        println!("T2I-Adapter {kind}: features {worst:.2e}, UNet with them {e:.2e}");
+        assert!(worst < 1e-4 && e < 1e-4);
+    }
+}

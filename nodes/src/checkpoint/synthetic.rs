@@ -262,7 +262,7 @@ pub fn tiny_controlnet_config(unet: &UnetConfig) -> ControlNetConfig {
 pub fn tiny_four_level_config() -> ModelConfig {
     let mut c = tiny_config(Family::Sd1, false);
     if let Some(u) = &mut c.unet {
-        (u.model_channels, u.channel_mult, u.num_res_blocks, u.attention_resolutions) = (32, vec![1, 2, 4, 4], 2, vec![1]);
+        (u.model_channels, u.channel_mult, u.num_res_blocks, u.attention_resolutions) = (32, vec![1, 2, 4, 4], 2, vec![4, 2, 1]);
     }
     c
 }
