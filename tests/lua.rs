@@ -433,3 +433,30 @@ fn diffloom_call_reports_bad_inputs_in_the_validators_words() {
     assert!(err.contains("diffloom.call(\"SolidMask\"): input \"width\": 0 is below the minimum 1"), "{err}");
     assert!(!err.contains("BelowMin"), "{err}");
 }
+
+/// The shipped hint plugin equals the built-in nodes it composes (Canny, then dilation and closing by
+/// the stroke thickness), and its strokes are binary and wider than the edges.
+#[test]
+fn scribble_plugin_composes_canny_and_morphology() {
+    let d = Dir::new();
+    std::fs::create_dir_all(d.join("plugins")).unwrap();
+    std::fs::copy(crate::util::repo().join("plugins/lua/scribble.lua"), d.join("plugins/scribble.lua")).unwrap();
+    std::fs::copy(crate::util::repo().join("graphs/inputs/house.png"), d.join("in.png")).unwrap();
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let nodes = r#""load": (type: "LoadImage", inputs: {"image": "in.png"}),
+        "s": (type: "ScribbleFromEdges", inputs: {"image": Link("load", "IMAGE"), "low_threshold": 0.2, "high_threshold": 0.5, "thickness": 7}),
+        "e": (type: "Canny", inputs: {"image": Link("load", "IMAGE"), "low_threshold": 0.2, "high_threshold": 0.5}),
+        "d": (type: "Morphology", inputs: {"image": Link("e", "IMAGE"), "operation": "dilate", "kernel_size": 7}),
+        "c": (type: "Morphology", inputs: {"image": Link("d", "IMAGE"), "operation": "close", "kernel_size": 7}),
+        "o": (type: "PreviewAny", inputs: {"source": Link("s", "IMAGE")}), "o2": (type: "PreviewAny", inputs: {"source": Link("c", "IMAGE")}),"#;
+    let scribble = tensor(&output(&d, &mut ex, &reg, nodes, "s", 0));
+    let by_hand = tensor(&output(&d, &mut ex, &reg, nodes, "c", 0));
+    let edges = tensor(&output(&d, &mut ex, &reg, nodes, "e", 0));
+    assert_eq!(scribble.size(), [1, 512, 512, 3]);
+    assert_eq!((&scribble - &by_hand).abs().max().double_value(&[]), 0.0);
+    assert_eq!(scribble.ne(0.0).logical_and(&scribble.ne(1.0)).sum(tch::Kind::Int64).int64_value(&[]), 0, "not binary");
+    let (s, e) = (scribble.sum(tch::Kind::Double).double_value(&[]), edges.sum(tch::Kind::Double).double_value(&[]));
+    assert!(e > 1000.0 && s > 3.0 * e, "strokes {s} vs edges {e}");
+}
