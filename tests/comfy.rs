@@ -502,7 +502,25 @@ fn comfyui_example_workflows_import_and_run() {
     let b = written(&ok(&d, &["run", "st.ron", "--models", "models"]));
     assert_eq!(pixels(&d, &a), pixels(&d, &b), "the .ckpt renders another image than its safetensors twin");
 
+    // ControlNet examples: fp16 ControlNets for the SD 1.5 checkpoints, and a depth T2I-Adapter with a
+    // checkpoint of SD 1.5's block layout (the adapter's features go to its 12 input blocks).
+    for name in ["dreamCreationVirtual3DECommerce_v10.safetensors", "architecturerealmix_v11.safetensors", "awpainting_v14.safetensors", "majicmixRealistic_v7.safetensors", "japaneseStyleRealistic_v20.safetensors"] {
+        ck(name, Family::Sd1, false);
+    }
+    write_checkpoint(&d.join("models/checkpoints/interiordesignsuperm_v2.safetensors"), &diffloom_nodes::checkpoint::synthetic::tiny_four_level_config(), tch::Kind::Float, 3, true).unwrap();
+    std::fs::create_dir_all(d.join("models/controlnet")).unwrap();
+    let controlnet = diffloom_nodes::checkpoint::synthetic::tiny_controlnet_config(tiny_config(Family::Sd1, false).unet.as_ref().unwrap());
+    for (i, name) in ["control_v11p_sd15_scribble_fp16", "control_v11f1p_sd15_depth_fp16", "control_v11p_sd15_openpose_fp16"].iter().enumerate() {
+        let path = d.join(&format!("models/controlnet/{name}.safetensors"));
+        diffloom_nodes::checkpoint::synthetic::write_controlnet(&path, &controlnet, tch::Kind::Half, 30 + i as i64).unwrap();
+    }
+    let adapter = diffloom_nodes::checkpoint::synthetic::tiny_adapter_config(false);
+    diffloom_nodes::checkpoint::synthetic::write_t2i_adapter(&d.join("models/controlnet/controlnetT2IAdapter_t2iAdapterDepth.safetensors"), &adapter, 33).unwrap();
+
     std::fs::create_dir_all(d.join("input")).unwrap();
+    for name in ["scribble_input.png", "depth_input (1).png", "depth-t2i-adapter_input.png", "image (72).png", "image (70).png", "input (3).png"] {
+        d.png(&format!("input/{name}"), 128, 128, 7);
+    }
     for name in ["example.png", "input.png", "input (1).png"] {
         d.png(&format!("input/{name}"), 96, 64, 5);
     }
@@ -520,6 +538,11 @@ fn comfyui_example_workflows_import_and_run() {
         ("embedding_example", 7),
         ("area_composition_square_area_for_subject", 18),
         ("area_composition", 29),
+        ("controlnet_example", 11),
+        ("depth_controlnet", 10),
+        ("depth_t2i_adapter", 10),
+        ("mixing_controlnets", 14),
+        ("2_pass_pose_worship", 20),
     ] {
         let file = dir.join(format!("{name}.json"));
         let (mut g, source) = import_file(&file, &diffloom_nodes::registry()).unwrap_or_else(|e| panic!("{e}"));
