@@ -17,9 +17,13 @@ case "${1:-}" in
         cargo build --release --locked --quiet --bin make-test-models
         target/release/make-test-models models/bench --full-sd1
         cargo bench --locked --bench sampling ;;
+    controlnet)
+        cargo build --release --locked --quiet --bin make-test-models
+        target/release/make-test-models models/bench --full-sd1
+        cargo bench --locked --bench controlnet ;;
     watch) cargo bench --locked --bench watch ;;
     lua) cargo bench --locked --bench lua ;;
     upscale) cargo bench --locked --bench upscale ;;
     serve) cargo bench --locked --bench serve ;;
-    *) echo "usage: scripts/bench.sh executor|models|sampling|watch|lua|upscale|serve" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh executor|models|sampling|controlnet|watch|lua|upscale|serve" >&2; exit 2 ;;
 esac

@@ -504,10 +504,23 @@ fn comfyui_example_workflows_import_and_run() {
 
     // ControlNet examples: fp16 ControlNets for the SD 1.5 checkpoints, and a depth T2I-Adapter with a
     // checkpoint of SD 1.5's block layout (the adapter's features go to its 12 input blocks).
-    for name in ["dreamCreationVirtual3DECommerce_v10.safetensors", "architecturerealmix_v11.safetensors", "awpainting_v14.safetensors", "majicmixRealistic_v7.safetensors", "japaneseStyleRealistic_v20.safetensors"] {
+    for name in [
+        "dreamCreationVirtual3DECommerce_v10.safetensors",
+        "architecturerealmix_v11.safetensors",
+        "awpainting_v14.safetensors",
+        "majicmixRealistic_v7.safetensors",
+        "japaneseStyleRealistic_v20.safetensors",
+    ] {
         ck(name, Family::Sd1, false);
     }
-    write_checkpoint(&d.join("models/checkpoints/interiordesignsuperm_v2.safetensors"), &diffloom_nodes::checkpoint::synthetic::tiny_four_level_config(), tch::Kind::Float, 3, true).unwrap();
+    write_checkpoint(
+        &d.join("models/checkpoints/interiordesignsuperm_v2.safetensors"),
+        &diffloom_nodes::checkpoint::synthetic::tiny_four_level_config(),
+        tch::Kind::Float,
+        3,
+        true,
+    )
+    .unwrap();
     std::fs::create_dir_all(d.join("models/controlnet")).unwrap();
     let controlnet = diffloom_nodes::checkpoint::synthetic::tiny_controlnet_config(tiny_config(Family::Sd1, false).unet.as_ref().unwrap());
     for (i, name) in ["control_v11p_sd15_scribble_fp16", "control_v11f1p_sd15_depth_fp16", "control_v11p_sd15_openpose_fp16"].iter().enumerate() {
@@ -515,7 +528,8 @@ fn comfyui_example_workflows_import_and_run() {
         diffloom_nodes::checkpoint::synthetic::write_controlnet(&path, &controlnet, tch::Kind::Half, 30 + i as i64).unwrap();
     }
     let adapter = diffloom_nodes::checkpoint::synthetic::tiny_adapter_config(false);
-    diffloom_nodes::checkpoint::synthetic::write_t2i_adapter(&d.join("models/controlnet/controlnetT2IAdapter_t2iAdapterDepth.safetensors"), &adapter, 33).unwrap();
+    diffloom_nodes::checkpoint::synthetic::write_t2i_adapter(&d.join("models/controlnet/controlnetT2IAdapter_t2iAdapterDepth.safetensors"), &adapter, 33)
+        .unwrap();
 
     std::fs::create_dir_all(d.join("input")).unwrap();
     for name in ["scribble_input.png", "depth_input (1).png", "depth-t2i-adapter_input.png", "image (72).png", "image (70).png", "input (3).png"] {

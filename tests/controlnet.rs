@@ -341,3 +341,85 @@ fn controlnet_and_adapters_match_diffusers() {
         assert!(worst < 1e-4 && e < 1e-4);
     }
 }
+
+/// End to end: the Canny ControlNet txt2img graph a ComfyUI user builds (euler/normal, cfg 5, 6 steps)
+/// against diffusers' own StableDiffusionControlNetPipeline on the same files, hint, seed and prompt
+/// embeddings (tests/parity/pipeline_reference.py, mode controlnet: ComfyUI's integer timesteps, and its
+/// initial noise scale √(1+σ₀²) through the scheduler's "leading" spacing, checked while it runs).
+#[test]
+fn canny_controlnet_txt2img_matches_diffusers_controlnet_pipeline() {
+    use diffloom_nodes::checkpoint::detect::Prediction;
+    use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
+    use diffloom_nodes::sampling::ksampler::ksampler_sigmas;
+    use diffloom_nodes::sampling::model_sampling::ModelSampling;
+    const STEPS: i64 = 6;
+    const SEED: i64 = 42;
+    let d = Dir::new();
+    let ck = tiny_sd1(&d, "tiny-sd1.safetensors");
+    let cn = tiny_controlnet(&d, "tiny-sd1-controlnet.safetensors");
+    std::fs::copy(crate::util::repo().join("graphs/inputs/house.png"), d.join("house.png")).unwrap();
+    let nodes = format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+        "p": (type: "CLIPTextEncode", inputs: {{"text": "a cottage in a meadow, watercolor", "clip": Link("c", "CLIP")}}),
+        "n": (type: "CLIPTextEncode", inputs: {{"text": "blurry", "clip": Link("c", "CLIP")}}),
+        "img": (type: "LoadImage", inputs: {{"image": "house.png"}}),
+        "small": (type: "ImageScale", inputs: {{"image": Link("img", "IMAGE"), "upscale_method": "area", "width": 64, "height": 64, "crop": "disabled"}}),
+        "hint": (type: "Canny", inputs: {{"image": Link("small", "IMAGE"), "low_threshold": 0.2, "high_threshold": 0.5}}),
+        "cn": (type: "ControlNetLoader", inputs: {{"control_net_name": {cn:?}}}),
+        "ap": (type: "ControlNetApplyAdvanced", inputs: {{"positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"),
+              "control_net": Link("cn", "CONTROL_NET"), "image": Link("hint", "IMAGE"), "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}),
+        "e": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 64, "batch_size": 1}}),
+        "s": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": {SEED}, "steps": {STEPS}, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+              "positive": Link("ap", "positive"), "negative": Link("ap", "negative"), "latent_image": Link("e", "LATENT"), "denoise": 1.0}}),
+        "dec": (type: "VAEDecode", inputs: {{"samples": Link("s", "LATENT"), "vae": Link("c", "VAE")}}),
+        "plain": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": {SEED}, "steps": {STEPS}, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal",
+              "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link("e", "LATENT"), "denoise": 1.0}}),"#
+    );
+    let v = outputs(
+        &d,
+        &nodes,
+        &[("hint", "IMAGE", 0), ("p", "CONDITIONING", 0), ("n", "CONDITIONING", 0), ("s", "LATENT", 0), ("dec", "IMAGE", 0), ("plain", "LATENT", 0)],
+    )
+    .unwrap();
+    let cond = |v: &Value| match v {
+        Value::Conditioning(c) => c[0].cross_attn.0.shallow_clone(),
+        other => panic!("{other:?}"),
+    };
+    let hint = image(&v[0]);
+    let edge_share = hint.mean(Kind::Float).double_value(&[]);
+    assert!(edge_share > 0.02 && edge_share < 0.5, "the hint has {edge_share} edge pixels");
+    let ms = ModelSampling::sd(Prediction::Eps);
+    let sigmas = ksampler_sigmas(&ms, "euler", "normal", STEPS, 1.0).unwrap();
+    let sig32: Vec<f32> = sigmas.iter().map(|s| *s as f32).collect();
+    let timesteps = ms.timestep(&Tensor::from_slice(&sig32[..sig32.len() - 1])).to_kind(Kind::Float);
+    let input = d.join("in.safetensors");
+    let named = |k: &str, t: Tensor| (k.to_string(), t.contiguous());
+    write_safetensors(
+        &input,
+        &[
+            named("hint", hint),
+            named("prompt_embeds", cond(&v[1])),
+            named("negative_prompt_embeds", cond(&v[2])),
+            named("sigmas", Tensor::from_slice(&sig32)),
+            named("timesteps", timesteps),
+            named("seed", Tensor::from_slice(&[SEED])),
+            named("cfg", Tensor::from_slice(&[5f32])),
+        ],
+        None,
+    )
+    .unwrap();
+    let reference = d.join("out.safetensors");
+    crate::parity::run_reference("pipeline_reference.py", &[Path::new("controlnet"), &ck, &input, &reference, &cn]);
+    let r = SafetensorsFile::open(&reference).unwrap();
+    let (want_latent, want_image) = (r.load("out.latent", Device::Cpu, None).unwrap(), r.load("out.image", Device::Cpu, None).unwrap());
+    let (latent, decoded) = (samples(&v[3]), image(&v[4]));
+    let excess = ((&latent - &want_latent).abs() - (want_latent.abs() * 1e-5 + 1e-4)).max().double_value(&[]);
+    let (e_latent, e_image) = (max_abs_diff(&latent, &want_latent), max_abs_diff(&decoded, &want_image));
+    let moved = max_abs_diff(&latent, &samples(&v[5]));
+    println!(
+        "ControlNet txt2img vs diffusers: latent {e_latent:.2e} (|latent| up to {:.1}), image {e_image:.2e}; the ControlNet moved the latent by {moved:.2}",
+        want_latent.abs().max().double_value(&[])
+    );
+    assert!(excess <= 0.0 && e_image < 1e-4, "latent {e_latent}, image {e_image}");
+    assert!(moved > 1e3 * e_latent.max(1e-6), "{moved} vs {e_latent}");
+}
