@@ -423,3 +423,92 @@ fn canny_controlnet_txt2img_matches_diffusers_controlnet_pipeline() {
     assert!(excess <= 0.0 && e_image < 1e-4, "latent {e_latent}, image {e_image}");
     assert!(moved > 1e3 * e_latent.max(1e-6), "{moved} vs {e_latent}");
 }
+
+/// Files without diffloom's metadata (every real one) get their configuration from the shapes: SD 1.x's
+/// 8 heads, or SD 2.x's 64-wide heads when the text states are 1024 wide.
+#[test]
+fn controlnet_configs_are_detected_from_shapes() {
+    use diffloom_nodes::checkpoint::control::{load_control, ControlModel};
+    use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
+    use diffloom_nodes::checkpoint::synthetic::detectable_tiny_config;
+    let d = Dir::new();
+    let sd1 = detectable_tiny_config(Family::Sd1).unet.unwrap();
+    let mut sd2 = tiny_config(Family::Sd2, false).unet.unwrap();
+    (sd2.context_dim, sd2.num_heads, sd2.num_head_channels) = (1024, -1, 64);
+    for (name, unet) in [("sd1", sd1), ("sd2", sd2)] {
+        let config = tiny_controlnet_config(&unet);
+        let with_meta = d.join(&format!("{name}-meta.safetensors"));
+        write_controlnet(&with_meta, &config, Kind::Float, 8).unwrap();
+        let f = SafetensorsFile::open(&with_meta).unwrap();
+        let tensors: Vec<(String, Tensor)> = f.tensors().keys().map(|k| (k.clone(), f.load(k, Device::Cpu, None).unwrap())).collect();
+        let bare = d.join(&format!("{name}.safetensors"));
+        write_safetensors(&bare, &tensors, None).unwrap();
+        let Ok((ControlModel::ControlNet(net), _)) = load_control(&bare, Device::Cpu, Kind::Float, None) else { panic!("{name}") };
+        assert_eq!(net.config, config, "{name}");
+    }
+}
+
+/// ControlNets with the rest of the stack: an area entry (the hint is resized to the area's pixels), an
+/// inpainting UNet (the ControlNet sees the 4 latent channels), a LoRA-patched model, img2img, and
+/// samplers of each kind.
+#[test]
+fn controlnets_work_with_areas_inpainting_lora_img2img_and_samplers() {
+    use diffloom_nodes::checkpoint::load::load_checkpoint;
+    use diffloom_nodes::checkpoint::synthetic::write_lora;
+    let d = Dir::new();
+    let ck = tiny_sd1(&d, "m.safetensors");
+    let inpaint = d.join("inpaint.safetensors");
+    write_checkpoint(&inpaint, &tiny_config(Family::Sd1, true), Kind::Float, 1, true).unwrap();
+    let cn = tiny_controlnet(&d, "cn.safetensors");
+    let loaded = load_checkpoint(&ck, Device::Cpu, Kind::Float).unwrap();
+    let lora = d.join("lora.safetensors");
+    write_lora(&lora, loaded.unet.as_ref().unwrap(), loaded.clip.as_ref().unwrap(), 4, 3).unwrap();
+    d.png("in.png", 128, 96, 3);
+    let graph = |ckpt: &Path, model: &str, positive: &str, latent: &str, sampler: &str, denoise: f64| {
+        format!(
+            r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ckpt:?}}}),
+            "lo": (type: "LoraLoaderModelOnly", inputs: {{"model": Link("c", "MODEL"), "lora_name": {lora:?}, "strength_model": 0.8}}),
+            "p": (type: "CLIPTextEncode", inputs: {{"text": "a barn", "clip": Link("c", "CLIP")}}),
+            "q": (type: "CLIPTextEncode", inputs: {{"text": "a red door", "clip": Link("c", "CLIP")}}),
+            "qa": (type: "ConditioningSetArea", inputs: {{"conditioning": Link("q", "CONDITIONING"), "width": 64, "height": 64, "x": 64, "y": 0, "strength": 1.0}}),
+            "both": (type: "ConditioningCombine", inputs: {{"conditioning_1": Link("p", "CONDITIONING"), "conditioning_2": Link("qa", "CONDITIONING")}}),
+            "n": (type: "CLIPTextEncode", inputs: {{"text": "", "clip": Link("c", "CLIP")}}),
+            "img": (type: "LoadImage", inputs: {{"image": "in.png"}}),
+            "hint": (type: "Canny", inputs: {{"image": Link("img", "IMAGE"), "low_threshold": 0.1, "high_threshold": 0.3}}),
+            "cn": (type: "ControlNetLoader", inputs: {{"control_net_name": {cn:?}}}),
+            "ap": (type: "ControlNetApplyAdvanced", inputs: {{"positive": Link({positive:?}, "CONDITIONING"), "negative": Link("n", "CONDITIONING"),
+                  "control_net": Link("cn", "CONTROL_NET"), "image": Link("hint", "IMAGE"), "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}),
+            "mask": (type: "SolidMask", inputs: {{"value": 1.0, "width": 128, "height": 96}}),
+            "imc": (type: "InpaintModelConditioning", inputs: {{"positive": Link("ap", "positive"), "negative": Link("ap", "negative"), "vae": Link("c", "VAE"),
+                  "pixels": Link("img", "IMAGE"), "mask": Link("mask", "MASK"), "noise_mask": true}}),
+            "e": (type: "EmptyLatentImage", inputs: {{"width": 128, "height": 96, "batch_size": 1}}),
+            "enc": (type: "VAEEncode", inputs: {{"pixels": Link("img", "IMAGE"), "vae": Link("c", "VAE")}}),
+            "s": (type: "KSampler", inputs: {{"model": Link({model:?}, "MODEL"), "seed": 5, "steps": 3, "cfg": 4.0, "sampler_name": {sampler:?}, "scheduler": "karras",
+                  "positive": Link("ap", "positive"), "negative": Link("ap", "negative"), "latent_image": Link({latent:?}, "LATENT"), "denoise": {denoise:?}}}),
+            "s0": (type: "KSampler", inputs: {{"model": Link({model:?}, "MODEL"), "seed": 5, "steps": 3, "cfg": 4.0, "sampler_name": {sampler:?}, "scheduler": "karras",
+                  "positive": Link({positive:?}, "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link({latent:?}, "LATENT"), "denoise": {denoise:?}}}),"#
+        )
+    };
+    let cases = [
+        ("area entry", graph(&ck, "c", "both", "e", "euler", 1.0)),
+        ("LoRA model", graph(&ck, "lo", "p", "e", "dpmpp_2m", 1.0)),
+        ("img2img", graph(&ck, "c", "p", "enc", "euler_ancestral", 0.6)),
+        ("SDE sampler", graph(&ck, "c", "both", "e", "dpmpp_sde", 1.0)),
+        ("CFG++ sampler", graph(&ck, "c", "p", "e", "euler_cfg_pp", 1.0)),
+        (
+            "inpainting model",
+            graph(&inpaint, "c", "p", "e", "euler", 1.0).replace(
+                r#"Link("ap", "positive"), "negative": Link("ap", "negative"), "latent_image": Link("e", "LATENT")"#,
+                r#"Link("imc", "positive"), "negative": Link("imc", "negative"), "latent_image": Link("imc", "latent")"#,
+            ),
+        ),
+    ];
+    for (what, nodes) in cases {
+        let v = outputs(&d, &nodes, &[("s", "LATENT", 0), ("s0", "LATENT", 0)]).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let (s, s0) = (samples(&v[0]), samples(&v[1]));
+        assert!(s.isfinite().all().int64_value(&[]) == 1, "{what}");
+        let moved = max_abs_diff(&s, &s0);
+        println!("{what}: the ControlNet moved the latent by {moved:.3}");
+        assert!(moved > 1e-3, "{what}: the ControlNet changed nothing");
+    }
+}
