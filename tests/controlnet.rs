@@ -512,3 +512,35 @@ fn controlnets_work_with_areas_inpainting_lora_img2img_and_samplers() {
         assert!(moved > 1e-3, "{what}: the ControlNet changed nothing");
     }
 }
+
+/// The shuffle ControlNet (a file named `*_shuffle`) gets ComfyUI's global average pooling: each
+/// residual is its spatial mean everywhere; other files keep their residuals' detail.
+#[test]
+fn shuffle_controlnets_pool_their_residuals() {
+    use diffloom_nodes::builtin::loaders::ControlNetLoader;
+    use diffloom_nodes::control::{AppliedControl, ControlNetValue};
+    use diffloom_nodes::sampling::model_sampling::ModelSampling;
+    let d = Dir::new();
+    let plain = tiny_controlnet(&d, "control_v11e_sd15.safetensors");
+    let shuffle = d.join("control_v11e_sd15_shuffle.safetensors");
+    std::fs::copy(&plain, &shuffle).unwrap();
+    let _g = tch::no_grad_guard();
+    let ms = ModelSampling::sd(diffloom_nodes::checkpoint::detect::Prediction::Eps);
+    tch::manual_seed(1);
+    let x = Tensor::randn([2, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let t = ms.timestep(&Tensor::from_slice(&[3f32, 3.0]));
+    let context = Tensor::randn([2, 77, 32], (Kind::Float, Device::Cpu));
+    let hint = Tensor::rand([1, 3, 64, 64], (Kind::Float, Device::Cpu));
+    for (path, pooled) in [(&plain, false), (&shuffle, true)] {
+        let v = crate::util::call(&ControlNetLoader, vec![("control_net_name", Some(Value::String(path.display().to_string())))]).unwrap();
+        let Value::ControlNet(h) = &v[0] else { panic!("{v:?}") };
+        let value: &ControlNetValue = h.downcast().unwrap();
+        assert_eq!(value.global_average_pooling, pooled);
+        let applied = AppliedControl::new(value, hint.shallow_clone(), 0.7, (0.0, 1.0), None);
+        let r = applied.residuals(&x, &t, &context, 2, 3.0, &ms).unwrap().unwrap();
+        for o in r.output.iter().flatten().chain(r.middle.iter()) {
+            let spread = (o - o.mean_dim(&[2i64, 3][..], true, None)).abs().max().double_value(&[]);
+            assert_eq!(spread < 1e-6, pooled, "{}: spatial spread {spread}", path.display());
+        }
+    }
+}
