@@ -384,7 +384,13 @@ fn unknown_choices_are_errors_not_defaults() {
     use diffloom_core::{Handle, Shared};
     let d = Dir::new();
     let ck = diffloom_nodes::checkpoint::load::load_checkpoint(&tiny_sd1(&d, "m.safetensors"), Device::Cpu, tch::Kind::Float).unwrap();
-    let model = diffloom_nodes::sd::SdModel { unet: ck.unet.unwrap(), family: ck.config.family, sampling: ck.config.prediction.into(), name: "tiny".into() };
+    let model = diffloom_nodes::sd::SdModel {
+        unet: ck.unet.unwrap(),
+        family: ck.config.family,
+        sampling: ck.config.prediction.into(),
+        name: "tiny".into(),
+        patches: Default::default(),
+    };
     let model = Value::Model(Handle::new(model, 0, "tiny"));
     let err = call(
         &diffloom_nodes::builtin::custom_sampling::BasicScheduler,

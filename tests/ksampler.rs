@@ -206,7 +206,13 @@ fn masks_wrong_channels_and_nans_through_the_sampling_api() {
     use tch::{Device, Tensor};
     let d = Dir::new();
     let ck = diffloom_nodes::checkpoint::load::load_checkpoint(std::path::Path::new(&ckpt(&d)), Device::Cpu, Kind::Float).unwrap();
-    let model = diffloom_nodes::sd::SdModel { unet: ck.unet.unwrap(), family: Family::Sd1, sampling: ck.config.prediction.into(), name: "tiny".into() };
+    let model = diffloom_nodes::sd::SdModel {
+        unet: ck.unet.unwrap(),
+        family: Family::Sd1,
+        sampling: ck.config.prediction.into(),
+        name: "tiny".into(),
+        patches: Default::default(),
+    };
     let cond = vec![CondEntry::new(Tensor::randn([1, 77, 32], (Kind::Float, Device::Cpu)))];
     let cancel = AtomicBool::new(false);
     let sigmas = [14.6, 5.0, 1.0, 0.0];

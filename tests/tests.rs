@@ -14,6 +14,7 @@ mod ksampler;
 mod latent_mask;
 mod lora;
 mod lua;
+mod model_patches;
 mod models;
 mod parity;
 mod pickle;

@@ -8,6 +8,7 @@ pub mod family;
 pub mod filters;
 pub mod imageio;
 pub mod lora;
+pub mod patches;
 pub mod models;
 pub mod prompt;
 pub mod resample;
@@ -21,7 +22,7 @@ use std::rc::Rc;
 use diffloom_core::{Node, Origin, Registry};
 
 use builtin::sampling as sampling_nodes;
-use builtin::{conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, preprocessors, primitive};
+use builtin::{conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, model_merging, model_patches, preprocessors, primitive};
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
 pub fn builtin() -> Vec<Rc<dyn Node>> {
@@ -54,6 +55,25 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(sampling_nodes::KSampler),
         Rc::new(sampling_nodes::KSamplerAdvanced),
         Rc::new(sampling_nodes::ModelSamplingDiscrete),
+        // model patches (advanced/model, model_patches/unet, advanced/guidance, …)
+        Rc::new(model_patches::RescaleCFG),
+        Rc::new(model_patches::FreeUNode),
+        Rc::new(model_patches::FreeUV2),
+        Rc::new(model_patches::PatchModelAddDownscale),
+        Rc::new(model_patches::CFGZeroStar),
+        Rc::new(model_patches::CFGNorm),
+        Rc::new(model_patches::APG),
+        Rc::new(model_patches::DifferentialDiffusion),
+        // advanced/model_merging, attention multipliers
+        Rc::new(model_merging::ModelMergeSimple),
+        Rc::new(model_merging::ModelMergeBlocks),
+        Rc::new(model_merging::ModelMergeSubtract),
+        Rc::new(model_merging::ModelMergeAdd),
+        Rc::new(model_merging::ModelMergeSD("ModelMergeSD1")),
+        Rc::new(model_merging::ModelMergeSD("ModelMergeSD2")),
+        Rc::new(model_merging::UNetSelfAttentionMultiply),
+        Rc::new(model_merging::UNetCrossAttentionMultiply),
+        Rc::new(model_merging::CLIPAttentionMultiply),
         // sampling/custom_sampling
         Rc::new(custom::SamplerCustom),
         Rc::new(custom::SamplerCustomAdvanced),

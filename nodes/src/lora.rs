@@ -348,7 +348,7 @@ pub fn apply_lora(
         Some((m, _)) if !unet_patches.is_empty() => {
             let state = patch_state(&m.unet.state, &unet_patches).map_err(failed)?;
             let unet = rebuild_unet(&m.unet, state).map_err(|e| failed(e.to_string()))?;
-            Some(SdModel { unet, family: m.family, sampling: m.sampling, name: m.name.clone() })
+            Some(SdModel { unet, ..m.clone() })
         }
         _ => None,
     };

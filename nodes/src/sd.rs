@@ -29,6 +29,8 @@ pub struct SdModel {
     pub sampling: SamplingMode,
     /// The checkpoint's file name, for errors that involve the model and another file.
     pub name: String,
+    /// Hooks added by patch nodes (FreeU, RescaleCFG, …), shared with the MODEL they came from.
+    pub patches: Rc<crate::patches::ModelPatches>,
 }
 
 /// CLIP: the text encoder, its tokenizer, and the layer CLIPSetLastLayer chose.

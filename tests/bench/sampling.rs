@@ -23,7 +23,13 @@ use tch::{Device, Kind, Tensor};
 fn bench(label: &str, ckpt: &Path, latent_hw: i64, steps: i64, samplers: &[&str]) {
     let ck = load_checkpoint(ckpt, Device::Cpu, Kind::Float).expect("load");
     let ctx_dim = ck.config.unet.as_ref().map_or(768, |u| u.context_dim);
-    let model = SdModel { unet: ck.unet.expect("unet"), family: ck.config.family, sampling: ck.config.prediction.into(), name: "bench".into() };
+    let model = SdModel {
+        unet: ck.unet.expect("unet"),
+        family: ck.config.family,
+        sampling: ck.config.prediction.into(),
+        name: "bench".into(),
+        patches: Default::default(),
+    };
     let cond = vec![CondEntry::new(Tensor::randn([1, 77, ctx_dim], (Kind::Float, Device::Cpu)))];
     let latent = Latent { samples: Shared(Tensor::zeros([1, 4, latent_hw, latent_hw], (Kind::Float, Device::Cpu))), noise_mask: None, batch_index: None };
     let sigmas = calculate_sigmas(&ModelSampling::new(model.sampling), "karras", steps).unwrap();

@@ -80,7 +80,7 @@ impl Node for CheckpointLoaderSimple {
         let missing = |part: &str, keys: &str| Handle::new(MissingPart(format!("{} has no {part} ({keys})", path.display())), 0, format!("{name} (no {part})"));
         let model = match &ck.unet {
             Some(unet) => Handle::new(
-                SdModel { unet: unet.clone(), family: ck.config.family, sampling: ck.config.prediction.into(), name: name.clone() },
+                SdModel { unet: unet.clone(), family: ck.config.family, sampling: ck.config.prediction.into(), name: name.clone(), patches: Rc::default() },
                 ck.bytes,
                 name.clone(),
             ),

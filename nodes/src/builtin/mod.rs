@@ -7,6 +7,8 @@ pub mod image;
 pub mod latent;
 pub mod loaders;
 pub mod mask;
+pub mod model_merging;
+pub mod model_patches;
 pub mod preprocessors;
 pub mod primitive;
 pub mod sampling;

@@ -95,6 +95,6 @@ impl Node for ModelSamplingDiscrete {
             Parameterization::from_name(sampling).ok_or_else(|| NodeError::input("sampling", format!("unknown sampling type {sampling:?}")))?;
         let mode = SamplingMode { parameterization, zsnr: a.boolean("zsnr")? };
         let label = format!("{:?} ({sampling}{})", model.family, if mode.zsnr { ", zsnr" } else { "" });
-        Ok(vec![Value::Model(Handle::new(SdModel { unet: model.unet.clone(), family: model.family, sampling: mode, name: model.name.clone() }, 0, label))])
+        Ok(vec![Value::Model(Handle::new(SdModel { sampling: mode, ..model.clone() }, 0, label))])
     }
 }

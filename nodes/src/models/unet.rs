@@ -10,6 +10,8 @@ use super::layers::{conv3x3, group_norm, linear, GroupNorm, Linear};
 use super::resnet::ResBlock;
 use super::unet_blocks::{Block, Downsample, Layer, Upsample};
 use crate::checkpoint::WPath;
+use crate::patches::{BlockId, CallCx, UnetPatches};
+use diffloom_core::NodeError;
 
 /// The UNet's hyper-parameters, named as in the LDM yaml configs (`unet_config.params`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -278,6 +280,24 @@ impl Unet {
     /// [`Unet::forward_with_class`] with ControlNet / T2I-Adapter residuals added where ComfyUI's
     /// `apply_control` adds them.
     pub fn forward_controlled(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor, y: Option<&Tensor>, control: Option<&Residuals>) -> Tensor {
+        let cx = CallCx { sigma: 0.0, original_shape: &x.size() };
+        self.forward_patched(x, timesteps, context, y, control, &UnetPatches::default(), &cx).expect("no patch ran")
+        // invariant: without patches no step of the forward returns an error
+    }
+
+    /// [`Unet::forward_controlled`] with the model's block patches run where ComfyUI's `UNetModel`
+    /// runs them (see `patches.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_patched(
+        &self,
+        x: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        y: Option<&Tensor>,
+        control: Option<&Residuals>,
+        patches: &UnetPatches,
+        cx: &CallCx,
+    ) -> Result<Tensor, NodeError> {
         let kind = self.kind();
         let emb = self.time_embed.forward(timesteps, y, kind);
         let context = context.to_kind(kind);
@@ -288,21 +308,37 @@ impl Unet {
         for (i, block) in self.input_blocks.iter().enumerate() {
             h = block.forward(&h, &emb, &context, None);
             h = add_residual(h, control.input.get(i), "input block");
+            for p in &patches.input_block {
+                h = p.apply(h, BlockId::Input(i), cx)?;
+            }
             hs.push(h.shallow_clone());
+            for p in &patches.input_block_after_skip {
+                h = p.apply(h, BlockId::Input(i), cx)?;
+            }
         }
         h = self.middle_block.forward(&h, &emb, &context, None);
         h = add_residual(h, Some(&control.middle.as_ref().map(|m| m.shallow_clone())), "middle block");
-        for block in &self.output_blocks {
+        for (i, block) in self.output_blocks.iter().enumerate() {
             // There are as many output blocks as input blocks, one skip each.
             if let Some(skip) = hs.pop() {
-                let skip = add_residual(skip, control.output.get(hs.len()), "skip");
+                let mut skip = add_residual(skip, control.output.get(hs.len()), "skip");
+                for p in &patches.output_block {
+                    (h, skip) = p.apply(h, skip, BlockId::Output(i), cx)?;
+                }
+                if h.size()[2..] != skip.size()[2..] {
+                    return Err(NodeError::Failed(format!(
+                        "output block {i}: the activation is {:?} but its skip is {:?} (a model patch changed one size)",
+                        h.size(),
+                        skip.size()
+                    )));
+                }
                 h = Tensor::cat(&[h, skip], 1);
             }
             // An upsampler must match the next skip's size, so odd latent sizes work.
             let up = hs.last().map(|s| (s.size()[2], s.size()[3]));
             h = block.forward(&h, &emb, &context, up);
         }
-        self.out_conv.forward(&self.out_norm.forward(&h).silu())
+        Ok(self.out_conv.forward(&self.out_norm.forward(&h).silu()))
     }
 }
 

@@ -12,6 +12,7 @@ use super::conds::Cond;
 use super::model_sampling::ModelSampling;
 use crate::control::AppliedControl;
 use crate::models::unet::Unet;
+use crate::patches::{CallCx, CfgArgs, ModelPatches};
 
 /// What a sampler calls: the denoised estimate of `x` at noise level `sigma`.
 pub trait Denoiser {
@@ -86,31 +87,53 @@ impl Guidance {
     }
 
     /// The guided estimate and the unconditional one a CFG++ sampler reads, from each side's
-    /// prediction (zeros for a side not run, as ComfyUI's `calc_cond_batch` gives for a missing one).
-    fn combine(&self, p: &[Tensor]) -> (Tensor, Tensor) {
-        match *self {
-            Guidance::Cfg(cfg) => (&p[1] + (&p[0] - &p[1]) * cfg, p[1].shallow_clone()),
-            // No negative side: ComfyUI hands CFG++ samplers zeros.
-            Guidance::Basic => (p[0].shallow_clone(), p[0].zeros_like()),
+    /// prediction (zeros for a side not run, as ComfyUI's `calc_cond_batch` gives for a missing one),
+    /// with the model's pre-CFG, CFG and post-CFG functions where ComfyUI's guiders call them.
+    fn combine(&self, p: Vec<Tensor>, patches: &ModelPatches, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor), NodeError> {
+        let args = |cond: &'_ Tensor, uncond: &'_ Tensor, scale: f64| {
+            let a = CfgArgs { input: x, sigma, cond_scale: scale, cond_denoised: cond, uncond_denoised: uncond };
+            patches.guide(&a)
+        };
+        Ok(match *self {
+            Guidance::Cfg(cfg) => {
+                let p = patches.pre(p, x, sigma, cfg)?;
+                (args(&p[0], &p[1], cfg)?, p[1].shallow_clone())
+            }
+            // BasicGuider is a CFG guider at scale 1 without a negative side: ComfyUI hands the hooks
+            // (and CFG++ samplers) zeros for it.
+            Guidance::Basic => {
+                let zeros = p[0].zeros_like();
+                let p = patches.pre(vec![p[0].shallow_clone(), zeros], x, sigma, 1.0)?;
+                (args(&p[0], &p[1], 1.0)?, p[1].shallow_clone())
+            }
+            // ComfyUI's DualCFGGuider calls no pre-CFG functions; its CFG function (and the post-CFG
+            // ones) run on the inner pair.
             Guidance::DualCfg { cfg_conds, cfg_cond2_negative, nested } => {
                 let (c1, c2, neg) = (&p[0], &p[1], &p[2]);
                 if nested {
-                    let text = c2 + (c1 - c2) * cfg_conds;
+                    let text = args(c1, c2, cfg_conds)?;
                     (neg + (text - neg) * cfg_cond2_negative, c2.shallow_clone())
                 } else {
-                    (neg + (c2 - neg) * cfg_cond2_negative + (c1 - c2) * cfg_conds, neg.shallow_clone())
+                    (args(c2, neg, cfg_cond2_negative)? + (c1 - c2) * cfg_conds, neg.shallow_clone())
                 }
             }
+            // PerpNeg has its own formula instead of a CFG function; the post-CFG functions follow it.
             Guidance::PerpNeg { cfg, neg_scale } => {
+                let p = patches.pre(p, x, sigma, cfg)?;
                 let (positive, negative, empty) = (&p[0], &p[1], &p[2]);
                 let pos = positive - empty;
                 let neg = negative - empty;
                 // Over the whole batch, as ComfyUI's perp_neg sums.
                 let proj = (&neg * &pos).sum(Kind::Float) / pos.square().sum(Kind::Float);
                 let perp = &neg - &pos * proj;
-                (empty + (pos - perp * neg_scale) * cfg, negative.shallow_clone())
+                let mut out = empty + (pos - perp * neg_scale) * cfg;
+                let a = CfgArgs { input: x, sigma, cond_scale: cfg, cond_denoised: positive, uncond_denoised: negative };
+                for post in &patches.post_cfg {
+                    out = post.apply(out, &a)?;
+                }
+                (out, negative.shallow_clone())
             }
-        }
+        })
     }
 }
 
@@ -131,12 +154,27 @@ pub struct CfgDenoiser<'a> {
     pub model_time: std::time::Duration,
     /// Where the first estimate after each take is kept (the sampling run's per-step denoised output).
     pub first_estimate: Option<Rc<RefCell<Option<Tensor>>>>,
+    /// The model's patches (block patches, CFG functions, the denoise-mask function).
+    pub patches: Rc<ModelPatches>,
+    /// The run's sigmas, which a denoise-mask function reads.
+    pub run_sigmas: Vec<f64>,
 }
 
 impl<'a> CfgDenoiser<'a> {
     /// A denoiser with no noise mask.
     pub fn new(unet: &'a Unet, sampling: &'a ModelSampling, sides: Vec<Vec<Cond>>, guidance: Guidance) -> CfgDenoiser<'a> {
-        CfgDenoiser { unet, sampling, sides, guidance, noise_mask: None, calls: 0, model_time: std::time::Duration::ZERO, first_estimate: None }
+        CfgDenoiser {
+            unet,
+            sampling,
+            sides,
+            guidance,
+            noise_mask: None,
+            calls: 0,
+            model_time: std::time::Duration::ZERO,
+            first_estimate: None,
+            patches: Rc::default(),
+            run_sigmas: Vec::new(),
+        }
     }
 }
 
@@ -191,7 +229,7 @@ impl CfgDenoiser<'_> {
                 self.sides.len()
             )));
         }
-        let needed = self.guidance.needed(want_uncond);
+        let needed = self.guidance.needed(want_uncond || self.patches.disable_cfg1);
         if let Some(m) = self.noise_mask.as_ref().filter(|m| m.mask.size() != x.size()) {
             return Err(NodeError::Failed(format!(
                 "the latent changed size while sampling ({:?} → {:?}); a noise mask cannot follow it",
@@ -199,12 +237,19 @@ impl CfgDenoiser<'_> {
                 x.size()
             )));
         }
-        let x_in = match &self.noise_mask {
-            Some(m) => {
+        // The mask this call uses (a denoise-mask function may rewrite it per call), for the input's
+        // and the output's blend alike.
+        let mask = match (&self.noise_mask, &self.patches.denoise_mask) {
+            (Some(m), Some(f)) => Some(f.apply(sigma, &m.mask, &self.run_sigmas, self.sampling)?),
+            (Some(m), None) => Some(m.mask.shallow_clone()),
+            (None, _) => None,
+        };
+        let x_in = match (&self.noise_mask, &mask) {
+            (Some(m), Some(mask)) => {
                 let noised = self.sampling.noise_scaling(sigma, &m.noise, &m.latent_image, false);
-                x * &m.mask + noised * (m.mask.neg() + 1.0)
+                x * mask + noised * (mask.neg() + 1.0)
             }
-            None => x.shallow_clone(),
+            _ => x.shallow_clone(),
         };
         let b = x_in.size()[0];
         let device = self.unet_device();
@@ -261,7 +306,12 @@ impl CfgDenoiser<'_> {
                 Some(c) => c.residuals(&scaled, &t, &context, n, sigma, self.sampling)?,
                 None => None,
             };
-            let out = self.unet.forward_controlled(&model_in, &t, &context, None, residuals.as_ref()).to_kind(Kind::Float).to_device(x.device());
+            let cx = CallCx { sigma: sigma as f32, original_shape: &model_in.size() };
+            let out = self
+                .unet
+                .forward_patched(&model_in, &t, &context, None, residuals.as_ref(), &self.patches.unet, &cx)?
+                .to_kind(Kind::Float)
+                .to_device(x.device());
             if let tch::Device::Cuda(i) = device {
                 tch::Cuda::synchronize(i as i64);
             }
@@ -278,10 +328,10 @@ impl CfgDenoiser<'_> {
             }
         }
         let preds: Vec<Tensor> = sums.iter().zip(&weights).map(|(s, w)| s / w).collect();
-        let (guided, uncond) = self.guidance.combine(&preds);
-        let guided = match &self.noise_mask {
-            Some(m) => &guided * &m.mask + &m.latent_image * (m.mask.neg() + 1.0),
-            None => guided,
+        let (guided, uncond) = self.guidance.combine(preds, &self.patches, &x_in, sigma)?;
+        let guided = match (&self.noise_mask, &mask) {
+            (Some(m), Some(mask)) => &guided * mask + &m.latent_image * (mask.neg() + 1.0),
+            _ => guided,
         };
         if let Some(cell) = &self.first_estimate {
             cell.borrow_mut().get_or_insert_with(|| guided.shallow_clone());

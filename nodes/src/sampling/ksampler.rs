@@ -200,6 +200,8 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         control.check_fits(&unet.config, &model.name)?;
     }
     let mut denoiser = CfgDenoiser::new(unet, &ms, conds, r.guider.guidance);
+    denoiser.patches = model.patches.clone();
+    denoiser.run_sigmas = r.sigmas.to_vec();
     denoiser.noise_mask = mask.map(|m| NoiseMask { mask: m, latent_image: latent_in.shallow_clone(), noise: mask_noise });
     // The denoised estimate of each step's first model call, what ComfyUI's step callback shows and
     // keeps as `denoised_output`.

@@ -1,0 +1,258 @@
+//! ComfyUI's weight patches: model merging (`advanced/model_merging`) and the attention multipliers
+//! (`_for_testing/attention_experiments`). Each computes new weights as ComfyUI's
+//! `calculate_weight` does for a "diff" patch — `w = w1·strength_model + strength_patch·w2`, in fp32,
+//! rounded once to the model's kind — and rebuilds the model around them; weights it does not touch
+//! stay shared with the input, which is never changed.
+
+use std::collections::HashMap;
+
+use diffloom_core::{Args, Ctx, Float, Handle, Node, NodeError, Schema, Value, ValueType};
+use tch::{Kind, Tensor};
+
+use crate::lora::{rebuild_clip, rebuild_unet};
+use crate::sd::{SdClip, SdModel};
+
+/// `w·strength_model + strength_patch·other` as ComfyUI computes it (the multiply skipped at 1, the
+/// add skipped at 0), or None when nothing changes.
+fn combine(w: &Tensor, other: Option<&Tensor>, strength_model: f64, strength_patch: f64) -> Option<Tensor> {
+    if strength_model == 1.0 && (strength_patch == 0.0 || other.is_none()) {
+        return None;
+    }
+    // A copy: the input model's tensor must not change.
+    let mut out = w.to_dtype(Kind::Float, false, true);
+    if strength_model != 1.0 {
+        out *= strength_model;
+    }
+    if let Some(o) = other.filter(|_| strength_patch != 0.0) {
+        let o = o.to_device(out.device()).to_kind(Kind::Float) * strength_patch;
+        out += o;
+    }
+    Some(out.to_kind(w.kind()))
+}
+
+/// `model1` with each weight merged with `model2`'s of the same name by `(strength_model,
+/// strength_patch)` for that key; `messages` lists weights whose shapes differ (kept scaled, as
+/// ComfyUI keeps them).
+fn merge(cx: &mut Ctx, a: &Args, strengths: impl Fn(&str) -> (f64, f64), what: &str) -> Result<Vec<Value>, NodeError> {
+    let (m1, m2): (&SdModel, &SdModel) = (a.handle("model1")?, a.handle("model2")?);
+    let other: HashMap<&str, &Tensor> = m2.unet.state.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut mismatched = Vec::new();
+    let state: Vec<(String, Tensor)> = m1
+        .unet
+        .state
+        .iter()
+        .map(|(k, w)| {
+            let (sm, sp) = strengths(k);
+            let o = other.get(k.as_str()).copied();
+            let o = match o {
+                Some(o) if o.size() != w.size() => {
+                    mismatched.push(k.clone());
+                    None
+                }
+                o => o,
+            };
+            (k.clone(), combine(w, o, sm, sp).unwrap_or_else(|| w.shallow_clone()))
+        })
+        .collect();
+    if !mismatched.is_empty() {
+        cx.messages.push(format!(
+            "warning: {} weights differ in shape and were not merged: {}",
+            mismatched.len(),
+            mismatched.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    let unet = rebuild_unet(&m1.unet, state).map_err(|e| NodeError::Failed(e.to_string()))?;
+    let label = format!("{} {what} {}", m1.name, m2.name);
+    Ok(vec![Value::Model(Handle::new(SdModel { unet, ..m1.clone() }, 0, label))])
+}
+
+fn two_models(name: &str) -> Schema {
+    Schema::new(name, "advanced/model_merging").input("model1", ValueType::Model).input("model2", ValueType::Model)
+}
+
+pub struct ModelMergeSimple;
+impl Node for ModelMergeSimple {
+    fn schema(&self) -> Schema {
+        two_models("ModelMergeSimple")
+            .describe("model1·ratio + model2·(1 − ratio), weight by weight (ratio 1 is model1).")
+            .input("ratio", Float::new(1.0).range(0.0, 1.0).step(0.01))
+            .output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let ratio = a.float("ratio")?;
+        merge(cx, a, |_| (ratio, 1.0 - ratio), "merged with")
+    }
+}
+
+pub struct ModelMergeSubtract;
+impl Node for ModelMergeSubtract {
+    fn schema(&self) -> Schema {
+        two_models("ModelMergeSubtract")
+            .describe("multiplier·(model1 − model2), weight by weight.")
+            .input("multiplier", Float::new(1.0).range(-10.0, 10.0).step(0.01))
+            .output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let m = a.float("multiplier")?;
+        merge(cx, a, |_| (m, -m), "minus")
+    }
+}
+
+pub struct ModelMergeAdd;
+impl Node for ModelMergeAdd {
+    fn schema(&self) -> Schema {
+        two_models("ModelMergeAdd").describe("model1 + model2, weight by weight.").output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        merge(cx, a, |_| (1.0, 1.0), "plus")
+    }
+}
+
+/// ComfyUI's ModelMergeBlocks rule: the ratio of the longest input name that is a prefix of the key,
+/// else the first ratio input's.
+fn block_ratio(key: &str, ratios: &[(String, f64)]) -> f64 {
+    ratios.iter().filter(|(name, _)| key.starts_with(name.as_str())).max_by_key(|(name, _)| name.len()).or(ratios.first()).map_or(1.0, |(_, r)| *r)
+}
+
+fn merge_by_blocks(cx: &mut Ctx, a: &Args, names: &[String]) -> Result<Vec<Value>, NodeError> {
+    let ratios: Vec<(String, f64)> = names.iter().map(|n| Ok((n.clone(), a.float(n)?))).collect::<Result<_, NodeError>>()?;
+    merge(
+        cx,
+        a,
+        |k| {
+            let r = block_ratio(k, &ratios);
+            (r, 1.0 - r)
+        },
+        "merged by blocks with",
+    )
+}
+
+pub struct ModelMergeBlocks;
+impl Node for ModelMergeBlocks {
+    fn schema(&self) -> Schema {
+        let mut s = two_models("ModelMergeBlocks").describe("ModelMergeSimple with a ratio each for the input blocks, the middle block and the output blocks.");
+        for name in ["input", "middle", "out"] {
+            s = s.input(name, Float::new(1.0).range(0.0, 1.0).step(0.01));
+        }
+        s.output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        merge_by_blocks(cx, a, &["input".into(), "middle".into(), "out".into()])
+    }
+}
+
+/// ModelMergeSD1's inputs (ComfyUI registers ModelMergeSD2 as the same class): one ratio per block.
+fn sd_block_names() -> Vec<String> {
+    let mut names = vec!["time_embed.".to_owned(), "label_emb.".to_owned()];
+    names.extend((0..12).map(|i| format!("input_blocks.{i}.")));
+    names.extend((0..3).map(|i| format!("middle_block.{i}.")));
+    names.extend((0..12).map(|i| format!("output_blocks.{i}.")));
+    names.push("out.".to_owned());
+    names
+}
+
+pub struct ModelMergeSD(pub &'static str);
+impl Node for ModelMergeSD {
+    fn schema(&self) -> Schema {
+        let mut s = Schema::new(self.0, "advanced/model_merging/model_specific")
+            .describe("ModelMergeSimple with a ratio for each block of an SD 1.x/2.x UNet.")
+            .input("model1", ValueType::Model)
+            .input("model2", ValueType::Model);
+        for name in sd_block_names() {
+            s = s.input(&name, Float::new(1.0).range(0.0, 1.0).step(0.01));
+        }
+        s.output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        merge_by_blocks(cx, a, &sd_block_names())
+    }
+}
+
+/// The attention projections' factors: (key suffix, factor) for q, k, v and out.
+fn factors(a: &Args, attn: &str) -> Result<Vec<(String, f64)>, NodeError> {
+    let mut out = Vec::new();
+    for (proj, input) in [("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "out")] {
+        let f = a.float(input)?;
+        out.push((format!("{attn}.{proj}.weight"), f));
+        out.push((format!("{attn}.{proj}.bias"), f));
+    }
+    Ok(out)
+}
+
+fn attention_multiply(a: &Args, attn: &str) -> Result<Vec<Value>, NodeError> {
+    let m: &SdModel = a.handle("model")?;
+    let factors = factors(a, attn)?;
+    let state: Vec<(String, Tensor)> = m
+        .unet
+        .state
+        .iter()
+        .map(|(k, w)| {
+            let f = factors.iter().find(|(suffix, _)| k.ends_with(suffix.as_str())).map_or(1.0, |(_, f)| *f);
+            (k.clone(), combine(w, None, f, 0.0).unwrap_or_else(|| w.shallow_clone()))
+        })
+        .collect();
+    let unet = rebuild_unet(&m.unet, state).map_err(|e| NodeError::Failed(e.to_string()))?;
+    Ok(vec![Value::Model(Handle::new(SdModel { unet, ..m.clone() }, 0, format!("{} ({attn} scaled)", m.name)))])
+}
+
+fn multiply_schema(name: &str, input: &str, ty: ValueType) -> Schema {
+    let mut s = Schema::new(name, "_for_testing/attention_experiments").input(input, ty);
+    for f in ["q", "k", "v", "out"] {
+        s = s.input(f, Float::new(1.0).range(0.0, 10.0).step(0.01));
+    }
+    s.output(ty.name(), ty)
+}
+
+pub struct UNetSelfAttentionMultiply;
+impl Node for UNetSelfAttentionMultiply {
+    fn schema(&self) -> Schema {
+        multiply_schema("UNetSelfAttentionMultiply", "model", ValueType::Model)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        attention_multiply(a, "attn1")
+    }
+}
+
+pub struct UNetCrossAttentionMultiply;
+impl Node for UNetCrossAttentionMultiply {
+    fn schema(&self) -> Schema {
+        multiply_schema("UNetCrossAttentionMultiply", "model", ValueType::Model)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        attention_multiply(a, "attn2")
+    }
+}
+
+pub struct CLIPAttentionMultiply;
+impl Node for CLIPAttentionMultiply {
+    fn schema(&self) -> Schema {
+        multiply_schema("CLIPAttentionMultiply", "clip", ValueType::Clip)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let c: &SdClip = a.handle("clip")?;
+        let (q, k, v, out) = (a.float("q")?, a.float("k")?, a.float("v")?, a.float("out")?);
+        let mut state = Vec::with_capacity(c.model.state.len());
+        for (key, w) in c.model.state.iter() {
+            let scaled = if key.contains("self_attn.") {
+                // transformers' layout: one projection per tensor.
+                let f = [("q_proj.", q), ("k_proj.", k), ("v_proj.", v), ("out_proj.", out)].iter().find(|(p, _)| key.contains(p)).map_or(1.0, |(_, f)| *f);
+                combine(w, None, f, 0.0)
+            } else if key.ends_with("attn.in_proj_weight") || key.ends_with("attn.in_proj_bias") {
+                // OpenCLIP's fused projection: q, k and v are its three row blocks.
+                let d = w.size()[0] / 3;
+                let parts = [(0, q), (1, k), (2, v)];
+                (parts.iter().any(|(_, f)| *f != 1.0)).then(|| {
+                    let blocks: Vec<Tensor> = parts.iter().map(|(i, f)| w.narrow(0, i * d, d).to_kind(Kind::Float) * *f).collect();
+                    Tensor::cat(&blocks, 0).to_kind(w.kind())
+                })
+            } else if key.contains("attn.out_proj.") {
+                combine(w, None, out, 0.0)
+            } else {
+                None
+            };
+            state.push((key.clone(), scaled.unwrap_or_else(|| w.shallow_clone())));
+        }
+        let model = rebuild_clip(&c.model, state).map_err(|e| NodeError::Failed(e.to_string()))?;
+        Ok(vec![Value::Clip(Handle::new(SdClip { model, ..c.clone() }, 0, "CLIP (attention scaled)"))])
+    }
+}

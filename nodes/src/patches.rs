@@ -1,0 +1,139 @@
+//! Model patches: what ComfyUI keeps in a model's `model_options` (its UNet block patches and the
+//! pre-CFG, CFG and post-CFG functions, the denoise-mask function). A patch node makes a new MODEL
+//! that shares the weights and carries one more hook, so patches stack in node order, never touch
+//! the model they came from, and a hook's own state (APG's running average) lives as long as the
+//! MODEL value, as a ComfyUI closure does.
+//!
+//! Where each hook runs is ComfyUI's: block patches in `Unet::forward_patched` (after each input
+//! block, after its output became a skip, and before each output block concatenates its skip), the
+//! CFG functions in `CfgDenoiser` (`sampling/guidance.rs`), the mask function before each model call.
+
+use std::rc::Rc;
+
+use diffloom_core::NodeError;
+use tch::Tensor;
+
+use crate::sampling::model_sampling::ModelSampling;
+
+/// Which block list a block patch is called for, and the block's index in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockId {
+    Input(usize),
+    Middle,
+    Output(usize),
+}
+
+impl BlockId {
+    /// The index ComfyUI's `transformer_options["block"][1]` holds.
+    pub fn index(self) -> usize {
+        match self {
+            BlockId::Input(i) | BlockId::Output(i) => i,
+            BlockId::Middle => 0,
+        }
+    }
+}
+
+/// What a UNet call tells its block patches (ComfyUI's per-call `transformer_options`).
+pub struct CallCx<'a> {
+    /// The sigma of the call's rows (float32, as ComfyUI passes them).
+    pub sigma: f32,
+    /// The UNet input's shape (inpainting channels included).
+    pub original_shape: &'a [i64],
+}
+
+/// A patch on an input block's output (`input_block_patch`, `input_block_patch_after_skip`).
+pub trait BlockPatch {
+    fn apply(&self, h: Tensor, block: BlockId, cx: &CallCx) -> Result<Tensor, NodeError>;
+}
+
+/// A patch on an output block's input and the skip it is about to take (`output_block_patch`).
+pub trait SkipPatch {
+    fn apply(&self, h: Tensor, skip: Tensor, block: BlockId, cx: &CallCx) -> Result<(Tensor, Tensor), NodeError>;
+}
+
+/// The UNet's patch points, each list run in the order the patches were added.
+#[derive(Clone, Default)]
+pub struct UnetPatches {
+    /// On an input block's output, before it becomes a skip.
+    pub input_block: Vec<Rc<dyn BlockPatch>>,
+    /// On an input block's output after it became a skip (only the path onwards sees the change).
+    pub input_block_after_skip: Vec<Rc<dyn BlockPatch>>,
+    /// On an output block's input and its skip, before they are concatenated.
+    pub output_block: Vec<Rc<dyn SkipPatch>>,
+}
+
+impl UnetPatches {
+    pub fn is_empty(&self) -> bool {
+        self.input_block.is_empty() && self.input_block_after_skip.is_empty() && self.output_block.is_empty()
+    }
+}
+
+/// What the CFG functions see (ComfyUI's `args`): the noisy input, the sigma, the guidance scale and
+/// the denoised predictions of the conditional and unconditional sides (zeros for a side that was not
+/// run).
+pub struct CfgArgs<'a> {
+    pub input: &'a Tensor,
+    pub sigma: f64,
+    pub cond_scale: f64,
+    pub cond_denoised: &'a Tensor,
+    pub uncond_denoised: &'a Tensor,
+}
+
+/// Replaces classifier-free guidance's formula (`sampler_cfg_function`); returns the guided denoised
+/// estimate.
+pub trait CfgFunction {
+    fn guide(&self, a: &CfgArgs) -> Result<Tensor, NodeError>;
+}
+
+/// Rewrites the sides' predictions before guidance (`sampler_pre_cfg_function`).
+pub trait PreCfg {
+    fn apply(&self, preds: Vec<Tensor>, input: &Tensor, sigma: f64, cond_scale: f64) -> Result<Vec<Tensor>, NodeError>;
+}
+
+/// Rewrites the guided estimate (`sampler_post_cfg_function`).
+pub trait PostCfg {
+    fn apply(&self, denoised: Tensor, a: &CfgArgs) -> Result<Tensor, NodeError>;
+}
+
+/// Rewrites the latent's noise mask before each model call (`denoise_mask_function`), given the call's
+/// sigma and the run's sigmas.
+pub trait DenoiseMask {
+    fn apply(&self, sigma: f64, mask: &Tensor, run_sigmas: &[f64], sampling: &ModelSampling) -> Result<Tensor, NodeError>;
+}
+
+/// Every hook of a MODEL.
+#[derive(Clone, Default)]
+pub struct ModelPatches {
+    pub unet: UnetPatches,
+    /// The last one set wins, as in ComfyUI.
+    pub cfg_function: Option<Rc<dyn CfgFunction>>,
+    pub pre_cfg: Vec<Rc<dyn PreCfg>>,
+    pub post_cfg: Vec<Rc<dyn PostCfg>>,
+    /// The last one set wins.
+    pub denoise_mask: Option<Rc<dyn DenoiseMask>>,
+    /// Runs the unconditional side even at cfg 1 (sticky once a patch asks for it).
+    pub disable_cfg1: bool,
+}
+
+impl ModelPatches {
+    /// The default guidance, or the patched one, then the post-CFG functions (ComfyUI's
+    /// `cfg_function`).
+    pub fn guide(&self, a: &CfgArgs) -> Result<Tensor, NodeError> {
+        let mut out = match &self.cfg_function {
+            Some(f) => f.guide(a)?,
+            None => a.uncond_denoised + (a.cond_denoised - a.uncond_denoised) * a.cond_scale,
+        };
+        for p in &self.post_cfg {
+            out = p.apply(out, a)?;
+        }
+        Ok(out)
+    }
+
+    /// The pre-CFG functions in order.
+    pub fn pre(&self, mut preds: Vec<Tensor>, input: &Tensor, sigma: f64, cond_scale: f64) -> Result<Vec<Tensor>, NodeError> {
+        for p in &self.pre_cfg {
+            preds = p.apply(preds, input, sigma, cond_scale)?;
+        }
+        Ok(preds)
+    }
+}

@@ -1,0 +1,172 @@
+//! Model patches and weight merges: each changes sampling, equals the unpatched model at its neutral
+//! setting, stacks with others, and leaves the model it was applied to untouched; the hooks' math
+//! equals ComfyUI's closures on the same tensors (tests/parity/patches_reference.py).
+
+use std::path::Path;
+
+use diffloom_core::Value;
+use diffloom_nodes::checkpoint::detect::Family;
+use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
+use tch::{Kind, Tensor};
+
+use crate::util::{max_abs_diff, outputs, tiny_sd1, Dir};
+
+fn samples(v: &Value) -> Tensor {
+    match v {
+        Value::Latent(l) => l.samples.0.shallow_clone(),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A graph sampling the base model ("c") and each patched model in `patches` (node entries whose ids
+/// are listed in `models`, each producing a MODEL), with the same seed, prompt and cfg.
+fn sample_each(d: &Dir, ck: &Path, patches: &str, models: &[(&str, &str)], cfg: f64) -> Vec<Tensor> {
+    let mut nodes = format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+        "p": (type: "CLIPTextEncode", inputs: {{"text": "a lighthouse", "clip": Link("c", "CLIP")}}),
+        "n": (type: "CLIPTextEncode", inputs: {{"text": "blurry", "clip": Link("c", "CLIP")}}),
+        "e": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 64, "batch_size": 1}}),
+        {patches}"#
+    );
+    let mut wanted = Vec::new();
+    for (i, (id, output)) in models.iter().enumerate() {
+        nodes += &format!(
+            r#""s{i}": (type: "KSampler", inputs: {{"model": Link({id:?}, {output:?}), "seed": 2, "steps": 3, "cfg": {cfg:?}, "sampler_name": "euler", "scheduler": "normal",
+                "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link("e", "LATENT"), "denoise": 1.0}}),"#
+        );
+        wanted.push(format!("s{i}"));
+    }
+    let wanted: Vec<(&str, &str, usize)> = wanted.iter().map(|s| (s.as_str(), "LATENT", 0)).collect();
+    outputs(d, &nodes, &wanted).unwrap_or_else(|e| panic!("{e}")).iter().map(samples).collect()
+}
+
+#[test]
+fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
+    let d = Dir::new();
+    let ck = tiny_sd1(&d, "m.safetensors");
+    let patches = r#"
+        "freeu": (type: "FreeU", inputs: {"model": Link("c", "MODEL"), "b1": 1.3, "b2": 1.4, "s1": 0.5, "s2": 0.3}),
+        "freeu2": (type: "FreeU_V2", inputs: {"model": Link("c", "MODEL")}),
+        "rescale": (type: "RescaleCFG", inputs: {"model": Link("c", "MODEL"), "multiplier": 0.7}),
+        "zero": (type: "CFGZeroStar", inputs: {"model": Link("c", "MODEL")}),
+        "norm": (type: "CFGNorm", inputs: {"model": Link("c", "MODEL"), "strength": 0.9}),
+        "apg": (type: "APG", inputs: {"model": Link("c", "MODEL"), "eta": 0.5, "norm_threshold": 2.0, "momentum": 0.3}),
+        "shrink": (type: "PatchModelAddDownscale", inputs: {"model": Link("c", "MODEL"), "block_number": 1, "downscale_factor": 2.0, "start_percent": 0.0, "end_percent": 0.6}),
+        "stack": (type: "RescaleCFG", inputs: {"model": Link("freeu", "MODEL"), "multiplier": 0.7}),
+        "freeu_neutral": (type: "FreeU", inputs: {"model": Link("c", "MODEL"), "b1": 1.0, "b2": 1.0, "s1": 1.0, "s2": 1.0}),
+        "rescale_neutral": (type: "RescaleCFG", inputs: {"model": Link("c", "MODEL"), "multiplier": 0.0}),
+        "shrink_never": (type: "PatchModelAddDownscale", inputs: {"model": Link("c", "MODEL"), "start_percent": 1.0, "end_percent": 1.0}),
+        "shrink_before": (type: "PatchModelAddDownscale", inputs: {"model": Link("c", "MODEL"), "block_number": 1, "start_percent": 0.0, "end_percent": 0.6, "downscale_after_skip": false}),"#;
+    let ids =
+        ["c", "freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "stack", "freeu_neutral", "rescale_neutral", "shrink_never", "shrink_before"];
+    let models: Vec<(&str, &str)> = ids.iter().map(|id| (*id, if ["zero", "norm"].contains(id) { "patched_model" } else { "MODEL" })).collect();
+    let out = sample_each(&d, &ck, patches, &models, 5.0);
+    let by = |id: &str| &out[ids.iter().position(|i| *i == id).unwrap()];
+    let base = by("c");
+    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before"] {
+        let moved = max_abs_diff(by(id), base);
+        println!("{id}: moved the latent by {moved:.4}");
+        assert!(moved > 1e-3, "{id} changed nothing");
+    }
+    assert!(max_abs_diff(by("stack"), by("freeu")) > 1e-3 && max_abs_diff(by("stack"), by("rescale")) > 1e-3, "stacked patches");
+    // Neutral settings: a deep shrink that never applies is the model itself; FreeU at 1 and RescaleCFG
+    // at 0 differ only by the FFT's and the v-prediction round trip's rounding.
+    assert_eq!(max_abs_diff(by("shrink_never"), base), 0.0);
+    assert!(max_abs_diff(by("freeu_neutral"), base) < 1e-3, "{}", max_abs_diff(by("freeu_neutral"), base));
+    assert!(max_abs_diff(by("rescale_neutral"), base) < 1e-3, "{}", max_abs_diff(by("rescale_neutral"), base));
+    // The base model is untouched: sampled alone, in a graph without any patch node, it gives the same.
+    let alone = sample_each(&Dir::new(), &ck, "", &[("c", "MODEL")], 5.0);
+    assert_eq!(max_abs_diff(&alone[0], base), 0.0);
+    // At cfg 1 the negative side is not run, and CFG-Zero* leaves the result as it is.
+    let one = sample_each(&d, &ck, patches, &[("c", "MODEL"), ("zero", "patched_model")], 1.0);
+    assert_eq!(max_abs_diff(&one[0], &one[1]), 0.0);
+}
+
+#[test]
+fn merges_and_attention_multipliers_follow_comfyui_weights() {
+    let d = Dir::new();
+    let ck = tiny_sd1(&d, "m.safetensors");
+    let other = d.join("other.safetensors");
+    write_checkpoint(&other, &tiny_config(Family::Sd1, false), Kind::Float, 9, true).unwrap();
+    let patches = format!(
+        r#""c2": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {other:?}}}),
+        "keep": (type: "ModelMergeSimple", inputs: {{"model1": Link("c", "MODEL"), "model2": Link("c2", "MODEL"), "ratio": 1.0}}),
+        "take": (type: "ModelMergeSimple", inputs: {{"model1": Link("c", "MODEL"), "model2": Link("c2", "MODEL"), "ratio": 0.0}}),
+        "half": (type: "ModelMergeSimple", inputs: {{"model1": Link("c", "MODEL"), "model2": Link("c2", "MODEL"), "ratio": 0.5}}),
+        "sum": (type: "ModelMergeAdd", inputs: {{"model1": Link("c", "MODEL"), "model2": Link("c2", "MODEL")}}),
+        "back": (type: "ModelMergeSubtract", inputs: {{"model1": Link("sum", "MODEL"), "model2": Link("c2", "MODEL"), "multiplier": 1.0}}),
+        "blocks": (type: "ModelMergeBlocks", inputs: {{"model1": Link("c", "MODEL"), "model2": Link("c2", "MODEL"), "input": 1.0, "middle": 1.0, "out": 0.0}}),
+        "sd1": (type: "ModelMergeSD1", inputs: {{"model1": Link("c", "MODEL"), "model2": Link("c2", "MODEL"), "output_blocks.0.": 0.0, "out.": 0.3}}),
+        "self1": (type: "UNetSelfAttentionMultiply", inputs: {{"model": Link("c", "MODEL")}}),
+        "self2": (type: "UNetSelfAttentionMultiply", inputs: {{"model": Link("c", "MODEL"), "q": 1.5, "out": 0.8}}),
+        "cross2": (type: "UNetCrossAttentionMultiply", inputs: {{"model": Link("c", "MODEL"), "k": 1.3}}),"#
+    );
+    let ids = ["c", "c2", "keep", "take", "half", "sum", "back", "blocks", "sd1", "self1", "self2", "cross2"];
+    let models: Vec<(&str, &str)> = ids.iter().map(|id| (*id, "MODEL")).collect();
+    let out = sample_each(&d, &ck, &patches, &models, 5.0);
+    let by = |id: &str| &out[ids.iter().position(|i| *i == id).unwrap()];
+    // Ratio 1 is model1 and ratio 0 model2, exactly (w·1 + 0 and w·0 + w2·1); all multipliers 1 is the
+    // model itself.
+    assert_eq!(max_abs_diff(by("keep"), by("c")), 0.0);
+    assert_eq!(max_abs_diff(by("take"), by("c2")), 0.0);
+    assert_eq!(max_abs_diff(by("self1"), by("c")), 0.0);
+    // (m1 + m2) − m2 is m1 up to rounding; the others differ from both inputs.
+    assert!(max_abs_diff(by("back"), by("c")) < 1e-3, "{}", max_abs_diff(by("back"), by("c")));
+    for id in ["half", "blocks", "sd1", "self2", "cross2"] {
+        assert!(max_abs_diff(by(id), by("c")) > 1e-3 && max_abs_diff(by(id), by("c2")) > 1e-3, "{id}");
+    }
+
+    // Weight by weight, as ComfyUI's calculate_weight: ModelMergeBlocks takes the output blocks (and
+    // `out.`) from model2 and the rest from model1; ModelMergeSD1's unnamed blocks keep ratio 1.
+    let weights = |id: &str| -> Vec<(String, Tensor)> {
+        let v = outputs(&d, &format!(r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}), {patches}"#), &[(id, "MODEL", 0)]).unwrap();
+        let Value::Model(h) = &v[0] else { panic!() };
+        let m: &diffloom_nodes::sd::SdModel = h.downcast().unwrap();
+        m.unet.state.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
+    };
+    let (w1, w2, blocks, sd1, self2) = (weights("c"), weights("c2"), weights("blocks"), weights("sd1"), weights("self2"));
+    let get = |w: &[(String, Tensor)], k: &str| w.iter().find(|(n, _)| n == k).unwrap().1.shallow_clone();
+    for (k, t) in &blocks {
+        let want = if k.starts_with("output_blocks.") || k.starts_with("out.") { get(&w2, k) } else { get(&w1, k) };
+        assert_eq!(max_abs_diff(t, &want), 0.0, "{k}");
+    }
+    let k = "out.2.weight";
+    assert!(max_abs_diff(&get(&sd1, k), &(get(&w1, k) * 0.3 + get(&w2, k) * 0.7)) < 1e-7);
+    assert_eq!(max_abs_diff(&get(&sd1, "output_blocks.0.0.out_layers.3.weight"), &get(&w2, "output_blocks.0.0.out_layers.3.weight")), 0.0);
+    assert_eq!(max_abs_diff(&get(&sd1, "input_blocks.1.0.out_layers.3.weight"), &get(&w1, "input_blocks.1.0.out_layers.3.weight")), 0.0);
+    let q = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight";
+    assert_eq!(max_abs_diff(&get(&self2, q), &(get(&w1, q) * 1.5)), 0.0);
+    let o = "input_blocks.1.1.transformer_blocks.0.attn1.to_out.0.bias";
+    assert_eq!(max_abs_diff(&get(&self2, o), &(get(&w1, o) * 0.8)), 0.0);
+    let k2 = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight";
+    assert_eq!(max_abs_diff(&get(&self2, k2), &get(&w1, k2)), 0.0);
+    // The inputs are untouched: model1's weights are what its file holds.
+    let again = diffloom_nodes::checkpoint::load::load_checkpoint(&ck, tch::Device::Cpu, Kind::Float).unwrap();
+    for (k, t) in again.unet.as_ref().unwrap().state.iter() {
+        assert_eq!(max_abs_diff(t, &get(&w1, k)), 0.0, "{k}");
+    }
+}
+
+#[test]
+fn clip_attention_multiply_scales_both_text_encoder_layouts() {
+    let d = Dir::new();
+    for (family, name) in [(Family::Sd1, "sd1.safetensors"), (Family::Sd2, "sd2.safetensors")] {
+        let ck = d.join(name);
+        write_checkpoint(&ck, &tiny_config(family, false), Kind::Float, 3, true).unwrap();
+        let nodes = format!(
+            r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+            "same": (type: "CLIPAttentionMultiply", inputs: {{"clip": Link("c", "CLIP")}}),
+            "scaled": (type: "CLIPAttentionMultiply", inputs: {{"clip": Link("c", "CLIP"), "q": 1.2, "k": 0.9, "v": 1.1, "out": 0.7}}),
+            "p": (type: "CLIPTextEncode", inputs: {{"text": "a red fox", "clip": Link("c", "CLIP")}}),
+            "p1": (type: "CLIPTextEncode", inputs: {{"text": "a red fox", "clip": Link("same", "CLIP")}}),
+            "p2": (type: "CLIPTextEncode", inputs: {{"text": "a red fox", "clip": Link("scaled", "CLIP")}}),"#
+        );
+        let v = outputs(&d, &nodes, &[("p", "CONDITIONING", 0), ("p1", "CONDITIONING", 0), ("p2", "CONDITIONING", 0)]).unwrap();
+        let c = |v: &Value| match v {
+            Value::Conditioning(c) => c[0].cross_attn.0.shallow_clone(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(max_abs_diff(&c(&v[0]), &c(&v[1])), 0.0, "{name}");
+        assert!(max_abs_diff(&c(&v[0]), &c(&v[2])) > 1e-3, "{name}");
+    }
+}
