@@ -23,4 +23,5 @@ mod sampling;
 mod sd_nodes;
 mod server;
 mod upscale;
+mod utility_nodes;
 mod watch;

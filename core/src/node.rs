@@ -248,6 +248,12 @@ impl Combo {
     pub fn of(choices: &[&str]) -> Combo {
         Combo(choices.iter().map(|c| c.to_string()).collect())
     }
+    /// The same choices with another default (one of them), for the few ComfyUI combos whose default is
+    /// not the first option (LatentBatchSeedBehavior's "fixed").
+    pub fn default(self, choice: &str) -> InputKind {
+        debug_assert!(self.0.iter().any(|c| c == choice), "{choice:?} is not among the choices");
+        InputKind::Combo { default: Some(choice.to_owned()), choices: self.0 }
+    }
 }
 
 impl From<Combo> for InputKind {

@@ -8,8 +8,8 @@ pub mod family;
 pub mod filters;
 pub mod imageio;
 pub mod lora;
-pub mod patches;
 pub mod models;
+pub mod patches;
 pub mod prompt;
 pub mod resample;
 pub mod sampling;
@@ -22,7 +22,9 @@ use std::rc::Rc;
 use diffloom_core::{Node, Origin, Registry};
 
 use builtin::sampling as sampling_nodes;
-use builtin::{conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, model_merging, model_patches, preprocessors, primitive};
+use builtin::{
+    conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, model_merging, model_patches, preprocessors, primitive, strings,
+};
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
 pub fn builtin() -> Vec<Rc<dyn Node>> {
@@ -35,6 +37,10 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(loaders::LoraLoaderModelOnly),
         Rc::new(loaders::ControlNetLoader),
         Rc::new(loaders::DiffControlNetLoader),
+        Rc::new(loaders::CheckpointLoader),
+        Rc::new(loaders::DiffusersLoader),
+        Rc::new(loaders::UNETLoader),
+        Rc::new(loaders::CLIPLoader),
         // conditioning
         Rc::new(conditioning::CLIPTextEncode),
         Rc::new(conditioning::CLIPSetLastLayer),
@@ -128,6 +134,20 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(latent::RepeatLatentBatch),
         Rc::new(latent::LatentFromBatch),
         Rc::new(latent::LatentComposite),
+        Rc::new(latent::LatentCompositeMasked),
+        // latent/transform
+        Rc::new(latent::LatentFlip),
+        Rc::new(latent::LatentRotate),
+        Rc::new(latent::LatentCrop),
+        // latent/advanced
+        Rc::new(latent::LatentAdd),
+        Rc::new(latent::LatentSubtract),
+        Rc::new(latent::LatentMultiply),
+        Rc::new(latent::LatentInterpolate),
+        Rc::new(latent::LatentBatchSeedBehavior),
+        // latent/batch, _for_testing
+        Rc::new(latent::LatentBatch),
+        Rc::new(latent::LatentBlend),
         // image
         Rc::new(image::LoadImage),
         Rc::new(image::SaveImage),
@@ -140,6 +160,16 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(image::ImageCrop),
         Rc::new(image::ImagePadForOutpaint),
         Rc::new(image::ImageCompositeMasked),
+        Rc::new(image::GetImageSize),
+        Rc::new(image::EmptyImage),
+        Rc::new(image::ImageBatch),
+        Rc::new(image::ImageAddNoise),
+        Rc::new(image::ImageScaleToTotalPixels),
+        // image/transform, image/batch
+        Rc::new(image::ImageFlip),
+        Rc::new(image::ImageRotate),
+        Rc::new(image::RepeatImageBatch),
+        Rc::new(image::ImageFromBatch),
         // image/preprocessors, image/postprocessing
         Rc::new(preprocessors::Canny),
         Rc::new(preprocessors::Morphology),
@@ -152,6 +182,12 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(mask::GrowMask),
         Rc::new(mask::FeatherMask),
         Rc::new(mask::MaskComposite),
+        Rc::new(mask::ThresholdMask),
+        Rc::new(mask::CropMask),
+        Rc::new(mask::ImageColorToMask),
+        // mask/compositing
+        Rc::new(mask::SplitImageWithAlpha),
+        Rc::new(mask::JoinImageWithAlpha),
         // utils
         Rc::new(primitive::PRIMITIVE_INT),
         Rc::new(primitive::PRIMITIVE_FLOAT),
@@ -159,6 +195,16 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(primitive::PRIMITIVE_STRING_MULTILINE),
         Rc::new(primitive::PRIMITIVE_BOOLEAN),
         Rc::new(primitive::StringConcatenate),
+        Rc::new(strings::StringLength),
+        Rc::new(strings::StringSubstring),
+        Rc::new(strings::StringReplace),
+        Rc::new(strings::StringContains),
+        Rc::new(strings::StringCompare),
+        Rc::new(strings::StringTrim),
+        Rc::new(strings::CaseConverter),
+        Rc::new(strings::RegexMatch),
+        Rc::new(strings::RegexExtract),
+        Rc::new(strings::RegexReplace),
         Rc::new(primitive::PreviewAny),
     ]
 }

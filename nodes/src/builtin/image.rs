@@ -411,3 +411,182 @@ impl Node for ImageCompositeMasked {
         Ok(vec![Value::Image(Shared(nhwc(&dest)?))])
     }
 }
+
+fn image_out(t: Tensor) -> Result<Vec<Value>, NodeError> {
+    Ok(vec![Value::Image(Shared(t))])
+}
+
+/// ComfyUI's GetImageSize: width, height and batch size (also shown in the run report, as ComfyUI's
+/// progress text).
+pub struct GetImageSize;
+impl Node for GetImageSize {
+    fn schema(&self) -> Schema {
+        Schema::new("GetImageSize", "image")
+            .input("image", ValueType::Image)
+            .output("width", ValueType::Int)
+            .output("height", ValueType::Int)
+            .output("batch_size", ValueType::Int)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let s = a.image("image")?.size();
+        if s.len() < 3 {
+            return Err(NodeError::input("image", format!("an image of shape {s:?} has no width and height")));
+        }
+        let (w, h, b) = (s[2], s[1], s[0]);
+        cx.messages.push(format!("width: {w}, height: {h}\n batch size: {b}"));
+        Ok([w, h, b].iter().map(|v| Value::Int(*v as i128)).collect())
+    }
+}
+
+/// ComfyUI's EmptyImage: a solid colour given as 0xRRGGBB.
+pub struct EmptyImage;
+impl Node for EmptyImage {
+    fn schema(&self) -> Schema {
+        Schema::new("EmptyImage", "image")
+            .input("width", Int::new(512).range(1, MAX_RESOLUTION))
+            .input("height", Int::new(512).range(1, MAX_RESOLUTION))
+            .input("batch_size", Int::new(1).range(1, 4096))
+            .input("color", Int::new(0).range(0, 0xFFFFFF))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (w, h, b, color) = (a.i64("width")?, a.i64("height")?, a.i64("batch_size")?, a.i64("color")?);
+        let planes = [16, 8, 0]
+            .iter()
+            .map(|shift| Tensor::f_full([b, h, w, 1], ((color >> shift) & 0xFF) as f64 / 255.0, (Kind::Float, tch::Device::Cpu)))
+            .collect::<Result<Vec<_>, _>>()?;
+        image_out(Tensor::f_cat(&planes, -1)?)
+    }
+}
+
+/// ComfyUI's ImageFlip: "x-axis" turns the image upside down, "y-axis" mirrors it left to right.
+pub struct ImageFlip;
+impl Node for ImageFlip {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageFlip", "image/transform")
+            .input("image", ValueType::Image)
+            .input("flip_method", Combo::of(super::latent::FLIPS))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let dim = if a.string("flip_method")?.starts_with('x') { 1 } else { 2 };
+        image_out(a.image("image")?.f_flip([dim])?)
+    }
+}
+
+/// ComfyUI's ImageRotate: clockwise quarter turns.
+pub struct ImageRotate;
+impl Node for ImageRotate {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageRotate", "image/transform")
+            .input("image", ValueType::Image)
+            .input("rotation", Combo::of(super::latent::ROTATIONS))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let k = choice_index(a, "rotation", super::latent::ROTATIONS)?;
+        image_out(a.image("image")?.f_rot90(k, [2, 1])?.f_contiguous()?)
+    }
+}
+
+/// ComfyUI's ImageBatch (deprecated there): image2 appended to image1. When the channels differ by one,
+/// the image with fewer gets a channel of 1.0 (alpha); when the sizes differ, image2 is resized
+/// (bilinear, centre crop) to image1's.
+pub struct ImageBatch;
+impl Node for ImageBatch {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageBatch", "image").input("image1", ValueType::Image).input("image2", ValueType::Image).output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (mut i1, mut i2) = (a.image("image1")?.shallow_clone(), a.image("image2")?.shallow_clone());
+        let (c1, c2) = (i1.size()[3], i2.size()[3]);
+        if c1 > c2 {
+            i2 = i2.f_pad([0, 1], "constant", 1.0)?;
+        } else if c2 > c1 {
+            i1 = i1.f_pad([0, 1], "constant", 1.0)?;
+        }
+        let s1 = i1.size();
+        if s1[1..] != i2.size()[1..] {
+            i2 = nhwc(&common_upscale(&nchw(&i2)?, s1[2], s1[1], "bilinear", "center")?)?;
+        }
+        let out = Tensor::f_cat(&[i1, i2], 0).map_err(|e| NodeError::input("image2", format!("cannot join image1's batch: {e}")))?;
+        image_out(out)
+    }
+}
+
+pub struct RepeatImageBatch;
+impl Node for RepeatImageBatch {
+    fn schema(&self) -> Schema {
+        Schema::new("RepeatImageBatch", "image/batch")
+            .input("image", ValueType::Image)
+            .input("amount", Int::new(1).range(1, 4096))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        image_out(a.image("image")?.f_repeat([a.i64("amount")?, 1, 1, 1])?)
+    }
+}
+
+/// ComfyUI's ImageFromBatch: items `batch_index .. batch_index + length`, clamped to the batch.
+pub struct ImageFromBatch;
+impl Node for ImageFromBatch {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageFromBatch", "image/batch")
+            .input("image", ValueType::Image)
+            .input("batch_index", Int::new(0).range(0, 4095))
+            .input("length", Int::new(1).range(1, 4096))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let b = image.size()[0];
+        let start = a.i64("batch_index")?.min(b - 1).max(0);
+        let len = a.i64("length")?.min(b - start);
+        image_out(image.f_narrow(0, start, len)?.f_contiguous()?)
+    }
+}
+
+/// ComfyUI's ImageAddNoise: `clamp(image + strength * randn, 0, 1)`, the noise drawn as
+/// `torch.manual_seed(seed); torch.randn(image.shape)` on the CPU.
+pub struct ImageAddNoise;
+impl Node for ImageAddNoise {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageAddNoise", "image")
+            .input("image", ValueType::Image)
+            .input("seed", super::shared::seed())
+            .input("strength", Float::new(0.5).range(0.0, 1.0).step(0.01))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let noise = diffloom_aten::Generator::cpu(crate::sampling::noise::seed_bits(a.int("seed")?)).randn_f32(&image.size());
+        image_out(image.f_add(&noise.f_mul_scalar(a.float("strength")?)?)?.f_clamp(0.0, 1.0)?)
+    }
+}
+
+/// ComfyUI's ImageScaleToTotalPixels: resized to about `megapixels` × 2^20 pixels, keeping the aspect
+/// ratio, each side rounded to a multiple of `resolution_steps`.
+pub struct ImageScaleToTotalPixels;
+impl Node for ImageScaleToTotalPixels {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageScaleToTotalPixels", "image/upscaling")
+            .input("image", ValueType::Image)
+            .input("upscale_method", Combo::of(IMAGE_METHODS))
+            .input("megapixels", Float::new(1.0).range(0.01, 16.0).step(0.01))
+            .input("resolution_steps", Int::new(1).range(1, 256))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let s = image.size();
+        let (w, h) = (s[2] as f64, s[1] as f64);
+        let steps = a.i64("resolution_steps")? as f64;
+        let scale = (a.float("megapixels")? * 1024.0 * 1024.0 / (w * h)).sqrt();
+        let width = ((w * scale / steps).round_ties_even() * steps) as i64;
+        let height = ((h * scale / steps).round_ties_even() * steps) as i64;
+        if width < 1 || height < 1 {
+            return Err(NodeError::input("resolution_steps", format!("the image would be {width}×{height} pixels")));
+        }
+        image_out(nhwc(&common_upscale(&nchw(image)?, width, height, a.string("upscale_method")?, "disabled")?)?)
+    }
+}

@@ -1,11 +1,12 @@
 //! ComfyUI's `latent` category: empty latents and the VAE's way in and out.
 
 use diffloom_core::value::{Latent, Shared};
-use diffloom_core::{Args, Combo, Ctx, Float, Int, Node, NodeError, Schema, Value, ValueType};
+use diffloom_core::{Args, Bool, Combo, Ctx, Float, Int, Node, NodeError, Schema, Value, ValueType};
 use tch::{Device, Kind, Tensor};
 
-use super::shared::MAX_RESOLUTION;
+use super::shared::{choice_index, latent_out, MAX_RESOLUTION};
 use crate::resample::{common_upscale, CROP_METHODS};
+use crate::sampling::conds::repeat_to_batch;
 use crate::sd::{SdVae, VAE_FACTOR};
 use crate::tiles::fade_edge;
 
@@ -312,5 +313,289 @@ impl Node for LatentFromBatch {
             None => (start..start + len).collect(),
         };
         Ok(vec![Value::Latent(Latent { samples: Shared(samples), noise_mask, batch_index: Some(batch_index) })])
+    }
+}
+
+/// Python's `seq[start:stop]` on a length-`n` axis as (start, length): negative positions count from the
+/// end, both clamp.
+fn py_range(start: i64, stop: i64, n: i64) -> (i64, i64) {
+    let at = |i: i64| if i < 0 { (i + n).max(0) } else { i.min(n) };
+    let (s, e) = (at(start), at(stop));
+    (s, (e - s).max(0))
+}
+
+fn flip_dim(a: &Args, x_dim: i64) -> Result<i64, NodeError> {
+    Ok(if a.string("flip_method")?.starts_with('x') { x_dim } else { x_dim + 1 })
+}
+
+/// ComfyUI's rotation choices; the index is the number of clockwise quarter turns.
+pub const ROTATIONS: &[&str] = &["none", "90 degrees", "180 degrees", "270 degrees"];
+
+/// ComfyUI's flip choices: "x-axis" turns upside down, "y-axis" mirrors left to right.
+pub const FLIPS: &[&str] = &["x-axis: vertically", "y-axis: horizontally"];
+
+/// ComfyUI's LatentFlip; the noise mask is not flipped (as ComfyUI).
+pub struct LatentFlip;
+impl Node for LatentFlip {
+    fn schema(&self) -> Schema {
+        Schema::new("LatentFlip", "latent/transform")
+            .input("samples", ValueType::Latent)
+            .input("flip_method", Combo::of(FLIPS))
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let l = a.latent("samples")?;
+        Ok(vec![latent_out(l, l.samples.f_flip([flip_dim(a, 2)?])?)])
+    }
+}
+
+/// ComfyUI's LatentRotate: clockwise quarter turns; the noise mask is not rotated (as ComfyUI).
+pub struct LatentRotate;
+impl Node for LatentRotate {
+    fn schema(&self) -> Schema {
+        Schema::new("LatentRotate", "latent/transform")
+            .input("samples", ValueType::Latent)
+            .input("rotation", Combo::of(ROTATIONS))
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let l = a.latent("samples")?;
+        let k = choice_index(a, "rotation", ROTATIONS)?;
+        Ok(vec![latent_out(l, l.samples.f_rot90(k, [3, 2])?.f_contiguous()?)])
+    }
+}
+
+/// ComfyUI's LatentCrop: x and y floored to the 8-pixel grid and kept at least 8 latent pixels from the
+/// right and bottom edges, then Python slicing (a latent under 8 wide gives a negative start, which
+/// counts from the end, as ComfyUI). The noise mask is not cropped.
+pub struct LatentCrop;
+impl Node for LatentCrop {
+    fn schema(&self) -> Schema {
+        let px = || Int::new(0).range(0, MAX_RESOLUTION).step(8);
+        Schema::new("LatentCrop", "latent/transform")
+            .input("samples", ValueType::Latent)
+            .input("width", Int::new(512).range(64, MAX_RESOLUTION).step(8))
+            .input("height", Int::new(512).range(64, MAX_RESOLUTION).step(8))
+            .input("x", px())
+            .input("y", px())
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let l = a.latent("samples")?;
+        let s = l.samples.size();
+        let (h, w) = (s[s.len() - 2], s[s.len() - 1]);
+        let x = (a.i64("x")? / 8).min(w - 8);
+        let y = (a.i64("y")? / 8).min(h - 8);
+        let (x0, xl) = py_range(x, x + a.i64("width")? / 8, w);
+        let (y0, yl) = py_range(y, y + a.i64("height")? / 8, h);
+        let nd = s.len() as i64;
+        Ok(vec![latent_out(l, l.samples.f_narrow(nd - 2, y0, yl)?.f_narrow(nd - 1, x0, xl)?.f_contiguous()?)])
+    }
+}
+
+pub struct LatentMultiply;
+impl Node for LatentMultiply {
+    fn schema(&self) -> Schema {
+        Schema::new("LatentMultiply", "latent/advanced")
+            .input("samples", ValueType::Latent)
+            .input("multiplier", Float::new(1.0).range(-10.0, 10.0).step(0.01))
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let l = a.latent("samples")?;
+        Ok(vec![latent_out(l, l.samples.f_mul_scalar(a.float("multiplier")?)?)])
+    }
+}
+
+/// ComfyUI's `reshape_latent_to`: `l` resized (bilinear, centre crop) to `target`'s size when its
+/// channels or size differ (a channel mismatch stays and fails later, as ComfyUI), then repeated or cut
+/// to `target`'s batch when `repeat`.
+fn reshape_latent_to(target: &Tensor, l: &Tensor, repeat: bool) -> Result<Tensor, NodeError> {
+    let (ts, ls) = (target.size(), l.size());
+    let l = if ts[1..] != ls[1..] { common_upscale(l, ts[ts.len() - 1], ts[ts.len() - 2], "bilinear", "center")? } else { l.shallow_clone() };
+    Ok(if repeat { repeat_to_batch(&l, ts[0]) } else { l })
+}
+
+/// Both latents' samples, the second reshaped to the first; the error names `samples2`.
+fn two_latents(a: &Args) -> Result<(&Latent, Tensor, Tensor), NodeError> {
+    let l1 = a.latent("samples1")?;
+    let s2 = reshape_latent_to(&l1.samples, &a.latent("samples2")?.samples, true)?;
+    Ok((l1, l1.samples.shallow_clone(), s2))
+}
+
+fn mismatch(e: tch::TchError) -> NodeError {
+    NodeError::input("samples2", format!("does not fit samples1: {e}"))
+}
+
+/// ComfyUI's LatentAdd: samples2 resized and batch-repeated to samples1, whose noise mask and batch
+/// index are kept.
+pub struct LatentAdd;
+impl Node for LatentAdd {
+    fn schema(&self) -> Schema {
+        Schema::new("LatentAdd", "latent/advanced")
+            .input("samples1", ValueType::Latent)
+            .input("samples2", ValueType::Latent)
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (l1, s1, s2) = two_latents(a)?;
+        Ok(vec![latent_out(l1, s1.f_add(&s2).map_err(mismatch)?)])
+    }
+}
+
+/// ComfyUI's LatentSubtract: samples1 − samples2, as LatentAdd.
+pub struct LatentSubtract;
+impl Node for LatentSubtract {
+    fn schema(&self) -> Schema {
+        Schema::new("LatentSubtract", "latent/advanced")
+            .input("samples1", ValueType::Latent)
+            .input("samples2", ValueType::Latent)
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (l1, s1, s2) = two_latents(a)?;
+        Ok(vec![latent_out(l1, s1.f_sub(&s2).map_err(mismatch)?)])
+    }
+}
+
+/// ComfyUI's LatentInterpolate: a blend of the per-pixel channel directions, rescaled by the blended
+/// norms. ComfyUI's quirk is kept: the norms `[B, h, w]` are divided into `[B, C, h, w]` without
+/// keepdim, so the batch axis meets the channel axis: right for a batch of 1, channel c divided by item
+/// c's norm for a batch of C, and a size error for any other batch.
+pub struct LatentInterpolate;
+impl Node for LatentInterpolate {
+    fn schema(&self) -> Schema {
+        Schema::new("LatentInterpolate", "latent/advanced")
+            .input("samples1", ValueType::Latent)
+            .input("samples2", ValueType::Latent)
+            .input("ratio", Float::new(1.0).range(0.0, 1.0).step(0.01))
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (l1, s1, s2) = two_latents(a)?;
+        let r = a.float("ratio")?;
+        let norm = |t: &Tensor| t.f_linalg_norm(2, [1i64].as_slice(), false, None::<Kind>);
+        let unit = |t: &Tensor, m: &Tensor| -> Result<Tensor, NodeError> {
+            let batch =
+                |e: tch::TchError| NodeError::input("samples1", format!("ComfyUI's LatentInterpolate only takes a batch of 1 (or of one per channel): {e}"));
+            Ok(t.f_div(m).map_err(batch)?.f_nan_to_num(None, None, None)?)
+        };
+        let (m1, m2) = (norm(&s1)?, norm(&s2)?);
+        let t = unit(&s1, &m1)?.f_mul_scalar(r)?.f_add(&unit(&s2, &m2)?.f_mul_scalar(1.0 - r)?)?;
+        let st = unit(&t, &norm(&t)?)?;
+        let out = st.f_mul(&m1.f_mul_scalar(r)?.f_add(&m2.f_mul_scalar(1.0 - r)?)?)?;
+        Ok(vec![latent_out(l1, out)])
+    }
+}
+
+/// ComfyUI's LatentBatch (deprecated there): samples2 resized to samples1 and appended. The batch
+/// indices are concatenated without offset (two plain latents get [0, 0], the same noise), and
+/// samples1's noise mask is kept as it is.
+pub struct LatentBatch;
+impl Node for LatentBatch {
+    fn schema(&self) -> Schema {
+        Schema::new("LatentBatch", "latent/batch").input("samples1", ValueType::Latent).input("samples2", ValueType::Latent).output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (l1, l2) = (a.latent("samples1")?, a.latent("samples2")?);
+        let s2 = reshape_latent_to(&l1.samples, &l2.samples, false)?;
+        let samples = Tensor::f_cat(&[l1.samples.shallow_clone(), s2], 0).map_err(mismatch)?;
+        let indices = |l: &Latent| l.batch_index.clone().unwrap_or_else(|| (0..l.samples.size()[0]).collect());
+        let batch_index = [indices(l1), indices(l2)].concat();
+        Ok(vec![Value::Latent(Latent { samples: Shared(samples), noise_mask: l1.noise_mask.clone(), batch_index: Some(batch_index) })])
+    }
+}
+
+/// ComfyUI's LatentBlend: `samples1 * blend_factor + samples2 * (1 − blend_factor)`, samples2 resized
+/// (bicubic, centre crop) when its shape differs; its batch must be 1 or samples1's (not repeated).
+pub struct LatentBlend;
+impl Node for LatentBlend {
+    fn schema(&self) -> Schema {
+        Schema::new("LatentBlend", "_for_testing")
+            .input("samples1", ValueType::Latent)
+            .input("samples2", ValueType::Latent)
+            .input("blend_factor", Float::new(0.5).range(0.0, 1.0).step(0.01))
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let l1 = a.latent("samples1")?;
+        let (s1, s2) = (&l1.samples, &a.latent("samples2")?.samples);
+        let size = s1.size();
+        let s2 = if size != s2.size() { common_upscale(s2, size[size.len() - 1], size[size.len() - 2], "bicubic", "center")? } else { s2.shallow_clone() };
+        let f = a.float("blend_factor")?;
+        let out = s1.f_mul_scalar(f)?.f_add(&s2.f_mul_scalar(1.0 - f)?).map_err(mismatch)?;
+        Ok(vec![latent_out(l1, out)])
+    }
+}
+
+/// ComfyUI's LatentBatchSeedBehavior: "random" drops the batch index (each item its own noise),
+/// "fixed" gives every item the first item's index (the same noise for all).
+pub struct LatentBatchSeedBehavior;
+impl Node for LatentBatchSeedBehavior {
+    fn schema(&self) -> Schema {
+        Schema::new("LatentBatchSeedBehavior", "latent/advanced")
+            .input("samples", ValueType::Latent)
+            .input("seed_behavior", Combo::of(&["random", "fixed"]).default("fixed"))
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let l = a.latent("samples")?;
+        let batch_index = match a.string("seed_behavior")? {
+            "random" => None,
+            _ => {
+                let first = l.batch_index.as_ref().and_then(|b| b.first().copied()).unwrap_or(0);
+                Some(vec![first; l.samples.size()[0] as usize])
+            }
+        };
+        Ok(vec![Value::Latent(Latent { batch_index, ..l.clone() })])
+    }
+}
+
+/// ComfyUI's LatentCompositeMasked: `source` pasted into `destination` at (x, y) (floored to the 8-pixel
+/// grid) through `mask` (bilinear to the source's size), the source optionally resized to the
+/// destination first; source and mask are repeated or cut to the destination's batch. The
+/// destination's noise mask and batch index are kept.
+pub struct LatentCompositeMasked;
+impl Node for LatentCompositeMasked {
+    fn schema(&self) -> Schema {
+        let px = || Int::new(0).range(0, MAX_RESOLUTION).step(8);
+        Schema::new("LatentCompositeMasked", "latent")
+            .input("destination", ValueType::Latent)
+            .input("source", ValueType::Latent)
+            .input("x", px())
+            .input("y", px())
+            .input("resize_source", Bool(false))
+            .optional("mask", ValueType::Mask)
+            .output("LATENT", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let dest_latent = a.latent("destination")?;
+        let dest = dest_latent.samples.copy();
+        let ds = dest.size();
+        let mut src = a.latent("source")?.samples.shallow_clone();
+        if a.boolean("resize_source")? {
+            src = src.f_upsample_bilinear2d([ds[2], ds[3]], false, None, None)?;
+        }
+        let src = repeat_to_batch(&src, ds[0]);
+        let ss = src.size();
+        let (left, top) = (a.i64("x")?.min(ds[3] * 8) / 8, a.i64("y")?.min(ds[2] * 8) / 8);
+        let mask = match a.opt_mask("mask")? {
+            Some(m) => {
+                let s = m.size();
+                let m = m.f_reshape([-1, 1, s[s.len() - 2], s[s.len() - 1]])?.f_upsample_bilinear2d([ss[2], ss[3]], false, None, None)?;
+                repeat_to_batch(&m, ss[0])
+            }
+            None => src.f_ones_like()?,
+        };
+        let (vw, vh) = ((ds[3] - left).min(ss[3]), (ds[2] - top).min(ss[2]));
+        if vw > 0 && vh > 0 {
+            let m = mask.f_narrow(2, 0, vh)?.f_narrow(3, 0, vw)?;
+            let mut region = dest.f_narrow(2, top, vh)?.f_narrow(3, left, vw)?;
+            let src_part =
+                m.f_mul(&src.f_narrow(2, 0, vh)?.f_narrow(3, 0, vw)?).map_err(|e| NodeError::input("source", format!("does not fit the destination: {e}")))?;
+            let mixed = src_part.f_add(&m.f_ones_like()?.f_sub(&m)?.f_mul(&region)?)?;
+            region.f_copy_(&mixed).map_err(|e| NodeError::input("source", format!("does not fit the destination: {e}")))?;
+        }
+        Ok(vec![latent_out(dest_latent, dest)])
     }
 }

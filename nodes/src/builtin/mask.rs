@@ -177,3 +177,97 @@ impl Node for MaskComposite {
         Ok(vec![Value::Mask(Shared(out.f_clamp(0.0, 1.0)?))])
     }
 }
+
+/// ComfyUI's ThresholdMask: 1 where the mask is strictly above `value`, else 0.
+pub struct ThresholdMask;
+impl Node for ThresholdMask {
+    fn schema(&self) -> Schema {
+        Schema::new("ThresholdMask", "mask")
+            .input("mask", ValueType::Mask)
+            .input("value", Float::new(0.5).range(0.0, 1.0).step(0.01))
+            .output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        // The threshold is compared as float32, as torch casts the Python scalar.
+        let value = a.float("value")? as f32 as f64;
+        Ok(vec![Value::Mask(Shared(a.mask("mask")?.f_gt(value)?.f_to_kind(Kind::Float)?))])
+    }
+}
+
+/// ComfyUI's CropMask: Python slicing, so a crop starting past the edge is empty (not an error).
+pub struct CropMask;
+impl Node for CropMask {
+    fn schema(&self) -> Schema {
+        Schema::new("CropMask", "mask")
+            .input("mask", ValueType::Mask)
+            .input("x", Int::new(0).range(0, MAX_RESOLUTION))
+            .input("y", Int::new(0).range(0, MAX_RESOLUTION))
+            .input("width", Int::new(512).range(1, MAX_RESOLUTION))
+            .input("height", Int::new(512).range(1, MAX_RESOLUTION))
+            .output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let m = mask3(a, "mask")?;
+        let (h, w) = (m.size()[1], m.size()[2]);
+        let (x, y) = (a.i64("x")?.min(w), a.i64("y")?.min(h));
+        let (x1, y1) = ((x + a.i64("width")?).min(w), (y + a.i64("height")?).min(h));
+        Ok(vec![Value::Mask(Shared(m.f_narrow(1, y, y1 - y)?.f_narrow(2, x, x1 - x)?.f_contiguous()?))])
+    }
+}
+
+/// ComfyUI's ImageColorToMask: 1 where the pixel's 8-bit colour (rounded half to even) is `color`
+/// (0xRRGGBB).
+pub struct ImageColorToMask;
+impl Node for ImageColorToMask {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageColorToMask", "mask").input("image", ValueType::Image).input("color", Int::new(0).range(0, 0xFFFFFF)).output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        if image.size()[3] < 3 {
+            return Err(NodeError::input("image", "needs 3 colour channels"));
+        }
+        let t = image.f_clamp(0.0, 1.0)?.f_mul_scalar(255.0)?.f_round()?.f_to_kind(Kind::Int)?;
+        let channel = |c: i64, shift: i64| -> Result<Tensor, NodeError> { Ok(t.f_select(3, c)?.f_bitwise_left_shift_tensor_scalar(shift)?) };
+        let v = channel(0, 16)?.f_add(&channel(1, 8)?)?.f_add(&channel(2, 0)?)?;
+        Ok(vec![Value::Mask(Shared(v.f_eq(a.i64("color")?)?.f_to_kind(Kind::Float)?))])
+    }
+}
+
+/// ComfyUI's SplitImageWithAlpha: the first three channels, and 1 − alpha as the mask (zeros without
+/// alpha).
+pub struct SplitImageWithAlpha;
+impl Node for SplitImageWithAlpha {
+    fn schema(&self) -> Schema {
+        Schema::new("SplitImageWithAlpha", "mask/compositing")
+            .input("image", ValueType::Image)
+            .output("IMAGE", ValueType::Image)
+            .output("MASK", ValueType::Mask)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let c = image.size()[3];
+        let rgb = image.f_narrow(3, 0, c.min(3))?.f_contiguous()?;
+        let alpha = if c > 3 { image.f_select(3, 3)? } else { image.f_select(3, 0)?.f_ones_like()? };
+        Ok(vec![Value::Image(Shared(rgb)), Value::Mask(Shared(alpha.f_neg()?.f_add_scalar(1.0)?))])
+    }
+}
+
+/// ComfyUI's JoinImageWithAlpha: the image's first three channels and 1 − mask (resized bilinear to the
+/// image) as alpha; the batch is the smaller of the two (a single mask is not repeated, as ComfyUI).
+pub struct JoinImageWithAlpha;
+impl Node for JoinImageWithAlpha {
+    fn schema(&self) -> Schema {
+        Schema::new("JoinImageWithAlpha", "mask/compositing").input("image", ValueType::Image).input("alpha", ValueType::Mask).output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let m = mask3(a, "alpha")?;
+        let s = image.size();
+        let n = s[0].min(m.size()[0]);
+        let alpha = m.f_unsqueeze(1)?.f_upsample_bilinear2d([s[1], s[2]], false, None, None)?.f_squeeze_dim(1)?.f_neg()?.f_add_scalar(1.0)?;
+        let rgb = image.f_narrow(0, 0, n)?.f_narrow(3, 0, s[3].min(3))?;
+        let out = Tensor::f_cat(&[rgb, alpha.f_narrow(0, 0, n)?.f_unsqueeze(-1)?], 3)?;
+        Ok(vec![Value::Image(Shared(out))])
+    }
+}

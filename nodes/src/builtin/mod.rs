@@ -13,3 +13,4 @@ pub mod preprocessors;
 pub mod primitive;
 pub mod sampling;
 pub mod shared;
+pub mod strings;
