@@ -276,3 +276,86 @@ fn per_level_transformer_depths_are_detected() {
     );
     assert_eq!(out.size(), [1, 4, 8, 8]);
 }
+
+/// The part loaders reassemble a checkpoint: UNETLoader, CLIPLoader and VAELoader on its parts (in
+/// diffloom's single-file names, and in the diffusers folder diffusers writes from it), DiffusersLoader
+/// on the folder, and CheckpointLoader with a v1 config all sample what CheckpointLoaderSimple does;
+/// a "parameterization: v" config makes it a v-prediction model.
+#[test]
+fn part_loaders_reassemble_the_checkpoint() {
+    use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
+    use diffloom_nodes::checkpoint::synthetic::{detectable_tiny_config, write_safetensors};
+    let d = Dir::new();
+    let ck = d.join("model.safetensors");
+    write_checkpoint(&ck, &detectable_tiny_config(Family::Sd1), Kind::Float, 5, true).unwrap();
+    // The parts in single-file names: the UNet bare, the text encoder as transformers saves it.
+    let f = SafetensorsFile::open(&ck).unwrap();
+    let part = |prefix: &str, rename: &str| -> Vec<(String, Tensor)> {
+        f.tensors().keys().filter_map(|k| Some((format!("{rename}{}", k.strip_prefix(prefix)?), f.load(k, Device::Cpu, None).unwrap()))).collect()
+    };
+    write_safetensors(&d.join("unet.safetensors"), &part("model.diffusion_model.", ""), None).unwrap();
+    write_safetensors(&d.join("clip.safetensors"), &part("cond_stage_model.transformer.", ""), None).unwrap();
+    let folder = d.join("diffusers");
+    crate::parity::run_reference("reference.py", &[&ck, &d.join("ref.safetensors"), std::path::Path::new("--save-diffusers"), &folder]);
+    std::fs::write(d.join("v1.yaml"), "model:\n  params:\n    parameterization: \"eps\"\n").unwrap();
+    std::fs::write(d.join("v2.yaml"), "model:\n  params:\n    parameterization: \"v\"\n").unwrap();
+    let graph = |loaders: &str, model: &str, clip: &str| {
+        format!(
+            r#"{loaders}
+            "vae": (type: "VAELoader", inputs: {{"vae_name": {ck:?}}}),
+            "p": (type: "CLIPTextEncode", inputs: {{"text": "a harbour at dawn", "clip": {clip}}}),
+            "e": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 64}}),
+            "s": (type: "KSampler", inputs: {{"model": {model}, "seed": 4, "steps": 2, "cfg": 3.0, "positive": Link("p", "CONDITIONING"), "negative": Link("p", "CONDITIONING"), "latent_image": Link("e", "LATENT")}}),
+            "dec": (type: "VAEDecode", inputs: {{"samples": Link("s", "LATENT"), "vae": Link("vae", "VAE")}}),"#
+        )
+    };
+    let run = |nodes: String| -> Tensor {
+        match &crate::util::outputs(&d, &nodes, &[("dec", "IMAGE", 0)]).unwrap_or_else(|e| panic!("{e}"))[0] {
+            diffloom_core::Value::Image(t) => t.0.shallow_clone(),
+            other => panic!("{other:?}"),
+        }
+    };
+    let simple =
+        run(graph(&format!(r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),"#), r#"Link("c", "MODEL")"#, r#"Link("c", "CLIP")"#));
+    let parts = |unet: &std::path::Path, clip: &std::path::Path| {
+        graph(
+            &format!(
+                r#""u": (type: "UNETLoader", inputs: {{"unet_name": {unet:?}, "weight_dtype": "default"}}),
+                "t": (type: "CLIPLoader", inputs: {{"clip_name": {clip:?}, "type": "stable_diffusion"}}),"#
+            ),
+            r#"Link("u", "MODEL")"#,
+            r#"Link("t", "CLIP")"#,
+        )
+    };
+    let cases = [
+        ("unet + clip files", parts(&d.join("unet.safetensors"), &d.join("clip.safetensors"))),
+        ("diffusers parts", parts(&folder.join("unet/diffusion_pytorch_model.safetensors"), &folder.join("text_encoder/model.safetensors"))),
+        (
+            "DiffusersLoader",
+            graph(&format!(r#""c": (type: "DiffusersLoader", inputs: {{"model_path": {folder:?}}}),"#), r#"Link("c", "MODEL")"#, r#"Link("c", "CLIP")"#),
+        ),
+        (
+            "CheckpointLoader v1",
+            graph(
+                &format!(r#""c": (type: "CheckpointLoader", inputs: {{"config_name": {:?}, "ckpt_name": {ck:?}}}),"#, d.join("v1.yaml")),
+                r#"Link("c", "MODEL")"#,
+                r#"Link("c", "CLIP")"#,
+            ),
+        ),
+    ];
+    for (what, nodes) in cases {
+        let err = crate::util::max_abs_diff(&run(nodes), &simple);
+        println!("{what}: {err:.2e}");
+        assert!(err < 1e-5, "{what}: {err}");
+    }
+    let v = run(graph(
+        &format!(r#""c": (type: "CheckpointLoader", inputs: {{"config_name": {:?}, "ckpt_name": {ck:?}}}),"#, d.join("v2.yaml")),
+        r#"Link("c", "MODEL")"#,
+        r#"Link("c", "CLIP")"#,
+    ));
+    assert!(crate::util::max_abs_diff(&v, &simple) > 1e-3, "the v config changed nothing");
+    // Text encoders for other families are refused by name.
+    let nodes = format!(r#""t": (type: "CLIPLoader", inputs: {{"clip_name": {:?}, "type": "sd3"}}),"#, d.join("clip.safetensors"));
+    let e = crate::util::outputs(&d, &nodes, &[("t", "CLIP", 0)]).expect_err("sd3 is refused");
+    assert!(e.contains("type") && e.contains("sd3"), "{e}");
+}

@@ -22,6 +22,11 @@ pub const MODEL_INPUTS: &[(&str, &str, &str)] = &[
     ("UpscaleModelLoader", "model_name", "upscale_models"),
     ("ControlNetLoader", "control_net_name", "controlnet"),
     ("DiffControlNetLoader", "control_net_name", "controlnet"),
+    ("CheckpointLoader", "config_name", "configs"),
+    ("CheckpointLoader", "ckpt_name", "checkpoints"),
+    ("DiffusersLoader", "model_path", "diffusers"),
+    ("UNETLoader", "unet_name", "diffusion_models"),
+    ("CLIPLoader", "clip_name", "text_encoders"),
 ];
 
 /// The ComfyUI folder a node's input names a file in, if it is a model input.

@@ -4,10 +4,10 @@ use std::path::Path;
 use std::rc::Rc;
 
 use diffloom_core::value::MissingPart;
-use diffloom_core::{Args, Ctx, Float, Handle, Locator, Node, NodeError, Schema, Str, Value, ValueType};
+use diffloom_core::{Args, Combo, Ctx, Float, Handle, Locator, Node, NodeError, Schema, Str, Value, ValueType};
 
 use crate::checkpoint::control::load_control;
-use crate::checkpoint::load::{load_checkpoint, load_upscale_model, load_vae};
+use crate::checkpoint::load::{load_checkpoint, load_clip, load_unet, load_upscale_model, load_vae};
 use crate::control::ControlNetValue;
 use crate::lora::apply_lora;
 use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
@@ -66,41 +66,183 @@ impl Node for CheckpointLoaderSimple {
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let path = cx.files.model("checkpoints", "ckpt_name", a.string("ckpt_name")?)?;
-        let ck = load_checkpoint(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
-        cx.messages.push(format!(
-            "loaded {} ({:?}, {:?}) in {:.2} s: {} of weights, peak resident memory {}",
-            path.display(),
-            ck.config.family,
-            ck.config.prediction,
-            ck.load_time.as_secs_f64(),
-            gib(ck.bytes as u64),
-            peak_rss().map_or("unknown".into(), gib)
-        ));
+        checkpoint_values(cx, &path, None)
+    }
+}
+
+/// MODEL, CLIP and VAE of the checkpoint (file or diffusers folder) at `path`; `prediction` overrides
+/// the detected one (CheckpointLoader's config file).
+fn checkpoint_values(cx: &mut Ctx, path: &Path, prediction: Option<crate::checkpoint::detect::Prediction>) -> Result<Vec<Value>, NodeError> {
+    let mut ck = load_checkpoint(path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
+    if let Some(p) = prediction {
+        ck.config.prediction = p;
+    }
+    cx.messages.push(format!(
+        "loaded {} ({:?}, {:?}) in {:.2} s: {} of weights, peak resident memory {}",
+        path.display(),
+        ck.config.family,
+        ck.config.prediction,
+        ck.load_time.as_secs_f64(),
+        gib(ck.bytes as u64),
+        peak_rss().map_or("unknown".into(), gib)
+    ));
+    let name = file_label(path);
+    let missing = |part: &str, keys: &str| Handle::new(MissingPart(format!("{} has no {part} ({keys})", path.display())), 0, format!("{name} (no {part})"));
+    let model = match &ck.unet {
+        Some(unet) => Handle::new(
+            SdModel { unet: unet.clone(), family: ck.config.family, sampling: ck.config.prediction.into(), name: name.clone(), patches: Rc::default() },
+            ck.bytes,
+            name.clone(),
+        ),
+        None => missing("UNet", "model.diffusion_model.*"),
+    };
+    let clip = match &ck.clip {
+        Some(clip) => {
+            let tokenizer = match &ck.tokenizer_dir {
+                Some(dir) => Rc::new(crate::tokenizer::ClipTokenizer::from_dir(dir).map_err(NodeError::Failed)?),
+                None => default_tokenizer().map_err(NodeError::Failed)?,
+            };
+            Handle::new(SdClip { model: clip.clone(), tokenizer, family: ck.config.family, layer: None }, 0, name.clone())
+        }
+        None => missing("text encoder", "cond_stage_model.*"),
+    };
+    let vae = match &ck.vae {
+        Some(vae) => Handle::new(SdVae { model: vae.clone() }, 0, name.clone()),
+        None => missing("VAE", "first_stage_model.*; load one with VAELoader"),
+    };
+    Ok(vec![Value::Model(model), Value::Clip(clip), Value::Vae(vae)])
+}
+
+/// ComfyUI's deprecated loader with an LDM yaml config: the file's parts are detected as
+/// CheckpointLoaderSimple does; the config decides the prediction (`parameterization: "v"`).
+pub struct CheckpointLoader;
+impl Node for CheckpointLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("CheckpointLoader", "advanced/loaders")
+            .describe("Loads a checkpoint with an LDM yaml config (configs folder); the config's parameterization sets eps or v prediction.")
+            .input("config_name", Str::required())
+            .input("ckpt_name", Str::required())
+            .output("MODEL", ValueType::Model)
+            .output("CLIP", ValueType::Clip)
+            .output("VAE", ValueType::Vae)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        let a = file_stamp(files, "configs", "config_name", literals)?;
+        let b = file_stamp(files, "checkpoints", "ckpt_name", literals)?;
+        Ok(Some(format!("{a:?}|{b:?}")))
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        use crate::checkpoint::detect::Prediction;
+        let config = cx.files.model("configs", "config_name", a.string("config_name")?)?;
+        let text = std::fs::read_to_string(&config).map_err(|e| NodeError::file(&config, e))?;
+        // The only setting of an SD 1.x/2.x inference config the file's shapes do not tell.
+        let v = text.lines().map(str::trim).any(|l| l.strip_prefix("parameterization:").is_some_and(|v| v.trim().trim_matches(['"', '\'']) == "v"));
+        let path = cx.files.model("checkpoints", "ckpt_name", a.string("ckpt_name")?)?;
+        checkpoint_values(cx, &path, Some(if v { Prediction::V } else { Prediction::Eps }))
+    }
+}
+
+/// ComfyUI's DiffusersLoader: a diffusers pipeline folder from the `diffusers` models folder.
+pub struct DiffusersLoader;
+impl Node for DiffusersLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("DiffusersLoader", "advanced/loaders/deprecated")
+            .describe("Loads a diffusers pipeline folder (unet/, vae/, text_encoder/ with config.json each).")
+            .input("model_path", Str::required())
+            .output("MODEL", ValueType::Model)
+            .output("CLIP", ValueType::Clip)
+            .output("VAE", ValueType::Vae)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "diffusers", "model_path", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let path = cx.files.model("diffusers", "model_path", a.string("model_path")?)?;
+        if !crate::checkpoint::load::is_diffusers_folder(&path) {
+            return Err(NodeError::input("model_path", format!("{} is not a diffusers pipeline folder (no model_index.json)", path.display())));
+        }
+        checkpoint_values(cx, &path, None)
+    }
+}
+
+/// ComfyUI's UNETLoader: a UNet-only file from `diffusion_models` (or `unet`).
+pub struct UNETLoader;
+impl Node for UNETLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("UNETLoader", "advanced/loaders")
+            .describe("Loads a UNet-only .safetensors file (LDM or diffusers names); fp8 choices load in the run's dtype.")
+            .input("unet_name", Str::required())
+            .input("weight_dtype", Combo::of(&["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]))
+            .output("MODEL", ValueType::Model)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "diffusion_models", "unet_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let path = cx.files.model("diffusion_models", "unet_name", a.string("unet_name")?)?;
+        let dtype = a.string("weight_dtype")?;
+        if dtype != "default" {
+            cx.messages.push(format!("weight_dtype {dtype}: diffloom keeps weights in the run's dtype ({:?}); fp8 storage is not supported", cx.dtype));
+        }
+        let (unet, family, prediction, bytes) = load_unet(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
         let name = file_label(&path);
-        let missing = |part: &str, keys: &str| Handle::new(MissingPart(format!("{} has no {part} ({keys})", path.display())), 0, format!("{name} (no {part})"));
-        let model = match &ck.unet {
-            Some(unet) => Handle::new(
-                SdModel { unet: unet.clone(), family: ck.config.family, sampling: ck.config.prediction.into(), name: name.clone(), patches: Rc::default() },
-                ck.bytes,
-                name.clone(),
-            ),
-            None => missing("UNet", "model.diffusion_model.*"),
+        cx.messages.push(format!("{name}: {family:?} UNet, {prediction:?} prediction"));
+        let model = SdModel { unet, family, sampling: prediction.into(), name: name.clone(), patches: Rc::default() };
+        Ok(vec![Value::Model(Handle::new(model, bytes, name))])
+    }
+}
+
+/// The text-encoder recipes of ComfyUI's CLIPLoader; diffloom runs `stable_diffusion` (CLIP-L for
+/// SD 1.x, OpenCLIP-H for SD 2.x).
+const CLIP_TYPES: [&str; 18] = [
+    "stable_diffusion",
+    "stable_cascade",
+    "sd3",
+    "stable_audio",
+    "mochi",
+    "ltxv",
+    "pixart",
+    "cosmos",
+    "lumina2",
+    "wan",
+    "hidream",
+    "chroma",
+    "ace",
+    "omnigen2",
+    "qwen_image",
+    "hunyuan_image",
+    "flux2",
+    "ovis",
+];
+
+/// ComfyUI's CLIPLoader: a text encoder file from `text_encoders` (or `clip`).
+pub struct CLIPLoader;
+impl Node for CLIPLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("CLIPLoader", "advanced/loaders")
+            .describe("Loads a text encoder file (CLIP-L for SD 1.x, OpenCLIP-H for SD 2.x; transformers' or OpenCLIP's names).")
+            .input("clip_name", Str::required())
+            .input("type", Combo::of(&CLIP_TYPES))
+            .optional("device", Combo::of(&["default", "cpu"]))
+            .output("CLIP", ValueType::Clip)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "text_encoders", "clip_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let ty = a.string("type")?;
+        if ty != "stable_diffusion" {
+            return Err(NodeError::input("type", format!("{ty:?} text encoders are for model families diffloom does not run; use stable_diffusion")));
+        }
+        let path = cx.files.model("text_encoders", "clip_name", a.string("clip_name")?)?;
+        let device = match a.get("device") {
+            Some(Value::String(d)) if d == "cpu" => tch::Device::Cpu,
+            _ => cx.device,
         };
-        let clip = match &ck.clip {
-            Some(clip) => {
-                let tokenizer = match &ck.tokenizer_dir {
-                    Some(dir) => Rc::new(crate::tokenizer::ClipTokenizer::from_dir(dir).map_err(NodeError::Failed)?),
-                    None => default_tokenizer().map_err(NodeError::Failed)?,
-                };
-                Handle::new(SdClip { model: clip.clone(), tokenizer, family: ck.config.family, layer: None }, 0, name.clone())
-            }
-            None => missing("text encoder", "cond_stage_model.*"),
-        };
-        let vae = match &ck.vae {
-            Some(vae) => Handle::new(SdVae { model: vae.clone() }, 0, name.clone()),
-            None => missing("VAE", "first_stage_model.*; load one with VAELoader"),
-        };
-        Ok(vec![Value::Model(model), Value::Clip(clip), Value::Vae(vae)])
+        let (clip, family, bytes) = load_clip(&path, device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
+        let name = file_label(&path);
+        let tokenizer = default_tokenizer().map_err(NodeError::Failed)?;
+        Ok(vec![Value::Clip(Handle::new(SdClip { model: clip, tokenizer, family, layer: None }, bytes, name))])
     }
 }
 

@@ -354,3 +354,87 @@ fn transformer_depth(c: &serde_json::Value, path: &Path) -> Result<i64, LoadErro
         Err(_) => Err(bad(format!("transformer_layers_per_block {v} is neither a number nor a list of numbers"))),
     }
 }
+
+/// Loads a standalone UNet file (UNETLoader: `diffusion_models/`): LDM names bare or under
+/// `model.diffusion_model.`, or diffusers' names. The configuration comes from the shapes (or the
+/// `diffloom.config` metadata), the family from the text-state width, and an SD 2.x file's
+/// prediction from ComfyUI's heuristic.
+pub fn load_unet(path: &Path, device: Device, kind: Kind) -> Result<(Loaded<Unet>, detect::Family, Prediction, usize), LoadError> {
+    let file = Rc::new(SafetensorsFile::open(path)?);
+    let stored: Vec<String> = file.tensors().keys().cloned().collect();
+    let unsupported = |message: &str| LoadError::Unsupported { file: path.to_path_buf(), message: message.to_owned() };
+    let has = |k: &str| stored.iter().any(|s| s == k);
+    // Logical (LDM) name → stored name.
+    let index: HashMap<String, (usize, String)> = if has("conv_in.weight") && stored.iter().any(|k| k.starts_with("down_blocks.")) {
+        let nrb = (0..).take_while(|j| stored.iter().any(|k| k.starts_with(&format!("down_blocks.0.resnets.{j}.")))).count();
+        let ups = (0..).take_while(|i| stored.iter().any(|k| k.starts_with(&format!("up_blocks.{i}.")))).count();
+        let up_has_attn: Vec<bool> = (0..ups).map(|i| stored.iter().any(|k| k.starts_with(&format!("up_blocks.{i}.attentions.")))).collect();
+        stored.iter().filter_map(|k| Some((keymap::unet_key(k, nrb, &up_has_attn)?, (0, k.clone())))).collect()
+    } else {
+        let prefix = if stored.iter().any(|k| k.starts_with(detect::UNET_PREFIX)) { detect::UNET_PREFIX } else { "" };
+        stored.iter().filter_map(|k| Some((k.strip_prefix(prefix)?.to_owned(), (0, k.clone())))).collect()
+    };
+    let shapes: Shapes = index.iter().filter_map(|(l, (_, k))| Some((l.clone(), file.info(k)?.shape.clone()))).collect();
+    if shapes.contains_key("label_emb.0.0.weight") || shapes.keys().any(|k| k.starts_with("double_blocks.") || k.starts_with("joint_blocks.")) {
+        return Err(unsupported("not an SD 1.x/2.x UNet (SDXL, SD3 or Flux); diffloom runs SD 1.x and 2.x"));
+    }
+    let (config, family, mut prediction) = match file.metadata.get(detect::CONFIG_METADATA_KEY) {
+        Some(_) => {
+            let c = detect::detect(path, &HashMap::new(), &file.metadata)?;
+            (c.unet.ok_or_else(|| unsupported("its metadata describes no UNet"))?, c.family, c.prediction)
+        }
+        None => {
+            let mut u = detect::detect_unet(&shapes, "").ok_or_else(|| unsupported("no input_blocks.0.0.weight (or conv_in.weight): not a UNet"))?;
+            let family = if u.context_dim == 1024 { detect::Family::Sd2 } else { detect::Family::Sd1 };
+            if let Some(heads) = family.spec().unet_heads {
+                (u.num_heads, u.num_head_channels) = heads;
+            }
+            (u, family, Prediction::Eps)
+        }
+    };
+    let probe = "output_blocks.11.1.transformer_blocks.0.norm1.bias";
+    if family == detect::Family::Sd2 && !file.metadata.contains_key(detect::CONFIG_METADATA_KEY) {
+        if let Some((_, stored)) = index.get(probe) {
+            if let Ok(bias) = file.load(stored, Device::Cpu, Some(Kind::Float)) {
+                prediction = detect::sd2_prediction(bias.std(false).double_value(&[]));
+            }
+        }
+    }
+    let mut bytes = 0;
+    let w = Weights::from_index(vec![file], index, device, kind);
+    let unet = build(w, |p| Unet::new(p, config.clone()), &mut bytes)?;
+    Ok((unet, family, prediction, bytes))
+}
+
+/// Loads a standalone text encoder (CLIPLoader: `text_encoders/`): transformers' CLIPTextModel (with or
+/// without `text_model.`, or under `cond_stage_model.transformer.`) or OpenCLIP's text tower (under
+/// `cond_stage_model.model.`, or bare). 1024-wide encoders are SD 2.x's.
+pub fn load_clip(path: &Path, device: Device, kind: Kind) -> Result<(Loaded<ClipTextModel>, detect::Family, usize), LoadError> {
+    let file = Rc::new(SafetensorsFile::open(path)?);
+    let stored: Vec<String> = file.tensors().keys().cloned().collect();
+    // Put the names under a checkpoint's prefix, so the checkpoint detection reads them.
+    let open_clip = stored.iter().any(|k| k.contains("transformer.resblocks."));
+    let to_ckpt = |k: &str| -> String {
+        if k.starts_with("cond_stage_model.") {
+            k.to_owned()
+        } else if open_clip {
+            format!("{}{}", detect::CLIP_OPEN_PREFIX, k.strip_prefix("model.").unwrap_or(k))
+        } else {
+            format!("{}text_model.{}", detect::CLIP_HF_PREFIX, k.strip_prefix("text_model.").unwrap_or(k))
+        }
+    };
+    let shapes: Shapes = stored.iter().filter_map(|k| Some((to_ckpt(k), file.info(k)?.shape.clone()))).collect();
+    let config = detect::detect(path, &shapes, &file.metadata)?;
+    let clip_config = config.clip.ok_or_else(|| LoadError::Unsupported {
+        file: path.to_path_buf(),
+        message: "not a CLIP text encoder (no token embedding in transformers' or OpenCLIP's layout)".into(),
+    })?;
+    let (_, root) = detect::clip_root(&shapes).ok_or_else(|| LoadError::Unsupported { file: path.to_path_buf(), message: "no text encoder root".into() })?;
+    let family =
+        if clip_config.layout == crate::models::clip::ClipLayout::OpenClip || clip_config.hidden_size == 1024 { detect::Family::Sd2 } else { config.family };
+    let index: HashMap<String, (usize, String)> = stored.iter().filter_map(|k| Some((to_ckpt(k).strip_prefix(&root)?.to_owned(), (0, k.clone())))).collect();
+    let mut bytes = 0;
+    let w = Weights::from_index(vec![file], index, device, kind);
+    let clip = build(w, |p| ClipTextModel::new(p, clip_config.clone()), &mut bytes)?;
+    Ok((clip, family, bytes))
+}
