@@ -446,6 +446,36 @@ fn non_trivial_nodes_match_comfyui_reference() {
             assert!(max_abs_diff(&got, &get(&format!("interp.{name}.{ratio:?}"))) < 1e-6, "LatentInterpolate {name} {ratio}");
         }
     }
+    // ImageBlur and ImageSharpen: torch's conv2d on the CPU, as ComfyUI's CPU path.
+    for (r, sigma) in [(1i128, 1.0), (3, 0.5), (5, 2.5)] {
+        let got = tensor(&run(&image::ImageBlur, vec![("image", img(&image_in)), ("blur_radius", i(r)), ("sigma", f(sigma))])[0]);
+        assert!(max_abs_diff(&got, &get(&format!("blur.{r}.{sigma:?}"))) < 1e-6, "ImageBlur {r} {sigma}");
+    }
+    for (r, sigma, alpha) in [(1i128, 1.0, 1.0), (2, 0.3, 0.5), (4, 3.0, 2.0), (1, 1.0, 0.0)] {
+        let args = vec![("image", img(&image_in)), ("sharpen_radius", i(r)), ("sigma", f(sigma)), ("alpha", f(alpha))];
+        let got = tensor(&run(&image::ImageSharpen, args)[0]);
+        assert!(max_abs_diff(&got, &get(&format!("sharpen.{r}.{sigma:?}.{alpha:?}"))) < 1e-5, "ImageSharpen {r} {sigma} {alpha}");
+    }
+    // alpha 0 is the identity kernel: only the clamp.
+    let got = tensor(&run(&image::ImageSharpen, vec![("image", img(&image_in)), ("sharpen_radius", i(2)), ("sigma", f(1.0)), ("alpha", f(0.0))])[0]);
+    assert!(max_abs_diff(&got, &image_in) < 1e-6);
+    let e = err(&image::ImageBlur, vec![("image", img(&image_in.narrow(1, 0, 4))), ("blur_radius", i(4)), ("sigma", f(1.0))]);
+    assert!(e.contains("blur_radius"), "{e}");
+    // PorterDuffImageComposite: every mode, with resized source and source alpha, batches 2/2/2/3 → 2.
+    let pd: Vec<Tensor> = ["source", "source_alpha", "destination", "destination_alpha"].iter().map(|k| get(&format!("pd.{k}"))).collect();
+    for mode in mask::PORTER_DUFF_MODES {
+        let args =
+            vec![("source", img(&pd[0])), ("source_alpha", msk(&pd[1])), ("destination", img(&pd[2])), ("destination_alpha", msk(&pd[3])), ("mode", s(mode))];
+        let out = run(&mask::PorterDuffImageComposite, args);
+        assert!(max_abs_diff(&tensor(&out[0]), &get(&format!("porter_duff.{mode}"))) < 1e-5, "Porter-Duff image {mode}");
+        assert!(max_abs_diff(&tensor(&out[1]), &get(&format!("porter_duff_mask.{mode}"))) < 1e-5, "Porter-Duff mask {mode}");
+    }
+    let spec = mask::PorterDuffImageComposite.schema();
+    assert_eq!(text(&spec.input_spec("mode").unwrap().kind.default_value().unwrap()), "DST");
+    let grey = Tensor::zeros([2, 24, 32, 1], (Kind::Float, Device::Cpu));
+    let args =
+        vec![("source", img(&grey)), ("source_alpha", msk(&pd[1])), ("destination", img(&pd[2])), ("destination_alpha", msk(&pd[3])), ("mode", s("SRC"))];
+    assert!(err(&mask::PorterDuffImageComposite, args).contains("source"));
     // Any other batch is ComfyUI's size error, named here.
     let s3 = Tensor::ones([3, 4, 2, 2], (Kind::Float, Device::Cpu));
     let e = err(&latent::LatentInterpolate, vec![("samples1", lat(&s3, None, None)), ("samples2", lat(&s3, None, None)), ("ratio", f(0.5))]);

@@ -170,6 +170,9 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(image::ImageRotate),
         Rc::new(image::RepeatImageBatch),
         Rc::new(image::ImageFromBatch),
+        // image/postprocessing
+        Rc::new(image::ImageBlur),
+        Rc::new(image::ImageSharpen),
         // image/preprocessors, image/postprocessing
         Rc::new(preprocessors::Canny),
         Rc::new(preprocessors::Morphology),
@@ -188,6 +191,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         // mask/compositing
         Rc::new(mask::SplitImageWithAlpha),
         Rc::new(mask::JoinImageWithAlpha),
+        Rc::new(mask::PorterDuffImageComposite),
         // utils
         Rc::new(primitive::PRIMITIVE_INT),
         Rc::new(primitive::PRIMITIVE_FLOAT),
