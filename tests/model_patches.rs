@@ -170,3 +170,162 @@ fn clip_attention_multiply_scales_both_text_encoder_layouts() {
         assert!(max_abs_diff(&c(&v[0]), &c(&v[2])) > 1e-3, "{name}");
     }
 }
+
+/// CheckpointSave writes a merged model as a single-file checkpoint that diffusers' own single-file
+/// conversion loads (tests/parity/reference.py, every tensor consumed, outputs compared) and that
+/// samples as the model it was saved from; a second save gets the next number, never the same file.
+#[test]
+fn checkpoint_save_writes_loadable_checkpoints_and_never_overwrites() {
+    let d = Dir::new();
+    for family in [Family::Sd1, Family::Sd2] {
+        let ck = d.join(&format!("{family:?}.safetensors"));
+        let other = d.join(&format!("{family:?}-other.safetensors"));
+        // (Seed 11: the parity tests' model, whose timestep response the parity check's control needs.)
+        write_checkpoint(&ck, &tiny_config(family, false), Kind::Float, 11, true).unwrap();
+        write_checkpoint(&other, &tiny_config(family, false), Kind::Float, 4, true).unwrap();
+        let prefix = format!("merged/{family:?}");
+        let nodes = format!(
+            r#""c2": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {other:?}}}),
+            "half": (type: "ModelMergeSimple", inputs: {{"model1": Link("c", "MODEL"), "model2": Link("c2", "MODEL"), "ratio": 0.9}}),
+            "save": (type: "CheckpointSave", inputs: {{"model": Link("half", "MODEL"), "clip": Link("c", "CLIP"), "vae": Link("c", "VAE"), "filename_prefix": {prefix:?}}}),"#
+        );
+        let merged = sample_each(&d, &ck, &nodes, &[("half", "MODEL")], 4.0);
+        let saved = d.join(&format!("output/{prefix}_00001_.safetensors"));
+        assert!(saved.exists(), "{}", saved.display());
+        // Run again (a new executor: nothing cached): the next number, the first file untouched.
+        let first = std::fs::read(&saved).unwrap();
+        let _ = sample_each(&d, &ck, &nodes, &[("half", "MODEL")], 4.0);
+        assert!(d.join(&format!("output/{prefix}_00002_.safetensors")).exists());
+        assert_eq!(std::fs::read(&saved).unwrap(), first);
+        // The saved file samples as the merged model did.
+        let reloaded = sample_each(&Dir::new(), &saved, "", &[("c", "MODEL")], 4.0);
+        assert_eq!(max_abs_diff(&reloaded[0], &merged[0]), 0.0, "{family:?}");
+        // diffusers' single-file conversion takes it, and its outputs agree with diffloom's.
+        let reference = d.join(&format!("{family:?}-ref.safetensors"));
+        crate::parity::run_reference("reference.py", &[&saved, &reference]);
+        crate::parity::compare(&saved, &reference, family, false);
+    }
+}
+
+/// Each hook equals ComfyUI's closure on the same tensors (tests/parity/patches_reference.py copies
+/// them from comfy_extras): FreeU/FreeU_V2 (odd sizes and a one-pixel-high activation included),
+/// RescaleCFG, CFGZeroStar, CFGNorm, APG with its momentum state and restart, Differential
+/// Diffusion's mask schedule, and deep shrink's resizes (Python's round-half-even sizes).
+#[test]
+fn hooks_equal_comfyui_closures() {
+    use diffloom_core::value::Handle;
+    use diffloom_nodes::builtin::loaders::CheckpointLoaderSimple;
+    use diffloom_nodes::builtin::model_patches as mp;
+    use diffloom_nodes::checkpoint::detect::Prediction;
+    use diffloom_nodes::checkpoint::synthetic::tiny_four_level_config;
+    use diffloom_nodes::patches::{BlockId, CallCx, CfgArgs, ModelPatches};
+    use diffloom_nodes::sampling::model_sampling::ModelSampling;
+    use diffloom_nodes::sd::SdModel;
+    use std::rc::Rc;
+    let d = Dir::new();
+    crate::parity::run_reference("patches_reference.py", &[d.path()]);
+    let r = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&d.join("patches_expected.safetensors")).unwrap();
+    let get = |k: &str| r.load(k, tch::Device::Cpu, None).unwrap_or_else(|e| panic!("{k}: {e}"));
+    // A model whose first level is 32 wide, as the reference's FreeU assumes.
+    let ck = d.join("four.safetensors");
+    write_checkpoint(&ck, &tiny_four_level_config(), Kind::Float, 1, true).unwrap();
+    let loaded = crate::util::call(&CheckpointLoaderSimple, vec![("ckpt_name", Some(Value::String(ck.display().to_string())))]).unwrap();
+    let model = loaded[0].clone();
+    let patches = |node: &dyn diffloom_core::Node, args: Vec<(&str, Option<Value>)>| -> Rc<ModelPatches> {
+        let mut all = vec![("model", Some(model.clone()))];
+        all.extend(args);
+        let out = crate::util::call(node, all).unwrap();
+        let Value::Model(h) = &out[0] else { panic!() };
+        let h: &Handle = h;
+        h.downcast::<SdModel>().unwrap().patches.clone()
+    };
+    let f = |v: f64| Some(Value::Float(v));
+    let mut worst = 0f64;
+    let mut check = |what: &str, got: &Tensor, want: &Tensor| {
+        let e = max_abs_diff(got, want);
+        worst = worst.max(e / (1.0 + want.abs().max().double_value(&[])));
+        assert!(e <= 1e-5 * (1.0 + want.abs().max().double_value(&[])), "{what}: {e}");
+    };
+    let cx = |sigma: f32| (sigma, vec![1i64, 4, 8, 8]);
+    let (sigma_any, shape) = cx(3.2);
+    let call = CallCx { sigma: sigma_any, original_shape: &shape };
+
+    for (v, node, b1, b2) in [("v1", &mp::FreeUNode as &dyn diffloom_core::Node, 1.1, 1.2), ("v2", &mp::FreeUV2, 1.3, 1.4)] {
+        let p = patches(node, vec![("b1", f(b1)), ("b2", f(b2)), ("s1", f(0.9)), ("s2", f(0.2))]);
+        for (case, skip) in [("h128", "skip128"), ("h64", "skip64"), ("h32", "skip32"), ("h128_odd", "skip128_odd"), ("h64_thin", "skip64_thin")] {
+            let (h, s) = p.unet.output_block[0].apply(get(&format!("freeu.{case}")), get(&format!("freeu.{skip}")), BlockId::Output(0), &call).unwrap();
+            check(&format!("freeu {v} {case} h"), &h, &get(&format!("freeu.{v}.{case}.h")));
+            check(&format!("freeu {v} {case} skip"), &s, &get(&format!("freeu.{v}.{case}.skip")));
+        }
+    }
+
+    let (x, cond, uncond) = (get("cfg.x"), get("cfg.cond"), get("cfg.uncond"));
+    fn cfg_args<'a>(x: &'a Tensor, c: &'a Tensor, u: &'a Tensor, sigma: f64) -> CfgArgs<'a> {
+        CfgArgs { input: x, sigma, cond_scale: 6.5, cond_denoised: c, uncond_denoised: u }
+    }
+    for m in [0.7, 0.0] {
+        let p = patches(&mp::RescaleCFG, vec![("multiplier", f(m))]);
+        check(&format!("rescale {m}"), &p.guide(&cfg_args(&x, &cond, &uncond, 3.2)).unwrap(), &get(&format!("rescale.{m:?}")));
+    }
+    let p = patches(&mp::CFGZeroStar, vec![]);
+    check("cfgzero", &p.guide(&cfg_args(&x, &cond, &uncond, 3.2)).unwrap(), &get("cfgzero"));
+    for s in [1.0, 0.5] {
+        let p = patches(&mp::CFGNorm, vec![("strength", f(s))]);
+        check(&format!("cfgnorm {s}"), &p.guide(&cfg_args(&x, &cond, &uncond, 3.2)).unwrap(), &get(&format!("cfgnorm.{s:?}")));
+    }
+    let apg = patches(&mp::APG, vec![("eta", f(0.5)), ("norm_threshold", f(5.0)), ("momentum", f(0.3))]);
+    let sigmas = get("apg.sigmas");
+    for i in 0..3 {
+        let (c, u) = (get(&format!("apg.cond.{i}")), get(&format!("apg.uncond.{i}")));
+        let sigma = sigmas.double_value(&[i]);
+        let pre = apg.pre(vec![c, u], &x, sigma, 6.5).unwrap();
+        check(&format!("apg {i}"), &apg.guide(&cfg_args(&x, &pre[0], &pre[1], sigma)).unwrap(), &get(&format!("apg.out.{i}")));
+    }
+    let plain = patches(&mp::APG, vec![("eta", f(1.0)), ("norm_threshold", f(0.0)), ("momentum", f(0.0))]);
+    let pre = plain.pre(vec![get("apg.cond.0"), get("apg.uncond.0")], &x, 3.2, 6.5).unwrap();
+    check("apg plain", &plain.guide(&cfg_args(&x, &pre[0], &pre[1], 3.2)).unwrap(), &get("apg.plain"));
+
+    let ms = ModelSampling::sd(Prediction::Eps);
+    let run: Vec<f64> = Vec::<f32>::try_from(get("diff.run_sigmas")).unwrap().into_iter().map(f64::from).collect();
+    let mask = get("diff.mask");
+    for s in [1.0, 0.4] {
+        let p = patches(&mp::DifferentialDiffusion, vec![("strength", f(s))]);
+        for k in 0..5 {
+            let got = p.denoise_mask.as_ref().unwrap().apply(run[k], &mask, &run, &ms).unwrap();
+            check(&format!("differential {s} {k}"), &got, &get(&format!("diff.{s:?}.{k}")));
+        }
+    }
+
+    let shrink = |method: &str| {
+        patches(
+            &mp::PatchModelAddDownscale,
+            vec![
+                ("block_number", Some(Value::Int(3))),
+                ("downscale_factor", f(2.0)),
+                ("start_percent", f(0.0)),
+                ("end_percent", f(0.35)),
+                ("downscale_after_skip", Some(Value::Boolean(true))),
+                ("downscale_method", Some(Value::String("bicubic".into()))),
+                ("upscale_method", Some(Value::String(method.into()))),
+            ],
+        )
+    };
+    let p = shrink("bilinear");
+    let (s5, shape5) = cx(5.0);
+    let down = p.unet.input_block_after_skip[0].apply(get("shrink.h"), BlockId::Input(3), &CallCx { sigma: s5, original_shape: &shape5 }).unwrap();
+    assert_eq!(down.size(), [1, 32, 6, 8], "Python's round: 6.5 → 6, 8.5 → 8");
+    check("shrink down", &down, &get("shrink.down"));
+    // Below the range's end sigma, and at another block, nothing happens.
+    let (s1, shape1) = cx(1.0);
+    assert_eq!(
+        p.unet.input_block_after_skip[0].apply(get("shrink.h"), BlockId::Input(3), &CallCx { sigma: s1, original_shape: &shape1 }).unwrap().size(),
+        [1, 32, 13, 17]
+    );
+    assert_eq!(
+        p.unet.input_block_after_skip[0].apply(get("shrink.h"), BlockId::Input(2), &CallCx { sigma: s5, original_shape: &shape5 }).unwrap().size(),
+        [1, 32, 13, 17]
+    );
+    let (up, _) = p.unet.output_block[0].apply(get("shrink.up_h"), get("shrink.up_skip"), BlockId::Output(0), &call).unwrap();
+    check("shrink up", &up, &get("shrink.up"));
+    println!("hooks vs ComfyUI's closures: worst relative difference {worst:.2e}");
+}

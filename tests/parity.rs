@@ -52,7 +52,7 @@ fn check_model_parity(family: Family, inpaint: bool) {
     assert!(err.contains("config.json") && err.contains("[1, 2]") && err.contains("not supported"), "{err}");
 }
 
-fn compare(model: &Path, reference: &Path, family: Family, inpaint: bool) {
+pub fn compare(model: &Path, reference: &Path, family: Family, inpaint: bool) {
     let r = SafetensorsFile::open(reference).unwrap();
     let get = |k: &str| r.load(k, Device::Cpu, None).unwrap();
     let source = model.file_name().unwrap().to_string_lossy().into_owned();

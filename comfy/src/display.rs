@@ -7,6 +7,7 @@ const DISPLAY_NAMES: &[(&str, &str)] = &[
     ("CLIPTextEncode", "CLIP Text Encode (Prompt)"),
     ("CheckpointLoaderSimple", "Load Checkpoint"),
     ("CheckpointLoader", "Load Checkpoint With Config (DEPRECATED)"),
+    ("CheckpointSave", "Save Checkpoint"),
     ("CLIPLoader", "Load CLIP"),
     ("UNETLoader", "Load Diffusion Model"),
     ("ConditioningCombine", "Conditioning (Combine)"),

@@ -63,11 +63,32 @@ pub fn check_prefix(prefix: &str) -> Result<(), NodeError> {
     Ok(())
 }
 
+/// Over HTTP (a confined run) a prefix's subfolder must not leave the output folder through a symbolic
+/// link (`..` and absolute prefixes are refused for everyone by [`check_prefix`]).
+pub fn check_confined(cx: &diffloom_core::Ctx, dir: &Path, prefix: &str) -> Result<(), NodeError> {
+    if !cx.files.folders.confined {
+        return Ok(());
+    }
+    check_prefix(prefix)?;
+    let folder = dir.join(prefix).parent().map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf());
+    let _ = fs::create_dir_all(&folder);
+    if !diffloom_core::paths::inside(&folder, dir) {
+        return Err(NodeError::input("filename_prefix", format!("{prefix:?} leads outside the output folder (a symbolic link?)")));
+    }
+    Ok(())
+}
+
 /// Writes `img` as `<dir>/<prefix>_<NNNNN>_.png` (ComfyUI's naming) with the next free number, and
-/// returns the path. The PNG carries each (keyword, text) (tEXt, or iTXt when it is not Latin-1). The
-/// file is written under a temporary name and linked into place only if the name is still free, so an
-/// existing file is never overwritten and no partial file is left behind.
+/// returns the path. The PNG carries each (keyword, text) (tEXt, or iTXt when it is not Latin-1).
 pub fn save_png(dir: &Path, prefix: &str, img: &image::RgbImage, texts: &[(String, String)]) -> Result<PathBuf, NodeError> {
+    save_numbered(dir, prefix, "png", |file| encode_png(file, img, texts))
+}
+
+/// Writes `<dir>/<prefix>_<NNNNN>_.<ext>` with the next free number (as ComfyUI numbers saved files)
+/// through `write`, and returns the path. The file is written under a temporary name and linked into
+/// place only if the name is still free, so an existing file is never overwritten and no partial file
+/// is left behind.
+pub fn save_numbered(dir: &Path, prefix: &str, ext: &str, write: impl FnOnce(&mut fs::File) -> Result<(), String>) -> Result<PathBuf, NodeError> {
     check_prefix(prefix)?;
     let full = dir.join(prefix);
     // invariant: check_prefix rejected empty prefixes, so there is a file name component.
@@ -77,21 +98,21 @@ pub fn save_png(dir: &Path, prefix: &str, img: &image::RgbImage, texts: &[(Strin
 
     let mut tmp = tempfile::Builder::new()
         .prefix(".diffloom-")
-        .suffix(".png.tmp")
+        .suffix(&format!(".{ext}.tmp"))
         .tempfile_in(&folder)
         .map_err(|e| NodeError::file(&folder, format!("cannot write to the output directory: {e}")))?;
-    encode_png(tmp.as_file_mut(), img, texts).map_err(|e| NodeError::file(tmp.path(), e))?;
+    write(tmp.as_file_mut()).map_err(|e| NodeError::file(tmp.path(), e))?;
     tmp.as_file_mut().flush().map_err(|e| NodeError::file(tmp.path(), e))?;
-    // Temporary files are created private (0600); a saved image is an ordinary file.
+    // Temporary files are created private (0600); a saved file is an ordinary one.
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let _ = tmp.as_file().set_permissions(fs::Permissions::from_mode(0o644));
     }
 
-    let mut counter = next_counter(&folder, &stem);
+    let mut counter = next_counter(&folder, &stem, ext);
     loop {
-        let target = folder.join(format!("{stem}_{counter:05}_.png"));
+        let target = folder.join(format!("{stem}_{counter:05}_.{ext}"));
         match tmp.persist_noclobber(&target) {
             Ok(_) => return Ok(target),
             Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -103,14 +124,15 @@ pub fn save_png(dir: &Path, prefix: &str, img: &image::RgbImage, texts: &[(Strin
     }
 }
 
-/// One past the highest `<stem>_<N>_.png` number in `folder`, as ComfyUI counts.
-fn next_counter(folder: &Path, stem: &str) -> u64 {
+/// One past the highest `<stem>_<N>_.<ext>` number in `folder`, as ComfyUI counts.
+fn next_counter(folder: &Path, stem: &str, ext: &str) -> u64 {
     let Ok(entries) = fs::read_dir(folder) else { return 1 };
+    let suffix = format!("_.{ext}");
     entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
-            let rest = name.strip_prefix(stem)?.strip_prefix('_')?.strip_suffix("_.png")?;
+            let rest = name.strip_prefix(stem)?.strip_prefix('_')?.strip_suffix(suffix.as_str())?;
             rest.parse::<u64>().ok()
         })
         .max()

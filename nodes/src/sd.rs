@@ -45,7 +45,8 @@ pub struct SdClip {
 
 /// VAE: the autoencoder.
 pub struct SdVae {
-    pub model: Rc<AutoencoderKl>,
+    /// The autoencoder and its tensors by name (CheckpointSave writes them back).
+    pub model: Loaded<AutoencoderKl>,
 }
 
 /// The spatial factor between pixels and latents.

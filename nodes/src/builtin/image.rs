@@ -76,16 +76,7 @@ impl Node for LoadImageMask {
 /// Saves every image of the batch into `dir` with the graph embedded, reporting each path, and lists
 /// them as ComfyUI's UI does (`{filename, subfolder, type}`, `kind` being "output" or "temp").
 fn save_batch(cx: &mut Ctx, images: &Tensor, dir: &Path, prefix: &str, kind: &str) -> Result<(), NodeError> {
-    // Over HTTP a prefix's subfolder must not leave the output folder through a symbolic link
-    // (`..` and absolute prefixes are refused for everyone by check_prefix).
-    if cx.files.folders.confined {
-        imageio::check_prefix(prefix)?;
-        let folder = dir.join(prefix).parent().map(Path::to_path_buf).unwrap_or_else(|| dir.to_path_buf());
-        let _ = std::fs::create_dir_all(&folder);
-        if !diffloom_core::paths::inside(&folder, dir) {
-            return Err(NodeError::input("filename_prefix", format!("{prefix:?} leads outside the output folder (a symbolic link?)")));
-        }
-    }
+    imageio::check_confined(cx, dir, prefix)?;
     let mut shown = Vec::new();
     for i in 0..images.size()[0] {
         cx.check_cancel()?;

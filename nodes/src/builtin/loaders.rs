@@ -261,7 +261,7 @@ impl Node for VAELoader {
         let path = cx.files.model("vae", "vae_name", a.string("vae_name")?)?;
         let (vae, bytes) = load_vae(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
         let name = file_label(&path);
-        Ok(vec![Value::Vae(Handle::new(SdVae { model: Rc::new(vae) }, bytes, name))])
+        Ok(vec![Value::Vae(Handle::new(SdVae { model: vae }, bytes, name))])
     }
 }
 

@@ -1,16 +1,16 @@
-//! ComfyUI's weight patches: model merging (`advanced/model_merging`) and the attention multipliers
-//! (`_for_testing/attention_experiments`). Each computes new weights as ComfyUI's
+//! ComfyUI's weight patches — model merging (`advanced/model_merging`) and the attention multipliers
+//! (`_for_testing/attention_experiments`) — and CheckpointSave. Each computes new weights as ComfyUI's
 //! `calculate_weight` does for a "diff" patch — `w = w1·strength_model + strength_patch·w2`, in fp32,
 //! rounded once to the model's kind — and rebuilds the model around them; weights it does not touch
 //! stay shared with the input, which is never changed.
 
 use std::collections::HashMap;
 
-use diffloom_core::{Args, Ctx, Float, Handle, Node, NodeError, Schema, Value, ValueType};
+use diffloom_core::{Args, Ctx, Float, Handle, Node, NodeError, Schema, Str, Value, ValueType};
 use tch::{Kind, Tensor};
 
 use crate::lora::{rebuild_clip, rebuild_unet};
-use crate::sd::{SdClip, SdModel};
+use crate::sd::{SdClip, SdModel, SdVae};
 
 /// `w·strength_model + strength_patch·other` as ComfyUI computes it (the multiply skipped at 1, the
 /// add skipped at 0), or None when nothing changes.
@@ -254,5 +254,62 @@ impl Node for CLIPAttentionMultiply {
         }
         let model = rebuild_clip(&c.model, state).map_err(|e| NodeError::Failed(e.to_string()))?;
         Ok(vec![Value::Clip(Handle::new(SdClip { model, ..c.clone() }, 0, "CLIP (attention scaled)"))])
+    }
+}
+
+/// ComfyUI's CheckpointSave: the model (patched weights included; hooks are not weights), text encoder
+/// and VAE as one single-file checkpoint in the LDM layout, `<output>/<prefix>_<NNNNN>_.safetensors`,
+/// never overwriting a file.
+pub struct CheckpointSave;
+impl Node for CheckpointSave {
+    fn schema(&self) -> Schema {
+        Schema::new("CheckpointSave", "advanced/model_merging")
+            .describe("Saves MODEL, CLIP and VAE as a single-file .safetensors checkpoint (LDM key layout) in the output directory.")
+            .input("model", ValueType::Model)
+            .input("clip", ValueType::Clip)
+            .input("vae", ValueType::Vae)
+            .input("filename_prefix", Str::new("checkpoints/ComfyUI"))
+            .output_node()
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        use crate::checkpoint::detect::{ModelConfig, Prediction, CLIP_HF_PREFIX, CLIP_OPEN_PREFIX, CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX};
+        use crate::models::clip::ClipLayout;
+        use crate::sampling::model_sampling::Parameterization;
+        let (m, c, v): (&SdModel, &SdClip, &SdVae) = (a.handle("model")?, a.handle("clip")?, a.handle("vae")?);
+        let clip_prefix = match c.model.config.layout {
+            ClipLayout::Hf => format!("{CLIP_HF_PREFIX}text_model."),
+            ClipLayout::OpenClip => CLIP_OPEN_PREFIX.to_owned(),
+        };
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        for (prefix, state) in [(UNET_PREFIX, &m.unet.state), (VAE_PREFIX, &v.model.state), (clip_prefix.as_str(), &c.model.state)] {
+            tensors.extend(state.iter().map(|(k, t)| (format!("{prefix}{k}"), t.shallow_clone())));
+        }
+        let v_pred = m.sampling.parameterization == Parameterization::V;
+        // ComfyUI's markers of a v-prediction (and zero-terminal-SNR) model.
+        if v_pred {
+            tensors.push(("v_pred".into(), Tensor::zeros([0], (Kind::Float, tch::Device::Cpu))));
+            if m.sampling.zsnr {
+                tensors.push(("ztsnr".into(), Tensor::zeros([0], (Kind::Float, tch::Device::Cpu))));
+            }
+        }
+        let config = ModelConfig {
+            family: m.family,
+            prediction: if v_pred { Prediction::V } else { Prediction::Eps },
+            unet: Some(m.unet.config.clone()),
+            vae: Some(v.model.config.clone()),
+            clip: Some(c.model.config.clone()),
+        };
+        let mut metadata: HashMap<String, String> = (cx.image_texts)(0, 0).into_iter().collect();
+        metadata.insert("modelspec.predict_key".into(), if v_pred { "v" } else { "epsilon" }.into());
+        // The architecture as diffloom loads it (the only way to describe head layouts the shapes do
+        // not show, as in the tiny test models; a real model's detection agrees with it).
+        metadata.insert(CONFIG_METADATA_KEY.into(), serde_json::to_string(&config).map_err(|e| NodeError::Failed(e.to_string()))?);
+        let prefix = a.string("filename_prefix")?;
+        let dir = cx.output_dir.to_path_buf();
+        crate::imageio::check_confined(cx, &dir, prefix)?;
+        let bytes = crate::checkpoint::synthetic::serialize(&tensors, Some(metadata)).map_err(NodeError::Failed)?;
+        let path = crate::imageio::save_numbered(&dir, prefix, "safetensors", |f| std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string()))?;
+        cx.messages.push(format!("wrote {} ({} tensors)", path.display(), tensors.len()));
+        Ok(vec![])
     }
 }

@@ -21,7 +21,7 @@ pub struct Checkpoint {
     pub config: ModelConfig,
     pub unet: Option<Loaded<Unet>>,
     pub clip: Option<Loaded<ClipTextModel>>,
-    pub vae: Option<Rc<AutoencoderKl>>,
+    pub vae: Option<Loaded<AutoencoderKl>>,
     /// Bytes of all loaded tensors in the target kind.
     pub bytes: usize,
     pub load_time: Duration,
@@ -80,7 +80,7 @@ pub fn load_checkpoint(path: &Path, device: Device, kind: Kind) -> Result<Checkp
     let vae = match &config.vae {
         Some(c) => {
             let w = Weights::from_prefix(file.clone(), detect::VAE_PREFIX, device, kind);
-            Some(build(w, |p| AutoencoderKl::new(p, c.clone()), &mut bytes)?.model)
+            Some(build(w, |p| AutoencoderKl::new(p, c.clone()), &mut bytes)?)
         }
         None => None,
     };
@@ -88,7 +88,7 @@ pub fn load_checkpoint(path: &Path, device: Device, kind: Kind) -> Result<Checkp
 }
 
 /// Loads a standalone VAE file: keys with or without the `first_stage_model.` prefix.
-pub fn load_vae(path: &Path, device: Device, kind: Kind) -> Result<(AutoencoderKl, usize), LoadError> {
+pub fn load_vae(path: &Path, device: Device, kind: Kind) -> Result<(Loaded<AutoencoderKl>, usize), LoadError> {
     let file = Rc::new(SafetensorsFile::open(path)?);
     let shapes = shapes(&file);
     let prefix = if shapes.keys().any(|k| k.starts_with(detect::VAE_PREFIX)) { detect::VAE_PREFIX } else { "" };
@@ -105,9 +105,9 @@ pub fn load_vae(path: &Path, device: Device, kind: Kind) -> Result<(AutoencoderK
         message: "not a VAE: no encoder.conv_in / decoder.conv_in tensors in the LDM layout".into(),
     })?;
     let w = Weights::from_prefix(file, prefix, device, kind);
-    let vae = AutoencoderKl::new(&w.root(), config);
-    w.finish()?;
-    Ok((vae, w.loaded_bytes()))
+    let mut bytes = 0;
+    let vae = build(w, |p| AutoencoderKl::new(p, config.clone()), &mut bytes)?;
+    Ok((vae, bytes))
 }
 
 /// Loads a TAESD decoder (`taesd_decoder.safetensors`/`.pth` as released, or a diffusers
@@ -236,7 +236,7 @@ pub fn load_diffusers(dir: &Path, device: Device, kind: Kind) -> Result<Checkpoi
         let levels = boc.len();
         let index = file.tensors().keys().filter_map(|k| super::keymap::vae_key(k, levels).map(|l| (l, (0, k.clone())))).collect();
         let w = Weights::from_index(vec![file], index, device, kind);
-        (Some(build(w, |p| AutoencoderKl::new(p, config.clone()), &mut bytes)?.model), Some(config))
+        (Some(build(w, |p| AutoencoderKl::new(p, config.clone()), &mut bytes)?), Some(config))
     } else {
         (None, None)
     };

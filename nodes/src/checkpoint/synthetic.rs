@@ -147,29 +147,31 @@ pub fn write_checkpoint(path: &Path, config: &ModelConfig, kind: Kind, seed: i64
     write_safetensors(path, &tensors, metadata)
 }
 
-/// Writes `tensors` (CPU tensors: f32, f16, bf16 or i64) to a safetensors file.
+/// Writes `tensors` (f32, f16, bf16 or i64) to a safetensors file.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<(), LoadError> {
-    let err = |message: String| LoadError::Io { file: path.to_path_buf(), message };
+    let bytes = serialize(tensors, metadata).map_err(|message| LoadError::Io { file: path.to_path_buf(), message })?;
+    std::fs::write(path, bytes).map_err(|e| LoadError::Io { file: path.to_path_buf(), message: e.to_string() })
+}
+
+/// `tensors` (f32, f16, bf16 or i64, any device) as the bytes of a safetensors file.
+pub fn serialize(tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<Vec<u8>, String> {
     let mut buffers = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
-        let t = t.contiguous();
+        let t = t.to_device(tch::Device::Cpu).contiguous();
         let dtype = match t.kind() {
             Kind::Float => Dtype::F32,
             Kind::Half => Dtype::F16,
             Kind::BFloat16 => Dtype::BF16,
             Kind::Int64 => Dtype::I64,
-            k => return Err(err(format!("cannot write {name}: unsupported kind {k:?}"))),
+            k => return Err(format!("cannot write {name}: unsupported kind {k:?}")),
         };
         let mut bytes = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut bytes, t.numel())?;
+        t.f_copy_data_u8(&mut bytes, t.numel()).map_err(|e| e.to_string())?;
         buffers.push((name.clone(), dtype, t.size().iter().map(|d| *d as usize).collect::<Vec<_>>(), bytes));
     }
-    let views: Vec<(String, TensorView)> = buffers
-        .iter()
-        .map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
-        .collect::<Result<_, _>>()
-        .map_err(|e| err(e.to_string()))?;
-    safetensors::serialize_to_file(views, metadata, path).map_err(|e| err(e.to_string()))
+    let views: Vec<(String, TensorView)> =
+        buffers.iter().map(|(n, d, s, b)| TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v))).collect::<Result<_, _>>().map_err(|e| e.to_string())?;
+    safetensors::serialize(views, metadata).map_err(|e| e.to_string())
 }
 
 /// Writes a random-weight RRDBNet upscaler: in Real-ESRGAN's key layout, or with `original_layout` in
