@@ -2,8 +2,10 @@
 //! computed by hand on small tensors, and a Python reference copying ComfyUI's node bodies where the
 //! maths is not trivial (tests/parity/utility_reference.py).
 
+use std::path::Path;
+
 use diffloom_core::value::{Latent, Shared};
-use diffloom_core::{Node, Value};
+use diffloom_core::{Args, Ctx, Folders, Locator, Node, Registry, Value};
 use diffloom_nodes::builtin::{image, latent, mask, strings};
 use tch::{Device, Kind, Tensor};
 
@@ -480,4 +482,109 @@ fn non_trivial_nodes_match_comfyui_reference() {
     let s3 = Tensor::ones([3, 4, 2, 2], (Kind::Float, Device::Cpu));
     let e = err(&latent::LatentInterpolate, vec![("samples1", lat(&s3, None, None)), ("samples2", lat(&s3, None, None)), ("ratio", f(0.5))]);
     assert!(e.contains("samples1") && e.contains("batch"), "{e}");
+}
+
+/// Runs `node` with `input` as the input directory, `output` as the output directory and `texts` as
+/// what saved files carry (ComfyUI's `prompt`/`workflow`); returns the outputs or the error, and the UI.
+fn call_in(
+    node: &dyn Node,
+    args: Vec<(&str, Option<Value>)>,
+    input: &Path,
+    output: &Path,
+    texts: &[(&str, &str)],
+) -> (Result<Vec<Value>, String>, serde_json::Map<String, serde_json::Value>) {
+    let args = Args::new(args.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let folders = Folders { input_dir: input.to_path_buf(), temp_dir: output.join("temp"), ..Folders::default() };
+    let texts = |_: u32, _: u32| texts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let registry = Registry::new();
+    let mut cx = Ctx {
+        device: Device::Cpu,
+        node_id: "n",
+        files: Locator { graph_dir: input, folders: &folders, output_dir: output },
+        output_dir: output,
+        image_texts: &texts,
+        cancel: &cancel,
+        dtype: Kind::Float,
+        messages: Vec::new(),
+        ui: serde_json::Map::new(),
+        progress: &|_, _, _| {},
+        registry: &registry,
+    };
+    let r = node.execute(&mut cx, &args).map_err(|e| e.to_string());
+    (r, cx.ui)
+}
+
+#[test]
+fn save_and_load_latent() {
+    let d = Dir::new();
+    let (input, output) = (d.join("input"), d.join("output"));
+    std::fs::create_dir_all(&input).unwrap();
+    let x = Tensor::randn([2, 4, 5, 7], (Kind::Float, Device::Cpu));
+    let mask = Tensor::ones([1, 40, 56], (Kind::Float, Device::Cpu));
+    let texts = [("prompt", r#"{"1": {"class_type": "EmptyLatentImage", "inputs": {}}}"#), ("workflow", r#"{"nodes": []}"#), ("parameters", "a1111")];
+    let save = |prefix: &str| {
+        let (r, ui) =
+            call_in(&latent::SaveLatent, vec![("samples", lat(&x, Some(&mask), Some(vec![3, 4]))), ("filename_prefix", s(prefix))], &input, &output, &texts);
+        r.unwrap();
+        ui
+    };
+    // ComfyUI's default prefix and numbering; a second save never overwrites the first.
+    let spec = latent::SaveLatent.schema();
+    assert_eq!(text(&spec.input_spec("filename_prefix").unwrap().kind.default_value().unwrap()), "latents/ComfyUI");
+    let ui = save("latents/ComfyUI");
+    assert_eq!(ui["latents"], serde_json::json!([{"filename": "ComfyUI_00001_.latent", "subfolder": "latents", "type": "output"}]));
+    save("latents/ComfyUI");
+    assert_eq!(d.files("output/latents"), vec!["ComfyUI_00001_.latent", "ComfyUI_00002_.latent"]);
+    let file = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&output.join("latents/ComfyUI_00001_.latent")).unwrap();
+    let mut keys: Vec<&String> = file.tensors().keys().collect();
+    keys.sort();
+    assert_eq!(keys, vec!["latent_format_version_0", "latent_tensor"]);
+    assert_eq!(file.info("latent_format_version_0").unwrap().shape, vec![0i64]);
+    assert_eq!(file.metadata.get("prompt").map(String::as_str), Some(texts[0].1));
+    assert_eq!(file.metadata.get("workflow").map(String::as_str), Some(texts[1].1));
+    assert!(!file.metadata.contains_key("parameters"));
+    // Without a prompt ComfyUI still writes an empty one.
+    let (r, _) = call_in(&latent::SaveLatent, vec![("samples", lat(&x, None, None)), ("filename_prefix", s("bare"))], &input, &output, &[]);
+    r.unwrap();
+    let bare = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&output.join("bare_00001_.latent")).unwrap();
+    assert_eq!(bare.metadata.get("prompt").map(String::as_str), Some(""));
+    let (r, _) = call_in(&latent::SaveLatent, vec![("samples", lat(&x, None, None)), ("filename_prefix", s("../out"))], &input, &output, &[]);
+    assert!(r.unwrap_err().contains("filename_prefix"));
+
+    // Round trip: the samples only (LoadLatent gives no noise mask or batch index).
+    std::fs::copy(output.join("latents/ComfyUI_00002_.latent"), input.join("a.latent")).unwrap();
+    let load = |name: &str| call_in(&latent::LoadLatent, vec![("latent", s(name))], &input, &output, &[]).0;
+    let back = latent_of(&load("a.latent").unwrap()[0]);
+    assert_eq!(max_abs_diff(&back.samples.0, &x), 0.0);
+    assert!(back.noise_mask.is_none() && back.batch_index.is_none());
+    // ComfyUI's annotations pick the folder.
+    let back = latent_of(&load("latents/ComfyUI_00001_.latent [output]").unwrap()[0]);
+    assert_eq!(max_abs_diff(&back.samples.0, &x), 0.0);
+    // The change token is the file's hash: the same bytes give the same token.
+    let folders = Folders { input_dir: input.clone(), ..Folders::default() };
+    let loc = Locator { graph_dir: &input, folders: &folders, output_dir: &output };
+    let token = |name: &str| latent::LoadLatent.change_token(&loc, &Args::new(vec![("latent".into(), s(name))])).unwrap().unwrap();
+    assert_eq!(token("a.latent"), token("latents/ComfyUI_00002_.latent [output]"));
+    assert_ne!(token("a.latent"), token("bare_00001_.latent [output]"));
+    // Errors name the input or the file, without panicking.
+    assert!(load("missing.latent").unwrap_err().contains("latent"));
+    d.write("input/junk.latent", b"not safetensors");
+    assert!(load("junk.latent").unwrap_err().contains("junk.latent"));
+    diffloom_nodes::checkpoint::synthetic::write_safetensors(&input.join("other.latent"), &[("x".into(), x.shallow_clone())], None).unwrap();
+    let e = load("other.latent").unwrap_err();
+    assert!(e.contains("latent_tensor"), "{e}");
+
+    // Files ComfyUI writes (tests/parity/utility_reference.py --latents): the current format as is, the
+    // old one divided by 0.18215; and ComfyUI's LoadLatent reads diffloom's file.
+    crate::parity::run_reference("utility_reference.py", &[Path::new("--latents"), &input, &output.join("latents/ComfyUI_00001_.latent")]);
+    let r = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&input.join("latent_expected.safetensors")).unwrap();
+    let get = |k: &str| r.load(k, Device::Cpu, None).unwrap();
+    assert_eq!(max_abs_diff(&get("loaded.diffloom"), &x), 0.0);
+    let comfy = latent_of(&load("comfy.latent").unwrap()[0]);
+    assert_eq!(max_abs_diff(&comfy.samples.0, &get("loaded.comfy")), 0.0);
+    let old = latent_of(&load("old.latent").unwrap()[0]).samples.0;
+    assert_eq!(old.kind(), Kind::Float);
+    assert_eq!(max_abs_diff(&old, &get("loaded.old")), 0.0);
+    assert!(max_abs_diff(&old, &Tensor::zeros_like(&old)) > 1.0, "the old format is rescaled");
 }

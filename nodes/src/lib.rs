@@ -149,6 +149,8 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         // latent/batch, _for_testing
         Rc::new(latent::LatentBatch),
         Rc::new(latent::LatentBlend),
+        Rc::new(latent::SaveLatent),
+        Rc::new(latent::LoadLatent),
         // image
         Rc::new(image::LoadImage),
         Rc::new(image::SaveImage),

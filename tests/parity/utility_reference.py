@@ -1,6 +1,7 @@
 """ComfyUI 0.8's utility nodes whose maths is not trivial, for diffloom's ports (tests/utility_nodes.rs).
 
 Usage: utility_reference.py OUT_DIR
+       utility_reference.py --latents OUT_DIR DIFFLOOM_LATENT
 Writes OUT_DIR/utility_expected.safetensors (float32, CPU, deterministic, no network):
   input.image                          [2, 37, 53, 3] uniform noise (generator seed 7)
   add_noise.<seed>.<strength>          ImageAddNoise (comfy_extras/nodes_images.py) on input.image
@@ -14,17 +15,25 @@ Writes OUT_DIR/utility_expected.safetensors (float32, CPU, deterministic, no net
   porter_duff.<mode>, porter_duff_mask.<mode>
                                        PorterDuffImageComposite (comfy_extras/nodes_compositing.py) on
                                        pd.source/pd.source_alpha/pd.destination/pd.destination_alpha
+With --latents: .latent files as ComfyUI's SaveLatent writes them (nodes.py; comfy.utils.save_torch_file is
+safetensors.torch.save_file), and what ComfyUI's LoadLatent makes of them and of diffloom's DIFFLOOM_LATENT:
+  OUT_DIR/comfy.latent                 latent_tensor [2, 4, 5, 7] + latent_format_version_0, prompt/workflow metadata
+  OUT_DIR/old.latent                   old format: latent_tensor only (fp16, stored times 0.18215)
+  OUT_DIR/latent_expected.safetensors  loaded.comfy, loaded.old, loaded.diffloom (LoadLatent's samples)
+and checks that DIFFLOOM_LATENT has ComfyUI's keys, dtype and metadata.
 Numbers in keys are written with Python's repr. Node bodies are copied from ComfyUI, device moves dropped;
 comfy.utils.common_upscale is inlined for the methods used (no crop, torch's interpolate).
 """
 
+import json
 import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 
 def common_upscale(samples, width, height, upscale_method, crop):
@@ -212,7 +221,61 @@ def porter_duff(source, source_alpha, destination, destination_alpha, mode):
     return torch.stack(out_images), torch.stack(out_alphas)
 
 
+def save_latent(samples, file, prompt, extra_pnginfo):
+    # nodes.py SaveLatent.save, from the metadata on (the file name comes from get_save_image_path)
+    prompt_info = ""
+    if prompt is not None:
+        prompt_info = json.dumps(prompt)
+    metadata = {"prompt": prompt_info}
+    if extra_pnginfo is not None:
+        for x in extra_pnginfo:
+            metadata[x] = json.dumps(extra_pnginfo[x])
+    output = {}
+    output["latent_tensor"] = samples["samples"].contiguous()
+    output["latent_format_version_0"] = torch.tensor([])
+    save_file(output, file, metadata=metadata)
+
+
+def load_latent(latent_path):
+    # nodes.py LoadLatent.load
+    latent = load_file(latent_path, device="cpu")
+    multiplier = 1.0
+    if "latent_format_version_0" not in latent:
+        multiplier = 1.0 / 0.18215
+    samples = {"samples": latent["latent_tensor"].float() * multiplier}
+    return (samples, )
+
+
+def latents(out_dir, diffloom_latent):
+    os.makedirs(out_dir, exist_ok=True)
+    g = torch.Generator().manual_seed(11)
+    samples = torch.randn(2, 4, 5, 7, generator=g)
+    prompt = {"3": {"class_type": "EmptyLatentImage", "inputs": {"width": 56, "height": 40, "batch_size": 2}}}
+    workflow = {"nodes": [{"id": 3, "type": "EmptyLatentImage"}], "links": []}
+    save_latent({"samples": samples, "noise_mask": torch.ones(1, 40, 56)}, os.path.join(out_dir, "comfy.latent"), prompt, {"workflow": workflow})
+    # Before latent_format_version_0, ComfyUI stored VAE-scaled latents.
+    old = (torch.randn(1, 4, 3, 3, generator=g) * 0.18215).half()
+    save_file({"latent_tensor": old}, os.path.join(out_dir, "old.latent"))
+    t = {
+        "loaded.comfy": load_latent(os.path.join(out_dir, "comfy.latent"))[0]["samples"],
+        "loaded.old": load_latent(os.path.join(out_dir, "old.latent"))[0]["samples"],
+        "loaded.diffloom": load_latent(diffloom_latent)[0]["samples"],
+    }
+    with safe_open(diffloom_latent, "pt") as f:
+        keys = sorted(f.keys())
+        assert keys == ["latent_format_version_0", "latent_tensor"], keys
+        marker = f.get_tensor("latent_format_version_0")
+        assert marker.dtype == torch.float32 and marker.shape == (0,), (marker.dtype, marker.shape)
+        metadata = f.metadata()
+    assert isinstance(json.loads(metadata["prompt"]), dict), metadata
+    assert isinstance(json.loads(metadata["workflow"]), dict), metadata
+    save_file(t, os.path.join(out_dir, "latent_expected.safetensors"))
+
+
 def main():
+    if sys.argv[1] == "--latents":
+        latents(sys.argv[2], sys.argv[3])
+        return
     out_dir = sys.argv[1]
     os.makedirs(out_dir, exist_ok=True)
     g = torch.Generator().manual_seed(7)

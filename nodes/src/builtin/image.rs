@@ -13,7 +13,7 @@ use crate::resample::{common_upscale, CROP_METHODS, IMAGE_METHODS};
 use crate::tiles::tiled_scale;
 
 /// Hash of a file's bytes, so that editing an input file re-runs the node and touching it does not.
-fn file_token(files: &Locator, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
+pub(crate) fn file_token(files: &Locator, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
     let Some(Value::String(name)) = literals.get(input) else { return Ok(None) };
     let path = files.image(input, name)?;
     Ok(Some(blake3::hash(&imageio::read(&path)?).to_hex().to_string()))

@@ -1,7 +1,9 @@
 //! ComfyUI's `latent` category: empty latents and the VAE's way in and out.
 
+use std::collections::HashMap;
+
 use diffloom_core::value::{Latent, Shared};
-use diffloom_core::{Args, Bool, Combo, Ctx, Float, Int, Node, NodeError, Schema, Value, ValueType};
+use diffloom_core::{Args, Bool, Combo, Ctx, Float, Int, Locator, Node, NodeError, Schema, Str, Value, ValueType};
 use tch::{Device, Kind, Tensor};
 
 use super::shared::{choice_index, latent_out, MAX_RESOLUTION};
@@ -597,5 +599,79 @@ impl Node for LatentCompositeMasked {
             region.f_copy_(&mixed).map_err(|e| NodeError::input("source", format!("does not fit the destination: {e}")))?;
         }
         Ok(vec![latent_out(dest_latent, dest)])
+    }
+}
+
+/// The key of ComfyUI's `.latent` files holding the samples, and the (empty) marker of the current
+/// format, whose absence means the old one (samples stored multiplied by SD's 0.18215).
+const LATENT_KEY: &str = "latent_tensor";
+const LATENT_VERSION_KEY: &str = "latent_format_version_0";
+
+/// ComfyUI's SaveLatent: the samples (not the noise mask or batch index) as
+/// `<output>/<prefix>_<NNNNN>_.latent`, a safetensors file with `latent_tensor` and an empty
+/// `latent_format_version_0` marker, and the run's `prompt`/`workflow` (and diffloom's graph) as metadata.
+pub struct SaveLatent;
+impl Node for SaveLatent {
+    fn schema(&self) -> Schema {
+        Schema::new("SaveLatent", "_for_testing")
+            .describe("Saves the latent's samples as a numbered .latent file (ComfyUI's safetensors format) in the output directory; never overwrites a file.")
+            .input("samples", ValueType::Latent)
+            .input("filename_prefix", Str::new("latents/ComfyUI"))
+            .doc("file name prefix; may contain subfolders")
+            .output_node()
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let samples = &a.latent("samples")?.samples.0;
+        if !matches!(samples.kind(), Kind::Float | Kind::Half | Kind::BFloat16) {
+            return Err(NodeError::input("samples", format!("cannot save {:?} samples (float32, float16 or bfloat16 only)", samples.kind())));
+        }
+        let tensors =
+            vec![(LATENT_KEY.to_owned(), samples.f_contiguous()?), (LATENT_VERSION_KEY.to_owned(), Tensor::f_zeros([0], (Kind::Float, Device::Cpu))?)];
+        // ComfyUI writes `prompt` (empty without one) and each extra_pnginfo entry (`workflow`); A1111's
+        // `parameters` describe an image, not a latent.
+        let mut metadata: HashMap<String, String> = (cx.image_texts)(0, 0).into_iter().filter(|(k, _)| k != "parameters").collect();
+        metadata.entry("prompt".to_owned()).or_default();
+        let prefix = a.string("filename_prefix")?;
+        let dir = cx.output_dir.to_path_buf();
+        crate::imageio::check_confined(cx, &dir, prefix)?;
+        let bytes = crate::checkpoint::synthetic::serialize(&tensors, Some(metadata)).map_err(|e| NodeError::input("samples", e))?;
+        let path = crate::imageio::save_numbered(&dir, prefix, "latent", |f| std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string()))?;
+        cx.messages.push(format!("wrote {}", path.display()));
+        let rel = path.strip_prefix(&dir).unwrap_or(&path);
+        let subfolder = rel.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let filename = rel.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+        cx.ui.insert("latents".to_owned(), serde_json::json!([{"filename": filename, "subfolder": subfolder, "type": "output"}]));
+        Ok(vec![])
+    }
+}
+
+/// ComfyUI's LoadLatent: a `.latent` file from the input directory (ComfyUI's `[output]`/`[temp]`
+/// annotations allowed), its samples as float32; a file without the `latent_format_version_0` marker is
+/// in the old format and is divided by 0.18215.
+pub struct LoadLatent;
+impl Node for LoadLatent {
+    fn schema(&self) -> Schema {
+        Schema::new("LoadLatent", "_for_testing")
+            .describe("Loads a .latent file (as SaveLatent writes) from the input directory.")
+            .input("latent", Str::required())
+            .doc("file name in the input directory (subfolders and ComfyUI's `[input]`/`[output]` annotations allowed), or a path")
+            .output("LATENT", ValueType::Latent)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        super::image::file_token(files, "latent", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let path = cx.files.image("latent", a.string("latent")?)?;
+        let bytes = crate::imageio::read(&path)?;
+        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| NodeError::file(&path, format!("not a .latent (safetensors) file: {e}")))?;
+        let view = file.tensor(LATENT_KEY).map_err(|_| NodeError::file(&path, format!("no {LATENT_KEY:?} tensor: not a .latent file")))?;
+        let kind = crate::checkpoint::safetensors::dtype_kind(view.dtype())
+            .ok_or_else(|| NodeError::file(&path, format!("{LATENT_KEY:?} has the unsupported dtype {:?}", view.dtype())))?;
+        let shape: Vec<i64> = view.shape().iter().map(|d| *d as i64).collect();
+        let samples = Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?;
+        let old_format = !file.names().contains(&LATENT_VERSION_KEY);
+        // As ComfyUI: `.float() * multiplier`, the multiply done even at 1.
+        let multiplier = if old_format { 1.0 / 0.18215 } else { 1.0 };
+        Ok(vec![latent(samples.f_mul_scalar(multiplier)?)])
     }
 }
