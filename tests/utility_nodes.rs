@@ -588,3 +588,57 @@ fn save_and_load_latent() {
     assert_eq!(max_abs_diff(&old, &get("loaded.old")), 0.0);
     assert!(max_abs_diff(&old, &Tensor::zeros_like(&old)) > 1.0, "the old format is rescaled");
 }
+
+#[test]
+fn load_image_output_and_mask_preview() {
+    let d = Dir::new();
+    let (input, output) = (d.join("input"), d.join("output"));
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::create_dir_all(output.join("sub")).unwrap();
+    d.png("output/sub/a.png", 5, 3, 1);
+    d.png("input/a.png", 4, 4, 2);
+    d.png("output/a.png", 6, 2, 3);
+    let load = |name: &str| call_in(&image::LoadImageOutput, vec![("image", s(name))], &input, &output, &[]).0;
+    let size = |name: &str| tensor(&load(name).unwrap()[0]).size();
+    // A plain name is in the output folder (ComfyUI's frontend sends `name [output]`); annotations pick theirs.
+    assert_eq!(size("a.png"), vec![1, 2, 6, 3]);
+    assert_eq!(size("sub/a.png"), vec![1, 3, 5, 3]);
+    assert_eq!(size("a.png [output]"), vec![1, 2, 6, 3]);
+    assert_eq!(size("a.png [input]"), vec![1, 4, 4, 3]);
+    // LoadImage's outputs: the same pixels as LoadImage of the same file, a 64×64 zero mask without alpha.
+    let out = load("a.png").unwrap();
+    let same = call_in(&image::LoadImage, vec![("image", s("a.png [output]"))], &input, &output, &[]).0.unwrap();
+    assert_eq!(max_abs_diff(&tensor(&out[0]), &tensor(&same[0])), 0.0);
+    assert_eq!(tensor(&out[1]).size(), vec![1, 64, 64]);
+    let schema = image::LoadImageOutput.schema();
+    assert_eq!((schema.category.as_str(), schema.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>()), ("image", vec!["IMAGE", "MASK"]));
+    let folders = Folders { input_dir: input.clone(), ..Folders::default() };
+    let loc = Locator { graph_dir: &input, folders: &folders, output_dir: &output };
+    let token = |name: &str| image::LoadImageOutput.change_token(&loc, &Args::new(vec![("image".into(), s(name))])).unwrap().unwrap();
+    assert_eq!(token("a.png"), token("a.png [output]"));
+    assert_ne!(token("a.png"), token("a.png [input]"));
+    let e = load("missing.png").unwrap_err();
+    assert!(e.contains("image") && e.contains("missing.png"), "{e}");
+
+    // MaskPreview: each mask as a grey PNG in the temporary folder (8-bit by truncation), no texts.
+    let m = Tensor::from_slice(&[0.0f32, 0.5, 1.0, 0.25, 0.999, 1.0]).reshape([2, 1, 3]);
+    let (r, ui) = call_in(&mask::MaskPreview, vec![("mask", msk(&m))], &input, &output, &[("prompt", "{}")]);
+    assert!(r.unwrap().is_empty());
+    assert!(mask::MaskPreview.schema().output_node);
+    let shown = ui["images"].as_array().unwrap();
+    assert_eq!(shown.len(), 2);
+    assert_eq!(shown[0]["type"], "temp");
+    let files = d.files("output/temp");
+    assert_eq!(files, vec!["preview_00001_.png", "preview_00002_.png"]);
+    let second = ::image::open(output.join("temp/preview_00002_.png")).unwrap().to_rgb8();
+    assert_eq!(second.as_raw(), &vec![63u8, 63, 63, 254, 254, 254, 255, 255, 255]);
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(output.join("temp/preview_00001_.png")).unwrap()));
+    let reader = decoder.read_info().unwrap();
+    assert!(reader.info().uncompressed_latin1_text.is_empty() && reader.info().utf8_text.is_empty());
+    // A 2-D mask is one image.
+    let (r, _) = call_in(&mask::MaskPreview, vec![("mask", msk(&Tensor::ones([2, 2], (Kind::Float, Device::Cpu))))], &input, &output, &[]);
+    r.unwrap();
+    assert_eq!(d.files("output/temp").len(), 3);
+    let e = call_in(&mask::MaskPreview, vec![("mask", msk(&Tensor::ones([3], (Kind::Float, Device::Cpu))))], &input, &output, &[]).0.unwrap_err();
+    assert!(e.contains("mask"), "{e}");
+}

@@ -31,6 +31,8 @@ const DISPLAY_NAMES: &[(&str, &str)] = &[
     ("LatentUpscaleBy", "Upscale Latent By"),
     ("LoadImage", "Load Image"),
     ("LoadImageMask", "Load Image (as Mask)"),
+    ("LoadImageOutput", "Load Image (from Outputs)"),
+    ("MaskPreview", "Preview Mask"),
     ("LoraLoader", "Load LoRA"),
     ("MaskToImage", "Convert Mask to Image"),
     ("PreviewAny", "Preview as Text"),

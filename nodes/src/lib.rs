@@ -153,6 +153,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(latent::LoadLatent),
         // image
         Rc::new(image::LoadImage),
+        Rc::new(image::LoadImageOutput),
         Rc::new(image::SaveImage),
         Rc::new(image::PreviewImage),
         Rc::new(image::ImageInvert),
@@ -182,6 +183,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         // mask
         Rc::new(image::LoadImageMask),
         Rc::new(mask::MaskToImage),
+        Rc::new(mask::MaskPreview),
         Rc::new(mask::ImageToMask),
         Rc::new(mask::InvertMask),
         Rc::new(mask::SolidMask),

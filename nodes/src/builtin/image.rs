@@ -41,12 +41,50 @@ impl Node for LoadImage {
         file_token(files, "image", literals)
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let img = imageio::load(&cx.files.image("image", a.string("image")?)?)?;
-        let mask = match img.alpha {
-            Some(alpha) => alpha.f_neg()?.f_add_scalar(1.0)?,
-            None => Tensor::f_zeros([1, 64, 64], (Kind::Float, tch::Device::Cpu))?,
-        };
-        Ok(vec![Value::Image(Shared(img.rgb)), Value::Mask(Shared(mask))])
+        load_image_and_mask(&cx.files.image("image", a.string("image")?)?)
+    }
+}
+
+/// LoadImage's outputs for the file at `path`.
+fn load_image_and_mask(path: &Path) -> Result<Vec<Value>, NodeError> {
+    let img = imageio::load(path)?;
+    let mask = match img.alpha {
+        Some(alpha) => alpha.f_neg()?.f_add_scalar(1.0)?,
+        None => Tensor::f_zeros([1, 64, 64], (Kind::Float, tch::Device::Cpu))?,
+    };
+    Ok(vec![Value::Image(Shared(img.rgb)), Value::Mask(Shared(mask))])
+}
+
+/// A LoadImageOutput name as ComfyUI's frontend sends it: `[output]` added unless annotated already.
+fn in_output(name: &str) -> String {
+    let n = name.trim_end();
+    if [" [output]", " [input]", " [temp]"].iter().any(|a| n.ends_with(a)) {
+        name.to_owned()
+    } else {
+        format!("{n} [output]")
+    }
+}
+
+/// ComfyUI's LoadImageOutput: LoadImage reading from the output directory. ComfyUI's frontend lists the
+/// output folder and sends `name [output]`; here a name without an annotation is looked up there too
+/// (`[input]`/`[temp]` still pick their folder).
+pub struct LoadImageOutput;
+impl Node for LoadImageOutput {
+    fn schema(&self) -> Schema {
+        Schema::new("LoadImageOutput", "image")
+            .describe("Loads an image from the output folder (as LoadImage: MASK is 1 - alpha, 64×64 zeros without alpha).")
+            .input("image", Str::required())
+            .doc("file name in the output directory (subfolders allowed; `[input]`/`[temp]` annotations pick those folders)")
+            .output("IMAGE", ValueType::Image)
+            .output("MASK", ValueType::Mask)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        let Some(Value::String(name)) = literals.get("image") else { return Ok(None) };
+        let path = files.image("image", &in_output(name))?;
+        Ok(Some(blake3::hash(&imageio::read(&path)?).to_hex().to_string()))
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        load_image_and_mask(&cx.files.image("image", &in_output(a.string("image")?))?)
     }
 }
 
@@ -73,15 +111,17 @@ impl Node for LoadImageMask {
     }
 }
 
-/// Saves every image of the batch into `dir` with the graph embedded, reporting each path, and lists
-/// them as ComfyUI's UI does (`{filename, subfolder, type}`, `kind` being "output" or "temp").
-fn save_batch(cx: &mut Ctx, images: &Tensor, dir: &Path, prefix: &str, kind: &str) -> Result<(), NodeError> {
+/// Saves every image of the batch into `dir` (with the graph embedded when `with_texts`), reporting each
+/// path, and lists them as ComfyUI's UI does (`{filename, subfolder, type}`, `kind` being "output" or
+/// "temp").
+pub(crate) fn save_batch(cx: &mut Ctx, images: &Tensor, dir: &Path, prefix: &str, kind: &str, with_texts: bool) -> Result<(), NodeError> {
     imageio::check_confined(cx, dir, prefix)?;
     let mut shown = Vec::new();
     for i in 0..images.size()[0] {
         cx.check_cancel()?;
         let rgb = imageio::to_rgb8(&images.f_get(i)?)?;
-        let path = imageio::save_png(dir, prefix, &rgb, &(cx.image_texts)(rgb.width(), rgb.height()))?;
+        let texts = if with_texts { (cx.image_texts)(rgb.width(), rgb.height()) } else { Vec::new() };
+        let path = imageio::save_png(dir, prefix, &rgb, &texts)?;
         cx.messages.push(format!("wrote {}", path.display()));
         let rel = path.strip_prefix(dir).unwrap_or(&path);
         let subfolder = rel.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
@@ -107,7 +147,7 @@ impl Node for SaveImage {
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let dir = cx.output_dir.to_path_buf();
-        save_batch(cx, a.image("images")?, &dir, a.string("filename_prefix")?, "output")?;
+        save_batch(cx, a.image("images")?, &dir, a.string("filename_prefix")?, "output", true)?;
         Ok(vec![])
     }
 }
@@ -122,7 +162,7 @@ impl Node for PreviewImage {
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let dir = cx.files.folders.temp_dir.clone();
-        save_batch(cx, a.image("images")?, &dir, "preview", "temp")?;
+        save_batch(cx, a.image("images")?, &dir, "preview", "temp", true)?;
         Ok(vec![])
     }
 }

@@ -25,6 +25,31 @@ impl Node for MaskToImage {
     }
 }
 
+/// ComfyUI's MaskPreview ("Preview Mask"): each mask as a grey image in the temporary folder, as
+/// PreviewImage saves them but without the graph in the file (ComfyUI's PreviewMask writes none).
+pub struct MaskPreview;
+impl Node for MaskPreview {
+    fn schema(&self) -> Schema {
+        Schema::new("MaskPreview", "mask")
+            .describe("Writes masks as grey images to the temporary folder (diffloom-preview in the system temp directory unless set) to look at.")
+            .input("mask", ValueType::Mask)
+            .output_node()
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let m = a.mask("mask")?;
+        let s = m.size();
+        if s.len() < 2 {
+            return Err(NodeError::input("mask", format!("expected a [batch, height, width] mask, got shape {s:?}")));
+        }
+        // mask.reshape(-1, 1, h, w).movedim(1, -1).expand(-1, -1, -1, 3)
+        let (h, w) = (s[s.len() - 2], s[s.len() - 1]);
+        let image = m.f_reshape([-1, h, w, 1])?.f_expand([-1, h, w, 3], false)?;
+        let dir = cx.files.folders.temp_dir.clone();
+        super::image::save_batch(cx, &image, &dir, "preview", "temp", false)?;
+        Ok(vec![])
+    }
+}
+
 pub struct ImageToMask;
 impl Node for ImageToMask {
     fn schema(&self) -> Schema {
