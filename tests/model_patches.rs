@@ -56,14 +56,33 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "freeu_neutral": (type: "FreeU", inputs: {"model": Link("c", "MODEL"), "b1": 1.0, "b2": 1.0, "s1": 1.0, "s2": 1.0}),
         "rescale_neutral": (type: "RescaleCFG", inputs: {"model": Link("c", "MODEL"), "multiplier": 0.0}),
         "shrink_never": (type: "PatchModelAddDownscale", inputs: {"model": Link("c", "MODEL"), "start_percent": 1.0, "end_percent": 1.0}),
-        "shrink_before": (type: "PatchModelAddDownscale", inputs: {"model": Link("c", "MODEL"), "block_number": 1, "start_percent": 0.0, "end_percent": 0.6, "downscale_after_skip": false}),"#;
-    let ids =
-        ["c", "freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "stack", "freeu_neutral", "rescale_neutral", "shrink_never", "shrink_before"];
+        "shrink_before": (type: "PatchModelAddDownscale", inputs: {"model": Link("c", "MODEL"), "block_number": 1, "start_percent": 0.0, "end_percent": 0.6, "downscale_after_skip": false}),
+        "pag": (type: "PerturbedAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 3.0}),
+        "pag_zero": (type: "PerturbedAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 0.0}),
+        "pag_freeu": (type: "PerturbedAttentionGuidance", inputs: {"model": Link("freeu", "MODEL"), "scale": 3.0}),"#;
+    let ids = [
+        "c",
+        "freeu",
+        "freeu2",
+        "rescale",
+        "zero",
+        "norm",
+        "apg",
+        "shrink",
+        "stack",
+        "freeu_neutral",
+        "rescale_neutral",
+        "shrink_never",
+        "shrink_before",
+        "pag",
+        "pag_zero",
+        "pag_freeu",
+    ];
     let models: Vec<(&str, &str)> = ids.iter().map(|id| (*id, if ["zero", "norm"].contains(id) { "patched_model" } else { "MODEL" })).collect();
     let out = sample_each(&d, &ck, patches, &models, 5.0);
     let by = |id: &str| &out[ids.iter().position(|i| *i == id).unwrap()];
     let base = by("c");
-    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before"] {
+    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before", "pag"] {
         let moved = max_abs_diff(by(id), base);
         println!("{id}: moved the latent by {moved:.4}");
         assert!(moved > 1e-3, "{id} changed nothing");
@@ -72,6 +91,9 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
     // Neutral settings: a deep shrink that never applies is the model itself; FreeU at 1 and RescaleCFG
     // at 0 differ only by the FFT's and the v-prediction round trip's rounding.
     assert_eq!(max_abs_diff(by("shrink_never"), base), 0.0);
+    assert_eq!(max_abs_diff(by("pag_zero"), base), 0.0);
+    // PAG's extra pass runs with the model's own patches (FreeU here) under its perturbation.
+    assert!(max_abs_diff(by("pag_freeu"), by("pag")) > 1e-3 && max_abs_diff(by("pag_freeu"), by("freeu")) > 1e-3);
     assert!(max_abs_diff(by("freeu_neutral"), base) < 1e-3, "{}", max_abs_diff(by("freeu_neutral"), base));
     assert!(max_abs_diff(by("rescale_neutral"), base) < 1e-3, "{}", max_abs_diff(by("rescale_neutral"), base));
     // The base model is untouched: sampled alone, in a graph without any patch node, it gives the same.
@@ -261,7 +283,7 @@ fn hooks_equal_comfyui_closures() {
 
     let (x, cond, uncond) = (get("cfg.x"), get("cfg.cond"), get("cfg.uncond"));
     fn cfg_args<'a>(x: &'a Tensor, c: &'a Tensor, u: &'a Tensor, sigma: f64) -> CfgArgs<'a> {
-        CfgArgs { input: x, sigma, cond_scale: 6.5, cond_denoised: c, uncond_denoised: u }
+        CfgArgs { input: x, sigma, cond_scale: 6.5, cond_denoised: c, uncond_denoised: u, sides: None }
     }
     for m in [0.7, 0.0] {
         let p = patches(&mp::RescaleCFG, vec![("multiplier", f(m))]);

@@ -70,6 +70,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(model_patches::CFGNorm),
         Rc::new(model_patches::APG),
         Rc::new(model_patches::DifferentialDiffusion),
+        Rc::new(model_patches::PerturbedAttentionGuidance),
         // advanced/model_merging, attention multipliers
         Rc::new(model_merging::ModelMergeSimple),
         Rc::new(model_merging::ModelMergeBlocks),
@@ -169,11 +170,14 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(image::ImageBatch),
         Rc::new(image::ImageAddNoise),
         Rc::new(image::ImageScaleToTotalPixels),
+        Rc::new(image::ImageScaleToMaxDimension),
         // image/transform, image/batch
         Rc::new(image::ImageFlip),
         Rc::new(image::ImageRotate),
         Rc::new(image::RepeatImageBatch),
         Rc::new(image::ImageFromBatch),
+        Rc::new(image::ResizeAndPadImage),
+        Rc::new(image::ImageStitch),
         // image/postprocessing
         Rc::new(image::ImageBlur),
         Rc::new(image::ImageSharpen),

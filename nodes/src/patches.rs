@@ -41,6 +41,28 @@ pub struct CallCx<'a> {
     pub original_shape: &'a [i64],
 }
 
+/// Where a self-attention replacement applies: a block, and optionally one transformer block in it
+/// (ComfyUI's `("middle", 0)` and `("middle", 0, 0)` keys; the more specific key wins).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnKey {
+    pub block: BlockId,
+    pub transformer: Option<usize>,
+}
+
+/// What an attention replacement sees besides q, k and v.
+pub struct AttnCx {
+    pub block: BlockId,
+    /// The transformer block's index within its spatial transformer.
+    pub transformer: usize,
+    pub heads: i64,
+}
+
+/// Computes self-attention from the projected q, k and v, `[b, tokens, heads · d]` each
+/// (`patches_replace["attn1"]`); the result goes through the block's output projection.
+pub trait AttnReplace {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cx: &AttnCx) -> Result<Tensor, NodeError>;
+}
+
 /// A patch on an input block's output (`input_block_patch`, `input_block_patch_after_skip`).
 pub trait BlockPatch {
     fn apply(&self, h: Tensor, block: BlockId, cx: &CallCx) -> Result<Tensor, NodeError>;
@@ -60,12 +82,46 @@ pub struct UnetPatches {
     pub input_block_after_skip: Vec<Rc<dyn BlockPatch>>,
     /// On an output block's input and its skip, before they are concatenated.
     pub output_block: Vec<Rc<dyn SkipPatch>>,
+    /// Self-attention replacements by key; setting a key again replaces its entry.
+    pub attn1_replace: Vec<(AttnKey, Rc<dyn AttnReplace>)>,
 }
 
 impl UnetPatches {
     pub fn is_empty(&self) -> bool {
-        self.input_block.is_empty() && self.input_block_after_skip.is_empty() && self.output_block.is_empty()
+        self.input_block.is_empty() && self.input_block_after_skip.is_empty() && self.output_block.is_empty() && self.attn1_replace.is_empty()
     }
+
+    /// Sets the self-attention replacement for `key` (replacing one set before for the same key).
+    pub fn set_attn1_replace(&mut self, key: AttnKey, f: Rc<dyn AttnReplace>) {
+        self.attn1_replace.retain(|(k, _)| *k != key);
+        self.attn1_replace.push((key, f));
+    }
+
+    /// The self-attention replacement for transformer block `transformer` of `block`: the entry for
+    /// exactly that transformer block, else the one for the whole block.
+    pub fn attn1_for(&self, block: BlockId, transformer: usize) -> Option<&Rc<dyn AttnReplace>> {
+        let find = |t: Option<usize>| self.attn1_replace.iter().find(|(k, _)| k.block == block && k.transformer == t).map(|(_, f)| f);
+        find(Some(transformer)).or_else(|| find(None))
+    }
+
+    /// These patches with `overlay`'s attention replacements set over them (a post-CFG function's
+    /// extra model pass, as ComfyUI's copied `model_options`).
+    pub fn with_overlay(&self, overlay: &UnetPatches) -> UnetPatches {
+        let mut out = self.clone();
+        for (k, f) in &overlay.attn1_replace {
+            out.set_attn1_replace(*k, f.clone());
+        }
+        out.input_block.extend(overlay.input_block.iter().cloned());
+        out.input_block_after_skip.extend(overlay.input_block_after_skip.iter().cloned());
+        out.output_block.extend(overlay.output_block.iter().cloned());
+        out
+    }
+}
+
+/// Runs the model again from inside a CFG function (SAG's and PAG's extra passes): the denoised
+/// prediction of one side's entries for input `x`, with `overlay` patches on top of the model's.
+pub trait ModelRunner {
+    fn side_prediction(&self, side: usize, x: &Tensor, sigma: f64, overlay: &UnetPatches) -> Result<Tensor, NodeError>;
 }
 
 /// What the CFG functions see (ComfyUI's `args`): the noisy input, the sigma, the guidance scale and
@@ -77,6 +133,9 @@ pub struct CfgArgs<'a> {
     pub cond_scale: f64,
     pub cond_denoised: &'a Tensor,
     pub uncond_denoised: &'a Tensor,
+    /// The guider's sides the conditional and unconditional predictions came from (ComfyUI's
+    /// `cond`/`uncond` lists), and the model to run them again; None outside a sampling run.
+    pub sides: Option<(usize, Option<usize>, &'a dyn ModelRunner)>,
 }
 
 /// Replaces classifier-free guidance's formula (`sampler_cfg_function`); returns the guided denoised

@@ -1,5 +1,6 @@
 //! ComfyUI's model patch nodes that hook the UNet's blocks or the guidance (`patches.rs`): FreeU and
-//! FreeU_V2, Kohya deep shrink, RescaleCFG, CFGZeroStar, CFGNorm, APG and Differential Diffusion.
+//! FreeU_V2, Kohya deep shrink, RescaleCFG, CFGZeroStar, CFGNorm, APG, Differential Diffusion and
+//! perturbed-attention guidance.
 //! Each makes a new MODEL sharing the weights, with one more hook; the math follows ComfyUI's
 //! closures op for op.
 
@@ -9,7 +10,9 @@ use std::rc::Rc;
 use diffloom_core::{Args, Bool, Combo, Ctx, Float, Handle, Int, Node, NodeError, Schema, Value, ValueType};
 use tch::{Kind, Tensor};
 
-use crate::patches::{BlockId, BlockPatch, CallCx, CfgArgs, CfgFunction, DenoiseMask, ModelPatches, PostCfg, PreCfg, SkipPatch};
+use crate::patches::{
+    AttnCx, AttnKey, AttnReplace, BlockId, BlockPatch, CallCx, CfgArgs, CfgFunction, DenoiseMask, ModelPatches, PostCfg, PreCfg, SkipPatch, UnetPatches,
+};
 use crate::resample::common_upscale;
 use crate::sampling::model_sampling::ModelSampling;
 use crate::sd::SdModel;
@@ -397,5 +400,48 @@ impl Node for DifferentialDiffusion {
             None => 1.0,
         };
         patched(a, "DifferentialDiffusion", |_, p| p.denoise_mask = Some(Rc::new(Differential { strength })))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Perturbed-attention guidance
+
+/// Self-attention with an identity map: each token's output is its own value.
+struct IdentityAttention;
+
+impl AttnReplace for IdentityAttention {
+    fn attend(&self, _q: &Tensor, _k: &Tensor, v: &Tensor, _cx: &AttnCx) -> Result<Tensor, NodeError> {
+        Ok(v.shallow_clone())
+    }
+}
+
+/// PAG (Ahn et al. 2024): an extra pass of the conditional entries with the middle block's
+/// self-attention replaced by the identity; the guided estimate moves away from that perturbed one.
+struct Pag {
+    scale: f64,
+}
+
+impl PostCfg for Pag {
+    fn apply(&self, out: Tensor, a: &CfgArgs) -> Result<Tensor, NodeError> {
+        let Some((cond_side, _, runner)) = a.sides.filter(|_| self.scale != 0.0) else { return Ok(out) };
+        let mut overlay = UnetPatches::default();
+        overlay.set_attn1_replace(AttnKey { block: BlockId::Middle, transformer: None }, Rc::new(IdentityAttention));
+        let perturbed = runner.side_prediction(cond_side, a.input, a.sigma, &overlay)?;
+        Ok(out + (a.cond_denoised - perturbed) * self.scale)
+    }
+}
+
+pub struct PerturbedAttentionGuidance;
+impl Node for PerturbedAttentionGuidance {
+    fn schema(&self) -> Schema {
+        Schema::new("PerturbedAttentionGuidance", "model_patches/unet")
+            .describe("Perturbed-attention guidance: guides away from a pass whose middle-block self-attention is the identity (one extra UNet pass per step).")
+            .input("model", ValueType::Model)
+            .input("scale", Float::new(3.0).range(0.0, 100.0).step(0.01))
+            .output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let scale = a.float("scale")?;
+        patched(a, "PAG", |_, p| p.post_cfg.push(Rc::new(Pag { scale })))
     }
 }

@@ -3,8 +3,11 @@
 
 use tch::Tensor;
 
+use diffloom_core::NodeError;
+
 use super::layers::{conv1x1, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::checkpoint::WPath;
+use crate::patches::{AttnCx, AttnReplace, BlockId, UnetPatches};
 
 /// Multi-head attention, `to_q`/`to_k`/`to_v` without bias and `to_out.0` with bias. Self-attention
 /// when no context is given.
@@ -34,6 +37,13 @@ impl CrossAttention {
         let ctx = context.unwrap_or(x);
         let (q, k, v) = (self.to_q.forward(x), self.to_k.forward(ctx), self.to_v.forward(ctx));
         self.to_out.forward(&attention(&q, &k, &v, self.heads, false))
+    }
+
+    /// Self-attention of `x` with the attention itself computed by `replace` (a model patch) from the
+    /// projections.
+    fn forward_replaced(&self, x: &Tensor, replace: &dyn AttnReplace, cx: &AttnCx) -> Result<Tensor, NodeError> {
+        let (q, k, v) = (self.to_q.forward(x), self.to_k.forward(x), self.to_v.forward(x));
+        Ok(self.to_out.forward(&replace.attend(&q, &k, &v, cx)?))
     }
 }
 
@@ -90,10 +100,16 @@ impl BasicTransformerBlock {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
-        let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
+    /// `replace`: a model patch computing the self-attention instead (ComfyUI's `attn1` replace).
+    pub fn forward(&self, x: &Tensor, context: &Tensor, replace: Option<(&dyn AttnReplace, &AttnCx)>) -> Result<Tensor, NodeError> {
+        let n = self.norm1.forward(x);
+        let attn = match replace {
+            Some((r, cx)) => self.attn1.forward_replaced(&n, r, cx)?,
+            None => self.attn1.forward(&n, None),
+        };
+        let x = attn + x;
         let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + &x;
-        self.ff.forward(&self.norm3.forward(&x)) + &x
+        Ok(self.ff.forward(&self.norm3.forward(&x)) + &x)
     }
 }
 
@@ -128,7 +144,8 @@ impl SpatialTransformer {
         }
     }
 
-    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Tensor {
+    /// `hooks`: the model's patches and the UNet block this transformer is in.
+    pub fn forward(&self, x: &Tensor, context: &Tensor, hooks: Option<(&UnetPatches, BlockId)>) -> Result<Tensor, NodeError> {
         let (b, _c, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation"); // invariant: nodes check shapes first
         let to_tokens = |t: &Tensor| {
             let c = t.size()[1];
@@ -143,13 +160,14 @@ impl SpatialTransformer {
             Proj::Conv(conv) => to_tokens(&conv.forward(&xn)),
             Proj::Linear(lin) => lin.forward(&to_tokens(&xn)),
         };
-        for block in &self.blocks {
-            t = block.forward(&t, context);
+        for (i, block) in self.blocks.iter().enumerate() {
+            let replace = hooks.and_then(|(p, id)| Some((p.attn1_for(id, i)?, AttnCx { block: id, transformer: i, heads: block.attn1.heads })));
+            t = block.forward(&t, context, replace.as_ref().map(|(r, cx)| (r.as_ref(), cx)))?;
         }
         let out = match &self.proj_out {
             Proj::Conv(conv) => conv.forward(&to_map(&t)),
             Proj::Linear(lin) => to_map(&lin.forward(&t)),
         };
-        out + x
+        Ok(out + x)
     }
 }

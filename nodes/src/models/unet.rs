@@ -306,7 +306,7 @@ impl Unet {
         let mut h = x.to_kind(kind);
         let mut hs = Vec::with_capacity(self.input_blocks.len());
         for (i, block) in self.input_blocks.iter().enumerate() {
-            h = block.forward(&h, &emb, &context, None);
+            h = block.forward_hooked(&h, &emb, &context, None, Some((patches, BlockId::Input(i))))?;
             h = add_residual(h, control.input.get(i), "input block");
             for p in &patches.input_block {
                 h = p.apply(h, BlockId::Input(i), cx)?;
@@ -316,7 +316,7 @@ impl Unet {
                 h = p.apply(h, BlockId::Input(i), cx)?;
             }
         }
-        h = self.middle_block.forward(&h, &emb, &context, None);
+        h = self.middle_block.forward_hooked(&h, &emb, &context, None, Some((patches, BlockId::Middle)))?;
         h = add_residual(h, Some(&control.middle.as_ref().map(|m| m.shallow_clone())), "middle block");
         for (i, block) in self.output_blocks.iter().enumerate() {
             // There are as many output blocks as input blocks, one skip each.
@@ -336,7 +336,7 @@ impl Unet {
             }
             // An upsampler must match the next skip's size, so odd latent sizes work.
             let up = hs.last().map(|s| (s.size()[2], s.size()[3]));
-            h = block.forward(&h, &emb, &context, up);
+            h = block.forward_hooked(&h, &emb, &context, up, Some((patches, BlockId::Output(i))))?;
         }
         Ok(self.out_conv.forward(&self.out_norm.forward(&h).silu()))
     }

@@ -2,7 +2,10 @@
 //! `middle_block` and `output_blocks` is a short sequence of res blocks, transformers and resamplers,
 //! indexed `.0`, `.1`, `.2` in the checkpoint.
 
+use diffloom_core::NodeError;
 use tch::Tensor;
+
+use crate::patches::{BlockId, UnetPatches};
 
 use super::attention::SpatialTransformer;
 use super::layers::{conv2d, conv3x3, Conv2d};
@@ -52,16 +55,29 @@ pub struct Block(pub Vec<Layer>);
 impl Block {
     /// Applies each layer; `up_size` is the target size of an upsampler in the block.
     pub fn forward(&self, x: &Tensor, emb: &Tensor, context: &Tensor, up_size: Option<(i64, i64)>) -> Tensor {
+        self.forward_hooked(x, emb, context, up_size, None).expect("no patch ran")
+        // invariant: without patches no layer returns an error
+    }
+
+    /// [`Block::forward`] with the model's patches (`hooks`: the patches and this block's id).
+    pub fn forward_hooked(
+        &self,
+        x: &Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+        up_size: Option<(i64, i64)>,
+        hooks: Option<(&UnetPatches, BlockId)>,
+    ) -> Result<Tensor, NodeError> {
         let mut h = x.shallow_clone();
         for layer in &self.0 {
             h = match layer {
                 Layer::Conv(c) => c.forward(&h),
                 Layer::Res(r) => r.forward(&h, emb),
-                Layer::Attn(a) => a.forward(&h, context),
+                Layer::Attn(a) => a.forward(&h, context, hooks)?,
                 Layer::Down(d) => d.op.forward(&h),
                 Layer::Up(u) => u.forward(&h, up_size),
             };
         }
-        h
+        Ok(h)
     }
 }

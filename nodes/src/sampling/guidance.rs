@@ -12,7 +12,7 @@ use super::conds::Cond;
 use super::model_sampling::ModelSampling;
 use crate::control::AppliedControl;
 use crate::models::unet::Unet;
-use crate::patches::{CallCx, CfgArgs, ModelPatches};
+use crate::patches::{CallCx, CfgArgs, ModelPatches, ModelRunner, UnetPatches};
 
 /// What a sampler calls: the denoised estimate of `x` at noise level `sigma`.
 pub trait Denoiser {
@@ -89,32 +89,44 @@ impl Guidance {
     /// The guided estimate and the unconditional one a CFG++ sampler reads, from each side's
     /// prediction (zeros for a side not run, as ComfyUI's `calc_cond_batch` gives for a missing one),
     /// with the model's pre-CFG, CFG and post-CFG functions where ComfyUI's guiders call them.
-    fn combine(&self, p: Vec<Tensor>, patches: &ModelPatches, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor), NodeError> {
-        let args = |cond: &'_ Tensor, uncond: &'_ Tensor, scale: f64| {
-            let a = CfgArgs { input: x, sigma, cond_scale: scale, cond_denoised: cond, uncond_denoised: uncond };
+    #[allow(clippy::too_many_arguments)]
+    fn combine(
+        &self,
+        p: Vec<Tensor>,
+        patches: &ModelPatches,
+        x: &Tensor,
+        sigma: f64,
+        needed: &[bool],
+        runner: &dyn ModelRunner,
+    ) -> Result<(Tensor, Tensor), NodeError> {
+        // `sides`: the sides the two predictions came from (ComfyUI's cond and uncond lists; None for
+        // a side that was not run), for functions that run the model again.
+        let args = |cond: &'_ Tensor, uncond: &'_ Tensor, scale: f64, sides: (usize, usize)| {
+            let uncond_side = needed.get(sides.1).copied().unwrap_or(false).then_some(sides.1);
+            let a = CfgArgs { input: x, sigma, cond_scale: scale, cond_denoised: cond, uncond_denoised: uncond, sides: Some((sides.0, uncond_side, runner)) };
             patches.guide(&a)
         };
         Ok(match *self {
             Guidance::Cfg(cfg) => {
                 let p = patches.pre(p, x, sigma, cfg)?;
-                (args(&p[0], &p[1], cfg)?, p[1].shallow_clone())
+                (args(&p[0], &p[1], cfg, (0, 1))?, p[1].shallow_clone())
             }
             // BasicGuider is a CFG guider at scale 1 without a negative side: ComfyUI hands the hooks
             // (and CFG++ samplers) zeros for it.
             Guidance::Basic => {
                 let zeros = p[0].zeros_like();
                 let p = patches.pre(vec![p[0].shallow_clone(), zeros], x, sigma, 1.0)?;
-                (args(&p[0], &p[1], 1.0)?, p[1].shallow_clone())
+                (args(&p[0], &p[1], 1.0, (0, usize::MAX))?, p[1].shallow_clone())
             }
             // ComfyUI's DualCFGGuider calls no pre-CFG functions; its CFG function (and the post-CFG
             // ones) run on the inner pair.
             Guidance::DualCfg { cfg_conds, cfg_cond2_negative, nested } => {
                 let (c1, c2, neg) = (&p[0], &p[1], &p[2]);
                 if nested {
-                    let text = args(c1, c2, cfg_conds)?;
+                    let text = args(c1, c2, cfg_conds, (0, 1))?;
                     (neg + (text - neg) * cfg_cond2_negative, c2.shallow_clone())
                 } else {
-                    (args(c2, neg, cfg_cond2_negative)? + (c1 - c2) * cfg_conds, neg.shallow_clone())
+                    (args(c2, neg, cfg_cond2_negative, (1, 2))? + (c1 - c2) * cfg_conds, neg.shallow_clone())
                 }
             }
             // PerpNeg has its own formula instead of a CFG function; the post-CFG functions follow it.
@@ -127,7 +139,8 @@ impl Guidance {
                 let proj = (&neg * &pos).sum(Kind::Float) / pos.square().sum(Kind::Float);
                 let perp = &neg - &pos * proj;
                 let mut out = empty + (pos - perp * neg_scale) * cfg;
-                let a = CfgArgs { input: x, sigma, cond_scale: cfg, cond_denoised: positive, uncond_denoised: negative };
+                let uncond_side = needed.get(1).copied().unwrap_or(false).then_some(1);
+                let a = CfgArgs { input: x, sigma, cond_scale: cfg, cond_denoised: positive, uncond_denoised: negative, sides: Some((0, uncond_side, runner)) };
                 for post in &patches.post_cfg {
                     out = post.apply(out, &a)?;
                 }
@@ -251,6 +264,26 @@ impl CfgDenoiser<'_> {
             }
             _ => x.shallow_clone(),
         };
+        let (preds, time) = self.calc(&x_in, sigma, &needed, &self.patches.unet)?;
+        self.model_time += time;
+        let (guided, uncond) = self.guidance.combine(preds, &self.patches, &x_in, sigma, &needed, &*self)?;
+        let guided = match (&self.noise_mask, &mask) {
+            (Some(m), Some(mask)) => &guided * mask + &m.latent_image * (mask.neg() + 1.0),
+            _ => guided,
+        };
+        if let Some(cell) = &self.first_estimate {
+            cell.borrow_mut().get_or_insert_with(|| guided.shallow_clone());
+        }
+        Ok((guided, uncond))
+    }
+
+    fn unet_device(&self) -> tch::Device {
+        self.unet.device()
+    }
+
+    /// Each side's denoised prediction for `x_in` at `sigma` (zeros for a side not `needed`): ComfyUI's
+    /// `calc_cond_batch` with the UNet patches `patches`, and the time spent in the UNet.
+    fn calc(&self, x_in: &Tensor, sigma: f64, needed: &[bool], patches: &UnetPatches) -> Result<(Vec<Tensor>, std::time::Duration), NodeError> {
         let b = x_in.size()[0];
         let device = self.unet_device();
         // A sampler may change the latent's size (SamplerLCMUpscale): uniform entries follow it; areas,
@@ -287,9 +320,10 @@ impl CfgDenoiser<'_> {
         }
         let sums: Vec<Tensor> = (0..self.sides.len()).map(|_| x_in.zeros_like()).collect();
         let weights: Vec<Tensor> = (0..self.sides.len()).map(|_| x_in.ones_like() * 1e-37).collect();
+        let mut time = std::time::Duration::ZERO;
         for (area, group) in &groups {
             let n = group.len() as i64;
-            let xs = crop(&x_in, *area).repeat([n, 1, 1, 1]);
+            let xs = crop(x_in, *area).repeat([n, 1, 1, 1]);
             let scaled = self.sampling.calculate_input(sigma, &xs).to_device(device);
             let mut model_in = scaled.shallow_clone();
             let concats: Vec<Tensor> = group.iter().filter_map(|(_, c)| c.concat.as_ref().map(|t| crop(t, *area))).collect();
@@ -307,15 +341,11 @@ impl CfgDenoiser<'_> {
                 None => None,
             };
             let cx = CallCx { sigma: sigma as f32, original_shape: &model_in.size() };
-            let out = self
-                .unet
-                .forward_patched(&model_in, &t, &context, None, residuals.as_ref(), &self.patches.unet, &cx)?
-                .to_kind(Kind::Float)
-                .to_device(x.device());
+            let out = self.unet.forward_patched(&model_in, &t, &context, None, residuals.as_ref(), patches, &cx)?.to_kind(Kind::Float).to_device(x_in.device());
             if let tch::Device::Cuda(i) = device {
                 tch::Cuda::synchronize(i as i64);
             }
-            self.model_time += started.elapsed();
+            time += started.elapsed();
             let denoised = self.sampling.calculate_denoised(sigma, &out, &xs);
             for (k, (side, c)) in group.iter().enumerate() {
                 let pred = denoised.narrow(0, k as i64 * b, b);
@@ -327,19 +357,19 @@ impl CfgDenoiser<'_> {
                 let _ = crop(&weights[*side], *area).f_add_(&mult)?;
             }
         }
-        let preds: Vec<Tensor> = sums.iter().zip(&weights).map(|(s, w)| s / w).collect();
-        let (guided, uncond) = self.guidance.combine(preds, &self.patches, &x_in, sigma)?;
-        let guided = match (&self.noise_mask, &mask) {
-            (Some(m), Some(mask)) => &guided * mask + &m.latent_image * (mask.neg() + 1.0),
-            _ => guided,
-        };
-        if let Some(cell) = &self.first_estimate {
-            cell.borrow_mut().get_or_insert_with(|| guided.shallow_clone());
-        }
-        Ok((guided, uncond))
+        Ok((sums.iter().zip(&weights).map(|(s, w)| s / w).collect(), time))
     }
+}
 
-    fn unet_device(&self) -> tch::Device {
-        self.unet.device()
+/// A post-CFG function's extra model pass: one side's entries, with the model's UNet patches and the
+/// function's overlay.
+impl ModelRunner for CfgDenoiser<'_> {
+    fn side_prediction(&self, side: usize, x: &Tensor, sigma: f64, overlay: &UnetPatches) -> Result<Tensor, NodeError> {
+        let needed: Vec<bool> = (0..self.sides.len()).map(|s| s == side).collect();
+        let (mut preds, _) = self.calc(x, sigma, &needed, &self.patches.unet.with_overlay(overlay))?;
+        if side >= preds.len() {
+            return Err(NodeError::Failed(format!("a model patch asked for conditioning {side} of {}", preds.len())));
+        }
+        Ok(preds.swap_remove(side))
     }
 }
