@@ -282,3 +282,47 @@ fn a_comfyui_workflow_json_is_watched_like_a_graph() {
     let r = w.next();
     assert_eq!(r.ran, ["imagecrop", "saveimage"], "{}", r.text);
 }
+
+/// Model patches stack and un-stack while watching without compounding: after adding RescaleCFG on
+/// top of FreeU and taking it away again (with a new seed, so the sampler re-runs on the FreeU model
+/// the cache kept), the image equals a fresh run of the FreeU-only graph.
+#[test]
+fn patches_stack_and_unstack_while_watching_without_compounding() {
+    let d = Dir::new();
+    let ck = crate::util::tiny_sd1(&d, "m.safetensors");
+    let graph = |seed: u64, rescale: bool| {
+        let model = if rescale { r#"Link("rescale", "MODEL")"# } else { r#"Link("freeu", "MODEL")"# };
+        format!(
+            r#"(version: 1, nodes: {{
+            "c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+            "freeu": (type: "FreeU", inputs: {{"model": Link("c", "MODEL"), "b1": 1.3, "b2": 1.4}}),
+            "rescale": (type: "RescaleCFG", inputs: {{"model": Link("freeu", "MODEL"), "multiplier": 0.7}}),
+            "p": (type: "CLIPTextEncode", inputs: {{"text": "a lighthouse", "clip": Link("c", "CLIP")}}),
+            "e": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 64}}),
+            "s": (type: "KSampler", inputs: {{"model": {model}, "seed": {seed}, "steps": 2, "cfg": 5.0, "positive": Link("p", "CONDITIONING"), "negative": Link("p", "CONDITIONING"), "latent_image": Link("e", "LATENT")}}),
+            "v": (type: "VAEDecode", inputs: {{"samples": Link("s", "LATENT"), "vae": Link("c", "VAE")}}),
+            "save": (type: "SaveImage", inputs: {{"images": Link("v", "IMAGE"), "filename_prefix": "w"}}),
+        }})"#
+        )
+    };
+    d.write("g.ron", graph(1, false));
+    let w = Watch::start(&d, "g.ron");
+    let first = w.next();
+    assert!(first.ran.contains(&"freeu".to_owned()), "{}", first.text);
+    pause();
+    d.write("g.ron", graph(1, true));
+    let r = w.next();
+    assert_eq!(r.ran, ["rescale", "s", "v", "save"], "{}", r.text);
+    pause();
+    d.write("g.ron", graph(2, false));
+    let r = w.next();
+    assert_eq!(r.ran, ["s", "v", "save"], "{}", r.text);
+    let pixels = |p: std::path::PathBuf| image::open(p).unwrap().to_rgb8().into_raw();
+    let watched = pixels(d.join("out/w_00003_.png"));
+    let fresh = Dir::new();
+    fresh.write("g.ron", graph(2, false));
+    let out = fresh.diffloom(&["run", "g.ron", "-o", "out"]);
+    assert!(out.status.success(), "{}", crate::util::stderr(&out));
+    assert_eq!(watched, pixels(fresh.join("out/w_00001_.png")), "the FreeU model changed while RescaleCFG was stacked on it");
+    assert_ne!(watched, pixels(d.join("out/w_00001_.png")), "the seed changed nothing");
+}
