@@ -59,7 +59,9 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "shrink_before": (type: "PatchModelAddDownscale", inputs: {"model": Link("c", "MODEL"), "block_number": 1, "start_percent": 0.0, "end_percent": 0.6, "downscale_after_skip": false}),
         "pag": (type: "PerturbedAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 3.0}),
         "pag_zero": (type: "PerturbedAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 0.0}),
-        "pag_freeu": (type: "PerturbedAttentionGuidance", inputs: {"model": Link("freeu", "MODEL"), "scale": 3.0}),"#;
+        "pag_freeu": (type: "PerturbedAttentionGuidance", inputs: {"model": Link("freeu", "MODEL"), "scale": 3.0}),
+        "sag": (type: "SelfAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 0.8, "blur_sigma": 2.0}),
+        "sag_zero": (type: "SelfAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 0.0}),"#;
     let ids = [
         "c",
         "freeu",
@@ -77,12 +79,14 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "pag",
         "pag_zero",
         "pag_freeu",
+        "sag",
+        "sag_zero",
     ];
     let models: Vec<(&str, &str)> = ids.iter().map(|id| (*id, if ["zero", "norm"].contains(id) { "patched_model" } else { "MODEL" })).collect();
     let out = sample_each(&d, &ck, patches, &models, 5.0);
     let by = |id: &str| &out[ids.iter().position(|i| *i == id).unwrap()];
     let base = by("c");
-    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before", "pag"] {
+    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before", "pag", "sag"] {
         let moved = max_abs_diff(by(id), base);
         println!("{id}: moved the latent by {moved:.4}");
         assert!(moved > 1e-3, "{id} changed nothing");
@@ -92,6 +96,8 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
     // at 0 differ only by the FFT's and the v-prediction round trip's rounding.
     assert_eq!(max_abs_diff(by("shrink_never"), base), 0.0);
     assert_eq!(max_abs_diff(by("pag_zero"), base), 0.0);
+    // SAG at scale 0 differs only by its recorded attention being computed without a fused kernel.
+    assert!(max_abs_diff(by("sag_zero"), base) < 1e-3, "{}", max_abs_diff(by("sag_zero"), base));
     // PAG's extra pass runs with the model's own patches (FreeU here) under its perturbation.
     assert!(max_abs_diff(by("pag_freeu"), by("pag")) > 1e-3 && max_abs_diff(by("pag_freeu"), by("freeu")) > 1e-3);
     assert!(max_abs_diff(by("freeu_neutral"), base) < 1e-3, "{}", max_abs_diff(by("freeu_neutral"), base));
@@ -270,7 +276,7 @@ fn hooks_equal_comfyui_closures() {
     };
     let cx = |sigma: f32| (sigma, vec![1i64, 4, 8, 8]);
     let (sigma_any, shape) = cx(3.2);
-    let call = CallCx { sigma: sigma_any, original_shape: &shape };
+    let call = CallCx { sigma: sigma_any, original_shape: &shape, cond_or_uncond: &[] };
 
     for (v, node, b1, b2) in [("v1", &mp::FreeUNode as &dyn diffloom_core::Node, 1.1, 1.2), ("v2", &mp::FreeUV2, 1.3, 1.4)] {
         let p = patches(node, vec![("b1", f(b1)), ("b2", f(b2)), ("s1", f(0.9)), ("s2", f(0.2))]);
@@ -334,17 +340,25 @@ fn hooks_equal_comfyui_closures() {
     };
     let p = shrink("bilinear");
     let (s5, shape5) = cx(5.0);
-    let down = p.unet.input_block_after_skip[0].apply(get("shrink.h"), BlockId::Input(3), &CallCx { sigma: s5, original_shape: &shape5 }).unwrap();
+    let down = p.unet.input_block_after_skip[0]
+        .apply(get("shrink.h"), BlockId::Input(3), &CallCx { sigma: s5, original_shape: &shape5, cond_or_uncond: &[] })
+        .unwrap();
     assert_eq!(down.size(), [1, 32, 6, 8], "Python's round: 6.5 → 6, 8.5 → 8");
     check("shrink down", &down, &get("shrink.down"));
     // Below the range's end sigma, and at another block, nothing happens.
     let (s1, shape1) = cx(1.0);
     assert_eq!(
-        p.unet.input_block_after_skip[0].apply(get("shrink.h"), BlockId::Input(3), &CallCx { sigma: s1, original_shape: &shape1 }).unwrap().size(),
+        p.unet.input_block_after_skip[0]
+            .apply(get("shrink.h"), BlockId::Input(3), &CallCx { sigma: s1, original_shape: &shape1, cond_or_uncond: &[] })
+            .unwrap()
+            .size(),
         [1, 32, 13, 17]
     );
     assert_eq!(
-        p.unet.input_block_after_skip[0].apply(get("shrink.h"), BlockId::Input(2), &CallCx { sigma: s5, original_shape: &shape5 }).unwrap().size(),
+        p.unet.input_block_after_skip[0]
+            .apply(get("shrink.h"), BlockId::Input(2), &CallCx { sigma: s5, original_shape: &shape5, cond_or_uncond: &[] })
+            .unwrap()
+            .size(),
         [1, 32, 13, 17]
     );
     let (up, _) = p.unet.output_block[0].apply(get("shrink.up_h"), get("shrink.up_skip"), BlockId::Output(0), &call).unwrap();

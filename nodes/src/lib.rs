@@ -71,6 +71,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(model_patches::APG),
         Rc::new(model_patches::DifferentialDiffusion),
         Rc::new(model_patches::PerturbedAttentionGuidance),
+        Rc::new(model_patches::SelfAttentionGuidance),
         // advanced/model_merging, attention multipliers
         Rc::new(model_merging::ModelMergeSimple),
         Rc::new(model_merging::ModelMergeBlocks),

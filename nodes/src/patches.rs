@@ -39,6 +39,9 @@ pub struct CallCx<'a> {
     pub sigma: f32,
     /// The UNet input's shape (inpainting channels included).
     pub original_shape: &'a [i64],
+    /// For each chunk of the batch (the rows of one conditioning), the index of its conditioning in
+    /// ComfyUI's list of the guider's sides (`cond_or_uncond`: 0 positive, 1 negative for CFG).
+    pub cond_or_uncond: &'a [usize],
 }
 
 /// Where a self-attention replacement applies: a block, and optionally one transformer block in it
@@ -50,17 +53,18 @@ pub struct AttnKey {
 }
 
 /// What an attention replacement sees besides q, k and v.
-pub struct AttnCx {
+pub struct AttnCx<'a> {
     pub block: BlockId,
     /// The transformer block's index within its spatial transformer.
     pub transformer: usize,
     pub heads: i64,
+    pub call: &'a CallCx<'a>,
 }
 
 /// Computes self-attention from the projected q, k and v, `[b, tokens, heads · d]` each
 /// (`patches_replace["attn1"]`); the result goes through the block's output projection.
 pub trait AttnReplace {
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cx: &AttnCx) -> Result<Tensor, NodeError>;
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cx: &AttnCx<'_>) -> Result<Tensor, NodeError>;
 }
 
 /// A patch on an input block's output (`input_block_patch`, `input_block_patch_after_skip`).

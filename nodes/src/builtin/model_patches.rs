@@ -410,7 +410,7 @@ impl Node for DifferentialDiffusion {
 struct IdentityAttention;
 
 impl AttnReplace for IdentityAttention {
-    fn attend(&self, _q: &Tensor, _k: &Tensor, v: &Tensor, _cx: &AttnCx) -> Result<Tensor, NodeError> {
+    fn attend(&self, _q: &Tensor, _k: &Tensor, v: &Tensor, _cx: &AttnCx<'_>) -> Result<Tensor, NodeError> {
         Ok(v.shallow_clone())
     }
 }
@@ -443,5 +443,121 @@ impl Node for PerturbedAttentionGuidance {
     fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let scale = a.float("scale")?;
         patched(a, "PAG", |_, p| p.post_cfg.push(Rc::new(Pag { scale })))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Self-attention guidance
+
+/// The last attention map recorded from the unconditional rows, `[b·heads, tokens, tokens]`.
+type Scores = Rc<RefCell<Option<Tensor>>>;
+
+/// The middle block's first self-attention computed by hand, its softmax map kept when the call has
+/// unconditional rows (ComfyUI's `attn_and_record`, `attention_basic_with_sim`).
+struct RecordAttention {
+    scores: Scores,
+}
+
+impl AttnReplace for RecordAttention {
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cx: &AttnCx<'_>) -> Result<Tensor, NodeError> {
+        let chunks = cx.call.cond_or_uncond;
+        let Some(u) = chunks.iter().position(|c| *c == 1) else {
+            return Ok(crate::models::attention::attention(q, k, v, cx.heads, false));
+        };
+        let (b, n, inner) = (q.size()[0], q.size()[1], q.size()[2]);
+        let heads = cx.heads;
+        let d = inner / heads;
+        let split = |t: &Tensor| t.reshape([b, -1, heads, d]).permute([0, 2, 1, 3]).reshape([b * heads, -1, d]).contiguous();
+        let (qs, ks, vs) = (split(q), split(k), split(v));
+        // In float32, as ComfyUI does for SD 2.x (its attn_precision), and identical for fp32 models.
+        let sim = (qs.to_kind(Kind::Float).matmul(&ks.to_kind(Kind::Float).transpose(1, 2)) * (d as f64).powf(-0.5)).softmax(-1, Kind::Float);
+        let out = sim.to_kind(vs.kind()).matmul(&vs);
+        let out = out.reshape([b, heads, n, d]).permute([0, 2, 1, 3]).reshape([b, n, heads * d]);
+        let rows = b / chunks.len() as i64;
+        *self.scores.borrow_mut() = Some(sim.narrow(0, heads * rows * u as i64, heads * rows));
+        Ok(out)
+    }
+}
+
+/// SAG's 9-tap Gaussian blur (reflect padding, per channel).
+fn gaussian_blur_9(img: &Tensor, sigma: f64) -> Tensor {
+    let x = Tensor::linspace(-4.0, 4.0, 9, (Kind::Float, tch::Device::Cpu));
+    let pdf = ((&x / sigma).pow_tensor_scalar(2) * -0.5).exp();
+    let k = (&pdf / pdf.sum(Kind::Float)).to_kind(img.kind()).to_device(img.device());
+    let k2 = k.unsqueeze(1).mm(&k.unsqueeze(0));
+    let c = img.size()[1];
+    let k2 = k2.expand([c, 1, 9, 9], false);
+    img.pad([4, 4, 4, 4], "reflect", None).conv2d(&k2, None::<Tensor>, [1, 1], [0, 0], [1, 1], c)
+}
+
+/// The unconditional prediction blurred where the recorded attention is strong (ComfyUI's
+/// `create_blur_map`).
+fn blur_map(x0: &Tensor, attn: &Tensor, sigma: f64) -> Result<Tensor, NodeError> {
+    let s = x0.size();
+    let (b, lh, lw) = (s[0], s[2], s[3]);
+    let (hw1, hw2) = (attn.size()[1], attn.size()[2]);
+    let attn = attn.reshape([b, -1, hw1, hw2]);
+    let mask = attn.mean_dim(1, false, None).sum_dim_intlist(1, false, None).gt(1.0);
+    let total = mask.size()[1];
+    let x = ((lh as f64 / lw as f64) * total as f64).sqrt().round_ties_even() as i64;
+    let mut found = None;
+    'search: for i in 0..((total as f64).sqrt() / 2.0).floor() as i64 {
+        for j in [x + i, (x - i).max(1)] {
+            if j > 0 && total % j == 0 {
+                found = Some(j);
+                break 'search;
+            }
+        }
+    }
+    let Some(x) = found else { return Err(NodeError::Failed(format!("self-attention guidance: no grid for {total} attention tokens"))) };
+    let mask = mask.reshape([b, x, total / x]).unsqueeze(1).to_kind(attn.kind()).upsample_nearest2d([lh, lw], None, None);
+    let blurred = gaussian_blur_9(x0, sigma);
+    Ok(&blurred * &mask + x0 * (mask.neg() + 1.0))
+}
+
+struct Sag {
+    scale: f64,
+    blur_sigma: f64,
+    scores: Scores,
+}
+
+impl PostCfg for Sag {
+    fn apply(&self, out: Tensor, a: &CfgArgs) -> Result<Tensor, NodeError> {
+        let s = out.size();
+        if s[2].min(s[3]) <= 4 {
+            return Ok(out);
+        }
+        let Some((_, uncond_side, runner)) = a.sides else { return Ok(out) };
+        let Some(uncond_side) = uncond_side else {
+            return Err(NodeError::Failed("self-attention guidance needs a negative conditioning (it guides with the unconditional side)".into()));
+        };
+        let Some(attn) = self.scores.borrow().as_ref().map(|t| t.shallow_clone()) else {
+            return Err(NodeError::Failed("self-attention guidance recorded no attention (the unconditional side did not run)".into()));
+        };
+        let degraded = blur_map(a.uncond_denoised, &attn, self.blur_sigma)?;
+        let degraded_noised = &degraded + a.input - a.uncond_denoised;
+        let sag = runner.side_prediction(uncond_side, &degraded_noised, a.sigma, &UnetPatches::default())?;
+        Ok(out + (degraded - sag) * self.scale)
+    }
+}
+
+pub struct SelfAttentionGuidance;
+impl Node for SelfAttentionGuidance {
+    fn schema(&self) -> Schema {
+        Schema::new("SelfAttentionGuidance", "_for_testing")
+            .describe("Self-attention guidance: guides away from the unconditional prediction blurred where it attends (one extra UNet pass per step).")
+            .input("model", ValueType::Model)
+            .input("scale", Float::new(0.5).range(-2.0, 5.0).step(0.01))
+            .input("blur_sigma", Float::new(2.0).range(0.0, 10.0).step(0.1))
+            .output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (scale, blur_sigma) = (a.float("scale")?, a.float("blur_sigma")?);
+        let scores: Scores = Rc::default();
+        patched(a, "SAG", |_, p| {
+            p.unet.set_attn1_replace(AttnKey { block: BlockId::Middle, transformer: Some(0) }, Rc::new(RecordAttention { scores: scores.clone() }));
+            p.post_cfg.push(Rc::new(Sag { scale, blur_sigma, scores }));
+            p.disable_cfg1 = true;
+        })
     }
 }

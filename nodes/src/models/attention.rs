@@ -7,7 +7,7 @@ use diffloom_core::NodeError;
 
 use super::layers::{conv1x1, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear};
 use crate::checkpoint::WPath;
-use crate::patches::{AttnCx, AttnReplace, BlockId, UnetPatches};
+use crate::patches::{AttnCx, AttnReplace, BlockId, CallCx, UnetPatches};
 
 /// Multi-head attention, `to_q`/`to_k`/`to_v` without bias and `to_out.0` with bias. Self-attention
 /// when no context is given.
@@ -41,7 +41,7 @@ impl CrossAttention {
 
     /// Self-attention of `x` with the attention itself computed by `replace` (a model patch) from the
     /// projections.
-    fn forward_replaced(&self, x: &Tensor, replace: &dyn AttnReplace, cx: &AttnCx) -> Result<Tensor, NodeError> {
+    fn forward_replaced(&self, x: &Tensor, replace: &dyn AttnReplace, cx: &AttnCx<'_>) -> Result<Tensor, NodeError> {
         let (q, k, v) = (self.to_q.forward(x), self.to_k.forward(x), self.to_v.forward(x));
         Ok(self.to_out.forward(&replace.attend(&q, &k, &v, cx)?))
     }
@@ -101,7 +101,7 @@ impl BasicTransformerBlock {
     }
 
     /// `replace`: a model patch computing the self-attention instead (ComfyUI's `attn1` replace).
-    pub fn forward(&self, x: &Tensor, context: &Tensor, replace: Option<(&dyn AttnReplace, &AttnCx)>) -> Result<Tensor, NodeError> {
+    pub fn forward(&self, x: &Tensor, context: &Tensor, replace: Option<(&dyn AttnReplace, &AttnCx<'_>)>) -> Result<Tensor, NodeError> {
         let n = self.norm1.forward(x);
         let attn = match replace {
             Some((r, cx)) => self.attn1.forward_replaced(&n, r, cx)?,
@@ -145,7 +145,7 @@ impl SpatialTransformer {
     }
 
     /// `hooks`: the model's patches and the UNet block this transformer is in.
-    pub fn forward(&self, x: &Tensor, context: &Tensor, hooks: Option<(&UnetPatches, BlockId)>) -> Result<Tensor, NodeError> {
+    pub fn forward(&self, x: &Tensor, context: &Tensor, hooks: Option<(&UnetPatches, BlockId, &CallCx<'_>)>) -> Result<Tensor, NodeError> {
         let (b, _c, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation"); // invariant: nodes check shapes first
         let to_tokens = |t: &Tensor| {
             let c = t.size()[1];
@@ -161,7 +161,7 @@ impl SpatialTransformer {
             Proj::Linear(lin) => lin.forward(&to_tokens(&xn)),
         };
         for (i, block) in self.blocks.iter().enumerate() {
-            let replace = hooks.and_then(|(p, id)| Some((p.attn1_for(id, i)?, AttnCx { block: id, transformer: i, heads: block.attn1.heads })));
+            let replace = hooks.and_then(|(p, id, call)| Some((p.attn1_for(id, i)?, AttnCx { block: id, transformer: i, heads: block.attn1.heads, call })));
             t = block.forward(&t, context, replace.as_ref().map(|(r, cx)| (r.as_ref(), cx)))?;
         }
         let out = match &self.proj_out {

@@ -280,7 +280,7 @@ impl Unet {
     /// [`Unet::forward_with_class`] with ControlNet / T2I-Adapter residuals added where ComfyUI's
     /// `apply_control` adds them.
     pub fn forward_controlled(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor, y: Option<&Tensor>, control: Option<&Residuals>) -> Tensor {
-        let cx = CallCx { sigma: 0.0, original_shape: &x.size() };
+        let cx = CallCx { sigma: 0.0, original_shape: &x.size(), cond_or_uncond: &[] };
         self.forward_patched(x, timesteps, context, y, control, &UnetPatches::default(), &cx).expect("no patch ran")
         // invariant: without patches no step of the forward returns an error
     }
@@ -306,7 +306,7 @@ impl Unet {
         let mut h = x.to_kind(kind);
         let mut hs = Vec::with_capacity(self.input_blocks.len());
         for (i, block) in self.input_blocks.iter().enumerate() {
-            h = block.forward_hooked(&h, &emb, &context, None, Some((patches, BlockId::Input(i))))?;
+            h = block.forward_hooked(&h, &emb, &context, None, Some((patches, BlockId::Input(i), cx)))?;
             h = add_residual(h, control.input.get(i), "input block");
             for p in &patches.input_block {
                 h = p.apply(h, BlockId::Input(i), cx)?;
@@ -316,7 +316,7 @@ impl Unet {
                 h = p.apply(h, BlockId::Input(i), cx)?;
             }
         }
-        h = self.middle_block.forward_hooked(&h, &emb, &context, None, Some((patches, BlockId::Middle)))?;
+        h = self.middle_block.forward_hooked(&h, &emb, &context, None, Some((patches, BlockId::Middle, cx)))?;
         h = add_residual(h, Some(&control.middle.as_ref().map(|m| m.shallow_clone())), "middle block");
         for (i, block) in self.output_blocks.iter().enumerate() {
             // There are as many output blocks as input blocks, one skip each.
@@ -336,7 +336,7 @@ impl Unet {
             }
             // An upsampler must match the next skip's size, so odd latent sizes work.
             let up = hs.last().map(|s| (s.size()[2], s.size()[3]));
-            h = block.forward_hooked(&h, &emb, &context, up, Some((patches, BlockId::Output(i))))?;
+            h = block.forward_hooked(&h, &emb, &context, up, Some((patches, BlockId::Output(i), cx)))?;
         }
         Ok(self.out_conv.forward(&self.out_norm.forward(&h).silu()))
     }

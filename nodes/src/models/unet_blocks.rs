@@ -5,7 +5,7 @@
 use diffloom_core::NodeError;
 use tch::Tensor;
 
-use crate::patches::{BlockId, UnetPatches};
+use crate::patches::{BlockId, CallCx, UnetPatches};
 
 use super::attention::SpatialTransformer;
 use super::layers::{conv2d, conv3x3, Conv2d};
@@ -66,7 +66,7 @@ impl Block {
         emb: &Tensor,
         context: &Tensor,
         up_size: Option<(i64, i64)>,
-        hooks: Option<(&UnetPatches, BlockId)>,
+        hooks: Option<(&UnetPatches, BlockId, &CallCx<'_>)>,
     ) -> Result<Tensor, NodeError> {
         let mut h = x.shallow_clone();
         for layer in &self.0 {

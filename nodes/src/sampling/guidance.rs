@@ -264,7 +264,10 @@ impl CfgDenoiser<'_> {
             }
             _ => x.shallow_clone(),
         };
-        let (preds, time) = self.calc(&x_in, sigma, &needed, &self.patches.unet)?;
+        // ComfyUI's DualCFGGuider lists its conds as [negative, middle, positive], the reverse of ours.
+        let dual = matches!(self.guidance, Guidance::DualCfg { .. });
+        let label = move |side: usize| if dual { 2 - side.min(2) } else { side };
+        let (preds, time) = self.calc(&x_in, sigma, &needed, &self.patches.unet, Some(&label))?;
         self.model_time += time;
         let (guided, uncond) = self.guidance.combine(preds, &self.patches, &x_in, sigma, &needed, &*self)?;
         let guided = match (&self.noise_mask, &mask) {
@@ -283,7 +286,16 @@ impl CfgDenoiser<'_> {
 
     /// Each side's denoised prediction for `x_in` at `sigma` (zeros for a side not `needed`): ComfyUI's
     /// `calc_cond_batch` with the UNet patches `patches`, and the time spent in the UNet.
-    fn calc(&self, x_in: &Tensor, sigma: f64, needed: &[bool], patches: &UnetPatches) -> Result<(Vec<Tensor>, std::time::Duration), NodeError> {
+    /// `labels` numbers the sides as ComfyUI's conds list does (None: a single side's extra pass, whose
+    /// rows ComfyUI labels 0).
+    fn calc(
+        &self,
+        x_in: &Tensor,
+        sigma: f64,
+        needed: &[bool],
+        patches: &UnetPatches,
+        labels: Option<&dyn Fn(usize) -> usize>,
+    ) -> Result<(Vec<Tensor>, std::time::Duration), NodeError> {
         let b = x_in.size()[0];
         let device = self.unet_device();
         // A sampler may change the latent's size (SamplerLCMUpscale): uniform entries follow it; areas,
@@ -340,7 +352,8 @@ impl CfgDenoiser<'_> {
                 Some(c) => c.residuals(&scaled, &t, &context, n, sigma, self.sampling)?,
                 None => None,
             };
-            let cx = CallCx { sigma: sigma as f32, original_shape: &model_in.size() };
+            let cond_or_uncond: Vec<usize> = group.iter().map(|(side, _)| labels.map_or(0, |l| l(*side))).collect();
+            let cx = CallCx { sigma: sigma as f32, original_shape: &model_in.size(), cond_or_uncond: &cond_or_uncond };
             let out = self.unet.forward_patched(&model_in, &t, &context, None, residuals.as_ref(), patches, &cx)?.to_kind(Kind::Float).to_device(x_in.device());
             if let tch::Device::Cuda(i) = device {
                 tch::Cuda::synchronize(i as i64);
@@ -366,7 +379,7 @@ impl CfgDenoiser<'_> {
 impl ModelRunner for CfgDenoiser<'_> {
     fn side_prediction(&self, side: usize, x: &Tensor, sigma: f64, overlay: &UnetPatches) -> Result<Tensor, NodeError> {
         let needed: Vec<bool> = (0..self.sides.len()).map(|s| s == side).collect();
-        let (mut preds, _) = self.calc(x, sigma, &needed, &self.patches.unet.with_overlay(overlay))?;
+        let (mut preds, _) = self.calc(x, sigma, &needed, &self.patches.unet.with_overlay(overlay), None)?;
         if side >= preds.len() {
             return Err(NodeError::Failed(format!("a model patch asked for conditioning {side} of {}", preds.len())));
         }
