@@ -463,6 +463,51 @@ fn non_trivial_nodes_match_comfyui_reference() {
     assert!(max_abs_diff(&got, &image_in) < 1e-6);
     let e = err(&image::ImageBlur, vec![("image", img(&image_in.narrow(1, 0, 4))), ("blur_radius", i(4)), ("sigma", f(1.0))]);
     assert!(e.contains("blur_radius"), "{e}");
+    // ResizeAndPadImage, ImageScaleToMaxDimension and ImageStitch: exact but for lanczos, which ComfyUI runs
+    // through 8-bit PIL images and diffloom in f32 (on these smooth images within two 8-bit steps; 1.84 seen).
+    let lanczos_tolerance = 2.5 / 255.0;
+    let smooth = get("input.smooth");
+    for (w, h, color, method) in [
+        (64, 64, "white", "area"),
+        (30, 50, "black", "bicubic"),
+        (100, 20, "white", "nearest-exact"),
+        (53, 37, "black", "bilinear"),
+        (40, 40, "white", "lanczos"),
+        (1, 100, "black", "area"),
+    ] {
+        let src = if method == "lanczos" { &smooth } else { &image_in };
+        let args = vec![("image", img(src)), ("target_width", i(w)), ("target_height", i(h)), ("padding_color", s(color)), ("interpolation", s(method))];
+        let got = tensor(&run(&image::ResizeAndPadImage, args)[0]);
+        let want = get(&format!("resize_pad.{w}.{h}.{color}.{method}"));
+        let tolerance = if method == "lanczos" { lanczos_tolerance } else { 1e-6 };
+        assert!(max_abs_diff(&got, &want) < tolerance, "ResizeAndPadImage {w} {h} {color} {method}");
+    }
+    for (method, size) in [("area", 20), ("bilinear", 71), ("nearest-exact", 13), ("bicubic", 100), ("lanczos", 30)] {
+        let src = if method == "lanczos" { &smooth } else { &image_in };
+        for (which, input) in [("wide", src.shallow_clone()), ("tall", src.transpose(1, 2).contiguous())] {
+            let got = tensor(&run(&image::ImageScaleToMaxDimension, vec![("image", img(&input)), ("upscale_method", s(method)), ("largest_size", i(size))])[0]);
+            let want = get(&format!("max_dim.{method}.{size}.{which}"));
+            let tolerance = if method == "lanczos" { lanczos_tolerance } else { 1e-6 };
+            assert!(max_abs_diff(&got, &want) < tolerance, "ImageScaleToMaxDimension {method} {size} {which}");
+        }
+    }
+    let (s1, s2) = (get("stitch.image1"), get("stitch.image2"));
+    for direction in ["right", "down", "left", "up"] {
+        for (m, sp, color) in [(false, 0, "white"), (false, 3, "red"), (false, 4, "black"), (true, 2, "blue"), (true, 0, "white")] {
+            let args = vec![
+                ("image1", img(&s1)),
+                ("direction", s(direction)),
+                ("match_image_size", b(m)),
+                ("spacing_width", i(sp)),
+                ("spacing_color", s(color)),
+                ("image2", img(&s2)),
+            ];
+            let got = tensor(&run(&image::ImageStitch, args)[0]);
+            let want = get(&format!("stitch.{direction}.{}.{sp}.{color}", if m { "True" } else { "False" }));
+            let tolerance = if m { lanczos_tolerance } else { 0.0 };
+            assert!(max_abs_diff(&got, &want) <= tolerance, "ImageStitch {direction} {m} {sp} {color}");
+        }
+    }
     // PorterDuffImageComposite: every mode, with resized source and source alpha, batches 2/2/2/3 → 2.
     let pd: Vec<Tensor> = ["source", "source_alpha", "destination", "destination_alpha"].iter().map(|k| get(&format!("pd.{k}"))).collect();
     for mode in mask::PORTER_DUFF_MODES {
@@ -641,4 +686,78 @@ fn load_image_output_and_mask_preview() {
     assert_eq!(d.files("output/temp").len(), 3);
     let e = call_in(&mask::MaskPreview, vec![("mask", msk(&Tensor::ones([3], (Kind::Float, Device::Cpu))))], &input, &output, &[]).0.unwrap_err();
     assert!(e.contains("mask"), "{e}");
+}
+
+#[test]
+fn resize_pad_max_dimension_and_stitch() {
+    // ResizeAndPadImage by hand: a 2×4 image into 4×4 is 4 wide, 2 high, one padding row above and below.
+    let x = ramp(&[1, 2, 4, 1]).f_div_scalar(8.0).unwrap();
+    let args = |w: i128, h: i128, color: &str, method: &str| {
+        vec![("image", img(&x)), ("target_width", i(w)), ("target_height", i(h)), ("padding_color", s(color)), ("interpolation", s(method))]
+    };
+    let out = tensor(&run(&image::ResizeAndPadImage, args(4, 4, "white", "nearest-exact"))[0]);
+    assert_eq!(out.size(), vec![1, 4, 4, 1]);
+    let mut want = vec![1.0f32; 4];
+    want.extend(vals(&x));
+    want.extend([1.0; 4]);
+    assert_eq!(vals(&out), want);
+    // Black padding left and right; a side truncated to 0 leaves the canvas (ComfyUI's "area").
+    let out = tensor(&run(&image::ResizeAndPadImage, args(6, 2, "black", "area"))[0]);
+    assert_eq!(vals(&out.select(2, 0)), vec![0.0, 0.0]);
+    assert_eq!(vals(&out.select(2, 5)), vec![0.0, 0.0]);
+    let out = tensor(&run(&image::ResizeAndPadImage, args(1, 1, "white", "area"))[0]);
+    assert_eq!(vals(&out), vec![1.0]);
+    let spec = image::ResizeAndPadImage.schema();
+    assert_eq!(text(&spec.input_spec("interpolation").unwrap().kind.default_value().unwrap()), "area");
+
+    // ImageScaleToMaxDimension keeps ComfyUI's option list (bilinear twice, area first).
+    let spec = image::ImageScaleToMaxDimension.schema();
+    match &spec.input_spec("upscale_method").unwrap().kind {
+        diffloom_core::InputKind::Combo { choices, default } => {
+            assert_eq!(choices, &["area", "lanczos", "bilinear", "nearest-exact", "bilinear", "bicubic"]);
+            assert_eq!(default.as_deref(), Some("area"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let max_dim = |t: &Tensor, size: i128| {
+        tensor(&run(&image::ImageScaleToMaxDimension, vec![("image", img(t)), ("upscale_method", s("area")), ("largest_size", i(size))])[0]).size()
+    };
+    // Python's round: 3/8·4 = 1.5 → 2, 5/8·4 = 2.5 → 2.
+    assert_eq!(max_dim(&Tensor::zeros([1, 3, 8, 3], (Kind::Float, Device::Cpu)), 4), vec![1, 2, 4, 3]);
+    assert_eq!(max_dim(&Tensor::zeros([1, 8, 5, 3], (Kind::Float, Device::Cpu)), 4), vec![1, 4, 2, 3]);
+    assert_eq!(max_dim(&Tensor::zeros([2, 5, 5, 3], (Kind::Float, Device::Cpu)), 7), vec![2, 7, 7, 3]);
+    let e = err(&image::ImageScaleToMaxDimension, vec![("image", img(&x)), ("upscale_method", s("area")), ("largest_size", i(0))]);
+    assert!(e.contains("largest_size"), "{e}");
+
+    // ImageStitch without image2 is image1; by hand: batches padded with the last image, channels with
+    // ones, an odd spacing made even, image2 first for "left".
+    let a = Tensor::zeros([2, 2, 2, 3], (Kind::Float, Device::Cpu));
+    let second = Tensor::full([1, 2, 1, 4], 0.5, (Kind::Float, Device::Cpu));
+    let stitch = |dir: &str, m: bool, sp: i128, c: &str, two: Option<&Tensor>| {
+        let mut args = vec![("image1", img(&a)), ("direction", s(dir)), ("match_image_size", b(m)), ("spacing_width", i(sp)), ("spacing_color", s(c))];
+        if let Some(t) = two {
+            args.push(("image2", img(t)));
+        }
+        tensor(&run(&image::ImageStitch, args)[0])
+    };
+    assert_eq!(max_abs_diff(&stitch("right", true, 0, "white", None), &a), 0.0);
+    let out = stitch("left", false, 1, "red", Some(&second));
+    assert_eq!(out.size(), vec![2, 2, 5, 4]);
+    assert_eq!(vals(&out.get(1).get(0)), vec![0.5, 0.5, 0.5, 0.5, 1., 0., 0., 1., 1., 0., 0., 1., 0., 0., 0., 1., 0., 0., 0., 1.]);
+    let spec = image::ImageStitch.schema();
+    assert!(spec.input_spec("image2").unwrap().optional);
+    assert!(boolean(&spec.input_spec("match_image_size").unwrap().kind.default_value().unwrap()));
+    let thin = Tensor::zeros([1, 9, 1, 3], (Kind::Float, Device::Cpu));
+    let e = err(
+        &image::ImageStitch,
+        vec![
+            ("image1", img(&a)),
+            ("direction", s("right")),
+            ("match_image_size", b(true)),
+            ("spacing_width", i(0)),
+            ("spacing_color", s("white")),
+            ("image2", img(&thin)),
+        ],
+    );
+    assert!(e.contains("image2"), "{e}");
 }

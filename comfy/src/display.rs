@@ -76,6 +76,7 @@ const DISPLAY_NAMES: &[(&str, &str)] = &[
     ("PorterDuffImageComposite", "Porter-Duff Image Composite"),
     ("ImageBlur", "Image Blur"),
     ("ImageSharpen", "Image Sharpen"),
+    ("ImageStitch", "Image Stitch"),
     ("StringLength", "Length"),
     ("StringSubstring", "Substring"),
     ("StringReplace", "Replace"),

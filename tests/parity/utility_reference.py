@@ -12,6 +12,12 @@ Writes OUT_DIR/utility_expected.safetensors (float32, CPU, deterministic, no net
                                        exact zero pixels (0/0 -> nan_to_num)
   blur.<r>.<sigma>, sharpen.<r>.<sigma>.<alpha>
                                        ImageBlur / ImageSharpen (comfy_extras/nodes_post_processing.py), CPU
+  input.smooth                         [2, 37, 53, 3] smooth image for the lanczos cases
+  resize_pad.<w>.<h>.<color>.<method>  ResizeAndPadImage (comfy_extras/nodes_images.py) on input.image (lanczos: input.smooth)
+  max_dim.<method>.<size>.<which>      ImageScaleToMaxDimension on input.image/input.smooth (wide) or its transpose (tall)
+  stitch.<direction>.<match>.<spacing>.<color>
+                                       ImageStitch on stitch.image1 [2, 12, 16, 3] and stitch.image2 [1, 9, 10, 4] (smooth);
+                                       match_image_size=True goes through PIL's lanczos (8-bit), as ComfyUI
   porter_duff.<mode>, porter_duff_mask.<mode>
                                        PorterDuffImageComposite (comfy_extras/nodes_compositing.py) on
                                        pd.source/pd.source_alpha/pd.destination/pd.destination_alpha
@@ -22,7 +28,7 @@ safetensors.torch.save_file), and what ComfyUI's LoadLatent makes of them and of
   OUT_DIR/latent_expected.safetensors  loaded.comfy, loaded.old, loaded.diffloom (LoadLatent's samples)
 and checks that DIFFLOOM_LATENT has ComfyUI's keys, dtype and metadata.
 Numbers in keys are written with Python's repr. Node bodies are copied from ComfyUI, device moves dropped;
-comfy.utils.common_upscale is inlined for the methods used (no crop, torch's interpolate).
+comfy.utils.common_upscale is inlined for the methods used (torch's interpolate, and PIL for lanczos).
 """
 
 import json
@@ -30,8 +36,10 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -52,7 +60,147 @@ def common_upscale(samples, width, height, upscale_method, crop):
         s = samples.narrow(-2, y, old_height - y * 2).narrow(-1, x, old_width - x * 2)
     else:
         s = samples
+    if upscale_method == "lanczos":
+        return lanczos(s, width, height)
     return F.interpolate(s, size=(height, width), mode=upscale_method)
+
+
+def smooth_image(b, h, w, c):
+    y = torch.linspace(0, 1, h).view(1, h, 1, 1)
+    x = torch.linspace(0, 1, w).view(1, 1, w, 1)
+    k = torch.arange(1, b * c + 1, dtype=torch.float32).view(b, 1, 1, c)
+    return (0.5 + 0.35 * torch.sin(2.0 * x * k + 3.0 * y) * torch.cos(1.5 * y * k - x)).contiguous()
+
+
+def lanczos(samples, width, height):
+    # comfy/utils.py
+    images = [Image.fromarray(np.clip(255. * image.movedim(0, -1).cpu().numpy(), 0, 255).astype(np.uint8)) for image in samples]
+    images = [image.resize((width, height), resample=Image.Resampling.LANCZOS) for image in images]
+    images = [torch.from_numpy(np.array(image).astype(np.float32) / 255.0).movedim(-1, 0) for image in images]
+    result = torch.stack(images)
+    return result.to(samples.device, samples.dtype)
+
+
+def resize_and_pad(image, target_width, target_height, padding_color, interpolation):
+    # comfy_extras/nodes_images.py ResizeAndPadImage.execute
+    batch_size, orig_height, orig_width, channels = image.shape
+    scale_w = target_width / orig_width
+    scale_h = target_height / orig_height
+    scale = min(scale_w, scale_h)
+    new_width = int(orig_width * scale)
+    new_height = int(orig_height * scale)
+    image_permuted = image.permute(0, 3, 1, 2)
+    resized = common_upscale(image_permuted, new_width, new_height, interpolation, "disabled")
+    pad_value = 0.0 if padding_color == "black" else 1.0
+    padded = torch.full((batch_size, channels, target_height, target_width), pad_value, dtype=image.dtype, device=image.device)
+    y_offset = (target_height - new_height) // 2
+    x_offset = (target_width - new_width) // 2
+    padded[:, :, y_offset:y_offset + new_height, x_offset:x_offset + new_width] = resized
+    return padded.permute(0, 2, 3, 1)
+
+
+def scale_to_max_dimension(image, upscale_method, largest_size):
+    # comfy_extras/nodes_images.py ImageScaleToMaxDimension.execute
+    height = image.shape[1]
+    width = image.shape[2]
+    if height > width:
+        width = round((width / height) * largest_size)
+        height = largest_size
+    elif width > height:
+        height = round((height / width) * largest_size)
+        width = largest_size
+    else:
+        height = largest_size
+        width = largest_size
+    samples = image.movedim(-1, 1)
+    s = common_upscale(samples, width, height, upscale_method, "disabled")
+    return s.movedim(1, -1)
+
+
+def stitch(image1, direction, match_image_size, spacing_width, spacing_color, image2=None):
+    # comfy_extras/nodes_images.py ImageStitch.execute
+    if image2 is None:
+        return image1
+    if image1.shape[0] != image2.shape[0]:
+        max_batch = max(image1.shape[0], image2.shape[0])
+        if image1.shape[0] < max_batch:
+            image1 = torch.cat([image1, image1[-1:].repeat(max_batch - image1.shape[0], 1, 1, 1)])
+        if image2.shape[0] < max_batch:
+            image2 = torch.cat([image2, image2[-1:].repeat(max_batch - image2.shape[0], 1, 1, 1)])
+    if match_image_size:
+        h1, w1 = image1.shape[1:3]
+        h2, w2 = image2.shape[1:3]
+        aspect_ratio = w2 / h2
+        if direction in ["left", "right"]:
+            target_h, target_w = h1, int(h1 * aspect_ratio)
+        else:
+            target_w, target_h = w1, int(w1 / aspect_ratio)
+        image2 = common_upscale(image2.movedim(-1, 1), target_w, target_h, "lanczos", "disabled").movedim(1, -1)
+    color_map = {"white": 1.0, "black": 0.0, "red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0)}
+    color_val = color_map[spacing_color]
+    if not match_image_size:
+        h1, w1 = image1.shape[1:3]
+        h2, w2 = image2.shape[1:3]
+        pad_value = 0.0
+        if not isinstance(color_val, tuple):
+            pad_value = color_val
+        if direction in ["left", "right"]:
+            if h1 != h2:
+                target_h = max(h1, h2)
+                if h1 < target_h:
+                    pad_h = target_h - h1
+                    pad_top, pad_bottom = pad_h // 2, pad_h - pad_h // 2
+                    image1 = torch.nn.functional.pad(image1, (0, 0, 0, 0, pad_top, pad_bottom), mode='constant', value=pad_value)
+                if h2 < target_h:
+                    pad_h = target_h - h2
+                    pad_top, pad_bottom = pad_h // 2, pad_h - pad_h // 2
+                    image2 = torch.nn.functional.pad(image2, (0, 0, 0, 0, pad_top, pad_bottom), mode='constant', value=pad_value)
+        else:
+            if w1 != w2:
+                target_w = max(w1, w2)
+                if w1 < target_w:
+                    pad_w = target_w - w1
+                    pad_left, pad_right = pad_w // 2, pad_w - pad_w // 2
+                    image1 = torch.nn.functional.pad(image1, (0, 0, pad_left, pad_right), mode='constant', value=pad_value)
+                if w2 < target_w:
+                    pad_w = target_w - w2
+                    pad_left, pad_right = pad_w // 2, pad_w - pad_w // 2
+                    image2 = torch.nn.functional.pad(image2, (0, 0, pad_left, pad_right), mode='constant', value=pad_value)
+    if image1.shape[-1] != image2.shape[-1]:
+        max_channels = max(image1.shape[-1], image2.shape[-1])
+        if image1.shape[-1] < max_channels:
+            image1 = torch.cat([image1, torch.ones(*image1.shape[:-1], max_channels - image1.shape[-1], device=image1.device)], dim=-1)
+        if image2.shape[-1] < max_channels:
+            image2 = torch.cat([image2, torch.ones(*image2.shape[:-1], max_channels - image2.shape[-1], device=image2.device)], dim=-1)
+    if spacing_width > 0:
+        spacing_width = spacing_width + (spacing_width % 2)
+        if direction in ["left", "right"]:
+            spacing_shape = (image1.shape[0], max(image1.shape[1], image2.shape[1]), spacing_width, image1.shape[-1])
+        else:
+            spacing_shape = (image1.shape[0], spacing_width, max(image1.shape[2], image2.shape[2]), image1.shape[-1])
+        spacing = torch.full(spacing_shape, 0.0, device=image1.device)
+        if isinstance(color_val, tuple):
+            for i, c in enumerate(color_val):
+                if i < spacing.shape[-1]:
+                    spacing[..., i] = c
+            if spacing.shape[-1] == 4:
+                spacing[..., 3] = 1.0
+        else:
+            spacing[..., : min(3, spacing.shape[-1])] = color_val
+            if spacing.shape[-1] == 4:
+                spacing[..., 3] = 1.0
+    images = [image2, image1] if direction in ["left", "up"] else [image1, image2]
+    if spacing_width > 0:
+        images.insert(1, spacing)
+    concat_dim = 2 if direction in ["left", "right"] else 1
+    return torch.cat(images, dim=concat_dim)
+
+
+RESIZE_PAD = [(64, 64, "white", "area"), (30, 50, "black", "bicubic"), (100, 20, "white", "nearest-exact"), (53, 37, "black", "bilinear"),
+              (40, 40, "white", "lanczos"), (1, 100, "black", "area")]
+MAX_DIM = [("area", 20), ("bilinear", 71), ("nearest-exact", 13), ("bicubic", 100), ("lanczos", 30)]
+STITCH = [(d, m, sp, c) for d in ["right", "down", "left", "up"] for (m, sp, c) in [(False, 0, "white"), (False, 3, "red"), (False, 4, "black"),
+                                                                               (True, 2, "blue"), (True, 0, "white")]]
 
 
 def add_noise(image, seed, strength):
@@ -298,6 +446,22 @@ def main():
         t[f"blur.{r}.{sigma!r}"] = blur(image, r, sigma)
     for r, sigma, alpha in [(1, 1.0, 1.0), (2, 0.3, 0.5), (4, 3.0, 2.0), (1, 1.0, 0.0)]:
         t[f"sharpen.{r}.{sigma!r}.{alpha!r}"] = sharpen(image, r, sigma, alpha)
+    # lanczos cases run on smooth images (on noise, PIL's clipped 8-bit intermediate pass differs much more).
+    smooth = smooth_image(2, 37, 53, 3)
+    t["input.smooth"] = smooth
+    for w, h, color, method in RESIZE_PAD:
+        src = smooth if method == "lanczos" else image
+        t[f"resize_pad.{w}.{h}.{color}.{method}"] = resize_and_pad(src, w, h, color, method)
+    for method, size in MAX_DIM:
+        src = smooth if method == "lanczos" else image
+        t[f"max_dim.{method}.{size}.wide"] = scale_to_max_dimension(src, method, size)
+        t[f"max_dim.{method}.{size}.tall"] = scale_to_max_dimension(src.transpose(1, 2).contiguous(), method, size)
+    s1 = torch.rand(2, 12, 16, 3, generator=g)
+    s2 = smooth_image(1, 9, 10, 4)
+    s2[..., 3] = 1.0  # opaque: PIL resizes RGBA premultiplied
+    t.update({"stitch.image1": s1, "stitch.image2": s2})
+    for d, m, sp, c in STITCH:
+        t[f"stitch.{d}.{m}.{sp}.{c}"] = stitch(s1, d, m, sp, c, s2)
     # Porter-Duff: source smaller than the destination (bicubic, centre crop), source alpha another size.
     source = torch.rand(2, 20, 30, 3, generator=g)
     source_alpha = torch.rand(2, 10, 10, generator=g)

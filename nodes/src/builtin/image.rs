@@ -687,3 +687,179 @@ impl Node for ImageSharpen {
         image_out(filter(a.image("image")?, &kernel, r, "sharpen_radius")?.f_clamp(0.0, 1.0)?)
     }
 }
+
+/// ComfyUI's ResizeAndPadImage: scaled to fit `target_width`×`target_height` keeping the aspect ratio
+/// (sizes truncated, as Python's `int`), centred on a white or black canvas (every channel, alpha too).
+pub struct ResizeAndPadImage;
+impl Node for ResizeAndPadImage {
+    fn schema(&self) -> Schema {
+        Schema::new("ResizeAndPadImage", "image/transform")
+            .input("image", ValueType::Image)
+            .input("target_width", Int::new(512).range(1, MAX_RESOLUTION).step(1))
+            .input("target_height", Int::new(512).range(1, MAX_RESOLUTION).step(1))
+            .input("padding_color", Combo::of(&["white", "black"]))
+            .input("interpolation", Combo::of(&["area", "bicubic", "nearest-exact", "bilinear", "lanczos"]))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let s = image.size();
+        let (b, h, w, c) = (s[0], s[1], s[2], s[3]);
+        let (tw, th) = (a.i64("target_width")?, a.i64("target_height")?);
+        if tw < 1 || th < 1 {
+            return Err(NodeError::input(if tw < 1 { "target_width" } else { "target_height" }, "must be at least 1"));
+        }
+        let scale = (tw as f64 / w as f64).min(th as f64 / h as f64);
+        let (nw, nh) = ((w as f64 * scale) as i64, (h as f64 * scale) as i64);
+        let pad = if a.string("padding_color")? == "black" { 0.0 } else { 1.0 };
+        let padded = Tensor::f_full([b, c, th, tw], pad, (image.kind(), image.device()))?;
+        // A side truncated to 0 pixels leaves the canvas alone (ComfyUI's "area" does; its other methods raise).
+        if nw > 0 && nh > 0 {
+            let resized = common_upscale(&nchw(image)?, nw, nh, a.string("interpolation")?, "disabled")?;
+            padded.f_narrow(2, (th - nh) / 2, nh)?.f_narrow(3, (tw - nw) / 2, nw)?.f_copy_(&resized)?;
+        }
+        image_out(nhwc(&padded)?)
+    }
+}
+
+/// ComfyUI's ImageScaleToMaxDimension: the longer side resized to `largest_size`, the other keeping the
+/// aspect ratio (Python's round). Its method list has "bilinear" twice, kept as ComfyUI lists it.
+pub struct ImageScaleToMaxDimension;
+impl Node for ImageScaleToMaxDimension {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageScaleToMaxDimension", "image/upscaling")
+            .input("image", ValueType::Image)
+            .input("upscale_method", Combo::of(&["area", "lanczos", "bilinear", "nearest-exact", "bilinear", "bicubic"]))
+            .input("largest_size", Int::new(512).range(0, MAX_RESOLUTION).step(1))
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image = a.image("image")?;
+        let s = image.size();
+        let (h, w) = (s[1], s[2]);
+        let largest = a.i64("largest_size")?;
+        let (width, height) = if h > w {
+            (((w as f64 / h as f64) * largest as f64).round_ties_even() as i64, largest)
+        } else if w > h {
+            (largest, ((h as f64 / w as f64) * largest as f64).round_ties_even() as i64)
+        } else {
+            (largest, largest)
+        };
+        if width < 1 || height < 1 {
+            return Err(NodeError::input("largest_size", format!("the {w}×{h} image would be {width}×{height} pixels")));
+        }
+        image_out(nhwc(&common_upscale(&nchw(image)?, width, height, a.string("upscale_method")?, "disabled")?)?)
+    }
+}
+
+/// `image` `[b, …]` with its last item repeated up to `batch` items.
+fn repeat_last(image: &Tensor, batch: i64) -> Result<Tensor, NodeError> {
+    let b = image.size()[0];
+    if b >= batch {
+        return Ok(image.shallow_clone());
+    }
+    let last = image.f_narrow(0, b - 1, 1)?.f_repeat([batch - b, 1, 1, 1])?;
+    Ok(Tensor::f_cat(&[image, &last], 0)?)
+}
+
+/// `image` padded with `value` along `dim` (1 = height, 2 = width) to `target`, half before (rounded
+/// down) and the rest after.
+fn pad_centred(image: &Tensor, dim: i64, target: i64, value: f64) -> Result<Tensor, NodeError> {
+    let d = target - image.size()[dim as usize];
+    if d <= 0 {
+        return Ok(image.shallow_clone());
+    }
+    let (before, after) = (d / 2, d - d / 2);
+    let pad = if dim == 1 { [0, 0, 0, 0, before, after] } else { [0, 0, before, after, 0, 0] };
+    Ok(image.f_pad(pad, "constant", Some(value))?)
+}
+
+/// `image` with channels of ones appended up to `channels`.
+fn pad_channels(image: &Tensor, channels: i64) -> Result<Tensor, NodeError> {
+    let s = image.size();
+    if s[3] >= channels {
+        return Ok(image.shallow_clone());
+    }
+    let ones = Tensor::f_ones([s[0], s[1], s[2], channels - s[3]], (image.kind(), image.device()))?;
+    Ok(Tensor::f_cat(&[image, &ones], 3)?)
+}
+
+/// ComfyUI's ImageStitch: image2 beside image1 (right, down, left or up), optionally resized to match
+/// image1's height (left/right) or width (up/down) with lanczos, or else the smaller one padded (centred)
+/// with the spacing colour (black for red/green/blue); batches padded by repeating their last image,
+/// channels by ones; an optional spacing strip (odd widths made even).
+pub struct ImageStitch;
+impl Node for ImageStitch {
+    fn schema(&self) -> Schema {
+        Schema::new("ImageStitch", "image/transform")
+            .describe("Stitches image2 to image1 in the given direction (image1 unchanged without image2), with optional spacing between them.")
+            .input("image1", ValueType::Image)
+            .input("direction", Combo::of(&["right", "down", "left", "up"]))
+            .input("match_image_size", diffloom_core::Bool(true))
+            .input("spacing_width", Int::new(0).range(0, 1024).step(2))
+            .input("spacing_color", Combo::of(&["white", "black", "red", "green", "blue"]))
+            .optional("image2", ValueType::Image)
+            .output("IMAGE", ValueType::Image)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let image1 = a.image("image1")?;
+        let image2 = match a.get("image2") {
+            None => return Ok(vec![Value::Image(image1.clone())]),
+            Some(Value::Image(t)) => t.0.shallow_clone(),
+            Some(v) => return Err(NodeError::input("image2", format!("expected IMAGE, got {}", v.value_type()))),
+        };
+        let direction = a.string("direction")?;
+        let horizontal = match direction {
+            "right" | "left" => true,
+            "down" | "up" => false,
+            other => return Err(NodeError::input("direction", format!("{other:?} is not one of right, down, left, up"))),
+        };
+        let batch = image1.size()[0].max(image2.size()[0]);
+        let mut image1 = repeat_last(image1, batch)?;
+        let mut image2 = repeat_last(&image2, batch)?;
+        let (s1, s2) = (image1.size(), image2.size());
+        let (color, scalar): ([f64; 3], bool) = match a.string("spacing_color")? {
+            "white" => ([1.0; 3], true),
+            "black" => ([0.0; 3], true),
+            "red" => ([1.0, 0.0, 0.0], false),
+            "green" => ([0.0, 1.0, 0.0], false),
+            "blue" => ([0.0, 0.0, 1.0], false),
+            other => return Err(NodeError::input("spacing_color", format!("{other:?} is not one of white, black, red, green, blue"))),
+        };
+        if a.boolean("match_image_size")? {
+            let aspect = s2[2] as f64 / s2[1] as f64;
+            let (tw, th) = if horizontal { ((s1[1] as f64 * aspect) as i64, s1[1]) } else { (s1[2], (s1[2] as f64 / aspect) as i64) };
+            if tw < 1 || th < 1 {
+                return Err(NodeError::input("image2", format!("matching image1's size would make the {}×{} image {tw}×{th} pixels", s2[2], s2[1])));
+            }
+            image2 = nhwc(&common_upscale(&nchw(&image2)?, tw, th, "lanczos", "disabled")?)?;
+        } else {
+            let value = if scalar { color[0] } else { 0.0 };
+            let dim = if horizontal { 1 } else { 2 };
+            let target = s1[dim as usize].max(s2[dim as usize]);
+            image1 = pad_centred(&image1, dim, target, value)?;
+            image2 = pad_centred(&image2, dim, target, value)?;
+        }
+        let channels = image1.size()[3].max(image2.size()[3]);
+        let image1 = pad_channels(&image1, channels)?;
+        let image2 = pad_channels(&image2, channels)?;
+        let (s1, s2) = (image1.size(), image2.size());
+        let mut parts = if direction == "left" || direction == "up" { vec![image2, image1] } else { vec![image1, image2] };
+        let spacing = a.i64("spacing_width")?;
+        if spacing > 0 {
+            let sw = spacing + spacing % 2;
+            let shape = if horizontal { [s1[0], s1[1].max(s2[1]), sw, channels] } else { [s1[0], sw, s1[2].max(s2[2]), channels] };
+            let mut values = vec![0.0f32; channels as usize];
+            for (v, c) in values.iter_mut().zip(color) {
+                *v = c as f32;
+            }
+            if channels == 4 {
+                values[3] = 1.0;
+            }
+            let strip = Tensor::f_from_slice(&values)?.f_view([1, 1, 1, channels])?.f_expand(shape, false)?;
+            parts.insert(1, strip.f_to_kind(parts[0].kind())?);
+        }
+        let out = Tensor::f_cat(&parts, if horizontal { 2 } else { 1 }).map_err(|e| NodeError::input("image2", e.to_string()))?;
+        image_out(out)
+    }
+}
