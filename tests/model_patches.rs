@@ -61,7 +61,9 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "pag_zero": (type: "PerturbedAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 0.0}),
         "pag_freeu": (type: "PerturbedAttentionGuidance", inputs: {"model": Link("freeu", "MODEL"), "scale": 3.0}),
         "sag": (type: "SelfAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 0.8, "blur_sigma": 2.0}),
-        "sag_zero": (type: "SelfAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 0.0}),"#;
+        "sag_zero": (type: "SelfAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 0.0}),
+        "tile": (type: "HyperTile", inputs: {"model": Link("c", "MODEL"), "tile_size": 32}),
+        "tile_none": (type: "HyperTile", inputs: {"model": Link("c", "MODEL")}),"#;
     let ids = [
         "c",
         "freeu",
@@ -81,12 +83,14 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "pag_freeu",
         "sag",
         "sag_zero",
+        "tile",
+        "tile_none",
     ];
     let models: Vec<(&str, &str)> = ids.iter().map(|id| (*id, if ["zero", "norm"].contains(id) { "patched_model" } else { "MODEL" })).collect();
     let out = sample_each(&d, &ck, patches, &models, 5.0);
     let by = |id: &str| &out[ids.iter().position(|i| *i == id).unwrap()];
     let base = by("c");
-    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before", "pag", "sag"] {
+    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before", "pag", "sag", "tile"] {
         let moved = max_abs_diff(by(id), base);
         println!("{id}: moved the latent by {moved:.4}");
         assert!(moved > 1e-3, "{id} changed nothing");
@@ -96,6 +100,9 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
     // at 0 differ only by the FFT's and the v-prediction round trip's rounding.
     assert_eq!(max_abs_diff(by("shrink_never"), base), 0.0);
     assert_eq!(max_abs_diff(by("pag_zero"), base), 0.0);
+    // HyperTile with tiles as large as the latent (the default 256 pixels on this 64-pixel image) tiles
+    // nothing; 32-pixel tiles split the full-resolution level 2 × 2.
+    assert_eq!(max_abs_diff(by("tile_none"), base), 0.0);
     // SAG at scale 0 differs only by its recorded attention being computed without a fused kernel.
     assert!(max_abs_diff(by("sag_zero"), base) < 1e-3, "{}", max_abs_diff(by("sag_zero"), base));
     // PAG's extra pass runs with the model's own patches (FreeU here) under its perturbation.

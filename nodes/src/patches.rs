@@ -61,6 +61,17 @@ pub struct AttnCx<'a> {
     pub call: &'a CallCx<'a>,
 }
 
+/// Rewrites self-attention's inputs before the projections (`attn1_patch`): the normed activation
+/// (becomes q), and what k and v are projected from (the activation itself unless a patch changes them).
+pub trait AttnInPatch {
+    fn apply(&self, n: Tensor, context: Tensor, value: Tensor, cx: &AttnCx<'_>) -> Result<(Tensor, Tensor, Tensor), NodeError>;
+}
+
+/// Rewrites self-attention's output, after its output projection (`attn1_output_patch`).
+pub trait AttnOutPatch {
+    fn apply(&self, out: Tensor, cx: &AttnCx<'_>) -> Result<Tensor, NodeError>;
+}
+
 /// Computes self-attention from the projected q, k and v, `[b, tokens, heads · d]` each
 /// (`patches_replace["attn1"]`); the result goes through the block's output projection.
 pub trait AttnReplace {
@@ -88,11 +99,20 @@ pub struct UnetPatches {
     pub output_block: Vec<Rc<dyn SkipPatch>>,
     /// Self-attention replacements by key; setting a key again replaces its entry.
     pub attn1_replace: Vec<(AttnKey, Rc<dyn AttnReplace>)>,
+    /// On self-attention's inputs, in every transformer block.
+    pub attn1_patch: Vec<Rc<dyn AttnInPatch>>,
+    /// On self-attention's output, in every transformer block.
+    pub attn1_output_patch: Vec<Rc<dyn AttnOutPatch>>,
 }
 
 impl UnetPatches {
     pub fn is_empty(&self) -> bool {
-        self.input_block.is_empty() && self.input_block_after_skip.is_empty() && self.output_block.is_empty() && self.attn1_replace.is_empty()
+        self.input_block.is_empty()
+            && self.input_block_after_skip.is_empty()
+            && self.output_block.is_empty()
+            && self.attn1_replace.is_empty()
+            && self.attn1_patch.is_empty()
+            && self.attn1_output_patch.is_empty()
     }
 
     /// Sets the self-attention replacement for `key` (replacing one set before for the same key).
@@ -118,6 +138,8 @@ impl UnetPatches {
         out.input_block.extend(overlay.input_block.iter().cloned());
         out.input_block_after_skip.extend(overlay.input_block_after_skip.iter().cloned());
         out.output_block.extend(overlay.output_block.iter().cloned());
+        out.attn1_patch.extend(overlay.attn1_patch.iter().cloned());
+        out.attn1_output_patch.extend(overlay.attn1_output_patch.iter().cloned());
         out
     }
 }

@@ -11,7 +11,8 @@ use diffloom_core::{Args, Bool, Combo, Ctx, Float, Handle, Int, Node, NodeError,
 use tch::{Kind, Tensor};
 
 use crate::patches::{
-    AttnCx, AttnKey, AttnReplace, BlockId, BlockPatch, CallCx, CfgArgs, CfgFunction, DenoiseMask, ModelPatches, PostCfg, PreCfg, SkipPatch, UnetPatches,
+    AttnCx, AttnInPatch, AttnKey, AttnOutPatch, AttnReplace, BlockId, BlockPatch, CallCx, CfgArgs, CfgFunction, DenoiseMask, ModelPatches, PostCfg, PreCfg,
+    SkipPatch, UnetPatches,
 };
 use crate::resample::common_upscale;
 use crate::sampling::model_sampling::ModelSampling;
@@ -558,6 +559,104 @@ impl Node for SelfAttentionGuidance {
             p.unet.set_attn1_replace(AttnKey { block: BlockId::Middle, transformer: Some(0) }, Rc::new(RecordAttention { scores: scores.clone() }));
             p.post_cfg.push(Rc::new(Sag { scale, blur_sigma, scores }));
             p.disable_cfg1 = true;
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HyperTile
+
+/// HyperTile (tfernd): self-attention at the full-resolution levels runs on tiles of the image (q is
+/// split into tiles; k and v keep their batch, so each tile attends to its run of tokens, as in
+/// ComfyUI), which makes large images cheaper.
+struct HyperTile {
+    latent_tile: i64,
+    swap_size: i64,
+    max_depth: i64,
+    scale_depth: bool,
+    /// The tiling of the call in flight: (nh, nw, h, w).
+    temp: RefCell<Option<(i64, i64, i64, i64)>>,
+    /// xorshift state for the tile choice when swap_size > 2.
+    rng: RefCell<u64>,
+}
+
+impl HyperTile {
+    /// ComfyUI's `random_divisor`: `value / d` for one of the `swap_size` smallest divisors d ≥
+    /// `min_value` (ComfyUI's exclusive upper bound never picks the last of them).
+    fn random_divisor(&self, value: i64, min_value: i64) -> i64 {
+        let min_value = min_value.min(value);
+        let ns: Vec<i64> = (min_value.max(1)..=value).filter(|i| value % i == 0).take(self.swap_size as usize).map(|i| value / i).collect();
+        let idx = if ns.len() > 1 {
+            let mut s = self.rng.borrow_mut();
+            *s ^= *s << 13;
+            *s ^= *s >> 7;
+            *s ^= *s << 17;
+            (*s % (ns.len() as u64 - 1)) as usize
+        } else {
+            0
+        };
+        ns.get(idx).copied().unwrap_or(1)
+    }
+}
+
+impl AttnInPatch for HyperTile {
+    fn apply(&self, n: Tensor, context: Tensor, value: Tensor, cx: &AttnCx<'_>) -> Result<(Tensor, Tensor, Tensor), NodeError> {
+        let shape = cx.call.original_shape;
+        let (s, tokens) = (n.size(), n.size()[1]);
+        let (h0, w0) = (shape[shape.len() - 2] as f64, shape[shape.len() - 1] as f64);
+        let Some(level) = (0..=self.max_depth).position(|i| (h0 / 2f64.powi(i as i32)) * (w0 / 2f64.powi(i as i32)) == tokens as f64) else {
+            return Ok((n, context, value));
+        };
+        let ar = w0 / h0;
+        // As ComfyUI: h from the width side, w from the height side (the same for square latents).
+        let h = (tokens as f64 * ar).sqrt().round_ties_even() as i64;
+        let w = (tokens as f64 / ar).sqrt().round_ties_even() as i64;
+        let factor = if self.scale_depth { 1i64 << level } else { 1 };
+        let nh = self.random_divisor(h, self.latent_tile * factor);
+        let nw = self.random_divisor(w, self.latent_tile * factor);
+        if nh * nw <= 1 {
+            return Ok((n, context, value));
+        }
+        let (b, c) = (s[0], s[2]);
+        let q = n.f_reshape([b, nh, h / nh, nw, w / nw, c])?.permute([0, 1, 3, 2, 4, 5]).f_reshape([b * nh * nw, (h / nh) * (w / nw), c])?;
+        *self.temp.borrow_mut() = Some((nh, nw, h, w));
+        Ok((q, context, value))
+    }
+}
+
+impl AttnOutPatch for HyperTile {
+    fn apply(&self, out: Tensor, _cx: &AttnCx<'_>) -> Result<Tensor, NodeError> {
+        let Some((nh, nw, h, w)) = self.temp.borrow_mut().take() else { return Ok(out) };
+        let c = out.size()[2];
+        let b = out.size()[0] / (nh * nw);
+        Ok(out.f_reshape([b, nh, nw, h / nh, w / nw, c])?.permute([0, 1, 3, 2, 4, 5]).f_reshape([b, nh * (h / nh) * nw * (w / nw), c])?)
+    }
+}
+
+pub struct HyperTileNode;
+impl Node for HyperTileNode {
+    fn schema(&self) -> Schema {
+        Schema::new("HyperTile", "model_patches/unet")
+            .describe("Tiles self-attention at the full-resolution levels (faster on large images).")
+            .input("model", ValueType::Model)
+            .input("tile_size", Int::new(256).range(1, 2048))
+            .input("swap_size", Int::new(2).range(1, 128))
+            .input("max_depth", Int::new(0).range(0, 10))
+            .input("scale_depth", Bool(false))
+            .output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let tile = Rc::new(HyperTile {
+            latent_tile: a.i64("tile_size")?.max(32) / 8,
+            swap_size: a.i64("swap_size")?,
+            max_depth: a.i64("max_depth")?,
+            scale_depth: a.boolean("scale_depth")?,
+            temp: RefCell::new(None),
+            rng: RefCell::new(0x9E37_79B9_7F4A_7C15),
+        });
+        patched(a, "HyperTile", |_, p| {
+            p.unet.attn1_patch.push(tile.clone());
+            p.unet.attn1_output_patch.push(tile);
         })
     }
 }

@@ -39,20 +39,27 @@ impl CrossAttention {
         self.to_out.forward(&attention(&q, &k, &v, self.heads, false))
     }
 
-    /// Self-attention of `x` with the attention itself computed by `replace` (a model patch) from the
-    /// projections.
-    fn forward_replaced(&self, x: &Tensor, replace: &dyn AttnReplace, cx: &AttnCx<'_>) -> Result<Tensor, NodeError> {
-        let (q, k, v) = (self.to_q.forward(x), self.to_k.forward(x), self.to_v.forward(x));
-        Ok(self.to_out.forward(&replace.attend(&q, &k, &v, cx)?))
+    /// Attention with q projected from `x`, k from `context` and v from `value`, computed by `replace`
+    /// (a model patch) or the usual way, then projected out.
+    fn forward_qkv(&self, x: &Tensor, context: &Tensor, value: &Tensor, replace: Option<(&dyn AttnReplace, &AttnCx<'_>)>) -> Result<Tensor, NodeError> {
+        let (q, k, v) = (self.to_q.forward(x), self.to_k.forward(context), self.to_v.forward(value));
+        let attended = match replace {
+            Some((r, cx)) => r.attend(&q, &k, &v, cx)?,
+            None => attention(&q, &k, &v, self.heads, false),
+        };
+        Ok(self.to_out.forward(&attended))
     }
 }
 
 /// Scaled dot-product attention over `heads` heads of `[b, n, heads * d]` projections, returning
 /// `[b, n, heads * d]`. `causal` masks out later tokens (CLIP's text transformer).
+/// k and v are viewed with q's batch, as ComfyUI's kernels do: a patch that splits q into tiles
+/// (HyperTile) makes each tile attend to the matching run of tokens.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, causal: bool) -> Tensor {
+    let b = q.size()[0];
     let split = |t: &Tensor| {
         let s = t.size();
-        t.view([s[0], s[1], heads, s[2] / heads]).transpose(1, 2)
+        t.reshape([b, -1, heads, s[2] / heads]).transpose(1, 2)
     };
     let out = Tensor::scaled_dot_product_attention(&split(q), &split(k), &split(v), None::<Tensor>, 0.0, causal, None, false);
     let s = out.size();
@@ -100,12 +107,24 @@ impl BasicTransformerBlock {
         }
     }
 
-    /// `replace`: a model patch computing the self-attention instead (ComfyUI's `attn1` replace).
-    pub fn forward(&self, x: &Tensor, context: &Tensor, replace: Option<(&dyn AttnReplace, &AttnCx<'_>)>) -> Result<Tensor, NodeError> {
-        let n = self.norm1.forward(x);
-        let attn = match replace {
-            Some((r, cx)) => self.attn1.forward_replaced(&n, r, cx)?,
+    /// `hooks`: the model's patches and where this block is (ComfyUI's attn1 patches, replacement and
+    /// output patches, in that order).
+    pub fn forward(&self, x: &Tensor, context: &Tensor, hooks: Option<(&UnetPatches, &AttnCx<'_>)>) -> Result<Tensor, NodeError> {
+        let mut n = self.norm1.forward(x);
+        let attn = match hooks.filter(|(p, _)| !p.is_empty()) {
             None => self.attn1.forward(&n, None),
+            Some((p, cx)) => {
+                let (mut ctx, mut value) = (n.shallow_clone(), n.shallow_clone());
+                for patch in &p.attn1_patch {
+                    (n, ctx, value) = patch.apply(n, ctx, value, cx)?;
+                }
+                let replace = p.attn1_for(cx.block, cx.transformer);
+                let mut out = self.attn1.forward_qkv(&n, &ctx, &value, replace.map(|r| (r.as_ref(), cx)))?;
+                for patch in &p.attn1_output_patch {
+                    out = patch.apply(out, cx)?;
+                }
+                out
+            }
         };
         let x = attn + x;
         let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + &x;
@@ -161,8 +180,8 @@ impl SpatialTransformer {
             Proj::Linear(lin) => lin.forward(&to_tokens(&xn)),
         };
         for (i, block) in self.blocks.iter().enumerate() {
-            let replace = hooks.and_then(|(p, id, call)| Some((p.attn1_for(id, i)?, AttnCx { block: id, transformer: i, heads: block.attn1.heads, call })));
-            t = block.forward(&t, context, replace.as_ref().map(|(r, cx)| (r.as_ref(), cx)))?;
+            let cx = hooks.map(|(p, id, call)| (p, AttnCx { block: id, transformer: i, heads: block.attn1.heads, call }));
+            t = block.forward(&t, context, cx.as_ref().map(|(p, cx)| (*p, cx)))?;
         }
         let out = match &self.proj_out {
             Proj::Conv(conv) => conv.forward(&to_map(&t)),
