@@ -372,3 +372,47 @@ fn hooks_equal_comfyui_closures() {
     check("shrink up", &up, &get("shrink.up"));
     println!("hooks vs ComfyUI's closures: worst relative difference {worst:.2e}");
 }
+
+/// LoraSave extracts a LoRA from a model difference (ModelMergeSubtract), in ComfyUI's names; LoraLoader
+/// reads it back: full differences restore the other model's weights (to fp16 precision), a full-rank
+/// SVD extraction comes close (its values clamped at their 0.99 quantile, as ComfyUI does).
+#[test]
+fn lora_save_extracts_a_difference_that_lora_loader_applies() {
+    let d = Dir::new();
+    let ck = tiny_sd1(&d, "m.safetensors");
+    let other = d.join("other.safetensors");
+    write_checkpoint(&other, &tiny_config(Family::Sd1, false), Kind::Float, 9, true).unwrap();
+    let nodes = format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+        "c2": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {other:?}}}),
+        "diff": (type: "ModelMergeSubtract", inputs: {{"model1": Link("c2", "MODEL"), "model2": Link("c", "MODEL"), "multiplier": 1.0}}),
+        "full": (type: "LoraSave", inputs: {{"filename_prefix": "loras/full", "rank": 8, "lora_type": "full_diff", "model_diff": Link("diff", "MODEL")}}),
+        "svd": (type: "LoraSave", inputs: {{"filename_prefix": "loras/svd", "rank": 4096, "lora_type": "standard", "model_diff": Link("diff", "MODEL")}}),
+        "low": (type: "LoraSave", inputs: {{"filename_prefix": "loras/low", "rank": 2, "lora_type": "standard", "model_diff": Link("diff", "MODEL")}}),"#
+    );
+    outputs(&d, &nodes, &[]).unwrap();
+    let saved = |name: &str| d.join(&format!("output/loras/{name}_00001_.safetensors"));
+    let f = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&saved("svd")).unwrap();
+    assert!(f.tensors().contains_key("diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.lora_up.weight"));
+    assert!(f.tensors().contains_key("diffusion_model.input_blocks.1.0.in_layers.0.diff") && f.tensors().contains_key("diffusion_model.out.2.diff_b"));
+    let weights = |lora: &std::path::Path| -> Vec<(String, Tensor)> {
+        let nodes = format!(
+            r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+            "l": (type: "LoraLoaderModelOnly", inputs: {{"model": Link("c", "MODEL"), "lora_name": {lora:?}, "strength_model": 1.0}}),"#
+        );
+        let v = outputs(&d, &nodes, &[("l", "MODEL", 0)]).unwrap();
+        let Value::Model(h) = &v[0] else { panic!() };
+        h.downcast::<diffloom_nodes::sd::SdModel>().unwrap().unet.state.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect()
+    };
+    let target = diffloom_nodes::checkpoint::load::load_checkpoint(&other, tch::Device::Cpu, Kind::Float).unwrap().unet.unwrap();
+    let base = diffloom_nodes::checkpoint::load::load_checkpoint(&ck, tch::Device::Cpu, Kind::Float).unwrap().unet.unwrap();
+    // The squared distance to model2's weights, summed over every weight.
+    let distance = |w: &[(String, Tensor)]| -> f64 {
+        w.iter().map(|(k, t)| (t - &target.state.iter().find(|(n, _)| n == k).unwrap().1).square().sum(Kind::Double).double_value(&[])).sum()
+    };
+    let start = distance(&base.state);
+    let (full, svd, low) = (distance(&weights(&saved("full"))), distance(&weights(&saved("svd"))), distance(&weights(&saved("low"))));
+    println!("squared distance to model2: base {start:.3}, full_diff {full:.2e}, full-rank SVD {svd:.3}, rank 2 {low:.3}");
+    assert!(full < 1e-6 * start, "full_diff: {full} vs {start}");
+    assert!(svd < 0.5 * start && low > svd, "svd {svd}, rank 2 {low}, start {start}");
+}

@@ -8,6 +8,7 @@ const DISPLAY_NAMES: &[(&str, &str)] = &[
     ("CheckpointLoaderSimple", "Load Checkpoint"),
     ("CheckpointLoader", "Load Checkpoint With Config (DEPRECATED)"),
     ("CheckpointSave", "Save Checkpoint"),
+    ("LoraSave", "Extract and Save Lora"),
     ("SelfAttentionGuidance", "Self-Attention Guidance"),
     ("PatchModelAddDownscale", "PatchModelAddDownscale (Kohya Deep Shrink)"),
     ("APG", "Adaptive Projected Guidance"),

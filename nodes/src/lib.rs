@@ -84,6 +84,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(model_merging::UNetCrossAttentionMultiply),
         Rc::new(model_merging::CLIPAttentionMultiply),
         Rc::new(model_merging::CheckpointSave),
+        Rc::new(model_merging::LoraSave),
         // sampling/custom_sampling
         Rc::new(custom::SamplerCustom),
         Rc::new(custom::SamplerCustomAdvanced),

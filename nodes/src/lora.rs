@@ -28,9 +28,18 @@ pub struct LoraModule {
     pub alpha: Option<f64>,
 }
 
+/// A full difference for one weight (`.diff`) or bias (`.diff_b`), as ComfyUI's LoraSave writes them.
+pub struct DiffModule {
+    /// The key without its suffix.
+    pub name: String,
+    pub delta: Tensor,
+    pub bias: bool,
+}
+
 /// A LoRA file's modules, and the keys diffloom cannot apply (with why).
 pub struct LoraFile {
     pub modules: Vec<LoraModule>,
+    pub diffs: Vec<DiffModule>,
     pub unsupported: Vec<(String, &'static str)>,
 }
 
@@ -94,8 +103,18 @@ impl LoraFile {
                 modules.push(LoraModule { name: base.to_owned(), down, up, alpha });
             }
         }
+        let mut diffs = Vec::new();
+        for key in &keys {
+            let (name, bias) = match (key.strip_suffix(".diff"), key.strip_suffix(".diff_b")) {
+                (Some(n), _) => (n, false),
+                (_, Some(n)) => (n, true),
+                _ => continue,
+            };
+            used.insert(key.to_string());
+            diffs.push(DiffModule { name: name.to_owned(), delta: file.load(key, Device::Cpu, Some(Kind::Float))?, bias });
+        }
         unsupported.extend(keys.iter().filter(|k| !used.contains(k.as_str())).map(|k| (k.to_string(), unsupported_kind(k))));
-        Ok(LoraFile { modules, unsupported })
+        Ok(LoraFile { modules, diffs, unsupported })
     }
 }
 
@@ -209,6 +228,10 @@ pub fn unet_key_map(config: &UnetConfig, state: &[(String, Tensor)]) -> HashMap<
         if let (Some(module), true) = (name.strip_suffix(".weight"), t.dim() >= 2) {
             map.insert(format!("lora_unet_{}", module.replace('.', "_")), Target::whole(name.clone()));
         }
+        // ComfyUI's own names (LoraSave): `diffusion_model.` + the LDM path.
+        if let Some(module) = name.strip_suffix(".weight") {
+            map.insert(format!("diffusion_model.{module}"), Target::whole(name.clone()));
+        }
     }
     for (path, ldm) in unet_modules(config, state) {
         map.insert(format!("lora_unet_{}", path.replace('.', "_")), Target::whole(ldm.clone()));
@@ -225,6 +248,10 @@ pub fn clip_key_map(model: &ClipTextModel) -> HashMap<String, Target> {
     for (path, target) in clip_modules(model) {
         map.insert(format!("lora_te_text_model_{}", path.replace('.', "_")), target.clone());
         map.insert(format!("text_encoder.text_model.{path}"), target.clone());
+        // ComfyUI's own names (LoraSave): its SD 1.x (clip_l) and SD 2.x (clip_h) encoders.
+        for enc in ["clip_l", "clip_h"] {
+            map.insert(format!("text_encoders.{enc}.transformer.text_model.{path}"), target.clone());
+        }
         map.insert(format!("text_encoder.{path}"), target);
     }
     map
@@ -271,6 +298,25 @@ pub fn patch_state(state: &[(String, Tensor)], patches: &[(&Target, &LoraModule,
     Ok(state.iter().map(|(k, t)| (k.clone(), patched.remove(k.as_str()).unwrap_or_else(|| t.shallow_clone()))).collect())
 }
 
+/// `state` with full differences added: `w + strength · delta` in fp32, rounded once (a new tensor;
+/// the model's own stays as it is).
+fn add_diffs(mut state: Vec<(String, Tensor)>, diffs: &[(Target, &Tensor, f64)]) -> Result<Vec<(String, Tensor)>, String> {
+    for (target, delta, strength) in diffs {
+        let Some(entry) = state.iter_mut().find(|(k, _)| *k == target.key) else { return Err(format!("the model has no weight {:?}", target.key)) };
+        let w = entry.1.to_dtype(Kind::Float, false, true);
+        let mut region = match target.rows {
+            Some((start, len)) => w.f_narrow(0, start, len).map_err(|e| e.to_string())?,
+            None => w.shallow_clone(),
+        };
+        if region.size() != delta.size() {
+            return Err(format!("a difference of shape {:?} does not fit {} {:?}", delta.size(), target.key, region.size()));
+        }
+        let _ = region.f_add_(&(delta.to_device(w.device()) * *strength)).map_err(|e| e.to_string())?;
+        entry.1 = w.to_kind(entry.1.kind());
+    }
+    Ok(state)
+}
+
 /// The UNet rebuilt from a patched state.
 pub fn rebuild_unet(unet: &Loaded<Unet>, state: Vec<(String, Tensor)>) -> Result<Loaded<Unet>, LoadError> {
     build(from_state(state), |p| Unet::new(p, unet.config.clone()), &mut 0)
@@ -299,7 +345,7 @@ pub fn apply_lora(
     let lora = LoraFile::open(path).map_err(|e| NodeError::Failed(e.to_string()))?;
     let unet_map = model.map(|(m, _)| unet_key_map(&m.unet.config, &m.unet.state)).unwrap_or_default();
     let clip_map = clip.map(|(c, _)| clip_key_map(&c.model)).unwrap_or_default();
-    let is_text = |n: &str| n.starts_with("lora_te") || n.starts_with("text_encoder.");
+    let is_text = |n: &str| n.starts_with("lora_te") || n.starts_with("text_encoder.") || n.starts_with("text_encoders.");
     let (mut unet_patches, mut clip_patches, mut unmatched, mut skipped) = (Vec::new(), Vec::new(), Vec::new(), (0, 0));
     for m in &lora.modules {
         match (unet_map.get(&m.name), clip_map.get(&m.name), model, clip) {
@@ -311,7 +357,22 @@ pub fn apply_lora(
             _ => unmatched.push(m.name.as_str()),
         }
     }
-    if unet_patches.is_empty() && clip_patches.is_empty() {
+    // Full differences (`.diff`, `.diff_b`): the weight or bias of the module the name addresses.
+    let (mut unet_diffs, mut clip_diffs) = (Vec::new(), Vec::new());
+    for d in &lora.diffs {
+        let target = |t: &Target| {
+            let key = if d.bias { t.key.strip_suffix(".weight").map_or(t.key.clone(), |k| format!("{k}.bias")) } else { t.key.clone() };
+            Target { key, rows: t.rows }
+        };
+        match (unet_map.get(&d.name), clip_map.get(&d.name), model, clip) {
+            (Some(t), _, Some((_, s)), _) => unet_diffs.push((target(t), &d.delta, s)),
+            (_, Some(t), _, Some((_, s))) => clip_diffs.push((target(t), &d.delta, s)),
+            _ if is_text(&d.name) && clip.is_none() => skipped.1 += 1,
+            _ if !is_text(&d.name) && model.is_none() => skipped.0 += 1,
+            _ => unmatched.push(d.name.as_str()),
+        }
+    }
+    if unet_patches.is_empty() && clip_patches.is_empty() && unet_diffs.is_empty() && clip_diffs.is_empty() {
         let kinds: Vec<&str> = lora.unsupported.iter().map(|(_, k)| *k).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
         return Err(failed(match (lora.modules.first(), lora.unsupported.first()) {
             (Some(_), _) if unmatched.is_empty() => {
@@ -345,16 +406,16 @@ pub fn apply_lora(
         messages.push(format!("warning: {} LoRA keys not loaded: {}{more}", not_loaded.len(), shown.join(", ")));
     }
     let new_model = match model {
-        Some((m, _)) if !unet_patches.is_empty() => {
-            let state = patch_state(&m.unet.state, &unet_patches).map_err(failed)?;
+        Some((m, _)) if !unet_patches.is_empty() || !unet_diffs.is_empty() => {
+            let state = add_diffs(patch_state(&m.unet.state, &unet_patches).map_err(failed)?, &unet_diffs).map_err(failed)?;
             let unet = rebuild_unet(&m.unet, state).map_err(|e| failed(e.to_string()))?;
             Some(SdModel { unet, ..m.clone() })
         }
         _ => None,
     };
     let new_clip = match clip {
-        Some((c, _)) if !clip_patches.is_empty() => {
-            let state = patch_state(&c.model.state, &clip_patches).map_err(failed)?;
+        Some((c, _)) if !clip_patches.is_empty() || !clip_diffs.is_empty() => {
+            let state = add_diffs(patch_state(&c.model.state, &clip_patches).map_err(failed)?, &clip_diffs).map_err(failed)?;
             let model = rebuild_clip(&c.model, state).map_err(|e| failed(e.to_string()))?;
             Some(SdClip { model, ..c.clone() })
         }

@@ -313,3 +313,91 @@ impl Node for CheckpointSave {
         Ok(vec![])
     }
 }
+
+/// ComfyUI's `extract_lora`: the best rank-`rank` factorisation of a weight difference (SVD), its
+/// values clamped to their 0.99 quantile; convolutions flattened (1×1 squeezed) and shaped back.
+fn extract_lora(diff: &Tensor, rank: i64) -> Result<(Tensor, Tensor), NodeError> {
+    let s = diff.size();
+    let (out_dim, in_dim) = (s[0], s[1]);
+    let rank = rank.min(in_dim).min(out_dim);
+    let conv = s.len() == 4;
+    let m = match s.as_slice() {
+        [_, _, 1, 1] => diff.reshape([out_dim, in_dim]),
+        [_, _, _, _] => diff.flatten(1, -1),
+        _ => diff.shallow_clone(),
+    };
+    // torch.svd (linalg_svd without a driver, which tch cannot leave unset): V, not Vᴴ.
+    let (u, sv, v) = m.to_kind(Kind::Float).f_svd(true, true)?;
+    let vh = v.transpose(0, 1);
+    let u = u.narrow(1, 0, rank).matmul(&sv.narrow(0, 0, rank).diag(0));
+    let vh = vh.narrow(0, 0, rank);
+    let all = Tensor::cat(&[u.flatten(0, -1), vh.flatten(0, -1)], 0);
+    let hi = all.f_quantile_scalar(0.99, None::<i64>, false, "linear")?.double_value(&[]);
+    let (u, vh) = (u.clamp(-hi, hi), vh.clamp(-hi, hi));
+    Ok(if conv { (u.reshape([out_dim, rank, 1, 1]), vh.reshape([rank, in_dim, s[2], s[3]])) } else { (u, vh) })
+}
+
+/// The LoRA keys of one model part's difference state: `prefix` + the module path.
+fn lora_tensors(state: &[(String, Tensor)], prefix: &str, rank: i64, full: bool, bias_diff: bool, out: &mut Vec<(String, Tensor)>) -> Result<(), NodeError> {
+    for (k, w) in state {
+        if let Some(module) = k.strip_suffix(".weight") {
+            let base = format!("{prefix}{module}");
+            if full || w.dim() < 2 {
+                if full || bias_diff {
+                    out.push((format!("{base}.diff"), w.to_kind(Kind::Half)));
+                }
+                continue;
+            }
+            let (up, down) = extract_lora(w, rank)?;
+            out.push((format!("{base}.lora_up.weight"), up.to_kind(Kind::Half).contiguous()));
+            out.push((format!("{base}.lora_down.weight"), down.to_kind(Kind::Half).contiguous()));
+        } else if let (Some(module), true) = (k.strip_suffix(".bias"), bias_diff) {
+            out.push((format!("{prefix}{module}.diff_b"), w.to_kind(Kind::Half)));
+        }
+    }
+    Ok(())
+}
+
+/// ComfyUI's LoraSave ("Extract and Save Lora"): a LoRA from a model difference (ModelMergeSubtract's
+/// output) and a text-encoder difference, in ComfyUI's key names, which LoraLoader reads back.
+pub struct LoraSave;
+impl Node for LoraSave {
+    fn schema(&self) -> Schema {
+        Schema::new("LoraSave", "_for_testing")
+            .describe("Extracts a LoRA (SVD to the given rank, or full differences) from a model difference and saves it, never overwriting.")
+            .input("filename_prefix", Str::new("loras/ComfyUI_extracted_lora"))
+            .input("rank", diffloom_core::Int::new(8).range(1, 4096))
+            .input("lora_type", diffloom_core::Combo::of(&["standard", "full_diff"]))
+            .input("bias_diff", diffloom_core::Bool(true))
+            .optional("model_diff", ValueType::Model)
+            .optional("text_encoder_diff", ValueType::Clip)
+            .output_node()
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        use crate::models::clip::ClipLayout;
+        let (rank, full, bias_diff) = (a.i64("rank")?, a.string("lora_type")? == "full_diff", a.boolean("bias_diff")?);
+        let mut tensors = Vec::new();
+        if a.get("model_diff").is_some() {
+            let m: &SdModel = a.handle("model_diff")?;
+            lora_tensors(&m.unet.state, "diffusion_model.", rank, full, bias_diff, &mut tensors)?;
+        }
+        if a.get("text_encoder_diff").is_some() {
+            let c: &SdClip = a.handle("text_encoder_diff")?;
+            if c.model.config.layout == ClipLayout::OpenClip {
+                return Err(NodeError::input("text_encoder_diff", "SD 2.x (OpenCLIP) text-encoder differences are not extracted yet; leave this input empty"));
+            }
+            lora_tensors(&c.model.state, "text_encoders.clip_l.transformer.text_model.", rank, full, bias_diff, &mut tensors)?;
+        }
+        if tensors.is_empty() {
+            cx.messages.push("nothing to save: neither model_diff nor text_encoder_diff is connected".into());
+            return Ok(vec![]);
+        }
+        let prefix = a.string("filename_prefix")?;
+        let dir = cx.output_dir.to_path_buf();
+        crate::imageio::check_confined(cx, &dir, prefix)?;
+        let bytes = crate::checkpoint::synthetic::serialize(&tensors, None).map_err(NodeError::Failed)?;
+        let path = crate::imageio::save_numbered(&dir, prefix, "safetensors", |f| std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string()))?;
+        cx.messages.push(format!("wrote {} ({} tensors)", path.display(), tensors.len()));
+        Ok(vec![])
+    }
+}
