@@ -460,3 +460,62 @@ fn scribble_plugin_composes_canny_and_morphology() {
     let (s, e) = (scribble.sum(tch::Kind::Double).double_value(&[]), edges.sum(tch::Kind::Double).double_value(&[]));
     assert!(e > 1000.0 && s > 3.0 * e, "strokes {s} vs edges {e}");
 }
+
+/// A Lua plugin patches a model through the same hooks as the built-in patches
+/// (`diffloom.patch_model`): a post-CFG function that keeps the estimate changes nothing, a CFG
+/// function returning the conditional prediction samples as cfg 1 does, and a hook's errors and
+/// runaway loops are reported with the plugin file (the budget counts per sampling run).
+#[test]
+fn lua_plugins_patch_models_through_the_same_hooks() {
+    let d = Dir::new();
+    std::fs::create_dir_all(d.join("plugins")).unwrap();
+    d.write(
+        "plugins/guidance.lua",
+        r#"
+diffloom.node {
+  name = "LuaGuidance",
+  category = "model_patches",
+  inputs = { { "model", "MODEL" }, { "mode", "STRING", default = "keep" } },
+  outputs = { { "MODEL", "MODEL" } },
+  execute = function(a)
+    if a.mode == "keep" then
+      return diffloom.patch_model(a.model, { post_cfg = function(args) return args.denoised end })
+    elseif a.mode == "cond" then
+      return diffloom.patch_model(a.model, { cfg = function(args) return args.cond_denoised end })
+    elseif a.mode == "loop" then
+      return diffloom.patch_model(a.model, { post_cfg = function(args) while true do end end })
+    end
+    return diffloom.patch_model(a.model, { post_cfg = function(args) return 1 end })
+  end,
+}
+"#,
+    );
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let ck = crate::util::tiny_sd1(&d, "m.safetensors");
+    let graph = |mode: &str, cfg: f64| {
+        format!(
+            r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+            "g": (type: "LuaGuidance", inputs: {{"model": Link("c", "MODEL"), "mode": {mode:?}}}),
+            "p": (type: "CLIPTextEncode", inputs: {{"text": "a fox", "clip": Link("c", "CLIP")}}),
+            "n": (type: "CLIPTextEncode", inputs: {{"text": "blurry", "clip": Link("c", "CLIP")}}),
+            "e": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 64}}),
+            "s": (type: "KSampler", inputs: {{"model": Link("g", "MODEL"), "seed": 3, "steps": 2, "cfg": {cfg:?}, "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link("e", "LATENT")}}),
+            "b": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": 3, "steps": 2, "cfg": {cfg:?}, "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link("e", "LATENT")}}),
+            "o": (type: "PreviewAny", inputs: {{"source": Link("s", "LATENT")}}), "o2": (type: "PreviewAny", inputs: {{"source": Link("b", "LATENT")}}),"#
+        )
+    };
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let keep = tensor(&output(&d, &mut ex, &reg, &graph("keep", 5.0), "s", 0));
+    let base = tensor(&output(&d, &mut ex, &reg, &graph("keep", 5.0), "b", 0));
+    assert_eq!((&keep - &base).abs().max().double_value(&[]), 0.0);
+    let cond = tensor(&output(&d, &mut ex, &reg, &graph("cond", 5.0), "s", 0));
+    let cfg1 = tensor(&output(&d, &mut ex, &reg, &graph("keep", 1.0), "b", 0));
+    let e = (&cond - &cfg1).abs().max().double_value(&[]);
+    assert!(e < 1e-4, "the Lua CFG function returning the conditional prediction vs cfg 1: {e}");
+    assert!((&cond - &base).abs().max().double_value(&[]) > 1e-3);
+    for (mode, want) in [("bad", "must return a tensor"), ("loop", "limit")] {
+        let err = run(&d, &mut ex, &reg, &graph(mode, 5.0)).error.expect("an error").to_string();
+        assert!(err.contains("guidance.lua") && err.contains(want), "{mode}: {err}");
+    }
+}

@@ -296,7 +296,7 @@ fn hooks_equal_comfyui_closures() {
 
     let (x, cond, uncond) = (get("cfg.x"), get("cfg.cond"), get("cfg.uncond"));
     fn cfg_args<'a>(x: &'a Tensor, c: &'a Tensor, u: &'a Tensor, sigma: f64) -> CfgArgs<'a> {
-        CfgArgs { input: x, sigma, cond_scale: 6.5, cond_denoised: c, uncond_denoised: u, sides: None }
+        CfgArgs { input: x, sigma, cond_scale: 6.5, cond_denoised: c, uncond_denoised: u, sides: None, run: 0 }
     }
     for m in [0.7, 0.0] {
         let p = patches(&mp::RescaleCFG, vec![("multiplier", f(m))]);

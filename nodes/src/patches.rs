@@ -162,6 +162,15 @@ pub struct CfgArgs<'a> {
     /// The guider's sides the conditional and unconditional predictions came from (ComfyUI's
     /// `cond`/`uncond` lists), and the model to run them again; None outside a sampling run.
     pub sides: Option<(usize, Option<usize>, &'a dyn ModelRunner)>,
+    /// The sampling run this call belongs to (a number new for each run; 0 outside one), so a hook
+    /// can tell runs apart (a Lua hook's budget counts per run).
+    pub run: u64,
+}
+
+/// A number for a new sampling run.
+pub fn next_run() -> u64 {
+    static RUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Replaces classifier-free guidance's formula (`sampler_cfg_function`); returns the guided denoised

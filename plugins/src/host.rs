@@ -218,7 +218,8 @@ fn lua_message(e: &mlua::Error) -> String {
     text.lines().next().unwrap_or("").trim_start_matches("runtime error: ").trim_start_matches("syntax error: ").to_owned()
 }
 
-/// The `diffloom` table: `node`, `log`, `tensor`, `zeros`, `ones`, `cat`, `image`, `mask`, `latent`
+/// The `diffloom` table: `node`, `log`, `tensor`, `zeros`, `ones`, `cat`, `image`, `mask`, `latent`,
+/// `patch_model`
 /// (`call` is added around each execute, where the running node's context exists).
 fn install_api(state: &Rc<PluginState>, declared: Rc<RefCell<Vec<(Schema, Function)>>>, choices_of: ChoiceLists) -> mlua::Result<()> {
     let lua = &state.lua;
@@ -264,6 +265,7 @@ fn install_api(state: &Rc<PluginState>, declared: Rc<RefCell<Vec<(Schema, Functi
     for (name, ty) in [("image", ValueType::Image), ("mask", ValueType::Mask), ("latent", ValueType::Latent)] {
         t.set(name, lua.create_function(move |_, x: LuaTensor| Ok(LuaTensor::new(x.tensor, Some(ty))))?)?;
     }
+    crate::hooks::install(lua, &t, state.budget.clone(), state.path.display().to_string())?;
     lua.globals().set("diffloom", t)?;
     Ok(())
 }

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod hooks;
 pub mod host;
 pub mod sandbox;
 

@@ -98,12 +98,14 @@ impl Guidance {
         sigma: f64,
         needed: &[bool],
         runner: &dyn ModelRunner,
+        run: u64,
     ) -> Result<(Tensor, Tensor), NodeError> {
         // `sides`: the sides the two predictions came from (ComfyUI's cond and uncond lists; None for
         // a side that was not run), for functions that run the model again.
         let args = |cond: &'_ Tensor, uncond: &'_ Tensor, scale: f64, sides: (usize, usize)| {
             let uncond_side = needed.get(sides.1).copied().unwrap_or(false).then_some(sides.1);
-            let a = CfgArgs { input: x, sigma, cond_scale: scale, cond_denoised: cond, uncond_denoised: uncond, sides: Some((sides.0, uncond_side, runner)) };
+            let a =
+                CfgArgs { input: x, sigma, cond_scale: scale, cond_denoised: cond, uncond_denoised: uncond, sides: Some((sides.0, uncond_side, runner)), run };
             patches.guide(&a)
         };
         Ok(match *self {
@@ -140,7 +142,15 @@ impl Guidance {
                 let perp = &neg - &pos * proj;
                 let mut out = empty + (pos - perp * neg_scale) * cfg;
                 let uncond_side = needed.get(1).copied().unwrap_or(false).then_some(1);
-                let a = CfgArgs { input: x, sigma, cond_scale: cfg, cond_denoised: positive, uncond_denoised: negative, sides: Some((0, uncond_side, runner)) };
+                let a = CfgArgs {
+                    input: x,
+                    sigma,
+                    cond_scale: cfg,
+                    cond_denoised: positive,
+                    uncond_denoised: negative,
+                    sides: Some((0, uncond_side, runner)),
+                    run,
+                };
                 for post in &patches.post_cfg {
                     out = post.apply(out, &a)?;
                 }
@@ -171,6 +181,8 @@ pub struct CfgDenoiser<'a> {
     pub patches: Rc<ModelPatches>,
     /// The run's sigmas, which a denoise-mask function reads.
     pub run_sigmas: Vec<f64>,
+    /// This sampling run's number (`patches::next_run`).
+    pub run: u64,
 }
 
 impl<'a> CfgDenoiser<'a> {
@@ -187,6 +199,7 @@ impl<'a> CfgDenoiser<'a> {
             first_estimate: None,
             patches: Rc::default(),
             run_sigmas: Vec::new(),
+            run: crate::patches::next_run(),
         }
     }
 }
@@ -269,7 +282,7 @@ impl CfgDenoiser<'_> {
         let label = move |side: usize| if dual { 2 - side.min(2) } else { side };
         let (preds, time) = self.calc(&x_in, sigma, &needed, &self.patches.unet, Some(&label))?;
         self.model_time += time;
-        let (guided, uncond) = self.guidance.combine(preds, &self.patches, &x_in, sigma, &needed, &*self)?;
+        let (guided, uncond) = self.guidance.combine(preds, &self.patches, &x_in, sigma, &needed, &*self, self.run)?;
         let guided = match (&self.noise_mask, &mask) {
             (Some(m), Some(mask)) => &guided * mask + &m.latent_image * (mask.neg() + 1.0),
             _ => guided,
