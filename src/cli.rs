@@ -128,6 +128,10 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Which of ComfyUI's built-in nodes diffloom's built-in nodes cover, as Markdown (README.md's
+        /// "ComfyUI node coverage" section; plugins not counted).
+        #[arg(long, conflicts_with_all = ["name", "json"])]
+        coverage: bool,
     },
 }
 

@@ -8,6 +8,7 @@ mod cli;
 mod comfy;
 mod conditioning;
 mod controlnet;
+mod coverage;
 mod custom_sampling;
 mod graph_format;
 mod ksampler;

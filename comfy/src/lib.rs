@@ -6,6 +6,7 @@
 
 pub mod a1111;
 pub mod api;
+pub mod coverage;
 pub mod display;
 pub mod embedded;
 pub mod error;

@@ -70,6 +70,6 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             serve::serve(settings, cli.device)
         }
-        Command::Nodes { name, json } => nodes::nodes(name.as_deref(), json),
+        Command::Nodes { name, json, coverage } => nodes::nodes(name.as_deref(), json, coverage),
     }
 }

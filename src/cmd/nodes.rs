@@ -1,4 +1,5 @@
-//! `diffloom nodes [NAME] [--json]`: the registry's schemas.
+//! `diffloom nodes [NAME] [--json]`: the registry's schemas; `diffloom nodes --coverage`: which of
+//! ComfyUI's nodes the built-in ones cover.
 
 use std::process::ExitCode;
 
@@ -8,7 +9,12 @@ use diffloom_core::registry::Entry;
 
 use crate::session;
 
-pub fn nodes(name: Option<&str>, json: bool) -> Result<ExitCode> {
+pub fn nodes(name: Option<&str>, json: bool, coverage: bool) -> Result<ExitCode> {
+    if coverage {
+        // Built-in nodes only: the output is README.md's section, the same on every machine.
+        print!("{}", diffloom_comfy::coverage::markdown(&diffloom_nodes::registry()));
+        return Ok(ExitCode::SUCCESS);
+    }
     let registry = session::registry();
     let entries: Vec<&Entry> = match name {
         Some(n) => match registry.get(n) {
