@@ -416,3 +416,44 @@ fn lora_save_extracts_a_difference_that_lora_loader_applies() {
     assert!(full < 1e-6 * start, "full_diff: {full} vs {start}");
     assert!(svd < 0.5 * start && low > svd, "svd {svd}, rank 2 {low}, start {start}");
 }
+
+/// HypernetworkLoader reads A1111 hypernetwork pickles and changes the cross-attention's text states as
+/// ComfyUI's patch does (tests/parity/hypernetwork_reference.py copies it): ReLU with layer norms, and
+/// Mish with an activated output; sampling changes, and strength 0 is the model itself.
+#[test]
+fn hypernetworks_patch_the_text_states_as_comfyui() {
+    use diffloom_nodes::builtin::loaders::{CheckpointLoaderSimple, HypernetworkLoader};
+    use diffloom_nodes::patches::{AttnCx, BlockId, CallCx};
+    let d = Dir::new();
+    crate::parity::run_reference("hypernetwork_reference.py", &[d.path()]);
+    let r = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&d.join("hypernetwork_expected.safetensors")).unwrap();
+    let get = |k: &str| r.load(k, tch::Device::Cpu, None).unwrap();
+    let ck = tiny_sd1(&d, "m.safetensors");
+    let model = crate::util::call(&CheckpointLoaderSimple, vec![("ckpt_name", Some(Value::String(ck.display().to_string())))]).unwrap()[0].clone();
+    let context = get("input.context");
+    let call = CallCx { sigma: 1.0, original_shape: &[1, 4, 8, 8], cond_or_uncond: &[] };
+    let cx = AttnCx { block: BlockId::Middle, transformer: 0, heads: 2, call: &call };
+    for name in ["relu_ln", "mish_out"] {
+        let path = d.join(&format!("{name}.pt")).display().to_string();
+        let out = crate::util::call(
+            &HypernetworkLoader,
+            vec![("model", Some(model.clone())), ("hypernetwork_name", Some(Value::String(path))), ("strength", Some(Value::Float(0.8)))],
+        )
+        .unwrap();
+        let Value::Model(h) = &out[0] else { panic!() };
+        let p = h.downcast::<diffloom_nodes::sd::SdModel>().unwrap().patches.clone();
+        let (_, k, v) = p.unet.attn2_patch[0].apply(context.zeros_like(), context.shallow_clone(), context.shallow_clone(), &cx).unwrap();
+        let (ek, ev) = (max_abs_diff(&k, &get(&format!("{name}.k"))), max_abs_diff(&v, &get(&format!("{name}.v"))));
+        println!("{name}: k {ek:.2e}, v {ev:.2e}");
+        assert!(ek < 1e-5 && ev < 1e-5, "{name}");
+        assert!(max_abs_diff(&k, &context) > 1e-2);
+    }
+    let hn = d.join("relu_ln.pt");
+    let patches = format!(
+        r#""h": (type: "HypernetworkLoader", inputs: {{"model": Link("c", "MODEL"), "hypernetwork_name": {hn:?}, "strength": 1.0}}),
+        "h0": (type: "HypernetworkLoader", inputs: {{"model": Link("c", "MODEL"), "hypernetwork_name": {hn:?}, "strength": 0.0}}),"#
+    );
+    let out = sample_each(&d, &ck, &patches, &[("c", "MODEL"), ("h", "MODEL"), ("h0", "MODEL")], 5.0);
+    assert!(max_abs_diff(&out[1], &out[0]) > 1e-3);
+    assert_eq!(max_abs_diff(&out[2], &out[0]), 0.0);
+}

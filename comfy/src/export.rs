@@ -27,6 +27,7 @@ pub const MODEL_INPUTS: &[(&str, &str, &str)] = &[
     ("DiffusersLoader", "model_path", "diffusers"),
     ("UNETLoader", "unet_name", "diffusion_models"),
     ("CLIPLoader", "clip_name", "text_encoders"),
+    ("HypernetworkLoader", "hypernetwork_name", "hypernetworks"),
 ];
 
 /// The ComfyUI folder a node's input names a file in, if it is a model input.

@@ -41,6 +41,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(loaders::DiffusersLoader),
         Rc::new(loaders::UNETLoader),
         Rc::new(loaders::CLIPLoader),
+        Rc::new(loaders::HypernetworkLoader),
         // conditioning
         Rc::new(conditioning::CLIPTextEncode),
         Rc::new(conditioning::CLIPSetLastLayer),

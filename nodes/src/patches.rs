@@ -103,6 +103,9 @@ pub struct UnetPatches {
     pub attn1_patch: Vec<Rc<dyn AttnInPatch>>,
     /// On self-attention's output, in every transformer block.
     pub attn1_output_patch: Vec<Rc<dyn AttnOutPatch>>,
+    /// On cross-attention's inputs (the activation, the text states k and v are projected from), in
+    /// every transformer block (`attn2_patch`: hypernetworks).
+    pub attn2_patch: Vec<Rc<dyn AttnInPatch>>,
 }
 
 impl UnetPatches {
@@ -113,6 +116,7 @@ impl UnetPatches {
             && self.attn1_replace.is_empty()
             && self.attn1_patch.is_empty()
             && self.attn1_output_patch.is_empty()
+            && self.attn2_patch.is_empty()
     }
 
     /// Sets the self-attention replacement for `key` (replacing one set before for the same key).
@@ -140,6 +144,7 @@ impl UnetPatches {
         out.output_block.extend(overlay.output_block.iter().cloned());
         out.attn1_patch.extend(overlay.attn1_patch.iter().cloned());
         out.attn1_output_patch.extend(overlay.attn1_output_patch.iter().cloned());
+        out.attn2_patch.extend(overlay.attn2_patch.iter().cloned());
         out
     }
 }

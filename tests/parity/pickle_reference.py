@@ -42,7 +42,7 @@ for name, obj in cases.items():
         torch.save(obj, path, _use_new_zipfile_serialization=fmt == "zip")
         loaded = torch.load(path, weights_only=True)
         # As ComfyUI's load_torch_file: state_dict, else a one-key dict's dict, else the root; nested
-        # dicts flattened with ".".
+        # dicts (and lists, by index) flattened with ".".
         if "state_dict" in loaded:
             loaded = loaded["state_dict"]
         elif len(loaded) == 1 and isinstance(next(iter(loaded.values())), dict):
@@ -55,6 +55,8 @@ for name, obj in cases.items():
                     flat[key] = v.detach().contiguous().clone()
                 elif isinstance(v, dict):
                     walk(v, key)
+                elif isinstance(v, (list, tuple)):
+                    walk(dict(enumerate(v)), key)
         walk(loaded, "")
         save_file(flat, os.path.join(out, f"{name}.{fmt}.expected.safetensors"))
 

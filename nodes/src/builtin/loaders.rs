@@ -428,3 +428,52 @@ impl Node for DiffControlNetLoader {
         control_net_value(cx, &path, Some(model))
     }
 }
+
+/// The hypernetwork as a cross-attention input patch: `k + hn_k(k)·strength`, `v + hn_v(v)·strength`
+/// on the text states, for the widths it has.
+struct HypernetworkPatch {
+    net: crate::models::hypernetwork::Hypernetwork,
+    strength: f64,
+}
+
+impl crate::patches::AttnInPatch for HypernetworkPatch {
+    fn apply(
+        &self,
+        n: tch::Tensor,
+        k: tch::Tensor,
+        v: tch::Tensor,
+        _cx: &crate::patches::AttnCx<'_>,
+    ) -> Result<(tch::Tensor, tch::Tensor, tch::Tensor), NodeError> {
+        let Some((hk, hv)) = self.net.by_width.get(k.size().last().unwrap_or(&0)) else { return Ok((n, k, v)) };
+        let k2 = &k + hk.forward(&k) * self.strength;
+        let v2 = &v + hv.forward(&v) * self.strength;
+        Ok((n, k2, v2))
+    }
+}
+
+pub struct HypernetworkLoader;
+impl Node for HypernetworkLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("HypernetworkLoader", "loaders")
+            .describe("Applies a hypernetwork (A1111 .pt) to the model's cross-attention text states.")
+            .input("model", ValueType::Model)
+            .input("hypernetwork_name", Str::required())
+            .input("strength", Float::new(1.0).range(-10.0, 10.0).step(0.01))
+            .output("MODEL", ValueType::Model)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "hypernetworks", "hypernetwork_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let m: &SdModel = a.handle("model")?;
+        let path = cx.files.model("hypernetworks", "hypernetwork_name", a.string("hypernetwork_name")?)?;
+        let file = crate::checkpoint::safetensors::SafetensorsFile::open(&path).map_err(|e| NodeError::Failed(e.to_string()))?;
+        let net = crate::models::hypernetwork::Hypernetwork::load(&file).map_err(|e| NodeError::Failed(e.to_string()))?;
+        let widths: Vec<String> = net.by_width.keys().map(|w| w.to_string()).collect();
+        cx.messages.push(format!("{}: hypernetwork for text states {} wide", file_label(&path), widths.join(", ")));
+        let mut p = (*m.patches).clone();
+        p.unet.attn2_patch.push(Rc::new(HypernetworkPatch { net, strength: a.float("strength")? }));
+        let label = format!("{} + {}", m.name, file_label(&path));
+        Ok(vec![Value::Model(Handle::new(SdModel { patches: Rc::new(p), ..m.clone() }, 0, label))])
+    }
+}

@@ -727,7 +727,7 @@ fn same_key(a: &Obj, b: &Obj) -> bool {
 /// The state dict the way ComfyUI's `load_torch_file` finds it: `state_dict` if present, else the only
 /// value of a one-key dict when that is a dict (Real-ESRGAN's `params_ema`), else the root; nested
 /// dicts flattened with `.` (a textual inversion's `string_to_param.*`). Non-tensor values are dropped.
-fn state_dict(root: &Obj, file: &Path) -> Result<Vec<(String, Rc<TensorRef>)>, LoadError> {
+fn state_dict(root: &Obj, file: &Path) -> Result<(Vec<(String, Rc<TensorRef>)>, Vec<(String, String)>), LoadError> {
     let Obj::Dict(d) = root else {
         return Err(LoadError::Unsupported { file: file.to_path_buf(), message: "the pickle holds no dict of tensors (not a checkpoint)".into() });
     };
@@ -740,26 +740,40 @@ fn state_dict(root: &Obj, file: &Path) -> Result<Vec<(String, Rc<TensorRef>)>, L
             _ => root.clone(),
         },
     };
-    let mut out = Vec::new();
-    flatten(&sd, "", &mut out, 0);
-    Ok(out)
+    let (mut out, mut values) = (Vec::new(), Vec::new());
+    flatten(&sd, "", &mut out, &mut values, 0);
+    Ok((out, values))
 }
 
-fn flatten(o: &Obj, prefix: &str, out: &mut Vec<(String, Rc<TensorRef>)>, depth: usize) {
-    let Obj::Dict(d) = o else { return };
+/// Tensors under dotted names (dicts by key, lists by index: a hypernetwork's `768.0.linear.0.weight`),
+/// and the strings, numbers and booleans beside them as text (a hypernetwork's `activation_func`).
+fn flatten(o: &Obj, prefix: &str, out: &mut Vec<(String, Rc<TensorRef>)>, values: &mut Vec<(String, String)>, depth: usize) {
     if depth > 8 {
         return;
     }
-    for (k, v) in d.borrow().iter() {
-        let key = match k {
-            Obj::Str(s) => s.clone(),
-            Obj::Int(i) => i.to_string(),
-            _ => continue,
-        };
+    let entries: Vec<(String, Obj)> = match o {
+        Obj::Dict(d) => d
+            .borrow()
+            .iter()
+            .filter_map(|(k, v)| match k {
+                Obj::Str(s) => Some((s.clone(), v.clone())),
+                Obj::Int(i) => Some((i.to_string(), v.clone())),
+                _ => None,
+            })
+            .collect(),
+        Obj::List(items) => items.borrow().iter().enumerate().map(|(i, v)| (i.to_string(), v.clone())).collect(),
+        Obj::Tuple(items) => items.iter().enumerate().map(|(i, v)| (i.to_string(), v.clone())).collect(),
+        _ => return,
+    };
+    for (key, v) in entries {
         let name = if prefix.is_empty() { key } else { format!("{prefix}.{key}") };
-        match v {
+        match &v {
             Obj::Tensor(t) => out.push((name, t.clone())),
-            Obj::Dict(_) => flatten(v, &name, out, depth + 1),
+            Obj::Dict(_) | Obj::List(_) | Obj::Tuple(_) => flatten(&v, &name, out, values, depth + 1),
+            Obj::Str(s) => values.push((name, s.clone())),
+            Obj::Bool(b) => values.push((name, if *b { "True" } else { "False" }.to_owned())),
+            Obj::Int(i) => values.push((name, i.to_string())),
+            Obj::Float(f) => values.push((name, f.to_string())),
             _ => {}
         }
     }
@@ -768,6 +782,11 @@ fn flatten(o: &Obj, prefix: &str, out: &mut Vec<(String, Rc<TensorRef>)>, depth:
 /// A pickle checkpoint's tensors, in file order, as contiguous CPU tensors, bit-identical to
 /// `torch.load(path, weights_only=True)`'s.
 pub fn read(path: &Path) -> Result<Vec<(String, Tensor)>, LoadError> {
+    read_with_values(path).map(|(tensors, _)| tensors)
+}
+
+/// [`read`], and the strings, numbers and booleans of the state dict as text, by dotted name.
+pub fn read_with_values(path: &Path) -> Result<(Vec<(String, Tensor)>, Vec<(String, String)>), LoadError> {
     let bytes = std::fs::read(path).map_err(|e| LoadError::Io { file: path.to_path_buf(), message: e.to_string() })?;
     if bytes.starts_with(b"PK\x03\x04") {
         read_zip(path, &bytes)
@@ -780,7 +799,7 @@ fn corrupt(path: &Path, message: impl Into<String>) -> LoadError {
     LoadError::Corrupt { file: path.to_path_buf(), message: message.into() }
 }
 
-fn read_zip(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, LoadError> {
+fn read_zip(path: &Path, bytes: &[u8]) -> Result<(Vec<(String, Tensor)>, Vec<(String, String)>), LoadError> {
     let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| corrupt(path, format!("not a readable zip archive: {e}")))?;
     let pkl_name = zip
         .file_names()
@@ -801,13 +820,13 @@ fn read_zip(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, LoadErro
     let pkl = read_entry(&mut zip, &pkl_name, path, bytes.len())?;
     let mut u = Unpickler::new(&pkl, path, false);
     let root = u.run()?;
-    let tensors = state_dict(&root, path)?;
+    let (tensors, values) = state_dict(&root, path)?;
     let mut data: HashMap<String, Vec<u8>> = HashMap::new();
     for (key, _, _) in u.storages.values().map(|s| (**s).clone()) {
         let entry = format!("{prefix}data/{key}");
         data.insert(key, read_entry(&mut zip, &entry, path, bytes.len())?);
     }
-    build(path, tensors, &data)
+    Ok((build(path, tensors, &data)?, values))
 }
 
 /// An archive entry's bytes; `zip_len` (the archive's size) bounds what a lying header can reserve.
@@ -823,7 +842,7 @@ fn read_entry(zip: &mut zip::ZipArchive<std::io::Cursor<&[u8]>>, name: &str, pat
     Ok(out)
 }
 
-fn read_legacy(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, LoadError> {
+fn read_legacy(path: &Path, bytes: &[u8]) -> Result<(Vec<(String, Tensor)>, Vec<(String, String)>), LoadError> {
     let not_torch = || LoadError::Unsupported { file: path.to_path_buf(), message: "a pickle file, but not one torch.save wrote (no magic number)".into() };
     let mut u = Unpickler::new(bytes, path, true);
     match u.run() {
@@ -859,8 +878,8 @@ fn read_legacy(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Tensor)>, LoadE
         data.insert(key, body.to_vec());
         at += 8 + len;
     }
-    let tensors = state_dict(&root, path)?;
-    build(path, tensors, &data)
+    let (tensors, values) = state_dict(&root, path)?;
+    Ok((build(path, tensors, &data)?, values))
 }
 
 /// Rebuilds each tensor from its storage's bytes, checking that the view lies inside the storage.

@@ -63,13 +63,15 @@ impl SafetensorsFile {
     fn open_pickle(path: &Path) -> Result<SafetensorsFile, LoadError> {
         let mut tensors = HashMap::new();
         let mut data = HashMap::new();
-        for (i, (name, t)) in super::pickle::read(path)?.into_iter().enumerate() {
+        let (read, values) = super::pickle::read_with_values(path)?;
+        for (i, (name, t)) in read.into_iter().enumerate() {
             let dtype =
                 kind_dtype(t.kind()).ok_or_else(|| LoadError::Dtype { file: path.to_path_buf(), key: name.clone(), found: format!("{:?}", t.kind()) })?;
             tensors.insert(name.clone(), TensorInfo { dtype, shape: t.size(), start: i, end: i });
             data.insert(name, t);
         }
-        Ok(SafetensorsFile { path: path.to_path_buf(), backing: Backing::Tensors(data), tensors, metadata: HashMap::new() })
+        // The pickle's strings, numbers and booleans stand in for safetensors' metadata.
+        Ok(SafetensorsFile { path: path.to_path_buf(), backing: Backing::Tensors(data), tensors, metadata: values.into_iter().collect() })
     }
 
     /// Opens and validates `path`: a pickle checkpoint, an empty or truncated file, or a header whose

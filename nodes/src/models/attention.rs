@@ -127,7 +127,18 @@ impl BasicTransformerBlock {
             }
         };
         let x = attn + x;
-        let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + &x;
+        let mut n2 = self.norm2.forward(&x);
+        let cross = match hooks.filter(|(p, _)| !p.attn2_patch.is_empty()) {
+            None => self.attn2.forward(&n2, Some(context)),
+            Some((p, cx)) => {
+                let (mut ctx, mut value) = (context.shallow_clone(), context.shallow_clone());
+                for patch in &p.attn2_patch {
+                    (n2, ctx, value) = patch.apply(n2, ctx, value, cx)?;
+                }
+                self.attn2.forward_qkv(&n2, &ctx, &value, None)?
+            }
+        };
+        let x = cross + &x;
         Ok(self.ff.forward(&self.norm3.forward(&x)) + &x)
     }
 }

@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod clip;
 pub mod controlnet;
+pub mod hypernetwork;
 pub mod layers;
 pub mod resnet;
 pub mod rrdbnet;
