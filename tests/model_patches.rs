@@ -63,7 +63,9 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "sag": (type: "SelfAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 0.8, "blur_sigma": 2.0}),
         "sag_zero": (type: "SelfAttentionGuidance", inputs: {"model": Link("c", "MODEL"), "scale": 0.0}),
         "tile": (type: "HyperTile", inputs: {"model": Link("c", "MODEL"), "tile_size": 32}),
-        "tile_none": (type: "HyperTile", inputs: {"model": Link("c", "MODEL")}),"#;
+        "tile_none": (type: "HyperTile", inputs: {"model": Link("c", "MODEL")}),
+        "tome": (type: "TomePatchModel", inputs: {"model": Link("c", "MODEL"), "ratio": 0.5}),
+        "tome_zero": (type: "TomePatchModel", inputs: {"model": Link("c", "MODEL"), "ratio": 0.0}),"#;
     let ids = [
         "c",
         "freeu",
@@ -85,12 +87,14 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "sag_zero",
         "tile",
         "tile_none",
+        "tome",
+        "tome_zero",
     ];
     let models: Vec<(&str, &str)> = ids.iter().map(|id| (*id, if ["zero", "norm"].contains(id) { "patched_model" } else { "MODEL" })).collect();
     let out = sample_each(&d, &ck, patches, &models, 5.0);
     let by = |id: &str| &out[ids.iter().position(|i| *i == id).unwrap()];
     let base = by("c");
-    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before", "pag", "sag", "tile"] {
+    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before", "pag", "sag", "tile", "tome"] {
         let moved = max_abs_diff(by(id), base);
         println!("{id}: moved the latent by {moved:.4}");
         assert!(moved > 1e-3, "{id} changed nothing");
@@ -103,6 +107,8 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
     // HyperTile with tiles as large as the latent (the default 256 pixels on this 64-pixel image) tiles
     // nothing; 32-pixel tiles split the full-resolution level 2 × 2.
     assert_eq!(max_abs_diff(by("tile_none"), base), 0.0);
+    // ToMe merging no token (ratio 0) is the model itself.
+    assert_eq!(max_abs_diff(by("tome_zero"), base), 0.0);
     // SAG at scale 0 differs only by its recorded attention being computed without a fused kernel.
     assert!(max_abs_diff(by("sag_zero"), base) < 1e-3, "{}", max_abs_diff(by("sag_zero"), base));
     // PAG's extra pass runs with the model's own patches (FreeU here) under its perturbation.

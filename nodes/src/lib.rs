@@ -74,6 +74,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(model_patches::PerturbedAttentionGuidance),
         Rc::new(model_patches::SelfAttentionGuidance),
         Rc::new(model_patches::HyperTileNode),
+        Rc::new(model_patches::TomePatchModel),
         // advanced/model_merging, attention multipliers
         Rc::new(model_merging::ModelMergeSimple),
         Rc::new(model_merging::ModelMergeBlocks),

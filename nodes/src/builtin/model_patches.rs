@@ -660,3 +660,130 @@ impl Node for HyperTileNode {
         })
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Token merging (ToMe for SD)
+
+/// What the output patch needs to put the merged tokens back (ComfyUI's `unmerge` closure).
+struct Unmerge {
+    tokens: i64,
+    num_dst: i64,
+    a_idx: Tensor,
+    b_idx: Tensor,
+    unm_idx: Tensor,
+    src_idx: Tensor,
+    dst_idx: Tensor,
+}
+
+/// ToMe (Bolya & Hoffman): at the full-resolution level, self-attention's queries are merged down by
+/// `ratio` (random 2×2 destination tokens, bipartite soft matching) and the output scattered back.
+struct Tome {
+    ratio: f64,
+    state: RefCell<Option<Unmerge>>,
+    /// xorshift state for the destination choice (ComfyUI draws from the device's default generator).
+    rng: RefCell<u64>,
+}
+
+impl Tome {
+    fn draw(&self, n: usize, below: i64) -> Tensor {
+        let mut s = self.rng.borrow_mut();
+        let v: Vec<i64> = (0..n)
+            .map(|_| {
+                *s ^= *s << 13;
+                *s ^= *s >> 7;
+                *s ^= *s << 17;
+                (*s % below as u64) as i64
+            })
+            .collect();
+        Tensor::from_slice(&v)
+    }
+}
+
+impl AttnInPatch for Tome {
+    fn apply(&self, n: Tensor, context: Tensor, value: Tensor, cx: &AttnCx<'_>) -> Result<(Tensor, Tensor, Tensor), NodeError> {
+        *self.state.borrow_mut() = None;
+        let shape = cx.call.original_shape;
+        let (h, w) = (shape[shape.len() - 2], shape[shape.len() - 1]);
+        let s = n.size();
+        let (b, tokens, c) = (s[0], s[1], s[2]);
+        let downsample = (((h * w) / tokens.max(1)) as f64).sqrt().ceil() as i64;
+        let r = (tokens as f64 * self.ratio) as i64;
+        if downsample > 1 || r <= 0 || w == 1 || h == 1 || tokens != h * w {
+            return Ok((n, context, value));
+        }
+        let device = n.device();
+        let (hsy, wsx) = (h / 2, w / 2);
+        let rand_idx = self.draw((hsy * wsx) as usize, 4).view([hsy, wsx, 1]).to_device(device);
+        let buf = Tensor::zeros([hsy, wsx, 4], (Kind::Int64, device)).f_scatter(2, &rand_idx, &rand_idx.full_like(-1))?;
+        let buf = buf.view([hsy, wsx, 2, 2]).transpose(1, 2).reshape([hsy * 2, wsx * 2]);
+        let buf = if hsy * 2 < h || wsx * 2 < w {
+            let full = Tensor::zeros([h, w], (Kind::Int64, device));
+            full.narrow(0, 0, hsy * 2).narrow(1, 0, wsx * 2).copy_(&buf);
+            full
+        } else {
+            buf
+        };
+        let order = buf.reshape([1, -1, 1]).argsort(1, false);
+        let num_dst = hsy * wsx;
+        let (a_idx, b_idx) = (order.narrow(1, num_dst, tokens - num_dst), order.narrow(1, 0, num_dst));
+        let split = |x: &Tensor| -> Result<(Tensor, Tensor), NodeError> {
+            let c = x.size()[2];
+            Ok((x.f_gather(1, &a_idx.expand([b, tokens - num_dst, c], false), false)?, x.f_gather(1, &b_idx.expand([b, num_dst, c], false), false)?))
+        };
+        let metric = &n / n.f_norm_scalaropt_dim(2, &[-1i64][..], true)?;
+        let (a, bb) = split(&metric)?;
+        let scores = a.matmul(&bb.transpose(-1, -2));
+        let r = r.min(a.size()[1]);
+        let (node_max, node_idx) = scores.max_dim(-1, false);
+        let edge_idx = node_max.argsort(-1, true).unsqueeze(-1);
+        let unmerged = a.size()[1] - r;
+        let (unm_idx, src_idx) = (edge_idx.narrow(1, r, unmerged), edge_idx.narrow(1, 0, r));
+        let dst_idx = node_idx.unsqueeze(-1).f_gather(1, &src_idx, false)?;
+        // merge(q): the unmerged sources, then each destination averaged with the sources it took.
+        let (src, dst) = split(&n)?;
+        let unm = src.f_gather(1, &unm_idx.expand([b, unmerged, c], false), false)?;
+        let moved = src.f_gather(1, &src_idx.expand([b, r, c], false), false)?;
+        let index = dst_idx.expand([b, r, c], false);
+        let sum = dst.f_scatter_add(1, &index, &moved)?;
+        let count = dst.ones_like().f_scatter_add(1, &index, &moved.ones_like())?;
+        let merged = Tensor::cat(&[unm, sum / count], 1);
+        *self.state.borrow_mut() = Some(Unmerge { tokens, num_dst, a_idx, b_idx, unm_idx, src_idx, dst_idx });
+        Ok((merged, context, value))
+    }
+}
+
+impl AttnOutPatch for Tome {
+    fn apply(&self, x: Tensor, _cx: &AttnCx<'_>) -> Result<Tensor, NodeError> {
+        let Some(u) = self.state.borrow_mut().take() else { return Ok(x) };
+        let s = x.size();
+        let (b, c) = (s[0], s[2]);
+        let unm_len = u.unm_idx.size()[1];
+        let r = u.src_idx.size()[1];
+        let (unm, dst) = (x.narrow(1, 0, unm_len), x.narrow(1, unm_len, s[1] - unm_len));
+        let src = dst.f_gather(1, &u.dst_idx.expand([b, r, c], false), false)?;
+        let na = u.a_idx.size()[1];
+        let a = u.a_idx.expand([b, na, 1], false);
+        let out = Tensor::zeros([b, u.tokens, c], (x.kind(), x.device()));
+        let out = out.f_scatter(1, &u.b_idx.expand([b, u.num_dst, c], false), &dst)?;
+        let out = out.f_scatter(1, &a.f_gather(1, &u.unm_idx, false)?.expand([b, unm_len, c], false), &unm)?;
+        Ok(out.f_scatter(1, &a.f_gather(1, &u.src_idx, false)?.expand([b, r, c], false), &src)?)
+    }
+}
+
+pub struct TomePatchModel;
+impl Node for TomePatchModel {
+    fn schema(&self) -> Schema {
+        Schema::new("TomePatchModel", "model_patches/unet")
+            .describe("Token merging: self-attention at full resolution runs on `ratio` fewer query tokens (faster, slightly different).")
+            .input("model", ValueType::Model)
+            .input("ratio", Float::new(0.3).range(0.0, 1.0).step(0.01))
+            .output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let tome = Rc::new(Tome { ratio: a.float("ratio")?, state: RefCell::new(None), rng: RefCell::new(0x2545_F491_4F6C_DD1D) });
+        patched(a, "ToMe", |_, p| {
+            p.unet.attn1_patch.push(tome.clone());
+            p.unet.attn1_output_patch.push(tome);
+        })
+    }
+}
