@@ -463,3 +463,47 @@ fn hypernetworks_patch_the_text_states_as_comfyui() {
     assert!(max_abs_diff(&out[1], &out[0]) > 1e-3);
     assert_eq!(max_abs_diff(&out[2], &out[0]), 0.0);
 }
+
+/// CLIP merges weigh the text encoders as the model merges do (ratio 1 is clip1, 0 is clip2, exactly),
+/// and LoraSave extracts a text-encoder difference that LoraLoader applies back (full differences).
+#[test]
+fn clip_merges_and_text_encoder_lora_extraction() {
+    let d = Dir::new();
+    let ck = tiny_sd1(&d, "m.safetensors");
+    let other = d.join("other.safetensors");
+    write_checkpoint(&other, &tiny_config(Family::Sd1, false), Kind::Float, 9, true).unwrap();
+    let nodes = format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+        "c2": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {other:?}}}),
+        "keep": (type: "CLIPMergeSimple", inputs: {{"clip1": Link("c", "CLIP"), "clip2": Link("c2", "CLIP"), "ratio": 1.0}}),
+        "take": (type: "CLIPMergeSimple", inputs: {{"clip1": Link("c", "CLIP"), "clip2": Link("c2", "CLIP"), "ratio": 0.0}}),
+        "sum": (type: "CLIPMergeAdd", inputs: {{"clip1": Link("c", "CLIP"), "clip2": Link("c2", "CLIP")}}),
+        "back": (type: "CLIPMergeSubtract", inputs: {{"clip1": Link("sum", "CLIP"), "clip2": Link("c2", "CLIP"), "multiplier": 1.0}}),
+        "diff": (type: "CLIPMergeSubtract", inputs: {{"clip1": Link("c2", "CLIP"), "clip2": Link("c", "CLIP"), "multiplier": 1.0}}),
+        "save": (type: "LoraSave", inputs: {{"filename_prefix": "loras/te", "rank": 8, "lora_type": "full_diff", "text_encoder_diff": Link("diff", "CLIP")}}),"#
+    );
+    let enc = |id: &str| format!(r#""p_{id}": (type: "CLIPTextEncode", inputs: {{"text": "a red fox", "clip": Link({id:?}, "CLIP")}}),"#);
+    let all = ["c", "c2", "keep", "take", "back"].iter().map(|id| enc(id)).collect::<String>();
+    let wanted: Vec<String> = ["c", "c2", "keep", "take", "back"].iter().map(|id| format!("p_{id}")).collect();
+    let wanted: Vec<(&str, &str, usize)> = wanted.iter().map(|w| (w.as_str(), "CONDITIONING", 0)).collect();
+    let v = outputs(&d, &format!("{nodes}{all}"), &wanted).unwrap();
+    let c = |v: &Value| match v {
+        Value::Conditioning(c) => c[0].cross_attn.0.shallow_clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(max_abs_diff(&c(&v[2]), &c(&v[0])), 0.0);
+    assert_eq!(max_abs_diff(&c(&v[3]), &c(&v[1])), 0.0);
+    assert!(max_abs_diff(&c(&v[4]), &c(&v[0])) < 1e-4);
+    // The extracted text-encoder LoRA on clip1 gives clip2's conditioning (fp16 differences).
+    let lora = d.join("output/loras/te_00001_.safetensors");
+    assert!(lora.exists());
+    let nodes2 = format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+        "l": (type: "LoraLoader", inputs: {{"model": Link("c", "MODEL"), "clip": Link("c", "CLIP"), "lora_name": {lora:?}, "strength_model": 0.0, "strength_clip": 1.0}}),
+        "p": (type: "CLIPTextEncode", inputs: {{"text": "a red fox", "clip": Link("l", "CLIP")}}),"#
+    );
+    let v2 = outputs(&d, &nodes2, &[("p", "CONDITIONING", 0)]).unwrap();
+    let (err, start) = (max_abs_diff(&c(&v2[0]), &c(&v[1])), max_abs_diff(&c(&v[0]), &c(&v[1])));
+    println!("text encoder via the extracted LoRA vs clip2: {err:.2e} (clip1 vs clip2: {start:.2})");
+    assert!(err < 1e-2 * start, "{err} vs {start}");
+}

@@ -85,6 +85,9 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(model_merging::UNetSelfAttentionMultiply),
         Rc::new(model_merging::UNetCrossAttentionMultiply),
         Rc::new(model_merging::CLIPAttentionMultiply),
+        Rc::new(model_merging::CLIPMergeSimple),
+        Rc::new(model_merging::CLIPMergeSubtract),
+        Rc::new(model_merging::CLIPMergeAdd),
         Rc::new(model_merging::CheckpointSave),
         Rc::new(model_merging::LoraSave),
         // sampling/custom_sampling

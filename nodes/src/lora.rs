@@ -243,8 +243,18 @@ pub fn unet_key_map(config: &UnetConfig, state: &[(String, Tensor)]) -> HashMap<
 /// Every LoRA module name that addresses the text encoder: kohya's `lora_te_text_model_…` and PEFT's
 /// `text_encoder.text_model.…` or (transformers 5) `text_encoder.…`, all in transformers' layout, also
 /// for SD 2.x's OpenCLIP.
-pub fn clip_key_map(model: &ClipTextModel) -> HashMap<String, Target> {
+pub fn clip_key_map(model: &Loaded<ClipTextModel>) -> HashMap<String, Target> {
     let mut map = HashMap::new();
+    // ComfyUI's own names (LoraSave) address every weight of its transformers-layout encoders.
+    if model.config.layout == ClipLayout::Hf {
+        for (name, _) in model.state.iter() {
+            if let Some(module) = name.strip_suffix(".weight") {
+                for enc in ["clip_l", "clip_h"] {
+                    map.insert(format!("text_encoders.{enc}.transformer.text_model.{module}"), Target::whole(name.clone()));
+                }
+            }
+        }
+    }
     for (path, target) in clip_modules(model) {
         map.insert(format!("lora_te_text_model_{}", path.replace('.', "_")), target.clone());
         map.insert(format!("text_encoder.text_model.{path}"), target.clone());

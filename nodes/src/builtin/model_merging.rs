@@ -30,21 +30,17 @@ fn combine(w: &Tensor, other: Option<&Tensor>, strength_model: f64, strength_pat
     Some(out.to_kind(w.kind()))
 }
 
-/// `model1` with each weight merged with `model2`'s of the same name by `(strength_model,
-/// strength_patch)` for that key; `messages` lists weights whose shapes differ (kept scaled, as
-/// ComfyUI keeps them).
-fn merge(cx: &mut Ctx, a: &Args, strengths: impl Fn(&str) -> (f64, f64), what: &str) -> Result<Vec<Value>, NodeError> {
-    let (m1, m2): (&SdModel, &SdModel) = (a.handle("model1")?, a.handle("model2")?);
-    let other: HashMap<&str, &Tensor> = m2.unet.state.iter().map(|(k, t)| (k.as_str(), t)).collect();
+/// `state1` with each weight merged with `state2`'s of the same name by `(strength_model,
+/// strength_patch)` for that key; weights whose shapes differ are kept scaled (as ComfyUI keeps them)
+/// and listed in the messages.
+fn merged_state(cx: &mut Ctx, state1: &[(String, Tensor)], state2: &[(String, Tensor)], strengths: impl Fn(&str) -> (f64, f64)) -> Vec<(String, Tensor)> {
+    let other: HashMap<&str, &Tensor> = state2.iter().map(|(k, t)| (k.as_str(), t)).collect();
     let mut mismatched = Vec::new();
-    let state: Vec<(String, Tensor)> = m1
-        .unet
-        .state
+    let state = state1
         .iter()
         .map(|(k, w)| {
             let (sm, sp) = strengths(k);
-            let o = other.get(k.as_str()).copied();
-            let o = match o {
+            let o = match other.get(k.as_str()).copied() {
                 Some(o) if o.size() != w.size() => {
                     mismatched.push(k.clone());
                     None
@@ -61,9 +57,67 @@ fn merge(cx: &mut Ctx, a: &Args, strengths: impl Fn(&str) -> (f64, f64), what: &
             mismatched.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
         ));
     }
+    state
+}
+
+/// `model1` with `model2` merged in by `strengths` per key.
+fn merge(cx: &mut Ctx, a: &Args, strengths: impl Fn(&str) -> (f64, f64), what: &str) -> Result<Vec<Value>, NodeError> {
+    let (m1, m2): (&SdModel, &SdModel) = (a.handle("model1")?, a.handle("model2")?);
+    let state = merged_state(cx, &m1.unet.state, &m2.unet.state, strengths);
     let unet = rebuild_unet(&m1.unet, state).map_err(|e| NodeError::Failed(e.to_string()))?;
     let label = format!("{} {what} {}", m1.name, m2.name);
     Ok(vec![Value::Model(Handle::new(SdModel { unet, ..m1.clone() }, 0, label))])
+}
+
+/// `clip1` with `clip2` merged in by `strengths` (ComfyUI skips `position_ids` and `logit_scale`).
+fn merge_clip(cx: &mut Ctx, a: &Args, strengths: impl Fn(&str) -> (f64, f64)) -> Result<Vec<Value>, NodeError> {
+    let (c1, c2): (&SdClip, &SdClip) = (a.handle("clip1")?, a.handle("clip2")?);
+    let skip = |k: &str| k.ends_with(".position_ids") || k.ends_with(".logit_scale");
+    let state = merged_state(cx, &c1.model.state, &c2.model.state, |k| if skip(k) { (1.0, 0.0) } else { strengths(k) });
+    let model = rebuild_clip(&c1.model, state).map_err(|e| NodeError::Failed(e.to_string()))?;
+    Ok(vec![Value::Clip(Handle::new(SdClip { model, ..c1.clone() }, 0, "CLIP (merged)"))])
+}
+
+fn two_clips(name: &str) -> Schema {
+    Schema::new(name, "advanced/model_merging").input("clip1", ValueType::Clip).input("clip2", ValueType::Clip)
+}
+
+pub struct CLIPMergeSimple;
+impl Node for CLIPMergeSimple {
+    fn schema(&self) -> Schema {
+        two_clips("CLIPMergeSimple")
+            .describe("clip1·ratio + clip2·(1 − ratio), weight by weight.")
+            .input("ratio", Float::new(1.0).range(0.0, 1.0).step(0.01))
+            .output("CLIP", ValueType::Clip)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let ratio = a.float("ratio")?;
+        merge_clip(cx, a, |_| (ratio, 1.0 - ratio))
+    }
+}
+
+pub struct CLIPMergeSubtract;
+impl Node for CLIPMergeSubtract {
+    fn schema(&self) -> Schema {
+        two_clips("CLIPMergeSubtract")
+            .describe("multiplier·(clip1 − clip2), weight by weight.")
+            .input("multiplier", Float::new(1.0).range(-10.0, 10.0).step(0.01))
+            .output("CLIP", ValueType::Clip)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let m = a.float("multiplier")?;
+        merge_clip(cx, a, |_| (m, -m))
+    }
+}
+
+pub struct CLIPMergeAdd;
+impl Node for CLIPMergeAdd {
+    fn schema(&self) -> Schema {
+        two_clips("CLIPMergeAdd").describe("clip1 + clip2, weight by weight.").output("CLIP", ValueType::Clip)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        merge_clip(cx, a, |_| (1.0, 1.0))
+    }
 }
 
 fn two_models(name: &str) -> Schema {
