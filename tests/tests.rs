@@ -11,6 +11,7 @@ mod controlnet;
 mod coverage;
 mod custom_sampling;
 mod graph_format;
+mod image_codecs;
 mod ksampler;
 mod latent_mask;
 mod lora;

@@ -23,7 +23,8 @@ use diffloom_core::{Node, Origin, Registry};
 
 use builtin::sampling as sampling_nodes;
 use builtin::{
-    conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, model_merging, model_patches, preprocessors, primitive, strings,
+    animation, conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, model_merging, model_patches, preprocessors, primitive,
+    strings,
 };
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
@@ -186,6 +187,8 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(image::ImageFromBatch),
         Rc::new(image::ResizeAndPadImage),
         Rc::new(image::ImageStitch),
+        // image/animation
+        Rc::new(animation::SaveAnimatedPNG),
         // image/postprocessing
         Rc::new(image::ImageBlur),
         Rc::new(image::ImageSharpen),

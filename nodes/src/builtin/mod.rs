@@ -1,5 +1,6 @@
 //! The built-in nodes, one module per ComfyUI category.
 
+pub mod animation;
 pub mod conditioning;
 pub mod controlnet;
 pub mod custom_sampling;

@@ -1,0 +1,141 @@
+//! Image nodes that go through Pillow in ComfyUI: SaveAnimatedPNG (Pillow's APNG writer), checked
+//! against ComfyUI's node body by tests/parity/apng_reference.py.
+
+use std::path::Path;
+
+use diffloom_core::value::Shared;
+use diffloom_core::{Args, Ctx, Folders, Locator, Node, Registry, Value};
+use diffloom_nodes::builtin::animation;
+use tch::{Device, Kind, Tensor};
+
+use crate::util::Dir;
+
+fn img(t: &Tensor) -> Option<Value> {
+    Some(Value::Image(Shared(t.shallow_clone())))
+}
+
+/// Runs `node` with `output` as the output directory and `texts` as the run's prompt/workflow.
+fn call_in(
+    node: &dyn Node,
+    args: Vec<(&str, Option<Value>)>,
+    output: &Path,
+    texts: &[(&str, &str)],
+) -> (Result<Vec<Value>, String>, serde_json::Map<String, serde_json::Value>) {
+    let args = Args::new(args.into_iter().map(|(k, v)| (k.to_string(), v)).collect());
+    let cancel = std::sync::atomic::AtomicBool::new(false);
+    let folders = Folders { input_dir: output.to_path_buf(), temp_dir: output.join("temp"), ..Folders::default() };
+    let texts = |_: u32, _: u32| texts.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let registry = Registry::new();
+    let mut cx = Ctx {
+        device: Device::Cpu,
+        node_id: "n",
+        files: Locator { graph_dir: output, folders: &folders, output_dir: output },
+        output_dir: output,
+        image_texts: &texts,
+        cancel: &cancel,
+        dtype: Kind::Float,
+        messages: Vec::new(),
+        ui: serde_json::Map::new(),
+        progress: &|_, _, _| {},
+        registry: &registry,
+    };
+    let r = node.execute(&mut cx, &args).map_err(|e| e.to_string());
+    (r, cx.ui)
+}
+
+/// A batch whose frames 1 and 2 are identical (Pillow merges them) and whose frame 3 changes a patch
+/// only (Pillow crops it), with values outside 0..1 (clipped).
+fn frames(c: i64) -> Tensor {
+    let base = Tensor::rand([1, 9, 13, c], (Kind::Float, Device::Cpu)).f_mul_scalar(1.2).unwrap().f_sub_scalar(0.1).unwrap();
+    let changed = base.copy();
+    let _ = changed.narrow(1, 2, 3).narrow(2, 4, 5).f_fill_(0.5).unwrap();
+    let other = Tensor::rand([1, 9, 13, c], (Kind::Float, Device::Cpu));
+    Tensor::cat(&[&other, &base, &base, &changed], 0)
+}
+
+#[test]
+fn save_animated_png_matches_comfyui() {
+    let d = Dir::new();
+    let output = d.join("output");
+    let texts =
+        [("prompt", r#"{"1":{"class_type":"SaveAnimatedPNG","inputs":{"fps":6.0,"t":"café"}}}"#), ("workflow", r#"{"nodes":[]}"#), ("parameters", "a1111")];
+    let spec = animation::SaveAnimatedPNG.schema();
+    assert!(matches!(spec.input_spec("filename_prefix").unwrap().kind.default_value(), Some(Value::String(p)) if p == "ComfyUI"));
+    for (c, fps, level) in [(3i64, 6.0, 4i128), (4, 7.0, 0), (3, 0.3, 9)] {
+        let x = frames(c);
+        let save = |x: &Tensor| {
+            let args = vec![
+                ("images", img(x)),
+                ("filename_prefix", Some(Value::String("anim/ComfyUI".into()))),
+                ("fps", Some(Value::Float(fps))),
+                ("compress_level", Some(Value::Int(level))),
+            ];
+            call_in(&animation::SaveAnimatedPNG, args, &output, &texts)
+        };
+        let (r, ui) = save(&x);
+        r.unwrap();
+        let name = ui["images"][0]["filename"].as_str().unwrap().to_owned();
+        assert_eq!(ui["images"][0]["subfolder"], "anim");
+        assert_eq!(ui["animated"], serde_json::json!([true]));
+        let frames_path = d.join("frames.safetensors");
+        diffloom_nodes::checkpoint::synthetic::write_safetensors(&frames_path, &[("images".into(), x.shallow_clone())], None).unwrap();
+        let theirs = d.join("comfy.png");
+        crate::parity::run_reference(
+            "apng_reference.py",
+            &[
+                &frames_path,
+                Path::new(&format!("{fps:?}")),
+                Path::new(&level.to_string()),
+                Path::new(texts[0].1),
+                Path::new(texts[1].1),
+                &output.join("anim").join(&name),
+                &theirs,
+            ],
+        );
+    }
+    // Numbering as ComfyUI's; nothing is overwritten.
+    assert_eq!(d.files("output/anim"), vec!["ComfyUI_00001_.png", "ComfyUI_00002_.png", "ComfyUI_00003_.png"]);
+    // One frame: a plain PNG, no "animated" flag.
+    let one = Tensor::rand([1, 4, 5, 3], (Kind::Float, Device::Cpu));
+    let (r, ui) = call_in(
+        &animation::SaveAnimatedPNG,
+        vec![
+            ("images", img(&one)),
+            ("filename_prefix", Some(Value::String("one".into()))),
+            ("fps", Some(Value::Float(6.0))),
+            ("compress_level", Some(Value::Int(4))),
+        ],
+        &output,
+        &[],
+    );
+    r.unwrap();
+    assert!(!ui.contains_key("animated"));
+    let bytes = std::fs::read(output.join("one_00001_.png")).unwrap();
+    assert!(!bytes.windows(4).any(|w| w == b"acTL"));
+    // Errors name the input.
+    let bad = |args: Vec<(&str, Option<Value>)>| call_in(&animation::SaveAnimatedPNG, args, &output, &[]).0.unwrap_err();
+    let two = Tensor::rand([2, 4, 5, 2], (Kind::Float, Device::Cpu));
+    assert!(bad(vec![
+        ("images", img(&two)),
+        ("filename_prefix", Some(Value::String("x".into()))),
+        ("fps", Some(Value::Float(6.0))),
+        ("compress_level", Some(Value::Int(4)))
+    ])
+    .contains("images"));
+    let two = Tensor::rand([2, 4, 5, 3], (Kind::Float, Device::Cpu));
+    // 99999 ms is 99999/1000 s, whose numerator fcTL cannot hold (Pillow: "cannot write duration").
+    assert!(bad(vec![
+        ("images", img(&two)),
+        ("filename_prefix", Some(Value::String("x".into()))),
+        ("fps", Some(Value::Float(0.0100001))),
+        ("compress_level", Some(Value::Int(4)))
+    ])
+    .contains("fps"));
+    assert!(bad(vec![
+        ("images", img(&two)),
+        ("filename_prefix", Some(Value::String("../x".into()))),
+        ("fps", Some(Value::Float(6.0))),
+        ("compress_level", Some(Value::Int(4)))
+    ])
+    .contains("filename_prefix"));
+}
