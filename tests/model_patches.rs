@@ -65,7 +65,11 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "tile": (type: "HyperTile", inputs: {"model": Link("c", "MODEL"), "tile_size": 32}),
         "tile_none": (type: "HyperTile", inputs: {"model": Link("c", "MODEL")}),
         "tome": (type: "TomePatchModel", inputs: {"model": Link("c", "MODEL"), "ratio": 0.5}),
-        "tome_zero": (type: "TomePatchModel", inputs: {"model": Link("c", "MODEL"), "ratio": 0.0}),"#;
+        "tome_zero": (type: "TomePatchModel", inputs: {"model": Link("c", "MODEL"), "ratio": 0.0}),
+        "eps": (type: "Epsilon Scaling", inputs: {"model": Link("c", "MODEL"), "scaling_factor": 1.05}),
+        "tsr": (type: "TemporalScoreRescaling", inputs: {"model": Link("c", "MODEL"), "tsr_k": 0.8}),
+        "tsr_off": (type: "TemporalScoreRescaling", inputs: {"model": Link("c", "MODEL"), "tsr_k": 1.0}),
+        "tcfg": (type: "TCFG", inputs: {"model": Link("c", "MODEL")}),"#;
     let ids = [
         "c",
         "freeu",
@@ -89,12 +93,17 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "tile_none",
         "tome",
         "tome_zero",
+        "eps",
+        "tsr",
+        "tsr_off",
+        "tcfg",
     ];
-    let models: Vec<(&str, &str)> = ids.iter().map(|id| (*id, if ["zero", "norm"].contains(id) { "patched_model" } else { "MODEL" })).collect();
+    let models: Vec<(&str, &str)> =
+        ids.iter().map(|id| (*id, if ["zero", "norm", "tsr", "tsr_off", "tcfg"].contains(id) { "patched_model" } else { "MODEL" })).collect();
     let out = sample_each(&d, &ck, patches, &models, 5.0);
     let by = |id: &str| &out[ids.iter().position(|i| *i == id).unwrap()];
     let base = by("c");
-    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before", "pag", "sag", "tile", "tome"] {
+    for id in ["freeu", "freeu2", "rescale", "zero", "norm", "apg", "shrink", "shrink_before", "pag", "sag", "tile", "tome", "eps", "tsr", "tcfg"] {
         let moved = max_abs_diff(by(id), base);
         println!("{id}: moved the latent by {moved:.4}");
         assert!(moved > 1e-3, "{id} changed nothing");
@@ -109,6 +118,7 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
     assert_eq!(max_abs_diff(by("tile_none"), base), 0.0);
     // ToMe merging no token (ratio 0) is the model itself.
     assert_eq!(max_abs_diff(by("tome_zero"), base), 0.0);
+    assert_eq!(max_abs_diff(by("tsr_off"), base), 0.0);
     // SAG at scale 0 differs only by its recorded attention being computed without a fused kernel.
     assert!(max_abs_diff(by("sag_zero"), base) < 1e-3, "{}", max_abs_diff(by("sag_zero"), base));
     // PAG's extra pass runs with the model's own patches (FreeU here) under its perturbation.
@@ -314,16 +324,23 @@ fn hooks_equal_comfyui_closures() {
         let p = patches(&mp::CFGNorm, vec![("strength", f(s))]);
         check(&format!("cfgnorm {s}"), &p.guide(&cfg_args(&x, &cond, &uncond, 3.2)).unwrap(), &get(&format!("cfgnorm.{s:?}")));
     }
+    let p = patches(&mp::EpsilonScaling, vec![("scaling_factor", f(1.05))]);
+    check("epsilon scaling", &p.guide(&cfg_args(&x, &cond, &uncond, 3.2)).unwrap(), &get("eps.1.05"));
+    let p = patches(&mp::TemporalScoreRescaling, vec![("tsr_k", f(0.9)), ("tsr_sigma", f(1.3))]);
+    check("tsr", &p.guide(&cfg_args(&x, &cond, &uncond, 3.2)).unwrap(), &get("tsr.0.9"));
+    let p = patches(&mp::TCFG, vec![]);
+    let pre = p.pre(vec![cond.shallow_clone(), uncond.shallow_clone()], &[true, true], &x, 3.2, 6.5).unwrap();
+    check("tcfg", &p.guide(&cfg_args(&x, &pre[0], &pre[1], 3.2)).unwrap(), &get("tcfg"));
     let apg = patches(&mp::APG, vec![("eta", f(0.5)), ("norm_threshold", f(5.0)), ("momentum", f(0.3))]);
     let sigmas = get("apg.sigmas");
     for i in 0..3 {
         let (c, u) = (get(&format!("apg.cond.{i}")), get(&format!("apg.uncond.{i}")));
         let sigma = sigmas.double_value(&[i]);
-        let pre = apg.pre(vec![c, u], &x, sigma, 6.5).unwrap();
+        let pre = apg.pre(vec![c, u], &[true, true], &x, sigma, 6.5).unwrap();
         check(&format!("apg {i}"), &apg.guide(&cfg_args(&x, &pre[0], &pre[1], sigma)).unwrap(), &get(&format!("apg.out.{i}")));
     }
     let plain = patches(&mp::APG, vec![("eta", f(1.0)), ("norm_threshold", f(0.0)), ("momentum", f(0.0))]);
-    let pre = plain.pre(vec![get("apg.cond.0"), get("apg.uncond.0")], &x, 3.2, 6.5).unwrap();
+    let pre = plain.pre(vec![get("apg.cond.0"), get("apg.uncond.0")], &[true, true], &x, 3.2, 6.5).unwrap();
     check("apg plain", &plain.guide(&cfg_args(&x, &pre[0], &pre[1], 3.2)).unwrap(), &get("apg.plain"));
 
     let ms = ModelSampling::sd(Prediction::Eps);

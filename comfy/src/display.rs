@@ -9,6 +9,8 @@ const DISPLAY_NAMES: &[(&str, &str)] = &[
     ("CheckpointLoader", "Load Checkpoint With Config (DEPRECATED)"),
     ("CheckpointSave", "Save Checkpoint"),
     ("LoraSave", "Extract and Save Lora"),
+    ("TemporalScoreRescaling", "TSR - Temporal Score Rescaling"),
+    ("TCFG", "Tangential Damping CFG"),
     ("SelfAttentionGuidance", "Self-Attention Guidance"),
     ("PatchModelAddDownscale", "PatchModelAddDownscale (Kohya Deep Shrink)"),
     ("APG", "Adaptive Projected Guidance"),

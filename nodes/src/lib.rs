@@ -76,6 +76,9 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(model_patches::SelfAttentionGuidance),
         Rc::new(model_patches::HyperTileNode),
         Rc::new(model_patches::TomePatchModel),
+        Rc::new(model_patches::EpsilonScaling),
+        Rc::new(model_patches::TemporalScoreRescaling),
+        Rc::new(model_patches::TCFG),
         // advanced/model_merging, attention multipliers
         Rc::new(model_merging::ModelMergeSimple),
         Rc::new(model_merging::ModelMergeBlocks),

@@ -186,7 +186,9 @@ pub trait CfgFunction {
 
 /// Rewrites the sides' predictions before guidance (`sampler_pre_cfg_function`).
 pub trait PreCfg {
-    fn apply(&self, preds: Vec<Tensor>, input: &Tensor, sigma: f64, cond_scale: f64) -> Result<Vec<Tensor>, NodeError>;
+    /// `ran[i]`: whether side i was run (a side skipped by the cfg = 1 shortcut, or BasicGuider's
+    /// missing negative, is zeros; ComfyUI passes it as None).
+    fn apply(&self, preds: Vec<Tensor>, ran: &[bool], input: &Tensor, sigma: f64, cond_scale: f64) -> Result<Vec<Tensor>, NodeError>;
 }
 
 /// Rewrites the guided estimate (`sampler_post_cfg_function`).
@@ -229,9 +231,9 @@ impl ModelPatches {
     }
 
     /// The pre-CFG functions in order.
-    pub fn pre(&self, mut preds: Vec<Tensor>, input: &Tensor, sigma: f64, cond_scale: f64) -> Result<Vec<Tensor>, NodeError> {
+    pub fn pre(&self, mut preds: Vec<Tensor>, ran: &[bool], input: &Tensor, sigma: f64, cond_scale: f64) -> Result<Vec<Tensor>, NodeError> {
         for p in &self.pre_cfg {
-            preds = p.apply(preds, input, sigma, cond_scale)?;
+            preds = p.apply(preds, ran, input, sigma, cond_scale)?;
         }
         Ok(preds)
     }

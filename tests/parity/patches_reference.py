@@ -29,6 +29,10 @@ Guidance, on inputs
   cfgzero         CFGZeroStar (comfy_extras/nodes_cfg.py) as a post-cfg function on the default cfg
                   uncond + (cond - uncond) * cond_scale
   cfgnorm.<s>     CFGNorm (comfy_extras/nodes_cfg.py), strength s in 1.0, 0.5, post-cfg likewise
+  eps.1.05        Epsilon Scaling (comfy_extras/nodes_eps.py), factor 1.05, post-cfg likewise
+  tsr.0.9         TemporalScoreRescaling (comfy_extras/nodes_eps.py), k 0.9, tsr_sigma 1.3, post-cfg likewise
+                  (SD's half log-SNR is -log sigma)
+  tcfg            TCFG (comfy_extras/nodes_tcfg.py): the pre-cfg damping of the uncond, then the default cfg
 APG (comfy_extras/nodes_apg.py), pre_cfg_function, then the default cfg on its returned pair:
   apg.cond.<i>, apg.uncond.<i> [2,4,8,8] for i = 0, 1, 2 (batch element 0: |cond - uncond| ~ 22, above
   the norm threshold; element 1: ~ 1, below it), apg.sigmas [3] = 3.2, 2.1, 5.0.
@@ -433,6 +437,52 @@ def main(out_dir):
     for s in (1.0, 0.5):
         out[f"cfgnorm.{s!r}"] = cfg_function(cond, uncond, cond_scale, x, sigma,
                                              {"sampler_post_cfg_function": [make_cfg_norm(s)]})
+
+    # Epsilon Scaling (comfy_extras/nodes_eps.py), post-CFG: eps.<f>
+    def make_eps(scaling_factor):
+        def epsilon_scaling_function(args):
+            denoised = args["denoised"]
+            x = args["input"]
+            noise_pred = x - denoised
+            scaled_noise_pred = noise_pred / scaling_factor
+            return x - scaled_noise_pred
+        return epsilon_scaling_function
+    out["eps.1.05"] = cfg_function(cond, uncond, cond_scale, x, sigma, {"sampler_post_cfg_function": [make_eps(1.05)]})
+
+    # TSR (comfy_extras/nodes_eps.py), post-CFG, with SD's sigma_to_half_log_snr = -log(sigma): tsr.<k>
+    def make_tsr(tsr_k, tsr_sigma):
+        tsr_variance = tsr_sigma ** 2
+        def temporal_score_rescaling(args):
+            denoised = args["denoised"]
+            x = args["input"]
+            sigma = args["sigma"]
+            if tsr_k == 1 or sigma == 0:
+                return denoised
+            half_log_snr = -torch.log(sigma)   # comfy/samplers.py sigma_to_half_log_snr for EPS/V
+            snr = (2 * half_log_snr).exp()
+            if snr == 0:
+                return denoised
+            posinf_mask = torch.isposinf(snr)
+            rescaling_factor = (snr * tsr_variance + 1) / (snr * tsr_variance / tsr_k + 1)
+            rescaling_r = torch.where(posinf_mask, tsr_k, rescaling_factor)
+            alpha = sigma * half_log_snr.exp()
+            return torch.lerp(x / alpha, denoised, rescaling_r)
+        return temporal_score_rescaling
+    one_sigma = torch.tensor([3.2], dtype=torch.float32)   # one row's sigma (sigma == 0 is compared)
+    out["tsr.0.9"] = cfg_function(cond, uncond, cond_scale, x, one_sigma, {"sampler_post_cfg_function": [make_tsr(0.9, 1.3)]})
+
+    # TCFG (comfy_extras/nodes_tcfg.py), pre-CFG then the default cfg: tcfg
+    def score_tangential_damping(cond_score, uncond_score):
+        batch_num = cond_score.shape[0]
+        cond_score_flat = cond_score.reshape(batch_num, 1, -1).float()
+        uncond_score_flat = uncond_score.reshape(batch_num, 1, -1).float()
+        score_matrix = torch.cat((uncond_score_flat, cond_score_flat), dim=1)
+        _, _, Vh = torch.linalg.svd(score_matrix, full_matrices=False)
+        v1 = Vh[:, 0:1, :].to(uncond_score_flat.device)
+        uncond_score_td = (uncond_score_flat @ v1.transpose(-2, -1)) * v1
+        return uncond_score_td.reshape_as(uncond_score).to(uncond_score.dtype)
+    uncond_td = x - score_tangential_damping(x - cond, x - uncond)
+    out["tcfg"] = uncond_td + (cond - uncond_td) * cond_scale
 
     # --- APG -----------------------------------------------------------------------------------
     apg_sigmas = [3.2, 2.1, 5.0]

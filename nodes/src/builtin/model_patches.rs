@@ -310,7 +310,7 @@ struct Apg {
 }
 
 impl PreCfg for Apg {
-    fn apply(&self, preds: Vec<Tensor>, _input: &Tensor, sigma: f64, cond_scale: f64) -> Result<Vec<Tensor>, NodeError> {
+    fn apply(&self, preds: Vec<Tensor>, _ran: &[bool], _input: &Tensor, sigma: f64, cond_scale: f64) -> Result<Vec<Tensor>, NodeError> {
         if preds.len() < 2 {
             return Ok(preds);
         }
@@ -785,5 +785,114 @@ impl Node for TomePatchModel {
             p.unet.attn1_patch.push(tome.clone());
             p.unet.attn1_output_patch.push(tome);
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epsilon scaling, temporal score rescaling, tangential damping CFG
+
+/// Epsilon scaling (Ning et al.): the guided noise prediction divided by `factor`.
+struct EpsScaling {
+    factor: f64,
+}
+
+impl PostCfg for EpsScaling {
+    fn apply(&self, denoised: Tensor, a: &CfgArgs) -> Result<Tensor, NodeError> {
+        let noise = a.input - denoised;
+        Ok(a.input - noise / self.factor)
+    }
+}
+
+pub struct EpsilonScaling;
+impl Node for EpsilonScaling {
+    fn schema(&self) -> Schema {
+        Schema::new("Epsilon Scaling", "model_patches/unet")
+            .describe("Epsilon scaling: divides the guided noise prediction by the factor (against exposure bias).")
+            .input("model", ValueType::Model)
+            .input("scaling_factor", Float::new(1.005).range(0.5, 1.5).step(0.001))
+            .output("MODEL", ValueType::Model)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let f = a.float("scaling_factor")?;
+        let factor = if f == 0.0 { 1e-9 } else { f };
+        patched(a, "Epsilon Scaling", |_, p| p.post_cfg.push(Rc::new(EpsScaling { factor })))
+    }
+}
+
+/// Temporal score rescaling (arXiv 2510.01184): the estimate moved towards x/α by the ratio r(snr).
+/// For SD's noise schedules the half log-SNR is −log σ and α = σ·e^(−log σ) = 1.
+struct Tsr {
+    k: f64,
+    variance: f64,
+}
+
+impl PostCfg for Tsr {
+    fn apply(&self, denoised: Tensor, a: &CfgArgs) -> Result<Tensor, NodeError> {
+        if self.k == 1.0 || a.sigma == 0.0 {
+            return Ok(denoised);
+        }
+        let sigma = f32_scalar(a.sigma);
+        let half_log_snr = sigma.log().neg();
+        let snr = (&half_log_snr * 2.0).exp();
+        if snr.double_value(&[]) == 0.0 {
+            return Ok(denoised);
+        }
+        let r = (&snr * self.variance + 1.0) / (&snr * (self.variance / self.k) + 1.0);
+        let r = if snr.double_value(&[]).is_infinite() { Tensor::from(self.k as f32) } else { r };
+        let alpha = &sigma * half_log_snr.exp();
+        Ok((a.input / &alpha).lerp_tensor(&denoised, &r))
+    }
+}
+
+pub struct TemporalScoreRescaling;
+impl Node for TemporalScoreRescaling {
+    fn schema(&self) -> Schema {
+        Schema::new("TemporalScoreRescaling", "model_patches/unet")
+            .describe("Temporal score rescaling: steers sampling diversity (k < 1 more detail, k > 1 smoother; 1 is off).")
+            .input("model", ValueType::Model)
+            .input("tsr_k", Float::new(0.95).range(0.01, 100.0).step(0.001))
+            .input("tsr_sigma", Float::new(1.0).range(0.01, 100.0).step(0.001))
+            .output("patched_model", ValueType::Model)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (k, s) = (a.float("tsr_k")?, a.float("tsr_sigma")?);
+        patched(a, "TSR", |_, p| p.post_cfg.push(Rc::new(Tsr { k, variance: s * s })))
+    }
+}
+
+/// Tangential damping CFG (arXiv 2503.18137): the unconditional score keeps only its component along
+/// the first right-singular vector of [uncond, cond].
+struct Tcfg;
+
+impl PreCfg for Tcfg {
+    fn apply(&self, preds: Vec<Tensor>, ran: &[bool], input: &Tensor, _sigma: f64, _cond_scale: f64) -> Result<Vec<Tensor>, NodeError> {
+        if preds.len() <= 1 || !ran.iter().take(2).all(|r| *r) {
+            return Ok(preds);
+        }
+        let (cond, uncond) = (&preds[0], &preds[1]);
+        let b = cond.size()[0];
+        let cond_score = (input - cond).reshape([b, 1, -1]).to_kind(Kind::Float);
+        let uncond_score = (input - uncond).reshape([b, 1, -1]).to_kind(Kind::Float);
+        let matrix = Tensor::cat(&[&uncond_score, &cond_score], 1);
+        let (_, _, v) = matrix.f_svd(true, true)?;
+        let v1 = v.transpose(-2, -1).narrow(1, 0, 1);
+        let damped = uncond_score.matmul(&v1.transpose(-2, -1)) * &v1;
+        let uncond_td = input - damped.reshape_as(uncond).to_kind(uncond.kind());
+        let mut out = vec![preds[0].shallow_clone(), uncond_td];
+        out.extend(preds.iter().skip(2).map(|t| t.shallow_clone()));
+        Ok(out)
+    }
+}
+
+pub struct TCFG;
+impl Node for TCFG {
+    fn schema(&self) -> Schema {
+        Schema::new("TCFG", "advanced/guidance")
+            .describe("Tangential damping CFG: aligns the negative prediction with the positive one before guidance.")
+            .input("model", ValueType::Model)
+            .output("patched_model", ValueType::Model)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        patched(a, "TCFG", |_, p| p.pre_cfg.push(Rc::new(Tcfg)))
     }
 }

@@ -110,14 +110,14 @@ impl Guidance {
         };
         Ok(match *self {
             Guidance::Cfg(cfg) => {
-                let p = patches.pre(p, x, sigma, cfg)?;
+                let p = patches.pre(p, needed, x, sigma, cfg)?;
                 (args(&p[0], &p[1], cfg, (0, 1))?, p[1].shallow_clone())
             }
             // BasicGuider is a CFG guider at scale 1 without a negative side: ComfyUI hands the hooks
             // (and CFG++ samplers) zeros for it.
             Guidance::Basic => {
                 let zeros = p[0].zeros_like();
-                let p = patches.pre(vec![p[0].shallow_clone(), zeros], x, sigma, 1.0)?;
+                let p = patches.pre(vec![p[0].shallow_clone(), zeros], &[true, false], x, sigma, 1.0)?;
                 (args(&p[0], &p[1], 1.0, (0, usize::MAX))?, p[1].shallow_clone())
             }
             // ComfyUI's DualCFGGuider calls no pre-CFG functions; its CFG function (and the post-CFG
@@ -133,7 +133,7 @@ impl Guidance {
             }
             // PerpNeg has its own formula instead of a CFG function; the post-CFG functions follow it.
             Guidance::PerpNeg { cfg, neg_scale } => {
-                let p = patches.pre(p, x, sigma, cfg)?;
+                let p = patches.pre(p, needed, x, sigma, cfg)?;
                 let (positive, negative, empty) = (&p[0], &p[1], &p[2]);
                 let pos = positive - empty;
                 let neg = negative - empty;
