@@ -93,6 +93,9 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(model_merging::CLIPMergeSubtract),
         Rc::new(model_merging::CLIPMergeAdd),
         Rc::new(model_merging::CheckpointSave),
+        Rc::new(model_merging::ModelSave),
+        Rc::new(model_merging::CLIPSave),
+        Rc::new(model_merging::VAESave),
         Rc::new(model_merging::LoraSave),
         // sampling/custom_sampling
         Rc::new(custom::SamplerCustom),

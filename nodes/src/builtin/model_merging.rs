@@ -358,12 +358,105 @@ impl Node for CheckpointSave {
         // The architecture as diffloom loads it (the only way to describe head layouts the shapes do
         // not show, as in the tiny test models; a real model's detection agrees with it).
         metadata.insert(CONFIG_METADATA_KEY.into(), serde_json::to_string(&config).map_err(|e| NodeError::Failed(e.to_string()))?);
-        let prefix = a.string("filename_prefix")?;
-        let dir = cx.output_dir.to_path_buf();
-        crate::imageio::check_confined(cx, &dir, prefix)?;
-        let bytes = crate::checkpoint::synthetic::serialize(&tensors, Some(metadata)).map_err(NodeError::Failed)?;
-        let path = crate::imageio::save_numbered(&dir, prefix, "safetensors", |f| std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string()))?;
-        cx.messages.push(format!("wrote {} ({} tensors)", path.display(), tensors.len()));
+        save_tensors(cx, a.string("filename_prefix")?, &tensors, Some(metadata))?;
+        Ok(vec![])
+    }
+}
+
+/// Writes `tensors` as `<output>/<prefix>_NNNNN_.safetensors` (never overwriting a file).
+fn save_tensors(cx: &mut Ctx, prefix: &str, tensors: &[(String, Tensor)], metadata: Option<HashMap<String, String>>) -> Result<(), NodeError> {
+    let dir = cx.output_dir.to_path_buf();
+    crate::imageio::check_confined(cx, &dir, prefix)?;
+    let bytes = crate::checkpoint::synthetic::serialize(tensors, metadata).map_err(NodeError::Failed)?;
+    let path = crate::imageio::save_numbered(&dir, prefix, "safetensors", |f| std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string()))?;
+    cx.messages.push(format!("wrote {} ({} tensors)", path.display(), tensors.len()));
+    Ok(())
+}
+
+/// The graph texts ComfyUI writes into saved model files (`prompt`, `workflow`), `format: pt`, and the
+/// part's architecture as diffloom loads it (`diffloom.config`: head layouts the shapes do not show).
+fn saved_metadata(cx: &Ctx, config: &crate::checkpoint::detect::ModelConfig) -> Result<HashMap<String, String>, NodeError> {
+    let mut m: HashMap<String, String> = (cx.image_texts)(0, 0).into_iter().collect();
+    m.insert("format".into(), "pt".into());
+    m.insert(crate::checkpoint::detect::CONFIG_METADATA_KEY.into(), serde_json::to_string(config).map_err(|e| NodeError::Failed(e.to_string()))?);
+    Ok(m)
+}
+
+/// A config describing one part.
+fn part_config(family: crate::checkpoint::detect::Family, v: bool) -> crate::checkpoint::detect::ModelConfig {
+    use crate::checkpoint::detect::{ModelConfig, Prediction};
+    ModelConfig { family, prediction: if v { Prediction::V } else { Prediction::Eps }, unet: None, vae: None, clip: None }
+}
+
+/// ComfyUI's ModelSave: the UNet alone (patched weights included) in the single-file names.
+pub struct ModelSave;
+impl Node for ModelSave {
+    fn schema(&self) -> Schema {
+        Schema::new("ModelSave", "advanced/model_merging")
+            .describe("Saves the UNet (model.diffusion_model.*) as .safetensors in the output directory; UNETLoader reads it.")
+            .input("model", ValueType::Model)
+            .input("filename_prefix", Str::new("diffusion_models/ComfyUI"))
+            .output_node()
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        use crate::checkpoint::detect::UNET_PREFIX;
+        let m: &SdModel = a.handle("model")?;
+        let mut tensors: Vec<(String, Tensor)> = m.unet.state.iter().map(|(k, t)| (format!("{UNET_PREFIX}{k}"), t.shallow_clone())).collect();
+        let v = m.sampling.parameterization == crate::sampling::model_sampling::Parameterization::V;
+        if v {
+            tensors.push(("v_pred".into(), Tensor::zeros([0], (Kind::Float, tch::Device::Cpu))));
+        }
+        let config = crate::checkpoint::detect::ModelConfig { unet: Some(m.unet.config.clone()), ..part_config(m.family, v) };
+        let metadata = saved_metadata(cx, &config)?;
+        save_tensors(cx, a.string("filename_prefix")?, &tensors, Some(metadata))?;
+        Ok(vec![])
+    }
+}
+
+/// ComfyUI's CLIPSave: the text encoder in transformers' names (`text_model.…`), the file named
+/// `<prefix>_clip_l` as ComfyUI names an SD 1.x encoder's (SD 2.x's OpenCLIP tower keeps OpenCLIP's
+/// names, `<prefix>_clip_h`; CLIPLoader reads both).
+pub struct CLIPSave;
+impl Node for CLIPSave {
+    fn schema(&self) -> Schema {
+        Schema::new("CLIPSave", "advanced/model_merging")
+            .describe("Saves the text encoder as .safetensors in the output directory; CLIPLoader reads it.")
+            .input("clip", ValueType::Clip)
+            .input("filename_prefix", Str::new("clip/ComfyUI"))
+            .output_node()
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        use crate::models::clip::ClipLayout;
+        let c: &SdClip = a.handle("clip")?;
+        let (name, root) = match c.model.config.layout {
+            ClipLayout::Hf => ("clip_l", "text_model."),
+            ClipLayout::OpenClip => ("clip_h", ""),
+        };
+        let tensors: Vec<(String, Tensor)> = c.model.state.iter().map(|(k, t)| (format!("{root}{k}"), t.shallow_clone())).collect();
+        let prefix = format!("{}_{name}", a.string("filename_prefix")?);
+        let config = crate::checkpoint::detect::ModelConfig { clip: Some(c.model.config.clone()), ..part_config(c.family, false) };
+        let metadata = saved_metadata(cx, &config)?;
+        save_tensors(cx, &prefix, &tensors, Some(metadata))?;
+        Ok(vec![])
+    }
+}
+
+/// ComfyUI's VAESave: the VAE's own names (`encoder.…`, `decoder.…`); VAELoader reads it.
+pub struct VAESave;
+impl Node for VAESave {
+    fn schema(&self) -> Schema {
+        Schema::new("VAESave", "advanced/model_merging")
+            .describe("Saves the VAE as .safetensors in the output directory; VAELoader reads it.")
+            .input("vae", ValueType::Vae)
+            .input("filename_prefix", Str::new("vae/ComfyUI_vae"))
+            .output_node()
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let v: &SdVae = a.handle("vae")?;
+        let tensors: Vec<(String, Tensor)> = v.model.state.iter().map(|(k, t)| (k.clone(), t.shallow_clone())).collect();
+        let config = crate::checkpoint::detect::ModelConfig { vae: Some(v.model.config.clone()), ..part_config(crate::checkpoint::detect::Family::Sd1, false) };
+        let metadata = saved_metadata(cx, &config)?;
+        save_tensors(cx, a.string("filename_prefix")?, &tensors, Some(metadata))?;
         Ok(vec![])
     }
 }
@@ -446,12 +539,7 @@ impl Node for LoraSave {
             cx.messages.push("nothing to save: neither model_diff nor text_encoder_diff is connected".into());
             return Ok(vec![]);
         }
-        let prefix = a.string("filename_prefix")?;
-        let dir = cx.output_dir.to_path_buf();
-        crate::imageio::check_confined(cx, &dir, prefix)?;
-        let bytes = crate::checkpoint::synthetic::serialize(&tensors, None).map_err(NodeError::Failed)?;
-        let path = crate::imageio::save_numbered(&dir, prefix, "safetensors", |f| std::io::Write::write_all(f, &bytes).map_err(|e| e.to_string()))?;
-        cx.messages.push(format!("wrote {} ({} tensors)", path.display(), tensors.len()));
+        save_tensors(cx, a.string("filename_prefix")?, &tensors, None)?;
         Ok(vec![])
     }
 }
