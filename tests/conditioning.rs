@@ -50,7 +50,8 @@ fn entry(dim: i64) -> CondEntry {
 #[test]
 fn areas_fade_in_and_the_other_side_gets_a_same_area_entry() {
     let latent = Tensor::zeros([1, 4, 16, 24], (Kind::Float, Device::Cpu));
-    let target = Target { latent_in: &latent, noise_mask: None, inpaint_unet: false, sampling: sd_sampling(), family: &diffloom_nodes::family::SD1 };
+    let target =
+        Target { latent_in: &latent, noise_mask: None, inpaint_unet: false, ip2p_unet: false, sampling: sd_sampling(), family: &diffloom_nodes::family::SD1 };
     // 64×64 pixels at x 32, y 0: latent area 8×8 at (y 0, x 4), strength 2.
     let mut area = entry(8);
     area.area = Some(Area::Latent { h: 8, w: 8, y: 0, x: 4 });
@@ -82,7 +83,8 @@ fn areas_fade_in_and_the_other_side_gets_a_same_area_entry() {
 #[test]
 fn masks_weight_entries_and_mask_bounds_set_the_area() {
     let latent = Tensor::zeros([2, 4, 8, 8], (Kind::Float, Device::Cpu));
-    let target = Target { latent_in: &latent, noise_mask: None, inpaint_unet: false, sampling: sd_sampling(), family: &diffloom_nodes::family::SD1 };
+    let target =
+        Target { latent_in: &latent, noise_mask: None, inpaint_unet: false, ip2p_unet: false, sampling: sd_sampling(), family: &diffloom_nodes::family::SD1 };
     // A 16×16 pixel-space mask with a 4×4 square: resized to the 8×8 latent bilinearly.
     let m = Tensor::zeros([1, 16, 16], (Kind::Float, Device::Cpu));
     let _ = m.narrow(1, 4, 4).narrow(2, 8, 4).fill_(1.0);
@@ -110,7 +112,8 @@ fn the_denoiser_averages_entries_by_their_weights_as_comfyui() {
     let _g = tch::no_grad_guard();
     let mut g = Generator::cpu(3);
     let x = g.randn_f32(&[1, 4, 16, 16]) * 3.0;
-    let target = Target { latent_in: &x, noise_mask: None, inpaint_unet: false, sampling: sd_sampling(), family: &diffloom_nodes::family::SD1 };
+    let target =
+        Target { latent_in: &x, noise_mask: None, inpaint_unet: false, ip2p_unet: false, sampling: sd_sampling(), family: &diffloom_nodes::family::SD1 };
     let (full, part) = (entry(32), {
         let mut e = entry(32);
         e.area = Some(Area::Latent { h: 8, w: 16, y: 8, x: 0 });
@@ -373,4 +376,38 @@ fn bislerp_interpolates_lengths_bilinearly_and_directions_on_the_sphere() {
     assert!(max_abs_diff(&common_upscale(&x, 6, 5, "bislerp", "disabled").unwrap(), &x) < 1e-5);
     let z = Tensor::zeros([1, 4, 2, 2], (Kind::Float, Device::Cpu));
     assert_eq!(common_upscale(&z, 4, 4, "bislerp", "disabled").unwrap().abs().max().double_value(&[]), 0.0);
+}
+
+/// An InstructPix2Pix UNet (8 input channels) takes InstructPixToPixConditioning's image latent as its
+/// extra channels: the result follows the image, and without the node the extra channels are zeros.
+#[test]
+fn instruct_pix2pix_models_take_the_image_latent() {
+    use diffloom_nodes::checkpoint::detect::Family;
+    use diffloom_nodes::checkpoint::synthetic::{tiny_config, write_checkpoint};
+    let d = Dir::new();
+    let mut config = tiny_config(Family::Sd1, false);
+    if let Some(u) = &mut config.unet {
+        u.in_channels = 8;
+    }
+    let ck = d.join("ip2p.safetensors");
+    write_checkpoint(&ck, &config, Kind::Float, 4, true).unwrap();
+    d.png("a.png", 64, 64, 1);
+    d.png("b.png", 64, 64, 200);
+    let graph = |image: &str| {
+        format!(
+            r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+            "p": (type: "CLIPTextEncode", inputs: {{"text": "make it snowy", "clip": Link("c", "CLIP")}}),
+            "n": (type: "CLIPTextEncode", inputs: {{"text": "", "clip": Link("c", "CLIP")}}),
+            "img": (type: "LoadImage", inputs: {{"image": {image:?}}}),
+            "ip": (type: "InstructPixToPixConditioning", inputs: {{"positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "vae": Link("c", "VAE"), "pixels": Link("img", "IMAGE")}}),
+            "s": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": 1, "steps": 2, "cfg": 5.0, "positive": Link("ip", "positive"), "negative": Link("ip", "negative"), "latent_image": Link("ip", "latent")}}),
+            "s0": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "seed": 1, "steps": 2, "cfg": 5.0, "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link("ip", "latent")}}),"#
+        )
+    };
+    let a = outputs(&d, &graph("a.png"), &[("s", "LATENT", 0), ("s0", "LATENT", 0), ("ip", "latent", 2)]).unwrap();
+    let b = outputs(&d, &graph("b.png"), &[("s", "LATENT", 0)]).unwrap();
+    let (sa, s0, sb) = (latent(&a[0]).samples.0.shallow_clone(), latent(&a[1]).samples.0.shallow_clone(), latent(&b[0]).samples.0.shallow_clone());
+    assert_eq!(latent(&a[2]).samples.abs().max().double_value(&[]), 0.0, "the latent to sample is zeros");
+    assert!(max_abs_diff(&sa, &sb) > 1e-3, "the image changed nothing");
+    assert!(max_abs_diff(&sa, &s0) > 1e-3, "the image latent changed nothing against zeros");
 }

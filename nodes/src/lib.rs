@@ -56,6 +56,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(conditioning::ConditioningSetAreaStrength),
         Rc::new(conditioning::ConditioningSetMask),
         Rc::new(conditioning::InpaintModelConditioning),
+        Rc::new(conditioning::InstructPixToPixConditioning),
         // conditioning/controlnet
         Rc::new(controlnet::ControlNetApplyAdvanced),
         Rc::new(controlnet::ControlNetApply),

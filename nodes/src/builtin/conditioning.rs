@@ -318,6 +318,36 @@ impl Node for InpaintModelConditioning {
     }
 }
 
+/// ComfyUI's InstructPixToPixConditioning: the image's latent rides on every entry as the extra input
+/// of an InstructPix2Pix UNet; the latent to sample is zeros of its shape.
+pub struct InstructPixToPixConditioning;
+impl Node for InstructPixToPixConditioning {
+    fn schema(&self) -> Schema {
+        Schema::new("InstructPixToPixConditioning", "conditioning/instructpix2pix")
+            .input("positive", ValueType::Conditioning)
+            .input("negative", ValueType::Conditioning)
+            .input("vae", ValueType::Vae)
+            .input("pixels", ValueType::Image)
+            .output("positive", ValueType::Conditioning)
+            .output("negative", ValueType::Conditioning)
+            .output("latent", ValueType::Latent)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let vae: &SdVae = a.handle("vae")?;
+        // (The encoder centre-crops to multiples of 8, as the node does first.)
+        let concat = Shared(vae.encode(a.image("pixels")?, None)?);
+        let with = |input: &str| -> Result<Value, NodeError> {
+            let mut entries = a.conditioning(input)?;
+            for e in &mut entries {
+                e.concat_latent = Some(concat.clone());
+            }
+            Ok(Value::Conditioning(entries))
+        };
+        let latent = Latent { samples: Shared(concat.zeros_like()), noise_mask: None, batch_index: None };
+        Ok(vec![with("positive")?, with("negative")?, Value::Latent(latent)])
+    }
+}
+
 /// The pixels and the mask (resized to them, `[b, 1, h, w]`), both centre-cropped to multiples of 8
 /// as the VAE encoder crops. One mask for all images or one per image.
 pub(crate) fn crop_with_mask(pixels: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor), NodeError> {

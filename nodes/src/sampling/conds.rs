@@ -68,6 +68,8 @@ pub struct Target<'a> {
     pub noise_mask: Option<&'a Tensor>,
     /// Whether the UNet takes the 5 inpainting channels.
     pub inpaint_unet: bool,
+    /// Whether the UNet takes an InstructPix2Pix image latent (4 more channels).
+    pub ip2p_unet: bool,
     /// The model's schedule, to turn timestep ranges into sigmas.
     pub sampling: &'a ModelSampling,
     /// The model's family (latent scale, blank inpainting latent).
@@ -244,7 +246,13 @@ fn build_cond(r: Resolved, target: &Target, input: &str) -> Result<Cond, NodeErr
             }
         }
     }
-    let concat = if target.inpaint_unet { Some(inpaint_channels(&r.entry, target, input)?) } else { None };
+    let concat = if target.inpaint_unet {
+        Some(inpaint_channels(&r.entry, target, input)?)
+    } else if target.ip2p_unet {
+        Some(ip2p_channels(&r.entry, target, input)?)
+    } else {
+        None
+    };
     let sigma_range = r.entry.timestep_range.map(|(start, end)| (target.sampling.percent_to_sigma(start), target.sampling.percent_to_sigma(end)));
     let uniform = (r.mask.is_none() && area.is_none()).then_some(r.entry.strength);
     Ok(Cond { context: r.entry.cross_attn.to_kind(Kind::Float), area, mult, uniform, latent_hw: (lh, lw), concat, sigma_range, control: r.entry.control })
@@ -282,6 +290,20 @@ fn inpaint_channels(e: &CondEntry, target: &Target, input: &str) -> Result<Tenso
         None => target.latent_in.shallow_clone(),
     };
     Ok(Tensor::cat(&[mask, image], 1))
+}
+
+/// The image latent an InstructPix2Pix UNet takes (ComfyUI's `IP2P.concat_cond`): the entry's
+/// (InstructPixToPixConditioning's encoding, unscaled), resized to the latent if it differs, or zeros.
+fn ip2p_channels(e: &CondEntry, target: &Target, input: &str) -> Result<Tensor, NodeError> {
+    let s = target.latent_in.size();
+    let (b, c, lh, lw) = (s[0], s[1], s[2], s[3]);
+    let Some(l) = &e.concat_latent else { return Ok(target.latent_in.zeros_like()) };
+    let l = l.to_kind(Kind::Float);
+    let l = if l.size()[1..] != s[1..] { common_upscale(&l, lw, lh, "bilinear", "center")? } else { l };
+    if l.size()[1] != c {
+        return Err(NodeError::input(input, format!("the InstructPix2Pix image latent has {} channels, the model's have {c}", l.size()[1])));
+    }
+    Ok(resize_to_batch(&l, b))
 }
 
 /// ComfyUI's `resize_to_batch_size`: items picked by nearest index when the batch sizes differ.

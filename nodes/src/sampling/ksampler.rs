@@ -191,6 +191,7 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         latent_in: &latent_in,
         noise_mask: mask.as_ref(),
         inpaint_unet: unet.config.in_channels == channels + 5,
+        ip2p_unet: unet.config.in_channels == channels * 2,
         sampling: &ms,
         family: model.family.spec(),
     };
