@@ -393,6 +393,15 @@ fn hooks_equal_comfyui_closures() {
     );
     let (up, _) = p.unet.output_block[0].apply(get("shrink.up_h"), get("shrink.up_skip"), BlockId::Output(0), &call).unwrap();
     check("shrink up", &up, &get("shrink.up"));
+    // SAG: its recorded attention computes what ComfyUI's attention_basic_with_sim does, and the blur map.
+    let sag = patches(&mp::SelfAttentionGuidance, vec![("scale", f(0.5)), ("blur_sigma", f(2.0))]);
+    let chunks = [0usize, 1];
+    let sag_call = CallCx { sigma: 3.2, original_shape: &shape, cond_or_uncond: &chunks };
+    let acx = diffloom_nodes::patches::AttnCx { block: BlockId::Middle, transformer: 0, heads: 2, call: &sag_call };
+    let attended = sag.unet.attn1_replace[0].1.attend(&get("sag.q"), &get("sag.k"), &get("sag.v"), &acx).unwrap();
+    check("sag attention", &attended, &get("sag.out"));
+    let blurred = mp::blur_map(&get("sag.x0"), &(get("sag.sim").narrow(0, 0, 2) * 4.0), 2.0).unwrap();
+    check("sag blur map", &blurred, &get("sag.blurred"));
     println!("hooks vs ComfyUI's closures: worst relative difference {worst:.2e}");
 }
 

@@ -33,6 +33,8 @@ Guidance, on inputs
   tsr.0.9         TemporalScoreRescaling (comfy_extras/nodes_eps.py), k 0.9, tsr_sigma 1.3, post-cfg likewise
                   (SD's half log-SNR is -log sigma)
   tcfg            TCFG (comfy_extras/nodes_tcfg.py): the pre-cfg damping of the uncond, then the default cfg
+SAG (comfy_extras/nodes_sag.py): sag.q/k/v [2,16,32] -> attention_basic_with_sim with 2 heads: sag.out,
+  sag.sim [4,16,16]; create_blur_map(sag.x0 [1,4,8,16], 4·sim[:2], sigma 2, threshold 1): sag.blurred
 APG (comfy_extras/nodes_apg.py), pre_cfg_function, then the default cfg on its returned pair:
   apg.cond.<i>, apg.uncond.<i> [2,4,8,8] for i = 0, 1, 2 (batch element 0: |cond - uncond| ~ 22, above
   the norm threshold; element 1: ~ 1, below it), apg.sigmas [3] = 3.2, 2.1, 5.0.
@@ -62,6 +64,7 @@ comfy.utils.common_upscale is inlined for 4-D inputs, no crop: F.interpolate(s, 
 mode=method), align_corners left at its default (None, which behaves as False).
 """
 
+import math
 import os
 import sys
 import types
@@ -483,6 +486,61 @@ def main(out_dir):
         return uncond_score_td.reshape_as(uncond_score).to(uncond_score.dtype)
     uncond_td = x - score_tangential_damping(x - cond, x - uncond)
     out["tcfg"] = uncond_td + (cond - uncond_td) * cond_scale
+
+    # SAG (comfy_extras/nodes_sag.py): attention_basic_with_sim on q, k, v (2 heads) and create_blur_map
+    # of an uncond prediction with those scores: sag.*
+    def attention_basic_with_sim(q, k, v, heads):
+        b, _, dim_head = q.shape
+        dim_head //= heads
+        scale = dim_head ** -0.5
+        q, k, v = map(lambda t: t.unsqueeze(3).reshape(b, -1, heads, dim_head).permute(0, 2, 1, 3)
+                      .reshape(b * heads, -1, dim_head).contiguous(), (q, k, v))
+        sim = torch.einsum('b i d, b j d -> b i j', q, k) * scale
+        sim = sim.softmax(dim=-1)
+        out = torch.einsum('b i j, b j d -> b i d', sim.to(v.dtype), v)
+        out = out.unsqueeze(0).reshape(b, heads, -1, dim_head).permute(0, 2, 1, 3).reshape(b, -1, heads * dim_head)
+        return out, sim
+
+    def gaussian_blur_2d(img, kernel_size, sigma):
+        ksize_half = (kernel_size - 1) * 0.5
+        xk = torch.linspace(-ksize_half, ksize_half, steps=kernel_size)
+        pdf = torch.exp(-0.5 * (xk / sigma).pow(2))
+        x_kernel = pdf / pdf.sum()
+        x_kernel = x_kernel.to(device=img.device, dtype=img.dtype)
+        kernel2d = torch.mm(x_kernel[:, None], x_kernel[None, :])
+        kernel2d = kernel2d.expand(img.shape[-3], 1, kernel2d.shape[0], kernel2d.shape[1])
+        padding = [kernel_size // 2, kernel_size // 2, kernel_size // 2, kernel_size // 2]
+        img = torch.nn.functional.pad(img, padding, mode="reflect")
+        return torch.nn.functional.conv2d(img, kernel2d, groups=img.shape[-3])
+
+    def create_blur_map(x0, attn, sigma=3.0, threshold=1.0):
+        _, hw1, hw2 = attn.shape
+        b, _, lh, lw = x0.shape
+        attn = attn.reshape(b, -1, hw1, hw2)
+        mask = attn.mean(1, keepdim=False).sum(1, keepdim=False) > threshold
+        total = mask.shape[-1]
+        xg = round(math.sqrt((lh / lw) * total))
+        xx = None
+        for i in range(0, math.floor(math.sqrt(total) / 2)):
+            for j in [(xg + i), max(1, xg - i)]:
+                if total % j == 0:
+                    xx = j
+                    break
+            if xx is not None:
+                break
+        xg = xx
+        yg = total // xg
+        mask = mask.reshape(b, xg, yg).unsqueeze(1).type(attn.dtype)
+        mask = torch.nn.functional.interpolate(mask, (lh, lw))
+        blurred = gaussian_blur_2d(x0, kernel_size=9, sigma=sigma)
+        return blurred * mask + x0 * (1 - mask)
+
+    sq, sk, sv = randn(2, 16, 32), randn(2, 16, 32), randn(2, 16, 32)
+    s_out, s_sim = attention_basic_with_sim(sq, sk, sv, 2)
+    out["sag.q"], out["sag.k"], out["sag.v"], out["sag.out"], out["sag.sim"] = sq, sk, sv, s_out, s_sim
+    s_x0 = randn(1, 4, 8, 16)
+    out["sag.x0"] = s_x0
+    out["sag.blurred"] = create_blur_map(s_x0, s_sim[:2] * 4.0, 2.0, 1.0)
 
     # --- APG -----------------------------------------------------------------------------------
     apg_sigmas = [3.2, 2.1, 5.0]

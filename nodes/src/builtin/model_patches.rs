@@ -493,7 +493,7 @@ fn gaussian_blur_9(img: &Tensor, sigma: f64) -> Tensor {
 
 /// The unconditional prediction blurred where the recorded attention is strong (ComfyUI's
 /// `create_blur_map`).
-fn blur_map(x0: &Tensor, attn: &Tensor, sigma: f64) -> Result<Tensor, NodeError> {
+pub fn blur_map(x0: &Tensor, attn: &Tensor, sigma: f64) -> Result<Tensor, NodeError> {
     let s = x0.size();
     let (b, lh, lw) = (s[0], s[2], s[3]);
     let (hw1, hw2) = (attn.size()[1], attn.size()[2]);
