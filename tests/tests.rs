@@ -5,6 +5,7 @@ mod util;
 mod browser;
 mod cache;
 mod cli;
+mod clip_vision;
 mod comfy;
 mod conditioning;
 mod controlnet;

@@ -28,6 +28,8 @@ pub const MODEL_INPUTS: &[(&str, &str, &str)] = &[
     ("UNETLoader", "unet_name", "diffusion_models"),
     ("CLIPLoader", "clip_name", "text_encoders"),
     ("HypernetworkLoader", "hypernetwork_name", "hypernetworks"),
+    ("CLIPVisionLoader", "clip_name", "clip_vision"),
+    ("StyleModelLoader", "style_model_name", "style_models"),
 ];
 
 /// The ComfyUI folder a node's input names a file in, if it is a model input.

@@ -33,13 +33,19 @@ pub enum ValueType {
     UpscaleModel,
     /// A ControlNet or T2I-Adapter (ControlNetLoader), applied to conditioning by ControlNetApply.
     ControlNet,
+    /// A CLIP image encoder (CLIPVisionLoader).
+    ClipVision,
+    /// What CLIPVisionEncode gives: image embeddings and hidden states.
+    ClipVisionOutput,
+    /// A style model (StyleModelLoader: T2I style adapter), applied by StyleModelApply.
+    StyleModel,
     /// Accepts any value; only used for inputs (e.g. `PreviewAny`).
     Any,
 }
 
 impl ValueType {
     /// Every type, in the order `diffloom nodes` lists them.
-    pub const ALL: [ValueType; 18] = [
+    pub const ALL: [ValueType; 21] = [
         ValueType::Int,
         ValueType::Float,
         ValueType::String,
@@ -57,6 +63,9 @@ impl ValueType {
         ValueType::Guider,
         ValueType::UpscaleModel,
         ValueType::ControlNet,
+        ValueType::ClipVision,
+        ValueType::ClipVisionOutput,
+        ValueType::StyleModel,
         ValueType::Any,
     ];
 
@@ -80,6 +89,9 @@ impl ValueType {
             ValueType::Guider => "GUIDER",
             ValueType::UpscaleModel => "UPSCALE_MODEL",
             ValueType::ControlNet => "CONTROL_NET",
+            ValueType::ClipVision => "CLIP_VISION",
+            ValueType::ClipVisionOutput => "CLIP_VISION_OUTPUT",
+            ValueType::StyleModel => "STYLE_MODEL",
             ValueType::Any => "*",
         }
     }
@@ -269,6 +281,9 @@ pub enum Value {
     Guider(Handle),
     UpscaleModel(Handle),
     ControlNet(Handle),
+    ClipVision(Handle),
+    ClipVisionOutput(Handle),
+    StyleModel(Handle),
 }
 
 impl Value {
@@ -292,6 +307,9 @@ impl Value {
             Value::Guider(_) => ValueType::Guider,
             Value::UpscaleModel(_) => ValueType::UpscaleModel,
             Value::ControlNet(_) => ValueType::ControlNet,
+            Value::ClipVision(_) => ValueType::ClipVision,
+            Value::ClipVisionOutput(_) => ValueType::ClipVisionOutput,
+            Value::StyleModel(_) => ValueType::StyleModel,
         }
     }
 
@@ -310,7 +328,10 @@ impl Value {
             | Value::Noise(h)
             | Value::Guider(h)
             | Value::UpscaleModel(h)
-            | Value::ControlNet(h) => h.bytes,
+            | Value::ControlNet(h)
+            | Value::ClipVision(h)
+            | Value::ClipVisionOutput(h)
+            | Value::StyleModel(h) => h.bytes,
         }
     }
 
@@ -324,7 +345,10 @@ impl Value {
             | Value::Noise(h)
             | Value::Guider(h)
             | Value::UpscaleModel(h)
-            | Value::ControlNet(h) => Some(h),
+            | Value::ControlNet(h)
+            | Value::ClipVision(h)
+            | Value::ClipVisionOutput(h)
+            | Value::StyleModel(h) => Some(h),
             _ => None,
         }
     }
@@ -352,7 +376,10 @@ impl Value {
             | Value::Noise(h)
             | Value::Guider(h)
             | Value::UpscaleModel(h)
-            | Value::ControlNet(h) => {
+            | Value::ControlNet(h)
+            | Value::ClipVision(h)
+            | Value::ClipVisionOutput(h)
+            | Value::StyleModel(h) => {
                 format!("{} {}", self.value_type(), h.label())
             }
         }

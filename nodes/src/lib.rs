@@ -43,6 +43,8 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(loaders::UNETLoader),
         Rc::new(loaders::CLIPLoader),
         Rc::new(loaders::HypernetworkLoader),
+        Rc::new(loaders::CLIPVisionLoader),
+        Rc::new(loaders::StyleModelLoader),
         // conditioning
         Rc::new(conditioning::CLIPTextEncode),
         Rc::new(conditioning::CLIPSetLastLayer),
@@ -56,6 +58,9 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(conditioning::ConditioningSetAreaStrength),
         Rc::new(conditioning::ConditioningSetMask),
         Rc::new(conditioning::InpaintModelConditioning),
+        Rc::new(conditioning::CLIPVisionEncode),
+        // conditioning/style_model
+        Rc::new(conditioning::StyleModelApply),
         Rc::new(conditioning::InstructPixToPixConditioning),
         // conditioning/controlnet
         Rc::new(controlnet::ControlNetApplyAdvanced),

@@ -3,11 +3,13 @@
 
 use std::path::Path;
 
-use diffloom_core::value::{Area, CondEntry, Latent, Shared};
+use diffloom_core::value::{tensor_bytes, Area, CondEntry, Latent, Shared};
 use diffloom_core::{Args, Bool, Combo, Ctx, Float, Handle, Int, Node, NodeError, Schema, Str, Value, ValueType};
 use tch::Tensor;
 
 use super::shared::{mask_nchw, MAX_RESOLUTION};
+use crate::models::clip_vision::{clip_preprocess, ClipVisionModel, ClipVisionOutput};
+use crate::models::style_adapter::StyleAdapter;
 use crate::sd::{EmbeddingDir, SdClip, SdVae, VAE_FACTOR};
 
 pub struct CLIPTextEncode;
@@ -357,4 +359,87 @@ pub(crate) fn crop_with_mask(pixels: &Tensor, mask: &Tensor) -> Result<(Tensor, 
     let (ch, cw) = (h / VAE_FACTOR * VAE_FACTOR, w / VAE_FACTOR * VAE_FACTOR);
     let (oy, ox) = ((h % VAE_FACTOR) / 2, (w % VAE_FACTOR) / 2);
     Ok((pixels.f_narrow(1, oy, ch)?.f_narrow(2, ox, cw)?, mask.f_narrow(2, oy, ch)?.f_narrow(3, ox, cw)?))
+}
+
+/// ComfyUI's CLIPVisionEncode: `clip_preprocess` (resize to the model's input size, centre crop or
+/// not, 8-bit quantisation, CLIP normalisation), then the vision model.
+pub struct CLIPVisionEncode;
+impl Node for CLIPVisionEncode {
+    fn schema(&self) -> Schema {
+        Schema::new("CLIPVisionEncode", "conditioning")
+            .describe("Encodes images with a CLIP vision model (image_embeds, last and penultimate hidden states).")
+            .input("clip_vision", ValueType::ClipVision)
+            .input("image", ValueType::Image)
+            .input("crop", Combo::of(&["center", "none"]))
+            .output("CLIP_VISION_OUTPUT", ValueType::ClipVisionOutput)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let model: &ClipVisionModel = a.handle("clip_vision")?;
+        let image = a.image("image")?;
+        let c = &model.config;
+        let pixels = clip_preprocess(&image.to_device(cx.device), c.image_size, c.image_mean, c.image_std, a.string("crop")? == "center")
+            .map_err(|e| NodeError::input("image", format!("cannot resize for the CLIP vision model: {e}")))?;
+        let out = model.forward(&pixels.to_kind(tch::Kind::Float));
+        let bytes = [&out.image_embeds, &out.last_hidden_state, &out.penultimate_hidden_states].iter().map(|t| tensor_bytes(t)).sum();
+        let source = a.any("clip_vision")?.handle().map(|h| h.label().to_owned()).unwrap_or_default();
+        let label = format!("{:?} from {source}", out.image_embeds.size());
+        Ok(vec![Value::ClipVisionOutput(Handle::new(out, bytes, label))])
+    }
+}
+
+/// ComfyUI's StyleModelApply: the style model's tokens for every image of the CLIP vision output, in
+/// one row (`[1, images × tokens, width]`), appended to each entry's text states.
+pub struct StyleModelApply;
+impl Node for StyleModelApply {
+    fn schema(&self) -> Schema {
+        Schema::new("StyleModelApply", "conditioning/style_model")
+            .describe(
+                "Appends a style model's tokens to each conditioning entry. multiply scales them by strength; attn_bias builds \
+                 an attention mask that SD 1.x/2.x UNets ignore (in ComfyUI too), so the tokens go in at full strength.",
+            )
+            .input("conditioning", ValueType::Conditioning)
+            .input("style_model", ValueType::StyleModel)
+            .input("clip_vision_output", ValueType::ClipVisionOutput)
+            .input("strength", Float::new(1.0).range(0.0, 10.0).step(0.001))
+            .input("strength_type", Combo::of(&["multiply", "attn_bias"]))
+            .output("CONDITIONING", ValueType::Conditioning)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let style: &StyleAdapter = a.handle("style_model")?;
+        let vision: &ClipVisionOutput = a.handle("clip_vision_output")?;
+        let width = vision.last_hidden_state.size()[2];
+        if width != style.config.width {
+            return Err(NodeError::input(
+                "clip_vision_output",
+                format!("the CLIP vision states are {width} wide, the style model reads {}-wide states", style.config.width),
+            ));
+        }
+        let tokens = style.forward(&vision.last_hidden_state).flatten(0, 1).unsqueeze(0);
+        let tokens = match a.string("strength_type")? {
+            "multiply" => tokens * a.float("strength")?,
+            // ComfyUI stores log(strength) as an `attention_mask` on the entry; only Flux-type models
+            // read it, SD 1.x/2.x's extra_conds drop it.
+            _ => tokens,
+        };
+        let out = a
+            .conditioning("conditioning")?
+            .into_iter()
+            .map(|e| {
+                let txt = &e.cross_attn.0;
+                let (s, t) = (txt.size(), tokens.size());
+                if s[2] != t[2] {
+                    return Err(NodeError::input("style_model", format!("the style tokens are {} wide, the conditioning's text states {}", t[2], s[2])));
+                }
+                if s[0] != 1 {
+                    return Err(NodeError::input(
+                        "conditioning",
+                        format!("a batch of {} text states; the style tokens are one row (ComfyUI's cat fails too)", s[0]),
+                    ));
+                }
+                let t = Tensor::f_cat(&[txt.shallow_clone(), tokens.to_device(txt.device()).to_kind(txt.kind())], 1)?;
+                Ok(CondEntry { cross_attn: Shared(t), ..e })
+            })
+            .collect::<Result<Vec<_>, NodeError>>()?;
+        Ok(vec![Value::Conditioning(out)])
+    }
 }

@@ -1,4 +1,5 @@
-//! ComfyUI's `loaders` category: checkpoints, standalone VAEs, upscale models.
+//! ComfyUI's `loaders` category: checkpoints, standalone VAEs, upscale models, CLIP vision and style
+//! models.
 
 use std::path::Path;
 use std::rc::Rc;
@@ -8,6 +9,7 @@ use diffloom_core::{Args, Combo, Ctx, Float, Handle, Locator, Node, NodeError, S
 
 use crate::checkpoint::control::load_control;
 use crate::checkpoint::load::{load_checkpoint, load_clip, load_unet, load_upscale_model, load_vae};
+use crate::checkpoint::vision::{load_clip_vision, load_style_model};
 use crate::control::ControlNetValue;
 use crate::lora::apply_lora;
 use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
@@ -475,5 +477,58 @@ impl Node for HypernetworkLoader {
         p.unet.attn2_patch.push(Rc::new(HypernetworkPatch { net, strength: a.float("strength")? }));
         let label = format!("{} + {}", m.name, file_label(&path));
         Ok(vec![Value::Model(Handle::new(SdModel { patches: Rc::new(p), ..m.clone() }, 0, label))])
+    }
+}
+
+pub struct CLIPVisionLoader;
+impl Node for CLIPVisionLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("CLIPVisionLoader", "loaders")
+            .describe("Loads a CLIP image encoder (transformers' CLIPVisionModelWithProjection layout: ViT-L/14, ViT-H/14, ViT-bigG/14).")
+            .input("clip_name", Str::required())
+            .doc("path to the file in the clip_vision folder")
+            .output("CLIP_VISION", ValueType::ClipVision)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "clip_vision", "clip_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let path = cx.files.model("clip_vision", "clip_name", a.string("clip_name")?)?;
+        let (model, bytes) = load_clip_vision(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
+        let name = file_label(&path);
+        let c = &model.config;
+        cx.messages.push(format!(
+            "{name}: CLIP vision, {} layers of width {}, {} px in {}-px patches, {} ({})",
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.image_size,
+            c.patch_size,
+            c.hidden_act,
+            gib(bytes as u64)
+        ));
+        Ok(vec![Value::ClipVision(Handle::new(model, bytes, name))])
+    }
+}
+
+pub struct StyleModelLoader;
+impl Node for StyleModelLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("StyleModelLoader", "loaders")
+            .describe("Loads a T2I style adapter (t2iadapter_style_sd14v1), which turns a CLIP vision output into extra prompt tokens.")
+            .input("style_model_name", Str::required())
+            .doc("path to the file in the style_models folder")
+            .output("STYLE_MODEL", ValueType::StyleModel)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "style_models", "style_model_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let path = cx.files.model("style_models", "style_model_name", a.string("style_model_name")?)?;
+        // ComfyUI keeps the style model in float32 (it is not managed like the other models).
+        let (model, bytes) = load_style_model(&path, cx.device, tch::Kind::Float).map_err(|e| NodeError::Failed(e.to_string()))?;
+        let name = file_label(&path);
+        let c = &model.config;
+        cx.messages.push(format!("{name}: style adapter, {} tokens of width {} from vision states of width {}", c.num_token, c.context_dim, c.width));
+        Ok(vec![Value::StyleModel(Handle::new(model, bytes, name))])
     }
 }

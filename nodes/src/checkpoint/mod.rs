@@ -8,6 +8,7 @@ pub mod load;
 pub mod pickle;
 pub mod safetensors;
 pub mod synthetic;
+pub mod vision;
 pub mod weights;
 
 use std::path::PathBuf;

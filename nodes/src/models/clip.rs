@@ -71,7 +71,9 @@ enum Qkv {
     Fused(Linear),
 }
 
-struct EncoderLayer {
+/// One pre-norm transformer layer (attention, then MLP), shared by the text model, the vision model
+/// (`clip_vision.rs`) and the style adapter (`style_adapter.rs`).
+pub(crate) struct EncoderLayer {
     ln1: LayerNorm,
     qkv: Qkv,
     out_proj: Linear,
@@ -105,20 +107,7 @@ impl ClipTextModel {
         let inter = config.intermediate_size;
         let model = match config.layout {
             ClipLayout::Hf => {
-                let layers = (0..config.num_layers)
-                    .map(|i| {
-                        let l = p.pp("encoder").pp("layers").pp(i);
-                        let a = l.pp("self_attn");
-                        EncoderLayer {
-                            ln1: layer_norm(&l.pp("layer_norm1"), d, 1e-5),
-                            qkv: Qkv::Separate { q: linear(&a.pp("q_proj"), d, d), k: linear(&a.pp("k_proj"), d, d), v: linear(&a.pp("v_proj"), d, d) },
-                            out_proj: linear(&a.pp("out_proj"), d, d),
-                            ln2: layer_norm(&l.pp("layer_norm2"), d, 1e-5),
-                            fc1: linear(&l.pp("mlp").pp("fc1"), d, inter),
-                            fc2: linear(&l.pp("mlp").pp("fc2"), inter, d),
-                        }
-                    })
-                    .collect();
+                let layers = (0..config.num_layers).map(|i| EncoderLayer::hf(&p.pp("encoder").pp("layers").pp(i), d, inter)).collect();
                 let e = p.pp("embeddings");
                 ClipTextModel {
                     token_embedding: e.pp("token_embedding").get("weight", &[config.vocab_size, d]),
@@ -129,21 +118,7 @@ impl ClipTextModel {
                 }
             }
             ClipLayout::OpenClip => {
-                let layers = (0..config.num_layers)
-                    .map(|i| {
-                        let l = p.pp("transformer").pp("resblocks").pp(i);
-                        let a = l.pp("attn");
-                        EncoderLayer {
-                            ln1: layer_norm(&l.pp("ln_1"), d, 1e-5),
-                            // nn.MultiheadAttention stores q, k and v stacked: [3d, d] and [3d].
-                            qkv: Qkv::Fused(Linear { weight: a.get("in_proj_weight", &[3 * d, d]), bias: Some(a.get("in_proj_bias", &[3 * d])) }),
-                            out_proj: linear(&a.pp("out_proj"), d, d),
-                            ln2: layer_norm(&l.pp("ln_2"), d, 1e-5),
-                            fc1: linear(&l.pp("mlp").pp("c_fc"), d, inter),
-                            fc2: linear(&l.pp("mlp").pp("c_proj"), inter, d),
-                        }
-                    })
-                    .collect();
+                let layers = (0..config.num_layers).map(|i| EncoderLayer::open_clip(&p.pp("transformer").pp("resblocks").pp(i), d, inter)).collect();
                 ClipTextModel {
                     token_embedding: p.pp("token_embedding").get("weight", &[config.vocab_size, d]),
                     position_embedding: p.get("positional_embedding", &[config.max_position_embeddings, d]),
@@ -177,7 +152,7 @@ impl ClipTextModel {
             ClipOutput::Hidden { index, .. } => index,
         };
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(&x, self.config.num_heads, &self.config.hidden_act);
+            x = layer.forward(&x, self.config.num_heads, &self.config.hidden_act, true);
             if i as i64 == stop {
                 break;
             }
@@ -200,7 +175,37 @@ impl ClipTextModel {
 }
 
 impl EncoderLayer {
-    fn forward(&self, x: &Tensor, heads: i64, act: &str) -> Tensor {
+    /// transformers' `CLIPEncoderLayer` keys under `l`: `layer_norm1`, `self_attn.{q,k,v,out}_proj`,
+    /// `layer_norm2`, `mlp.fc1`, `mlp.fc2`.
+    pub(crate) fn hf(l: &WPath, d: i64, inter: i64) -> Self {
+        let a = l.pp("self_attn");
+        EncoderLayer {
+            ln1: layer_norm(&l.pp("layer_norm1"), d, 1e-5),
+            qkv: Qkv::Separate { q: linear(&a.pp("q_proj"), d, d), k: linear(&a.pp("k_proj"), d, d), v: linear(&a.pp("v_proj"), d, d) },
+            out_proj: linear(&a.pp("out_proj"), d, d),
+            ln2: layer_norm(&l.pp("layer_norm2"), d, 1e-5),
+            fc1: linear(&l.pp("mlp").pp("fc1"), d, inter),
+            fc2: linear(&l.pp("mlp").pp("fc2"), inter, d),
+        }
+    }
+
+    /// OpenCLIP's `ResidualAttentionBlock` keys under `l`: `ln_1`, `attn.in_proj_{weight,bias}`,
+    /// `attn.out_proj`, `ln_2`, `mlp.c_fc`, `mlp.c_proj`.
+    pub(crate) fn open_clip(l: &WPath, d: i64, inter: i64) -> Self {
+        let a = l.pp("attn");
+        EncoderLayer {
+            ln1: layer_norm(&l.pp("ln_1"), d, 1e-5),
+            // nn.MultiheadAttention stores q, k and v stacked: [3d, d] and [3d].
+            qkv: Qkv::Fused(Linear { weight: a.get("in_proj_weight", &[3 * d, d]), bias: Some(a.get("in_proj_bias", &[3 * d])) }),
+            out_proj: linear(&a.pp("out_proj"), d, d),
+            ln2: layer_norm(&l.pp("ln_2"), d, 1e-5),
+            fc1: linear(&l.pp("mlp").pp("c_fc"), d, inter),
+            fc2: linear(&l.pp("mlp").pp("c_proj"), inter, d),
+        }
+    }
+
+    /// `x` `[b, n, d]`; `causal` masks later tokens (the text model), `act` is "quick_gelu" or "gelu".
+    pub(crate) fn forward(&self, x: &Tensor, heads: i64, act: &str, causal: bool) -> Tensor {
         let h = self.ln1.forward(x);
         let (q, k, v) = match &self.qkv {
             Qkv::Separate { q, k, v } => (q.forward(&h), k.forward(&h), v.forward(&h)),
@@ -209,7 +214,7 @@ impl EncoderLayer {
                 (parts[0].shallow_clone(), parts[1].shallow_clone(), parts[2].shallow_clone())
             }
         };
-        let x = x + self.out_proj.forward(&attention(&q, &k, &v, heads, true));
+        let x = x + self.out_proj.forward(&attention(&q, &k, &v, heads, causal));
         let h = self.fc1.forward(&self.ln2.forward(&x));
         let h = match act {
             // OpenAI CLIP's activation: x * sigmoid(1.702 x).

@@ -3,11 +3,13 @@
 
 pub mod attention;
 pub mod clip;
+pub mod clip_vision;
 pub mod controlnet;
 pub mod hypernetwork;
 pub mod layers;
 pub mod resnet;
 pub mod rrdbnet;
+pub mod style_adapter;
 pub mod t2i_adapter;
 pub mod taesd;
 pub mod unet;
