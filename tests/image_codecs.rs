@@ -1,5 +1,6 @@
-//! Image nodes that go through Pillow in ComfyUI: SaveAnimatedPNG (Pillow's APNG writer), checked
-//! against ComfyUI's node body by tests/parity/apng_reference.py.
+//! Image nodes that go through Pillow in ComfyUI: SaveAnimatedPNG (Pillow's APNG writer) and ImageQuantize
+//! (its median cut and dithering), checked
+//! against ComfyUI's node bodies by tests/parity/apng_reference.py and quantize_reference.py.
 
 use std::path::Path;
 
@@ -138,4 +139,39 @@ fn save_animated_png_matches_comfyui() {
         ("compress_level", Some(Value::Int(4)))
     ])
     .contains("filename_prefix"));
+}
+
+/// ImageQuantize against ComfyUI's node body on Pillow 13 (tests/parity/quantize_reference.py): the
+/// median-cut palette, the cached nearest-colour mapping, Floyd-Steinberg and the Bayer modes, bit for bit.
+#[test]
+fn image_quantize_matches_pillow() {
+    use diffloom_nodes::builtin::quantize::ImageQuantize;
+    let d = Dir::new();
+    crate::parity::run_reference("quantize_reference.py", &[d.path()]);
+    let r = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&d.join("quantize_expected.safetensors")).unwrap();
+    let get = |k: &str| r.load(k, Device::Cpu, None).unwrap();
+    let mut failures = Vec::new();
+    for name in ["noise", "smooth", "few", "small"] {
+        let input = get(&format!("input.{name}"));
+        for colors in [256i128, 17, 4, 1] {
+            for dither in ["none", "floyd-steinberg", "bayer-2", "bayer-4", "bayer-8", "bayer-16"] {
+                let args = vec![("image", img(&input)), ("colors", Some(Value::Int(colors))), ("dither", Some(Value::String(dither.into())))];
+                let got = call_in(&ImageQuantize, args, d.path(), &[]).0.unwrap();
+                let Value::Image(got) = &got[0] else { panic!("not an image") };
+                let want = get(&format!("{name}.{colors}.{dither}"));
+                let differ = got.0.ne_tensor(&want).any_dim(-1, false).sum(Kind::Int64).int64_value(&[]);
+                if differ != 0 {
+                    failures.push(format!("{name} {colors} {dither}: {differ} pixels differ"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // Errors name the input.
+    let rgba = Tensor::rand([1, 4, 4, 4], (Kind::Float, Device::Cpu));
+    let e =
+        call_in(&ImageQuantize, vec![("image", img(&rgba)), ("colors", Some(Value::Int(4))), ("dither", Some(Value::String("none".into())))], d.path(), &[])
+            .0
+            .unwrap_err();
+    assert!(e.contains("image"), "{e}");
 }

@@ -24,7 +24,7 @@ use diffloom_core::{Node, Origin, Registry};
 use builtin::sampling as sampling_nodes;
 use builtin::{
     animation, conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, model_merging, model_patches, preprocessors, primitive,
-    strings,
+    quantize, strings,
 };
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
@@ -204,6 +204,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         // image/postprocessing
         Rc::new(image::ImageBlur),
         Rc::new(image::ImageSharpen),
+        Rc::new(quantize::ImageQuantize),
         // image/preprocessors, image/postprocessing
         Rc::new(preprocessors::Canny),
         Rc::new(preprocessors::Morphology),

@@ -12,6 +12,7 @@ pub mod model_merging;
 pub mod model_patches;
 pub mod preprocessors;
 pub mod primitive;
+pub mod quantize;
 pub mod sampling;
 pub mod shared;
 pub mod strings;
