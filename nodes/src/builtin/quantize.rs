@@ -240,8 +240,7 @@ pub fn median_cut_palette(pixels: &[[u8; 3]], colors: usize) -> Vec<[u8; 3]> {
     let mut sums = vec![[0u32; 3]; n_entries as usize];
     let mut count = vec![0u32; n_entries as usize];
     for p in pixels {
-        // invariant: every pixel's hash class is in the histogram.
-        let e = entry_of[hist.index[&scaled_hash(*p, scale)]] as usize;
+        let e = entry_of[hist.index[&scaled_hash(*p, scale)]] as usize; // invariant: the histogram holds every pixel's class
         for ch in 0..3 {
             sums[e][ch] = sums[e][ch].wrapping_add(u32::from(p[ch]));
         }
