@@ -82,6 +82,7 @@ const DISPLAY_NAMES: &[(&str, &str)] = &[
     ("JoinImageWithAlpha", "Join Image with Alpha"),
     ("PorterDuffImageComposite", "Porter-Duff Image Composite"),
     ("ImageBlur", "Image Blur"),
+    ("ImageQuantize", "Image Quantize"),
     ("ImageSharpen", "Image Sharpen"),
     ("ImageStitch", "Image Stitch"),
     ("StringLength", "Length"),
