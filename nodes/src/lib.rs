@@ -58,10 +58,10 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(conditioning::ConditioningSetAreaStrength),
         Rc::new(conditioning::ConditioningSetMask),
         Rc::new(conditioning::InpaintModelConditioning),
+        Rc::new(conditioning::InstructPixToPixConditioning),
         Rc::new(conditioning::CLIPVisionEncode),
         // conditioning/style_model
         Rc::new(conditioning::StyleModelApply),
-        Rc::new(conditioning::InstructPixToPixConditioning),
         // conditioning/controlnet
         Rc::new(controlnet::ControlNetApplyAdvanced),
         Rc::new(controlnet::ControlNetApply),
