@@ -268,3 +268,45 @@ fn model_sampling_discrete_switches_sampling_type_and_zsnr() {
     let extra = r#""vmodel": (type: "ModelSamplingDiscrete", inputs: {"model": Link("c", "MODEL"), "sampling": "eps"}),"#;
     assert_eq!(max_diff(&a, &latent_of(&d, &graph(&d, &patched, extra)).1), 0.0);
 }
+
+/// RebatchLatents (ComfyUI's list semantics): a batch of 4 split into lists of 2 samples item by item
+/// as the whole batch does (each item keeps its batch index, so its seeded noise), the sampler running
+/// once per list item; the decoded list saves every image.
+#[test]
+fn rebatched_latents_sample_as_the_whole_batch() {
+    let d = Dir::new();
+    let four = |g: String| g.replace(r#""height": 48, "batch_size": 2"#, r#""height": 48, "batch_size": 4"#);
+    let g = four(graph(&d, &ksampler("euler", "normal", 3, 7.0, 1.0, "lat"), ""));
+    let (_, all) = latent_of(&d, &g);
+    assert_eq!(all.size()[0], 4);
+
+    let extra = r#""re": (type: "RebatchLatents", inputs: {"latents": Link("lat", "LATENT"), "batch_size": 2}),
+        "dec": (type: "VAEDecode", inputs: {"samples": Link("s", "LATENT"), "vae": Link("c", "VAE")}),
+        "save": (type: "SaveImage", inputs: {"images": Link("dec", "IMAGE"), "filename_prefix": "re"}),"#;
+    let g = four(graph(&d, &ksampler("euler", "normal", 3, 7.0, 1.0, "re"), extra));
+    let (mut ex, reg) = executor(&d, 1 << 30);
+    let r = run_graph(&mut ex, &reg, &d, &g, &[]);
+    assert!(r.error.is_none(), "{}", r.error.as_ref().unwrap());
+    let path = d.join("graph.ron");
+    let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
+    let resolved = diffloom_core::validate::validate(&path, &parsed, &reg).unwrap();
+    let Some(Value::List(parts)) = ex.cached_output(&resolved, "s", 0) else { panic!("the sampler's output is not a list") };
+    let parts: Vec<tch::Tensor> = parts
+        .iter()
+        .map(|v| match v {
+            Value::Latent(l) => {
+                assert!(l.noise_mask.is_none(), "an all-ones mask is dropped");
+                l.samples.0.shallow_clone()
+            }
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(parts.iter().map(|p| p.size()[0]).collect::<Vec<_>>(), [2, 2]);
+    let rebatched = tch::Tensor::cat(&parts, 0);
+    // Same per-item noise and maths; only the UNet's batch size differs (float summation order).
+    assert!(max_diff(&rebatched, &all) < 1e-4, "{}", max_diff(&rebatched, &all));
+    assert!(max_diff(&parts[0], &parts[1]) > 1e-3, "the two halves got different noise");
+    let saved: Vec<_> =
+        std::fs::read_dir(d.join("output")).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with("re_")).collect();
+    assert_eq!(saved.len(), 4, "every item of both batches is saved");
+}

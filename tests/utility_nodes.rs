@@ -6,7 +6,7 @@ use std::path::Path;
 
 use diffloom_core::value::{Latent, Shared};
 use diffloom_core::{Args, Ctx, Folders, Locator, Node, Registry, Value};
-use diffloom_nodes::builtin::{image, latent, mask, strings};
+use diffloom_nodes::builtin::{image, latent, mask, rebatch, strings};
 use tch::{Device, Kind, Tensor};
 
 use crate::util::{call, max_abs_diff, outputs, Dir};
@@ -760,4 +760,56 @@ fn resize_pad_max_dimension_and_stitch() {
         ],
     );
     assert!(e.contains("image2"), "{e}");
+}
+
+/// RebatchLatents as ComfyUI's nodes_rebatch.py: list in, list out; a batch is split off only once it
+/// holds more than `batch_size` items, a latent of another size starts a new batch, batch indices
+/// continue across the inputs, and all-ones masks are dropped while a real noise mask is kept.
+#[test]
+fn rebatch_latents_follows_comfyui() {
+    let a = ramp(&[3, 4, 2, 2]);
+    let b = ramp(&[2, 4, 2, 2]) + 100.0;
+    let c = ramp(&[1, 4, 3, 3]);
+    let half = Tensor::full([1, 1, 24, 24], 0.5, (Kind::Float, Device::Cpu));
+    let list = |v: Vec<Option<Value>>| Some(Value::List(v.into_iter().map(Option::unwrap).collect()));
+    let out = run(
+        &rebatch::RebatchLatents,
+        vec![("latents", list(vec![lat(&a, None, None), lat(&b, None, None), lat(&c, Some(&half), None)])), ("batch_size", list(vec![i(2)]))],
+    );
+    let [Value::List(items)] = &out[..] else { panic!("{out:?}") };
+    let got: Vec<Latent> = items.iter().map(latent_of).collect();
+    let all = Tensor::cat(&[&a, &b], 0);
+    let expect = [(all.narrow(0, 0, 2), vec![0, 1]), (all.narrow(0, 2, 2), vec![2, 3]), (all.narrow(0, 4, 1), vec![4]), (c.shallow_clone(), vec![5])];
+    assert_eq!(got.len(), expect.len());
+    for (g, (samples, indices)) in got.iter().zip(&expect) {
+        assert_eq!(max_abs_diff(&g.samples.0, samples), 0.0);
+        assert_eq!(g.batch_index.as_ref(), Some(indices));
+    }
+    assert!(got[..3].iter().all(|l| l.noise_mask.is_none()));
+    assert_eq!(got[3].noise_mask.as_ref().map(|m| max_abs_diff(&m.0, &half)), Some(0.0));
+}
+
+#[test]
+fn rebatch_images_regroups_every_item() {
+    let a = ramp(&[3, 8, 8, 3]);
+    let b = ramp(&[2, 8, 8, 3]) * 2.0;
+    let out = run(
+        &rebatch::RebatchImages,
+        vec![("images", Some(Value::List(vec![img(&a).unwrap(), img(&b).unwrap()]))), ("batch_size", Some(Value::List(vec![Value::Int(2)])))],
+    );
+    let [Value::List(items)] = &out[..] else { panic!("{out:?}") };
+    let all = Tensor::cat(&[&a, &b], 0);
+    assert_eq!(items.len(), 3);
+    for (k, item) in items.iter().enumerate() {
+        let t = tensor(item);
+        let n = t.size()[0];
+        assert_eq!(max_abs_diff(&t, &all.narrow(0, 2 * k as i64, n)), 0.0);
+    }
+    // Images of different sizes in one batch are an error naming the input.
+    let odd = ramp(&[1, 4, 4, 3]);
+    let e = err(
+        &rebatch::RebatchImages,
+        vec![("images", Some(Value::List(vec![img(&a).unwrap(), img(&odd).unwrap()]))), ("batch_size", Some(Value::List(vec![Value::Int(4)])))],
+    );
+    assert!(e.contains("images") && e.contains("different sizes"), "{e}");
 }

@@ -73,6 +73,8 @@ const DISPLAY_NAMES: &[(&str, &str)] = &[
     ("VAELoader", "Load VAE"),
     ("GetImageSize", "Get Image Size"),
     ("ImageBatch", "Batch Images"),
+    ("RebatchLatents", "Rebatch Latents"),
+    ("RebatchImages", "Rebatch Images"),
     ("ImageScaleToTotalPixels", "Scale Image to Total Pixels"),
     ("LatentFlip", "Flip Latent"),
     ("LatentRotate", "Rotate Latent"),

@@ -31,6 +31,9 @@ pub struct Schema {
     pub output_node: bool,
     /// `false` for nodes whose result must never be reused (ComfyUI's `IS_CHANGED` returning NaN).
     pub cacheable: bool,
+    /// ComfyUI's `INPUT_IS_LIST`: the node is called once with every input as a [`Value::List`] (a
+    /// single value as a list of one) instead of once per list item (see `exec/lists.rs`).
+    pub input_is_list: bool,
 }
 
 /// One declared input.
@@ -49,6 +52,9 @@ pub struct OutputSpec {
     pub name: String,
     #[serde(rename = "type")]
     pub ty: ValueType,
+    /// ComfyUI's `OUTPUT_IS_LIST`: the node returns a [`Value::List`] of `ty` items here, and
+    /// consumers run once per item.
+    pub is_list: bool,
 }
 
 /// What an input accepts. Widget kinds (numbers, strings, booleans, choices) take a literal or a link
@@ -279,6 +285,7 @@ impl Schema {
             outputs: Vec::new(),
             output_node: false,
             cacheable: true,
+            input_is_list: false,
         }
     }
 
@@ -306,7 +313,19 @@ impl Schema {
     }
 
     pub fn output(mut self, name: &str, ty: ValueType) -> Schema {
-        self.outputs.push(OutputSpec { name: name.to_owned(), ty });
+        self.outputs.push(OutputSpec { name: name.to_owned(), ty, is_list: false });
+        self
+    }
+
+    /// An output holding a list of `ty` values (ComfyUI's `OUTPUT_IS_LIST`).
+    pub fn list_output(mut self, name: &str, ty: ValueType) -> Schema {
+        self.outputs.push(OutputSpec { name: name.to_owned(), ty, is_list: true });
+        self
+    }
+
+    /// The node takes whole lists (ComfyUI's `INPUT_IS_LIST`); read them with [`Args::list`].
+    pub fn input_is_list(mut self) -> Schema {
+        self.input_is_list = true;
         self
     }
 
@@ -328,9 +347,14 @@ impl Schema {
     /// [`InputKind::check`].
     pub fn bind(&self, mut given: impl FnMut(&InputSpec) -> Result<Option<Value>, NodeError>) -> Result<Args, NodeError> {
         let mut values = Vec::with_capacity(self.inputs.len());
+        let check = |spec: &InputSpec, v: Value| spec.kind.check(v).map_err(|k| NodeError::input(&spec.name, k.to_string()));
         for spec in &self.inputs {
             let value = match given(spec)? {
-                Some(v) => Some(spec.kind.check(v).map_err(|k| NodeError::input(&spec.name, k.to_string()))?),
+                // A list node gets every input as a list, each item checked on its own.
+                Some(Value::List(items)) if self.input_is_list => Some(Value::List(items.into_iter().map(|v| check(spec, v)).collect::<Result<_, _>>()?)),
+                Some(v) if self.input_is_list => Some(Value::List(vec![check(spec, v)?])),
+                Some(v) => Some(check(spec, v)?),
+                None if self.input_is_list => spec.kind.default_value().map(|v| Value::List(vec![v])),
                 None => spec.kind.default_value(),
             };
             if value.is_none() && !spec.optional {
@@ -486,6 +510,14 @@ impl Args {
     /// Any value (for `*` inputs).
     pub fn any(&self, name: &str) -> Result<&Value, NodeError> {
         self.required(name)
+    }
+
+    /// The items of an input of a list node ([`Schema::input_is_list`]).
+    pub fn list(&self, name: &str) -> Result<&[Value], NodeError> {
+        match self.required(name)? {
+            Value::List(items) => Ok(items),
+            v => Err(NodeError::input(name, format!("expected a list, got {}", v.value_type()))),
+        }
     }
 
     /// A CONDITIONING input's entries.

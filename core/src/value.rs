@@ -284,6 +284,9 @@ pub enum Value {
     ClipVision(Handle),
     ClipVisionOutput(Handle),
     StyleModel(Handle),
+    /// Several values of one type, as a node with a list output returns them (ComfyUI's
+    /// `OUTPUT_IS_LIST`); the executor runs consumers once per item (see `exec/lists.rs`).
+    List(Vec<Value>),
 }
 
 impl Value {
@@ -310,6 +313,8 @@ impl Value {
             Value::ClipVision(_) => ValueType::ClipVision,
             Value::ClipVisionOutput(_) => ValueType::ClipVisionOutput,
             Value::StyleModel(_) => ValueType::StyleModel,
+            // A list has its items' type (one type per output); an empty one fits anywhere.
+            Value::List(items) => items.first().map_or(ValueType::Any, Value::value_type),
         }
     }
 
@@ -332,6 +337,7 @@ impl Value {
             | Value::ClipVision(h)
             | Value::ClipVisionOutput(h)
             | Value::StyleModel(h) => h.bytes,
+            Value::List(items) => items.iter().map(Value::bytes).sum(),
         }
     }
 
@@ -381,6 +387,11 @@ impl Value {
             | Value::ClipVisionOutput(h)
             | Value::StyleModel(h) => {
                 format!("{} {}", self.value_type(), h.label())
+            }
+            Value::List(items) => {
+                let shown: Vec<String> = items.iter().take(8).map(Value::describe).collect();
+                let more = if items.len() > 8 { format!(", … ({} in all)", items.len()) } else { String::new() };
+                format!("[{}{more}]", shown.join(", "))
             }
         }
     }

@@ -24,7 +24,7 @@ use diffloom_core::{Node, Origin, Registry};
 use builtin::sampling as sampling_nodes;
 use builtin::{
     animation, conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, model_merging, model_patches, preprocessors, primitive,
-    quantize, strings,
+    quantize, rebatch, strings,
 };
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
@@ -155,6 +155,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(latent::LatentUpscale),
         Rc::new(latent::LatentUpscaleBy),
         Rc::new(latent::RepeatLatentBatch),
+        Rc::new(rebatch::RebatchLatents),
         Rc::new(latent::LatentFromBatch),
         Rc::new(latent::LatentComposite),
         Rc::new(latent::LatentCompositeMasked),
@@ -196,6 +197,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(image::ImageFlip),
         Rc::new(image::ImageRotate),
         Rc::new(image::RepeatImageBatch),
+        Rc::new(rebatch::RebatchImages),
         Rc::new(image::ImageFromBatch),
         Rc::new(image::ResizeAndPadImage),
         Rc::new(image::ImageStitch),

@@ -115,7 +115,7 @@ pub fn node_info(schema: &Schema, module: &str, folders: &Folders) -> Json {
         "input": input,
         "input_order": input_order,
         "output": outputs,
-        "output_is_list": vec![false; outputs.len()],
+        "output_is_list": schema.outputs.iter().map(|o| o.is_list).collect::<Vec<bool>>(),
         "output_name": names,
         "name": schema.name,
         "display_name": diffloom_comfy::display::display_name(&schema.name),

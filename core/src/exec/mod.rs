@@ -1,10 +1,11 @@
 //! Running a resolved graph: [`schedule`] orders the work, [`key`] says what determines each result,
-//! [`cache`] keeps results between runs, [`args`] binds a node's inputs, and [`run`] drives them and
-//! fills a [`report`]; [`options`] are the settings every run shares.
+//! [`cache`] keeps results between runs, [`args`] binds a node's inputs, [`lists`] runs a node over
+//! list values, and [`run`] drives them and fills a [`report`]; [`options`] are the settings every run shares.
 
 pub mod args;
 pub mod cache;
 pub mod key;
+pub mod lists;
 pub mod observer;
 pub mod options;
 pub mod report;

@@ -5,9 +5,9 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
 
 use crate::error::{NodeError, RunError};
-use crate::exec::args::gather_args;
 use crate::exec::cache::Cache;
 use crate::exec::key::{node_key, Key};
+use crate::exec::lists::execute_mapped;
 use crate::exec::options::RunOptions;
 use crate::exec::report::{NodeReport, NodeStatus, RunReport};
 use crate::exec::schedule::needed_in_order;
@@ -143,10 +143,7 @@ impl Executor {
                 progress: &progress,
                 registry: &graph.registry,
             };
-            let result = cx.check_cancel().and_then(|_| {
-                let args = gather_args(node, &values)?;
-                execute_guarded(node, &mut cx, &args)
-            });
+            let result = execute_mapped(node, &mut cx, &values);
             let messages = std::mem::take(&mut cx.messages);
             let ui = std::mem::take(&mut cx.ui);
             let time = t0.elapsed();
@@ -202,13 +199,31 @@ fn release_inputs(node: &ResolvedNode, consumers: &mut [usize], values: &mut [Op
 
 /// Runs `execute` with panics caught, and checks the outputs against the schema (a plugin could return
 /// anything).
-fn execute_guarded(node: &ResolvedNode, cx: &mut Ctx, args: &Args) -> Result<Vec<Value>, NodeError> {
+pub(super) fn execute_guarded(node: &ResolvedNode, cx: &mut Ctx, args: &Args) -> Result<Vec<Value>, NodeError> {
     let schema = &node.entry.schema;
     let outputs = catch_unwind(AssertUnwindSafe(|| node.entry.node.execute(cx, args))).unwrap_or_else(|p| Err(NodeError::Panic(panic_message(&p))))?;
     if outputs.len() != schema.outputs.len() {
         return Err(NodeError::Failed(format!("returned {} outputs, but the node declares {}", outputs.len(), schema.outputs.len())));
     }
     for (value, spec) in outputs.iter().zip(&schema.outputs) {
+        match value {
+            Value::List(items) if spec.is_list => {
+                if let Some(bad) = items.iter().find(|v| !v.value_type().feeds(spec.ty) || matches!(v, Value::List(_))) {
+                    return Err(NodeError::Failed(format!("output {:?} should be a list of {}, but holds {}", spec.name, spec.ty, bad.value_type())));
+                }
+                continue;
+            }
+            _ if spec.is_list => {
+                return Err(NodeError::Failed(format!(
+                    "output {:?} should be a list of {}, but the node returned one {}",
+                    spec.name,
+                    spec.ty,
+                    value.value_type()
+                )))
+            }
+            Value::List(_) => return Err(NodeError::Failed(format!("output {:?} should be one {}, but the node returned a list", spec.name, spec.ty))),
+            _ => {}
+        }
         if !value.value_type().feeds(spec.ty) {
             return Err(NodeError::Failed(format!("output {:?} should be {}, but the node returned {}", spec.name, spec.ty, value.value_type())));
         }

@@ -13,6 +13,7 @@ pub mod model_patches;
 pub mod preprocessors;
 pub mod primitive;
 pub mod quantize;
+pub mod rebatch;
 pub mod sampling;
 pub mod shared;
 pub mod strings;
