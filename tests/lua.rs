@@ -519,3 +519,105 @@ diffloom.node {
         assert!(err.contains("guidance.lua") && err.contains(want), "{mode}: {err}");
     }
 }
+
+// A list output reaches Lua as a sequence (RebatchImages through diffloom.call).
+#[test]
+fn a_list_output_is_a_lua_sequence() {
+    let d = Dir::new();
+    d.write(
+        "plugins/count.lua",
+        "diffloom.node { name = 'CountBatches', inputs = { {'image', 'IMAGE'} }, outputs = { {'INT', 'INT'} },\n  execute = function(a) local parts = diffloom.call('RebatchImages', { images = a.image, batch_size = 2 }); return #parts * 10 + parts[#parts]:shape()[1] end }\n",
+    );
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let nodes = r#""e": (type: "EmptyImage", inputs: {"width": 8, "height": 8, "batch_size": 5}),
+        "c": (type: "CountBatches", inputs: {"image": Link("e", "IMAGE")}), "o": (type: "PreviewAny", inputs: {"source": Link("c", "INT")}),"#;
+    let (mut ex, _) = executor(&d, 1 << 30);
+    // 5 images in batches of 2: three batches, the last holding one.
+    assert!(matches!(output(&d, &mut ex, &reg, nodes, "c", 0), Value::Int(31)));
+}
+
+// Lua patches reach the UNet's block and attention hooks (ComfyUI's names), with an info table saying
+// where they run; hooks returning their inputs change nothing, an attention-output hook halving its
+// input equals UNetSelfAttentionMultiply's out = 0.5, and bad returns and endless hooks are errors
+// naming the plugin.
+#[test]
+fn lua_plugins_reach_the_unet_block_and_attention_hooks() {
+    let d = Dir::new();
+    d.write(
+        "plugins/unet_hooks.lua",
+        r#"
+local function where(info)
+  assert(info.block == "input" or info.block == "middle" or info.block == "output", "block " .. tostring(info.block))
+  assert(info.index >= 0 and info.sigma > 0 and #info.cond_or_uncond >= 1 and #info.original_shape == 4)
+end
+local function attn(info) where(info); assert(info.heads >= 1 and info.transformer >= 0) end
+diffloom.node {
+  name = "LuaUnetHooks",
+  category = "model_patches",
+  inputs = { { "model", "MODEL" }, { "mode", "STRING", default = "identity" } },
+  outputs = { { "MODEL", "MODEL" } },
+  execute = function(a)
+    if a.mode == "identity" then
+      return diffloom.patch_model(a.model, {
+        input_block_patch = function(h, info) where(info); assert(info.block == "input"); return h end,
+        input_block_patch_after_skip = function(h, info) where(info); return h end,
+        output_block_patch = function(h, skip, info) where(info); assert(info.block == "output"); return h, skip end,
+        attn1_patch = function(n, c, v, info) attn(info); return n, c, v end,
+        attn1_output_patch = function(out, info) attn(info); return out end,
+        attn2_patch = function(n, c, v, info) attn(info); return n, c, v end,
+      })
+    elseif a.mode == "half" then
+      return diffloom.patch_model(a.model, { attn1_output_patch = function(out, info) return out * 0.5 end })
+    elseif a.mode == "value" then
+      return diffloom.patch_model(a.model, { attn1 = { ["middle:0"] = function(q, k, v, info)
+        assert(info.block == "middle" and info.index == 0); return v end } })
+    elseif a.mode == "shape" then
+      return diffloom.patch_model(a.model, { input_block_patch = function(h, info) return h:pad(0, 1, 0, 0, 0) end })
+    elseif a.mode == "typo" then
+      return diffloom.patch_model(a.model, { input_block = function(h) return h end })
+    end
+    return diffloom.patch_model(a.model, { output_block_patch = function(h, skip) while true do end end })
+  end,
+}
+"#,
+    );
+    let (reg, errors) = registry(&d);
+    assert!(errors.is_empty(), "{errors:?}");
+    let ck = crate::util::tiny_sd1(&d, "m.safetensors");
+    let graph = |model: &str| {
+        format!(
+            r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+            "g": {model},
+            "p": (type: "CLIPTextEncode", inputs: {{"text": "a fox", "clip": Link("c", "CLIP")}}),
+            "n": (type: "CLIPTextEncode", inputs: {{"text": "blurry", "clip": Link("c", "CLIP")}}),
+            "e": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 64}}),
+            "s": (type: "KSampler", inputs: {{"model": Link("g", "MODEL"), "seed": 3, "steps": 2, "cfg": 5.0, "positive": Link("p", "CONDITIONING"), "negative": Link("n", "CONDITIONING"), "latent_image": Link("e", "LATENT")}}),
+            "o": (type: "PreviewAny", inputs: {{"source": Link("s", "LATENT")}}),"#
+        )
+    };
+    let lua = |mode: &str| graph(&format!(r#"(type: "LuaUnetHooks", inputs: {{"model": Link("c", "MODEL"), "mode": {mode:?}}})"#));
+    let (mut ex, _) = executor(&d, 1 << 30);
+    let diff = |a: &tch::Tensor, b: &tch::Tensor| (a - b).abs().max().double_value(&[]);
+    let base = tensor(&output(
+        &d,
+        &mut ex,
+        &reg,
+        &graph(r#"(type: "ModelMergeSimple", inputs: {"model1": Link("c", "MODEL"), "model2": Link("c", "MODEL"), "ratio": 1.0})"#),
+        "s",
+        0,
+    ));
+    let identity = tensor(&output(&d, &mut ex, &reg, &lua("identity"), "s", 0));
+    assert_eq!(diff(&identity, &base), 0.0);
+    let half = tensor(&output(&d, &mut ex, &reg, &lua("half"), "s", 0));
+    let multiply = graph(r#"(type: "UNetSelfAttentionMultiply", inputs: {"model": Link("c", "MODEL"), "q": 1.0, "k": 1.0, "v": 1.0, "out": 0.5})"#);
+    let multiplied = tensor(&output(&d, &mut ex, &reg, &multiply, "s", 0));
+    assert!(diff(&half, &base) > 1e-3, "halving self-attention changes the result");
+    assert!(diff(&half, &multiplied) < 1e-5, "{}", diff(&half, &multiplied));
+    let value = tensor(&output(&d, &mut ex, &reg, &lua("value"), "s", 0));
+    assert!(diff(&value, &base) > 1e-4, "replacing the middle block's self-attention changes the result");
+    for (mode, want) in [("shape", "shape"), ("typo", "unknown hook \"input_block\""), ("loop", "limit")] {
+        let err = run(&d, &mut ex, &reg, &lua(mode)).error.expect("an error").to_string();
+        assert!(err.contains("unet_hooks.lua") && err.contains(want), "{mode}: {err}");
+    }
+}

@@ -299,7 +299,7 @@ fn hooks_equal_comfyui_closures() {
     };
     let cx = |sigma: f32| (sigma, vec![1i64, 4, 8, 8]);
     let (sigma_any, shape) = cx(3.2);
-    let call = CallCx { sigma: sigma_any, original_shape: &shape, cond_or_uncond: &[] };
+    let call = CallCx { sigma: sigma_any, original_shape: &shape, cond_or_uncond: &[], run: 0 };
 
     for (v, node, b1, b2) in [("v1", &mp::FreeUNode as &dyn diffloom_core::Node, 1.1, 1.2), ("v2", &mp::FreeUV2, 1.3, 1.4)] {
         let p = patches(node, vec![("b1", f(b1)), ("b2", f(b2)), ("s1", f(0.9)), ("s2", f(0.2))]);
@@ -371,7 +371,7 @@ fn hooks_equal_comfyui_closures() {
     let p = shrink("bilinear");
     let (s5, shape5) = cx(5.0);
     let down = p.unet.input_block_after_skip[0]
-        .apply(get("shrink.h"), BlockId::Input(3), &CallCx { sigma: s5, original_shape: &shape5, cond_or_uncond: &[] })
+        .apply(get("shrink.h"), BlockId::Input(3), &CallCx { sigma: s5, original_shape: &shape5, cond_or_uncond: &[], run: 0 })
         .unwrap();
     assert_eq!(down.size(), [1, 32, 6, 8], "Python's round: 6.5 → 6, 8.5 → 8");
     check("shrink down", &down, &get("shrink.down"));
@@ -379,14 +379,14 @@ fn hooks_equal_comfyui_closures() {
     let (s1, shape1) = cx(1.0);
     assert_eq!(
         p.unet.input_block_after_skip[0]
-            .apply(get("shrink.h"), BlockId::Input(3), &CallCx { sigma: s1, original_shape: &shape1, cond_or_uncond: &[] })
+            .apply(get("shrink.h"), BlockId::Input(3), &CallCx { sigma: s1, original_shape: &shape1, cond_or_uncond: &[], run: 0 })
             .unwrap()
             .size(),
         [1, 32, 13, 17]
     );
     assert_eq!(
         p.unet.input_block_after_skip[0]
-            .apply(get("shrink.h"), BlockId::Input(2), &CallCx { sigma: s5, original_shape: &shape5, cond_or_uncond: &[] })
+            .apply(get("shrink.h"), BlockId::Input(2), &CallCx { sigma: s5, original_shape: &shape5, cond_or_uncond: &[], run: 0 })
             .unwrap()
             .size(),
         [1, 32, 13, 17]
@@ -396,7 +396,7 @@ fn hooks_equal_comfyui_closures() {
     // SAG: its recorded attention computes what ComfyUI's attention_basic_with_sim does, and the blur map.
     let sag = patches(&mp::SelfAttentionGuidance, vec![("scale", f(0.5)), ("blur_sigma", f(2.0))]);
     let chunks = [0usize, 1];
-    let sag_call = CallCx { sigma: 3.2, original_shape: &shape, cond_or_uncond: &chunks };
+    let sag_call = CallCx { sigma: 3.2, original_shape: &shape, cond_or_uncond: &chunks, run: 0 };
     let acx = diffloom_nodes::patches::AttnCx { block: BlockId::Middle, transformer: 0, heads: 2, call: &sag_call };
     let attended = sag.unet.attn1_replace[0].1.attend(&get("sag.q"), &get("sag.k"), &get("sag.v"), &acx).unwrap();
     check("sag attention", &attended, &get("sag.out"));
@@ -463,7 +463,7 @@ fn hypernetworks_patch_the_text_states_as_comfyui() {
     let ck = tiny_sd1(&d, "m.safetensors");
     let model = crate::util::call(&CheckpointLoaderSimple, vec![("ckpt_name", Some(Value::String(ck.display().to_string())))]).unwrap()[0].clone();
     let context = get("input.context");
-    let call = CallCx { sigma: 1.0, original_shape: &[1, 4, 8, 8], cond_or_uncond: &[] };
+    let call = CallCx { sigma: 1.0, original_shape: &[1, 4, 8, 8], cond_or_uncond: &[], run: 0 };
     let cx = AttnCx { block: BlockId::Middle, transformer: 0, heads: 2, call: &call };
     for name in ["relu_ln", "mish_out"] {
         let path = d.join(&format!("{name}.pt")).display().to_string();

@@ -42,6 +42,8 @@ pub struct CallCx<'a> {
     /// For each chunk of the batch (the rows of one conditioning), the index of its conditioning in
     /// ComfyUI's list of the guider's sides (`cond_or_uncond`: 0 positive, 1 negative for CFG).
     pub cond_or_uncond: &'a [usize],
+    /// The sampling run (see [`CfgArgs::run`]); 0 outside one.
+    pub run: u64,
 }
 
 /// Where a self-attention replacement applies: a block, and optionally one transformer block in it

@@ -244,6 +244,8 @@ pub fn to_lua(lua: &Lua, v: &Value) -> mlua::Result<LuaValue> {
             LuaValue::UserData(lua.create_userdata(t)?)
         }
         Value::Conditioning(entries) => LuaValue::UserData(lua.create_userdata(LuaConditioning(entries.clone()))?),
+        // A list output (RebatchLatents through diffloom.call) is a Lua sequence of its items.
+        Value::List(items) => LuaValue::Table(lua.create_sequence_from(items.iter().map(|v| to_lua(lua, v)).collect::<mlua::Result<Vec<_>>>()?)?),
         other => {
             // Handles (models, conditioning, …) pass through Lua untouched, for diffloom.call.
             let ud = lua.create_any_userdata(Opaque(other.clone()))?;

@@ -280,7 +280,7 @@ impl Unet {
     /// [`Unet::forward_with_class`] with ControlNet / T2I-Adapter residuals added where ComfyUI's
     /// `apply_control` adds them.
     pub fn forward_controlled(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor, y: Option<&Tensor>, control: Option<&Residuals>) -> Tensor {
-        let cx = CallCx { sigma: 0.0, original_shape: &x.size(), cond_or_uncond: &[] };
+        let cx = CallCx { sigma: 0.0, original_shape: &x.size(), cond_or_uncond: &[], run: 0 };
         self.forward_patched(x, timesteps, context, y, control, &UnetPatches::default(), &cx).expect("no patch ran")
         // invariant: without patches no step of the forward returns an error
     }

@@ -366,7 +366,7 @@ impl CfgDenoiser<'_> {
                 None => None,
             };
             let cond_or_uncond: Vec<usize> = group.iter().map(|(side, _)| labels.map_or(0, |l| l(*side))).collect();
-            let cx = CallCx { sigma: sigma as f32, original_shape: &model_in.size(), cond_or_uncond: &cond_or_uncond };
+            let cx = CallCx { sigma: sigma as f32, original_shape: &model_in.size(), cond_or_uncond: &cond_or_uncond, run: self.run };
             let out = self.unet.forward_patched(&model_in, &t, &context, None, residuals.as_ref(), patches, &cx)?.to_kind(Kind::Float).to_device(x_in.device());
             if let tch::Device::Cuda(i) = device {
                 tch::Cuda::synchronize(i as i64);
