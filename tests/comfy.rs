@@ -129,6 +129,30 @@ fn every_workflow_form_renders_the_image_the_ron_graph_renders() {
     assert!(ok(&d, &["validate", "ui_v1_subgraph.json"]).contains("ok (7 nodes)"));
 }
 
+/// diffloom's own SaveAnimatedWEBP file carries the run as ComfyUI's does (EXIF Model `prompt:`, Make
+/// `workflow:`), and importing it gives back the workflow that renders the same frames.
+#[test]
+fn saved_webp_imports_back_as_its_workflow() {
+    let d = setup();
+    let ron = REFERENCE.replace(
+        r#"(type: "SaveImage", inputs: {"images": Link("decode", "IMAGE"), "filename_prefix": "ref"})"#,
+        r#"(type: "SaveAnimatedWEBP", inputs: {"images": Link("decode", "IMAGE"), "filename_prefix": "anim", "fps": 6.0, "lossless": true, "quality": 80, "method": "default"})"#,
+    );
+    assert_ne!(ron, REFERENCE);
+    d.write("webp.ron", &ron);
+    let first = written(&ok(&d, &["run", "webp.ron", "--models", "models"]));
+    assert_eq!(first.extension().unwrap(), "webp");
+    let t = texts(&d.path().join(&first));
+    assert!(text(&t, "prompt").unwrap().contains("SaveAnimatedWEBP"), "{t:?}");
+    assert!(serde_json::from_str::<Json>(text(&t, "workflow").unwrap()).unwrap()["nodes"].is_array());
+    let (graph, source) = import(&d, first.to_str().unwrap());
+    assert_eq!(source, Source::ImagePrompt);
+    assert!(graph.nodes.iter().any(|(_, n)| n.node_type == "SaveAnimatedWEBP"));
+    let again = written(&ok(&d, &["run", first.to_str().unwrap(), "--models", "models"]));
+    assert_ne!(again, first, "the second run must not overwrite the first file");
+    assert_eq!(pixels(&d, &again), pixels(&d, &first), "the WebP's workflow renders other frames");
+}
+
 #[test]
 fn ui_workflows_map_widgets_reroutes_primitives_bypass_mute_notes_and_groups() {
     let d = setup();

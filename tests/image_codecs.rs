@@ -1,6 +1,6 @@
-//! Image nodes that go through Pillow in ComfyUI: SaveAnimatedPNG (Pillow's APNG writer) and ImageQuantize
-//! (its median cut and dithering), checked
-//! against ComfyUI's node bodies by tests/parity/apng_reference.py and quantize_reference.py.
+//! Image nodes that go through Pillow in ComfyUI: SaveAnimatedPNG (Pillow's APNG writer), SaveAnimatedWEBP
+//! (its libwebp calls) and ImageQuantize (its median cut and dithering), checked against ComfyUI's node
+//! bodies by tests/parity/apng_reference.py, webp_reference.py and quantize_reference.py.
 
 use std::path::Path;
 
@@ -139,6 +139,97 @@ fn save_animated_png_matches_comfyui() {
         ("compress_level", Some(Value::Int(4)))
     ])
     .contains("filename_prefix"));
+}
+
+/// Smooth frames (a moving gradient with a soft disc) for the lossy encodes, whose PSNR says something;
+/// a shade outside 0..1 is clipped.
+fn smooth_frames(n: i64, c: i64) -> Tensor {
+    let opts = (Kind::Float, Device::Cpu);
+    let y = Tensor::linspace(0.0, 1.0, 40, opts).view([1, 40, 1, 1]);
+    let x = Tensor::linspace(0.0, 1.0, 56, opts).view([1, 1, 56, 1]);
+    let k = Tensor::arange(n, opts).view([n, 1, 1, 1]).f_mul_scalar(0.1).unwrap();
+    let ch = Tensor::arange(c, opts).view([1, 1, 1, c]).f_mul_scalar(0.1).unwrap();
+    let r2 = (&x - 0.5 - &k).square() + (&y - 0.5).square();
+    let disc = r2.f_mul_scalar(-20.0).unwrap().exp();
+    (&x * 0.4 + &y * 0.2 + ch + disc * 0.3).f_mul_scalar(0.9).unwrap().f_sub_scalar(0.05).unwrap()
+}
+
+/// SaveAnimatedWEBP against ComfyUI's node body on Pillow 13 (tests/parity/webp_reference.py): the chunk
+/// layout, EXIF bytes and what Pillow reads (frames, durations, loop, background, tags); lossless frames
+/// exactly the input, lossy ones as close to it as Pillow's own encode.
+#[test]
+fn save_animated_webp_matches_comfyui() {
+    let d = Dir::new();
+    let output = d.join("output");
+    let texts =
+        [("prompt", r#"{"1":{"class_type":"SaveAnimatedWEBP","inputs":{"fps":6.0,"t":"café"}}}"#), ("workflow", r#"{"nodes":[]}"#), ("parameters", "a1111")];
+    let spec = animation::SaveAnimatedWEBP.schema();
+    assert!(matches!(spec.input_spec("filename_prefix").unwrap().kind.default_value(), Some(Value::String(p)) if p == "ComfyUI"));
+    assert!(matches!(spec.input_spec("lossless").unwrap().kind.default_value(), Some(Value::Boolean(true))));
+    assert!(matches!(spec.input_spec("method").unwrap().kind.default_value(), Some(Value::String(m)) if m == "default"));
+    let cases = [
+        (frames(3), 6.0, true, 80i128, "default"),
+        (frames(4), 7.0, true, 50, "fastest"),
+        (smooth_frames(3, 3), 0.3, false, 80, "default"),
+        (smooth_frames(4, 4), 24.0, false, 30, "slowest"),
+        (smooth_frames(2, 3), 1000.0, false, 95, "fastest"),
+        (smooth_frames(1, 3), 6.0, true, 80, "default"),
+        (smooth_frames(1, 4), 6.0, false, 70, "slowest"),
+    ];
+    let (n_cases, mut names) = (cases.len(), Vec::new());
+    for (x, fps, lossless, quality, method) in cases {
+        let args = vec![
+            ("images", img(&x)),
+            ("filename_prefix", Some(Value::String("anim/ComfyUI".into()))),
+            ("fps", Some(Value::Float(fps))),
+            ("lossless", Some(Value::Boolean(lossless))),
+            ("quality", Some(Value::Int(quality))),
+            ("method", Some(Value::String(method.into()))),
+        ];
+        let (r, ui) = call_in(&animation::SaveAnimatedWEBP, args, &output, &texts);
+        r.unwrap();
+        let name = ui["images"][0]["filename"].as_str().unwrap().to_owned();
+        assert_eq!(ui["images"][0]["subfolder"], "anim");
+        assert_eq!(ui["images"][0]["type"], "output");
+        assert_eq!(ui.get("animated"), (x.size()[0] > 1).then(|| serde_json::json!([true])).as_ref());
+        let frames_path = d.join("frames.safetensors");
+        diffloom_nodes::checkpoint::synthetic::write_safetensors(&frames_path, &[("images".into(), x.shallow_clone())], None).unwrap();
+        let theirs = d.join("comfy.webp");
+        let _ = std::fs::remove_file(&theirs);
+        crate::parity::run_reference(
+            "webp_reference.py",
+            &[
+                &frames_path,
+                Path::new(&format!("{fps:?}")),
+                Path::new(if lossless { "1" } else { "0" }),
+                Path::new(&quality.to_string()),
+                Path::new(method),
+                Path::new(texts[0].1),
+                Path::new(texts[1].1),
+                &output.join("anim").join(&name),
+                &theirs,
+            ],
+        );
+        names.push(name);
+    }
+    // Numbering as ComfyUI's; nothing is overwritten.
+    let want: Vec<String> = (1..=n_cases).map(|i| format!("ComfyUI_{i:05}_.webp")).collect();
+    assert_eq!(names, want);
+    assert_eq!(d.files("output/anim"), want);
+    // Errors name the input.
+    let bad = |x: &Tensor, prefix: &str| {
+        let args = vec![
+            ("images", img(x)),
+            ("filename_prefix", Some(Value::String(prefix.into()))),
+            ("fps", Some(Value::Float(6.0))),
+            ("lossless", Some(Value::Boolean(true))),
+            ("quality", Some(Value::Int(80))),
+            ("method", Some(Value::String("default".into()))),
+        ];
+        call_in(&animation::SaveAnimatedWEBP, args, &output, &[]).0.unwrap_err()
+    };
+    assert!(bad(&Tensor::rand([2, 4, 5, 2], (Kind::Float, Device::Cpu)), "x").contains("images"));
+    assert!(bad(&Tensor::rand([2, 4, 5, 3], (Kind::Float, Device::Cpu)), "../x").contains("filename_prefix"));
 }
 
 /// ImageQuantize against ComfyUI's node body on Pillow 13 (tests/parity/quantize_reference.py): the

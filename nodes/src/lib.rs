@@ -16,6 +16,7 @@ pub mod sampling;
 pub mod sd;
 pub mod tiles;
 pub mod tokenizer;
+pub mod webp;
 
 use std::rc::Rc;
 
@@ -203,6 +204,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(image::ImageStitch),
         // image/animation
         Rc::new(animation::SaveAnimatedPNG),
+        Rc::new(animation::SaveAnimatedWEBP),
         // image/postprocessing
         Rc::new(image::ImageBlur),
         Rc::new(image::ImageSharpen),

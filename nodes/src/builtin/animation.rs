@@ -1,11 +1,12 @@
-//! ComfyUI's `image/animation` category: SaveAnimatedPNG (APNG as Pillow writes it).
+//! ComfyUI's `image/animation` category: SaveAnimatedPNG (APNG as Pillow writes it) and SaveAnimatedWEBP
+//! (WebP through libwebp with Pillow's settings).
 
 use std::io::Write;
 
-use diffloom_core::{Args, Ctx, Float, Int, Node, NodeError, Schema, Str, Value, ValueType};
+use diffloom_core::{Args, Bool, Combo, Ctx, Float, Int, Node, NodeError, Schema, Str, Value, ValueType};
 use tch::{Kind, Tensor};
 
-use crate::imageio;
+use crate::{imageio, webp};
 
 /// One image `[H, W, C]` (C = 3 or 4) in 0..1 as 8-bit bytes, ComfyUI's `clip(255 * x).astype(uint8)`
 /// (truncation).
@@ -166,32 +167,11 @@ impl Node for SaveAnimatedPNG {
             .output_node()
     }
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
-        let images = &a.image("images")?.0;
-        let size = images.size();
-        let [n, h, w, c] = size[..] else { return Err(NodeError::input("images", format!("expected [B, H, W, C], got {size:?}"))) };
-        if c != 3 && c != 4 {
-            return Err(NodeError::input("images", format!("{c} channels (PNG frames are RGB or RGBA)")));
-        }
-        if n == 0 || h == 0 || w == 0 {
-            return Err(NodeError::input("images", format!("an empty batch or image ({size:?})")));
-        }
-        let fps = a.float("fps")?;
-        if fps.is_nan() || fps <= 0.0 {
-            return Err(NodeError::input("fps", format!("{fps} is not positive")));
-        }
-        // ComfyUI: duration=int(1000.0 / fps) milliseconds.
-        let duration = (1000.0 / fps).trunc() as u64;
+        let (pixels, (w, h, c)) = batch_bytes(cx, a, "PNG")?;
+        let (fps, duration) = frame_duration(a)?;
         let level = u8::try_from(a.i64("compress_level")?).ok().filter(|l| *l <= 9);
         let Some(level) = level else { return Err(NodeError::input("compress_level", "must be 0 to 9")) };
-        let prefix = a.string("filename_prefix")?;
-        let dir = cx.output_dir.to_path_buf();
-        imageio::check_confined(cx, &dir, prefix)?;
-        let mut pixels = Vec::with_capacity(n as usize);
-        for i in 0..n {
-            cx.check_cancel()?;
-            pixels.push(to_u8(&images.f_get(i)?)?);
-        }
-        let (w, h, c) = (w as usize, h as usize, c as usize);
+        let n = pixels.len();
         let frames = pillow_frames(pixels, w, h, c, duration);
         if frames.len() > 1 && frames.iter().any(|f| reduced(f.duration, 1000).0 > 65535) {
             // As Pillow: fcTL's delay is a 16-bit fraction of the duration in seconds.
@@ -201,19 +181,123 @@ impl Node for SaveAnimatedPNG {
             ));
         }
         let chunks = comf_chunks((cx.image_texts)(w as u32, h as u32));
-        let path = imageio::save_numbered(&dir, prefix, "png", |f| {
+        save_animation(cx, a, "png", n, |f| {
             encode_apng(f, &frames, (w, h, c), level, &chunks)?;
             f.flush().map_err(|e| e.to_string())
-        })?;
-        cx.messages.push(format!("wrote {}", path.display()));
-        let rel = path.strip_prefix(&dir).unwrap_or(&path);
-        let subfolder = rel.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-        let filename = rel.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
-        cx.ui.insert("images".to_owned(), serde_json::json!([{"filename": filename, "subfolder": subfolder, "type": "output"}]));
-        if n > 1 {
-            cx.ui.insert("animated".to_owned(), serde_json::json!([true]));
+        })
+    }
+}
+
+/// The batch `[B, H, W, C]` as 8-bit frames and its (W, H, C); `format` names the file type in errors.
+fn batch_bytes(cx: &Ctx, a: &Args, format: &str) -> Result<(Vec<Vec<u8>>, (usize, usize, usize)), NodeError> {
+    let images = &a.image("images")?.0;
+    let size = images.size();
+    let [n, h, w, c] = size[..] else { return Err(NodeError::input("images", format!("expected [B, H, W, C], got {size:?}"))) };
+    if c != 3 && c != 4 {
+        return Err(NodeError::input("images", format!("{c} channels ({format} frames are RGB or RGBA)")));
+    }
+    if n == 0 || h == 0 || w == 0 {
+        return Err(NodeError::input("images", format!("an empty batch or image ({size:?})")));
+    }
+    let mut pixels = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        cx.check_cancel()?;
+        pixels.push(to_u8(&images.f_get(i)?)?);
+    }
+    Ok((pixels, (w as usize, h as usize, c as usize)))
+}
+
+/// The `fps` input and ComfyUI's frame duration `int(1000.0 / fps)` in milliseconds.
+fn frame_duration(a: &Args) -> Result<(f64, u64), NodeError> {
+    let fps = a.float("fps")?;
+    if fps.is_nan() || fps <= 0.0 {
+        return Err(NodeError::input("fps", format!("{fps} is not positive")));
+    }
+    Ok((fps, (1000.0 / fps).trunc() as u64))
+}
+
+/// Writes `<prefix>_NNNNN_.<ext>` (the next free number, never overwriting) in the output directory
+/// and reports it as ComfyUI's SavedImages does (`animated` for more than one frame).
+fn save_animation(
+    cx: &mut Ctx,
+    a: &Args,
+    ext: &str,
+    frames: usize,
+    write: impl FnOnce(&mut std::fs::File) -> Result<(), String>,
+) -> Result<Vec<Value>, NodeError> {
+    let prefix = a.string("filename_prefix")?;
+    let dir = cx.output_dir.to_path_buf();
+    imageio::check_confined(cx, &dir, prefix)?;
+    let path = imageio::save_numbered(&dir, prefix, ext, write)?;
+    cx.messages.push(format!("wrote {}", path.display()));
+    let rel = path.strip_prefix(&dir).unwrap_or(&path);
+    let subfolder = rel.parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let filename = rel.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+    cx.ui.insert("images".to_owned(), serde_json::json!([{"filename": filename, "subfolder": subfolder, "type": "output"}]));
+    if frames > 1 {
+        cx.ui.insert("animated".to_owned(), serde_json::json!([true]));
+    }
+    Ok(vec![])
+}
+
+/// ComfyUI's WebP metadata (`_create_webp_metadata`): `prompt:{json}` in EXIF Model (0x0110) and each
+/// extra_pnginfo entry (the workflow) in the tags counting down from Make (0x010f), as Pillow's EXIF bytes.
+fn webp_exif(texts: Vec<(String, String)>) -> Vec<u8> {
+    let mut tags = Vec::new();
+    let mut next = 0x010f;
+    for (k, v) in texts {
+        if k == "prompt" {
+            tags.push((0x0110, format!("prompt:{}", python_json(&v))));
+        } else if k == "workflow" {
+            tags.push((next, format!("workflow:{}", python_json(&v))));
+            next -= 1;
         }
-        Ok(vec![])
+    }
+    webp::exif_ascii(&tags)
+}
+
+/// ComfyUI's SaveAnimatedWEBP: the batch as one animated WebP through Pillow's libwebp calls (loop
+/// forever, `int(1000/fps)` ms a frame, key frames and background as Pillow sets them), or a still WebP
+/// for one image, with the run's prompt and workflow in EXIF.
+pub struct SaveAnimatedWEBP;
+
+/// ComfyUI's `COMPRESS_METHODS`: the method names and libwebp's `method` (0 fast … 6 slow).
+const WEBP_METHODS: [(&str, i32); 3] = [("default", 4), ("fastest", 0), ("slowest", 6)];
+
+impl Node for SaveAnimatedWEBP {
+    fn schema(&self) -> Schema {
+        Schema::new("SaveAnimatedWEBP", "image/animation")
+            .describe("Saves the batch as one animated WebP (<prefix>_00001_.webp, …) in the output directory; never overwrites a file.")
+            .input("images", ValueType::Image)
+            .input("filename_prefix", Str::new("ComfyUI"))
+            .doc("file name prefix; may contain subfolders")
+            .input("fps", Float::new(6.0).range(0.01, 1000.0).step(0.01))
+            .input("lossless", Bool(true))
+            .input("quality", Int::new(80).range(0, 100))
+            .doc("lossy: 0 smallest … 100 best; lossless: the effort")
+            .input("method", Combo::of(&["default", "fastest", "slowest"]))
+            .output_node()
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let (pixels, (w, h, c)) = batch_bytes(cx, a, "WebP")?;
+        let (_, duration) = frame_duration(a)?;
+        let quality = a.i64("quality")?;
+        let method_name = a.string("method")?;
+        let Some(&(_, method)) = WEBP_METHODS.iter().find(|(m, _)| *m == method_name) else {
+            return Err(NodeError::input("method", format!("{method_name:?} is not one of default, fastest, slowest")));
+        };
+        let config = webp::FrameConfig { lossless: a.boolean("lossless")?, quality: quality as f32, method };
+        let exif = webp_exif((cx.image_texts)(w as u32, h as u32));
+        let n = pixels.len();
+        let bytes = if n == 1 {
+            // Pillow saves a single frame as a still WebP, its EXIF without the "Exif\0\0" prefix.
+            webp::encode_still(&pixels[0], w, h, c, config, &exif[6..])
+        } else {
+            let frames = webp::Frames { pixels: &pixels, width: w, height: h, channels: c };
+            webp::encode_animation(frames, duration as u32, config, &exif)
+        }
+        .map_err(|e| NodeError::input("images", e))?;
+        save_animation(cx, a, "webp", n, |f| f.write_all(&bytes).and_then(|_| f.flush()).map_err(|e| e.to_string()))
     }
 }
 
