@@ -26,5 +26,6 @@ mod sampling;
 mod sd_nodes;
 mod server;
 mod upscale;
+mod unclip;
 mod utility_nodes;
 mod watch;

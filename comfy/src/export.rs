@@ -30,6 +30,7 @@ pub const MODEL_INPUTS: &[(&str, &str, &str)] = &[
     ("HypernetworkLoader", "hypernetwork_name", "hypernetworks"),
     ("CLIPVisionLoader", "clip_name", "clip_vision"),
     ("StyleModelLoader", "style_model_name", "style_models"),
+    ("unCLIPCheckpointLoader", "ckpt_name", "checkpoints"),
 ];
 
 /// The ComfyUI folder a node's input names a file in, if it is a model input.

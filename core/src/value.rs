@@ -186,6 +186,18 @@ pub struct CondEntry {
     /// The deprecated ControlNetApply sets this on the positive side: a negative entry without a
     /// ControlNet of its own then gets the positive's (ComfyUI's `control_apply_to_uncond`).
     pub control_apply_to_uncond: bool,
+    /// unCLIPConditioning: image embeddings an unCLIP model takes as its ADM input, in the order they
+    /// were applied (ComfyUI's `unclip_conditioning` list).
+    pub unclip: Vec<UnclipCond>,
+}
+
+/// One unCLIPConditioning application: a CLIP vision output's `image_embeds` `[b, dim]`, its strength
+/// and its noise augmentation (0..1).
+#[derive(Clone, Debug)]
+pub struct UnclipCond {
+    pub image_embeds: Shared,
+    pub strength: f64,
+    pub noise_augmentation: f64,
 }
 
 impl CondEntry {
@@ -204,6 +216,7 @@ impl CondEntry {
             timestep_range: None,
             control: None,
             control_apply_to_uncond: false,
+            unclip: Vec::new(),
         }
     }
 }

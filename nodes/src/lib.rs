@@ -46,6 +46,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(loaders::HypernetworkLoader),
         Rc::new(loaders::CLIPVisionLoader),
         Rc::new(loaders::StyleModelLoader),
+        Rc::new(loaders::UnClipCheckpointLoader),
         // conditioning
         Rc::new(conditioning::CLIPTextEncode),
         Rc::new(conditioning::CLIPSetLastLayer),
@@ -63,6 +64,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(conditioning::CLIPVisionEncode),
         // conditioning/style_model
         Rc::new(conditioning::StyleModelApply),
+        Rc::new(conditioning::UnClipConditioning),
         // conditioning/controlnet
         Rc::new(controlnet::ControlNetApplyAdvanced),
         Rc::new(controlnet::ControlNetApply),

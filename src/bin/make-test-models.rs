@@ -1,7 +1,8 @@
 //! Writes the project's random-weight test checkpoints (real single-file key layout, no download):
 //!
-//!   make-test-models DIR            tiny SD1, SD2 and SD1-inpainting models, a LoRA, ESRGAN upscalers,
-//!                                   a ControlNet and T2I-Adapters (with a four-level SD1 model for them)
+//!   make-test-models DIR            tiny SD1, SD2, SD2 unCLIP and SD1-inpainting models, a LoRA, ESRGAN
+//!                                   upscalers, a ControlNet and T2I-Adapters (with a four-level SD1 model
+//!                                   for them)
 //!   make-test-models DIR --full     also full-size SD1 and SD2 files (fp16, ~2 and ~2.6 GB)
 //!   make-test-models DIR --full-sd1 only the full-size SD1 file
 //!
@@ -16,8 +17,8 @@ use diffloom_nodes::checkpoint::detect::{Family, CONFIG_METADATA_KEY};
 use diffloom_nodes::checkpoint::load::load_checkpoint;
 use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
 use diffloom_nodes::checkpoint::synthetic::{
-    full_config, tiny_adapter_config, tiny_config, tiny_controlnet_config, tiny_four_level_config, write_checkpoint, write_controlnet, write_lora,
-    write_rrdbnet, write_t2i_adapter,
+    full_config, tiny_adapter_config, tiny_config, tiny_controlnet_config, tiny_four_level_config, tiny_unclip_config, write_checkpoint, write_controlnet,
+    write_lora, write_rrdbnet, write_t2i_adapter, write_unclip_checkpoint,
 };
 use diffloom_nodes::models::rrdbnet::RrdbConfig;
 use tch::{Device, Kind};
@@ -119,6 +120,15 @@ fn run(dir: &Path, full: bool, full_sd1_only: bool) -> Result<(), String> {
         if !up_to_date(&path, &controlnet, true) {
             let tmp = dir.join(".tiny-sd1-controlnet.safetensors.tmp");
             write_controlnet(&tmp, &controlnet, Kind::Float, 21).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+        // An SD 2.1 unCLIP model: tiny-sd2 with a class-label input and an OpenCLIP image encoder.
+        let (unclip, vision) = tiny_unclip_config();
+        let path = dir.join("tiny-sd2-unclip.safetensors");
+        if !up_to_date(&path, &unclip, true) {
+            let tmp = dir.join(".tiny-sd2-unclip.safetensors.tmp");
+            write_unclip_checkpoint(&tmp, &unclip, &vision, Kind::Float, 7).map_err(|e| e.to_string())?;
             std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
             println!("wrote {}", path.display());
         }

@@ -387,6 +387,43 @@ impl Node for CLIPVisionEncode {
     }
 }
 
+/// ComfyUI's unCLIPConditioning: appends the image embeddings, with strength and noise augmentation,
+/// to every entry's unCLIP list, which an SD 2.1 unCLIP model turns into its class-label input when
+/// sampling (see `sampling/adm.rs`). Strength 0 returns the conditioning unchanged.
+pub struct UnClipConditioning;
+impl Node for UnClipConditioning {
+    fn schema(&self) -> Schema {
+        Schema::new("unCLIPConditioning", "conditioning")
+            .describe("Adds a CLIP vision output's image embeddings to the conditioning, for SD 2.1 unCLIP models.")
+            .input("conditioning", ValueType::Conditioning)
+            .input("clip_vision_output", ValueType::ClipVisionOutput)
+            .input("strength", Float::new(1.0).range(-10.0, 10.0).step(0.01))
+            .input("noise_augmentation", Float::new(0.0).range(0.0, 1.0).step(0.01))
+            .output("CONDITIONING", ValueType::Conditioning)
+    }
+    fn execute(&self, _cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        let conditioning = a.conditioning("conditioning")?;
+        let strength = a.float("strength")?;
+        if strength == 0.0 {
+            return Ok(vec![Value::Conditioning(conditioning)]);
+        }
+        let vision: &ClipVisionOutput = a.handle("clip_vision_output")?;
+        let unclip = diffloom_core::value::UnclipCond {
+            image_embeds: Shared(vision.image_embeds.to_device(tch::Device::Cpu)),
+            strength,
+            noise_augmentation: a.float("noise_augmentation")?,
+        };
+        let out = conditioning
+            .into_iter()
+            .map(|mut e| {
+                e.unclip.push(unclip.clone());
+                e
+            })
+            .collect();
+        Ok(vec![Value::Conditioning(out)])
+    }
+}
+
 /// ComfyUI's StyleModelApply: the style model's tokens for every image of the CLIP vision output, in
 /// one row (`[1, images × tokens, width]`), appended to each entry's text states.
 pub struct StyleModelApply;

@@ -9,7 +9,7 @@ use diffloom_core::{Args, Combo, Ctx, Float, Handle, Locator, Node, NodeError, S
 
 use crate::checkpoint::control::load_control;
 use crate::checkpoint::load::{load_checkpoint, load_clip, load_unet, load_upscale_model, load_vae};
-use crate::checkpoint::vision::{load_clip_vision, load_style_model};
+use crate::checkpoint::vision::{load_clip_vision, load_style_model, load_unclip_vision, UNCLIP_VISION_PREFIX};
 use crate::control::ControlNetValue;
 use crate::lora::apply_lora;
 use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
@@ -69,6 +69,59 @@ impl Node for CheckpointLoaderSimple {
     fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
         let path = cx.files.model("checkpoints", "ckpt_name", a.string("ckpt_name")?)?;
         checkpoint_values(cx, &path, None)
+    }
+}
+
+/// ComfyUI's unCLIPCheckpointLoader: an SD 2.1 unCLIP checkpoint (sd21-unclip-l/h) with its image
+/// encoder (`load_checkpoint_guess_config` with `output_clipvision`: the OpenCLIP ViT under
+/// `embedder.model.visual.`).
+pub struct UnClipCheckpointLoader;
+impl Node for UnClipCheckpointLoader {
+    fn schema(&self) -> Schema {
+        Schema::new("unCLIPCheckpointLoader", "loaders")
+            .describe("Loads an SD 2.1 unCLIP single-file checkpoint: the model, text encoder and VAE, and the image encoder unCLIPConditioning reads.")
+            .input("ckpt_name", Str::required())
+            .doc("path to the .safetensors file")
+            .output("MODEL", ValueType::Model)
+            .output("CLIP", ValueType::Clip)
+            .output("VAE", ValueType::Vae)
+            .output("CLIP_VISION", ValueType::ClipVision)
+    }
+    fn change_token(&self, files: &Locator, literals: &Args) -> Result<Option<String>, NodeError> {
+        file_stamp(files, "checkpoints", "ckpt_name", literals)
+    }
+    fn execute(&self, cx: &mut Ctx, a: &Args) -> Result<Vec<Value>, NodeError> {
+        use crate::checkpoint::detect::{is_unclip, UNET_PREFIX};
+        let path = cx.files.model("checkpoints", "ckpt_name", a.string("ckpt_name")?)?;
+        let not_unclip = |why: &str| {
+            NodeError::input(
+                "ckpt_name",
+                format!("{}: not an SD 2.1 unCLIP checkpoint: {why} (load other checkpoints with CheckpointLoaderSimple)", path.display()),
+            )
+        };
+        if path.is_dir() {
+            return Err(not_unclip("a folder; unCLIP checkpoints are single files"));
+        }
+        let file = crate::checkpoint::safetensors::SafetensorsFile::open(&path).map_err(|e| NodeError::Failed(e.to_string()))?;
+        let shapes: crate::checkpoint::detect::Shapes = file.tensors().iter().map(|(k, i)| (k.clone(), i.shape.clone())).collect();
+        if !shapes.keys().any(|k| k.starts_with(UNCLIP_VISION_PREFIX)) {
+            let why = if is_unclip(&shapes) { "it has a noise augmentor but no image encoder" } else { "no image encoder" };
+            return Err(not_unclip(&format!("{why} under {UNCLIP_VISION_PREFIX}")));
+        }
+        if !shapes.contains_key(&format!("{UNET_PREFIX}label_emb.0.0.weight")) {
+            return Err(not_unclip(&format!("its UNet has no class-label input ({UNET_PREFIX}label_emb.0.0.weight) for the image embedding")));
+        }
+        drop(file);
+        let mut values = checkpoint_values(cx, &path, None)?;
+        let (vision, bytes) = load_unclip_vision(&path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
+        let name = file_label(&path);
+        let c = &vision.config;
+        cx.messages.push(format!(
+            "{name}: unCLIP image encoder, {} layers of width {}, {} px, image embeddings {} wide",
+            c.num_hidden_layers, c.hidden_size, c.image_size, c.projection_dim
+        ));
+        values.push(Value::ClipVision(Handle::new(vision, bytes, format!("{name} (image encoder)"))));
+        Ok(values)
     }
 }
 

@@ -112,6 +112,12 @@ pub fn sd2_prediction(norm1_bias_std: f64) -> Prediction {
 /// The key ComfyUI's SD 2.x v-prediction heuristic reads.
 pub const SD2_V_PROBE: &str = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias";
 
+/// An SD 2.1 unCLIP checkpoint: its UNet's class-label input comes with the image encoder
+/// (`embedder.model.visual.*`) or the noise augmentor (`noise_augmentor.*`) beside it.
+pub fn is_unclip(shapes: &Shapes) -> bool {
+    shapes.keys().any(|k| k.starts_with("embedder.model.visual.") || k.starts_with("noise_augmentor."))
+}
+
 fn unsupported_family(shapes: &Shapes) -> Option<&'static str> {
     let has = |k: &str| shapes.contains_key(k);
     let any = |p: &str| shapes.keys().any(|k| k.starts_with(p));
@@ -119,7 +125,7 @@ fn unsupported_family(shapes: &Shapes) -> Option<&'static str> {
         Some("Flux")
     } else if any("model.diffusion_model.joint_blocks.") || any("joint_blocks.") {
         Some("Stable Diffusion 3")
-    } else if any("conditioner.embedders.") || has("model.diffusion_model.label_emb.0.0.weight") {
+    } else if any("conditioner.embedders.") || (has("model.diffusion_model.label_emb.0.0.weight") && !is_unclip(shapes)) {
         Some("SDXL")
     } else if any("model.diffusion_model.blocks.") && has("model.diffusion_model.x_embedder.proj.weight") {
         Some("a DiT-style model (PixArt/SD3-like)")

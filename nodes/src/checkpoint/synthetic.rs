@@ -11,8 +11,10 @@ use safetensors::tensor::{Dtype, TensorView};
 use tch::{Kind, Tensor};
 
 use super::detect::{Family, ModelConfig, Prediction, CLIP_HF_PREFIX, CLIP_OPEN_PREFIX, CONFIG_METADATA_KEY, UNET_PREFIX, VAE_PREFIX};
+use super::vision::{UNCLIP_VISION_PREFIX, VISION_CONFIG_METADATA_KEY};
 use super::{keymap, LoadError, Loaded, Weights};
 use crate::models::clip::{ClipConfig, ClipLayout, ClipTextModel};
+use crate::models::clip_vision::{ClipVisionConfig, ClipVisionModel, CLIP_MEAN, CLIP_STD};
 use crate::models::controlnet::{ControlNet, ControlNetConfig};
 use crate::models::rrdbnet::{RrdbConfig, RrdbNet};
 use crate::models::t2i_adapter::{AdapterConfig, AdapterKind, T2iAdapter};
@@ -109,6 +111,13 @@ pub fn full_config(family: Family) -> ModelConfig {
 /// BFloat16), seeded by `seed`. With `embed_config` the config goes into the metadata, as the tiny test
 /// models need (their head counts cannot be detected); full-size files are detected like real ones.
 pub fn write_checkpoint(path: &Path, config: &ModelConfig, kind: Kind, seed: i64, embed_config: bool) -> Result<(), LoadError> {
+    let tensors = checkpoint_tensors(config, kind, seed);
+    let metadata = embed_config.then(|| HashMap::from([(CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default())]));
+    write_safetensors(path, &tensors, metadata)
+}
+
+/// The tensors of [`write_checkpoint`]'s file, by stored name.
+fn checkpoint_tensors(config: &ModelConfig, kind: Kind, seed: i64) -> Vec<(String, Tensor)> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut collect = |prefix: &str, w: Weights| {
         if let Some(made) = w.synthetic {
@@ -143,8 +152,76 @@ pub fn write_checkpoint(path: &Path, config: &ModelConfig, kind: Kind, seed: i64
             }
         }
     }
-    let metadata = embed_config.then(|| HashMap::from([(CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default())]));
-    write_safetensors(path, &tensors, metadata)
+    tensors
+}
+
+/// The tiny SD 2.1 unCLIP test model: the tiny SD2 model with a class-label (ADM) input twice as wide as
+/// its image encoder's embeddings, and that image encoder, an OpenCLIP ViT (width 32, 3 layers, 4 heads,
+/// 16-pixel input in 4-pixel patches, GELU, embeddings 24 wide).
+pub fn tiny_unclip_config() -> (ModelConfig, ClipVisionConfig) {
+    let vision = ClipVisionConfig {
+        hidden_size: 32,
+        intermediate_size: 64,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        patch_size: 4,
+        image_size: 16,
+        projection_dim: 24,
+        hidden_act: "gelu".into(),
+        image_mean: CLIP_MEAN,
+        image_std: CLIP_STD,
+    };
+    let mut config = tiny_config(Family::Sd2, false);
+    if let Some(u) = &mut config.unet {
+        u.adm_in_channels = Some(2 * vision.projection_dim);
+    }
+    (config, vision)
+}
+
+/// Writes a random-weight SD 2.1 unCLIP checkpoint in the released files' layout: the SD2 parts, the
+/// UNet's `label_emb.0.{0,2}`, the image encoder's OpenCLIP keys under `embedder.model.visual.`, and the
+/// `noise_augmentor.*` buffers (its schedule, and random CLIP statistics `data_mean`/`data_std`, which
+/// ComfyUI never loads). Both configs go into the metadata.
+pub fn write_unclip_checkpoint(path: &Path, config: &ModelConfig, vision: &ClipVisionConfig, kind: Kind, seed: i64) -> Result<(), LoadError> {
+    let mut tensors = checkpoint_tensors(config, kind, seed);
+    let w = Weights::synthetic(kind, (seed as u64).wrapping_add(4));
+    let _ = ClipVisionModel::open_clip(&w.root(), vision.clone());
+    if let Some(made) = w.synthetic {
+        tensors.extend(made.into_inner().made.into_iter().map(|(k, t)| (format!("{UNCLIP_VISION_PREFIX}{k}"), t)));
+    }
+    // register_schedule's buffers for the 1000-step squaredcos_cap_v2 schedule.
+    let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::PI / 2.0).cos().powi(2);
+    let betas: Vec<f64> = (0..1000).map(|i| (1.0 - alpha_bar((i + 1) as f64 / 1000.0) / alpha_bar(i as f64 / 1000.0)).min(0.999)).collect();
+    let ac: Vec<f64> = betas
+        .iter()
+        .scan(1.0, |c, b| {
+            *c *= 1.0 - b;
+            Some(*c)
+        })
+        .collect();
+    let prev: Vec<f64> = std::iter::once(1.0).chain(ac.iter().copied().take(999)).collect();
+    let buffer = |f: &dyn Fn(usize) -> f64| Tensor::from_slice(&(0..1000).map(|i| f(i) as f32).collect::<Vec<_>>());
+    let dim = vision.projection_dim;
+    let mut g = Generator::cpu((seed as u64).wrapping_add(5));
+    for (name, t) in [
+        ("betas", buffer(&|i| betas[i])),
+        ("alphas_cumprod", buffer(&|i| ac[i])),
+        ("alphas_cumprod_prev", buffer(&|i| prev[i])),
+        ("sqrt_alphas_cumprod", buffer(&|i| ac[i].sqrt())),
+        ("sqrt_one_minus_alphas_cumprod", buffer(&|i| (1.0 - ac[i]).sqrt())),
+        ("log_one_minus_alphas_cumprod", buffer(&|i| (1.0 - ac[i]).ln())),
+        ("sqrt_recip_alphas_cumprod", buffer(&|i| (1.0 / ac[i]).sqrt())),
+        ("sqrt_recipm1_alphas_cumprod", buffer(&|i| (1.0 / ac[i] - 1.0).sqrt())),
+        ("data_mean", g.randn_f32(&[1, dim]) * 0.5),
+        ("data_std", g.randn_f32(&[1, dim]).abs() + 0.5),
+    ] {
+        tensors.push((format!("noise_augmentor.{name}"), t.to_kind(kind)));
+    }
+    let metadata = HashMap::from([
+        (CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(config).unwrap_or_default()),
+        (VISION_CONFIG_METADATA_KEY.to_owned(), serde_json::to_string(vision).unwrap_or_default()),
+    ]);
+    write_safetensors(path, &tensors, Some(metadata))
 }
 
 /// Writes `tensors` (f32, f16, bf16 or i64) to a safetensors file.

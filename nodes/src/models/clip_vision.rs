@@ -116,6 +116,30 @@ impl ClipVisionModel {
         }
     }
 
+    /// The same model from OpenCLIP's `VisionTransformer` keys under `p` (`visual.` in an OpenCLIP
+    /// file, `embedder.model.visual.` in an SD 2.1 unCLIP checkpoint): `class_embedding`, `conv1`,
+    /// `positional_embedding`, `ln_pre`, `transformer.resblocks.N.*`, `ln_post` and `proj`. ComfyUI
+    /// renames these to transformers' names (`clip_vision.convert_to_transformers`: q, k and v split
+    /// out of `in_proj_weight`, `proj` transposed into `visual_projection.weight`); reading them in place
+    /// computes the same.
+    pub fn open_clip(p: &WPath, config: ClipVisionConfig) -> Self {
+        let (d, patch) = (config.hidden_size, config.patch_size);
+        let proj = p.get("proj", &[d, config.projection_dim]);
+        ClipVisionModel {
+            class_embedding: p.get("class_embedding", &[d]),
+            patch_embedding: p.pp("conv1").get("weight", &[d, 3, patch, patch]),
+            position_embedding: p.get("positional_embedding", &[config.num_positions(), d]),
+            pre_layrnorm: layer_norm(&p.pp("ln_pre"), d, 1e-5),
+            layers: (0..config.num_hidden_layers)
+                .map(|i| EncoderLayer::open_clip(&p.pp("transformer").pp("resblocks").pp(i), d, config.intermediate_size))
+                .collect(),
+            post_layernorm: layer_norm(&p.pp("ln_post"), d, 1e-5),
+            // x @ proj, as a linear layer: weight = projᵀ.
+            visual_projection: Linear { weight: proj.tr(), bias: None },
+            config,
+        }
+    }
+
     /// Runs the model on normalised pixels `[b, 3, image_size, image_size]` (see
     /// `clip_preprocess`), in the weights' kind.
     pub fn forward(&self, pixel_values: &Tensor) -> ClipVisionOutput {

@@ -7,6 +7,7 @@ pub mod clip_vision;
 pub mod controlnet;
 pub mod hypernetwork;
 pub mod layers;
+pub mod noise_aug;
 pub mod resnet;
 pub mod rrdbnet;
 pub mod style_adapter;

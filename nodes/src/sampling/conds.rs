@@ -3,7 +3,7 @@
 //! with feathered area edges, the copies that give the other side an entry of the same area, and the
 //! extra input channels of inpainting UNets.
 
-use diffloom_core::value::{Area, CondEntry, Shared};
+use diffloom_core::value::{Area, CondEntry, Shared, UnclipCond};
 use diffloom_core::{Handle, NodeError};
 use tch::{Kind, Tensor};
 
@@ -32,6 +32,10 @@ pub struct Cond {
     pub sigma_range: Option<(f64, f64)>,
     /// The ControlNets / T2I-Adapters applied to the entry (the latest application).
     pub control: Option<Handle>,
+    /// unCLIPConditioning's image embeddings (see `adm.rs`, which turns them into `y`).
+    pub unclip: Vec<UnclipCond>,
+    /// The class-label (ADM) input `[1, adm_in_channels]` of a UNet that has one.
+    pub y: Option<Tensor>,
 }
 
 impl Cond {
@@ -48,6 +52,8 @@ impl Cond {
             concat: None,
             sigma_range: None,
             control: None,
+            unclip: Vec::new(),
+            y: None,
         }
     }
 
@@ -219,6 +225,7 @@ fn same_area_copy(c: &Resolved, others: &[Resolved]) -> Option<Resolved> {
     copy.entry.cross_attn = s.entry.cross_attn.clone();
     copy.entry.concat_latent = s.entry.concat_latent.clone();
     copy.entry.concat_mask = s.entry.concat_mask.clone();
+    copy.entry.unclip = s.entry.unclip.clone();
     Some(copy)
 }
 
@@ -255,7 +262,18 @@ fn build_cond(r: Resolved, target: &Target, input: &str) -> Result<Cond, NodeErr
     };
     let sigma_range = r.entry.timestep_range.map(|(start, end)| (target.sampling.percent_to_sigma(start), target.sampling.percent_to_sigma(end)));
     let uniform = (r.mask.is_none() && area.is_none()).then_some(r.entry.strength);
-    Ok(Cond { context: r.entry.cross_attn.to_kind(Kind::Float), area, mult, uniform, latent_hw: (lh, lw), concat, sigma_range, control: r.entry.control })
+    Ok(Cond {
+        context: r.entry.cross_attn.to_kind(Kind::Float),
+        area,
+        mult,
+        uniform,
+        latent_hw: (lh, lw),
+        concat,
+        sigma_range,
+        control: r.entry.control,
+        unclip: r.entry.unclip,
+        y: None,
+    })
 }
 
 /// The mask and masked-image latent an inpainting UNet takes (ComfyUI's `BaseModel.concat_cond`): the

@@ -367,7 +367,11 @@ impl CfgDenoiser<'_> {
             };
             let cond_or_uncond: Vec<usize> = group.iter().map(|(side, _)| labels.map_or(0, |l| l(*side))).collect();
             let cx = CallCx { sigma: sigma as f32, original_shape: &model_in.size(), cond_or_uncond: &cond_or_uncond, run: self.run };
-            let out = self.unet.forward_patched(&model_in, &t, &context, None, residuals.as_ref(), patches, &cx)?.to_kind(Kind::Float).to_device(x_in.device());
+            // The class-label input of unCLIP UNets, per entry, repeated over the batch.
+            let ys: Vec<Tensor> = group.iter().filter_map(|(_, c)| c.y.as_ref().map(|y| y.repeat([b, 1]))).collect();
+            let y = (ys.len() == group.len()).then(|| Tensor::cat(&ys, 0).to_device(device));
+            let out =
+                self.unet.forward_patched(&model_in, &t, &context, y.as_ref(), residuals.as_ref(), patches, &cx)?.to_kind(Kind::Float).to_device(x_in.device());
             if let tch::Device::Cuda(i) = device {
                 tch::Cuda::synchronize(i as i64);
             }

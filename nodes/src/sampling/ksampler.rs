@@ -196,7 +196,9 @@ pub fn sample(r: &Request) -> Result<Output, NodeError> {
         family: model.family.spec(),
     };
     let sides: Vec<(&str, &[CondEntry])> = r.guider.sides.iter().map(|(input, c)| (input.as_str(), c.as_slice())).collect();
-    let conds = resolve_sides(&sides, &target)?;
+    let mut conds = resolve_sides(&sides, &target)?;
+    let inputs: Vec<&str> = sides.iter().map(|(input, _)| *input).collect();
+    super::adm::attach_adm(&mut conds, &inputs, unet, &model.name, r.seed)?;
     for control in conds.iter().flatten().filter_map(|c| c.control.as_ref()?.downcast::<AppliedControl>()) {
         control.check_fits(&unet.config, &model.name)?;
     }

@@ -1,6 +1,7 @@
 //! Sampling: the model's noise schedule, schedulers (sigma lists), samplers, guidance, and
 //! ComfyUI-compatible noise.
 
+pub mod adm;
 pub mod brownian;
 pub mod conds;
 pub mod gits;
