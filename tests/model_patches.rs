@@ -574,3 +574,61 @@ fn part_savers_round_trip_through_the_part_loaders() {
     let v = outputs(&d, &graph, &[("s", "LATENT", 0), ("dec", "IMAGE", 0)]).unwrap();
     assert_eq!(max_abs_diff(&samples(&v[0]), &merged[0]), 0.0);
 }
+
+/// PerturbedAttentionGuidance against diffusers' PAG (tests/parity/pag_reference.py): the tiny SD1 model
+/// loaded into diffusers' UNet, PAG's layers and processors chosen by diffusers' own PAGMixin
+/// (`pag_applied_layers="mid"`, the identity self-attention processors). The perturbed pass (ComfyUI's
+/// `("middle", 0)` attn1 replacement) equals diffusers' perturbed rows, and ComfyUI's post-CFG
+/// `cfg_result + scale·(cond − perturbed)` on denoised predictions equals diffusers'
+/// `uncond + g·(text − uncond) + s·(text − perturb)` on noise predictions, CFG 1 (no unconditional
+/// pass, diffusers' two-chunk path) and scale 0 included.
+#[test]
+fn pag_matches_diffusers() {
+    use diffloom_core::value::Handle;
+    use diffloom_nodes::builtin::loaders::CheckpointLoaderSimple;
+    use diffloom_nodes::builtin::model_patches as mp;
+    use diffloom_nodes::patches::ModelRunner;
+    use diffloom_nodes::sampling::conds::Cond;
+    use diffloom_nodes::sampling::guidance::{CfgDenoiser, Denoiser, Guidance};
+    use diffloom_nodes::sampling::model_sampling::ModelSampling;
+    use diffloom_nodes::sd::SdModel;
+    let d = Dir::new();
+    let ck = tiny_sd1(&d, "tiny-sd1.safetensors");
+    let out = d.join("pag.safetensors");
+    crate::parity::run_reference("pag_reference.py", &[&ck, &out]);
+    let r = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&out).unwrap();
+    let get = |k: &str| r.load(k, tch::Device::Cpu, None).unwrap_or_else(|e| panic!("{k}: {e}"));
+    let _g = tch::no_grad_guard();
+    let (x, cond, uncond) = (get("input.x"), get("input.cond"), get("input.uncond"));
+    let sigma = get("input.sigma").double_value(&[0]);
+    let model = crate::util::call(&CheckpointLoaderSimple, vec![("ckpt_name", Some(Value::String(ck.display().to_string())))]).unwrap()[0].clone();
+    let pag = |scale: f64| {
+        let out = crate::util::call(&mp::PerturbedAttentionGuidance, vec![("model", Some(model.clone())), ("scale", Some(Value::Float(scale)))]).unwrap();
+        let Value::Model(h) = &out[0] else { panic!() };
+        let h: &Handle = h;
+        h.downcast::<SdModel>().unwrap().patches.clone()
+    };
+    let Value::Model(h) = &model else { panic!() };
+    let m: &SdModel = h.downcast().unwrap();
+    let ms = ModelSampling::new(m.sampling.clone());
+    let sides = || vec![vec![Cond::whole(cond.shallow_clone(), &x.size())], vec![Cond::whole(uncond.shallow_clone(), &x.size())]];
+    let check = |what: &str, got: &Tensor, want: &Tensor| {
+        let e = max_abs_diff(got, want);
+        println!("PAG {what}: max |diffloom - diffusers| = {e:.2e}");
+        assert!(e < 1e-4, "{what}: {e}");
+    };
+
+    // (a) The perturbed pass alone, with the overlay PAG's post-CFG function uses.
+    let den = CfgDenoiser::new(&m.unet, &ms, sides(), Guidance::Cfg(5.0));
+    check("cond", &den.side_prediction(0, &x, sigma, &Default::default()).unwrap(), &get("pag.cond"));
+    let perturbed = den.side_prediction(0, &x, sigma, &mp::pag_perturbation()).unwrap();
+    check("perturbed", &perturbed, &get("pag.perturbed"));
+    assert!(max_abs_diff(&perturbed, &get("pag.cond")) > 1e-3, "the perturbation changed nothing");
+
+    // (b) One guided prediction through the node's post-CFG function.
+    for (g, s) in [(5.0, 3.0), (1.0, 2.5), (7.5, 0.0)] {
+        let mut den = CfgDenoiser::new(&m.unet, &ms, sides(), Guidance::Cfg(g));
+        den.patches = pag(s);
+        check(&format!("guided cfg {g} scale {s}"), &den.denoise(&x, sigma).unwrap(), &get(&format!("pag.guided.{g:?}.{s:?}")));
+    }
+}

@@ -416,6 +416,15 @@ impl AttnReplace for IdentityAttention {
     }
 }
 
+/// PAG's perturbation: every self-attention of the middle block (ComfyUI's `("middle", 0)` attn1
+/// replacement; diffusers' `pag_applied_layers="mid"`) returns its values, so the layer gives
+/// `to_out(to_v(x))`.
+pub fn pag_perturbation() -> UnetPatches {
+    let mut overlay = UnetPatches::default();
+    overlay.set_attn1_replace(AttnKey { block: BlockId::Middle, transformer: None }, Rc::new(IdentityAttention));
+    overlay
+}
+
 /// PAG (Ahn et al. 2024): an extra pass of the conditional entries with the middle block's
 /// self-attention replaced by the identity; the guided estimate moves away from that perturbed one.
 struct Pag {
@@ -425,9 +434,7 @@ struct Pag {
 impl PostCfg for Pag {
     fn apply(&self, out: Tensor, a: &CfgArgs) -> Result<Tensor, NodeError> {
         let Some((cond_side, _, runner)) = a.sides.filter(|_| self.scale != 0.0) else { return Ok(out) };
-        let mut overlay = UnetPatches::default();
-        overlay.set_attn1_replace(AttnKey { block: BlockId::Middle, transformer: None }, Rc::new(IdentityAttention));
-        let perturbed = runner.side_prediction(cond_side, a.input, a.sigma, &overlay)?;
+        let perturbed = runner.side_prediction(cond_side, a.input, a.sigma, &pag_perturbation())?;
         Ok(out + (a.cond_denoised - perturbed) * self.scale)
     }
 }
