@@ -11,6 +11,7 @@ mod conditioning;
 mod controlnet;
 mod coverage;
 mod custom_sampling;
+mod gligen;
 mod graph_format;
 mod image_codecs;
 mod ksampler;

@@ -22,6 +22,7 @@ pub const MODEL_INPUTS: &[(&str, &str, &str)] = &[
     ("UpscaleModelLoader", "model_name", "upscale_models"),
     ("ControlNetLoader", "control_net_name", "controlnet"),
     ("DiffControlNetLoader", "control_net_name", "controlnet"),
+    ("GLIGENLoader", "gligen_name", "gligen"),
     ("CheckpointLoader", "config_name", "configs"),
     ("CheckpointLoader", "ckpt_name", "checkpoints"),
     ("DiffusersLoader", "model_path", "diffusers"),

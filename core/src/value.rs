@@ -39,13 +39,15 @@ pub enum ValueType {
     ClipVisionOutput,
     /// A style model (StyleModelLoader: T2I style adapter), applied by StyleModelApply.
     StyleModel,
+    /// A GLIGEN model (GLIGENLoader), applied to conditioning by GLIGENTextBoxApply.
+    Gligen,
     /// Accepts any value; only used for inputs (e.g. `PreviewAny`).
     Any,
 }
 
 impl ValueType {
     /// Every type, in the order `diffloom nodes` lists them.
-    pub const ALL: [ValueType; 21] = [
+    pub const ALL: [ValueType; 22] = [
         ValueType::Int,
         ValueType::Float,
         ValueType::String,
@@ -66,6 +68,7 @@ impl ValueType {
         ValueType::ClipVision,
         ValueType::ClipVisionOutput,
         ValueType::StyleModel,
+        ValueType::Gligen,
         ValueType::Any,
     ];
 
@@ -92,6 +95,7 @@ impl ValueType {
             ValueType::ClipVision => "CLIP_VISION",
             ValueType::ClipVisionOutput => "CLIP_VISION_OUTPUT",
             ValueType::StyleModel => "STYLE_MODEL",
+            ValueType::Gligen => "GLIGEN",
             ValueType::Any => "*",
         }
     }
@@ -166,6 +170,9 @@ pub struct CondEntry {
     pub pooled: Option<Shared>,
     /// Where the entry applies (ConditioningSetArea, …); the whole latent when None.
     pub area: Option<Area>,
+    /// GLIGENTextBoxApply: the GLIGEN model and its boxes (a node-crate object, ComfyUI's
+    /// `("position", model, params)`), which becomes the UNet's middle patch for this entry's batch.
+    pub gligen: Option<Handle>,
     /// Weight of this entry's prediction against overlapping entries (1 by default).
     pub strength: f64,
     /// ConditioningSetMask: `[b, h, w]` weights where the entry applies, times `mask_strength`.
@@ -207,6 +214,7 @@ impl CondEntry {
             cross_attn: Shared(cross_attn),
             pooled: None,
             area: None,
+            gligen: None,
             strength: 1.0,
             mask: None,
             mask_strength: 1.0,
@@ -297,6 +305,7 @@ pub enum Value {
     ClipVision(Handle),
     ClipVisionOutput(Handle),
     StyleModel(Handle),
+    Gligen(Handle),
     /// Several values of one type, as a node with a list output returns them (ComfyUI's
     /// `OUTPUT_IS_LIST`); the executor runs consumers once per item (see `exec/lists.rs`).
     List(Vec<Value>),
@@ -326,6 +335,7 @@ impl Value {
             Value::ClipVision(_) => ValueType::ClipVision,
             Value::ClipVisionOutput(_) => ValueType::ClipVisionOutput,
             Value::StyleModel(_) => ValueType::StyleModel,
+            Value::Gligen(_) => ValueType::Gligen,
             // A list has its items' type (one type per output); an empty one fits anywhere.
             Value::List(items) => items.first().map_or(ValueType::Any, Value::value_type),
         }
@@ -349,7 +359,8 @@ impl Value {
             | Value::ControlNet(h)
             | Value::ClipVision(h)
             | Value::ClipVisionOutput(h)
-            | Value::StyleModel(h) => h.bytes,
+            | Value::StyleModel(h)
+            | Value::Gligen(h) => h.bytes,
             Value::List(items) => items.iter().map(Value::bytes).sum(),
         }
     }
@@ -367,7 +378,8 @@ impl Value {
             | Value::ControlNet(h)
             | Value::ClipVision(h)
             | Value::ClipVisionOutput(h)
-            | Value::StyleModel(h) => Some(h),
+            | Value::StyleModel(h)
+            | Value::Gligen(h) => Some(h),
             _ => None,
         }
     }
@@ -398,7 +410,8 @@ impl Value {
             | Value::ControlNet(h)
             | Value::ClipVision(h)
             | Value::ClipVisionOutput(h)
-            | Value::StyleModel(h) => {
+            | Value::StyleModel(h)
+            | Value::Gligen(h) => {
                 format!("{} {}", self.value_type(), h.label())
             }
             Value::List(items) => {

@@ -24,8 +24,8 @@ use diffloom_core::{Node, Origin, Registry};
 
 use builtin::sampling as sampling_nodes;
 use builtin::{
-    animation, conditioning, controlnet, custom_sampling as custom, image, latent, loaders, mask, model_merging, model_patches, preprocessors, primitive,
-    quantize, rebatch, strings,
+    animation, conditioning, controlnet, custom_sampling as custom, gligen, image, latent, loaders, mask, model_merging, model_patches, preprocessors,
+    primitive, quantize, rebatch, strings,
 };
 
 /// Every built-in node, ordered by category as `diffloom nodes` lists them.
@@ -37,6 +37,7 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         Rc::new(loaders::UpscaleModelLoader),
         Rc::new(loaders::LoraLoader),
         Rc::new(loaders::LoraLoaderModelOnly),
+        Rc::new(gligen::GLIGENLoader),
         Rc::new(loaders::ControlNetLoader),
         Rc::new(loaders::DiffControlNetLoader),
         Rc::new(loaders::CheckpointLoader),
@@ -68,6 +69,8 @@ pub fn builtin() -> Vec<Rc<dyn Node>> {
         // conditioning/controlnet
         Rc::new(controlnet::ControlNetApplyAdvanced),
         Rc::new(controlnet::ControlNetApply),
+        // conditioning/gligen
+        Rc::new(gligen::GLIGENTextBoxApply),
         // sampling
         Rc::new(sampling_nodes::KSampler),
         Rc::new(sampling_nodes::KSamplerAdvanced),

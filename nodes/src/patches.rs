@@ -6,6 +6,7 @@
 //!
 //! Where each hook runs is ComfyUI's: block patches in `Unet::forward_patched` (after each input
 //! block, after its output became a skip, and before each output block concatenates its skip), the
+//! attention and middle patches in `BasicTransformerBlock::forward` (`models/attention.rs`), the
 //! CFG functions in `CfgDenoiser` (`sampling/guidance.rs`), the mask function before each model call.
 
 use std::rc::Rc;
@@ -80,6 +81,14 @@ pub trait AttnReplace {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, cx: &AttnCx<'_>) -> Result<Tensor, NodeError>;
 }
 
+/// Rewrites a transformer block's activation after self-attention's residual and before
+/// cross-attention (`middle_patch`: GLIGEN's gated self-attention over the boxes). `transformer_index`
+/// is the spatial transformer's position in the UNet's forward order, counted from 0 over the input,
+/// middle and output blocks (ComfyUI's `transformer_index`).
+pub trait MiddlePatch {
+    fn apply(&self, x: Tensor, transformer_index: usize, cx: &AttnCx<'_>) -> Result<Tensor, NodeError>;
+}
+
 /// A patch on an input block's output (`input_block_patch`, `input_block_patch_after_skip`).
 pub trait BlockPatch {
     fn apply(&self, h: Tensor, block: BlockId, cx: &CallCx) -> Result<Tensor, NodeError>;
@@ -108,6 +117,11 @@ pub struct UnetPatches {
     /// On cross-attention's inputs (the activation, the text states k and v are projected from), in
     /// every transformer block (`attn2_patch`: hypernetworks).
     pub attn2_patch: Vec<Rc<dyn AttnInPatch>>,
+    /// After self-attention's residual, before cross-attention, in every transformer block
+    /// (`middle_patch`). No node puts one on a MODEL; the sampler adds a GLIGEN conditioning's for
+    /// that conditioning's batch only, after the model's own (ComfyUI merges the cond's patches into
+    /// `transformer_options` per batch).
+    pub middle_patch: Vec<Rc<dyn MiddlePatch>>,
 }
 
 impl UnetPatches {
@@ -119,6 +133,7 @@ impl UnetPatches {
             && self.attn1_patch.is_empty()
             && self.attn1_output_patch.is_empty()
             && self.attn2_patch.is_empty()
+            && self.middle_patch.is_empty()
     }
 
     /// Sets the self-attention replacement for `key` (replacing one set before for the same key).
@@ -147,6 +162,7 @@ impl UnetPatches {
         out.attn1_patch.extend(overlay.attn1_patch.iter().cloned());
         out.attn1_output_patch.extend(overlay.attn1_output_patch.iter().cloned());
         out.attn2_patch.extend(overlay.attn2_patch.iter().cloned());
+        out.middle_patch.extend(overlay.middle_patch.iter().cloned());
         out
     }
 }

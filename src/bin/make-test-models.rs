@@ -144,5 +144,17 @@ fn run(dir: &Path, full: bool, full_sd1_only: bool) -> Result<(), String> {
             println!("wrote {}", path.display());
         }
     }
+    if !full_sd1_only {
+        // GLIGEN for tiny-sd1: a fuser per transformer, phrase embeddings as wide as its text encoder.
+        let path = dir.join("tiny-sd1-gligen.safetensors");
+        if !path.exists() || rewritten.contains(&"tiny-sd1.safetensors") {
+            let config = tiny_config(Family::Sd1, false);
+            let (Some(unet), Some(clip)) = (&config.unet, &config.clip) else { return Err("tiny-sd1 has no UNet or CLIP config".into()) };
+            let tmp = dir.join(".tiny-sd1-gligen.safetensors.tmp");
+            diffloom_nodes::checkpoint::synthetic::write_gligen(&tmp, unet, clip.hidden_size, 24).map_err(|e| e.to_string())?;
+            std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+            println!("wrote {}", path.display());
+        }
+    }
     Ok(())
 }

@@ -16,7 +16,7 @@ use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
 
 /// A token for a (possibly multi-GB) model file: its path, size and modification time, so that an
 /// unchanged file is a cache hit without hashing it.
-fn file_stamp(files: &Locator, folder: &str, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
+pub(super) fn file_stamp(files: &Locator, folder: &str, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
     let Some(Value::String(name)) = literals.get(input) else { return Ok(None) };
     let path = files.model(folder, input, name)?;
     let mut stamp = path.display().to_string();

@@ -4,6 +4,7 @@ pub mod animation;
 pub mod conditioning;
 pub mod controlnet;
 pub mod custom_sampling;
+pub mod gligen;
 pub mod image;
 pub mod latent;
 pub mod loaders;

@@ -357,3 +357,38 @@ pub fn tiny_adapter_config(light: bool) -> AdapterConfig {
         AdapterConfig { kind: AdapterKind::Full { ksize: 1, use_conv: false }, cin: 64, channels, nums_rb: 2 }
     }
 }
+
+/// Writes a random-weight GLIGEN text-box model for a UNet of `unet`'s layout, in ComfyUI's GLIGEN file
+/// layout (`position_net.*` and `<block>.<layer>.transformer_blocks.0.fuser.*` for each of the UNet's
+/// spatial transformers), taking `width`-wide phrase embeddings (the text encoder's) and making
+/// `width`-wide grounding tokens. The gates `alpha_attn` and `alpha_dense` are set well away from 0 (a
+/// trained model's are; at 0 the fusers do nothing).
+pub fn write_gligen(path: &Path, unet: &UnetConfig, width: i64, seed: i64) -> Result<(), LoadError> {
+    use crate::models::gligen::Gligen;
+    use crate::patches::BlockId;
+    let layout_unet = Weights::synthetic(Kind::Float, 0);
+    let sites = Unet::new(&layout_unet.root(), unet.clone()).transformer_sites();
+    let layout: Vec<(String, i64)> = sites
+        .iter()
+        .map(|(block, layer, dim)| {
+            let block = match block {
+                BlockId::Input(i) => format!("input_blocks.{i}"),
+                BlockId::Middle => "middle_block".to_owned(),
+                BlockId::Output(i) => format!("output_blocks.{i}"),
+            };
+            (format!("{block}.{layer}.transformer_blocks.0.fuser"), *dim)
+        })
+        .collect();
+    let w = Weights::synthetic(Kind::Float, seed as u64);
+    let _ = Gligen::new(&w.root(), &layout, width, width);
+    let made = w.synthetic.map(|m| m.into_inner().made).unwrap_or_default();
+    let tensors: Vec<(String, Tensor)> = made
+        .into_iter()
+        .enumerate()
+        .map(|(i, (k, t))| match k.rsplit('.').next() {
+            Some("alpha_attn") | Some("alpha_dense") => (k, Tensor::from(0.4f32 + 0.05 * (i % 7) as f32)),
+            _ => (k, t),
+        })
+        .collect();
+    write_safetensors(path, &tensors, None)
+}

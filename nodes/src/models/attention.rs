@@ -108,8 +108,9 @@ impl BasicTransformerBlock {
     }
 
     /// `hooks`: the model's patches and where this block is (ComfyUI's attn1 patches, replacement and
-    /// output patches, in that order).
-    pub fn forward(&self, x: &Tensor, context: &Tensor, hooks: Option<(&UnetPatches, &AttnCx<'_>)>) -> Result<Tensor, NodeError> {
+    /// output patches, in that order, then the middle patches); `transformer_index` is the spatial
+    /// transformer's place in the UNet (what a middle patch is told).
+    pub fn forward(&self, x: &Tensor, context: &Tensor, hooks: Option<(&UnetPatches, &AttnCx<'_>)>, transformer_index: usize) -> Result<Tensor, NodeError> {
         let mut n = self.norm1.forward(x);
         let attn = match hooks.filter(|(p, _)| !p.is_empty()) {
             None => self.attn1.forward(&n, None),
@@ -126,7 +127,12 @@ impl BasicTransformerBlock {
                 out
             }
         };
-        let x = attn + x;
+        let mut x = attn + x;
+        if let Some((p, cx)) = hooks {
+            for patch in &p.middle_patch {
+                x = patch.apply(x, transformer_index, cx)?;
+            }
+        }
         let mut n2 = self.norm2.forward(&x);
         let cross = match hooks.filter(|(p, _)| !p.attn2_patch.is_empty()) {
             None => self.attn2.forward(&n2, Some(context)),
@@ -152,6 +158,11 @@ enum Proj {
 
 /// Attention over the pixels of a feature map, conditioned on the text.
 pub struct SpatialTransformer {
+    /// Its position among the UNet's spatial transformers in forward order (input, middle, output
+    /// blocks), set by `Unet::new`: ComfyUI's `transformer_index`, which GLIGEN's middle patch reads.
+    pub index: usize,
+    /// Width of the tokens its transformer blocks work on (heads × head width).
+    pub inner_dim: i64,
     norm: GroupNorm,
     proj_in: Proj,
     blocks: Vec<BasicTransformerBlock>,
@@ -167,6 +178,8 @@ impl SpatialTransformer {
             (Proj::Conv(conv1x1(&p.pp("proj_in"), channels, inner)), Proj::Conv(conv1x1(&p.pp("proj_out"), inner, channels)))
         };
         SpatialTransformer {
+            index: 0,
+            inner_dim: inner,
             norm: group_norm(&p.pp("norm"), channels, 1e-6),
             proj_in,
             blocks: (0..depth).map(|i| BasicTransformerBlock::new(&p.pp("transformer_blocks").pp(i), inner, context_dim, heads, dim_head)).collect(),
@@ -192,7 +205,7 @@ impl SpatialTransformer {
         };
         for (i, block) in self.blocks.iter().enumerate() {
             let cx = hooks.map(|(p, id, call)| (p, AttnCx { block: id, transformer: i, heads: block.attn1.heads, call }));
-            t = block.forward(&t, context, cx.as_ref().map(|(p, cx)| (*p, cx)))?;
+            t = block.forward(&t, context, cx.as_ref().map(|(p, cx)| (*p, cx)), self.index)?;
         }
         let out = match &self.proj_out {
             Proj::Conv(conv) => conv.forward(&to_map(&t)),

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod clip;
 pub mod clip_vision;
 pub mod controlnet;
+pub mod gligen;
 pub mod hypernetwork;
 pub mod layers;
 pub mod noise_aug;

@@ -221,7 +221,7 @@ impl Unet {
         let c = &config;
         let mc = c.model_channels;
         let emb = mc * 4;
-        let (input_blocks, middle_block, mut skips) = encoder_blocks(p, c);
+        let (mut input_blocks, mut middle_block, mut skips) = encoder_blocks(p, c);
         let mut ch = *skips.last().unwrap_or(&mc);
         let mut ds = 1i64 << (c.channel_mult.len().saturating_sub(1));
         let ob = p.pp("output_blocks");
@@ -242,6 +242,11 @@ impl Unet {
                 output_blocks.push(Block(layers));
             }
         }
+        // ComfyUI counts the spatial transformers as the forward pass meets them (transformer_index).
+        let transformers = input_blocks.iter_mut().chain(std::iter::once(&mut middle_block)).chain(output_blocks.iter_mut());
+        for (index, t) in transformers.flat_map(|b| b.0.iter_mut()).filter_map(|l| if let Layer::Attn(t) = l { Some(t) } else { None }).enumerate() {
+            t.index = index;
+        }
         Unet {
             // After the blocks, as the key walk of the files written so far had it (synthetic weights
             // are drawn in lookup order).
@@ -258,6 +263,17 @@ impl Unet {
     /// Where the weights live.
     pub fn device(&self) -> tch::Device {
         self.out_conv.weight.device()
+    }
+
+    /// The spatial transformers in forward order (their `transformer_index`): the block each is in,
+    /// its position in that block's layer list (the `input_blocks.N.M` key's M), and its token width.
+    pub fn transformer_sites(&self) -> Vec<(BlockId, usize, i64)> {
+        let blocks = self.input_blocks.iter().enumerate().map(|(i, b)| (BlockId::Input(i), b));
+        let blocks = blocks.chain(std::iter::once((BlockId::Middle, &self.middle_block)));
+        let blocks = blocks.chain(self.output_blocks.iter().enumerate().map(|(i, b)| (BlockId::Output(i), b)));
+        blocks
+            .flat_map(|(id, b)| b.0.iter().enumerate().filter_map(move |(m, l)| if let Layer::Attn(t) = l { Some((id, m, t.inner_dim)) } else { None }))
+            .collect()
     }
 
     /// The kind of the weights.

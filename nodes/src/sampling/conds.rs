@@ -18,6 +18,9 @@ pub struct Cond {
     pub context: Tensor,
     /// `(h, w, y, x)` in latent pixels, clamped to the latent; None for the whole latent.
     pub area: Option<[i64; 4]>,
+    /// GLIGENTextBoxApply's model and boxes (`GligenCond`), run as a middle patch on this entry's
+    /// batch, which it shares with no other entry (ComfyUI's per-cond `patches`).
+    pub gligen: Option<Handle>,
     /// Per-pixel weight of this entry's prediction over its area, `[b, c, h, w]`.
     pub mult: Tensor,
     /// The entry's strength when its weight is the same everywhere (no area, no mask): a latent that
@@ -46,6 +49,7 @@ impl Cond {
         Cond {
             context,
             area: None,
+            gligen: None,
             mult: Tensor::ones(shape, (Kind::Float, tch::Device::Cpu)),
             uniform: Some(1.0),
             latent_hw,
@@ -129,6 +133,7 @@ pub fn resolve_sides(sides: &[(&str, &[CondEntry])], target: &Target) -> Result<
         }
     }
     control_to_uncond(&mut resolved);
+    gligen_to_uncond(&mut resolved);
     resolved.into_iter().zip(sides).map(|(list, (input, _))| list.into_iter().map(|r| build_cond(r, target, input)).collect::<Result<Vec<_>, _>>()).collect()
 }
 
@@ -153,6 +158,26 @@ fn control_to_uncond(resolved: &mut [Vec<Resolved>]) {
         }
         for (x, c) in cnets.iter().enumerate() {
             side[other[x % other.len()]].entry.control = Some(c.clone());
+        }
+    }
+}
+
+/// ComfyUI's `apply_empty_x_to_equal_area` for `gligen`: the GLIGEN boxes of whole-image positive
+/// entries go to the whole-image entries of each other side that has none of its own, in turn (so the
+/// negative prediction is grounded by the same boxes).
+fn gligen_to_uncond(resolved: &mut [Vec<Resolved>]) {
+    let Some((positive, others)) = resolved.split_first_mut() else { return };
+    let boxes: Vec<Handle> = positive.iter().filter(|r| r.area.is_none()).filter_map(|r| r.entry.gligen.clone()).collect();
+    if boxes.is_empty() {
+        return;
+    }
+    for side in others {
+        let whole: Vec<usize> = (0..side.len()).filter(|i| side[*i].area.is_none()).collect();
+        if whole.is_empty() || whole.iter().any(|i| side[*i].entry.gligen.is_some()) {
+            continue;
+        }
+        for (x, g) in boxes.iter().enumerate() {
+            side[whole[x % whole.len()]].entry.gligen = Some(g.clone());
         }
     }
 }
@@ -271,6 +296,7 @@ fn build_cond(r: Resolved, target: &Target, input: &str) -> Result<Cond, NodeErr
         concat,
         sigma_range,
         control: r.entry.control,
+        gligen: r.entry.gligen,
         unclip: r.entry.unclip,
         y: None,
     })

@@ -331,10 +331,14 @@ impl CfgDenoiser<'_> {
             }
         }
         // Entries batch together when they share the area and the very same control (ComfyUI's
-        // can_concat_cond).
-        let same_control = |a: &Cond, b: &Cond| match (&a.control, &b.control) {
-            (Some(x), Some(y)) => x.same(y),
-            (x, y) => x.is_none() && y.is_none(),
+        // can_concat_cond). A GLIGEN entry runs alone: ComfyUI makes each cond's patches anew, and
+        // batches only conds whose patches are the same object.
+        let same_control = |a: &Cond, b: &Cond| {
+            let control = match (&a.control, &b.control) {
+                (Some(x), Some(y)) => x.same(y),
+                (x, y) => x.is_none() && y.is_none(),
+            };
+            control && a.gligen.is_none() && b.gligen.is_none()
         };
         let mut groups: Vec<(Option<[i64; 4]>, Vec<(usize, &Cond)>)> = Vec::new();
         for job in jobs {
@@ -348,6 +352,12 @@ impl CfgDenoiser<'_> {
         let mut time = std::time::Duration::ZERO;
         for (area, group) in &groups {
             let n = group.len() as i64;
+            // A GLIGEN entry's middle patch, after the model's own, for its batch only.
+            let with_gligen = match &group[0].1.gligen {
+                Some(g) => Some(gligen_patches(self.unet, patches, g, b, crop(x_in, *area).size(), device)?),
+                None => None,
+            };
+            let patches = with_gligen.as_ref().unwrap_or(patches);
             let xs = crop(x_in, *area).repeat([n, 1, 1, 1]);
             let scaled = self.sampling.calculate_input(sigma, &xs).to_device(device);
             let mut model_in = scaled.shallow_clone();
@@ -389,6 +399,38 @@ impl CfgDenoiser<'_> {
         }
         Ok((sums.iter().zip(&weights).map(|(s, w)| s / w).collect(), time))
     }
+}
+
+/// `patches` with the middle patch of a GLIGEN conditioning (`GligenCond`) for a batch of `b` latents
+/// of `shape` (the entry's area): its grounding tokens computed for that area (ComfyUI's
+/// `set_position`), after checking the GLIGEN model fits the UNet's transformers.
+fn gligen_patches(
+    unet: &Unet,
+    patches: &UnetPatches,
+    g: &diffloom_core::Handle,
+    b: i64,
+    shape: Vec<i64>,
+    device: tch::Device,
+) -> Result<UnetPatches, NodeError> {
+    use crate::models::gligen::{GligenCond, GligenPatch};
+    let g = g.downcast::<GligenCond>().ok_or_else(|| NodeError::Failed(format!("a conditioning's GLIGEN entry is a {}", g.label())))?;
+    let sites = unet.transformer_sites();
+    let fits = sites.len() == g.model.fusers.len() && sites.iter().zip(&g.model.fusers).all(|((_, _, width), (_, f))| *width == f.query_dim);
+    if !fits {
+        let widths = |w: Vec<i64>| w.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+        return Err(NodeError::Failed(format!(
+            "GLIGEN {}: its {} fusers are {} wide, the UNet's {} transformers {} (a GLIGEN model for another UNet?)",
+            g.name,
+            g.model.fusers.len(),
+            widths(g.model.fusers.iter().map(|(_, f)| f.query_dim).collect()),
+            sites.len(),
+            widths(sites.iter().map(|s| s.2).collect())
+        )));
+    }
+    let objs = g.model.position_tokens(b, shape[2], shape[3], &g.boxes, device)?;
+    let mut out = patches.clone();
+    out.middle_patch.push(std::rc::Rc::new(GligenPatch { model: g.model.clone(), objs }));
+    Ok(out)
 }
 
 /// A post-CFG function's extra model pass: one side's entries, with the model's UNet patches and the
