@@ -632,3 +632,56 @@ fn pag_matches_diffusers() {
         check(&format!("guided cfg {g} scale {s}"), &den.denoise(&x, sigma).unwrap(), &get(&format!("pag.guided.{g:?}.{s:?}")));
     }
 }
+
+/// FreeU and FreeU_V2 on a whole UNet against diffusers (tests/parity/freeu_reference.py): the tiny
+/// four-level model (32, 64, 128, 128 channels, so both of ComfyUI's keys occur) in diffusers' UNet with
+/// FreeU enabled, its factors chosen as ComfyUI chooses them (by the backbone's channel count) and applied
+/// by diffusers' own `apply_freeu` (v1) or ComfyUI's V2 body. diffusers' native selection (its first two up
+/// blocks) is another model: diffloom, following ComfyUI, must differ from it (the docstring says where).
+#[test]
+fn freeu_matches_diffusers() {
+    use diffloom_core::value::Handle;
+    use diffloom_nodes::builtin::loaders::CheckpointLoaderSimple;
+    use diffloom_nodes::builtin::model_patches as mp;
+    use diffloom_nodes::checkpoint::synthetic::tiny_four_level_config;
+    use diffloom_nodes::patches::CallCx;
+    use diffloom_nodes::sd::SdModel;
+    let d = Dir::new();
+    let ck = d.join("four.safetensors");
+    write_checkpoint(&ck, &tiny_four_level_config(), Kind::Float, 6, true).unwrap();
+    let out = d.join("freeu.safetensors");
+    crate::parity::run_reference("freeu_reference.py", &[&ck, &out]);
+    let r = diffloom_nodes::checkpoint::safetensors::SafetensorsFile::open(&out).unwrap();
+    let get = |k: &str| r.load(k, tch::Device::Cpu, None).unwrap_or_else(|e| panic!("{k}: {e}"));
+    let _g = tch::no_grad_guard();
+    let (x, t, context) = (get("input.x"), get("input.t"), get("input.context"));
+    let model = crate::util::call(&CheckpointLoaderSimple, vec![("ckpt_name", Some(Value::String(ck.display().to_string())))]).unwrap()[0].clone();
+    let f = |v: f64| Some(Value::Float(v));
+    let run = |node: Option<(&dyn diffloom_core::Node, [f64; 4])>| {
+        let m = match node {
+            Some((node, [b1, b2, s1, s2])) => {
+                crate::util::call(node, vec![("model", Some(model.clone())), ("b1", f(b1)), ("b2", f(b2)), ("s1", f(s1)), ("s2", f(s2))]).unwrap()[0].clone()
+            }
+            None => model.clone(),
+        };
+        let Value::Model(h) = &m else { panic!() };
+        let h: &Handle = h;
+        let m: &SdModel = h.downcast().unwrap();
+        let cx = CallCx { sigma: 0.0, original_shape: &x.size(), cond_or_uncond: &[0], run: 0 };
+        m.unet.forward_patched(&x, &t, &context, None, None, &m.patches.unet, &cx).unwrap()
+    };
+    let check = |what: &str, got: &Tensor, want: &Tensor| {
+        let e = max_abs_diff(got, want);
+        println!("{what}: max |diffloom - diffusers| = {e:.2e}");
+        assert!(e < 1e-4, "{what}: {e}");
+    };
+    let plain = run(None);
+    check("no FreeU", &plain, &get("freeu.plain"));
+    let v1 = run(Some((&mp::FreeUNode, [1.1, 1.2, 0.9, 0.2])));
+    check("FreeU (ComfyUI's blocks, diffusers' apply_freeu)", &v1, &get("freeu.v1"));
+    check("FreeU_V2 (ComfyUI's blocks and body in diffusers' UNet)", &run(Some((&mp::FreeUV2, [1.3, 1.4, 0.9, 0.2]))), &get("freeu.v2"));
+    assert!(max_abs_diff(&v1, &plain) > 1e-3, "FreeU changed nothing");
+    let native = max_abs_diff(&v1, &get("freeu.diffusers_v1"));
+    println!("FreeU vs diffusers' own enable_freeu (its first two up blocks): {native:.2e}");
+    assert!(native > 1e-3, "diffusers' block selection should differ from ComfyUI's here");
+}
