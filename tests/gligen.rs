@@ -172,15 +172,15 @@ fn gligen_boxes_reach_the_negative_as_comfyui_copies_them() {
     let entry = || CondEntry::new(Tensor::zeros([1, 77, 32], (Kind::Float, Device::Cpu)));
     let boxes = Handle::new((), 0, "boxes");
     let own = Handle::new((), 0, "own boxes");
-    let grounded = CondEntry { gligen: Some(boxes.clone()), ..entry() };
+    let grounded = [CondEntry { gligen: Some(boxes.clone()), ..entry() }];
     let same = |c: &diffloom_nodes::sampling::conds::Cond, h: &Handle| c.gligen.as_ref().is_some_and(|g| g.same(h));
     // A whole-image negative without boxes gets the positive's (apply_empty_x_to_equal_area).
-    let sides = resolve_sides(&[("positive", &[grounded.clone()]), ("negative", &[entry()])], &target).unwrap();
+    let sides = resolve_sides(&[("positive", &grounded), ("negative", &[entry()])], &target).unwrap();
     assert!(same(&sides[0][0], &boxes) && same(&sides[1][0], &boxes));
     // A negative with boxes of its own keeps them; an area-only negative gets none.
-    let sides = resolve_sides(&[("positive", &[grounded.clone()]), ("negative", &[CondEntry { gligen: Some(own.clone()), ..entry() }])], &target).unwrap();
+    let sides = resolve_sides(&[("positive", &grounded), ("negative", &[CondEntry { gligen: Some(own.clone()), ..entry() }])], &target).unwrap();
     assert!(same(&sides[1][0], &own));
     let area = CondEntry { area: Some(Area::Latent { h: 4, w: 4, y: 0, x: 0 }), ..entry() };
-    let sides = resolve_sides(&[("positive", &[grounded]), ("negative", &[area])], &target).unwrap();
+    let sides = resolve_sides(&[("positive", &grounded), ("negative", &[area])], &target).unwrap();
     assert!(sides[1].iter().all(|c| c.gligen.is_none()));
 }
