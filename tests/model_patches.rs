@@ -610,7 +610,7 @@ fn pag_matches_diffusers() {
     };
     let Value::Model(h) = &model else { panic!() };
     let m: &SdModel = h.downcast().unwrap();
-    let ms = ModelSampling::new(m.sampling.clone());
+    let ms = ModelSampling::new(m.sampling);
     let sides = || vec![vec![Cond::whole(cond.shallow_clone(), &x.size())], vec![Cond::whole(uncond.shallow_clone(), &x.size())]];
     let check = |what: &str, got: &Tensor, want: &Tensor| {
         let e = max_abs_diff(got, want);
