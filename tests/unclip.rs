@@ -8,12 +8,15 @@ use std::path::{Path, PathBuf};
 use diffloom_core::value::{Shared, UnclipCond};
 use diffloom_core::Value;
 use diffloom_nodes::builtin::loaders;
+use diffloom_nodes::checkpoint::detect::Prediction;
 use diffloom_nodes::checkpoint::safetensors::SafetensorsFile;
 use diffloom_nodes::checkpoint::synthetic::{tiny_config, tiny_unclip_config, write_checkpoint, write_unclip_checkpoint};
 use diffloom_nodes::models::clip_vision::ClipVisionModel;
 use diffloom_nodes::models::noise_aug::{unclip_adm, NoiseAugmentor, UnclipInput};
 use diffloom_nodes::sampling::adm::attach_adm;
 use diffloom_nodes::sampling::conds::Cond;
+use diffloom_nodes::sampling::guidance::{CfgDenoiser, Denoiser, Guidance};
+use diffloom_nodes::sampling::model_sampling::ModelSampling;
 use diffloom_nodes::sampling::noise::seed_bits;
 use diffloom_nodes::sd::SdModel;
 use tch::{Device, Kind, Tensor};
@@ -107,6 +110,18 @@ fn unclip_parts_match_diffusers_transformers_and_comfyui() {
     assert_eq!(max_abs_diff(sides[0][0].y.as_ref().unwrap(), &one), 0.0);
     assert_eq!(sides[1][0].y.as_ref().unwrap().abs().max().double_value(&[]), 0.0);
     assert_eq!(sides[1][0].y.as_ref().unwrap().size(), [1, 48]);
+    // The denoiser batches both sides, each row with its own y: CFG of the two plain predictions.
+    let ms = ModelSampling::sd(Prediction::Eps);
+    let (sigma, x1) = (3.0, e("input.latent").narrow(0, 0, 1));
+    let predict = |y: &Tensor| {
+        let t = ms.timestep(&Tensor::from_slice(&[sigma as f32]));
+        ms.calculate_denoised(sigma, &model.unet.forward_with_class(&ms.calculate_input(sigma, &x1), &t, &ctx.narrow(0, 0, 1), Some(y)), &x1)
+    };
+    let (c, u) = (predict(&one), predict(&Tensor::zeros([1, 48], (Kind::Float, Device::Cpu))));
+    let mut den = CfgDenoiser::new(&model.unet, &ms, sides, Guidance::Cfg(2.5));
+    let err = max_abs_diff(&den.denoise(&x1, sigma).unwrap(), &(&u + (&c - &u) * 2.5));
+    println!("CFG with per-side y vs by hand: {err:e}");
+    assert!(err <= 1e-4, "{err}");
 
     // The same image encoder as a standalone OpenCLIP file (`visual.*`) with a config.json beside it.
     let dir = d.join("open_clip");
