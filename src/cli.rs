@@ -43,6 +43,19 @@ pub enum Command {
         #[arg(long, default_value_t = 100)]
         debounce_ms: u64,
     },
+    /// Render a graph once per parameter set: the product of the --grid values, times the --rows of a
+    /// CSV file. Each job writes into OUTPUT/SWEEP-ID/JOB-INDEX/; a sweep run again skips finished jobs.
+    Sweep {
+        #[command(flatten)]
+        args: RunArgs,
+        /// A parameter and its values: seed=1..100 (both ends), cfg=4..8:0.5 (a step), sampler=euler,dpmpp_2m
+        /// (a list). Several grids multiply. Repeatable.
+        #[arg(long = "grid", value_name = "NAME=VALUES")]
+        grids: Vec<String>,
+        /// A CSV file: the header names parameters, each row is one job (combined with every grid point).
+        #[arg(long, value_name = "FILE")]
+        rows: Option<PathBuf>,
+    },
     /// Check a graph without running it; prints every problem found.
     Validate {
         file: PathBuf,
@@ -163,6 +176,16 @@ pub struct RunArgs {
     /// Where LoadImage's image names are looked up, as ComfyUI's input directory.
     #[arg(long, value_name = "DIR", default_value = "input")]
     pub input_dir: PathBuf,
+    /// The persistent result cache, shared by runs, processes and machines on one mount (default:
+    /// $DIFFLOOM_CACHE_DIR, else $XDG_CACHE_HOME/diffloom, else ~/.cache/diffloom).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Keep results in memory only (no persistent cache).
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_disk_cache: bool,
+    /// Size bound of the persistent cache in MiB; the least recently used results go first.
+    #[arg(long, value_name = "MIB", default_value_t = 10240)]
+    pub disk_cache_mb: u64,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

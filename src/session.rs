@@ -160,3 +160,10 @@ pub fn load_graph(path: &Path, sets: &[String], registry: &Registry) -> Result<R
     apply_params(path, &mut graph, &sets)?;
     Ok(validate(path, &graph, registry)?)
 }
+
+/// The persistent cache's default directory: `$DIFFLOOM_CACHE_DIR`, else `$XDG_CACHE_HOME/diffloom`,
+/// else `~/.cache/diffloom`; None when none of them is set.
+pub fn default_cache_dir() -> Option<PathBuf> {
+    let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    var("DIFFLOOM_CACHE_DIR").or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("diffloom"))).or_else(|| var("HOME").map(|h| h.join(".cache/diffloom")))
+}

@@ -215,3 +215,86 @@ fn an_observer_is_told_what_is_cached_what_runs_its_progress_and_its_images() {
     assert_eq!(events[0], "cached dec");
     assert_eq!(events[1], "executing save");
 }
+
+/// The ids `diffloom run` reported as `status` ("ran", "cached") in its per-node report.
+fn reported(stdout: &str, status: &str) -> Vec<String> {
+    let mut ids: Vec<String> = stdout
+        .lines()
+        .filter_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some(status)).then(|| words.next().map(str::to_owned)).flatten()
+        })
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// The persistent cache across processes: a second `diffloom run` re-executes only its output node
+/// (and still writes a new image), an edit re-runs what it changes (models are never stored, so the
+/// loader runs again when the sampler needs it), `--no-disk-cache` runs everything, damaged entries
+/// are reported and recomputed, and processes running at once share the directory.
+#[test]
+fn a_second_process_re_executes_only_what_changed() {
+    let d = Dir::new();
+    let graph = crate::util::repo().join("graphs/txt2img.ron");
+    let run = |extra: &[&str]| {
+        let mut args = vec!["run", graph.to_str().unwrap(), "-o", "out", "--set", "width=64", "--set", "height=64", "--set", "steps=2"];
+        args.extend_from_slice(extra);
+        let out = d.diffloom(&args);
+        assert!(out.status.success(), "{}", crate::util::stderr(&out));
+        crate::util::stdout(&out)
+    };
+    let first = run(&[]);
+    assert_eq!(reported(&first, "ran"), ["checkpoint", "decode", "latent", "negative", "positive", "sampler", "save"]);
+    let second = run(&[]);
+    assert_eq!(reported(&second, "ran"), ["save"], "{second}");
+    assert_eq!(reported(&second, "cached"), ["decode"], "only what the output node needs is read");
+    assert!(second.contains("from the disk cache"));
+    assert_eq!(d.files("out").len(), 2, "a fully cached run still saves its image");
+    assert_eq!(std::fs::read(d.join("out/txt2img_00001_.png")).unwrap().len(), std::fs::read(d.join("out/txt2img_00002_.png")).unwrap().len());
+
+    let edited = run(&["--set", "seed=7"]);
+    assert_eq!(reported(&edited, "ran"), ["checkpoint", "decode", "sampler", "save"], "{edited}");
+    assert_eq!(reported(&edited, "cached"), ["latent", "negative", "positive"]);
+    let memory_only = run(&["--no-disk-cache"]);
+    assert_eq!(reported(&memory_only, "ran").len(), 7);
+
+    // Damage every entry: reported, recomputed, the run succeeds.
+    let mut damaged = 0;
+    for sub in std::fs::read_dir(d.join(".cache/v1")).unwrap().flatten() {
+        for f in std::fs::read_dir(sub.path()).unwrap().flatten() {
+            let mut bytes = std::fs::read(f.path()).unwrap();
+            bytes.truncate(bytes.len() / 2);
+            std::fs::write(f.path(), bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged >= 5, "{damaged} entries");
+    let recovered = run(&[]);
+    assert!(recovered.contains("warning:") && recovered.contains("corrupt cache entry"), "{recovered}");
+    assert_eq!(reported(&run(&[]), "ran"), ["save"]);
+
+    // Three processes at once on one directory (another seed: nothing stored yet), and one after them.
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let (dir, graph) = (d.path().to_path_buf(), graph.clone());
+            std::thread::spawn(move || {
+                std::process::Command::new(env!("CARGO_BIN_EXE_diffloom"))
+                    .args(["run", graph.to_str().unwrap(), "-o", "out", "--set", "width=64", "--set", "height=64", "--set", "steps=2", "--set", "seed=123"])
+                    .current_dir(&dir)
+                    .env("DIFFLOOM_CACHE_DIR", dir.join(".cache"))
+                    .output()
+                    .unwrap()
+            })
+        })
+        .collect();
+    for h in handles {
+        let out = h.join().unwrap();
+        assert!(out.status.success(), "{}", crate::util::stderr(&out));
+        assert!(!crate::util::stdout(&out).contains("warning:"));
+    }
+    assert_eq!(reported(&run(&["--set", "seed=123"]), "ran"), ["save"]);
+    let names = d.files("out");
+    let unique: std::collections::BTreeSet<_> = names.iter().collect();
+    assert_eq!(unique.len(), names.len());
+}

@@ -50,7 +50,14 @@ impl Dir {
 
     /// `diffloom ARGS` run in this directory.
     pub fn diffloom(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_diffloom")).args(args).current_dir(self.path()).env_remove("DIFFLOOM_LOG").output().expect("run diffloom")
+        Command::new(env!("CARGO_BIN_EXE_diffloom"))
+            .args(args)
+            .current_dir(self.path())
+            .env_remove("DIFFLOOM_LOG")
+            // Each test directory has its own persistent cache, empty at first.
+            .env("DIFFLOOM_CACHE_DIR", self.join(".cache"))
+            .output()
+            .expect("run diffloom")
     }
 
     /// Sorted names of the files in `sub`.

@@ -39,6 +39,7 @@ impl Watch {
             .args(["watch", graph, "-o", "out", "--debounce-ms", "150"])
             .args(extra)
             .current_dir(d.path())
+            .env("DIFFLOOM_CACHE_DIR", d.join(".cache"))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -13,7 +13,7 @@ pub mod validate;
 pub mod value;
 
 pub use error::{GraphError, NodeError, RunError, ValidationError, ValidationErrors, ValidationKind};
-pub use exec::{Executor, NodeReport, NodeStatus, Observer, RunOptions, RunReport};
+pub use exec::{DiskCache, Executor, NodeReport, NodeStatus, Observer, RunOptions, RunReport};
 pub use graph::{GraphFile, ResolvedGraph};
 pub use node::{Args, Bool, Combo, Ctx, Float, InputKind, Int, Node, Schema, Str};
 pub use paths::{Folders, Locator};

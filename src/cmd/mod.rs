@@ -6,6 +6,7 @@ mod nodes;
 mod run;
 mod serve;
 mod show;
+mod sweep;
 mod validate;
 mod version;
 mod watch;
@@ -31,6 +32,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Watch { args, cache_mb, debounce_ms } => {
             let (file, set, settings) = run::Settings::from_args(args, cli.device)?;
             watch::watch(&file, &set, settings, cache_mb << 20, std::time::Duration::from_millis(debounce_ms))
+        }
+        Command::Sweep { args, grids, rows } => {
+            let (file, set, settings) = run::Settings::from_args(args, cli.device)?;
+            sweep::sweep(&file, &set, sweep::Sweep { grids, rows }, settings)
         }
         Command::Validate { file, set } => validate::validate(&file, &set),
         Command::Show { file, format, set } => show::show(&file, format, &set),

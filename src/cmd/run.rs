@@ -19,13 +19,16 @@ pub struct Settings {
     pub device: Option<String>,
     pub dtype: Option<tch::Kind>,
     pub folders: diffloom_core::Folders,
+    /// The persistent cache's directory and bound in bytes; None with `--no-disk-cache`.
+    pub disk_cache: Option<(PathBuf, u64)>,
 }
 
 impl Settings {
     /// Splits the command line's run arguments into the graph file, its `--set`s and the settings.
     pub fn from_args(args: crate::cli::RunArgs, device: Option<String>) -> Result<(PathBuf, Vec<String>, Settings)> {
         let folders = session::folders(&args.models, &args.extra_model_paths, args.embeddings.as_deref(), &args.input_dir)?;
-        let settings = Settings { output_dir: args.output_dir, device, dtype: args.dtype.map(|d| d.kind()), folders };
+        let disk_cache = if args.no_disk_cache { None } else { args.cache_dir.or_else(session::default_cache_dir).map(|d| (d, args.disk_cache_mb << 20)) };
+        let settings = Settings { output_dir: args.output_dir, device, dtype: args.dtype.map(|d| d.kind()), folders, disk_cache };
         Ok((args.file, args.set, settings))
     }
 }
@@ -36,6 +39,13 @@ pub fn run_options(settings: Settings) -> Result<RunOptions> {
     options.dtype = settings.dtype;
     options.image_texts = Some(diffloom_comfy::metadata::image_texts(settings.folders.clone()));
     options.folders = settings.folders;
+    if let Some((dir, limit)) = settings.disk_cache {
+        // A cache that cannot be opened costs speed, not the run: say so and go on without it.
+        match diffloom_core::DiskCache::open(&dir, limit) {
+            Ok(cache) => options.disk_cache = Some(Arc::new(cache)),
+            Err(e) => tracing::warn!("{}: cannot use the cache directory ({e}); results stay in memory", dir.display()),
+        }
+    }
     Ok(options)
 }
 

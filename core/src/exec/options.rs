@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tch::{Device, Kind};
 
+use crate::exec::disk::DiskCache;
 use crate::exec::observer::Observer;
 use crate::node::ImageTexts;
 use crate::paths::{Folders, Locator};
@@ -25,6 +26,9 @@ pub struct RunOptions {
     pub image_texts: Option<ImageTexts>,
     /// Told what happens as a run goes (the server's progress messages).
     pub observer: Option<std::sync::Arc<dyn Observer>>,
+    /// The persistent tier of the cache (`--cache-dir`), shared with other processes; None keeps
+    /// results in memory only.
+    pub disk_cache: Option<Arc<DiskCache>>,
 }
 
 impl RunOptions {
@@ -38,6 +42,7 @@ impl RunOptions {
             folders: Folders::default(),
             image_texts: None,
             observer: None,
+            disk_cache: None,
         }
     }
 

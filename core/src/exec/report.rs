@@ -42,6 +42,8 @@ pub struct RunReport {
     pub overhead: Duration,
     pub total: Duration,
     pub error: Option<RunError>,
+    /// Problems that did not stop the run (a corrupt disk-cache entry, recomputed; a full disk).
+    pub warnings: Vec<String>,
 }
 
 impl RunReport {
@@ -88,6 +90,9 @@ impl fmt::Display for RunReport {
             for m in &n.messages {
                 writeln!(f, "          {m}")?;
             }
+        }
+        for w in &self.warnings {
+            writeln!(f, "  warning: {w}")?;
         }
         let ran = self.nodes.iter().filter(|n| n.status == NodeStatus::Ran).count();
         write!(f, "{} nodes: {ran} ran, {} cached, {} in all", self.nodes.len(), self.cached().len(), format_duration(self.total))

@@ -55,6 +55,22 @@ impl Executor {
 
         // Then bottom-up: a node must run if an output needs it and its result is not cached. A cached
         // node's inputs are not needed at all, so its ancestors need not run either.
+        // The disk tier holds plain results of nodes whose keys are the same in every process: not
+        // output nodes (they must write their files), not never-cached nodes nor what depends on them
+        // (their keys hold this process's run number).
+        let disk = self.options.disk_cache.clone();
+        let salt = format!("{} {:?} {:?}", env!("CARGO_PKG_VERSION"), self.options.device, self.options.resolved_dtype());
+        let mut on_disk = vec![false; graph.nodes.len()];
+        for &i in &order {
+            let node = &graph.nodes[i];
+            let schema = &node.entry.schema;
+            on_disk[i] = disk.is_some()
+                && schema.cacheable
+                && !schema.output_node
+                && node.inputs.iter().all(|input| !matches!(input, ResolvedInput::Link { node: src, .. } if !on_disk[*src]));
+        }
+        let mut from_disk = vec![false; graph.nodes.len()];
+
         let mut values: Vec<Option<Vec<Value>>> = vec![None; graph.nodes.len()];
         let mut must_run = vec![false; graph.nodes.len()];
         let mut wanted = vec![false; graph.nodes.len()];
@@ -64,7 +80,22 @@ impl Executor {
             if !wanted[i] {
                 continue;
             }
-            match self.cache.get(&keys[i]) {
+            let mut cached = self.cache.get(&keys[i]);
+            if let (None, Some(d), true) = (&cached, &disk, on_disk[i]) {
+                match d.get(&keys[i], &salt) {
+                    Ok(Some(v)) => {
+                        self.cache.insert(keys[i], v.clone());
+                        from_disk[i] = true;
+                        cached = Some(v);
+                    }
+                    Ok(None) => {}
+                    Err(why) => {
+                        tracing::warn!("{why}");
+                        report.warnings.push(why);
+                    }
+                }
+            }
+            match cached {
                 Some(v) => values[i] = Some(v),
                 None => {
                     must_run[i] = true;
@@ -101,7 +132,11 @@ impl Executor {
             let node = &graph.nodes[i];
             let schema = &node.entry.schema;
             if !must_run[i] {
-                report.nodes.push(NodeReport::cached(&node.id, &schema.name));
+                let mut line = NodeReport::cached(&node.id, &schema.name);
+                if from_disk[i] {
+                    line.messages.push("from the disk cache".into());
+                }
+                report.nodes.push(line);
                 continue;
             }
             // An identical node earlier in this run (same key) has just produced this result.
@@ -151,6 +186,12 @@ impl Executor {
                 Ok(outputs) => {
                     if let Some(o) = &observer {
                         o.executed(&node.id, &ui);
+                    }
+                    if let (Some(d), true) = (&disk, on_disk[i]) {
+                        if let Err(why) = d.put(&keys[i], &salt, &outputs) {
+                            tracing::warn!("{why}");
+                            report.warnings.push(why);
+                        }
                     }
                     self.cache.insert(keys[i], outputs.clone());
                     values[i] = Some(outputs);
