@@ -69,7 +69,10 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "eps": (type: "Epsilon Scaling", inputs: {"model": Link("c", "MODEL"), "scaling_factor": 1.05}),
         "tsr": (type: "TemporalScoreRescaling", inputs: {"model": Link("c", "MODEL"), "tsr_k": 0.8}),
         "tsr_off": (type: "TemporalScoreRescaling", inputs: {"model": Link("c", "MODEL"), "tsr_k": 1.0}),
-        "tcfg": (type: "TCFG", inputs: {"model": Link("c", "MODEL")}),"#;
+        "tcfg": (type: "TCFG", inputs: {"model": Link("c", "MODEL")}),
+        "freeu2_neutral": (type: "FreeU_V2", inputs: {"model": Link("c", "MODEL"), "b1": 1.0, "b2": 1.0, "s1": 1.0, "s2": 1.0}),
+        "apg_neutral": (type: "APG", inputs: {"model": Link("c", "MODEL"), "eta": 1.0, "norm_threshold": 0.0, "momentum": 0.0}),
+        "eps_one": (type: "Epsilon Scaling", inputs: {"model": Link("c", "MODEL"), "scaling_factor": 1.0}),"#;
     let ids = [
         "c",
         "freeu",
@@ -97,6 +100,9 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
         "tsr",
         "tsr_off",
         "tcfg",
+        "freeu2_neutral",
+        "apg_neutral",
+        "eps_one",
     ];
     let models: Vec<(&str, &str)> =
         ids.iter().map(|id| (*id, if ["zero", "norm", "tsr", "tsr_off", "tcfg"].contains(id) { "patched_model" } else { "MODEL" })).collect();
@@ -125,6 +131,14 @@ fn hook_patches_change_sampling_stack_and_leave_the_base_untouched() {
     assert!(max_abs_diff(by("pag_freeu"), by("pag")) > 1e-3 && max_abs_diff(by("pag_freeu"), by("freeu")) > 1e-3);
     assert!(max_abs_diff(by("freeu_neutral"), base) < 1e-3, "{}", max_abs_diff(by("freeu_neutral"), base));
     assert!(max_abs_diff(by("rescale_neutral"), base) < 1e-3, "{}", max_abs_diff(by("rescale_neutral"), base));
+    // FreeU_V2 at 1 (the FFT's rounding only), Epsilon Scaling by 1.
+    for id in ["freeu2_neutral", "eps_one"] {
+        assert!(max_abs_diff(by(id), base) < 1e-3, "{id}: {}", max_abs_diff(by(id), base));
+    }
+    // APG keeping the whole guidance (eta 1, no norm threshold, no momentum) is plain CFG one scale up:
+    // ComfyUI's modified cond adds (cond − uncond) / cond_scale to uncond + guidance.
+    let cfg6 = sample_each(&Dir::new(), &ck, "", &[("c", "MODEL")], 6.0);
+    assert!(max_abs_diff(by("apg_neutral"), &cfg6[0]) < 1e-3, "{}", max_abs_diff(by("apg_neutral"), &cfg6[0]));
     // The base model is untouched: sampled alone, in a graph without any patch node, it gives the same.
     let alone = sample_each(&Dir::new(), &ck, "", &[("c", "MODEL")], 5.0);
     assert_eq!(max_abs_diff(&alone[0], base), 0.0);
