@@ -45,17 +45,11 @@ pub enum Command {
     },
     /// Render a graph once per parameter set: the product of the --grid values, times the --rows of a
     /// CSV file. Each job writes into OUTPUT/SWEEP-ID/JOB-INDEX/; a sweep run again skips finished jobs.
-    Sweep {
-        #[command(flatten)]
-        args: RunArgs,
-        /// A parameter and its values: seed=1..100 (both ends), cfg=4..8:0.5 (a step), sampler=euler,dpmpp_2m
-        /// (a list). Several grids multiply. Repeatable.
-        #[arg(long = "grid", value_name = "NAME=VALUES")]
-        grids: Vec<String>,
-        /// A CSV file: the header names parameters, each row is one job (combined with every grid point).
-        #[arg(long, value_name = "FILE")]
-        rows: Option<PathBuf>,
-    },
+    /// With --queue the jobs go on a Redis stream for `diffloom worker`s instead.
+    Sweep(SweepCmd),
+    /// Run sweep jobs from a Redis stream (see `sweep --queue`) until Ctrl-C: models stay loaded
+    /// between jobs; outputs go to OUTPUT/SWEEP-ID/JOB-INDEX/.
+    Worker(WorkerArgs),
     /// Check a graph without running it; prints every problem found.
     Validate {
         file: PathBuf,
@@ -217,4 +211,102 @@ pub enum ExportFormat {
 pub enum ShowFormat {
     Text,
     Dot,
+}
+
+/// `diffloom sweep`: a graph and its grids, or one of the subcommands for a queued sweep.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct SweepCmd {
+    #[command(subcommand)]
+    pub action: Option<SweepAction>,
+    #[command(flatten)]
+    pub args: Option<RunArgs>,
+    /// A parameter and its values: seed=1..100 (both ends), cfg=4..8:0.5 (a step), sampler=euler,dpmpp_2m
+    /// (a list). Several grids multiply. Repeatable.
+    #[arg(long = "grid", value_name = "NAME=VALUES")]
+    pub grids: Vec<String>,
+    /// A CSV file: the header names parameters, each row is one job (combined with every grid point).
+    #[arg(long, value_name = "FILE")]
+    pub rows: Option<PathBuf>,
+    /// Submit the jobs to this Redis stream (redis://[:PASSWORD@]HOST:PORT/STREAM, or rediss:// for
+    /// TLS) instead of running them; prints the sweep id.
+    #[arg(long, value_name = "URL")]
+    pub queue: Option<String>,
+    /// The consumer group the workers read in (created when missing).
+    #[arg(long, value_name = "NAME", default_value = diffloom_sweep::queue::DEFAULT_GROUP)]
+    pub group: String,
+}
+
+/// What is done to a queued sweep.
+#[derive(Subcommand, Debug)]
+pub enum SweepAction {
+    /// Done / running / pending / failed counts, per-worker throughput and the failures' errors.
+    Status {
+        /// The sweep id `sweep --queue` printed.
+        id: String,
+        #[arg(long, value_name = "URL", required = true)]
+        queue: String,
+        /// Show a progress bar until every job has ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Drop the sweep's jobs not yet taken; workers skip its remaining jobs and stop a running one.
+    Cancel {
+        id: String,
+        #[arg(long, value_name = "URL", required = true)]
+        queue: String,
+        #[arg(long, value_name = "NAME", default_value = diffloom_sweep::queue::DEFAULT_GROUP)]
+        group: String,
+    },
+}
+
+/// What `diffloom worker` takes.
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// The Redis stream to read jobs from: redis://[:PASSWORD@]HOST:PORT/STREAM (rediss:// for TLS).
+    #[arg(long, value_name = "URL")]
+    pub queue: String,
+    /// The consumer group to join (created when missing).
+    #[arg(long, value_name = "NAME", default_value = diffloom_sweep::queue::DEFAULT_GROUP)]
+    pub group: String,
+    /// This worker's consumer name, unique in the group (default: HOSTNAME-PID).
+    #[arg(long, value_name = "WORKER")]
+    pub name: Option<String>,
+    /// Directory the jobs' outputs go into (a shared mount when workers run on several machines).
+    #[arg(short, long, default_value = "output")]
+    pub output_dir: PathBuf,
+    /// Torch's intra-op threads (default: torch's choice, one per core).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// A job left pending this long by another worker (dead or stuck) is taken over, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub claim_timeout: f64,
+    /// Deliveries of a job beyond the first before it goes to the dead-letter stream instead.
+    #[arg(long, value_name = "N", default_value_t = 2)]
+    pub max_retries: usize,
+    /// Stop after this many jobs (for tests and batch machines).
+    #[arg(long, value_name = "N")]
+    pub max_jobs: Option<usize>,
+    /// Memory for cached results kept between jobs (models included), in MiB.
+    #[arg(long, default_value_t = 16384)]
+    pub cache_mb: usize,
+    /// Floating-point type of model weights (default: fp32 on the CPU, fp16 on CUDA).
+    #[arg(long, value_enum)]
+    pub dtype: Option<Dtype>,
+    /// A models directory in ComfyUI's layout. Repeatable; searched in order.
+    #[arg(long = "models", value_name = "DIR")]
+    pub models: Vec<PathBuf>,
+    #[arg(long = "extra-model-paths", value_name = "FILE")]
+    pub extra_model_paths: Vec<PathBuf>,
+    #[arg(long, value_name = "DIR")]
+    pub embeddings: Option<PathBuf>,
+    #[arg(long, value_name = "DIR", default_value = "input")]
+    pub input_dir: PathBuf,
+    /// The persistent result cache (see `run --cache-dir`).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    #[arg(long, conflicts_with = "cache_dir")]
+    pub no_disk_cache: bool,
+    #[arg(long, value_name = "MIB", default_value_t = 10240)]
+    pub disk_cache_mb: u64,
 }

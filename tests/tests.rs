@@ -23,6 +23,7 @@ mod models;
 mod parity;
 mod pickle;
 mod pipelines;
+mod queue;
 mod sampling;
 mod sd_nodes;
 mod server;

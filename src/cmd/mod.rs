@@ -10,6 +10,7 @@ mod sweep;
 mod validate;
 mod version;
 mod watch;
+mod worker;
 
 use std::process::ExitCode;
 
@@ -33,10 +34,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             let (file, set, settings) = run::Settings::from_args(args, cli.device)?;
             watch::watch(&file, &set, settings, cache_mb << 20, std::time::Duration::from_millis(debounce_ms))
         }
-        Command::Sweep { args, grids, rows } => {
-            let (file, set, settings) = run::Settings::from_args(args, cli.device)?;
-            sweep::sweep(&file, &set, sweep::Sweep { grids, rows }, settings)
-        }
+        Command::Sweep(cmd) => sweep::command(cmd, cli.device),
+        Command::Worker(args) => worker::worker(args, cli.device),
         Command::Validate { file, set } => validate::validate(&file, &set),
         Command::Show { file, format, set } => show::show(&file, format, &set),
         Command::Export { file, format, output, set, models, extra_model_paths } => {

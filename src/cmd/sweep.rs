@@ -2,20 +2,24 @@
 //! parameter set, in order, in one process (models loaded once, results shared through the cache).
 //! Each job writes into `<output>/<sweep id>/<job index>/`, published when it finishes; a sweep run
 //! again skips the jobs already done, and a failed job leaves its error in `<job index>.error` and
-//! does not stop the others.
+//! does not stop the others. With `--queue` the jobs go on a Redis stream for `diffloom worker`s
+//! instead (see `worker.rs` and `diffloom_sweep::queue`); `sweep status` and `sweep cancel` follow
+//! and stop a queued sweep.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use diffloom_core::graph::file;
 use diffloom_core::validate::{apply_params, validate};
 use diffloom_core::{Executor, Origin, Registry, ResolvedGraph};
+use diffloom_sweep::queue::{self, QueueUrl};
 use diffloom_sweep::{expand, grid, sweep_id, Grid, Job, Publish};
 
 use super::run::{install_ctrlc, run_options, Settings};
+use crate::cli::{SweepAction, SweepCmd};
 use crate::session;
 
 /// What `diffloom sweep` takes besides the run settings.
@@ -102,14 +106,31 @@ pub fn load_job(job: &Job, registry: &Registry) -> Result<ResolvedGraph> {
     validate(&path, &graph, registry).with_context(context)
 }
 
-pub fn sweep(path: &Path, sets: &[String], sweep: Sweep, settings: Settings) -> Result<ExitCode> {
-    let registry = session::registry();
-    let jobs = jobs(path, sets, &sweep, &registry)?;
-    // Every job is checked before any runs: a typo in one row fails now, not an hour in.
+/// `diffloom sweep …`: run locally, submit to a queue, or one of the queue subcommands.
+pub fn command(cmd: SweepCmd, device: Option<String>) -> Result<ExitCode> {
+    match cmd.action {
+        Some(SweepAction::Status { id, queue, wait }) => status(&id, &queue, wait),
+        Some(SweepAction::Cancel { id, queue, group }) => cancel(&id, &queue, &group),
+        None => {
+            let Some(args) = cmd.args else { bail!("sweep needs a graph file (or a subcommand: status, cancel)") };
+            let (file, set, settings) = Settings::from_args(args, device)?;
+            let sweep = Sweep { grids: cmd.grids, rows: cmd.rows };
+            match cmd.queue {
+                Some(url) => submit(&file, &set, sweep, &url, &cmd.group),
+                None => self::sweep(&file, &set, sweep, settings),
+            }
+        }
+    }
+}
+
+/// The sweep's jobs, each checked before any runs (a typo in one row fails now, not an hour in),
+/// with their graphs.
+fn checked_jobs(path: &Path, sets: &[String], sweep: &Sweep, registry: &Registry) -> Result<(Vec<Job>, Vec<ResolvedGraph>)> {
+    let jobs = jobs(path, sets, sweep, registry)?;
     let mut graphs = Vec::with_capacity(jobs.len());
     let mut problems = Vec::new();
     for job in &jobs {
-        match load_job(job, &registry).and_then(|g| check_plugins(job, &g).map(|_| g)) {
+        match load_job(job, registry).and_then(|g| check_plugins(job, &g).map(|_| g)) {
             Ok(g) => graphs.push(g),
             Err(e) => problems.push(format!("{e:#}")),
         }
@@ -117,6 +138,93 @@ pub fn sweep(path: &Path, sets: &[String], sweep: Sweep, settings: Settings) -> 
     if !problems.is_empty() {
         bail!("{} of {} jobs are invalid:\n{}", problems.len(), jobs.len(), problems.join("\n"));
     }
+    Ok((jobs, graphs))
+}
+
+/// `sweep GRAPH … --queue URL`: the checked jobs go on the stream; prints the sweep id.
+fn submit(path: &Path, sets: &[String], sweep: Sweep, url: &str, group: &str) -> Result<ExitCode> {
+    let registry = session::registry();
+    let (jobs, _) = checked_jobs(path, sets, &sweep, &registry)?;
+    let q = QueueUrl::parse(url)?;
+    let mut con = q.connect(Duration::from_secs(30))?;
+    let submitted = queue::submit(&mut con, &q, group, &jobs)?;
+    let id = &jobs[0].sweep;
+    println!("sweep {id}: {} jobs queued on {}", submitted.added, q.shown);
+    if submitted.done_before + submitted.queued_before > 0 {
+        println!("an earlier submission of this sweep did {} jobs and has {} queued still", submitted.done_before, submitted.queued_before);
+    }
+    println!("follow it with: diffloom sweep status {id} --queue URL --wait");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sweep status ID --queue URL [--wait]`.
+fn status(id: &str, url: &str, wait: bool) -> Result<ExitCode> {
+    let q = QueueUrl::parse(url)?;
+    let mut con = q.connect(Duration::from_secs(30))?;
+    let mut s = queue::status(&mut con, &q, id)?;
+    if wait && !s.finished() {
+        let bar = indicatif::ProgressBar::new(s.total as u64);
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{prefix} {bar:30} {pos}/{len} jobs  {msg}  ETA {eta}") {
+            bar.set_style(style);
+        }
+        bar.set_prefix(id.to_owned());
+        loop {
+            bar.set_position((s.done + s.failed + s.cancelled) as u64);
+            bar.set_message(format!("{} running, {} failed", s.running, s.failed));
+            if s.finished() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            // A lost connection (a Redis restart) is retried, not fatal, while waiting.
+            match queue::status(&mut con, &q, id) {
+                Ok(next) => s = next,
+                Err(e) if e.is_connection() => {
+                    std::thread::sleep(Duration::from_secs(1));
+                    if let Ok(c) = q.connect(Duration::from_secs(30)) {
+                        con = c;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        bar.finish_and_clear();
+    }
+    println!(
+        "sweep {id}: {} jobs: {} done, {} running, {} pending, {} failed, {} cancelled{}",
+        s.total,
+        s.done,
+        s.running,
+        s.pending,
+        s.failed,
+        s.cancelled,
+        if s.cancel_requested { " (cancel requested)" } else { "" }
+    );
+    if let Some((first, last)) = s.span_ms.filter(|(a, b)| b > a) {
+        let minutes = (last - first) as f64 / 60_000.0;
+        println!("overall: {:.1} jobs/min between the first and the last finished job", (s.done + s.failed) as f64 / minutes);
+    }
+    for (name, w) in &s.workers {
+        let rate = if w.secs > 0.0 { format!("{:.1} jobs/min", w.done as f64 * 60.0 / w.secs) } else { "-".into() };
+        println!("worker {name}: {} done, {} failed, {rate} ({:.1} s per job)", w.done, w.failed, if w.done > 0 { w.secs / w.done as f64 } else { 0.0 });
+    }
+    for (index, worker, error) in &s.failures {
+        println!("job {index} failed on {worker}: {error}");
+    }
+    Ok(if s.failed == 0 && (!wait || s.finished()) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// `sweep cancel ID --queue URL`.
+fn cancel(id: &str, url: &str, group: &str) -> Result<ExitCode> {
+    let q = QueueUrl::parse(url)?;
+    let mut con = q.connect(Duration::from_secs(30))?;
+    let dropped = queue::cancel(&mut con, &q, group, id)?;
+    println!("sweep {id}: cancelled; {dropped} queued jobs dropped (running jobs stop at their next step)");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn sweep(path: &Path, sets: &[String], sweep: Sweep, settings: Settings) -> Result<ExitCode> {
+    let registry = session::registry();
+    let (jobs, graphs) = checked_jobs(path, sets, &sweep, &registry)?;
     let root = settings.output_dir.clone();
     let options = run_options(settings)?;
     let cancel = options.cancel.clone();
