@@ -62,3 +62,19 @@ if [[ ! -x /usr/bin/chromium || ! -x /usr/bin/chromedriver ]]; then
         die "the browser test needs Debian's chromium and chromium-driver: install them (apt-get install chromium chromium-driver) and retry"
     fi
 fi
+
+# The queue tests (tests/queue.rs) start Debian's redis-server (Redis 7) on a loopback port.
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    echo "setup: installing Debian's redis-server (for the queue tests)"
+    apt=(apt-get install -y -q --no-install-recommends redis-server)
+    if [[ $(id -u) -eq 0 ]]; then
+        (DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null; }) \
+            || die "apt-get could not install redis-server"
+    elif command -v sudo >/dev/null; then
+        (sudo DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null || { sudo apt-get update -q >/dev/null && sudo DEBIAN_FRONTEND=noninteractive "${apt[@]}" >/dev/null; }) \
+            || die "apt-get could not install redis-server"
+    else
+        die "the queue tests need Debian's redis-server: install it (apt-get install redis-server) and retry"
+    fi
+    # Debian's package starts a system service on port 6379; the tests start their own servers.
+fi

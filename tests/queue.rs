@@ -16,7 +16,7 @@ struct Redis {
     child: Child,
     port: u16,
     password: Option<String>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Redis {
@@ -25,20 +25,38 @@ impl Redis {
         assert!(server.exists() || which("redis-server"), "redis-server is missing: run scripts/setup.sh (it installs Debian's redis-server)");
         let dir = tempfile::tempdir().expect("temp dir");
         let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().unwrap().port();
+        let child = Redis::spawn(port, password, dir.path());
+        let redis = Redis { child, port, password: password.map(str::to_owned), dir };
+        redis.wait_ready();
+        redis
+    }
+
+    fn spawn(port: u16, password: Option<&str>, dir: &Path) -> Child {
         let mut cmd = Command::new("redis-server");
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""]);
-        cmd.arg("--dir").arg(dir.path());
+        cmd.arg("--dir").arg(dir);
         if let Some(pw) = password {
             cmd.args(["--requirepass", pw]);
         }
-        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start redis-server");
-        let redis = Redis { child, port, password: password.map(str::to_owned), _dir: dir };
+        cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start redis-server")
+    }
+
+    fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while redis.cli(&["PING"]).trim() != "PONG" {
-            assert!(Instant::now() < deadline, "redis-server did not answer on port {port}");
+        while self.cli(&["PING"]).trim() != "PONG" {
+            assert!(Instant::now() < deadline, "redis-server did not answer on port {}", self.port);
             std::thread::sleep(Duration::from_millis(50));
         }
-        redis
+    }
+
+    /// Stops the server (SIGTERM: it writes its append-only file), waits `down`, starts it again on
+    /// the same port and folder.
+    fn restart(&mut self, down: Duration) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = Redis::spawn(self.port, self.password.as_deref(), self.dir.path());
+        self.wait_ready();
     }
 
     /// The queue URL for `stream`.
@@ -207,9 +225,9 @@ fn a_killed_workers_job_is_taken_over_and_slow_live_workers_keep_theirs() {
     let redis = Redis::start(None);
     let d = Dir::new();
     let url = redis.url("jobs");
-    // Jobs of about a second or more on one thread, longer than the claim timeout: only the
+    // Jobs of about 1.5 s on one thread, longer than the claim timeout: only the
     // heartbeat keeps a live worker's job from being taken over.
-    let id = submit(&d, &url, &["width=192", "height=192", "steps=12"], &["seed=1..4"]);
+    let id = submit(&d, &url, &["width=192", "height=192", "steps=30"], &["seed=1..4"]);
     let timeout = ["--claim-timeout", "0.4"];
     let a = worker(&d, &url, "a", &timeout);
     let b = worker(&d, &url, "b", &timeout);
@@ -346,4 +364,41 @@ fn status_counts_failures_and_cancel_drops_what_is_queued() {
     assert!(s.contains("5 jobs: 0 done, 0 running, 0 pending, 0 failed, 5 cancelled (cancel requested)"), "{s}");
     assert_eq!(redis.cli(&["XLEN", "jobs"]).trim(), "0");
     assert!(outputs(&d, &id2).is_empty());
+}
+
+#[test]
+fn jobs_delivered_too_often_are_dead_lettered_and_a_redis_restart_is_survived() {
+    let mut redis = Redis::start(None);
+    let d = Dir::new();
+    let url = redis.url("jobs");
+    // A consumer that takes a job and never finishes it (a worker that died at once).
+    let id = submit(&d, &url, &SMALL, &["seed=1..2"]);
+    let taken = redis.cli(&["XREADGROUP", "GROUP", "diffloom", "ghost", "COUNT", "1", "STREAMS", "jobs", ">"]);
+    assert!(taken.contains("\"index\"") || taken.contains("index"), "{taken}");
+    // No retries: the reclaimed job was delivered twice, once too often.
+    let out = finish(worker(&d, &url, "w", &["--max-retries", "0", "--claim-timeout", "0.3", "--max-jobs", "2"]), 60);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = status(&d, &url, &id, false);
+    assert!(s.contains("2 jobs: 1 done, 0 running, 0 pending, 1 failed"), "{s}\n{}", stdout(&out));
+    assert!(s.contains("job 0 failed on w: ") && s.contains("delivered 2 times without finishing"), "{s}");
+    let dead = redis.cli(&["XRANGE", "jobs:dead", "-", "+"]);
+    assert!(dead.contains("delivered 2 times") && dead.contains("deliveries\n2"), "{dead}");
+
+    // The server restarts mid-sweep: the worker reconnects and the sweep completes, each job once.
+    let id = submit(&d, &url, &["width=128", "height=128", "steps=8"], &["seed=1..8"]);
+    let w = worker(&d, &url, "r", &["--claim-timeout", "1"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = |s: &str| s.split(" jobs: ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+    while done(&status(&d, &url, &id, false)) < 2 {
+        assert!(Instant::now() < deadline, "no progress: {}", status(&d, &url, &id, false));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    redis.restart(Duration::from_millis(1500));
+    let s = wait_done(&d, &url, &id, 90);
+    let out = interrupt(w);
+    assert!(s.contains("8 jobs: 8 done, 0 running, 0 pending, 0 failed"), "{s}\n{}\n{}", stdout(&out), stderr(&out));
+    assert!(stderr(&out).contains("reconnected"), "{}", stderr(&out));
+    let jobs = outputs(&d, &id);
+    assert_eq!(jobs.len(), 8, "{jobs:?}");
+    assert!(jobs.iter().all(|(_, files)| files == &["txt2img_00001_.png"]), "{jobs:?}");
 }
