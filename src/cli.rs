@@ -180,6 +180,10 @@ pub struct RunArgs {
     /// Size bound of the persistent cache in MiB; the least recently used results go first.
     #[arg(long, value_name = "MIB", default_value_t = 10240)]
     pub disk_cache_mb: u64,
+    /// Memory one operation may use, in MiB: the VAE decodes in smaller batches, then in tiles, when
+    /// its estimated peak is larger (it also retries in tiles when the device runs out of memory).
+    #[arg(long, value_name = "MIB")]
+    pub max_memory: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

@@ -359,3 +359,95 @@ fn part_loaders_reassemble_the_checkpoint() {
     let e = crate::util::outputs(&d, &nodes, &[("t", "CLIP", 0)]).expect_err("sd3 is refused");
     assert!(e.contains("type") && e.contains("sd3"), "{e}");
 }
+
+/// A checkpoint's parts are read when a node first uses them: a graph without VAEDecode never reads the
+/// VAE, each part's load is reported under the node that needed it, and a broken part is an error
+/// naming the file and the node input that asked for it.
+#[test]
+fn checkpoint_parts_load_only_when_used() {
+    let d = Dir::new();
+    let ck = crate::util::tiny_sd1(&d, "m.safetensors");
+    let nodes = format!(
+        r#"(version: 1, nodes: {{
+        "c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+        "p": (type: "CLIPTextEncode", inputs: {{"text": "a fox", "clip": Link("c", "CLIP")}}),
+        "e": (type: "EmptyLatentImage", inputs: {{"width": 64, "height": 64}}),
+        "s": (type: "KSampler", inputs: {{"model": Link("c", "MODEL"), "steps": 2, "positive": Link("p", "CONDITIONING"), "negative": Link("p", "CONDITIONING"), "latent_image": Link("e", "LATENT")}}),
+        "o": (type: "PreviewAny", inputs: {{"source": Link("s", "LATENT")}})}})"#
+    );
+    let (mut ex, reg) = crate::util::executor(&d, 1 << 30);
+    let r = crate::util::run_graph(&mut ex, &reg, &d, &nodes, &[]);
+    assert!(r.error.is_none(), "{}", r.error.unwrap());
+    let said = |id: &str| r.nodes.iter().find(|n| n.id == id).map(|n| n.messages.join("\n")).unwrap_or_default();
+    assert!(said("c").contains("opened") && !said("c").contains("loaded"), "{}", said("c"));
+    assert!(said("p").contains("loaded the text encoder of m"), "{}", said("p"));
+    assert!(said("s").contains("loaded the UNet of m"), "{}", said("s"));
+    assert!(!r.to_string().contains("VAE"), "{r}");
+    let path = d.join("graph.ron");
+    let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
+    let resolved = diffloom_core::validate::validate(&path, &parsed, &reg).unwrap();
+    let Some(diffloom_core::Value::Vae(vae)) = ex.cached_output(&resolved, "c", 2) else { panic!("no VAE handle") };
+    assert!(!vae.is_loaded(), "the VAE was never read");
+    let Some(diffloom_core::Value::Model(model)) = ex.cached_output(&resolved, "c", 0) else { panic!("no MODEL handle") };
+    assert!(model.is_loaded());
+
+    // A VAE whose weights are damaged fails when VAEDecode asks for it, naming the file and the input.
+    let eager = edited(&d, "bad.safetensors", |tensors| tensors.retain(|(k, _)| k != "first_stage_model.decoder.conv_out.weight"));
+    assert!(eager.contains("decoder.conv_out.weight"), "{eager}");
+    let bad = d.join("bad.safetensors");
+    let graph = nodes.replace(&format!("{ck:?}"), &format!("{bad:?}")).replace(
+        r#""o": (type: "PreviewAny", inputs: {"source": Link("s", "LATENT")})"#,
+        r#""v": (type: "VAEDecode", inputs: {"samples": Link("s", "LATENT"), "vae": Link("c", "VAE")}), "o": (type: "PreviewAny", inputs: {"source": Link("v", "IMAGE")})"#,
+    );
+    let r = crate::util::run_graph(&mut ex, &reg, &d, &graph, &[]);
+    let err = r.error.expect("an error").to_string();
+    assert!(err.contains("node \"v\"") && err.contains("\"vae\"") && err.contains("bad.safetensors") && err.contains("decoder.conv_out.weight"), "{err}");
+}
+
+/// `--max-memory` (the per-thread budget): a VAE decode whose estimated peak does not fit runs in
+/// smaller batches, or in tiles when one image does not fit, saying so; the images are those of the
+/// whole decode (batches) or of ComfyUI's tiled fallback (tiles).
+#[test]
+fn vae_decode_keeps_to_the_memory_budget() {
+    use diffloom_core::Value;
+    let d = Dir::new();
+    let ck = crate::util::tiny_sd1(&d, "m.safetensors");
+    let graph = format!(
+        r#"(version: 1, nodes: {{
+        "c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+        "i": (type: "LoadImage", inputs: {{"image": "in.png"}}),
+        "e": (type: "VAEEncode", inputs: {{"pixels": Link("i", "IMAGE"), "vae": Link("c", "VAE")}}),
+        "n": (type: "RepeatLatentBatch", inputs: {{"samples": Link("e", "LATENT"), "amount": 3}}),
+        "v": (type: "VAEDecode", inputs: {{"samples": Link("n", "LATENT"), "vae": Link("c", "VAE")}}),
+        "t": (type: "VAEDecodeTiled", inputs: {{"samples": Link("n", "LATENT"), "vae": Link("c", "VAE"), "tile_size": 512, "overlap": 128}}),
+        "o": (type: "PreviewAny", inputs: {{"source": Link("v", "IMAGE")}}), "o2": (type: "PreviewAny", inputs: {{"source": Link("t", "IMAGE")}})}})"#
+    );
+    d.png("in.png", 128, 128, 3);
+    let decode = |budget: Option<u64>| {
+        diffloom_nodes::budget::set_max_memory(budget);
+        let (mut ex, reg) = crate::util::executor(&d, 1 << 30);
+        let r = crate::util::run_graph(&mut ex, &reg, &d, &graph, &[]);
+        diffloom_nodes::budget::set_max_memory(None);
+        assert!(r.error.is_none(), "{}", r.error.unwrap());
+        let said = r.nodes.iter().find(|n| n.id == "v").map(|n| n.messages.join("\n")).unwrap_or_default();
+        let path = d.join("graph.ron");
+        let (_, parsed) = diffloom_core::graph::file::read(&path).unwrap();
+        let resolved = diffloom_core::validate::validate(&path, &parsed, &reg).unwrap();
+        let mut image = |id: &str| match ex.cached_output(&resolved, id, 0) {
+            Some(Value::Image(t)) => t.0,
+            other => panic!("{other:?}"),
+        };
+        (said, image("v"), image("t"))
+    };
+    let per_item = 2178 * 16 * 16 * 64 * 4u64;
+    let (said, whole, tiled_node) = decode(None);
+    assert!(!said.contains("decoded"), "{said}");
+    let (said, batched, _) = decode(Some(per_item * 3 / 2));
+    assert!(said.contains("decoded 1 at a time"), "{said}");
+    assert!((&batched - &whole).abs().max().double_value(&[]) < 1e-5);
+    let (said, tiled, _) = decode(Some(per_item / 2));
+    assert!(said.contains("decoded in tiles"), "{said}");
+    // ComfyUI's fallback tiles are 64 latent pixels with 16 of overlap: VAEDecodeTiled's 512 and 128 pixels.
+    assert_eq!((&tiled - &tiled_node).abs().max().double_value(&[]), 0.0);
+    assert_eq!(tiled.size(), whole.size());
+}

@@ -547,6 +547,9 @@ impl Args {
         let Some(handle) = value.handle() else {
             return Err(NodeError::input(name, format!("expected a model or sampling object, got {}", value.value_type())));
         };
+        if let Some(why) = handle.load_error() {
+            return Err(NodeError::input(name, why.to_owned()));
+        }
         handle.downcast::<T>().ok_or_else(|| match handle.downcast::<MissingPart>() {
             Some(MissingPart(why)) => NodeError::input(name, why.clone()),
             None => NodeError::input(name, format!("{} cannot be used here", handle.label())),

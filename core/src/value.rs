@@ -238,28 +238,83 @@ pub enum Area {
 }
 
 /// A model-like object (checkpoint parts, samplers, upscalers) owned by the node crate that made it.
-/// The engine only needs to share it and to know roughly how much memory it holds.
+/// The engine only needs to share it and to know roughly how much memory it holds. A handle may be
+/// lazy ([`Handle::lazy`]): the object is made when a node first asks for it, so a checkpoint part no
+/// node uses is never read.
 #[derive(Clone)]
 pub struct Handle {
-    inner: Rc<dyn Any>,
+    inner: Inner,
     bytes: usize,
     label: String,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Ready(Rc<dyn Any>),
+    Lazy(Rc<Lazy>),
+}
+
+/// An object made on first use; a failure is kept and reported to every user.
+struct Lazy {
+    cell: std::cell::OnceCell<Result<Rc<dyn Any>, String>>,
+    make: std::cell::RefCell<Option<Box<dyn FnOnce() -> Result<Rc<dyn Any>, String>>>>,
+}
+
+impl Lazy {
+    fn get(&self) -> &Result<Rc<dyn Any>, String> {
+        self.cell.get_or_init(|| match self.make.borrow_mut().take() {
+            Some(make) => make(),
+            // invariant: only get_or_init takes the maker, and it runs once (not re-entrantly here).
+            None => Err("was being loaded when it was asked for again".into()),
+        })
+    }
 }
 
 impl Handle {
     /// Wraps `value`; `bytes` is its approximate size (for the cache bound), `label` what to print.
     pub fn new<T: Any>(value: T, bytes: usize, label: impl Into<String>) -> Handle {
-        Handle { inner: Rc::new(value), bytes, label: label.into() }
+        Handle { inner: Inner::Ready(Rc::new(value)), bytes, label: label.into() }
     }
 
-    /// The wrapped object, if it is a `T`.
+    /// A handle whose object `make` builds when it is first used (`bytes` is the estimate the cache
+    /// counts from the start). An error is reported, naming what failed, to each node that uses it.
+    pub fn lazy<T: Any>(make: impl FnOnce() -> Result<T, String> + 'static, bytes: usize, label: impl Into<String>) -> Handle {
+        let make: Box<dyn FnOnce() -> Result<Rc<dyn Any>, String>> = Box::new(move || make().map(|v| Rc::new(v) as Rc<dyn Any>));
+        let lazy = Lazy { cell: std::cell::OnceCell::new(), make: std::cell::RefCell::new(Some(make)) };
+        Handle { inner: Inner::Lazy(Rc::new(lazy)), bytes, label: label.into() }
+    }
+
+    /// The wrapped object, if it is a `T` (made now if the handle is lazy and it was not yet).
     pub fn downcast<T: Any>(&self) -> Option<&T> {
-        self.inner.downcast_ref::<T>()
+        match &self.inner {
+            Inner::Ready(v) => v.downcast_ref::<T>(),
+            Inner::Lazy(l) => l.get().as_ref().ok()?.downcast_ref::<T>(),
+        }
+    }
+
+    /// Why a lazy handle's object could not be made (it is made now if it was not yet).
+    pub fn load_error(&self) -> Option<&str> {
+        match &self.inner {
+            Inner::Ready(_) => None,
+            Inner::Lazy(l) => l.get().as_ref().err().map(String::as_str),
+        }
+    }
+
+    /// Whether the object exists: a lazy handle's maker has run.
+    pub fn is_loaded(&self) -> bool {
+        match &self.inner {
+            Inner::Ready(_) => true,
+            Inner::Lazy(l) => l.cell.get().is_some(),
+        }
     }
 
     /// Whether both handles wrap the very same object (ComfyUI compares such objects with `is`).
     pub fn same(&self, other: &Handle) -> bool {
-        Rc::ptr_eq(&self.inner, &other.inner)
+        match (&self.inner, &other.inner) {
+            (Inner::Ready(a), Inner::Ready(b)) => Rc::ptr_eq(a, b),
+            (Inner::Lazy(a), Inner::Lazy(b)) => Rc::ptr_eq(a, b),
+            _ => false,
+        }
     }
 
     /// What the object is, for reports.

@@ -1,6 +1,7 @@
 //! diffloom-nodes: the built-in nodes and what they need (image I/O, resampling; later the SD model
 //! stack and samplers).
 
+pub mod budget;
 pub mod builtin;
 pub mod checkpoint;
 pub mod control;

@@ -228,20 +228,63 @@ impl SdVae {
             return Err(NodeError::input("samples", format!("the latent has {c} channels, this VAE's have {}", self.model.config.embed_dim)));
         }
         let device = self.model.device();
+        // A libtorch failure (a device out of memory) becomes an error rather than a panic, so the
+        // whole-image decode can fall back to tiles.
         let mut dec = |z: &Tensor| -> Result<Tensor, NodeError> {
-            let z = z.to_device(device).to_kind(Kind::Float);
-            Ok(self.model.decode(&z).to_kind(Kind::Float).to_device(Device::Cpu))
+            let run = || self.model.decode(&z.to_device(device).to_kind(Kind::Float)).to_kind(Kind::Float).to_device(Device::Cpu);
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).map_err(|p| NodeError::Failed(diffloom_core::exec::run::panic_message(&p)))
+        };
+        let tiled = |dec: &mut dyn FnMut(&Tensor) -> Result<Tensor, NodeError>, t: i64, o: i64| -> Result<Tensor, NodeError> {
+            let f = VAE_FACTOR as f64;
+            Ok((tiled_scale(samples, dec, t * 2, t / 2, o, f, 3)?
+                + tiled_scale(samples, dec, t / 2, t * 2, o, f, 3)?
+                + tiled_scale(samples, dec, t, t, o, f, 3)?)
+                / 3.0)
         };
         let images = match tile {
-            None => dec(samples)?,
-            Some((t, o)) => {
-                let f = VAE_FACTOR as f64;
-                (tiled_scale(samples, &mut dec, t * 2, t / 2, o, f, 3)?
-                    + tiled_scale(samples, &mut dec, t / 2, t * 2, o, f, 3)?
-                    + tiled_scale(samples, &mut dec, t, t, o, f, 3)?)
-                    / 3.0
-            }
+            Some((t, o)) => tiled(&mut dec, t, o)?,
+            None => self.decode_within_budget(samples, &mut dec, &tiled)?,
         };
         Ok(((images + 1.0) / 2.0).clamp(0.0, 1.0).permute([0, 2, 3, 1]).contiguous())
+    }
+
+    /// Bytes ComfyUI reckons a decode of one latent of `h × w` takes at its peak (its
+    /// `memory_used_decode` for SD's VAE: 2178 · h · w · 64 · element size).
+    pub fn decode_peak_per_item(&self, h: i64, w: i64) -> u64 {
+        2178 * (h * w) as u64 * 64 * Kind::Float.elt_size_in_bytes() as u64
+    }
+
+    /// A whole-image decode that keeps to `--max-memory` as ComfyUI keeps to free memory: the batch in
+    /// chunks that fit, in tiles (64 latent pixels, overlap 16) when one item does not; and tiles again
+    /// when the device runs out of memory anyway.
+    fn decode_within_budget(
+        &self,
+        samples: &Tensor,
+        dec: &mut dyn FnMut(&Tensor) -> Result<Tensor, NodeError>,
+        tiled: &dyn Fn(&mut dyn FnMut(&Tensor) -> Result<Tensor, NodeError>, i64, i64) -> Result<Tensor, NodeError>,
+    ) -> Result<Tensor, NodeError> {
+        let s = samples.size();
+        let per_item = self.decode_peak_per_item(s[2], s[3]);
+        let note = |why: String| diffloom_core::exec::notes::note(why);
+        let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+        if let Some(budget) = crate::budget::max_memory() {
+            if per_item > budget {
+                note(format!("decoded in tiles: one image's decode takes about {}, over --max-memory {}", gib(per_item), gib(budget)));
+                return tiled(dec, 64, 16);
+            }
+            let fit = (budget / per_item).max(1) as i64;
+            if fit < s[0] {
+                note(format!("decoded {fit} at a time: {} images take about {}, over --max-memory {}", s[0], gib(per_item * s[0] as u64), gib(budget)));
+                let parts = samples.split(fit, 0).iter().map(&mut *dec).collect::<Result<Vec<_>, _>>()?;
+                return Ok(Tensor::cat(&parts, 0));
+            }
+        }
+        match dec(samples) {
+            Err(NodeError::Failed(why)) if crate::budget::is_out_of_memory(&why) => {
+                note("ran out of memory decoding the whole image; decoded in tiles instead (as ComfyUI retries)".into());
+                tiled(dec, 64, 16)
+            }
+            other => other,
+        }
     }
 }

@@ -21,6 +21,8 @@ pub struct Settings {
     pub folders: diffloom_core::Folders,
     /// The persistent cache's directory and bound in bytes; None with `--no-disk-cache`.
     pub disk_cache: Option<(PathBuf, u64)>,
+    /// `--max-memory` in bytes.
+    pub max_memory: Option<u64>,
 }
 
 impl Settings {
@@ -28,7 +30,14 @@ impl Settings {
     pub fn from_args(args: crate::cli::RunArgs, device: Option<String>) -> Result<(PathBuf, Vec<String>, Settings)> {
         let folders = session::folders(&args.models, &args.extra_model_paths, args.embeddings.as_deref(), &args.input_dir)?;
         let disk_cache = if args.no_disk_cache { None } else { args.cache_dir.or_else(session::default_cache_dir).map(|d| (d, args.disk_cache_mb << 20)) };
-        let settings = Settings { output_dir: args.output_dir, device, dtype: args.dtype.map(|d| d.kind()), folders, disk_cache };
+        let settings = Settings {
+            output_dir: args.output_dir,
+            device,
+            dtype: args.dtype.map(|d| d.kind()),
+            folders,
+            disk_cache,
+            max_memory: args.max_memory.map(|m| m << 20),
+        };
         Ok((args.file, args.set, settings))
     }
 }
@@ -39,6 +48,8 @@ pub fn run_options(settings: Settings) -> Result<RunOptions> {
     options.dtype = settings.dtype;
     options.image_texts = Some(diffloom_comfy::metadata::image_texts(settings.folders.clone()));
     options.folders = settings.folders;
+    // The executor runs graphs on this thread.
+    diffloom_nodes::budget::set_max_memory(settings.max_memory);
     if let Some((dir, limit)) = settings.disk_cache {
         // A cache that cannot be opened costs speed, not the run: say so and go on without it.
         match diffloom_core::DiskCache::open(&dir, limit) {

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod disk;
 pub mod key;
 pub mod lists;
+pub mod notes;
 pub mod observer;
 pub mod options;
 pub mod report;

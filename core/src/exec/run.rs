@@ -178,8 +178,10 @@ impl Executor {
                 progress: &progress,
                 registry: &graph.registry,
             };
+            crate::exec::notes::take();
             let result = execute_mapped(node, &mut cx, &values);
-            let messages = std::mem::take(&mut cx.messages);
+            let mut messages = std::mem::take(&mut cx.messages);
+            messages.extend(crate::exec::notes::take());
             let ui = std::mem::take(&mut cx.ui);
             let time = t0.elapsed();
             match result {

@@ -8,7 +8,7 @@ use diffloom_core::value::MissingPart;
 use diffloom_core::{Args, Combo, Ctx, Float, Handle, Locator, Node, NodeError, Schema, Str, Value, ValueType};
 
 use crate::checkpoint::control::load_control;
-use crate::checkpoint::load::{load_checkpoint, load_clip, load_unet, load_upscale_model, load_vae};
+use crate::checkpoint::load::{load_checkpoint, load_clip, load_unet, load_upscale_model, load_vae, CheckpointFile};
 use crate::checkpoint::vision::{load_clip_vision, load_style_model, load_unclip_vision, UNCLIP_VISION_PREFIX};
 use crate::control::ControlNetValue;
 use crate::lora::apply_lora;
@@ -128,6 +128,80 @@ impl Node for UnClipCheckpointLoader {
 /// MODEL, CLIP and VAE of the checkpoint (file or diffusers folder) at `path`; `prediction` overrides
 /// the detected one (CheckpointLoader's config file).
 fn checkpoint_values(cx: &mut Ctx, path: &Path, prediction: Option<crate::checkpoint::detect::Prediction>) -> Result<Vec<Value>, NodeError> {
+    if path.is_dir() {
+        return folder_values(cx, path, prediction);
+    }
+    // A single file is opened now (header, detection) and each part is read when a node first uses
+    // it: a graph without VAEDecode never reads the VAE, one whose conditioning is cached never reads
+    // the text encoder.
+    let file = Rc::new(CheckpointFile::open(path).map_err(|e| NodeError::Failed(e.to_string()))?);
+    let mut config = file.config.clone();
+    if let Some(p) = prediction {
+        config.prediction = p;
+    }
+    let (device, kind, name) = (cx.device, cx.dtype, file_label(path));
+    let (unet_bytes, clip_bytes, vae_bytes) = file.bytes_of_parts(kind);
+    cx.messages.push(format!(
+        "opened {} ({:?}, {:?}): {} of weights, each part read when first used",
+        path.display(),
+        config.family,
+        config.prediction,
+        gib((unet_bytes + clip_bytes + vae_bytes) as u64)
+    ));
+    let missing = |part: &str, keys: &str| Handle::new(MissingPart(format!("{} has no {part} ({keys})", path.display())), 0, format!("{name} (no {part})"));
+    // Builds a part and notes it in the report of the node that needed it.
+    fn timed<T>(what: String, load: impl FnOnce(&mut usize) -> Result<Option<T>, crate::checkpoint::LoadError>) -> Result<T, String> {
+        let started = std::time::Instant::now();
+        let mut bytes = 0;
+        let part = load(&mut bytes).map_err(|e| e.to_string())?.ok_or_else(|| format!("{what}: the part is missing"))?;
+        diffloom_core::exec::notes::note(format!(
+            "loaded {what} in {:.2} s: {}, peak resident memory {}",
+            started.elapsed().as_secs_f64(),
+            gib(bytes as u64),
+            peak_rss().map_or("unknown".into(), gib)
+        ));
+        Ok(part)
+    }
+    let model = if file.has_unet() {
+        let (f, label, family, sampling) = (file.clone(), name.clone(), config.family, config.prediction.into());
+        let what = format!("the UNet of {name}");
+        Handle::lazy(
+            move || {
+                let unet = timed(what, |b| f.unet(device, kind, b))?;
+                Ok(SdModel { unet, family, sampling, name: label, patches: Rc::default() })
+            },
+            unet_bytes,
+            name.clone(),
+        )
+    } else {
+        missing("UNet", "model.diffusion_model.*")
+    };
+    let clip = if file.has_clip() {
+        let (f, family) = (file.clone(), config.family);
+        let what = format!("the text encoder of {name}");
+        Handle::lazy(
+            move || {
+                let model = timed(what, |b| f.clip(device, kind, b))?;
+                Ok(SdClip { model, tokenizer: default_tokenizer()?, family, layer: None })
+            },
+            clip_bytes,
+            name.clone(),
+        )
+    } else {
+        missing("text encoder", "cond_stage_model.*")
+    };
+    let vae = if file.has_vae() {
+        let f = file.clone();
+        let what = format!("the VAE of {name}");
+        Handle::lazy(move || Ok(SdVae { model: timed(what, |b| f.vae(device, kind, b))? }), vae_bytes, name.clone())
+    } else {
+        missing("VAE", "first_stage_model.*; load one with VAELoader")
+    };
+    Ok(vec![Value::Model(model), Value::Clip(clip), Value::Vae(vae)])
+}
+
+/// MODEL, CLIP and VAE of a diffusers folder, loaded at once.
+fn folder_values(cx: &mut Ctx, path: &Path, prediction: Option<crate::checkpoint::detect::Prediction>) -> Result<Vec<Value>, NodeError> {
     let mut ck = load_checkpoint(path, cx.device, cx.dtype).map_err(|e| NodeError::Failed(e.to_string()))?;
     if let Some(p) = prediction {
         ck.config.prediction = p;

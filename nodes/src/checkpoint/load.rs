@@ -54,37 +54,81 @@ pub fn load_checkpoint(path: &Path, device: Device, kind: Kind) -> Result<Checkp
         });
     }
     let started = Instant::now();
-    let file = Rc::new(SafetensorsFile::open(path)?);
-    let shapes = shapes(&file);
-    let mut config = detect::detect(path, &shapes, &file.metadata)?;
-    if config.family == detect::Family::Sd2 && config.prediction == Prediction::Eps && !file.metadata.contains_key(detect::CONFIG_METADATA_KEY) {
-        if let Ok(bias) = file.load(detect::SD2_V_PROBE, Device::Cpu, Some(Kind::Float)) {
-            config.prediction = detect::sd2_prediction(bias.std(false).double_value(&[]));
-        }
-    }
+    let file = CheckpointFile::open(path)?;
     let mut bytes = 0;
-    let unet = match &config.unet {
-        Some(c) => {
-            let w = Weights::from_prefix(file.clone(), detect::UNET_PREFIX, device, kind);
-            Some(build(w, |p| Unet::new(p, c.clone()), &mut bytes)?)
+    let unet = file.unet(device, kind, &mut bytes)?;
+    let clip = file.clip(device, kind, &mut bytes)?;
+    let vae = file.vae(device, kind, &mut bytes)?;
+    Ok(Checkpoint { config: file.config, unet, clip, vae, bytes, load_time: started.elapsed(), tokenizer_dir: None })
+}
+
+/// A single-file checkpoint opened (memory-mapped) and recognised, its parts not yet read: each is
+/// built when asked for, so a graph that needs no VAE never reads the VAE's weights.
+pub struct CheckpointFile {
+    file: Rc<SafetensorsFile>,
+    shapes: Shapes,
+    pub config: ModelConfig,
+}
+
+impl CheckpointFile {
+    /// Opens `path` and detects its family, parts and prediction type from the header.
+    pub fn open(path: &Path) -> Result<CheckpointFile, LoadError> {
+        let file = Rc::new(SafetensorsFile::open(path)?);
+        let shapes = shapes(&file);
+        let mut config = detect::detect(path, &shapes, &file.metadata)?;
+        if config.family == detect::Family::Sd2 && config.prediction == Prediction::Eps && !file.metadata.contains_key(detect::CONFIG_METADATA_KEY) {
+            if let Ok(bias) = file.load(detect::SD2_V_PROBE, Device::Cpu, Some(Kind::Float)) {
+                config.prediction = detect::sd2_prediction(bias.std(false).double_value(&[]));
+            }
         }
-        None => None,
-    };
-    let clip = match (&config.clip, detect::clip_root(&shapes)) {
-        (Some(c), Some((_, root))) => {
-            let w = Weights::from_prefix(file.clone(), &root, device, kind);
-            Some(build(w, |p| ClipTextModel::new(p, c.clone()), &mut bytes)?)
-        }
-        _ => None,
-    };
-    let vae = match &config.vae {
-        Some(c) => {
-            let w = Weights::from_prefix(file.clone(), detect::VAE_PREFIX, device, kind);
-            Some(build(w, |p| AutoencoderKl::new(p, c.clone()), &mut bytes)?)
-        }
-        None => None,
-    };
-    Ok(Checkpoint { config, unet, clip, vae, bytes, load_time: started.elapsed(), tokenizer_dir: None })
+        Ok(CheckpointFile { file, shapes, config })
+    }
+
+    /// The text encoder's key prefix, when the file has one.
+    fn clip_root(&self) -> Option<String> {
+        self.config.clip.as_ref().and(detect::clip_root(&self.shapes)).map(|(_, root)| root)
+    }
+
+    /// Bytes the tensors under `prefix` take in `kind` (what loading them will hold).
+    pub fn part_bytes(&self, prefix: &str, kind: Kind) -> usize {
+        self.shapes.iter().filter(|(k, _)| k.starts_with(prefix)).map(|(_, s)| s.iter().product::<i64>().max(0) as usize * kind.elt_size_in_bytes()).sum()
+    }
+
+    /// Bytes of the UNet, text encoder and VAE in `kind`, for parts the file has.
+    pub fn bytes_of_parts(&self, kind: Kind) -> (usize, usize, usize) {
+        let clip = self.clip_root().map_or(0, |root| self.part_bytes(&root, kind));
+        (self.part_bytes(detect::UNET_PREFIX, kind), clip, self.part_bytes(detect::VAE_PREFIX, kind))
+    }
+
+    pub fn has_unet(&self) -> bool {
+        self.config.unet.is_some()
+    }
+
+    pub fn has_clip(&self) -> bool {
+        self.clip_root().is_some()
+    }
+
+    pub fn has_vae(&self) -> bool {
+        self.config.vae.is_some()
+    }
+
+    pub fn unet(&self, device: Device, kind: Kind, bytes: &mut usize) -> Result<Option<Loaded<Unet>>, LoadError> {
+        let Some(c) = &self.config.unet else { return Ok(None) };
+        let w = Weights::from_prefix(self.file.clone(), detect::UNET_PREFIX, device, kind);
+        Ok(Some(build(w, |p| Unet::new(p, c.clone()), bytes)?))
+    }
+
+    pub fn clip(&self, device: Device, kind: Kind, bytes: &mut usize) -> Result<Option<Loaded<ClipTextModel>>, LoadError> {
+        let (Some(c), Some(root)) = (&self.config.clip, self.clip_root()) else { return Ok(None) };
+        let w = Weights::from_prefix(self.file.clone(), &root, device, kind);
+        Ok(Some(build(w, |p| ClipTextModel::new(p, c.clone()), bytes)?))
+    }
+
+    pub fn vae(&self, device: Device, kind: Kind, bytes: &mut usize) -> Result<Option<Loaded<AutoencoderKl>>, LoadError> {
+        let Some(c) = &self.config.vae else { return Ok(None) };
+        let w = Weights::from_prefix(self.file.clone(), detect::VAE_PREFIX, device, kind);
+        Ok(Some(build(w, |p| AutoencoderKl::new(p, c.clone()), bytes)?))
+    }
 }
 
 /// Loads a standalone VAE file: keys with or without the `first_stage_model.` prefix.
