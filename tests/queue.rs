@@ -16,24 +16,40 @@ struct Redis {
     child: Child,
     port: u16,
     password: Option<String>,
+    /// TLS only (`rediss://`), with a certificate for localhost signed by `dir/ca.crt`.
+    tls: bool,
     dir: tempfile::TempDir,
 }
 
 impl Redis {
     fn start(password: Option<&str>) -> Redis {
+        Redis::start_with(password, false)
+    }
+
+    fn start_with(password: Option<&str>, tls: bool) -> Redis {
         let server = Path::new("/usr/bin/redis-server");
         assert!(server.exists() || which("redis-server"), "redis-server is missing: run scripts/setup.sh (it installs Debian's redis-server)");
         let dir = tempfile::tempdir().expect("temp dir");
+        if tls {
+            make_certificates(dir.path());
+        }
         let port = TcpListener::bind("127.0.0.1:0").expect("a free port").local_addr().unwrap().port();
-        let child = Redis::spawn(port, password, dir.path());
-        let redis = Redis { child, port, password: password.map(str::to_owned), dir };
+        let child = Redis::spawn(port, password, tls, dir.path());
+        let redis = Redis { child, port, password: password.map(str::to_owned), tls, dir };
         redis.wait_ready();
         redis
     }
 
-    fn spawn(port: u16, password: Option<&str>, dir: &Path) -> Child {
+    fn spawn(port: u16, password: Option<&str>, tls: bool, dir: &Path) -> Child {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""]);
+        if tls {
+            cmd.args(["--port", "0", "--tls-port", &port.to_string(), "--tls-auth-clients", "no"]);
+            cmd.arg("--tls-cert-file").arg(dir.join("server.crt")).arg("--tls-key-file").arg(dir.join("server.key"));
+            cmd.arg("--tls-ca-cert-file").arg(dir.join("ca.crt"));
+        } else {
+            cmd.args(["--port", &port.to_string()]);
+        }
+        cmd.args(["--bind", "127.0.0.1", "--appendonly", "yes", "--save", ""]);
         cmd.arg("--dir").arg(dir);
         if let Some(pw) = password {
             cmd.args(["--requirepass", pw]);
@@ -55,16 +71,17 @@ impl Redis {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         let _ = self.child.wait();
         std::thread::sleep(down);
-        self.child = Redis::spawn(self.port, self.password.as_deref(), self.dir.path());
+        self.child = Redis::spawn(self.port, self.password.as_deref(), self.tls, self.dir.path());
         self.wait_ready();
     }
 
     /// The queue URL for `stream`.
     fn url(&self, stream: &str) -> String {
+        let (scheme, host) = if self.tls { ("rediss", "localhost") } else { ("redis", "127.0.0.1") };
         match &self.password {
             // A URL percent-encodes the password's special characters.
-            Some(pw) => format!("redis://:{}@127.0.0.1:{}/{stream}", pw.replace('#', "%23"), self.port),
-            None => format!("redis://127.0.0.1:{}/{stream}", self.port),
+            Some(pw) => format!("{scheme}://:{}@{host}:{}/{stream}", pw.replace('#', "%23"), self.port),
+            None => format!("{scheme}://{host}:{}/{stream}", self.port),
         }
     }
 
@@ -74,6 +91,9 @@ impl Redis {
         cmd.args(["-p", &self.port.to_string()]);
         if let Some(pw) = &self.password {
             cmd.args(["--no-auth-warning", "-a", pw]);
+        }
+        if self.tls {
+            cmd.arg("--tls").arg("--cacert").arg(self.dir.path().join("ca.crt"));
         }
         let out = cmd.args(args).output().expect("run redis-cli");
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -85,6 +105,35 @@ impl Drop for Redis {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A test CA (`ca.crt`) and a certificate for localhost and 127.0.0.1 signed by it (`server.crt`,
+/// `server.key`) in `dir`, made with openssl.
+fn make_certificates(dir: &Path) {
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl (Debian's openssl package)");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=diffloom test CA"]);
+    openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost"]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.crt",
+        "-days",
+        "2",
+        "-extfile",
+        "san.ext",
+    ]);
 }
 
 fn which(name: &str) -> bool {
@@ -401,4 +450,34 @@ fn jobs_delivered_too_often_are_dead_lettered_and_a_redis_restart_is_survived() 
     let jobs = outputs(&d, &id);
     assert_eq!(jobs.len(), 8, "{jobs:?}");
     assert!(jobs.iter().all(|(_, files)| files == &["txt2img_00001_.png"]), "{jobs:?}");
+}
+
+#[test]
+fn a_tls_server_with_a_password_works_with_a_private_ca() {
+    let redis = Redis::start_with(Some("pw"), true);
+    let d = Dir::new();
+    let url = redis.url("jobs");
+    assert!(url.starts_with("rediss://:pw@localhost:"), "{url}");
+    let ca = redis.dir.path().join("ca.crt");
+    let diffloom = |args: &[&str], ca: Option<&Path>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_diffloom"));
+        cmd.args(args).current_dir(d.path()).env_remove("DIFFLOOM_LOG").env("DIFFLOOM_CACHE_DIR", d.join(".cache"));
+        match ca {
+            Some(ca) => cmd.env("DIFFLOOM_REDIS_CA", ca),
+            None => cmd.env_remove("DIFFLOOM_REDIS_CA"),
+        };
+        cmd.output().expect("run diffloom")
+    };
+    // The test CA is no public root: refused without it.
+    let refused = diffloom(&["sweep", "status", "s000000000000", "--queue", &url], None);
+    assert!(!refused.status.success() && stderr(&refused).contains("certificate"), "{}", stderr(&refused));
+    let g = graph();
+    let sub = diffloom(&["sweep", &g, "--queue", &url, "--set", "width=64", "--set", "height=64", "--set", "steps=2", "--grid", "seed=1..2"], Some(&ca));
+    assert!(sub.status.success(), "{}", stderr(&sub));
+    let id = stdout(&sub).split_whitespace().nth(1).unwrap().trim_end_matches(':').to_owned();
+    let out = diffloom(&["worker", "--queue", &url, "--name", "t", "-o", "out", "--threads", "1", "--max-jobs", "2"], Some(&ca));
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let s = diffloom(&["sweep", "status", &id, "--queue", &url], Some(&ca));
+    assert!(stdout(&s).contains("2 jobs: 2 done, 0 running, 0 pending, 0 failed"), "{}{}", stdout(&s), stderr(&s));
+    assert_eq!(outputs(&d, &id).len(), 2);
 }

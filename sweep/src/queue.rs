@@ -22,6 +22,7 @@
 //! run twice writes its files once ([`crate::Publish`]).
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamPendingCountReply, StreamReadOptions, StreamReadReply};
@@ -35,6 +36,10 @@ use crate::Job;
 /// The entry format's version (field `v`); a worker dead-letters entries of another version.
 pub const VERSION: &str = "1";
 
+/// The environment variable naming a PEM file of CA certificates that `rediss://` servers' certificates
+/// are checked against (instead of the public roots).
+pub const CA_VAR: &str = "DIFFLOOM_REDIS_CA";
+
 /// The consumer group workers join unless `--group` names another.
 pub const DEFAULT_GROUP: &str = "diffloom";
 
@@ -44,9 +49,10 @@ pub enum QueueError {
     /// The `--queue` argument is not `redis[s]://[user:password@]HOST[:PORT]/STREAM`.
     #[error("--queue {url:?}: {reason} (expected redis://HOST:PORT/STREAM or rediss://…)")]
     Url { url: String, reason: &'static str },
-    /// The server refused or failed a command, or could not be reached.
-    #[error("{url}: {source}")]
-    Redis { url: String, source: redis::RedisError },
+    /// The server refused or failed a command, or could not be reached. (`cause` is part of the
+    /// message, not a `source`, so that it is printed once.)
+    #[error("{url}: {cause}")]
+    Redis { url: String, cause: redis::RedisError },
     /// `sweep status` or `cancel` of an id the queue does not know.
     #[error("{url}: no sweep {id} on this queue")]
     NoSweep { url: String, id: String },
@@ -57,7 +63,7 @@ impl QueueError {
     /// help, unlike a refused command.
     pub fn is_connection(&self) -> bool {
         match self {
-            QueueError::Redis { source, .. } => source.is_io_error() || source.is_connection_dropped() || source.is_connection_refusal() || source.is_timeout(),
+            QueueError::Redis { cause, .. } => cause.is_io_error() || cause.is_connection_dropped() || cause.is_connection_refusal() || cause.is_timeout(),
             _ => false,
         }
     }
@@ -92,6 +98,9 @@ impl QueueUrl {
         if authority.rsplit('@').next().unwrap_or("").is_empty() {
             return Err(bad("no host"));
         }
+        if stream.contains('#') {
+            return Err(bad("URL fragments such as #insecure are not supported; name a private CA with DIFFLOOM_REDIS_CA"));
+        }
         if stream.is_empty() || stream.contains(char::is_whitespace) {
             return Err(bad("no stream name after the host"));
         }
@@ -103,9 +112,25 @@ impl QueueUrl {
         Ok(QueueUrl { client, stream: stream.to_owned(), shown: mask(url) })
     }
 
-    /// Opens a connection (5 s to connect; reads wait at most `read_timeout`).
+    /// Opens a connection (5 s to connect; reads wait at most `read_timeout`). A `rediss://` server's
+    /// certificate is checked against the web's public roots (webpki-roots), or against the PEM
+    /// certificates in the file `$DIFFLOOM_REDIS_CA` names (a private CA) when it is set.
     pub fn connect(&self, read_timeout: Duration) -> Result<Connection, QueueError> {
-        let client = redis::Client::open(self.client.as_str()).map_err(|e| self.err(e))?;
+        let ca = std::env::var_os(CA_VAR).filter(|_| self.client.starts_with("rediss://"));
+        if self.client.starts_with("rediss://") {
+            // rustls needs its cryptography chosen once per process (ring, built without C++ or cmake);
+            // an error means one was installed already.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = match ca {
+            Some(file) => {
+                let pem = std::fs::read(&file)
+                    .map_err(|e| self.err(redis::RedisError::from(std::io::Error::new(e.kind(), format!("{CA_VAR}={}: {e}", Path::new(&file).display())))))?;
+                redis::Client::build_with_tls(self.client.as_str(), redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+            }
+            None => redis::Client::open(self.client.as_str()),
+        }
+        .map_err(|e| self.err(e))?;
         let con = client.get_connection_with_timeout(Duration::from_secs(5)).map_err(|e| self.err(e))?;
         con.set_read_timeout(Some(read_timeout)).map_err(|e| self.err(e))?;
         con.set_write_timeout(Some(Duration::from_secs(10))).map_err(|e| self.err(e))?;
@@ -113,8 +138,8 @@ impl QueueUrl {
     }
 
     /// A Redis error, naming this queue.
-    pub fn err(&self, source: redis::RedisError) -> QueueError {
-        QueueError::Redis { url: self.shown.clone(), source }
+    pub fn err(&self, cause: redis::RedisError) -> QueueError {
+        QueueError::Redis { url: self.shown.clone(), cause }
     }
 
     /// The dead-letter stream.
@@ -535,6 +560,8 @@ mod tests {
             let e = QueueUrl::parse(bad).unwrap_err().to_string();
             assert!(e.contains("expected redis://HOST:PORT/STREAM"), "{bad}: {e}");
         }
+        let e = QueueUrl::parse("rediss://host/jobs#insecure").unwrap_err().to_string();
+        assert!(e.contains("DIFFLOOM_REDIS_CA"), "{e}");
         let e = QueueUrl::parse("redis://user:pw@host/").unwrap_err().to_string();
         assert!(!e.contains(":pw@"), "{e}");
     }
