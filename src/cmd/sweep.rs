@@ -203,9 +203,9 @@ fn status(id: &str, url: &str, wait: bool) -> Result<ExitCode> {
         let minutes = (last - first) as f64 / 60_000.0;
         println!("overall: {:.1} jobs/min between the first and the last finished job", (s.done + s.failed) as f64 / minutes);
     }
-    for (name, w) in &s.workers {
+    for (name, w) in s.workers.iter().filter(|(_, w)| w.done + w.failed > 0) {
         let rate = if w.secs > 0.0 { format!("{:.1} jobs/min", w.done as f64 * 60.0 / w.secs) } else { "-".into() };
-        println!("worker {name}: {} done, {} failed, {rate} ({:.1} s per job)", w.done, w.failed, if w.done > 0 { w.secs / w.done as f64 } else { 0.0 });
+        println!("worker {name}: {} done, {} failed, {rate} ({:.3} s per job)", w.done, w.failed, if w.done > 0 { w.secs / w.done as f64 } else { 0.0 });
     }
     for (index, worker, error) in &s.failures {
         println!("job {index} failed on {worker}: {error}");

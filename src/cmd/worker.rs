@@ -61,7 +61,6 @@ pub fn worker(args: WorkerArgs, device: Option<String>) -> Result<ExitCode> {
     queue::ensure_group(&mut con, &q, &args.group)?;
     if let Some(warning) = queue::persistence_warning(&mut con) {
         tracing::warn!("{}: {warning}", q.shown);
-        eprintln!("warning: {}: {warning}", q.shown);
     }
 
     let quit = Arc::new(AtomicBool::new(false));
@@ -76,6 +75,8 @@ pub fn worker(args: WorkerArgs, device: Option<String>) -> Result<ExitCode> {
         match w.step(&mut con, &mut executor) {
             Ok(true) => jobs += 1,
             Ok(false) => {}
+            // Ctrl-C interrupts a blocking read (EINTR): that is the stop, not a lost connection.
+            Err(_) if quit.load(Ordering::SeqCst) => break,
             Err(e) if e.is_connection() => {
                 eprintln!("worker {}: lost the queue ({e}); reconnecting", w.name);
                 con = loop {
@@ -144,6 +145,7 @@ struct Worker {
 impl Worker {
     /// Takes one entry (a dead worker's first, else a new one) and ends it; false when none came.
     fn step(&mut self, con: &mut Connection, executor: &mut Executor) -> Result<bool, QueueError> {
+        let asked = Instant::now();
         let entry = match queue::reclaim(con, &self.q, &self.group, &self.name, self.claim_timeout)? {
             Some(e) => {
                 println!("worker {}: took over entry {} (delivery {})", self.name, e.id, e.deliveries);
@@ -154,7 +156,7 @@ impl Worker {
                 None => return Ok(false),
             },
         };
-        self.handle(con, executor, entry)?;
+        self.handle(con, executor, entry, asked.elapsed())?;
         Ok(true)
     }
 
@@ -163,7 +165,10 @@ impl Worker {
         queue::dead_letter(con, &self.q, &self.group, entry, &self.name, error)
     }
 
-    fn handle(&mut self, con: &mut Connection, executor: &mut Executor, entry: Entry) -> Result<(), QueueError> {
+    /// Ends one entry. `fetched`: the time taken to get it (the queue's share of the job, with
+    /// the commands around the run, reported on the job's line).
+    fn handle(&mut self, con: &mut Connection, executor: &mut Executor, entry: Entry, fetched: Duration) -> Result<(), QueueError> {
+        let asked = Instant::now();
         let job = match entry.job() {
             Ok(job) => job,
             Err(e) => return self.dead(con, &entry, &e),
@@ -177,10 +182,12 @@ impl Worker {
             let error = format!("{label}: delivered {} times without finishing (the workers that took it died or hung)", entry.deliveries);
             return self.dead(con, &entry, &error);
         }
+        let validating = Instant::now();
         let graph = match load_job(&job, &self.registry).and_then(|g| check_plugins(&job, &g).map(|_| g)) {
             Ok(g) => g,
             Err(e) => return self.dead(con, &entry, &format!("{e:#}")),
         };
+        let validation = validating.elapsed();
         let publish = match Publish::begin(&self.root, &job) {
             Ok(Some(p)) => p,
             Ok(None) => {
@@ -194,6 +201,8 @@ impl Worker {
             }
         };
         queue::mark_running(con, &self.q, &job, &self.name)?;
+        // Without the graph's validation, which a local sweep does too.
+        let queue_time = fetched + asked.elapsed().saturating_sub(validation);
         executor.options.output_dir = publish.dir().to_path_buf();
         self.stop.store(STOP_NONE, Ordering::SeqCst);
         self.cancel.store(false, Ordering::SeqCst);
@@ -205,8 +214,11 @@ impl Worker {
         match report.error {
             None => match publish.commit() {
                 Ok(_) => {
-                    println!("worker {}: {label}: done in {secs:.2} s", self.name);
-                    queue::finish(con, &self.q, &self.group, &entry, &job, &Outcome::new("done", &self.name, secs, None), true)
+                    let finishing = Instant::now();
+                    queue::finish(con, &self.q, &self.group, &entry, &job, &Outcome::new("done", &self.name, secs, None), true)?;
+                    let queue_ms = (queue_time + finishing.elapsed()).as_secs_f64() * 1000.0;
+                    println!("worker {}: {label}: done in {secs:.2} s (queue {queue_ms:.1} ms)", self.name);
+                    Ok(())
                 }
                 Err(e) => self.dead(con, &entry, &format!("{}: cannot publish {label}: {e}", self.root.display())),
             },
