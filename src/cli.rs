@@ -288,6 +288,10 @@ pub struct WorkerArgs {
     /// Deliveries of a job beyond the first before it goes to the dead-letter stream instead.
     #[arg(long, value_name = "N", default_value_t = 2)]
     pub max_retries: usize,
+    /// Jobs from people you do not trust: file names in their graphs must resolve inside this worker's
+    /// models and input folders (no absolute paths, no `..`, no paths beside the submitter's graph).
+    #[arg(long)]
+    pub confine: bool,
     /// Stop after this many jobs (for tests and batch machines).
     #[arg(long, value_name = "N")]
     pub max_jobs: Option<usize>,

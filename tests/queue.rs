@@ -403,6 +403,24 @@ fn status_counts_failures_and_cancel_drops_what_is_queued() {
     let waited = d.diffloom(&["sweep", "status", &id, "--queue", &url, "--wait"]);
     assert_eq!(waited.status.code(), Some(1), "a sweep with failures ends in failure");
 
+    // A confined worker takes model names inside its folders, and refuses paths outside them.
+    std::fs::create_dir_all(d.join("models/checkpoints")).unwrap();
+    std::fs::copy(&tiny, d.join("models/checkpoints/tiny.safetensors")).unwrap();
+    d.write("names.csv", format!("ckpt\ntiny.safetensors\n{}\n", tiny.display()));
+    let names = d.join("names.csv");
+    let mut args = vec!["sweep", g.as_str(), "--queue", &url, "--rows", names.to_str().unwrap()];
+    for s in SMALL {
+        args.extend(["--set", s]);
+    }
+    let sub = d.diffloom(&args);
+    assert!(sub.status.success(), "{}", stderr(&sub));
+    let id = stdout(&sub).split_whitespace().nth(1).unwrap().trim_end_matches(':').to_owned();
+    let out = finish(worker(&d, &url, "c", &["--max-jobs", "2", "--confine", "--models", "models"]), 60);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let s = status(&d, &url, &id, false);
+    assert!(s.contains("2 jobs: 1 done, 0 running, 0 pending, 1 failed"), "{s}\n{}", stdout(&out));
+    assert!(s.contains("job 1 failed on c: ") && s.contains("not found; searched"), "{s}");
+
     // Cancel: queued jobs are dropped, a worker started afterwards runs none of them.
     let id2 = submit(&d, &url, &SMALL, &["seed=10..14"]);
     let s = status(&d, &url, &id2, false);
@@ -480,4 +498,45 @@ fn a_tls_server_with_a_password_works_with_a_private_ca() {
     let s = diffloom(&["sweep", "status", &id, "--queue", &url], Some(&ca));
     assert!(stdout(&s).contains("2 jobs: 2 done, 0 running, 0 pending, 0 failed"), "{}{}", stdout(&s), stderr(&s));
     assert_eq!(outputs(&d, &id).len(), 2);
+}
+
+#[test]
+fn a_second_ctrl_c_gives_the_job_back_and_cancel_stops_a_running_job() {
+    let redis = Redis::start(None);
+    let d = Dir::new();
+    let url = redis.url("jobs");
+    // Jobs of many seconds: both stops come mid-job.
+    let id = submit(&d, &url, &["width=256", "height=256", "steps=200"], &["seed=1..2"]);
+    let running = || redis.cli(&["HLEN", &format!("jobs:sweep:{id}:running")]).trim() == "1";
+    let wait_running = || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !running() {
+            assert!(Instant::now() < deadline, "no job started");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let w = worker(&d, &url, "w1", &["--claim-timeout", "1"]);
+    wait_running();
+    let pid = w.id().to_string();
+    let _ = Command::new("kill").args(["-INT", &pid]).status();
+    std::thread::sleep(Duration::from_millis(300));
+    let out = interrupt(w);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("given back to the queue"), "{}\n{}", stdout(&out), stderr(&out));
+    let s = status(&d, &url, &id, false);
+    assert!(s.contains("2 jobs: 0 done, 0 running, 2 pending"), "{s}");
+    assert_eq!(redis.cli(&["XLEN", "jobs"]).trim(), "2");
+    assert!(redis.cli(&["XPENDING", "jobs", "diffloom"]).starts_with('0'), "nothing is left pending");
+
+    let w = worker(&d, &url, "w2", &["--claim-timeout", "1"]);
+    wait_running();
+    let cancel = d.diffloom(&["sweep", "cancel", &id, "--queue", &url]);
+    assert!(stdout(&cancel).contains("1 queued jobs dropped"), "{}{}", stdout(&cancel), stderr(&cancel));
+    let s = wait_done(&d, &url, &id, 30);
+    let out = interrupt(w);
+    assert!(s.contains("2 jobs: 0 done, 0 running, 0 pending, 0 failed, 2 cancelled"), "{s}");
+    assert!(stdout(&out).contains("stopped, the sweep was cancelled"), "{}", stdout(&out));
+    assert!(outputs(&d, &id).is_empty());
+    assert_eq!(redis.cli(&["XLEN", "jobs"]).trim(), "0");
 }

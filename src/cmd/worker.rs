@@ -47,6 +47,7 @@ pub fn worker(args: WorkerArgs, device: Option<String>) -> Result<ExitCode> {
     options.dtype = args.dtype.map(|d| d.kind());
     options.image_texts = Some(diffloom_comfy::metadata::image_texts(folders.clone()));
     options.folders = folders;
+    options.folders.confined = args.confine;
     if let Some(dir) = if args.no_disk_cache { None } else { args.cache_dir.clone().or_else(session::default_cache_dir) } {
         match diffloom_core::DiskCache::open(&dir, args.disk_cache_mb << 20) {
             Ok(cache) => options.disk_cache = Some(Arc::new(cache)),
