@@ -317,4 +317,7 @@ pub struct WorkerArgs {
     pub no_disk_cache: bool,
     #[arg(long, value_name = "MIB", default_value_t = 10240)]
     pub disk_cache_mb: u64,
+    /// Memory one operation may use, in MiB (see `run --max-memory`).
+    #[arg(long, value_name = "MIB")]
+    pub max_memory: Option<u64>,
 }

@@ -15,10 +15,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use diffloom_core::{Executor, NodeError, Registry, RunOptions};
+use diffloom_core::{Executor, NodeError, Registry};
 use diffloom_sweep::queue::{self, Connection, Entry, Outcome, QueueError, QueueUrl};
 use diffloom_sweep::Publish;
 
+use super::run::{run_options, Settings};
 use super::sweep::{check_plugins, load_job};
 use crate::cli::WorkerArgs;
 use crate::session;
@@ -42,18 +43,12 @@ pub fn worker(args: WorkerArgs, device: Option<String>) -> Result<ExitCode> {
     }
     let folders = session::folders(&args.models, &args.extra_model_paths, args.embeddings.as_deref(), &args.input_dir)?;
     let root = args.output_dir.clone();
-    // As `run_options` builds them for `run`.
-    let mut options = RunOptions::new(session::device(device.as_deref())?, root.clone());
-    options.dtype = args.dtype.map(|d| d.kind());
-    options.image_texts = Some(diffloom_comfy::metadata::image_texts(folders.clone()));
-    options.folders = folders;
+    let disk_cache = if args.no_disk_cache { None } else { args.cache_dir.clone().or_else(session::default_cache_dir).map(|d| (d, args.disk_cache_mb << 20)) };
+    let settings =
+        Settings { output_dir: root.clone(), device, dtype: args.dtype.map(|d| d.kind()), folders, disk_cache, max_memory: args.max_memory.map(|m| m << 20) };
+    // As `run` sets them up (the memory budget is this thread's, which runs every job).
+    let mut options = run_options(settings)?;
     options.folders.confined = args.confine;
-    if let Some(dir) = if args.no_disk_cache { None } else { args.cache_dir.clone().or_else(session::default_cache_dir) } {
-        match diffloom_core::DiskCache::open(&dir, args.disk_cache_mb << 20) {
-            Ok(cache) => options.disk_cache = Some(Arc::new(cache)),
-            Err(e) => tracing::warn!("{}: cannot use the cache directory ({e}); results stay in memory", dir.display()),
-        }
-    }
     let cancel = options.cancel.clone();
     let mut executor = Executor::new(options, args.cache_mb << 20);
     let registry = session::registry();
