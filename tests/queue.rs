@@ -431,6 +431,11 @@ fn status_counts_failures_and_cancel_drops_what_is_queued() {
     assert!(s.contains("5 jobs: 0 done, 0 running, 0 pending, 0 failed, 5 cancelled (cancel requested)"), "{s}");
     assert_eq!(redis.cli(&["XLEN", "jobs"]).trim(), "0");
     assert!(outputs(&d, &id2).is_empty());
+
+    // A server that would lose the queue on a restart is warned about.
+    redis.cli(&["CONFIG", "SET", "appendonly", "no"]);
+    let out = finish(worker(&d, &url, "p", &["--max-jobs", "0"]), 30);
+    assert!(out.status.success() && stderr(&out).contains("no persistence"), "{}", stderr(&out));
 }
 
 #[test]
