@@ -17,6 +17,10 @@ case "${1:-}" in
         cargo build --release --locked --quiet --bin make-test-models
         target/release/make-test-models models/bench --full-sd1
         cargo bench --locked --bench sampling ;;
+    coldstart)
+        cargo build --release --locked --quiet --bin make-test-models
+        target/release/make-test-models models/bench --full-sd1
+        cargo bench --locked --bench coldstart ;;
     controlnet)
         cargo build --release --locked --quiet --bin make-test-models
         target/release/make-test-models models/bench --full-sd1
@@ -25,5 +29,5 @@ case "${1:-}" in
     lua) cargo bench --locked --bench lua ;;
     upscale) cargo bench --locked --bench upscale ;;
     serve) cargo bench --locked --bench serve ;;
-    *) echo "usage: scripts/bench.sh executor|models|sampling|controlnet|watch|lua|upscale|serve" >&2; exit 2 ;;
+    *) echo "usage: scripts/bench.sh executor|models|coldstart|sampling|controlnet|watch|lua|upscale|serve" >&2; exit 2 ;;
 esac

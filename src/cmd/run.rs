@@ -48,6 +48,10 @@ pub fn run_options(settings: Settings) -> Result<RunOptions> {
     options.dtype = settings.dtype;
     options.image_texts = Some(diffloom_comfy::metadata::image_texts(settings.folders.clone()));
     options.folders = settings.folders;
+    // Convolution algorithms chosen by timing them once per shape (the shapes of a run repeat).
+    if options.device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(true);
+    }
     // The executor runs graphs on this thread.
     diffloom_nodes::budget::set_max_memory(settings.max_memory);
     if let Some((dir, limit)) = settings.disk_cache {
@@ -68,6 +72,9 @@ pub fn run(file: &Path, sets: &[String], settings: Settings) -> Result<ExitCode>
     let mut executor = Executor::new(options, CACHE_LIMIT);
     let report = executor.run(&graph);
     println!("{report}");
+    if let Some(peak) = diffloom_nodes::builtin::loaders::peak_rss() {
+        println!("peak resident memory {:.2} GiB", peak as f64 / (1u64 << 30) as f64);
+    }
     match report.error {
         None => Ok(ExitCode::SUCCESS),
         Some(e) => Err(e.into()),
