@@ -127,6 +127,13 @@ pub enum Command {
         /// auto (TAESD when vae_approx holds its decoder, else latent2rgb).
         #[arg(long, default_value = "none", value_parser = ["none", "auto", "latent2rgb", "taesd"])]
         preview_method: String,
+        /// Run the prompts on the workers of this queue (`diffloom worker --queue URL`), relaying their
+        /// progress and images back, instead of here: redis[s]://[:PASSWORD@]HOST:PORT/STREAM.
+        #[arg(long, value_name = "URL")]
+        queue: Option<String>,
+        /// The workers' consumer group, with --queue.
+        #[arg(long, default_value = diffloom_sweep::queue::DEFAULT_GROUP, requires = "queue")]
+        group: String,
     },
     /// List the available node types with their inputs and outputs.
     Nodes {

@@ -94,6 +94,7 @@ fn the_comfyui_frontend_opens_queues_and_shows_a_graph_run_by_diffloom() {
         }),
         max_body: 100 << 20,
         preview_method: "none".to_owned(),
+        queue: None,
     };
     for dir in ["input", "output"] {
         std::fs::create_dir_all(d.join(dir)).unwrap();

@@ -323,20 +323,20 @@ fn redelivered_jobs_are_not_written_twice_and_bad_entries_are_dead_lettered() {
 
     // Poison entries before a good sweep: each is dead-lettered with its error, and the worker goes on.
     let id = submit(&d, &url, &SMALL, &["seed=1..3"]);
-    redis.cli(&["XADD", "q", "*", "v", "1", "sweep", &id, "index", "9", "job", "{not json"]);
-    redis.cli(&["XADD", "q", "*", "v", "2", "job", "{}"]);
+    redis.cli(&["XADD", "q", "*", "v", "2", "sweep", &id, "index", "9", "job", "{not json"]);
+    redis.cli(&["XADD", "q", "*", "v", "9", "job", "{}"]);
     redis.cli(&["XADD", "q", "*", "hello", "world"]);
     let job = serde_json::json!({
         "sweep": id, "index": 1, "total": 3, "graph": "(nodes: {\"x\": (type: \"NoSuchNode\")})",
         "graph_name": "bad.ron", "graph_dir": ".", "sets": [], "plugins": {},
     });
-    redis.cli(&["XADD", "q", "*", "v", "1", "sweep", &id, "index", "1", "job", &job.to_string()]);
+    redis.cli(&["XADD", "q", "*", "v", "2", "sweep", &id, "index", "1", "job", &job.to_string()]);
     let plugin = serde_json::json!({
         "sweep": id, "index": 2, "total": 3, "graph": std::fs::read_to_string(graph()).unwrap(),
         "graph_name": "txt2img.ron", "graph_dir": repo().join("graphs"), "sets": [["width", "64"], ["height", "64"], ["steps", "2"]],
         "plugins": {"mine.lua": "0000"},
     });
-    redis.cli(&["XADD", "q", "*", "v", "1", "sweep", &id, "index", "2", "job", &plugin.to_string()]);
+    redis.cli(&["XADD", "q", "*", "v", "2", "sweep", &id, "index", "2", "job", &plugin.to_string()]);
     let w = worker(&d, &url, "w", &["--max-jobs", "8"]);
     let s = wait_done(&d, &url, &id, 60);
     let out = finish(w, 30);
@@ -344,7 +344,7 @@ fn redelivered_jobs_are_not_written_twice_and_bad_entries_are_dead_lettered() {
     assert!(stdout(&out).contains("stopped after 8 jobs"), "{}", stdout(&out));
     let dead = redis.cli(&["XRANGE", "q:dead", "-", "+"]);
     assert_eq!(redis.cli(&["XLEN", "q:dead"]).trim(), "5", "{dead}");
-    for error in ["not valid JSON", "format version \"2\"", "no field \"v\"", "NoSuchNode", "plugin mine.lua is not loaded here"] {
+    for error in ["not valid JSON", "format version \"9\"", "no field \"v\"", "NoSuchNode", "plugin mine.lua is not loaded here"] {
         assert!(dead.contains(error), "{error}: {dead}");
     }
     // The bad copies of jobs 1 and 2 came after the good ones had run: a done job stays done.
@@ -544,4 +544,150 @@ fn a_second_ctrl_c_gives_the_job_back_and_cancel_stops_a_running_job() {
     assert!(stdout(&out).contains("stopped, the sweep was cancelled"), "{}", stdout(&out));
     assert!(outputs(&d, &id).is_empty());
     assert_eq!(redis.cli(&["XLEN", "jobs"]).trim(), "0");
+}
+
+/// `diffloom serve --queue URL` on a free loopback port in `d` (outputs in `served/`); its address.
+fn serve_on_queue(d: &Dir, url: &str) -> (Child, String) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_diffloom"))
+        .args(["serve", "--port", "0", "--queue", url, "--models", "models", "-o", "served", "--graphs", "."])
+        .current_dir(d.path())
+        .env_remove("DIFFLOOM_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start diffloom serve");
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("serve ended before it listened").unwrap();
+        if let Some(a) = line.strip_prefix("diffloom serve: http://") {
+            break a.to_owned();
+        }
+    };
+    // Keep reading its log so that it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, addr)
+}
+
+#[test]
+fn a_served_prompt_runs_on_a_worker_and_its_progress_and_image_come_back() {
+    use crate::server::{api_prompt, messages_and_frames, messages_until};
+    use serde_json::{json, Value};
+    let d = Dir::new();
+    std::fs::create_dir_all(d.join("models/checkpoints/SD1.5")).unwrap();
+    crate::util::tiny_sd1(&d, "models/checkpoints/SD1.5/tiny-sd1.safetensors");
+    std::fs::create_dir_all(d.join("empty")).unwrap();
+    let redis = Redis::start(None);
+    let url = redis.url("q");
+    let w = worker(&d, &url, "w1", &["--models", "models", "--claim-timeout", "2", "--no-disk-cache"]);
+    let (mut server, addr) = serve_on_queue(&d, &url);
+    let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let post = |path: &str, body: Value| {
+        let mut r = http.post(&format!("http://{addr}{path}")).header("Content-Type", "application/json").send(body.to_string()).unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default())
+    };
+    let get_json = |path: &str| -> Value {
+        serde_json::from_str(&http.get(&format!("http://{addr}{path}")).call().unwrap().body_mut().read_to_string().unwrap()).unwrap()
+    };
+    let (mut ws, _) = tungstenite::connect(format!("ws://{addr}/ws?clientId=canvas")).unwrap();
+    messages_until(&mut ws, "status");
+    ws.send(tungstenite::Message::Text(json!({"type": "feature_flags", "data": {"supports_preview_metadata": true}}).to_string().into())).unwrap();
+    messages_until(&mut ws, "feature_flags");
+
+    // The prompt runs on the worker; the canvas sees what a local run shows: start, progress with a
+    // live preview per step, each node, and the image, served here from the bytes the worker sent.
+    let (status, body) = post("/prompt", json!({"prompt": api_prompt(), "client_id": "canvas", "extra_data": {"preview_method": "latent2rgb"}}));
+    assert_eq!(status, 200, "{body}");
+    let id = serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned();
+    let mut frames = Vec::new();
+    let events = messages_and_frames(&mut ws, "execution_success", &mut frames);
+    assert_eq!(frames.len(), 4, "one preview per step");
+    let kinds: Vec<&str> = events.iter().map(|(k, _)| k.as_str()).filter(|k| !matches!(*k, "status" | "progress_state" | "binary")).collect();
+    assert_eq!(kinds[..2], ["execution_start", "execution_cached"], "{kinds:?}");
+    let executing: Vec<&str> = events.iter().filter(|(k, _)| k == "executing").map(|(_, d)| d["node"].as_str().unwrap()).collect();
+    assert_eq!(executing, ["4", "5", "6", "7", "3", "8", "9"]);
+    let progress: Vec<u64> = events.iter().filter(|(k, _)| k == "progress").map(|(_, d)| d["value"].as_u64().unwrap()).collect();
+    assert_eq!(progress, [1, 2, 3, 4]);
+    let executed = &events.iter().find(|(k, _)| k == "executed").unwrap().1;
+    assert_eq!((executed["node"].as_str(), executed["prompt_id"].as_str()), (Some("9"), Some(id.as_str())));
+    let image = &executed["output"]["images"][0];
+    let (name, sub) = (image["filename"].as_str().unwrap(), image["subfolder"].as_str().unwrap());
+    let (sweep, job) = sub.split_once('/').unwrap();
+    assert!(sweep.starts_with('p') && job == "00000", "{sub}");
+    let mut r = http.get(&format!("http://{addr}/view?filename={name}&subfolder={sub}&type=output")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let served = r.body_mut().read_to_vec().unwrap();
+    // The worker's own copy, and a plain run of the same workflow, are the same image.
+    assert_eq!(served, std::fs::read(d.join(&format!("out/{sub}/{name}"))).unwrap());
+    d.write("api.json", api_prompt().to_string());
+    let o = d.diffloom(&["run", "api.json", "--models", "models", "-o", "cli"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(image::load_from_memory(&served).unwrap().to_rgb8().into_raw(), pixels(&d.join("cli/wf_00001_.png")));
+    let history = get_json(&format!("/history/{id}"));
+    assert_eq!(history[&id]["status"]["status_str"], "success");
+    assert_eq!(history[&id]["outputs"]["9"]["images"][0]["subfolder"], sub);
+    // The events stream is gone once read to its end.
+    assert_eq!(redis.cli(&["EXISTS", &format!("q:sweep:{sweep}:events")]).trim(), "0");
+
+    // Interrupt reaches the worker: a long prompt stops at its next step.
+    let mut long = api_prompt();
+    long["3"]["inputs"]["steps"] = json!(400);
+    let (status, body) = post("/prompt", json!({"prompt": long, "client_id": "canvas"}));
+    assert_eq!(status, 200, "{body}");
+    let long_id = serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned();
+    messages_until(&mut ws, "progress");
+    assert_eq!(get_json("/queue")["queue_running"][0][1], long_id.as_str());
+    post("/interrupt", json!({}));
+    let events = messages_until(&mut ws, "execution_interrupted");
+    let stopped = &events.last().unwrap().1;
+    assert_eq!((stopped["prompt_id"].as_str(), stopped["node_id"].as_str()), (Some(long_id.as_str()), Some("3")));
+    let last = events.iter().rfind(|(k, _)| k == "progress").unwrap().1["value"].as_u64().unwrap();
+    assert!(last < 400, "stopped after {last} of 400 steps");
+    assert_eq!(get_json(&format!("/history/{long_id}"))[&long_id]["status"]["status_str"], "error");
+
+    // With no worker, a prompt waits on the queue; deleting it drops it there too, without a trace.
+    let out = interrupt(w);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (_, body) = post("/prompt", json!({"prompt": api_prompt(), "client_id": "canvas"}));
+    let waiting = serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while redis.cli(&["XLEN", "q"]).trim() != "1" {
+        assert!(Instant::now() < deadline, "the prompt did not reach the queue");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(get_json("/queue")["queue_pending"][0][1], waiting.as_str());
+    post("/queue", json!({"delete": [waiting]}));
+    assert_eq!(redis.cli(&["XLEN", "q"]).trim(), "0");
+    assert_eq!(get_json("/queue"), json!({"queue_running": [], "queue_pending": []}));
+    assert_eq!(get_json(&format!("/history/{waiting}")), json!({}));
+
+    // A worker without the checkpoint refuses the job; the canvas gets the error naming it.
+    let w2 = worker(&d, &url, "w2", &["--models", "empty", "--no-disk-cache"]);
+    let (_, body) = post("/prompt", json!({"prompt": api_prompt(), "client_id": "canvas"}));
+    let failing = serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned();
+    let events = messages_until(&mut ws, "execution_error");
+    let error = &events.last().unwrap().1;
+    assert_eq!(error["prompt_id"], failing.as_str());
+    assert!(error["exception_message"].as_str().unwrap().contains("tiny-sd1.safetensors"), "{error}");
+    assert_eq!(get_json(&format!("/history/{failing}"))[&failing]["status"]["status_str"], "error");
+    assert_eq!(redis.cli(&["XLEN", "q:dead"]).trim(), "1");
+    interrupt(w2);
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn jobs_sharing_a_checkpoint_are_queued_together() {
+    let d = Dir::new();
+    let redis = Redis::start(None);
+    let url = redis.url("q");
+    let model = repo().join("models/test/tiny-sd1.safetensors");
+    std::fs::copy(&model, d.join("other.safetensors")).unwrap();
+    let ckpts = format!("ckpt={},{}", model.display(), d.join("other.safetensors").display());
+    // seed varies slowest: jobs 0, 2, 4 use the first checkpoint, 1, 3, 5 the second.
+    submit(&d, &url, &SMALL, &["seed=1..3", &ckpts]);
+    let listing = redis.cli(&["XRANGE", "q", "-", "+"]);
+    let lines: Vec<&str> = listing.lines().collect();
+    let order: Vec<&str> = lines.windows(2).filter(|w| w[0] == "index").map(|w| w[1]).collect();
+    assert_eq!(order, ["0", "2", "4", "1", "3", "5"]);
 }

@@ -45,6 +45,7 @@ impl Server {
             registry: Arc::new(diffloom_nodes::registry),
             max_body: 1 << 20,
             preview_method: "none".to_owned(),
+            queue: None,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
@@ -88,11 +89,11 @@ impl Server {
 
 /// Text messages until one of type `until` (inclusive), as (type, data); binary frames (previews) are
 /// listed as ("binary", their length).
-fn messages_until(ws: &mut WebSocket<MaybeTlsStream<TcpStream>>, until: &str) -> Vec<(String, Value)> {
+pub(crate) fn messages_until(ws: &mut WebSocket<MaybeTlsStream<TcpStream>>, until: &str) -> Vec<(String, Value)> {
     messages_and_frames(ws, until, &mut Vec::new())
 }
 
-fn messages_and_frames(ws: &mut WebSocket<MaybeTlsStream<TcpStream>>, until: &str, frames: &mut Vec<Vec<u8>>) -> Vec<(String, Value)> {
+pub(crate) fn messages_and_frames(ws: &mut WebSocket<MaybeTlsStream<TcpStream>>, until: &str, frames: &mut Vec<Vec<u8>>) -> Vec<(String, Value)> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut out = Vec::new();
     while Instant::now() < deadline {
@@ -116,7 +117,7 @@ fn messages_and_frames(ws: &mut WebSocket<MaybeTlsStream<TcpStream>>, until: &st
     panic!("no {until} message; got {out:?}");
 }
 
-fn api_prompt() -> Value {
+pub(crate) fn api_prompt() -> Value {
     serde_json::from_str(&std::fs::read_to_string(crate::util::repo().join("tests/data/comfy/api.json")).unwrap()).unwrap()
 }
 

@@ -3,12 +3,15 @@
 //!
 //! The HTTP side runs on tokio (axum); node registries are not `Send`, so two plain threads own one
 //! each: the validator (checks posted prompts, builds `object_info`) and the executor thread (runs the
-//! queue with one cache across prompts). They meet in [`queue::Shared`].
+//! queue with one cache across prompts). They meet in [`queue::Shared`]. With `--queue` the prompts
+//! run on queue workers instead ([`remote`]): a dispatcher thread takes the executor thread's place.
 
 #![forbid(unsafe_code)]
 
+mod messages;
 pub mod object_info;
 pub mod queue;
+pub mod remote;
 mod routes;
 mod security;
 mod userdata;
@@ -52,6 +55,8 @@ pub struct Config {
     /// default), "latent2rgb", or "taesd"/"auto" (TAESD when `vae_approx` holds its decoder, else the
     /// projection).
     pub preview_method: String,
+    /// `--queue`: run prompts on the workers of this queue instead of here.
+    pub queue: Option<remote::QueueConfig>,
 }
 
 /// A running server.
@@ -67,12 +72,16 @@ pub async fn serve(config: Config, listener: TcpListener) -> std::io::Result<()>
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await
 }
 
-/// Starts the validator and executor threads.
+/// Starts the validator and executor (or dispatcher) threads.
 pub fn start_threads(mut config: Config, addr: SocketAddr) -> std::io::Result<Running> {
     // Prompts come over HTTP: every file name stays inside its folder.
     config.folders.confined = true;
     let (events, _) = broadcast::channel(1024);
     let (validate_tx, validate_rx) = std::sync::mpsc::channel();
+    let remote = match config.queue.clone() {
+        Some(q) => Some(Arc::new(remote::Remote::connect(q).map_err(std::io::Error::other)?)),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         config,
         state: Mutex::new(QueueState::default()),
@@ -81,6 +90,7 @@ pub fn start_threads(mut config: Config, addr: SocketAddr) -> std::io::Result<Ru
         cancel: Arc::new(AtomicBool::new(false)),
         object_info: RwLock::new(Arc::new(serde_json::Value::Object(Default::default()))),
         validator: Mutex::new(validate_tx),
+        remote: remote.clone(),
     });
     let s = shared.clone();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -88,6 +98,9 @@ pub fn start_threads(mut config: Config, addr: SocketAddr) -> std::io::Result<Ru
     // object_info is built from the registry before the first request is answered.
     let _ = ready_rx.recv();
     let s = shared.clone();
-    std::thread::Builder::new().name("executor".into()).spawn(move || worker::executor(s))?;
+    match remote {
+        Some(r) => std::thread::Builder::new().name("dispatcher".into()).spawn(move || remote::dispatcher(s, r))?,
+        None => std::thread::Builder::new().name("executor".into()).spawn(move || worker::executor(s))?,
+    };
     Ok(Running { addr, shared })
 }

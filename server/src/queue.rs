@@ -1,4 +1,4 @@
-//! What the HTTP side and the executor thread share: the queue of prompts, the one running, the history,
+//! What the HTTP side and the executor thread share: the queue of prompts, those running, the history,
 //! the interrupt flag, and the channel of messages for WebSocket clients.
 
 use std::collections::VecDeque;
@@ -47,7 +47,8 @@ impl Job {
 #[derive(Default)]
 pub struct QueueState {
     pub pending: Vec<Job>,
-    pub running: Option<Job>,
+    /// The prompt being run (several at once with `--queue`, one per busy worker).
+    pub running: Vec<Job>,
     /// Finished prompts, oldest first: (prompt id, history entry).
     pub history: VecDeque<(String, Json)>,
     pub counter: f64,
@@ -84,6 +85,8 @@ pub struct Shared {
     pub object_info: RwLock<Arc<Json>>,
     /// Asks the validator thread (which owns a registry) to check a prompt.
     pub validator: Mutex<std::sync::mpsc::Sender<crate::worker::ValidateRequest>>,
+    /// With `--queue`: the queue the prompts go to (they run on its workers, not here).
+    pub remote: Option<Arc<crate::remote::Remote>>,
 }
 
 impl Shared {
@@ -95,7 +98,7 @@ impl Shared {
 
     /// ComfyUI's `status` payload.
     pub fn queue_info(&self) -> Json {
-        let remaining = self.state.lock().map(|s| s.pending.len() + usize::from(s.running.is_some())).unwrap_or(0);
+        let remaining = self.state.lock().map(|s| s.pending.len() + s.running.len()).unwrap_or(0);
         json!({"exec_info": {"queue_remaining": remaining}})
     }
 

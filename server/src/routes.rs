@@ -155,14 +155,22 @@ struct QueueEdit {
     delete: Vec<String>,
 }
 
-/// `POST /queue`: `{"clear": true}` or `{"delete": [ids]}` (how a queued prompt is cancelled).
+/// `POST /queue`: `{"clear": true}` or `{"delete": [ids]}` (how a queued prompt is cancelled; with
+/// `--queue`, its job is dropped from the queue too).
 async fn post_queue(State(s): S, body: Bytes) -> Response {
     let Ok(edit) = serde_json::from_slice::<QueueEdit>(&body) else { return error(StatusCode::BAD_REQUEST, "expected {\"clear\": bool, \"delete\": [ids]}") };
+    let mut dropped = Vec::new();
     if let Ok(mut state) = s.state.lock() {
-        if edit.clear {
-            state.pending.clear();
-        }
-        state.pending.retain(|j| !edit.delete.contains(&j.id));
+        state.pending.retain(|j| {
+            let keep = !edit.clear && !edit.delete.contains(&j.id);
+            if !keep {
+                dropped.push(j.id.clone());
+            }
+            keep
+        });
+    }
+    if let Some(remote) = s.remote.clone() {
+        let _ = tokio::task::spawn_blocking(move || remote.cancel(&dropped)).await;
     }
     s.queue_updated();
     StatusCode::OK.into_response()
@@ -200,12 +208,18 @@ async fn post_history(State(s): S, body: Bytes) -> Response {
     StatusCode::OK.into_response()
 }
 
-/// `POST /interrupt`: stops the running prompt (or only the one named by `prompt_id`).
+/// `POST /interrupt`: stops the running prompt (or only the one named by `prompt_id`); with `--queue`,
+/// every running prompt (or the one named) on its worker.
 async fn interrupt(State(s): S, body: Bytes) -> Response {
     let wanted = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v.get("prompt_id").and_then(Value::as_str).map(str::to_owned));
-    let running = s.state.lock().ok().and_then(|st| st.running.as_ref().map(|j| j.id.clone()));
-    if wanted.is_none() || wanted == running {
-        s.cancel.store(true, Ordering::SeqCst);
+    let running: Vec<String> = s.state.lock().map(|st| st.running.iter().map(|j| j.id.clone()).collect()).unwrap_or_default();
+    let stop: Vec<String> = running.into_iter().filter(|id| wanted.as_ref().is_none_or(|w| w == id)).collect();
+    match s.remote.clone() {
+        Some(remote) => {
+            let _ = tokio::task::spawn_blocking(move || remote.cancel(&stop)).await;
+        }
+        None if !stop.is_empty() || wanted.is_none() => s.cancel.store(true, Ordering::SeqCst),
+        None => {}
     }
     StatusCode::OK.into_response()
 }

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use diffloom_comfy::ImportError;
 use diffloom_core::graph::GraphFile;
@@ -17,7 +16,8 @@ use tokio::sync::oneshot;
 
 use diffloom_nodes::models::taesd::TaesdDecoder;
 
-use crate::queue::{Job, Shared, MAX_HISTORY};
+use crate::messages::{Ending, Messages};
+use crate::queue::{Job, Shared};
 
 /// What the HTTP side asks of the thread that owns a registry.
 pub enum ValidateRequest {
@@ -32,10 +32,6 @@ pub enum ValidateRequest {
 /// Where a prompt's relative paths resolve; it names the prompt in messages.
 pub fn prompt_path(graphs: &Path, id: &str) -> PathBuf {
     graphs.join(format!("prompt {id}"))
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// Checks prompts until the server goes away.
@@ -148,13 +144,9 @@ fn validation_error(prompt: &Map<String, Json>, graph: &GraphFile, errors: Valid
 
 /// Turns the executor's events into ComfyUI's messages for the prompt's client.
 struct Relay {
-    shared: Arc<Shared>,
-    prompt_id: String,
-    client: Option<String>,
+    m: Messages,
     /// diffloom node id → ComfyUI node id.
     ids: Vec<(String, String)>,
-    /// ComfyUI ids of the nodes that ran, and their UI outputs.
-    done: Mutex<(Vec<String>, Map<String, Json>)>,
     previews: bool,
     /// TAESD's decoder when the preview method asks for it and its weights are present.
     taesd: Option<Arc<Mutex<TaesdDecoder>>>,
@@ -162,26 +154,24 @@ struct Relay {
 
 impl Relay {
     fn comfy(&self, id: &str) -> String {
-        self.ids.iter().find(|(d, _)| d == id).map_or_else(|| id.to_owned(), |(_, c)| c.clone())
+        comfy_id(&self.ids, id)
     }
+}
+
+/// The ComfyUI id of diffloom node `id` (itself when the graph did not come from ComfyUI).
+pub(crate) fn comfy_id(ids: &[(String, String)], id: &str) -> String {
+    ids.iter().find(|(d, _)| d == id).map_or_else(|| id.to_owned(), |(_, c)| c.clone())
 }
 
 impl Observer for Relay {
     fn cached(&self, ids: &[&str]) {
-        let nodes: Vec<String> = ids.iter().map(|i| self.comfy(i)).collect();
-        self.shared.send("execution_cached", json!({"nodes": nodes, "prompt_id": self.prompt_id, "timestamp": now_ms()}), self.client.as_deref());
+        self.m.cached(ids.iter().map(|i| self.comfy(i)).collect());
     }
     fn executing(&self, id: &str) {
-        let node = self.comfy(id);
-        self.shared.send("executing", json!({"node": node, "display_node": node, "prompt_id": self.prompt_id}), self.client.as_deref());
-        let state = json!({node.clone(): {"value": 0, "max": 1, "state": "running", "node_id": node, "prompt_id": self.prompt_id, "display_node_id": node, "parent_node_id": null, "real_node_id": node}});
-        self.shared.send("progress_state", json!({"prompt_id": self.prompt_id, "nodes": state}), self.client.as_deref());
+        self.m.executing(&self.comfy(id));
     }
     fn progress(&self, id: &str, value: u64, max: u64) {
-        let node = self.comfy(id);
-        self.shared.send("progress", json!({"value": value, "max": max, "prompt_id": self.prompt_id, "node": node}), self.client.as_deref());
-        let state = json!({node.clone(): {"value": value, "max": max, "state": "running", "node_id": node, "prompt_id": self.prompt_id, "display_node_id": node, "parent_node_id": null, "real_node_id": node}});
-        self.shared.send("progress_state", json!({"prompt_id": self.prompt_id, "nodes": state}), self.client.as_deref());
+        self.m.progress(&self.comfy(id), value, max);
     }
     fn wants_previews(&self) -> bool {
         self.previews
@@ -191,22 +181,12 @@ impl Observer for Relay {
             Some(t) => t.lock().ok().and_then(|t| taesd_preview(&t, latent)),
             None => latent_preview(latent),
         };
-        let Some(jpeg) = jpeg else { return };
-        let node = self.comfy(id);
-        let metadata = json!({"node_id": node, "display_node_id": node, "parent_node_id": null, "real_node_id": node, "prompt_id": self.prompt_id, "image_type": "image/jpeg"});
-        let _ = self.shared.events.send(Arc::new(crate::queue::Outgoing { to: self.client.clone(), body: crate::queue::Body::Preview { metadata, jpeg } }));
+        if let Some(jpeg) = jpeg {
+            self.m.preview(&self.comfy(id), jpeg);
+        }
     }
     fn executed(&self, id: &str, ui: &Map<String, Json>) {
-        let node = self.comfy(id);
-        if let Ok(mut done) = self.done.lock() {
-            done.0.push(node.clone());
-            if !ui.is_empty() {
-                done.1.insert(node.clone(), Json::Object(ui.clone()));
-            }
-        }
-        if !ui.is_empty() {
-            self.shared.send("executed", json!({"node": node, "display_node": node, "output": ui, "prompt_id": self.prompt_id}), self.client.as_deref());
-        }
+        self.m.executed(&self.comfy(id), ui);
     }
 }
 
@@ -215,7 +195,7 @@ const LATENT_RGB: [[f32; 3]; 4] = [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.
 
 /// A cheap preview of a denoised latent, as ComfyUI's Latent2RGBPreviewer: the first image's channels
 /// mixed to RGB by [`LATENT_RGB`], mapped from -1..1 to 0..255, as a JPEG at latent resolution.
-fn latent_preview(latent: &tch::Tensor) -> Option<Vec<u8>> {
+pub fn latent_preview(latent: &tch::Tensor) -> Option<Vec<u8>> {
     let x = latent.f_get(0).ok()?.to_kind(tch::Kind::Float).to_device(tch::Device::Cpu);
     if x.size().first() != Some(&4) {
         return None;
@@ -276,7 +256,7 @@ pub fn executor(shared: Arc<Shared>) {
                     // Lowest number first (a prompt queued "front" has a negative one).
                     let i = (0..state.pending.len()).min_by(|&a, &b| state.pending[a].number.total_cmp(&state.pending[b].number)).unwrap_or(0);
                     let job = state.pending.remove(i);
-                    state.running = Some(job.clone());
+                    state.running.push(job.clone());
                     break job;
                 }
                 state = match shared.wake.wait(state) {
@@ -305,88 +285,47 @@ pub fn executor(shared: Arc<Shared>) {
         };
         run_job(&shared, &registry, &mut exec, &job, decoder);
         if let Ok(mut state) = shared.state.lock() {
-            state.running = None;
+            state.running.retain(|j| j.id != job.id);
         }
         shared.queue_updated();
     }
 }
 
 /// The prompt's preview method (the frontend's setting) unless "default", else the server's, as ComfyUI.
-fn preview_method(shared: &Shared, job: &Job) -> String {
+pub(crate) fn preview_method(shared: &Shared, job: &Job) -> String {
     job.extra.get("preview_method").and_then(Json::as_str).filter(|m| *m != "default").unwrap_or(&shared.config.preview_method).to_owned()
 }
 
 fn run_job(shared: &Arc<Shared>, registry: &Registry, exec: &mut Executor, job: &Job, taesd: Option<Arc<Mutex<TaesdDecoder>>>) {
-    let client = job.client_id.as_deref();
     let path = prompt_path(&shared.config.graphs_dir, &job.id);
     shared.cancel.store(false, Ordering::SeqCst);
-    shared.send("execution_start", json!({"prompt_id": job.id, "timestamp": now_ms()}), client);
-    let mut messages = vec![json!(["execution_start", {"prompt_id": job.id, "timestamp": now_ms()}])];
+    let m = Messages::new(shared.clone(), job);
+    m.start();
     let resolved = match validate(&path, &job.graph, registry) {
         Ok(r) => r,
         Err(e) => {
-            let data = json!({"prompt_id": job.id, "node_id": null, "node_type": null, "executed": [], "exception_message": e.to_string(),
-                              "exception_type": "ValidationError", "traceback": [], "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()});
-            messages.push(json!(["execution_error", data.clone()]));
-            finish(shared, job, "error", messages, Map::new());
-            shared.send("execution_error", data, client);
-            return;
+            let ending = Ending::Error { node: None, node_type: None, message: e.to_string(), exception_type: "ValidationError".into(), traceback: vec![] };
+            return m.end(job, ending);
         }
     };
     let ids: Vec<(String, String)> = resolved.nodes.iter().map(|n| (n.id.clone(), n.comfy_id.clone().unwrap_or_else(|| n.id.clone()))).collect();
     let previews = preview_method(shared, job) != "none";
-    let relay = Arc::new(Relay {
-        shared: shared.clone(),
-        prompt_id: job.id.clone(),
-        client: job.client_id.clone(),
-        ids,
-        done: Mutex::new((Vec::new(), Map::new())),
-        previews,
-        taesd,
-    });
+    let relay = Arc::new(Relay { m, ids, previews, taesd });
     exec.options.observer = Some(relay.clone());
     let report = exec.run(&resolved);
     exec.options.observer = None;
-    let (executed, outputs) = relay.done.lock().map(|d| d.clone()).unwrap_or_default();
-    let (status, kind, data) = match report.error {
-        None => ("success", "execution_success", json!({"prompt_id": job.id, "timestamp": now_ms()})),
+    let ending = match report.error {
+        None => Ending::Success,
         Some(e) if matches!(e.cause, diffloom_core::NodeError::Cancelled) => {
-            let node = relay.comfy(&e.node);
-            (
-                "error",
-                "execution_interrupted",
-                json!({"prompt_id": job.id, "node_id": node, "node_type": e.node_type, "executed": executed, "timestamp": now_ms()}),
-            )
+            Ending::Interrupted { node: Some(relay.comfy(&e.node)), node_type: Some(e.node_type.clone()) }
         }
-        Some(e) => {
-            let node = relay.comfy(&e.node);
-            let data = json!({"prompt_id": job.id, "node_id": node, "node_type": e.node_type, "executed": executed,
-                              "exception_message": e.cause.to_string(), "exception_type": "diffloom.NodeError", "traceback": [e.to_string()],
-                              "current_inputs": {}, "current_outputs": {}, "timestamp": now_ms()});
-            ("error", "execution_error", data)
-        }
+        Some(e) => Ending::Error {
+            node: Some(relay.comfy(&e.node)),
+            node_type: Some(e.node_type.clone()),
+            message: e.cause.to_string(),
+            exception_type: "diffloom.NodeError".into(),
+            traceback: vec![e.to_string()],
+        },
     };
-    messages.push(json!([kind, data]));
-    // History first: a client that asks for it on the final message finds the entry.
-    finish(shared, job, status, messages, outputs);
-    shared.send(kind, data, client);
-    // The legacy end marker old clients wait for.
-    shared.send("executing", json!({"node": null, "prompt_id": job.id}), client);
-}
-
-fn finish(shared: &Shared, job: &Job, status: &str, messages: Vec<Json>, outputs: Map<String, Json>) {
-    let meta: Map<String, Json> =
-        outputs.keys().map(|k| (k.clone(), json!({"node_id": k, "display_node": k, "parent_node": null, "real_node_id": k}))).collect();
-    let entry = json!({
-        "prompt": job.item(),
-        "outputs": outputs,
-        "status": {"status_str": status, "completed": status == "success", "messages": messages},
-        "meta": meta,
-    });
-    if let Ok(mut state) = shared.state.lock() {
-        if state.history.len() >= MAX_HISTORY {
-            state.history.pop_front();
-        }
-        state.history.push_back((job.id.clone(), entry));
-    }
+    relay.m.end(job, ending);
 }

@@ -57,6 +57,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             cache_mb,
             dtype,
             preview_method,
+            queue,
+            group,
         } => {
             let folders = crate::session::folders(&models, &extra_model_paths, None, &input_dir)?;
             let settings = serve::Settings {
@@ -71,6 +73,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 cache_bytes: cache_mb << 20,
                 dtype: dtype.map(|d| d.kind()),
                 preview_method,
+                queue: queue
+                    .map(|url| diffloom_sweep::queue::QueueUrl::parse(&url).map(|url| diffloom_server::remote::QueueConfig { url, group }))
+                    .transpose()?,
             };
             serve::serve(settings, cli.device)
         }

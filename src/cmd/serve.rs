@@ -22,6 +22,7 @@ pub struct Settings {
     pub cache_bytes: usize,
     pub dtype: Option<tch::Kind>,
     pub preview_method: String,
+    pub queue: Option<diffloom_server::remote::QueueConfig>,
 }
 
 /// The frontend package's static files: `$DIFFLOOM_FRONTEND_ROOT`, else the comfyui-frontend-package
@@ -69,6 +70,7 @@ pub fn serve(s: Settings, device: Option<String>) -> Result<ExitCode> {
         registry: Arc::new(session::registry),
         max_body: 100 << 20,
         preview_method: s.preview_method,
+        queue: s.queue,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {

@@ -6,15 +6,16 @@
 //! instead (see `worker.rs` and `diffloom_sweep::queue`); `sweep status` and `sweep cancel` follow
 //! and stop a queued sweep.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use diffloom_core::graph::file;
+use diffloom_core::graph::resolved::{ResolvedInput, ResolvedNode};
 use diffloom_core::validate::{apply_params, validate};
-use diffloom_core::{Executor, Origin, Registry, ResolvedGraph};
+use diffloom_core::{Executor, Registry, ResolvedGraph};
 use diffloom_sweep::queue::{self, QueueUrl};
 use diffloom_sweep::{expand, grid, sweep_id, Grid, Job, Publish};
 
@@ -57,12 +58,13 @@ pub fn jobs(path: &Path, sets: &[String], sweep: &Sweep, registry: &Registry) ->
             graph_dir: dir.display().to_string(),
             sets,
             plugins: BTreeMap::new(),
+            follow: None,
         })
         .collect();
     // The plugins the graph uses (every job uses the same node types); an invalid first job is
     // reported by the validation that follows.
     if let Ok(graph) = load_job(&jobs[0], registry) {
-        let plugins = plugin_hashes(&graph)?;
+        let plugins = graph.plugin_hashes()?;
         for job in &mut jobs {
             job.plugins = plugins.clone();
         }
@@ -70,23 +72,10 @@ pub fn jobs(path: &Path, sets: &[String], sweep: &Sweep, registry: &Registry) ->
     Ok(jobs)
 }
 
-/// File name → BLAKE3 of the source of each plugin file whose nodes `graph` uses.
-pub fn plugin_hashes(graph: &ResolvedGraph) -> Result<BTreeMap<String, String>> {
-    let mut out = BTreeMap::new();
-    for node in &graph.nodes {
-        if let Origin::Plugin(file) = &node.entry.origin {
-            let source = std::fs::read(file).with_context(|| format!("{}: cannot read the plugin", file.display()))?;
-            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            out.insert(name, blake3::hash(&source).to_hex().to_string());
-        }
-    }
-    Ok(out)
-}
-
 /// Refuses a job whose plugins differ from this process's (another version would render something
 /// else under the same sweep).
 pub fn check_plugins(job: &Job, graph: &ResolvedGraph) -> Result<()> {
-    let here = plugin_hashes(graph)?;
+    let here = graph.plugin_hashes()?;
     for (name, hash) in &job.plugins {
         match here.get(name) {
             Some(h) if h == hash => {}
@@ -141,10 +130,43 @@ fn checked_jobs(path: &Path, sets: &[String], sweep: &Sweep, registry: &Registry
     Ok((jobs, graphs))
 }
 
+/// The model files a job loads: the literal inputs of the loaders at the roots of its graph (nodes
+/// that make a model, CLIP, VAE, ControlNet, … from no linked input).
+fn loaded_models(graph: &ResolvedGraph) -> String {
+    use diffloom_core::ValueType as T;
+    let loads = |n: &&ResolvedNode| {
+        let makes_model = n
+            .entry
+            .schema
+            .outputs
+            .iter()
+            .any(|o| matches!(o.ty, T::Model | T::Clip | T::Vae | T::UpscaleModel | T::ControlNet | T::ClipVision | T::StyleModel | T::Gligen));
+        makes_model && n.inputs.iter().all(|i| !matches!(i, ResolvedInput::Link { .. }))
+    };
+    graph.nodes.iter().filter(loads).map(|n| format!("{}={:?}", n.id, n.inputs)).collect::<Vec<_>>().join("\n")
+}
+
+/// The jobs in the order they go on the queue: those that load the same model files together (each
+/// set where it first appears, jobs in index order within it), so that a worker, which keeps what it
+/// loaded, runs stretches of jobs on one checkpoint rather than switching at every job of a
+/// `--grid seed=… --grid ckpt=…` sweep. Output folders stay named by index.
+fn grouped_by_models(jobs: Vec<Job>, graphs: &[ResolvedGraph]) -> Vec<Job> {
+    let keys: Vec<String> = graphs.iter().map(loaded_models).collect();
+    let mut first: HashMap<&str, usize> = HashMap::new();
+    for (i, k) in keys.iter().enumerate() {
+        first.entry(k.as_str()).or_insert(i);
+    }
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by_key(|&i| (first[keys[i].as_str()], i));
+    let mut jobs: Vec<Option<Job>> = jobs.into_iter().map(Some).collect();
+    order.into_iter().filter_map(|i| jobs[i].take()).collect()
+}
+
 /// `sweep GRAPH … --queue URL`: the checked jobs go on the stream; prints the sweep id.
 fn submit(path: &Path, sets: &[String], sweep: Sweep, url: &str, group: &str) -> Result<ExitCode> {
     let registry = session::registry();
-    let (jobs, _) = checked_jobs(path, sets, &sweep, &registry)?;
+    let (jobs, graphs) = checked_jobs(path, sets, &sweep, &registry)?;
+    let jobs = grouped_by_models(jobs, &graphs);
     let q = QueueUrl::parse(url)?;
     let mut con = q.connect(Duration::from_secs(30))?;
     let submitted = queue::submit(&mut con, &q, group, &jobs)?;

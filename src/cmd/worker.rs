@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use diffloom_core::{Executor, NodeError, Registry};
+use diffloom_server::remote::Sink;
+use diffloom_sweep::events::Event;
 use diffloom_sweep::queue::{self, Connection, Entry, Outcome, QueueError, QueueUrl};
 use diffloom_sweep::Publish;
 
@@ -170,18 +172,31 @@ impl Worker {
             Err(e) => return self.dead(con, &entry, &e),
         };
         let label = format!("job {} of {} ({})", job.index, job.sweep, job.describe());
+        // A followed job (a served prompt) reports what happens to it; each end is told before it is
+        // recorded, so whoever follows it never finds an outcome without its end.
+        let sink = Sink::new(&self.q, &job, executor.options.folders.temp_dir.clone()).map(Arc::new);
+        let end = |status: &str, message: Option<String>| {
+            if let Some(s) = &sink {
+                s.send(&Event::end(status, message));
+            }
+        };
         if queue::is_cancelled(con, &self.q, &job.sweep)? {
             println!("worker {}: {label}: skipped, the sweep was cancelled", self.name);
+            end("cancelled", None);
             return queue::finish(con, &self.q, &self.group, &entry, &job, &Outcome::new("cancelled", &self.name, 0.0, None), true);
         }
         if entry.deliveries > self.max_retries + 1 {
             let error = format!("{label}: delivered {} times without finishing (the workers that took it died or hung)", entry.deliveries);
+            end("error", Some(error.clone()));
             return self.dead(con, &entry, &error);
         }
         let validating = Instant::now();
         let graph = match load_job(&job, &self.registry).and_then(|g| check_plugins(&job, &g).map(|_| g)) {
             Ok(g) => g,
-            Err(e) => return self.dead(con, &entry, &format!("{e:#}")),
+            Err(e) => {
+                end("error", Some(format!("{e:#}")));
+                return self.dead(con, &entry, &format!("{e:#}"));
+            }
         };
         let validation = validating.elapsed();
         let publish = match Publish::begin(&self.root, &job) {
@@ -189,10 +204,12 @@ impl Worker {
             Ok(None) => {
                 // Published by an earlier delivery that was not acknowledged: its files stand.
                 println!("worker {}: {label}: already done", self.name);
+                end("success", None);
                 return queue::finish(con, &self.q, &self.group, &entry, &job, &Outcome::new("done", &self.name, 0.0, None), false);
             }
             Err(e) => {
                 let error = format!("{}: cannot write the outputs of {label}: {e}", self.root.display());
+                end("error", Some(error.clone()));
                 return self.dead(con, &entry, &error);
             }
         };
@@ -203,26 +220,40 @@ impl Worker {
         self.stop.store(STOP_NONE, Ordering::SeqCst);
         self.cancel.store(false, Ordering::SeqCst);
         self.beat.watch(Some((entry.id.clone(), job.sweep.clone())));
+        if let Some(s) = &sink {
+            s.set_output_dir(publish.dir().to_path_buf());
+            s.send(&Event::Start { worker: self.name.clone() });
+            executor.options.observer = Some(s.clone());
+        }
         let started = Instant::now();
         let report = executor.run(&graph);
+        executor.options.observer = None;
         self.beat.watch(None);
         let secs = started.elapsed().as_secs_f64();
         match report.error {
             None => match publish.commit() {
                 Ok(_) => {
                     let finishing = Instant::now();
+                    end("success", None);
                     queue::finish(con, &self.q, &self.group, &entry, &job, &Outcome::new("done", &self.name, secs, None), true)?;
                     let queue_ms = (queue_time + finishing.elapsed()).as_secs_f64() * 1000.0;
                     println!("worker {}: {label}: done in {secs:.2} s (queue {queue_ms:.1} ms)", self.name);
                     Ok(())
                 }
-                Err(e) => self.dead(con, &entry, &format!("{}: cannot publish {label}: {e}", self.root.display())),
+                Err(e) => {
+                    let error = format!("{}: cannot publish {label}: {e}", self.root.display());
+                    end("error", Some(error.clone()));
+                    self.dead(con, &entry, &error)
+                }
             },
             Some(e) if matches!(e.cause, NodeError::Cancelled) => {
                 publish.abandon();
                 self.cancel.store(false, Ordering::SeqCst);
                 if self.stop.load(Ordering::SeqCst) == STOP_CANCELLED {
                     println!("worker {}: {label}: stopped, the sweep was cancelled", self.name);
+                    if let Some(s) = &sink {
+                        s.send(&Event::End { status: "interrupted".into(), node: Some(e.node.clone()), node_type: Some(e.node_type.clone()), message: None });
+                    }
                     queue::finish(con, &self.q, &self.group, &entry, &job, &Outcome::new("cancelled", &self.name, secs, None), true)
                 } else {
                     println!("worker {}: {label}: given back to the queue", self.name);
@@ -231,6 +262,10 @@ impl Worker {
             }
             Some(e) => {
                 publish.abandon();
+                if let Some(s) = &sink {
+                    let message = Some(e.cause.to_string());
+                    s.send(&Event::End { status: "error".into(), node: Some(e.node.clone()), node_type: Some(e.node_type.clone()), message });
+                }
                 self.dead(con, &entry, &format!("{label}: {e}"))
             }
         }

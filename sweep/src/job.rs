@@ -32,6 +32,17 @@ pub struct Job {
     /// Plugin file name → BLAKE3 of its source, as the submitter has them: a worker whose plugin
     /// differs refuses the job rather than render something else.
     pub plugins: BTreeMap<String, String>,
+    /// Set when whoever queued the job follows it as it runs (`serve --queue`): the worker reports it
+    /// in [`crate::events`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follow: Option<Follow>,
+}
+
+/// How a followed job is reported.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Follow {
+    /// Live previews of the samplers' latents (ComfyUI's latent-to-RGB projection).
+    pub previews: bool,
 }
 
 /// A sweep's id: `s` and 12 hex digits of a BLAKE3 over the graph and every job's parameters, so the
@@ -122,6 +133,7 @@ mod tests {
             graph_dir: ".".into(),
             sets: vec![("seed".into(), "1".into())],
             plugins: BTreeMap::new(),
+            follow: None,
         }
     }
 

@@ -15,6 +15,7 @@
 //! - `STREAM:sweep:ID:results`: job index → [`Outcome`] as JSON (done, failed or cancelled; a job
 //!   delivered twice overwrites its own record, so counts stay exact).
 //! - `STREAM:sweep:ID:running`: job index → the worker running it and since when.
+//! - `STREAM:sweep:ID:events`: what happens while a followed job runs ([`crate::events`]).
 //!
 //! Delivery is at least once: a worker that dies holding a job leaves the entry pending in the group,
 //! and another worker reclaims it (`XAUTOCLAIM`) once it has been idle for the claim timeout. A worker
@@ -33,8 +34,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::Job;
 
-/// The entry format's version (field `v`); a worker dead-letters entries of another version.
-pub const VERSION: &str = "1";
+/// The entry format's version (field `v`); a worker dead-letters entries of another version. (2: a
+/// job may ask for its [`crate::events`].)
+pub const VERSION: &str = "2";
 
 /// The environment variable naming a PEM file of CA certificates that `rediss://` servers' certificates
 /// are checked against (instead of the public roots).
@@ -157,6 +159,11 @@ impl QueueUrl {
 
     fn running(&self, sweep: &str) -> String {
         format!("{}:sweep:{sweep}:running", self.stream)
+    }
+
+    /// A followed job's events stream ([`crate::events`]).
+    pub fn events(&self, sweep: &str) -> String {
+        format!("{}:sweep:{sweep}:events", self.stream)
     }
 }
 
@@ -331,6 +338,12 @@ pub fn status(con: &mut Connection, q: &QueueUrl, sweep: &str) -> Result<Status,
     s.running = running.keys().filter(|k| !results.contains_key(*k)).count();
     s.pending = total.saturating_sub(s.done + s.failed + s.cancelled + s.running);
     Ok(s)
+}
+
+/// How job `index` of `sweep` ended, if it has.
+pub fn outcome(con: &mut Connection, q: &QueueUrl, sweep: &str, index: usize) -> Result<Option<Outcome>, QueueError> {
+    let text: Option<String> = con.hget(q.results(sweep), index.to_string()).map_err(|e| q.err(e))?;
+    Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
 }
 
 /// Cancels a sweep: its entries still in the stream are acknowledged and deleted (recorded as
@@ -573,9 +586,9 @@ mod tests {
             fields: fields.iter().map(|(k, v)| (k.to_string(), v.as_bytes().to_vec())).collect(),
             deliveries: 1,
         };
-        assert!(entry(&[("v", "2"), ("job", "{}")]).job().unwrap_err().contains("version \"2\""));
+        assert!(entry(&[("v", "9"), ("job", "{}")]).job().unwrap_err().contains("version \"9\""));
         assert!(entry(&[("job", "{}")]).job().unwrap_err().contains("no field \"v\""));
-        assert!(entry(&[("v", "1"), ("job", "{not json")]).job().unwrap_err().contains("not valid JSON"));
+        assert!(entry(&[("v", "2"), ("job", "{not json")]).job().unwrap_err().contains("not valid JSON"));
         let job = Job {
             sweep: "sabc".into(),
             index: 3,
@@ -585,9 +598,10 @@ mod tests {
             graph_dir: ".".into(),
             sets: vec![],
             plugins: BTreeMap::new(),
+            follow: None,
         };
         let json = serde_json::to_string(&job).unwrap();
-        assert_eq!(entry(&[("v", "1"), ("sweep", "sabc"), ("index", "3"), ("job", &json)]).job().unwrap(), job);
-        assert!(entry(&[("v", "1"), ("sweep", "sabc"), ("index", "2"), ("job", &json)]).job().unwrap_err().contains("differ"));
+        assert_eq!(entry(&[("v", "2"), ("sweep", "sabc"), ("index", "3"), ("job", &json)]).job().unwrap(), job);
+        assert!(entry(&[("v", "2"), ("sweep", "sabc"), ("index", "2"), ("job", &json)]).job().unwrap_err().contains("differ"));
     }
 }

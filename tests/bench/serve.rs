@@ -58,6 +58,7 @@ fn main() {
         registry: Arc::new(diffloom_nodes::registry),
         max_body: 1 << 20,
         preview_method: "none".to_owned(),
+        queue: None,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();

@@ -1,11 +1,12 @@
 //! A validated graph: node types looked up, inputs in schema order with literals converted, defaults and
 //! parameters filled in, links pointing at node indices and output slots, and the petgraph DAG.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use petgraph::graph::{DiGraph, NodeIndex};
 
-use crate::registry::{Entry, Registry};
+use crate::registry::{Entry, Origin, Registry};
 use crate::value::Value;
 
 /// A graph ready to schedule and run.
@@ -52,5 +53,19 @@ impl ResolvedGraph {
     /// The index of the node with id `id`.
     pub fn index_of(&self, id: &str) -> Option<usize> {
         self.nodes.iter().position(|n| n.id == id)
+    }
+
+    /// File name → BLAKE3 (hex) of the source of each plugin file whose nodes the graph uses: what a
+    /// queued job carries so that a worker with another version of a plugin refuses it.
+    pub fn plugin_hashes(&self) -> std::io::Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        for node in &self.nodes {
+            if let Origin::Plugin(file) = &node.entry.origin {
+                let source = std::fs::read(file).map_err(|e| std::io::Error::new(e.kind(), format!("{}: cannot read the plugin: {e}", file.display())))?;
+                let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                out.insert(name, blake3::hash(&source).to_hex().to_string());
+            }
+        }
+        Ok(out)
     }
 }
