@@ -29,5 +29,10 @@ case "${1:-}" in
     lua) cargo bench --locked --bench lua ;;
     upscale) cargo bench --locked --bench upscale ;;
     serve) cargo bench --locked --bench serve ;;
-    *) echo "usage: scripts/bench.sh executor|models|coldstart|sampling|controlnet|watch|lua|upscale|serve" >&2; exit 2 ;;
+    profile)
+        # Where the UNet's time goes (torch.profiler over diffusers' UNet on the same checkpoint).
+        cargo build --release --locked --quiet --bin make-test-models
+        target/release/make-test-models models/bench --full-sd1
+        .venv/bin/python tests/bench/unet_profile.py models/bench/full-sd1.safetensors ;;
+    *) echo "usage: scripts/bench.sh executor|models|coldstart|sampling|controlnet|watch|lua|upscale|serve|profile" >&2; exit 2 ;;
 esac

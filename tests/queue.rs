@@ -546,8 +546,26 @@ fn a_second_ctrl_c_gives_the_job_back_and_cancel_stops_a_running_job() {
     assert_eq!(redis.cli(&["XLEN", "jobs"]).trim(), "0");
 }
 
+/// A child process killed when dropped (a failed assertion leaves no worker or server behind).
+struct Kill(Option<Child>);
+
+impl Kill {
+    fn take(mut self) -> Child {
+        self.0.take().expect("taken once")
+    }
+}
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 /// `diffloom serve --queue URL` on a free loopback port in `d` (outputs in `served/`); its address.
-fn serve_on_queue(d: &Dir, url: &str) -> (Child, String) {
+fn serve_on_queue(d: &Dir, url: &str) -> (Kill, String) {
     use std::io::BufRead;
     let mut child = Command::new(env!("CARGO_BIN_EXE_diffloom"))
         .args(["serve", "--port", "0", "--queue", url, "--models", "models", "-o", "served", "--graphs", "."])
@@ -558,6 +576,7 @@ fn serve_on_queue(d: &Dir, url: &str) -> (Child, String) {
         .spawn()
         .expect("start diffloom serve");
     let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let child = Kill(Some(child));
     let addr = loop {
         let line = lines.next().expect("serve ended before it listened").unwrap();
         if let Some(a) = line.strip_prefix("diffloom serve: http://") {
@@ -567,6 +586,15 @@ fn serve_on_queue(d: &Dir, url: &str) -> (Child, String) {
     // Keep reading its log so that it never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     (child, addr)
+}
+
+/// Waits until `check` holds, for at most 10 s.
+fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]
@@ -579,12 +607,17 @@ fn a_served_prompt_runs_on_a_worker_and_its_progress_and_image_come_back() {
     std::fs::create_dir_all(d.join("empty")).unwrap();
     let redis = Redis::start(None);
     let url = redis.url("q");
-    let w = worker(&d, &url, "w1", &["--models", "models", "--claim-timeout", "2", "--no-disk-cache"]);
-    let (mut server, addr) = serve_on_queue(&d, &url);
+    let w = Kill(Some(worker(&d, &url, "w1", &["--models", "models", "--claim-timeout", "2", "--no-disk-cache"])));
+    let (_server, addr) = serve_on_queue(&d, &url);
     let http: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
     let post = |path: &str, body: Value| {
         let mut r = http.post(&format!("http://{addr}{path}")).header("Content-Type", "application/json").send(body.to_string()).unwrap();
         (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default())
+    };
+    let queue_prompt = |prompt: Value| {
+        let (status, body) = post("/prompt", json!({"prompt": prompt, "client_id": "canvas"}));
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned()
     };
     let get_json = |path: &str| -> Value {
         serde_json::from_str(&http.get(&format!("http://{addr}{path}")).call().unwrap().body_mut().read_to_string().unwrap()).unwrap()
@@ -626,15 +659,18 @@ fn a_served_prompt_runs_on_a_worker_and_its_progress_and_image_come_back() {
     let history = get_json(&format!("/history/{id}"));
     assert_eq!(history[&id]["status"]["status_str"], "success");
     assert_eq!(history[&id]["outputs"]["9"]["images"][0]["subfolder"], sub);
-    // The events stream is gone once read to its end.
-    assert_eq!(redis.cli(&["EXISTS", &format!("q:sweep:{sweep}:events")]).trim(), "0");
-
-    // Interrupt reaches the worker: a long prompt stops at its next step.
+    // Read to its end, the events stream goes, and the job's records expire.
+    eventually("the events stream stays", || redis.cli(&["EXISTS", &format!("q:sweep:{sweep}:events")]).trim() == "0");
+    let ttl: i64 = redis.cli(&["TTL", &format!("q:sweep:{sweep}")]).trim().parse().unwrap();
+    assert!(ttl > 0, "{ttl}");
+    // An id already queued is refused.
     let mut long = api_prompt();
-    long["3"]["inputs"]["steps"] = json!(400);
-    let (status, body) = post("/prompt", json!({"prompt": long, "client_id": "canvas"}));
-    assert_eq!(status, 200, "{body}");
-    let long_id = serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned();
+    long["3"]["inputs"]["steps"] = json!(5000);
+    let long_id = queue_prompt(long.clone());
+    let (status, body) = post("/prompt", json!({"prompt": long, "prompt_id": long_id}));
+    assert_eq!(status, 400, "{body}");
+
+    // Interrupt reaches the worker: the long prompt stops within a second of it.
     messages_until(&mut ws, "progress");
     assert_eq!(get_json("/queue")["queue_running"][0][1], long_id.as_str());
     post("/interrupt", json!({}));
@@ -642,38 +678,61 @@ fn a_served_prompt_runs_on_a_worker_and_its_progress_and_image_come_back() {
     let stopped = &events.last().unwrap().1;
     assert_eq!((stopped["prompt_id"].as_str(), stopped["node_id"].as_str()), (Some(long_id.as_str()), Some("3")));
     let last = events.iter().rfind(|(k, _)| k == "progress").unwrap().1["value"].as_u64().unwrap();
-    assert!(last < 400, "stopped after {last} of 400 steps");
+    assert!(last < 5000, "stopped after {last} of 5000 steps");
     assert_eq!(get_json(&format!("/history/{long_id}"))[&long_id]["status"]["status_str"], "error");
 
-    // With no worker, a prompt waits on the queue; deleting it drops it there too, without a trace.
-    let out = interrupt(w);
+    // With no worker, prompts wait on the queue.
+    let out = interrupt(w.take());
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (_, body) = post("/prompt", json!({"prompt": api_prompt(), "client_id": "canvas"}));
-    let waiting = serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while redis.cli(&["XLEN", "q"]).trim() != "1" {
-        assert!(Instant::now() < deadline, "the prompt did not reach the queue");
-        std::thread::sleep(Duration::from_millis(50));
+    let hostile = queue_prompt(api_prompt());
+    eventually("the prompt did not reach the queue", || redis.cli(&["XLEN", "q"]).trim() == "1");
+    assert_eq!(get_json("/queue")["queue_pending"][0][1], hostile.as_str());
+    // A worker that sends files outside the server's folders, or entries that are no events, gets
+    // nothing written there; the rest of what it says is relayed.
+    let entry = redis.cli(&["XRANGE", "q", "-", "+"]);
+    let lines: Vec<&str> = entry.lines().collect();
+    let sweep = lines.windows(2).find(|w| w[0] == "sweep").map(|w| w[1].to_owned()).unwrap();
+    redis.cli(&["XTRIM", "q", "MAXLEN", "0"]);
+    let stream = format!("q:sweep:{sweep}:events");
+    let add = |data: Value, bytes: &str| redis.cli(&["XADD", &stream, "*", "data", &data.to_string(), "bytes", bytes]);
+    add(json!({"type": "start", "worker": "mallory"}), "");
+    redis.cli(&["XADD", &stream, "*", "hello", "world"]);
+    add(json!({"type": "from_a_newer_worker"}), "");
+    for path in ["../../escaped.png", "/tmp/diffloom-absolute.png", "a/../../../escaped2.png"] {
+        add(json!({"type": "file", "kind": "output", "path": path}), "evil");
     }
-    assert_eq!(get_json("/queue")["queue_pending"][0][1], waiting.as_str());
+    add(json!({"type": "file", "kind": "input", "path": "planted.png"}), "evil");
+    add(json!({"type": "file", "kind": "output", "path": "sub/ok.png"}), "fine");
+    add(json!({"type": "executed", "node": "save", "ui": {"images": [{"filename": "ok.png", "subfolder": "sub", "type": "output"}]}}), "");
+    add(json!({"type": "end", "status": "success"}), "");
+    let events = messages_until(&mut ws, "execution_success");
+    assert_eq!(events.last().unwrap().1["prompt_id"], hostile.as_str());
+    let shown = &events.iter().find(|(k, _)| k == "executed").unwrap().1["output"]["images"][0];
+    assert_eq!(shown["subfolder"], format!("{sweep}/00000/sub"));
+    assert_eq!(std::fs::read(d.join(&format!("served/{sweep}/00000/sub/ok.png"))).unwrap(), b"fine");
+    assert!(!Path::new("/tmp/diffloom-absolute.png").exists());
+    for planted in ["escaped.png", "escaped2.png", "served/escaped.png", "served/escaped2.png", "input/planted.png", "served/planted.png"] {
+        assert!(!d.join(planted).exists(), "{planted}");
+    }
+
+    // Deleting a waiting prompt drops it from the queue too, without a trace.
+    let waiting = queue_prompt(api_prompt());
+    eventually("the prompt did not reach the queue", || redis.cli(&["XLEN", "q"]).trim() == "1");
     post("/queue", json!({"delete": [waiting]}));
     assert_eq!(redis.cli(&["XLEN", "q"]).trim(), "0");
     assert_eq!(get_json("/queue"), json!({"queue_running": [], "queue_pending": []}));
     assert_eq!(get_json(&format!("/history/{waiting}")), json!({}));
 
     // A worker without the checkpoint refuses the job; the canvas gets the error naming it.
-    let w2 = worker(&d, &url, "w2", &["--models", "empty", "--no-disk-cache"]);
-    let (_, body) = post("/prompt", json!({"prompt": api_prompt(), "client_id": "canvas"}));
-    let failing = serde_json::from_str::<Value>(&body).unwrap()["prompt_id"].as_str().unwrap().to_owned();
+    let w2 = Kill(Some(worker(&d, &url, "w2", &["--models", "empty", "--no-disk-cache"])));
+    let failing = queue_prompt(api_prompt());
     let events = messages_until(&mut ws, "execution_error");
     let error = &events.last().unwrap().1;
     assert_eq!(error["prompt_id"], failing.as_str());
     assert!(error["exception_message"].as_str().unwrap().contains("tiny-sd1.safetensors"), "{error}");
     assert_eq!(get_json(&format!("/history/{failing}"))[&failing]["status"]["status_str"], "error");
-    assert_eq!(redis.cli(&["XLEN", "q:dead"]).trim(), "1");
-    interrupt(w2);
-    let _ = server.kill();
-    let _ = server.wait();
+    eventually("the job was not dead-lettered", || redis.cli(&["XLEN", "q:dead"]).trim() == "1");
+    interrupt(w2.take());
 }
 
 #[test]

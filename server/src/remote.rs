@@ -72,9 +72,15 @@ impl Remote {
             return;
         }
         let q = &self.config.url;
-        let result = q.connect(BLOCK * 5).and_then(|mut con| sweeps.iter().try_for_each(|s| queue::cancel(&mut con, q, &self.config.group, s).map(|_| ())));
-        if let Err(e) = result {
-            tracing::warn!("cannot cancel on the queue: {e}");
+        match q.connect(BLOCK * 5) {
+            Ok(mut con) => {
+                for sweep in &sweeps {
+                    if let Err(e) = queue::cancel(&mut con, q, &self.config.group, sweep) {
+                        tracing::warn!("cannot cancel {sweep} on the queue: {e}");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!("cannot cancel on the queue: {e}"),
         }
     }
 }
@@ -85,11 +91,15 @@ pub fn dispatcher(shared: Arc<Shared>, remote: Arc<Remote>) {
     let q = remote.config.url.clone();
     let mut con: Option<Connection> = None;
     let mut submitted: HashSet<String> = HashSet::new();
+    // Each prompt's job, made once: a submission retried after a lost reply is the same sweep, which
+    // `queue::submit` does not queue twice.
+    let mut prepared: HashMap<String, SweepJob> = HashMap::new();
     loop {
         let job = {
             let Ok(mut state) = shared.state.lock() else { return };
             loop {
                 submitted.retain(|id| state.pending.iter().any(|j| &j.id == id));
+                prepared.retain(|id, _| state.pending.iter().any(|j| &j.id == id));
                 // Lowest number first (a prompt queued "front" has a negative one).
                 let next = state.pending.iter().filter(|j| !submitted.contains(&j.id)).min_by(|a, b| a.number.total_cmp(&b.number));
                 if let Some(job) = next {
@@ -101,19 +111,20 @@ pub fn dispatcher(shared: Arc<Shared>, remote: Arc<Remote>) {
                 };
             }
         };
-        // Every node type and plugin as the workers must have them.
-        let path = prompt_path(&shared.config.graphs_dir, &job.id);
-        let plugins = validate(&path, &job.graph, &registry).map_err(|e| e.to_string()).and_then(|g| g.plugin_hashes().map_err(|e| e.to_string()));
-        let plugins = match plugins {
-            Ok(p) => p,
-            Err(message) => {
-                let m = Messages::new(shared.clone(), &job);
-                remove(&shared, &job);
-                m.end(&job, Ending::Error { node: None, node_type: None, message, exception_type: "ValidationError".into(), traceback: vec![] });
-                continue;
-            }
+        let sweep_job = match prepared.get(&job.id) {
+            Some(j) => j.clone(),
+            None => match prepare(&shared, &registry, &job) {
+                Ok(j) => prepared.entry(job.id.clone()).or_insert(j).clone(),
+                Err(message) => {
+                    // As a local run reports a prompt that no longer validates.
+                    let m = Messages::new(shared.clone(), &job);
+                    remove(&shared, &job);
+                    m.start();
+                    m.end(&job, Ending::Error { node: None, node_type: None, message, exception_type: "ValidationError".into(), traceback: vec![] });
+                    continue;
+                }
+            },
         };
-        let sweep_job = sweep_job(&shared, &job, plugins);
         if con.is_none() {
             con = q.connect(BLOCK * 5).map_err(|e| tracing::warn!("{e}; prompts wait until the queue is back")).ok();
         }
@@ -121,25 +132,46 @@ pub fn dispatcher(shared: Arc<Shared>, remote: Arc<Remote>) {
             std::thread::sleep(BLOCK);
             continue;
         };
-        match queue::submit(c, &q, &remote.config.group, std::slice::from_ref(&sweep_job)) {
-            Ok(_) => {
-                submitted.insert(job.id.clone());
+        if let Err(e) = queue::submit(c, &q, &remote.config.group, std::slice::from_ref(&sweep_job)) {
+            tracing::warn!("{e}; prompts wait until the queue is back");
+            con = None;
+            std::thread::sleep(BLOCK);
+            continue;
+        }
+        submitted.insert(job.id.clone());
+        // Known to `Remote::cancel` only while still pending (checked under the queue's lock, which a
+        // delete takes too): a prompt deleted meanwhile is dropped from the queue here.
+        let still_queued = shared.state.lock().map(|state| {
+            let queued = state.pending.iter().any(|j| j.id == job.id);
+            if queued {
                 if let Ok(mut map) = remote.sweeps.lock() {
                     map.insert(job.id.clone(), sweep_job.sweep.clone());
                 }
-                let (s, r) = (shared.clone(), remote.clone());
-                let spawned = std::thread::Builder::new().name(format!("follow {}", job.id)).spawn(move || follow(s, r, job, sweep_job));
-                if let Err(e) = spawned {
-                    tracing::error!("cannot start a thread to follow a prompt: {e}");
-                }
             }
-            Err(e) => {
-                tracing::warn!("{e}; prompts wait until the queue is back");
-                con = None;
-                std::thread::sleep(BLOCK);
+            queued
+        });
+        if !still_queued.unwrap_or(false) {
+            if let Err(e) = queue::cancel(c, &q, &remote.config.group, &sweep_job.sweep) {
+                tracing::warn!("cannot drop deleted prompt {} from the queue: {e}", job.id);
             }
+            continue;
+        }
+        let (s, r) = (shared.clone(), remote.clone());
+        let (id, sweep) = (job.id.clone(), sweep_job.sweep.clone());
+        let spawned = std::thread::Builder::new().name(format!("follow {id}")).spawn(move || follow(s, r, job, sweep_job));
+        if let Err(e) = spawned {
+            tracing::error!("cannot start a thread to follow prompt {id}: {e}; dropping it");
+            let _ = queue::cancel(c, &q, &remote.config.group, &sweep);
         }
     }
+}
+
+/// Validates a prompt as the workers will run it and makes its job.
+fn prepare(shared: &Shared, registry: &diffloom_core::Registry, job: &Job) -> Result<SweepJob, String> {
+    let path = prompt_path(&shared.config.graphs_dir, &job.id);
+    let resolved = validate(&path, &job.graph, registry).map_err(|e| e.to_string())?;
+    let plugins = resolved.plugin_hashes().map_err(|e| e.to_string())?;
+    Ok(sweep_job(shared, job, plugins))
 }
 
 /// The prompt as a one-job sweep that asks to be followed. Its id is new for every submission (a
@@ -172,13 +204,21 @@ fn remove(shared: &Shared, job: &Job) {
     shared.queue_updated();
 }
 
+/// How many quiet reads pass between checks that the queue still knows the job.
+const LOST_CHECK: u32 = 10;
+
+/// How long a served prompt's records stay on the queue after its end was relayed.
+const KEEP_SECS: i64 = 24 * 3600;
+
 /// Relays one prompt's job events to its client until the job ends.
 fn follow(shared: Arc<Shared>, remote: Arc<Remote>, job: Job, sweep_job: SweepJob) {
     let q = remote.config.url.clone();
+    let group = remote.config.group.clone();
     let sweep = sweep_job.sweep.clone();
-    let mut f = Follower { m: Messages::new(shared.clone(), &job), shared: shared.clone(), job, sweep_job, started: false };
+    let mut f = Follower { m: Messages::new(shared.clone(), &job), shared: shared.clone(), job, sweep_job, started: false, deleted: false };
     let mut con: Option<Connection> = None;
     let mut after = "0".to_owned();
+    let mut quiet = 0u32;
     loop {
         if con.is_none() {
             con = q.connect(BLOCK * 5).map_err(|e| tracing::info!("following {sweep}: {e}")).ok();
@@ -188,17 +228,32 @@ fn follow(shared: Arc<Shared>, remote: Arc<Remote>, job: Job, sweep_job: SweepJo
             continue;
         };
         let ended = events::read(c, &q, &sweep, &after, BLOCK).and_then(|batch| {
-            if batch.is_empty() {
-                // Quiet: did the job end without telling? (An end is published before the outcome is
-                // recorded, so an outcome with no end after one more read means none is coming.)
-                let Some(outcome) = queue::outcome(c, &q, &sweep, 0)? else { return Ok(false) };
+            if !batch.is_empty() {
+                quiet = 0;
+                return Ok(f.handle_all(batch, &mut after));
+            }
+            // Quiet: did the job end without telling? (An end is published before the outcome is
+            // recorded, so an outcome with no end after one more read means none is coming.)
+            if let Some(outcome) = queue::outcome(c, &q, &sweep, 0)? {
                 let late = events::read(c, &q, &sweep, &after, Duration::from_millis(1))?;
                 if late.is_empty() {
                     return Ok(f.end_from_outcome(&outcome));
                 }
                 return Ok(f.handle_all(late, &mut after));
             }
-            Ok(f.handle_all(batch, &mut after))
+            quiet += 1;
+            if quiet.is_multiple_of(LOST_CHECK) && !queue::sweep_exists(c, &q, &sweep)? {
+                let message = format!("job {sweep} is no longer on {} (was the Redis server restarted without persistence, or flushed?)", q.shown);
+                f.finish(Ending::Error {
+                    node: None,
+                    node_type: None,
+                    message: message.clone(),
+                    exception_type: "diffloom.QueueError".into(),
+                    traceback: vec![message],
+                });
+                return Ok(true);
+            }
+            Ok(false)
         });
         match ended {
             Ok(true) => break,
@@ -210,12 +265,16 @@ fn follow(shared: Arc<Shared>, remote: Arc<Remote>, job: Job, sweep_job: SweepJo
             }
         }
     }
-    if let Some(c) = con.as_mut() {
-        let _ = events::remove(c, &q, &sweep);
-    }
     if let Ok(mut map) = remote.sweeps.lock() {
         map.remove(&f.job.id);
     }
+    let Some(c) = con.as_mut() else { return };
+    if f.deleted {
+        // Deleted while being submitted: the job must not run.
+        let _ = queue::cancel(c, &q, &group, &sweep);
+    }
+    let _ = events::remove(c, &q, &sweep);
+    let _ = queue::expire_sweep(c, &q, &sweep, KEEP_SECS);
 }
 
 struct Follower {
@@ -224,6 +283,8 @@ struct Follower {
     job: Job,
     sweep_job: SweepJob,
     started: bool,
+    /// Taken off the queue here before a worker started it.
+    deleted: bool,
 }
 
 impl Follower {
@@ -232,36 +293,49 @@ impl Follower {
         self.job.graph.nodes.get(id).and_then(|n| n.canvas.comfy_id.clone()).unwrap_or_else(|| id.to_owned())
     }
 
-    /// Handles a batch of events, moving `after` past each; true when the job ended.
-    fn handle_all(&mut self, batch: Vec<(String, Event)>, after: &mut String) -> bool {
+    /// Handles a batch of events, moving `after` past each (and past entries that are no events);
+    /// true when the job ended.
+    fn handle_all(&mut self, batch: Vec<(String, Option<Event>)>, after: &mut String) -> bool {
         for (id, event) in batch {
             *after = id;
-            if self.handle(event) {
+            if event.is_some_and(|e| self.handle(e)) {
                 return true;
             }
         }
         false
     }
 
-    fn start(&mut self) {
+    /// Moves the prompt from pending to running on its first event (any: a lost start event does not
+    /// leave it pending); false when it was deleted from the pending list meanwhile.
+    fn start(&mut self) -> bool {
         if self.started {
-            return;
+            return true;
+        }
+        let moved = self.shared.state.lock().map(|mut state| {
+            let before = state.pending.len();
+            state.pending.retain(|j| j.id != self.job.id);
+            let was_pending = state.pending.len() < before;
+            if was_pending {
+                state.running.push(self.job.clone());
+            }
+            was_pending
+        });
+        if !moved.unwrap_or(false) {
+            self.deleted = true;
+            return false;
         }
         self.started = true;
-        if let Ok(mut state) = self.shared.state.lock() {
-            state.pending.retain(|j| j.id != self.job.id);
-            state.running.push(self.job.clone());
-        }
         self.shared.queue_updated();
         self.m.start();
+        true
     }
 
     fn handle(&mut self, event: Event) -> bool {
+        if !matches!(event, Event::End { .. }) && !self.start() {
+            return true;
+        }
         match event {
-            Event::Start { worker } => {
-                tracing::info!("prompt {} runs on worker {worker}", self.job.id);
-                self.start();
-            }
+            Event::Start { worker } => tracing::info!("prompt {} runs on worker {worker}", self.job.id),
             Event::Cached { nodes } => {
                 let nodes = nodes.iter().map(|n| self.comfy(n)).collect();
                 self.m.cached(nodes);
@@ -300,7 +374,9 @@ impl Follower {
     }
 
     fn finish(&mut self, ending: Ending) {
-        self.start();
+        if !self.start() {
+            return;
+        }
         remove(&self.shared, &self.job);
         self.m.end(&self.job, ending);
     }
@@ -345,21 +421,21 @@ impl Follower {
     }
 
     /// Writes a relayed file, never over an existing one (which is the same file: a shared mount, or
-    /// the job run again after its worker died): written beside it, then linked into place.
+    /// the job run again after its worker died). Clients learn its name only from the `executed`
+    /// message that follows, so nobody reads it half-written.
     fn save(&self, kind: &str, path: &str, bytes: &[u8]) -> Result<(), String> {
         let target = self.target(kind, path)?;
         let parent = target.parent().ok_or("no parent folder")?;
         std::fs::create_dir_all(parent).map_err(|e| format!("{}: {e}", parent.display()))?;
-        if target.exists() {
-            return Ok(());
-        }
-        let tmp = parent.join(format!(".{}.{}.tmp", target.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-        let written = std::fs::File::create(&tmp).and_then(|mut f| f.write_all(bytes)).and_then(|_| match std::fs::hard_link(&tmp, &target) {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
-            other => other,
-        });
-        let _ = std::fs::remove_file(&tmp);
-        written.map_err(|e| format!("{}: {e}", target.display()))
+        let mut file = match std::fs::OpenOptions::new().write(true).create_new(true).open(&target) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => return Err(format!("{}: {e}", target.display())),
+        };
+        file.write_all(bytes).map_err(|e| {
+            let _ = std::fs::remove_file(&target);
+            format!("{}: {e}", target.display())
+        })
     }
 
     /// A worker's UI output, its files' subfolders moved under the job's folder here.
@@ -371,7 +447,8 @@ impl Follower {
             let Some(items) = list.as_array_mut() else { continue };
             for item in items {
                 let is_file = matches!(item.get("type").and_then(Json::as_str), Some("output" | "temp"));
-                if let (true, Some(sub)) = (is_file, item.get("subfolder").and_then(Json::as_str)) {
+                if is_file && item.is_object() {
+                    let sub = item.get("subfolder").and_then(Json::as_str).unwrap_or("");
                     let sub = if sub.is_empty() { base.clone() } else { format!("{base}/{sub}") };
                     item["subfolder"] = Json::String(sub);
                 }
@@ -388,6 +465,8 @@ pub struct Sink {
     sweep: String,
     previews: bool,
     con: Mutex<Option<Connection>>,
+    /// After a failure, events are dropped until then rather than stall the job on reconnecting.
+    down_until: Mutex<Option<std::time::Instant>>,
     /// Where the job's output nodes write (its publish folder), once known.
     output_dir: Mutex<Option<PathBuf>>,
     temp_dir: PathBuf,
@@ -397,7 +476,15 @@ impl Sink {
     /// None when the job is not followed.
     pub fn new(q: &QueueUrl, job: &SweepJob, temp_dir: PathBuf) -> Option<Sink> {
         let follow = job.follow.as_ref()?;
-        Some(Sink { q: q.clone(), sweep: job.sweep.clone(), previews: follow.previews, con: Mutex::new(None), output_dir: Mutex::new(None), temp_dir })
+        Some(Sink {
+            q: q.clone(),
+            sweep: job.sweep.clone(),
+            previews: follow.previews,
+            con: Mutex::new(None),
+            down_until: Mutex::new(None),
+            output_dir: Mutex::new(None),
+            temp_dir,
+        })
     }
 
     pub fn set_output_dir(&self, dir: PathBuf) {
@@ -406,14 +493,19 @@ impl Sink {
         }
     }
 
-    /// Publishes `event` (reconnecting once when the connection was lost).
+    /// Publishes `event`, reconnecting once when the connection was lost. When the queue cannot be
+    /// reached, events are dropped for a while (the job goes on; its outcome still ends the prompt).
     pub fn send(&self, event: &Event) {
         let Ok(mut con) = self.con.lock() else { return };
+        let Ok(mut down) = self.down_until.lock() else { return };
+        if down.is_some_and(|t| std::time::Instant::now() < t) {
+            return;
+        }
         for _ in 0..2 {
             if con.is_none() {
-                *con = self.q.connect(Duration::from_secs(10)).map_err(|e| tracing::warn!("events of {}: {e}", self.sweep)).ok();
+                *con = self.q.connect(Duration::from_secs(2)).map_err(|e| tracing::warn!("events of {}: {e}", self.sweep)).ok();
             }
-            let Some(c) = con.as_mut() else { return };
+            let Some(c) = con.as_mut() else { break };
             match events::publish(c, &self.q, &self.sweep, event) {
                 Ok(()) => return,
                 Err(e) => {
@@ -422,6 +514,7 @@ impl Sink {
                 }
             }
         }
+        *down = Some(std::time::Instant::now() + Duration::from_secs(10));
     }
 
     /// The files a node's UI output lists, as (type, relative path, bytes).
@@ -438,6 +531,10 @@ impl Sink {
             };
             let Some(root) = root else { continue };
             let rel = if sub.is_empty() { name.to_owned() } else { format!("{sub}/{name}") };
+            if !Path::new(&rel).components().all(|c| matches!(c, Component::Normal(_))) {
+                tracing::warn!("events of {}: not relaying {rel:?} (not a path inside the {kind} folder)", self.sweep);
+                continue;
+            }
             match std::fs::read(root.join(&rel)) {
                 Ok(bytes) => out.push((kind.to_owned(), rel, bytes)),
                 Err(e) => tracing::warn!("events of {}: cannot read {}: {e}", self.sweep, root.join(&rel).display()),

@@ -120,6 +120,10 @@ async fn post_prompt(State(s): S, body: Bytes) -> Response {
     let id = body.get("prompt_id").and_then(Value::as_str).map(str::to_owned).unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let number = {
         let Ok(mut state) = s.state.lock() else { return error(StatusCode::INTERNAL_SERVER_ERROR, "queue unavailable") };
+        // Cancelling, history and (with --queue) the relayed messages all go by the id.
+        if state.pending.iter().chain(state.running.iter()).any(|j| j.id == id) {
+            return error(StatusCode::BAD_REQUEST, format!("prompt_id {id:?} is already queued"));
+        }
         let number = match body.get("number").and_then(Value::as_f64) {
             Some(n) => n,
             None => {

@@ -67,7 +67,7 @@ pub fn worker(args: WorkerArgs, device: Option<String>) -> Result<ExitCode> {
     let beat = Heartbeat::start(q.clone(), args.group.clone(), name.clone(), claim_timeout, stop.clone(), cancel.clone());
     println!("worker {name}: reading {} (group {}), outputs in {}", q.shown, args.group, root.display());
 
-    let mut w = Worker { q, group: args.group, name, root, claim_timeout, max_retries: args.max_retries, registry, beat, stop, cancel };
+    let mut w = Worker { q, group: args.group, name, root, claim_timeout, max_retries: args.max_retries, confine: args.confine, registry, beat, stop, cancel };
     let mut jobs = 0;
     while !quit.load(Ordering::SeqCst) && args.max_jobs.is_none_or(|m| jobs < m) {
         match w.step(&mut con, &mut executor) {
@@ -134,6 +134,8 @@ struct Worker {
     root: PathBuf,
     claim_timeout: Duration,
     max_retries: usize,
+    /// `--confine`; a followed job (a served prompt, from people on the web) always runs confined.
+    confine: bool,
     registry: Registry,
     beat: Heartbeat,
     stop: Arc<AtomicU8>,
@@ -217,6 +219,7 @@ impl Worker {
         // Without the graph's validation, which a local sweep does too.
         let queue_time = fetched + asked.elapsed().saturating_sub(validation);
         executor.options.output_dir = publish.dir().to_path_buf();
+        executor.options.folders.confined = self.confine || job.follow.is_some();
         self.stop.store(STOP_NONE, Ordering::SeqCst);
         self.cancel.store(false, Ordering::SeqCst);
         self.beat.watch(Some((entry.id.clone(), job.sweep.clone())));
@@ -272,7 +275,7 @@ impl Worker {
     }
 }
 
-/// A thread that keeps the running job's entry claimed (every quarter of the claim timeout) and
+/// A thread that keeps the running job's entry claimed (every quarter of the claim timeout, at most a second) and
 /// stops the job when its sweep is cancelled. It has its own connection, so a long job does not
 /// hold the worker's.
 struct Heartbeat {
@@ -283,7 +286,8 @@ impl Heartbeat {
     fn start(q: QueueUrl, group: String, name: String, claim_timeout: Duration, stop: Arc<AtomicU8>, cancel: Arc<AtomicBool>) -> Heartbeat {
         let current: Arc<Mutex<Option<(String, String)>>> = Arc::new(Mutex::new(None));
         let watched = current.clone();
-        let period = (claim_timeout / 4).max(Duration::from_millis(50));
+        // At most a second: a cancelled sweep's (or interrupted prompt's) running job stops within it.
+        let period = (claim_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
         std::thread::spawn(move || {
             let mut con: Option<Connection> = None;
             loop {

@@ -105,21 +105,23 @@ pub fn publish(con: &mut Connection, q: &QueueUrl, sweep: &str, event: &Event) -
     pipe.query::<()>(con).map_err(|e| q.err(e))
 }
 
-/// The job's events after entry id `after` ("0" for all), waiting at most `block` for the first;
-/// each with its entry id. An entry that is not an event (another version) is skipped.
-pub fn read(con: &mut Connection, q: &QueueUrl, sweep: &str, after: &str, block: Duration) -> Result<Vec<(String, Event)>, QueueError> {
+/// The job's entries after entry id `after` ("0" for all), waiting at most `block` for the first;
+/// each with its entry id, and None for an entry that is not an event this version reads (a newer
+/// worker's), which the reader steps over.
+pub fn read(con: &mut Connection, q: &QueueUrl, sweep: &str, after: &str, block: Duration) -> Result<Vec<(String, Option<Event>)>, QueueError> {
     let options = StreamReadOptions::default().count(64).block(block.as_millis().max(1) as usize);
     let reply: Option<StreamReadReply> = con.xread_options(&[q.events(sweep)], &[after], &options).map_err(|e| q.err(e))?;
     let entries = reply.and_then(|r| r.keys.into_iter().next()).map(|k| k.ids).unwrap_or_default();
     Ok(entries
         .into_iter()
-        .filter_map(|e| {
-            let data: Vec<u8> = e.get("data")?;
-            let mut event: Event = serde_json::from_slice(&data).ok()?;
-            if let Some(bytes) = e.get::<Vec<u8>>("bytes") {
-                event.set_bytes(bytes);
-            }
-            Some((e.id, event))
+        .map(|e| {
+            let event = e.get::<Vec<u8>>("data").and_then(|data| serde_json::from_slice::<Event>(&data).ok()).map(|mut event| {
+                if let Some(bytes) = e.get::<Vec<u8>>("bytes") {
+                    event.set_bytes(bytes);
+                }
+                event
+            });
+            (e.id, event)
         })
         .collect())
 }

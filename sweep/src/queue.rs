@@ -340,10 +340,25 @@ pub fn status(con: &mut Connection, q: &QueueUrl, sweep: &str) -> Result<Status,
     Ok(s)
 }
 
-/// How job `index` of `sweep` ended, if it has.
+/// How job `index` of `sweep` ended, if it has (a record that does not parse counts as a failure).
 pub fn outcome(con: &mut Connection, q: &QueueUrl, sweep: &str, index: usize) -> Result<Option<Outcome>, QueueError> {
     let text: Option<String> = con.hget(q.results(sweep), index.to_string()).map_err(|e| q.err(e))?;
-    Ok(text.and_then(|t| serde_json::from_str(&t).ok()))
+    Ok(text.map(|t| serde_json::from_str(&t).unwrap_or_else(|e| Outcome::new("failed", "", 0.0, Some(format!("an unreadable outcome record ({e}): {t}"))))))
+}
+
+/// Whether the queue still knows the sweep (a server restarted without persistence, or flushed, does
+/// not).
+pub fn sweep_exists(con: &mut Connection, q: &QueueUrl, sweep: &str) -> Result<bool, QueueError> {
+    con.exists(q.meta(sweep)).map_err(|e| q.err(e))
+}
+
+/// Lets a finished sweep's records go after `secs` (a served prompt's, once its end was relayed).
+pub fn expire_sweep(con: &mut Connection, q: &QueueUrl, sweep: &str, secs: i64) -> Result<(), QueueError> {
+    let mut pipe = redis::pipe();
+    for key in [q.meta(sweep), q.results(sweep), q.running(sweep)] {
+        pipe.expire(key, secs).ignore();
+    }
+    pipe.query::<()>(con).map_err(|e| q.err(e))
 }
 
 /// Cancels a sweep: its entries still in the stream are acknowledged and deleted (recorded as
@@ -429,7 +444,8 @@ impl Entry {
     pub fn job(&self) -> Result<Job, String> {
         let text = |name: &str| self.field(name).map(|v| String::from_utf8_lossy(v).into_owned());
         match text("v") {
-            Some(v) if v == VERSION => {}
+            // Version 1 entries are version 2 entries without `follow`.
+            Some(v) if v == VERSION || v == "1" => {}
             Some(v) => return Err(format!("entry {}: format version {v:?}, this worker reads {VERSION:?}", self.id)),
             None => return Err(format!("entry {}: no field \"v\" (not a diffloom job)", self.id)),
         }
