@@ -48,13 +48,22 @@ impl ResnetBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.conv1.forward(&self.norm1.forward(x).silu());
-        let h = self.conv2.forward(&self.norm2.forward(&h).silu());
+        // SiLU and the residual add work in place on temporaries: the same kernels, so the same
+        // values, with one full-size activation fewer alive at a time, which is what sets the peak
+        // memory of a decode at the 512² levels.
+        let h = self.conv1.forward(&silu_(self.norm1.forward(x)));
+        let mut h = self.conv2.forward(&silu_(self.norm2.forward(&h)));
         match &self.shortcut {
-            Some(s) => s.forward(x) + h,
-            None => x + h,
+            Some(s) => s.forward(x).g_add_(&h),
+            None => h.g_add_(x),
         }
     }
+}
+
+/// SiLU in place on a tensor nobody else holds.
+fn silu_(mut t: Tensor) -> Tensor {
+    let _ = t.silu_();
+    t
 }
 
 /// Single-head self-attention over pixels with 1×1-convolution projections `q, k, v, proj_out`.
@@ -82,7 +91,8 @@ impl AttnBlock {
         let hn = self.norm.forward(x);
         let tokens = |t: Tensor| t.view([b, c, h * w]).transpose(1, 2);
         let out = attention(&tokens(self.q.forward(&hn)), &tokens(self.k.forward(&hn)), &tokens(self.v.forward(&hn)), 1, false);
-        x + self.proj_out.forward(&out.transpose(1, 2).reshape([b, c, h, w]))
+        drop(hn);
+        self.proj_out.forward(&out.transpose(1, 2).reshape([b, c, h, w])).g_add_(x)
     }
 }
 
@@ -149,7 +159,7 @@ impl Encoder {
             }
         }
         h = self.mid.forward(&h);
-        self.conv_out.forward(&self.norm_out.forward(&h).silu())
+        self.conv_out.forward(&silu_(self.norm_out.forward(&h)))
     }
 }
 
@@ -192,10 +202,12 @@ impl Decoder {
             }
             if let Some(conv) = upsample {
                 let (_, _, hh, ww) = h.size4().expect("a 4-D [b, c, h, w] activation"); // invariant: nodes check shapes first
-                h = conv.forward(&h.upsample_nearest2d([hh * 2, ww * 2], None, None));
+                let up = h.upsample_nearest2d([hh * 2, ww * 2], None, None);
+                drop(h);
+                h = conv.forward(&up);
             }
         }
-        self.conv_out.forward(&self.norm_out.forward(&h).silu())
+        self.conv_out.forward(&silu_(self.norm_out.forward(&h)))
     }
 }
 
