@@ -246,6 +246,10 @@ pub struct SweepCmd {
     /// The consumer group the workers read in (created when missing).
     #[arg(long, value_name = "NAME", default_value = diffloom_sweep::queue::DEFAULT_GROUP)]
     pub group: String,
+    /// Workers also put each finished job's files on the queue, for `sweep fetch` (when their output
+    /// folders are their own disks, not one shared mount).
+    #[arg(long, requires = "queue")]
+    pub collect: bool,
 }
 
 /// What is done to a queued sweep.
@@ -258,6 +262,18 @@ pub enum SweepAction {
         #[arg(long, value_name = "URL", required = true)]
         queue: String,
         /// Show a progress bar until every job has ended.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Gather a `--collect` sweep's files from the queue into OUTPUT/SWEEP-ID/JOB-INDEX/ (files there
+    /// already are kept); fetched files leave the queue.
+    Fetch {
+        id: String,
+        #[arg(long, value_name = "URL", required = true)]
+        queue: String,
+        #[arg(short, long, default_value = "output")]
+        output_dir: PathBuf,
+        /// Keep fetching until every job has ended.
         #[arg(long)]
         wait: bool,
     },

@@ -298,3 +298,48 @@ fn a_second_process_re_executes_only_what_changed() {
     let unique: std::collections::BTreeSet<_> = names.iter().collect();
     assert_eq!(unique.len(), names.len());
 }
+
+#[test]
+fn model_files_enter_keys_by_content_not_by_path_or_time() {
+    let d = Dir::new();
+    let graph = crate::util::repo().join("graphs/txt2img.ron");
+    let model = crate::util::repo().join("models/test/tiny-sd1.safetensors");
+    for m in ["m1", "m2"] {
+        std::fs::create_dir_all(d.join(&format!("{m}/checkpoints"))).unwrap();
+        std::fs::copy(&model, d.join(&format!("{m}/checkpoints/tiny.safetensors"))).unwrap();
+    }
+    let run = |models: &str| {
+        let args = [
+            "run",
+            graph.to_str().unwrap(),
+            "-o",
+            "out",
+            "--models",
+            models,
+            "--set",
+            "ckpt=tiny.safetensors",
+            "--set",
+            "width=64",
+            "--set",
+            "height=64",
+            "--set",
+            "steps=2",
+        ];
+        let out = d.diffloom(&args);
+        assert!(out.status.success(), "{}", crate::util::stderr(&out));
+        crate::util::stdout(&out)
+    };
+    assert_eq!(reported(&run("m1"), "ran").len(), 7);
+    // The same file in another models folder (another machine's mount): the results are found.
+    assert_eq!(reported(&run("m2"), "ran"), ["save"]);
+    // A file changed in place, with its size and modification time kept: never taken for the old one.
+    let file = d.join("m2/checkpoints/tiny.safetensors");
+    let mtime = std::fs::metadata(&file).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    std::fs::File::options().write(true).open(&file).unwrap().set_modified(mtime).unwrap();
+    assert_eq!(std::fs::metadata(&file).unwrap().modified().unwrap(), mtime);
+    assert_eq!(reported(&run("m2"), "ran"), ["checkpoint", "decode", "negative", "positive", "sampler", "save"]);
+}

@@ -750,3 +750,60 @@ fn jobs_sharing_a_checkpoint_are_queued_together() {
     let order: Vec<&str> = lines.windows(2).filter(|w| w[0] == "index").map(|w| w[1]).collect();
     assert_eq!(order, ["0", "2", "4", "1", "3", "5"]);
 }
+
+#[test]
+fn sweep_fetch_gathers_what_workers_wrote_to_their_own_disks() {
+    let (d, d1, d2) = (Dir::new(), Dir::new(), Dir::new());
+    let redis = Redis::start(None);
+    let url = redis.url("q");
+    let g = graph();
+    let mut args = vec!["sweep", g.as_str(), "--queue", url.as_str(), "--collect", "--grid", "seed=1..6"];
+    for s in SMALL {
+        args.extend(["--set", s]);
+    }
+    let out = d.diffloom(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let id = stdout(&out).split_whitespace().nth(1).unwrap().trim_end_matches(':').to_owned();
+    // Fetching while the workers run, until every job has ended.
+    let fetcher = Kill(Some(
+        Command::new(env!("CARGO_BIN_EXE_diffloom"))
+            .args(["sweep", "fetch", &id, "--queue", &url, "-o", "gathered", "--wait"])
+            .current_dir(d.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let (w1, w2) = (Kill(Some(worker(&d1, &url, "w1", &[]))), Kill(Some(worker(&d2, &url, "w2", &[]))));
+    let fetched = finish(fetcher.take(), 120);
+    assert!(fetched.status.success(), "{}", stderr(&fetched));
+    assert!(stdout(&fetched).contains("fetched 6 files"), "{}", stdout(&fetched));
+    interrupt(w1.take());
+    interrupt(w2.take());
+    // Every job's image, as the worker that ran it wrote it, and nothing left on the queue.
+    let gathered = d.files(&format!("gathered/{id}"));
+    assert_eq!(gathered, ["00000", "00001", "00002", "00003", "00004", "00005"]);
+    let (mut from1, mut from2) = (0, 0);
+    for job in &gathered {
+        let rel = format!("{id}/{job}/txt2img_00001_.png");
+        let ours = std::fs::read(d.join(&format!("gathered/{rel}"))).unwrap();
+        let theirs = match (std::fs::read(d1.join(&format!("out/{rel}"))), std::fs::read(d2.join(&format!("out/{rel}")))) {
+            (Ok(t), Err(_)) => {
+                from1 += 1;
+                t
+            }
+            (Err(_), Ok(t)) => {
+                from2 += 1;
+                t
+            }
+            (a, b) => panic!("job {job}: on worker 1 {}, on worker 2 {}", a.is_ok(), b.is_ok()),
+        };
+        assert_eq!(ours, theirs);
+    }
+    assert_eq!(from1 + from2, 6);
+    assert_eq!(redis.cli(&["XLEN", &format!("q:sweep:{id}:files")]).trim(), "0");
+    let again = d.diffloom(&["sweep", "fetch", &id, "--queue", &url, "-o", "gathered"]);
+    assert!(stdout(&again).contains("fetched 0 files"), "{}", stdout(&again));
+    let unknown = d.diffloom(&["sweep", "fetch", "s000000000000", "--queue", &url]);
+    assert!(!unknown.status.success() && stderr(&unknown).contains("no sweep s000000000000"), "{}", stderr(&unknown));
+}

@@ -192,6 +192,7 @@ fn sweep_job(shared: &Shared, job: &Job, plugins: std::collections::BTreeMap<Str
         sets: Vec::new(),
         plugins,
         follow: Some(Follow { previews: preview_method(shared, job) != "none" }),
+        collect: false,
     }
 }
 

@@ -59,6 +59,7 @@ pub fn jobs(path: &Path, sets: &[String], sweep: &Sweep, registry: &Registry) ->
             sets,
             plugins: BTreeMap::new(),
             follow: None,
+            collect: false,
         })
         .collect();
     // The plugins the graph uses (every job uses the same node types); an invalid first job is
@@ -100,12 +101,13 @@ pub fn command(cmd: SweepCmd, device: Option<String>) -> Result<ExitCode> {
     match cmd.action {
         Some(SweepAction::Status { id, queue, wait }) => status(&id, &queue, wait),
         Some(SweepAction::Cancel { id, queue, group }) => cancel(&id, &queue, &group),
+        Some(SweepAction::Fetch { id, queue, output_dir, wait }) => fetch(&id, &queue, &output_dir, wait),
         None => {
             let Some(args) = cmd.args else { bail!("sweep needs a graph file (or a subcommand: status, cancel)") };
             let (file, set, settings) = Settings::from_args(args, device)?;
             let sweep = Sweep { grids: cmd.grids, rows: cmd.rows };
             match cmd.queue {
-                Some(url) => submit(&file, &set, sweep, &url, &cmd.group),
+                Some(url) => submit(&file, &set, sweep, &url, &cmd.group, cmd.collect),
                 None => self::sweep(&file, &set, sweep, settings),
             }
         }
@@ -163,9 +165,12 @@ fn grouped_by_models(jobs: Vec<Job>, graphs: &[ResolvedGraph]) -> Vec<Job> {
 }
 
 /// `sweep GRAPH … --queue URL`: the checked jobs go on the stream; prints the sweep id.
-fn submit(path: &Path, sets: &[String], sweep: Sweep, url: &str, group: &str) -> Result<ExitCode> {
+fn submit(path: &Path, sets: &[String], sweep: Sweep, url: &str, group: &str, collect: bool) -> Result<ExitCode> {
     let registry = session::registry();
-    let (jobs, graphs) = checked_jobs(path, sets, &sweep, &registry)?;
+    let (mut jobs, graphs) = checked_jobs(path, sets, &sweep, &registry)?;
+    for job in &mut jobs {
+        job.collect = collect;
+    }
     let jobs = grouped_by_models(jobs, &graphs);
     let q = QueueUrl::parse(url)?;
     let mut con = q.connect(Duration::from_secs(30))?;
@@ -176,6 +181,53 @@ fn submit(path: &Path, sets: &[String], sweep: Sweep, url: &str, group: &str) ->
         println!("an earlier submission of this sweep did {} jobs and has {} queued still", submitted.done_before, submitted.queued_before);
     }
     println!("follow it with: diffloom sweep status {id} --queue URL --wait");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sweep fetch ID --queue URL [-o OUTPUT] [--wait]`: writes the collected files where a local sweep
+/// would have (OUTPUT/ID/NNNNN/…), never over an existing file, then deletes them from the queue.
+fn fetch(id: &str, url: &str, output: &Path, wait: bool) -> Result<ExitCode> {
+    let q = QueueUrl::parse(url)?;
+    let mut con = q.connect(Duration::from_secs(30))?;
+    // An unknown id is an error now rather than an endless wait.
+    queue::status(&mut con, &q, id)?;
+    let (mut fetched, mut kept) = (0usize, 0usize);
+    loop {
+        let page = queue::collected(&mut con, &q, id, 100)?;
+        if page.is_empty() {
+            if !wait || queue::status(&mut con, &q, id)?.finished() && queue::collected(&mut con, &q, id, 1)?.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            continue;
+        }
+        for file in &page {
+            if file.path.is_empty() || !Path::new(&file.path).components().all(|c| matches!(c, std::path::Component::Normal(_))) {
+                eprintln!("sweep fetch: skipping {:?} of job {} (not a path inside a job folder)", file.path, file.index);
+                continue;
+            }
+            let job = Job { sweep: id.to_owned(), index: file.index, ..Job::default() };
+            let target = job.output_dir(output).join(&file.path);
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create the folder", parent.display()))?;
+            }
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&target) {
+                Ok(mut f) => {
+                    use std::io::Write;
+                    if let Err(e) = f.write_all(&file.bytes) {
+                        let _ = std::fs::remove_file(&target);
+                        bail!("{}: {e}", target.display());
+                    }
+                    fetched += 1;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => kept += 1,
+                Err(e) => bail!("{}: {e}", target.display()),
+            }
+        }
+        let ids: Vec<String> = page.into_iter().map(|f| f.id).collect();
+        queue::forget_collected(&mut con, &q, id, &ids)?;
+    }
+    println!("sweep {id}: fetched {fetched} files into {} ({kept} were there already)", output.join(id).display());
     Ok(ExitCode::SUCCESS)
 }
 

@@ -19,7 +19,7 @@ use diffloom_core::{Executor, NodeError, Registry};
 use diffloom_server::remote::Sink;
 use diffloom_sweep::events::Event;
 use diffloom_sweep::queue::{self, Connection, Entry, Outcome, QueueError, QueueUrl};
-use diffloom_sweep::Publish;
+use diffloom_sweep::{Job, Publish};
 
 use super::run::{run_options, Settings};
 use super::sweep::{check_plugins, load_job};
@@ -160,6 +160,21 @@ impl Worker {
         Ok(true)
     }
 
+    /// Puts a `--collect` job's files on the queue for `sweep fetch` (before the job is recorded done,
+    /// so that a fetch that finds every job ended finds every file).
+    fn collect(&self, con: &mut Connection, job: &Job) -> Result<(), QueueError> {
+        if !job.collect {
+            return Ok(());
+        }
+        match diffloom_sweep::job_files(&job.output_dir(&self.root)) {
+            Ok(files) => queue::upload_files(con, &self.q, job, &files),
+            Err(e) => {
+                eprintln!("worker {}: cannot read the files of job {} of {} to collect them: {e}", self.name, job.index, job.sweep);
+                Ok(())
+            }
+        }
+    }
+
     fn dead(&self, con: &mut Connection, entry: &Entry, error: &str) -> Result<(), QueueError> {
         println!("worker {}: entry {} moved to {}: {error}", self.name, entry.id, self.q.dead());
         queue::dead_letter(con, &self.q, &self.group, entry, &self.name, error)
@@ -206,6 +221,7 @@ impl Worker {
             Ok(None) => {
                 // Published by an earlier delivery that was not acknowledged: its files stand.
                 println!("worker {}: {label}: already done", self.name);
+                self.collect(con, &job)?;
                 end("success", None);
                 return queue::finish(con, &self.q, &self.group, &entry, &job, &Outcome::new("done", &self.name, 0.0, None), false);
             }
@@ -237,6 +253,7 @@ impl Worker {
             None => match publish.commit() {
                 Ok(_) => {
                     let finishing = Instant::now();
+                    self.collect(con, &job)?;
                     end("success", None);
                     queue::finish(con, &self.q, &self.group, &entry, &job, &Outcome::new("done", &self.name, secs, None), true)?;
                     let queue_ms = (queue_time + finishing.elapsed()).as_secs_f64() * 1000.0;

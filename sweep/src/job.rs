@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 /// One parameter set of a sweep, with everything a worker needs to run it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     /// The sweep's id (see [`sweep_id`]).
     pub sweep: String,
@@ -36,6 +36,10 @@ pub struct Job {
     /// in [`crate::events`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follow: Option<Follow>,
+    /// The worker also puts the job's files on the queue, for `diffloom sweep fetch` to gather from
+    /// workers that write to their own disks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub collect: bool,
 }
 
 /// How a followed job is reported.
@@ -69,6 +73,28 @@ impl Job {
     pub fn describe(&self) -> String {
         self.sets.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(", ")
     }
+}
+
+/// Every file under a finished job's folder `dir`, as ('/'-separated path relative to it, contents),
+/// sorted by path.
+pub fn job_files(dir: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
+    fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>, depth: usize) -> io::Result<()> {
+        for entry in fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.is_dir() && depth < 16 {
+                walk(root, &path, out, depth + 1)?;
+            } else if path.is_file() {
+                let rel = path.strip_prefix(root).unwrap_or(&path);
+                let name = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
+                out.push((name, fs::read(&path)?));
+            }
+        }
+        Ok(())
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out, 0)?;
+    out.sort();
+    Ok(out)
 }
 
 /// A job's outputs being written: a temporary folder, renamed to the job's folder by [`commit`].
@@ -134,6 +160,7 @@ mod tests {
             sets: vec![("seed".into(), "1".into())],
             plugins: BTreeMap::new(),
             follow: None,
+            collect: false,
         }
     }
 

@@ -11,4 +11,4 @@ pub mod job;
 pub mod queue;
 
 pub use grid::{expand, Grid, SweepError};
-pub use job::{sweep_id, Follow, Job, Publish};
+pub use job::{job_files, sweep_id, Follow, Job, Publish};

@@ -16,6 +16,8 @@
 //!   delivered twice overwrites its own record, so counts stay exact).
 //! - `STREAM:sweep:ID:running`: job index → the worker running it and since when.
 //! - `STREAM:sweep:ID:events`: what happens while a followed job runs ([`crate::events`]).
+//! - `STREAM:sweep:ID:files`: a `--collect` sweep's job files (`index`, `path`, `bytes`), one entry per
+//!   file, until `sweep fetch` takes them.
 //!
 //! Delivery is at least once: a worker that dies holding a job leaves the entry pending in the group,
 //! and another worker reclaims it (`XAUTOCLAIM`) once it has been idle for the claim timeout. A worker
@@ -159,6 +161,11 @@ impl QueueUrl {
 
     fn running(&self, sweep: &str) -> String {
         format!("{}:sweep:{sweep}:running", self.stream)
+    }
+
+    /// The files of a `--collect` sweep's finished jobs, until `sweep fetch` takes them.
+    fn files(&self, sweep: &str) -> String {
+        format!("{}:sweep:{sweep}:files", self.stream)
     }
 
     /// A followed job's events stream ([`crate::events`]).
@@ -560,6 +567,52 @@ pub fn release(con: &mut Connection, q: &QueueUrl, group: &str, entry: &Entry, j
     pipe.query::<()>(con).map_err(|e| q.err(e))
 }
 
+/// Puts a finished job's files (from [`crate::job::job_files`]) on the sweep's files stream, in one
+/// transaction, for `sweep fetch`. A job delivered twice puts them there twice; fetching keeps the
+/// first copy.
+pub fn upload_files(con: &mut Connection, q: &QueueUrl, job: &Job, files: &[(String, Vec<u8>)]) -> Result<(), QueueError> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    let index = job.index.to_string();
+    for (path, bytes) in files {
+        let fields: [(&str, &[u8]); 3] = [("index", index.as_bytes()), ("path", path.as_bytes()), ("bytes", bytes)];
+        pipe.xadd(q.files(&job.sweep), "*", &fields).ignore();
+    }
+    pipe.query::<()>(con).map_err(|e| q.err(e))
+}
+
+/// One collected file: its entry id, job index, path in the job's folder and contents.
+pub struct Collected {
+    pub id: String,
+    pub index: usize,
+    pub path: String,
+    pub bytes: Vec<u8>,
+}
+
+/// Up to `count` collected files of `sweep`, oldest first (entries that are not files are returned
+/// with an empty path, to be deleted).
+pub fn collected(con: &mut Connection, q: &QueueUrl, sweep: &str, count: usize) -> Result<Vec<Collected>, QueueError> {
+    let page: redis::streams::StreamRangeReply = con.xrange_count(q.files(sweep), "-", "+", count).map_err(|e| q.err(e))?;
+    Ok(page
+        .ids
+        .into_iter()
+        .map(|e| {
+            let index = e.get::<String>("index").and_then(|i| i.parse().ok()).unwrap_or(usize::MAX);
+            let path = e.get::<String>("path").unwrap_or_default();
+            let bytes = e.get::<Vec<u8>>("bytes").unwrap_or_default();
+            Collected { id: e.id, index, path, bytes }
+        })
+        .collect())
+}
+
+/// Deletes collected files that were fetched.
+pub fn forget_collected(con: &mut Connection, q: &QueueUrl, sweep: &str, ids: &[String]) -> Result<(), QueueError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    con.xdel::<_, _, ()>(q.files(sweep), ids).map_err(|e| q.err(e))
+}
+
 /// The dead-letter stream's entries (id and fields as text), oldest first, at most `count`.
 pub fn dead_letters(con: &mut Connection, q: &QueueUrl, count: usize) -> Result<Vec<(String, BTreeMap<String, String>)>, QueueError> {
     let page: redis::streams::StreamRangeReply = con.xrange_count(q.dead(), "-", "+", count).map_err(|e| q.err(e))?;
@@ -615,6 +668,7 @@ mod tests {
             sets: vec![],
             plugins: BTreeMap::new(),
             follow: None,
+            collect: false,
         };
         let json = serde_json::to_string(&job).unwrap();
         assert_eq!(entry(&[("v", "2"), ("sweep", "sabc"), ("index", "3"), ("job", &json)]).job().unwrap(), job);

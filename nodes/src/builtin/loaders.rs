@@ -19,26 +19,48 @@ use crate::sd::{default_tokenizer, SdClip, SdModel, SdVae};
 pub(super) fn file_stamp(files: &Locator, folder: &str, input: &str, literals: &Args) -> Result<Option<String>, NodeError> {
     let Some(Value::String(name)) = literals.get(input) else { return Ok(None) };
     let path = files.model(folder, input, name)?;
-    let mut stamp = path.display().to_string();
+    let mut stamp = String::new();
     stamp_into(&path, &mut stamp, 3).map_err(|e| NodeError::file(&path, e))?;
     Ok(Some(stamp))
 }
 
-/// Appends size and modification time of `path`, and of the files under it (a diffusers folder).
+/// Appends the BLAKE3 of `path`'s contents, or of each file under it with its relative name (a
+/// diffusers folder). A content digest rather than the path and modification time: a result cached on
+/// disk is found again by any process or machine that has the same file, wherever it sits, and a file
+/// replaced in place never passes for the old one. Reading a checkpoint for it costs about a second per
+/// 2 GB (and leaves the file in the page cache for the load); it is done once per file version per
+/// process (`watch` and `serve` only look at size and modification time afterwards).
 fn stamp_into(path: &Path, stamp: &mut String, depth: usize) -> std::io::Result<()> {
     let meta = std::fs::metadata(path)?;
     if meta.is_dir() && depth > 0 {
         let mut entries: Vec<_> = std::fs::read_dir(path)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
         entries.sort();
         for e in entries {
-            stamp.push_str(&format!("|{}", e.display()));
+            stamp.push_str(&format!("|{}", e.file_name().unwrap_or_default().to_string_lossy()));
             stamp_into(&e, stamp, depth - 1)?;
         }
-    } else {
-        let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default();
-        stamp.push_str(&format!("|{}|{}", meta.len(), mtime.as_nanos()));
+    } else if meta.is_file() {
+        stamp.push_str(&format!("|{}", digest(path, &meta)?));
     }
     Ok(())
+}
+
+/// The BLAKE3 (hex) of a file's contents, remembered per (path, size, modification time).
+fn digest(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<String> {
+    type Memo = std::sync::Mutex<std::collections::HashMap<(std::path::PathBuf, u64, u128), String>>;
+    static MEMO: std::sync::LazyLock<Memo> = std::sync::LazyLock::new(Default::default);
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default().as_nanos();
+    let key = (path.to_path_buf(), meta.len(), mtime);
+    if let Some(d) = MEMO.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(d);
+    }
+    let mut h = blake3::Hasher::new();
+    h.update_reader(std::fs::File::open(path)?)?;
+    let d = h.finalize().to_hex().to_string();
+    if let Ok(mut m) = MEMO.lock() {
+        m.insert(key, d.clone());
+    }
+    Ok(d)
 }
 
 /// Peak resident memory of this process so far, from /proc (Linux), in bytes.
