@@ -17,8 +17,8 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from unet_reference import SD15_UNET  # noqa: E402
-from diffusers import UNet2DConditionModel  # noqa: E402
+from unet_reference import SD15_UNET, SD_VAE  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from diffusers.loaders import single_file_utils as sfu  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
@@ -44,9 +44,12 @@ def main(path, dtypes):
     sd = load_file(path)
     unet = UNet2DConditionModel.from_config(SD15_UNET)
     unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(sd, unet.config), strict=True)
+    vae = AutoencoderKL.from_config(SD_VAE)
+    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(sd, vae.config), strict=True)
     del sd
     unet.eval()
-    print(f"diffusers UNet forward, batch 2, 64x64 latents, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    vae.eval()
+    print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for name in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
         unet = unet.to(dtype)
@@ -54,28 +57,36 @@ def main(path, dtypes):
         x = torch.randn(2, 4, 64, 64, generator=g).to(dtype)
         t = torch.tensor([500.0, 500.0])
         ctx = torch.randn(2, 77, 768, generator=g).to(dtype)
-        unet(x, t, encoder_hidden_states=ctx)
+        report(f"UNet forward, batch 2, 64x64 latents, {name}", lambda: unet(x, t, encoder_hidden_states=ctx))
+    vae = vae.to(torch.float32)
+    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    report("VAE decode, one 64x64 latent (512x512 image), fp32", lambda: vae.decode(z))
+
+
+def report(title, run):
+    """Runs `run` once to warm up, once plainly and once under the profiler; prints where time went."""
+    run()
+    start = time.perf_counter()
+    run()
+    plain = time.perf_counter() - start
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
-        unet(x, t, encoder_hidden_states=ctx)
-        plain = time.perf_counter() - start
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            unet(x, t, encoder_hidden_states=ctx)
-            wall = time.perf_counter() - start
-        by_kind = defaultdict(float)
-        by_op = defaultdict(float)
-        for e in prof.key_averages():
-            # Self time: each kernel counted once, not again in the ops that call it.
-            by_kind[kind_of(e.key)] += e.self_cpu_time_total / 1e6
-            by_op[e.key] += e.self_cpu_time_total / 1e6
-        in_ops = sum(by_kind.values())
-        print(f"\n{name}: {plain:.2f} s unprofiled, {wall:.2f} s profiled, {in_ops:.2f} s inside ATen ops "
-              f"({100 * in_ops / wall:.1f}%), {wall - in_ops:.2f} s outside them (Python, module calls, dispatch)")
-        for kind, secs in sorted(by_kind.items(), key=lambda kv: -kv[1]):
-            print(f"  {kind:<48} {secs:6.2f} s  {100 * secs / wall:5.1f}%")
-        print("  top kernels:")
-        for op, secs in sorted(by_op.items(), key=lambda kv: -kv[1])[:8]:
-            print(f"    {op:<46} {secs:6.2f} s  {100 * secs / wall:5.1f}%")
+        run()
+        wall = time.perf_counter() - start
+    by_kind = defaultdict(float)
+    by_op = defaultdict(float)
+    for e in prof.key_averages():
+        # Self time: each kernel counted once, not again in the ops that call it.
+        by_kind[kind_of(e.key)] += e.self_cpu_time_total / 1e6
+        by_op[e.key] += e.self_cpu_time_total / 1e6
+    in_ops = sum(by_kind.values())
+    print(f"\n{title}: {plain:.2f} s unprofiled, {wall:.2f} s profiled, {in_ops:.2f} s inside ATen ops "
+          f"({100 * in_ops / wall:.1f}%), {wall - in_ops:.2f} s outside them (Python, module calls, dispatch)")
+    for kind, secs in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<48} {secs:6.2f} s  {100 * secs / wall:5.1f}%")
+    print("  top kernels:")
+    for op, secs in sorted(by_op.items(), key=lambda kv: -kv[1])[:8]:
+        print(f"    {op:<46} {secs:6.2f} s  {100 * secs / wall:5.1f}%")
 
 
 def best_of(f, n=3):
