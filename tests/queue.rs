@@ -774,12 +774,12 @@ fn sweep_fetch_gathers_what_workers_wrote_to_their_own_disks() {
             .spawn()
             .unwrap(),
     ));
-    let (w1, w2) = (Kill(Some(worker(&d1, &url, "w1", &[]))), Kill(Some(worker(&d2, &url, "w2", &[]))));
+    let (w1, w2) = (Kill(Some(worker(&d1, &url, "w1", &["--max-jobs", "3"]))), Kill(Some(worker(&d2, &url, "w2", &["--max-jobs", "3"]))));
     let fetched = finish(fetcher.take(), 120);
     assert!(fetched.status.success(), "{}", stderr(&fetched));
     assert!(stdout(&fetched).contains("fetched 6 files"), "{}", stdout(&fetched));
-    interrupt(w1.take());
-    interrupt(w2.take());
+    assert!(finish(w1.take(), 60).status.success());
+    assert!(finish(w2.take(), 60).status.success());
     // Every job's image, as the worker that ran it wrote it, and nothing left on the queue.
     let gathered = d.files(&format!("gathered/{id}"));
     assert_eq!(gathered, ["00000", "00001", "00002", "00003", "00004", "00005"]);
@@ -800,10 +800,32 @@ fn sweep_fetch_gathers_what_workers_wrote_to_their_own_disks() {
         };
         assert_eq!(ours, theirs);
     }
-    assert_eq!(from1 + from2, 6);
-    assert_eq!(redis.cli(&["XLEN", &format!("q:sweep:{id}:files")]).trim(), "0");
+    assert_eq!((from1, from2), (3, 3), "each worker ran 3 jobs on its own disk");
+    assert_eq!(redis.cli(&["EXISTS", &format!("q:sweep:{id}:files")]).trim(), "0");
     let again = d.diffloom(&["sweep", "fetch", &id, "--queue", &url, "-o", "gathered"]);
     assert!(stdout(&again).contains("fetched 0 files"), "{}", stdout(&again));
+
+    // Entries that cannot be files of this sweep are reported and dropped; nothing lands outside the
+    // job folders, and the good entry behind them is fetched.
+    let files = format!("q:sweep:{id}:files");
+    for (index, path) in
+        [("0", "../escaped.png"), ("0", "/tmp/diffloom-fetch-absolute.png"), ("1", "a/../../../escaped2.png"), ("-1", "x.png"), ("6", "x.png"), ("0", "")]
+    {
+        redis.cli(&["XADD", &files, "*", "index", index, "path", path, "bytes", "evil"]);
+    }
+    redis.cli(&["XADD", &files, "*", "index", "2", "path", "no-bytes.png"]);
+    redis.cli(&["XADD", &files, "*", "hello", "world"]);
+    redis.cli(&["XADD", &files, "*", "index", "2", "path", "extra/late.png", "bytes", "fine"]);
+    let hostile = d.diffloom(&["sweep", "fetch", &id, "--queue", &url, "-o", "gathered"]);
+    assert!(hostile.status.success(), "{}", stderr(&hostile));
+    assert!(stdout(&hostile).contains("fetched 1 files") && stdout(&hostile).contains("8 entries skipped"), "{}", stdout(&hostile));
+    assert_eq!(std::fs::read(d.join(&format!("gathered/{id}/00002/extra/late.png"))).unwrap(), b"fine");
+    assert!(!Path::new("/tmp/diffloom-fetch-absolute.png").exists());
+    for planted in ["escaped.png", "escaped2.png", "gathered/escaped.png", "gathered/escaped2.png", &format!("gathered/{id}/escaped.png")] {
+        assert!(!d.join(planted).exists(), "{planted}");
+    }
+    assert_eq!(d.files(&format!("gathered/{id}")).len(), 6, "no job folder beyond the sweep's");
+    assert_eq!(redis.cli(&["XLEN", &files]).trim(), "0");
     let unknown = d.diffloom(&["sweep", "fetch", "s000000000000", "--queue", &url]);
     assert!(!unknown.status.success() && stderr(&unknown).contains("no sweep s000000000000"), "{}", stderr(&unknown));
 }

@@ -103,7 +103,7 @@ pub fn command(cmd: SweepCmd, device: Option<String>) -> Result<ExitCode> {
         Some(SweepAction::Cancel { id, queue, group }) => cancel(&id, &queue, &group),
         Some(SweepAction::Fetch { id, queue, output_dir, wait }) => fetch(&id, &queue, &output_dir, wait),
         None => {
-            let Some(args) = cmd.args else { bail!("sweep needs a graph file (or a subcommand: status, cancel)") };
+            let Some(args) = cmd.args else { bail!("sweep needs a graph file (or a subcommand: status, fetch, cancel)") };
             let (file, set, settings) = Settings::from_args(args, device)?;
             let sweep = Sweep { grids: cmd.grids, rows: cmd.rows };
             match cmd.queue {
@@ -185,50 +185,137 @@ fn submit(path: &Path, sets: &[String], sweep: Sweep, url: &str, group: &str, co
 }
 
 /// `sweep fetch ID --queue URL [-o OUTPUT] [--wait]`: writes the collected files where a local sweep
-/// would have (OUTPUT/ID/NNNNN/…), never over an existing file, then deletes them from the queue.
+/// would have (OUTPUT/ID/NNNNN/…), never over an existing file, then deletes them from the queue. A
+/// file is written beside its place, synced and linked into place before its entry is deleted, so a
+/// fetch that is killed loses nothing; an entry that cannot be a file of the sweep is reported and
+/// dropped; an error of the output folder itself (full, read-only) stops the fetch.
 fn fetch(id: &str, url: &str, output: &Path, wait: bool) -> Result<ExitCode> {
+    if Path::new(id).components().count() != 1 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+        bail!("{id:?} is not a sweep id");
+    }
     let q = QueueUrl::parse(url)?;
     let mut con = q.connect(Duration::from_secs(30))?;
     // An unknown id is an error now rather than an endless wait.
-    queue::status(&mut con, &q, id)?;
-    let (mut fetched, mut kept) = (0usize, 0usize);
-    loop {
-        let page = queue::collected(&mut con, &q, id, 100)?;
-        if page.is_empty() {
-            if !wait || queue::status(&mut con, &q, id)?.finished() && queue::collected(&mut con, &q, id, 1)?.is_empty() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(500));
-            continue;
-        }
-        for file in &page {
-            if file.path.is_empty() || !Path::new(&file.path).components().all(|c| matches!(c, std::path::Component::Normal(_))) {
-                eprintln!("sweep fetch: skipping {:?} of job {} (not a path inside a job folder)", file.path, file.index);
-                continue;
-            }
-            let job = Job { sweep: id.to_owned(), index: file.index, ..Job::default() };
-            let target = job.output_dir(output).join(&file.path);
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).with_context(|| format!("{}: cannot create the folder", parent.display()))?;
-            }
-            match std::fs::OpenOptions::new().write(true).create_new(true).open(&target) {
-                Ok(mut f) => {
-                    use std::io::Write;
-                    if let Err(e) = f.write_all(&file.bytes) {
-                        let _ = std::fs::remove_file(&target);
-                        bail!("{}: {e}", target.display());
-                    }
-                    fetched += 1;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => kept += 1,
-                Err(e) => bail!("{}: {e}", target.display()),
-            }
-        }
-        let ids: Vec<String> = page.into_iter().map(|f| f.id).collect();
-        queue::forget_collected(&mut con, &q, id, &ids)?;
+    let total = queue::status(&mut con, &q, id)?.total;
+    if !queue::collects(&mut con, &q, id)? {
+        bail!("sweep {id} was not submitted with --collect: its files are in the workers' output folders");
     }
-    println!("sweep {id}: fetched {fetched} files into {} ({kept} were there already)", output.join(id).display());
+    let mut counts = FetchCounts::default();
+    loop {
+        match fetch_page(&mut con, &q, id, total, output, &mut counts) {
+            Ok(true) => {}
+            Ok(false) if !wait => break,
+            Ok(false) => {
+                let finished = queue::status(&mut con, &q, id).map(|s| s.finished());
+                match finished.and_then(|f| Ok(f && queue::collected_count(&mut con, &q, id)? == 0)) {
+                    Ok(true) => {
+                        let _ = queue::drop_collected(&mut con, &q, id);
+                        break;
+                    }
+                    Ok(false) => std::thread::sleep(Duration::from_millis(500)),
+                    Err(e) if e.is_connection() => con = reconnect(&q, &e)?,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Err(FetchError::Queue(e)) if e.is_connection() => con = reconnect(&q, &e)?,
+            Err(FetchError::Queue(e)) => return Err(e.into()),
+            Err(FetchError::Output(e)) => return Err(e),
+        }
+    }
+    println!(
+        "sweep {id}: fetched {} files into {} ({} were there already, {} entries skipped)",
+        counts.fetched,
+        output.join(id).display(),
+        counts.kept,
+        counts.skipped
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Default)]
+struct FetchCounts {
+    fetched: usize,
+    kept: usize,
+    skipped: usize,
+}
+
+enum FetchError {
+    Queue(queue::QueueError),
+    /// The output folder cannot take files (full, read-only, no permission).
+    Output(anyhow::Error),
+}
+
+/// Waits for the queue to come back after a lost connection.
+fn reconnect(q: &QueueUrl, e: &queue::QueueError) -> Result<queue::Connection> {
+    eprintln!("sweep fetch: lost the queue ({e}); reconnecting");
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        match q.connect(Duration::from_secs(30)) {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => return Err(e.into()),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Fetches one page of files; false when there was none.
+fn fetch_page(con: &mut queue::Connection, q: &QueueUrl, id: &str, total: usize, output: &Path, counts: &mut FetchCounts) -> Result<bool, FetchError> {
+    // A few files at a time: each may be large.
+    let page = queue::collected(con, q, id, 8).map_err(FetchError::Queue)?;
+    if page.is_empty() {
+        return Ok(false);
+    }
+    let mut done = Vec::new();
+    for file in page {
+        let result = match (file.index, &file.path, &file.bytes) {
+            (Some(index), Some(path), Some(bytes))
+                if index < total && !path.is_empty() && Path::new(path).components().all(|c| matches!(c, std::path::Component::Normal(_))) =>
+            {
+                let job = Job { sweep: id.to_owned(), index, ..Job::default() };
+                save_fetched(&job.output_dir(output), path, bytes)
+            }
+            _ => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a file of a job of this sweep")),
+        };
+        match result {
+            Ok(true) => counts.fetched += 1,
+            Ok(false) => counts.kept += 1,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied) => {
+                let _ = queue::forget_collected(con, q, id, &done);
+                return Err(FetchError::Output(anyhow::anyhow!("{}: {e}", output.display())));
+            }
+            Err(e) => {
+                eprintln!("sweep fetch: skipping entry {} (job {:?}, {:?}): {e}", file.id, file.index, file.path);
+                counts.skipped += 1;
+            }
+        }
+        done.push(file.id);
+    }
+    queue::forget_collected(con, q, id, &done).map_err(FetchError::Queue)?;
+    Ok(true)
+}
+
+/// Writes `bytes` as `dir/path` unless a file is there: beside it first, synced, then linked into place
+/// (which never replaces a file). Ok(false): one was there.
+fn save_fetched(dir: &Path, path: &str, bytes: &[u8]) -> std::io::Result<bool> {
+    use std::io::Write;
+    let target = dir.join(path);
+    let parent = target.parent().unwrap_or(dir);
+    std::fs::create_dir_all(parent)?;
+    if target.exists() {
+        return Ok(false);
+    }
+    let mut tmp = tempfile::Builder::new().prefix(".fetch-").tempfile_in(parent)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    let linked = match std::fs::hard_link(tmp.path(), &target) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(e) => return Err(e),
+    };
+    // The folder's entry is on disk before the queue forgets the file.
+    std::fs::File::open(parent)?.sync_all()?;
+    Ok(linked)
 }
 
 /// `sweep status ID --queue URL [--wait]`.

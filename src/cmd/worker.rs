@@ -156,22 +156,33 @@ impl Worker {
                 None => return Ok(false),
             },
         };
-        self.handle(con, executor, entry, asked.elapsed())?;
+        let handled = self.handle(con, executor, entry, asked.elapsed());
+        self.beat.watch(None);
+        handled?;
         Ok(true)
     }
 
     /// Puts a `--collect` job's files on the queue for `sweep fetch` (before the job is recorded done,
-    /// so that a fetch that finds every job ended finds every file).
-    fn collect(&self, con: &mut Connection, job: &Job) -> Result<(), QueueError> {
+    /// so that a fetch that finds every job ended finds every file). `Ok(Some(error))`: they cannot be
+    /// collected (unreadable, too large, refused by the server), and the job fails with that error;
+    /// `Err`: the connection was lost (the job stays pending and is done again).
+    fn collect(&self, con: &mut Connection, job: &Job) -> Result<Option<String>, QueueError> {
         if !job.collect {
-            return Ok(());
+            return Ok(None);
         }
-        match diffloom_sweep::job_files(&job.output_dir(&self.root)) {
-            Ok(files) => queue::upload_files(con, &self.q, job, &files),
-            Err(e) => {
-                eprintln!("worker {}: cannot read the files of job {} of {} to collect them: {e}", self.name, job.index, job.sweep);
-                Ok(())
-            }
+        let dir = job.output_dir(&self.root);
+        let files = match diffloom_sweep::job_files(&dir) {
+            Ok(f) => f,
+            Err(e) => return Ok(Some(format!("{}: cannot read the job's files to collect them: {e}", dir.display()))),
+        };
+        let bytes: usize = files.iter().map(|(_, b)| b.len()).sum();
+        if bytes > queue::MAX_COLLECT_BYTES {
+            return Ok(Some(format!("{}: {bytes} bytes of files, more than --collect puts on the queue ({} bytes)", dir.display(), queue::MAX_COLLECT_BYTES)));
+        }
+        match queue::upload_files(con, &self.q, job, &files) {
+            Ok(()) => Ok(None),
+            Err(e) if e.is_connection() => Err(e),
+            Err(e) => Ok(Some(format!("cannot collect the job's files: {e}"))),
         }
     }
 
@@ -221,7 +232,10 @@ impl Worker {
             Ok(None) => {
                 // Published by an earlier delivery that was not acknowledged: its files stand.
                 println!("worker {}: {label}: already done", self.name);
-                self.collect(con, &job)?;
+                if let Some(error) = self.collect(con, &job)? {
+                    end("error", Some(error.clone()));
+                    return self.dead(con, &entry, &format!("{label}: {error}"));
+                }
                 end("success", None);
                 return queue::finish(con, &self.q, &self.group, &entry, &job, &Outcome::new("done", &self.name, 0.0, None), false);
             }
@@ -247,13 +261,16 @@ impl Worker {
         let started = Instant::now();
         let report = executor.run(&graph);
         executor.options.observer = None;
-        self.beat.watch(None);
+        // The heartbeat goes on until the entry is ended (collecting a large job's files takes time).
         let secs = started.elapsed().as_secs_f64();
         match report.error {
             None => match publish.commit() {
                 Ok(_) => {
                     let finishing = Instant::now();
-                    self.collect(con, &job)?;
+                    if let Some(error) = self.collect(con, &job)? {
+                        end("error", Some(error.clone()));
+                        return self.dead(con, &entry, &format!("{label}: {error}"));
+                    }
                     end("success", None);
                     queue::finish(con, &self.q, &self.group, &entry, &job, &Outcome::new("done", &self.name, secs, None), true)?;
                     let queue_ms = (queue_time + finishing.elapsed()).as_secs_f64() * 1000.0;

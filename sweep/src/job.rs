@@ -76,14 +76,17 @@ impl Job {
 }
 
 /// Every file under a finished job's folder `dir`, as ('/'-separated path relative to it, contents),
-/// sorted by path.
+/// sorted by path (symbolic links left out).
 pub fn job_files(dir: &Path) -> io::Result<Vec<(String, Vec<u8>)>> {
     fn walk(root: &Path, dir: &Path, out: &mut Vec<(String, Vec<u8>)>, depth: usize) -> io::Result<()> {
         for entry in fs::read_dir(dir)? {
-            let path = entry?.path();
-            if path.is_dir() && depth < 16 {
+            let entry = entry?;
+            let path = entry.path();
+            // Symbolic links are not followed: a job's files are what its nodes wrote.
+            let kind = entry.file_type()?;
+            if kind.is_dir() && depth < 16 {
                 walk(root, &path, out, depth + 1)?;
-            } else if path.is_file() {
+            } else if kind.is_file() {
                 let rel = path.strip_prefix(root).unwrap_or(&path);
                 let name = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/");
                 out.push((name, fs::read(&path)?));

@@ -249,6 +249,9 @@ pub fn submit(con: &mut Connection, q: &QueueUrl, group: &str, jobs: &[Job]) -> 
         &[("total", first.total.to_string()), ("graph", first.graph_name.clone()), ("submitted", now_ms().to_string()), ("cancelled", "0".into())],
     )
     .ignore();
+    if first.collect {
+        pipe.hset(q.meta(&first.sweep), "collect", "1").ignore();
+    }
     let mut out = Submitted::default();
     for job in jobs {
         let key = job.index.to_string();
@@ -362,7 +365,7 @@ pub fn sweep_exists(con: &mut Connection, q: &QueueUrl, sweep: &str) -> Result<b
 /// Lets a finished sweep's records go after `secs` (a served prompt's, once its end was relayed).
 pub fn expire_sweep(con: &mut Connection, q: &QueueUrl, sweep: &str, secs: i64) -> Result<(), QueueError> {
     let mut pipe = redis::pipe();
-    for key in [q.meta(sweep), q.results(sweep), q.running(sweep)] {
+    for key in [q.meta(sweep), q.results(sweep), q.running(sweep), q.files(sweep)] {
         pipe.expire(key, secs).ignore();
     }
     pipe.query::<()>(con).map_err(|e| q.err(e))
@@ -567,6 +570,26 @@ pub fn release(con: &mut Connection, q: &QueueUrl, group: &str, entry: &Entry, j
     pipe.query::<()>(con).map_err(|e| q.err(e))
 }
 
+/// The most bytes of files one `--collect` job puts on the queue (Redis keeps them in memory until
+/// `sweep fetch` takes them; one value may not exceed 512 MB).
+pub const MAX_COLLECT_BYTES: usize = 256 << 20;
+
+/// Whether the sweep was submitted with `--collect`.
+pub fn collects(con: &mut Connection, q: &QueueUrl, sweep: &str) -> Result<bool, QueueError> {
+    let flag: Option<String> = con.hget(q.meta(sweep), "collect").map_err(|e| q.err(e))?;
+    Ok(flag.as_deref() == Some("1"))
+}
+
+/// How many collected files wait for `sweep fetch`.
+pub fn collected_count(con: &mut Connection, q: &QueueUrl, sweep: &str) -> Result<usize, QueueError> {
+    con.xlen(q.files(sweep)).map_err(|e| q.err(e))
+}
+
+/// Deletes the (empty) files stream of a finished sweep.
+pub fn drop_collected(con: &mut Connection, q: &QueueUrl, sweep: &str) -> Result<(), QueueError> {
+    con.del::<_, ()>(q.files(sweep)).map_err(|e| q.err(e))
+}
+
 /// Puts a finished job's files (from [`crate::job::job_files`]) on the sweep's files stream, in one
 /// transaction, for `sweep fetch`. A job delivered twice puts them there twice; fetching keeps the
 /// first copy.
@@ -581,25 +604,25 @@ pub fn upload_files(con: &mut Connection, q: &QueueUrl, job: &Job, files: &[(Str
     pipe.query::<()>(con).map_err(|e| q.err(e))
 }
 
-/// One collected file: its entry id, job index, path in the job's folder and contents.
+/// One collected file: its entry id, job index, path in the job's folder and contents; None for the
+/// parts an entry lacks (not a file entry: to be skipped and deleted).
 pub struct Collected {
     pub id: String,
-    pub index: usize,
-    pub path: String,
-    pub bytes: Vec<u8>,
+    pub index: Option<usize>,
+    pub path: Option<String>,
+    pub bytes: Option<Vec<u8>>,
 }
 
-/// Up to `count` collected files of `sweep`, oldest first (entries that are not files are returned
-/// with an empty path, to be deleted).
+/// Up to `count` collected files of `sweep`, oldest first.
 pub fn collected(con: &mut Connection, q: &QueueUrl, sweep: &str, count: usize) -> Result<Vec<Collected>, QueueError> {
     let page: redis::streams::StreamRangeReply = con.xrange_count(q.files(sweep), "-", "+", count).map_err(|e| q.err(e))?;
     Ok(page
         .ids
         .into_iter()
-        .map(|e| {
-            let index = e.get::<String>("index").and_then(|i| i.parse().ok()).unwrap_or(usize::MAX);
-            let path = e.get::<String>("path").unwrap_or_default();
-            let bytes = e.get::<Vec<u8>>("bytes").unwrap_or_default();
+        .map(|mut e| {
+            let index = e.get::<String>("index").and_then(|i| i.parse().ok());
+            let path = e.get::<String>("path");
+            let bytes = e.map.remove("bytes").and_then(|v| redis::from_owned_redis_value::<Vec<u8>>(v).ok());
             Collected { id: e.id, index, path, bytes }
         })
         .collect())

@@ -20,7 +20,7 @@ pub(super) fn file_stamp(files: &Locator, folder: &str, input: &str, literals: &
     let Some(Value::String(name)) = literals.get(input) else { return Ok(None) };
     let path = files.model(folder, input, name)?;
     let mut stamp = String::new();
-    stamp_into(&path, &mut stamp, 3).map_err(|e| NodeError::file(&path, e))?;
+    stamp_into(&path, Path::new(""), &mut stamp, 3).map_err(|e| NodeError::file(&path, e))?;
     Ok(Some(stamp))
 }
 
@@ -30,27 +30,40 @@ pub(super) fn file_stamp(files: &Locator, folder: &str, input: &str, literals: &
 /// replaced in place never passes for the old one. Reading a checkpoint for it costs about a second per
 /// 2 GB (and leaves the file in the page cache for the load); it is done once per file version per
 /// process (`watch` and `serve` only look at size and modification time afterwards).
-fn stamp_into(path: &Path, stamp: &mut String, depth: usize) -> std::io::Result<()> {
+fn stamp_into(path: &Path, rel: &Path, stamp: &mut String, depth: usize) -> std::io::Result<()> {
     let meta = std::fs::metadata(path)?;
-    if meta.is_dir() && depth > 0 {
+    if meta.is_dir() {
         let mut entries: Vec<_> = std::fs::read_dir(path)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
         entries.sort();
         for e in entries {
-            stamp.push_str(&format!("|{}", e.file_name().unwrap_or_default().to_string_lossy()));
-            stamp_into(&e, stamp, depth - 1)?;
+            let rel = rel.join(e.file_name().unwrap_or_default());
+            // Each entry under its path relative to the folder, so that no two layouts read alike.
+            stamp.push_str(&format!("|{}", rel.display()));
+            if depth > 0 || !e.is_dir() {
+                stamp_into(&e, &rel, stamp, depth.saturating_sub(1))?;
+            }
         }
     } else if meta.is_file() {
-        stamp.push_str(&format!("|{}", digest(path, &meta)?));
+        stamp.push_str(&format!("={}", digest(path, &meta)?));
     }
     Ok(())
 }
 
-/// The BLAKE3 (hex) of a file's contents, remembered per (path, size, modification time).
+/// The BLAKE3 (hex) of a file's contents, remembered per file version: path, size, modification
+/// time and (on Unix) device, inode and change time, which no program can set back, so a file
+/// rewritten in place with its size and time kept is hashed again.
 fn digest(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<String> {
-    type Memo = std::sync::Mutex<std::collections::HashMap<(std::path::PathBuf, u64, u128), String>>;
+    type Memo = std::sync::Mutex<std::collections::HashMap<(std::path::PathBuf, u64, u128, [i64; 4]), String>>;
     static MEMO: std::sync::LazyLock<Memo> = std::sync::LazyLock::new(Default::default);
     let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default().as_nanos();
-    let key = (path.to_path_buf(), meta.len(), mtime);
+    #[cfg(unix)]
+    let version = {
+        use std::os::unix::fs::MetadataExt;
+        [meta.dev() as i64, meta.ino() as i64, meta.ctime(), meta.ctime_nsec()]
+    };
+    #[cfg(not(unix))]
+    let version = [0i64; 4];
+    let key = (path.to_path_buf(), meta.len(), mtime, version);
     if let Some(d) = MEMO.lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(d);
     }
