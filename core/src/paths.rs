@@ -49,11 +49,15 @@ pub struct Folders {
     /// prompts received over HTTP, where a name must not reach other files. Graphs run from the
     /// command line keep their paths.
     pub confined: bool,
+    /// Model files enter cache keys by a hash of their contents rather than by their path and file
+    /// version: set when results are kept on disk, where another process or machine must find them
+    /// (hashing reads each model once); a process on its own needs only tell file versions apart.
+    pub content_keys: bool,
 }
 
 impl Default for Folders {
     fn default() -> Folders {
-        Folders { models: Vec::new(), input_dir: "input".into(), temp_dir: std::env::temp_dir().join("diffloom-preview"), confined: false }
+        Folders { models: Vec::new(), input_dir: "input".into(), temp_dir: std::env::temp_dir().join("diffloom-preview"), confined: false, content_keys: false }
     }
 }
 

@@ -57,7 +57,10 @@ pub fn run_options(settings: Settings) -> Result<RunOptions> {
     if let Some((dir, limit)) = settings.disk_cache {
         // A cache that cannot be opened costs speed, not the run: say so and go on without it.
         match diffloom_core::DiskCache::open(&dir, limit) {
-            Ok(cache) => options.disk_cache = Some(Arc::new(cache)),
+            Ok(cache) => {
+                options.disk_cache = Some(Arc::new(cache));
+                options.folders.content_keys = true;
+            }
             Err(e) => tracing::warn!("{}: cannot use the cache directory ({e}); results stay in memory", dir.display()),
         }
     }

@@ -32,7 +32,7 @@ fn models_then_working_dir_then_graph_dir() {
 #[test]
 fn image_annotations_pick_the_directory() {
     let root = std::env::temp_dir().join(format!("diffloom-images-{}", std::process::id()));
-    let folders = Folders { input_dir: root.join("in"), temp_dir: root.join("tmp"), models: Vec::new(), confined: false };
+    let folders = Folders { input_dir: root.join("in"), temp_dir: root.join("tmp"), models: Vec::new(), confined: false, content_keys: false };
     let out = root.join("out");
     std::fs::create_dir_all(folders.input_dir.join("clipspace")).unwrap();
     std::fs::create_dir_all(&out).unwrap();

@@ -20,17 +20,18 @@ pub(super) fn file_stamp(files: &Locator, folder: &str, input: &str, literals: &
     let Some(Value::String(name)) = literals.get(input) else { return Ok(None) };
     let path = files.model(folder, input, name)?;
     let mut stamp = String::new();
-    stamp_into(&path, Path::new(""), &mut stamp, 3).map_err(|e| NodeError::file(&path, e))?;
+    stamp_into(&path, Path::new(""), files.folders.content_keys, &mut stamp, 3).map_err(|e| NodeError::file(&path, e))?;
     Ok(Some(stamp))
 }
 
-/// Appends the BLAKE3 of `path`'s contents, or of each file under it with its relative name (a
-/// diffusers folder). A content digest rather than the path and modification time: a result cached on
-/// disk is found again by any process or machine that has the same file, wherever it sits, and a file
-/// replaced in place never passes for the old one. Reading a checkpoint for it costs about a second per
-/// 2 GB (and leaves the file in the page cache for the load); it is done once per file version per
-/// process (`watch` and `serve` only look at size and modification time afterwards).
-fn stamp_into(path: &Path, rel: &Path, stamp: &mut String, depth: usize) -> std::io::Result<()> {
+/// Appends what identifies `path`'s contents, or each file's under it with its relative name (a
+/// diffusers folder). With `content` (a disk cache is on), the BLAKE3 of the contents: a result cached
+/// on disk is found again by any process or machine that has the same file, wherever it sits, and a
+/// file replaced in place never passes for the old one. Reading a checkpoint for it costs about a
+/// second per 2 GB (and leaves the file in the page cache for the load), once per file version per
+/// process. Without, the file version: path, size, modification time, and on Unix device, inode and
+/// change time, which no program can set back.
+fn stamp_into(path: &Path, rel: &Path, content: bool, stamp: &mut String, depth: usize) -> std::io::Result<()> {
     let meta = std::fs::metadata(path)?;
     if meta.is_dir() {
         let mut entries: Vec<_> = std::fs::read_dir(path)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
@@ -40,30 +41,36 @@ fn stamp_into(path: &Path, rel: &Path, stamp: &mut String, depth: usize) -> std:
             // Each entry under its path relative to the folder, so that no two layouts read alike.
             stamp.push_str(&format!("|{}", rel.display()));
             if depth > 0 || !e.is_dir() {
-                stamp_into(&e, &rel, stamp, depth.saturating_sub(1))?;
+                stamp_into(&e, &rel, content, stamp, depth.saturating_sub(1))?;
             }
         }
     } else if meta.is_file() {
-        stamp.push_str(&format!("={}", digest(path, &meta)?));
+        let identity = if content { digest(path, &meta)? } else { format!("{}{:?}", path.display(), version(&meta)) };
+        stamp.push_str(&format!("={identity}"));
     }
     Ok(())
+}
+
+/// A file version: size, modification time (ns) and, on Unix, device, inode and change time.
+fn version(meta: &std::fs::Metadata) -> (u64, u128, [i64; 4]) {
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default().as_nanos();
+    #[cfg(unix)]
+    let more = {
+        use std::os::unix::fs::MetadataExt;
+        [meta.dev() as i64, meta.ino() as i64, meta.ctime(), meta.ctime_nsec()]
+    };
+    #[cfg(not(unix))]
+    let more = [0i64; 4];
+    (meta.len(), mtime, more)
 }
 
 /// The BLAKE3 (hex) of a file's contents, remembered per file version: path, size, modification
 /// time and (on Unix) device, inode and change time, which no program can set back, so a file
 /// rewritten in place with its size and time kept is hashed again.
 fn digest(path: &Path, meta: &std::fs::Metadata) -> std::io::Result<String> {
-    type Memo = std::sync::Mutex<std::collections::HashMap<(std::path::PathBuf, u64, u128, [i64; 4]), String>>;
+    type Memo = std::sync::Mutex<std::collections::HashMap<(std::path::PathBuf, (u64, u128, [i64; 4])), String>>;
     static MEMO: std::sync::LazyLock<Memo> = std::sync::LazyLock::new(Default::default);
-    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).unwrap_or_default().as_nanos();
-    #[cfg(unix)]
-    let version = {
-        use std::os::unix::fs::MetadataExt;
-        [meta.dev() as i64, meta.ino() as i64, meta.ctime(), meta.ctime_nsec()]
-    };
-    #[cfg(not(unix))]
-    let version = [0i64; 4];
-    let key = (path.to_path_buf(), meta.len(), mtime, version);
+    let key = (path.to_path_buf(), version(meta));
     if let Some(d) = MEMO.lock().ok().and_then(|m| m.get(&key).cloned()) {
         return Ok(d);
     }
@@ -692,5 +699,29 @@ impl Node for StyleModelLoader {
         let c = &model.config;
         cx.messages.push(format!("{name}: style adapter, {} tokens of width {} from vision states of width {}", c.num_token, c.context_dim, c.width));
         Ok(vec![Value::StyleModel(Handle::new(model, bytes, name))])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// In a long-lived process (`watch`, `serve`, a worker) a model file rewritten in place with its
+    /// size and modification time kept is a new version, and its digest is computed again.
+    #[test]
+    fn a_file_rewritten_in_place_with_its_size_and_time_kept_is_a_new_version() {
+        let dir = std::env::temp_dir().join(format!("diffloom-stamp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("model.safetensors");
+        std::fs::write(&path, b"weights-1").unwrap();
+        let before = std::fs::metadata(&path).unwrap();
+        let (version, digest) = (super::version(&before), super::digest(&path, &before).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::fs::write(&path, b"weights-2").unwrap();
+        std::fs::File::options().write(true).open(&path).unwrap().set_modified(before.modified().unwrap()).unwrap();
+        let after = std::fs::metadata(&path).unwrap();
+        assert_eq!((after.len(), after.modified().unwrap()), (before.len(), before.modified().unwrap()));
+        assert_ne!(super::version(&after), version);
+        assert_ne!(super::digest(&path, &after).unwrap(), digest);
+        assert_eq!(super::digest(&path, &after).unwrap(), blake3::hash(b"weights-2").to_hex().to_string());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
