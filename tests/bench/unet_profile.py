@@ -17,10 +17,7 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from unet_reference import SD15_UNET, SD_VAE  # noqa: E402
-from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from diffusers.loaders import single_file_utils as sfu  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
+from unet_reference import load  # noqa: E402
 
 KINDS = [
     ("convolution", ("convolution",)),
@@ -41,14 +38,7 @@ def kind_of(name):
 
 def main(path, dtypes):
     torch.set_grad_enabled(False)
-    sd = load_file(path)
-    unet = UNet2DConditionModel.from_config(SD15_UNET)
-    unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(sd, unet.config), strict=True)
-    vae = AutoencoderKL.from_config(SD_VAE)
-    vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(sd, vae.config), strict=True)
-    del sd
-    unet.eval()
-    vae.eval()
+    unet, vae = load(path)
     print(f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     for name in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]

@@ -65,16 +65,19 @@ def timed(unet, dtype, reps):
     return statistics.median(times)
 
 
-def main(path, reps):
-    torch.set_grad_enabled(False)
+def load(path):
+    """diffusers' UNet and VAE from the single file, converted by diffusers' own code, in eval mode."""
     sd = load_file(path)
     unet = UNet2DConditionModel.from_config(SD15_UNET)
     unet.load_state_dict(sfu.convert_ldm_unet_checkpoint(sd, unet.config), strict=True)
     vae = AutoencoderKL.from_config(SD_VAE)
     vae.load_state_dict(sfu.convert_ldm_vae_checkpoint(sd, vae.config), strict=True)
-    del sd
-    unet.eval()
-    vae.eval()
+    return unet.eval(), vae.eval()
+
+
+def main(path, reps):
+    torch.set_grad_enabled(False)
+    unet, vae = load(path)
     out = {"threads": torch.get_num_threads(), "fp32_s": timed(unet, torch.float32, reps)}
     out["bf16_s"] = timed(unet, torch.bfloat16, reps)
     del unet

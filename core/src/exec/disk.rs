@@ -294,7 +294,7 @@ impl DiskCache {
         let Some(described) = values.iter().map(|v| describe(v, &mut tensors)).collect::<Option<Vec<_>>>() else { return Ok(false) };
         let bytes = encode(&described, &tensors.0)?;
         let path = self.path(key, salt);
-        let dir = path.parent().expect("entries live in a subfolder");
+        let dir = path.parent().expect("entries live in a subfolder"); // invariant: `path` is root/xx/name
         let fail = |e: std::io::Error| format!("{}: cannot write cache entry: {e}", path.display());
         fs::create_dir_all(dir).map_err(fail)?;
         // A unique temporary name in the same folder, then an atomic rename.

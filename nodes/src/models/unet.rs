@@ -297,8 +297,8 @@ impl Unet {
     /// `apply_control` adds them.
     pub fn forward_controlled(&self, x: &Tensor, timesteps: &Tensor, context: &Tensor, y: Option<&Tensor>, control: Option<&Residuals>) -> Tensor {
         let cx = CallCx { sigma: 0.0, original_shape: &x.size(), cond_or_uncond: &[], run: 0 };
-        self.forward_patched(x, timesteps, context, y, control, &UnetPatches::default(), &cx).expect("no patch ran")
-        // invariant: without patches no step of the forward returns an error
+        let result = self.forward_patched(x, timesteps, context, y, control, &UnetPatches::default(), &cx);
+        result.expect("no patch ran") // invariant: without patches no step of the forward returns an error
     }
 
     /// [`Unet::forward_controlled`] with the model's block patches run where ComfyUI's `UNetModel`
