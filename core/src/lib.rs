@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod dtypes;
 pub mod error;
 pub mod exec;
 pub mod graph;

@@ -41,23 +41,6 @@ enum Backing {
     Tensors(HashMap<String, Tensor>),
 }
 
-/// The safetensors dtype of a libtorch kind, for the kinds pickles hold.
-fn kind_dtype(k: Kind) -> Option<Dtype> {
-    Some(match k {
-        Kind::Float => Dtype::F32,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
-        Kind::Double => Dtype::F64,
-        Kind::Int64 => Dtype::I64,
-        Kind::Int => Dtype::I32,
-        Kind::Int16 => Dtype::I16,
-        Kind::Int8 => Dtype::I8,
-        Kind::Uint8 => Dtype::U8,
-        Kind::Bool => Dtype::BOOL,
-        _ => return None,
-    })
-}
-
 impl SafetensorsFile {
     /// A PyTorch pickle's tensors, read without running code; `start` numbers them in file order.
     fn open_pickle(path: &Path) -> Result<SafetensorsFile, LoadError> {
@@ -65,8 +48,11 @@ impl SafetensorsFile {
         let mut data = HashMap::new();
         let (read, values) = super::pickle::read_with_values(path)?;
         for (i, (name, t)) in read.into_iter().enumerate() {
-            let dtype =
-                kind_dtype(t.kind()).ok_or_else(|| LoadError::Dtype { file: path.to_path_buf(), key: name.clone(), found: format!("{:?}", t.kind()) })?;
+            let dtype = diffloom_core::dtypes::dtype_of(t.kind()).ok_or_else(|| LoadError::Dtype {
+                file: path.to_path_buf(),
+                key: name.clone(),
+                found: format!("{:?}", t.kind()),
+            })?;
             tensors.insert(name.clone(), TensorInfo { dtype, shape: t.size(), start: i, end: i });
             data.insert(name, t);
         }
@@ -173,18 +159,4 @@ fn is_pickle(bytes: &[u8]) -> bool {
 }
 
 /// The libtorch kind of a safetensors dtype, for the dtypes checkpoints use.
-pub fn dtype_kind(d: Dtype) -> Option<Kind> {
-    Some(match d {
-        Dtype::F32 => Kind::Float,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        Dtype::F64 => Kind::Double,
-        Dtype::I64 => Kind::Int64,
-        Dtype::I32 => Kind::Int,
-        Dtype::I16 => Kind::Int16,
-        Dtype::I8 => Kind::Int8,
-        Dtype::U8 => Kind::Uint8,
-        Dtype::BOOL => Kind::Bool,
-        _ => return None,
-    })
-}
+pub use diffloom_core::dtypes::kind_of as dtype_kind;

@@ -55,8 +55,8 @@ pub struct Block(pub Vec<Layer>);
 impl Block {
     /// Applies each layer; `up_size` is the target size of an upsampler in the block.
     pub fn forward(&self, x: &Tensor, emb: &Tensor, context: &Tensor, up_size: Option<(i64, i64)>) -> Tensor {
-        self.forward_hooked(x, emb, context, up_size, None).expect("no patch ran")
-        // invariant: without patches no layer fails
+        let result = self.forward_hooked(x, emb, context, up_size, None);
+        result.expect("no patch ran") // invariant: without patches no layer fails
     }
 
     /// [`Block::forward`] with the model's patches (`hooks`: the patches and this block's id).
