@@ -40,7 +40,7 @@ check() { # NAME COMMAND...: runs it, shows its tail, records PASS/FAIL and seco
 check version "$bin/diffloom" --version -v
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 for t in gpu_device_and_fp16_default gpu_fp32_matches_the_cpu gpu_ancestral_noise_is_torchs_on_the_device \
-    gpu_lora_patching_matches_the_cpu gpu_vae_decode_out_of_memory_retries_in_tiles; do
+    gpu_lora_patching_matches_the_cpu gpu_vae_decode_keeps_to_free_memory gpu_vae_decode_out_of_memory_retries_in_tiles; do
     check "$t" "$bin/gpu-tests" --ignored --exact "$t" --nocapture --test-threads 1
 done
 check full_model "$bin/make-test-models" "$work/models" --full-sd1

@@ -7,7 +7,8 @@
 //! - ancestral noise drawn on the device as torch draws it there (`torch.Generator("cuda")`, the
 //!   machine's own PyTorch computing the reference);
 //! - LoRA patching on the device, equal to the CPU's;
-//! - a VAE decode too large for the GPU retried in tiles.
+//! - a VAE decode that keeps to the GPU's free memory (fewer images at a time, then tiles), and one
+//!   too large for the GPU retried in tiles when that estimate is set aside.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -157,10 +158,54 @@ fn gpu_vae_decode_out_of_memory_retries_in_tiles() {
         "v": (type: "VAEDecode", inputs: {{"samples": Link("e", "LATENT"), "vae": Link("c", "VAE")}}),
         "o": (type: "PreviewAny", inputs: {{"source": Link("v", "IMAGE")}}),"#
     );
+    // The free-memory estimate would tile this decode before it starts: set aside, the decode runs
+    // out of memory and is retried.
+    diffloom_nodes::budget::set_use_free_memory(false);
     let (mut ex, g, report) = run(d.path(), dev, None, &nodes);
+    diffloom_nodes::budget::set_use_free_memory(true);
     let said = report.nodes.iter().find(|n| n.id == "v").map(|n| n.messages.join("\n")).unwrap_or_default();
     println!("VAEDecode of a {side}² image on the GPU: {said}");
     assert!(said.contains("ran out of memory") && said.contains("tiles"), "the decode fit: raise DIFFLOOM_GPU_OOM_SIDE ({said})");
     let img = latent(&mut ex, &g, "v");
     assert_eq!(img.size()[1], side.parse::<i64>().unwrap());
+}
+
+#[test]
+#[ignore = "needs a GPU: scripts/gpu_check.sh"]
+fn gpu_vae_decode_keeps_to_free_memory() {
+    let dev = cuda();
+    let d = tempfile::tempdir().unwrap();
+    let ck = tiny(d.path());
+    let nodes = format!(
+        r#""c": (type: "CheckpointLoaderSimple", inputs: {{"ckpt_name": {ck:?}}}),
+        "e": (type: "EmptyLatentImage", inputs: {{"width": 512, "height": 512, "batch_size": 4}}),
+        "v": (type: "VAEDecode", inputs: {{"samples": Link("e", "LATENT"), "vae": Link("c", "VAE")}}),
+        "t": (type: "VAEDecodeTiled", inputs: {{"samples": Link("e", "LATENT"), "vae": Link("c", "VAE"), "tile_size": 512, "overlap": 128}}),
+        "o": (type: "PreviewAny", inputs: {{"source": Link("v", "IMAGE")}}),
+        "o2": (type: "PreviewAny", inputs: {{"source": Link("t", "IMAGE")}}),"#
+    );
+    let said = |r: &RunReport| r.nodes.iter().find(|n| n.id == "v").map(|n| n.messages.join("\n")).unwrap_or_default();
+    let (mut ex, g, report) = run(d.path(), dev, None, &nodes);
+    assert!(!said(&report).contains("decoded"), "the whole decode did not fit an idle GPU: {}", said(&report));
+    let whole = latent(&mut ex, &g, "v");
+    drop(ex);
+    // ComfyUI's estimate of one 64×64 latent's decode in fp16.
+    let per_item = 2178 * 64 * 64 * 64 * 2u64;
+    // Occupies the GPU but for `left` bytes, runs the graph and says what the decode reported.
+    let with_free = |left: u64| {
+        let (free, _) = diffloom_aten::cuda_free_memory(0).unwrap();
+        assert!(free > left + (1 << 30), "the GPU has {free} bytes free");
+        let hog = Tensor::empty([(free - left) as i64], (Kind::Uint8, dev));
+        let (mut ex, g, report) = run(d.path(), dev, None, &nodes);
+        drop(hog);
+        println!("VAEDecode of 4 × 512² with {:.2} GiB free: {}", left as f64 / (1u64 << 30) as f64, said(&report));
+        (said(&report), latent(&mut ex, &g, "v"), latent(&mut ex, &g, "t"))
+    };
+    let (message, batched, _) = with_free(per_item * 5 / 2);
+    assert!(message.contains("decoded 2 at a time") && message.contains("free on cuda:0"), "{message}");
+    assert!((&batched - &whole).abs().max().double_value(&[]) < 1e-2);
+    let (message, tiled, tiled_node) = with_free(per_item / 2);
+    assert!(message.contains("decoded in tiles") && message.contains("free on cuda:0"), "{message}");
+    // ComfyUI's fallback tiles (64 latent pixels, overlap 16) are VAEDecodeTiled's 512 and 128.
+    assert!((&tiled - &tiled_node).abs().max().double_value(&[]) < 1e-2);
 }

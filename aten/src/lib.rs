@@ -22,6 +22,7 @@ extern "C" {
     fn dl_cuda_built() -> c_int;
     fn dl_torch_version() -> *mut c_char;
     fn dl_cpu_capability() -> *mut c_char;
+    fn dl_cuda_free_memory(index: c_int, free: *mut u64, total: *mut u64, err: *mut *mut c_char) -> c_int;
 }
 
 /// A libtorch error raised inside the shim (bad device, unsupported dtype, out of memory), as its text.
@@ -135,6 +136,21 @@ fn scalar_type(kind: Kind) -> Result<c_int, AtenError> {
 pub fn cuda_built() -> bool {
     // SAFETY: no arguments; never throws.
     unsafe { dl_cuda_built() != 0 }
+}
+
+/// Bytes free for new tensors on CUDA device `index` (the driver's free memory plus what libtorch's
+/// caching allocator holds unused, as ComfyUI counts it) and the device's total, or why it is not known
+/// (no such device, no CUDA backend).
+pub fn cuda_free_memory(index: usize) -> Result<(u64, u64), AtenError> {
+    let index = c_int::try_from(index).map_err(|_| AtenError(format!("no CUDA device {index}")))?;
+    let (mut free, mut total, mut err) = (0u64, 0u64, std::ptr::null_mut());
+    // SAFETY: out-pointers to locals; the shim catches every C++ exception into `err`.
+    let ok = unsafe { dl_cuda_free_memory(index, &mut free, &mut total, &mut err) };
+    match take_string(err) {
+        Some(why) => Err(AtenError(why)),
+        None if ok == 1 => Ok((free, total)),
+        None => Err(AtenError("cudaMemGetInfo gave no answer".into())),
+    }
 }
 
 /// The libtorch version, e.g. `2.13.0`.

@@ -11,7 +11,14 @@
 #include <ATen/Version.h>
 #include <ATen/ops/rand.h>
 #include <ATen/ops/randn.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/headeronly/version.h>
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 9)
+#include <c10/core/CachingDeviceAllocator.h>
+#define DL_DEVICE_ALLOCATOR 1
+#endif
+
+#include <dlfcn.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -83,6 +90,35 @@ void *dl_generator_draw(void *gen, const int64_t *sizes, size_t ndim, int dtype,
 // Whether libtorch's CUDA backend is linked and registered (it is, when libtorch_cuda.so loaded),
 // whether or not a GPU is present.
 int dl_cuda_built() { return at::detail::getCUDAHooks().isBuilt() ? 1 : 0; }
+
+// Bytes free for new tensors on CUDA device `index`, as ComfyUI's get_free_memory counts them: what
+// the driver reports free (cudaMemGetInfo) plus what libtorch's caching allocator holds reserved but
+// not in use, which it hands out again before asking the driver. cudaMemGetInfo is looked up in the
+// CUDA runtime libtorch_cuda.so already loaded, so no CUDA headers or version are compiled in.
+int dl_cuda_free_memory(int index, uint64_t *free_bytes, uint64_t *total_bytes, char **err) {
+  return guarded(err, [&]() -> int {
+    TORCH_CHECK(at::detail::getCUDAHooks().isBuilt(), "this libtorch has no CUDA backend");
+    const int gpus = at::detail::getCUDAHooks().getNumGPUs();
+    TORCH_CHECK(index >= 0 && index < gpus, "no CUDA device ", index, " (", gpus, " present)");
+    using MemGetInfo = int (*)(size_t *, size_t *);
+    auto mem_get_info = reinterpret_cast<MemGetInfo>(dlsym(RTLD_DEFAULT, "cudaMemGetInfo"));
+    TORCH_CHECK(mem_get_info != nullptr, "the CUDA runtime's cudaMemGetInfo is not loaded");
+    c10::DeviceGuard guard(c10::Device(c10::kCUDA, static_cast<c10::DeviceIndex>(index)));
+    size_t free = 0, total = 0;
+    const int status = mem_get_info(&free, &total);
+    TORCH_CHECK(status == 0, "cudaMemGetInfo failed with CUDA error ", status);
+    uint64_t cached = 0;
+#ifdef DL_DEVICE_ALLOCATOR
+    const auto stats = c10::getDeviceAllocator(c10::kCUDA)->getDeviceStats(static_cast<c10::DeviceIndex>(index));
+    const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
+    const int64_t idle = stats.reserved_bytes[all].current - stats.active_bytes[all].current;
+    cached = idle > 0 ? static_cast<uint64_t>(idle) : 0;
+#endif
+    *free_bytes = static_cast<uint64_t>(free) + cached;
+    *total_bytes = static_cast<uint64_t>(total);
+    return 1;
+  });
+}
 
 // The libtorch version this binary runs on, e.g. "2.13.0" (compile-time: headers and library match).
 char *dl_torch_version() {

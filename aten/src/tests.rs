@@ -68,3 +68,17 @@ impl Generator {
         self.randn(&[4], Kind::Float).unwrap().device()
     }
 }
+
+#[test]
+fn cuda_free_memory_is_known_on_a_gpu_and_an_error_without() {
+    if tch::Cuda::is_available() {
+        let (free, total) = cuda_free_memory(0).unwrap();
+        assert!(free > 0 && free <= total, "{free} of {total}");
+        let n = tch::Cuda::device_count() as usize;
+        assert!(cuda_free_memory(n).unwrap_err().0.contains(&format!("no CUDA device {n}")));
+        return;
+    }
+    // The CUDA backend is linked here (build/rpath.rs) but sees no device: an error, not an abort.
+    let e = cuda_free_memory(0).unwrap_err();
+    assert!(e.0.contains("no CUDA device 0"), "{e}");
+}

@@ -249,14 +249,34 @@ impl SdVae {
     }
 
     /// Bytes ComfyUI reckons a decode of one latent of `h × w` takes at its peak (its
-    /// `memory_used_decode` for SD's VAE: 2178 · h · w · 64 · element size).
+    /// `memory_used_decode` for SD's VAE: 2178 · h · w · 64 · the VAE dtype's element size).
     pub fn decode_peak_per_item(&self, h: i64, w: i64) -> u64 {
-        2178 * (h * w) as u64 * 64 * Kind::Float.elt_size_in_bytes() as u64
+        2178 * (h * w) as u64 * 64 * self.model.kind().elt_size_in_bytes() as u64
     }
 
-    /// A whole-image decode that keeps to `--max-memory` as ComfyUI keeps to free memory: the batch in
-    /// chunks that fit, in tiles (64 latent pixels, overlap 16) when one item does not; and tiles again
-    /// when the device runs out of memory anyway.
+    /// What a decode may take: the `--max-memory` budget and, on a GPU, its free memory (the lower of
+    /// the two), each with how the report names it. A GPU whose free memory cannot be read leaves
+    /// only the out-of-memory retry.
+    fn decode_limit(&self) -> Option<(u64, String)> {
+        let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+        let budget = crate::budget::max_memory().map(|b| (b, format!("--max-memory {}", gib(b))));
+        let free = match self.model.device() {
+            Device::Cuda(i) if crate::budget::use_free_memory() => match diffloom_aten::cuda_free_memory(i) {
+                Ok((free, _)) => Some((free, format!("the {} free on cuda:{i}", gib(free)))),
+                Err(why) => {
+                    tracing::debug!("free memory on cuda:{i} unknown ({why}); a decode that runs out retries in tiles");
+                    None
+                }
+            },
+            _ => None,
+        };
+        [budget, free].into_iter().flatten().min_by_key(|(b, _)| *b)
+    }
+
+    /// A whole-image decode that keeps to `--max-memory` and to a GPU's free memory as ComfyUI keeps
+    /// to free memory: the batch in chunks that fit, in tiles (64 latent pixels, overlap 16) when one
+    /// item does not (ComfyUI would try it and tile on running out; the estimate avoids the failed
+    /// attempt); and tiles again when the device runs out of memory anyway.
     fn decode_within_budget(
         &self,
         samples: &Tensor,
@@ -267,14 +287,14 @@ impl SdVae {
         let per_item = self.decode_peak_per_item(s[2], s[3]);
         let note = |why: String| diffloom_core::exec::notes::note(why);
         let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
-        if let Some(budget) = crate::budget::max_memory() {
-            if per_item > budget {
-                note(format!("decoded in tiles: one image's decode takes about {}, over --max-memory {}", gib(per_item), gib(budget)));
+        if let Some((limit, name)) = self.decode_limit() {
+            if per_item > limit {
+                note(format!("decoded in tiles: one image's decode takes about {}, over {name}", gib(per_item)));
                 return tiled(dec, 64, 16);
             }
-            let fit = (budget / per_item).max(1) as i64;
+            let fit = (limit / per_item).max(1) as i64;
             if fit < s[0] {
-                note(format!("decoded {fit} at a time: {} images take about {}, over --max-memory {}", s[0], gib(per_item * s[0] as u64), gib(budget)));
+                note(format!("decoded {fit} at a time: {} images take about {}, over {name}", s[0], gib(per_item * s[0] as u64)));
                 let parts = samples.split(fit, 0).iter().map(&mut *dec).collect::<Result<Vec<_>, _>>()?;
                 return Ok(Tensor::cat(&parts, 0));
             }

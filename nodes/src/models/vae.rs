@@ -235,16 +235,19 @@ impl AutoencoderKl {
         self.quant_conv.weight.device()
     }
 
+    /// The dtype the weights, and so the activations, are in.
+    pub fn kind(&self) -> tch::Kind {
+        self.quant_conv.weight.kind()
+    }
+
     /// The mean of the latent distribution for images `x` `[b, 3, h, w]` in -1..1 (unscaled latents).
     pub fn encode_mean(&self, x: &Tensor) -> Tensor {
-        let kind = self.quant_conv.weight.kind();
-        let moments = self.quant_conv.forward(&self.encoder.forward(&x.to_kind(kind)));
+        let moments = self.quant_conv.forward(&self.encoder.forward(&x.to_kind(self.kind())));
         moments.narrow(1, 0, self.config.embed_dim)
     }
 
     /// Images in about -1..1 from unscaled latents `z` `[b, embed_dim, h, w]`.
     pub fn decode(&self, z: &Tensor) -> Tensor {
-        let kind = self.quant_conv.weight.kind();
-        self.decoder.forward(&self.post_quant_conv.forward(&z.to_kind(kind)))
+        self.decoder.forward(&self.post_quant_conv.forward(&z.to_kind(self.kind())))
     }
 }
