@@ -451,3 +451,30 @@ fn vae_decode_keeps_to_the_memory_budget() {
     assert_eq!((&tiled - &tiled_node).abs().max().double_value(&[]), 0.0);
     assert_eq!(tiled.size(), whole.size());
 }
+
+/// bf16 on the CPU: the VAE runs channels-last there (fp32 keeps ComfyUI's NCHW). Its encode and
+/// decode stay those of fp32 within bf16's precision, the latents leave contiguous, and fp32 decodes
+/// in NCHW as ComfyUI does.
+#[test]
+fn vae_in_bf16_runs_channels_last_with_fp32s_results() {
+    let d = Dir::new();
+    let path = d.join("m.safetensors");
+    write_checkpoint(&path, &tiny_config(Family::Sd1, false), Kind::Float, 3, true).unwrap();
+    let f32_vae = load_checkpoint(&path, Device::Cpu, Kind::Float).unwrap().vae.unwrap();
+    let bf16_vae = load_checkpoint(&path, Device::Cpu, Kind::BFloat16).unwrap().vae.unwrap();
+    tch::manual_seed(0);
+    let img = Tensor::rand([2, 3, 64, 48], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let (z32, z16) = (f32_vae.encode_mean(&img), bf16_vae.encode_mean(&img).to_kind(Kind::Float));
+    assert!(z16.is_contiguous() && z32.is_contiguous());
+    let rel = |a: &Tensor, b: &Tensor| ((a - b).abs().max() / b.abs().max()).double_value(&[]);
+    println!("bf16 vs fp32: latents {:.2e}", rel(&z16, &z32));
+    assert!(rel(&z16, &z32) < 0.05, "{}", rel(&z16, &z32));
+    let (x32, x16) = (f32_vae.decode(&z32), bf16_vae.decode(&z32).to_kind(Kind::Float));
+    println!("bf16 vs fp32: images {:.2e}", rel(&x16, &x32));
+    assert!(rel(&x16, &x32) < 0.05, "{}", rel(&x16, &x32));
+    // The layout the decode ran in shows in its output's strides: NCHW for fp32 (ComfyUI's, whose
+    // latents are contiguous), channels-last in bf16.
+    assert!(x32.is_contiguous(), "fp32 decoded channels-last");
+    let x16 = bf16_vae.decode(&z32);
+    assert!(!x16.is_contiguous() && x16.permute([0, 2, 3, 1]).is_contiguous(), "bf16 decoded in NCHW: {:?}", x16.stride());
+}
