@@ -4,7 +4,6 @@
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use super::attention::attention;
 use super::layers::{conv1x1, conv2d, conv3x3, group_norm, Conv2d, GroupNorm};
 use crate::checkpoint::WPath;
 
@@ -89,13 +88,25 @@ impl AttnBlock {
     fn forward(&self, x: &Tensor) -> Tensor {
         let (b, c, h, w) = x.size4().expect("a 4-D [b, c, h, w] activation"); // invariant: nodes check shapes first
         let hn = self.norm.forward(x);
-        let tokens = |t: Tensor| t.view([b, c, h * w]).transpose(1, 2);
-        let out = attention(&tokens(self.q.forward(&hn)), &tokens(self.k.forward(&hn)), &tokens(self.v.forward(&hn)), 1, false);
+        // q, k and v exactly as ComfyUI's pytorch_attention makes them: libtorch's CPU SDPA rounds
+        // differently for other strides, even of the size-1 head dimension (45 of a 512² image's 786,432
+        // 8-bit values moved one step). With these, a full-size decode and encode equal ComfyUI's bit for
+        // bit (tests/parity/comfy_vae_check.py).
+        let tokens = |t: Tensor| t.view([b, 1, c, h * w]).transpose(2, 3).contiguous();
+        let out = Tensor::scaled_dot_product_attention(
+            &tokens(self.q.forward(&hn)),
+            &tokens(self.k.forward(&hn)),
+            &tokens(self.v.forward(&hn)),
+            None::<Tensor>,
+            0.0,
+            false,
+            None,
+            false,
+        );
         drop(hn);
-        // `x + …` as ComfyUI adds: the sum takes x's layout. The attention's output comes back in
-        // channels-last strides; adding into it would carry that layout through the rest of an fp32
-        // decode, whose convolutions then round differently from ComfyUI's NCHW ones.
-        x + self.proj_out.forward(&out.transpose(1, 2).reshape([b, c, h, w]))
+        // `x + …`, ComfyUI's order: the sum keeps x's layout (NCHW in a decode), not the channels-last
+        // strides the attention's output comes back in, so the convolutions after it run as ComfyUI's do.
+        x + self.proj_out.forward(&out.transpose(2, 3).reshape([b, c, h, w]))
     }
 }
 
@@ -257,17 +268,17 @@ impl AutoencoderKl {
 
     /// The input in the memory layout the convolutions run fastest in. On the CPU in bf16 or fp16 that
     /// is channels-last (NHWC strides, oneDNN's own layout): every convolution keeps it, GroupNorm,
-    /// SiLU, the adds and the nearest upsampling have channels-last kernels, and the attention's token
-    /// view is contiguous as it is. Measured with diffusers' VAE on the full-size SD VAE, a 512² decode
+    /// SiLU, the adds and the nearest upsampling have channels-last kernels, and the attention's tokens
+    /// are contiguous as they are. Measured with diffusers' VAE on the full-size SD VAE, a 512² decode
     /// in bf16 takes 0.77× the time, as close to fp32's image as NCHW's (mean 0.80 of 255 either way).
-    /// fp32 keeps ComfyUI's layout (NCHW for a decode): channels-last would take 0.82× but change 566 of the 786,432
-    /// 8-bit values of that image, and fp32 on the CPU is the mode that gives ComfyUI's image exactly.
+    /// fp32 keeps ComfyUI's layouts, the input's own: channels-last would take 0.82× there but move
+    /// 566 of that image's 786,432 8-bit values, and fp32 is the mode that gives ComfyUI's image.
     /// Weights stay as loaded (oneDNN reorders them per call, a few percent), plain contiguous tensors
     /// for LoRA patches, merging and CheckpointSave. Other devices keep NCHW: nothing was measured there.
     fn layout(&self, x: &Tensor) -> Tensor {
         match (self.device(), self.kind()) {
             (tch::Device::Cpu, tch::Kind::BFloat16 | tch::Kind::Half) => x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]),
-            // Otherwise the input's own layout, as in ComfyUI's calls: NCHW for the sampler's latents,
+            // The input's own layout, as in ComfyUI's calls: NCHW for the sampler's latents,
             // channels-last strides for an IMAGE permuted to [b, 3, h, w].
             _ => x.shallow_clone(),
         }
