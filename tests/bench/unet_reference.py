@@ -1,19 +1,20 @@
-"""diffusers' UNet forward and VAE decode times on a full-size single-file SD 1.x checkpoint, for
-diffloom's model benchmark (tests/bench/models.rs runs this and prints the ratios).
+"""diffusers' UNet forward and VAE decode, timed one call at a time on request, for diffloom's model
+benchmark (tests/bench/models.rs), which alternates its own calls with these so that both sides are
+measured under the same machine conditions (this 2-core machine's speed drifts by ±15% over minutes).
 
-Usage: unet_reference.py CKPT.safetensors REPS
-  ->  prints one JSON line {"fp32_s": .., "bf16_s": .., "vae_fp32_s": .., "vae_bf16_s": ..}
+Usage: unet_reference.py CKPT.safetensors
+  prints {"threads": N} once loaded, then for each request line on stdin (`unet fp32`, `unet bf16`,
+  `vae fp32`, `vae bf16`) one JSON line {"s": seconds} for one timed call; the first request of each
+  kind is preceded by an untimed warm-up call. Requests go fp32 before bf16 (the models are converted
+  once, never back) and UNet before VAE (the UNet is freed when the VAE's turn comes).
 
-The VAE is converted by convert_ldm_vae_checkpoint with the SD VAE's hyper-parameters and decodes one
-64×64 latent (a 512×512 image), as `VAEDecode` does.
-
-The weights are converted by diffusers' own single-file code (convert_ldm_unet_checkpoint) with the
-SD 1.5 UNet hyper-parameters (runwayml/stable-diffusion-v1-5 unet/config.json); inputs are those of the
-Rust side: batch 2 (cond + uncond), 64×64 latents, 77×768 context. Median of REPS after one warm-up.
+The weights are converted by diffusers' own single-file code (convert_ldm_unet_checkpoint and
+convert_ldm_vae_checkpoint) with the SD 1.5 hyper-parameters (runwayml/stable-diffusion-v1-5
+unet/config.json, the SD VAE's); inputs are those of the Rust side: UNet batch 2 (cond + uncond), 64×64
+latents, 77×768 context; the VAE decodes one 64×64 latent (a 512×512 image), as `VAEDecode` does.
 """
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -38,33 +39,6 @@ SD_VAE = {
 }
 
 
-def timed_decode(vae, dtype, reps):
-    vae = vae.to(dtype)
-    z = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0)).to(dtype)
-    vae.decode(z)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        vae.decode(z)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def timed(unet, dtype, reps):
-    unet = unet.to(dtype)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 64, 64, generator=g).to(dtype)
-    t = torch.tensor([500.0, 500.0])
-    ctx = torch.randn(2, 77, 768, generator=g).to(dtype)
-    unet(x, t, encoder_hidden_states=ctx)
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        unet(x, t, encoder_hidden_states=ctx)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def load(path):
     """diffusers' UNet and VAE from the single file, converted by diffusers' own code, in eval mode."""
     sd = load_file(path)
@@ -75,16 +49,35 @@ def load(path):
     return unet.eval(), vae.eval()
 
 
-def main(path, reps):
+def serve(path):
     torch.set_grad_enabled(False)
     unet, vae = load(path)
-    out = {"threads": torch.get_num_threads(), "fp32_s": timed(unet, torch.float32, reps)}
-    out["bf16_s"] = timed(unet, torch.bfloat16, reps)
-    del unet
-    out["vae_fp32_s"] = timed_decode(vae, torch.float32, reps)
-    out["vae_bf16_s"] = timed_decode(vae, torch.bfloat16, reps)
-    print(json.dumps(out))
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 64, 64, generator=g), torch.randn(2, 77, 768, generator=g)
+    t = torch.tensor([500.0, 500.0])
+    z = torch.randn(1, 4, 64, 64, generator=g)
+    print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
+    warm = set()
+    for line in sys.stdin:
+        part, name = line.split()
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+        if (part, name) not in warm:
+            # Converted once per kind (the first request of it), then warmed up.
+            if part == "unet":
+                unet = unet.to(dtype)
+                xd, ctxd = x.to(dtype), ctx.to(dtype)
+                call = lambda: unet(xd, t, encoder_hidden_states=ctxd)  # noqa: E731
+            else:
+                unet = None
+                vae = vae.to(dtype)
+                zd = z.to(dtype)
+                call = lambda: vae.decode(zd)  # noqa: E731
+            call()
+            warm.add((part, name))
+        start = time.perf_counter()
+        call()
+        print(json.dumps({"s": time.perf_counter() - start}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    serve(sys.argv[1])
