@@ -4,7 +4,7 @@
 //! one. Models are never stored: they are loaded again (that is what their loaders are for).
 //!
 //! One entry is one safetensors file, `<dir>/v1/<2 hex>/<64 hex>.safetensors`, named by a BLAKE3 of
-//! the node key and what else decides a result without being in the key (diffloom's version, the
+//! the node key and what else decides a result without being in the key (the build of diffloom, the
 //! device, the weights' dtype). Its metadata holds the values' layout and a BLAKE3 checksum of layout
 //! and tensor bytes: an entry that does not parse or check (truncated, corrupt, from another format) is
 //! reported, deleted and recomputed, never used. Writes go to a temporary file renamed into place, so a
@@ -25,6 +25,22 @@ use tch::{Device, Kind, Tensor};
 use crate::dtypes::{dtype_of, kind_of};
 use crate::exec::key::Key;
 use crate::value::{Area, CondEntry, Latent, Shared, Value};
+
+/// The build that computes results: a BLAKE3 of the running executable's bytes (read once per process),
+/// so that a rebuilt diffloom whose numerics changed never reads what an older build wrote under the same
+/// version number; the version itself if the executable cannot be read. Processes of one binary
+/// (`run`, `watch`, workers on a shared directory) share entries.
+pub fn build_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        let hash = std::env::current_exe().and_then(|exe| {
+            let mut h = blake3::Hasher::new();
+            h.update_reader(fs::File::open(exe)?)?;
+            Ok(h.finalize().to_hex()[..16].to_owned())
+        });
+        hash.unwrap_or_else(|_| env!("CARGO_PKG_VERSION").to_owned())
+    })
+}
 
 /// The layout version in entries' names and metadata; a new layout reads old entries as misses.
 const FORMAT: &str = "v1";

@@ -59,7 +59,10 @@ impl Executor {
         // output nodes (they must write their files), not never-cached nodes nor what depends on them
         // (their keys hold this process's run number).
         let disk = self.options.disk_cache.clone();
-        let salt = format!("{} {:?} {:?}", env!("CARGO_PKG_VERSION"), self.options.device, self.options.resolved_dtype());
+        let salt = match &disk {
+            Some(_) => format!("{} {:?} {:?}", super::disk::build_id(), self.options.device, self.options.resolved_dtype()),
+            None => String::new(),
+        };
         let mut on_disk = vec![false; graph.nodes.len()];
         for &i in &order {
             let node = &graph.nodes[i];

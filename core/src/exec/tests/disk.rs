@@ -223,3 +223,12 @@ fn a_second_process_runs_only_what_changed() {
     assert_eq!((calls.get(), seen.get()), (5, 10.0));
     assert_eq!(process().run(&graph(5.0)).ran(), ["o"], "stored afresh");
 }
+
+#[test]
+fn the_build_id_is_the_executables_content() {
+    // Not the version number: a rebuilt binary must not read what an older build of that version wrote.
+    let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+    assert_eq!(build_id(), &blake3::hash(&exe).to_hex()[..16]);
+    assert_ne!(build_id(), env!("CARGO_PKG_VERSION"));
+    assert_eq!(build_id(), build_id());
+}
