@@ -9,6 +9,7 @@ use diffloom_core::value::CondEntry;
 use diffloom_core::NodeError;
 use tch::{Device, Kind, Tensor};
 
+use crate::builtin::loaders::gib;
 use crate::checkpoint::detect::Family;
 use crate::checkpoint::safetensors::SafetensorsFile;
 use crate::checkpoint::Loaded;
@@ -258,7 +259,6 @@ impl SdVae {
     /// the two), each with how the report names it. A GPU whose free memory cannot be read leaves
     /// only the out-of-memory retry.
     fn decode_limit(&self) -> Option<(u64, String)> {
-        let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
         let budget = crate::budget::max_memory().map(|b| (b, format!("--max-memory {}", gib(b))));
         let free = match self.model.device() {
             Device::Cuda(i) if crate::budget::use_free_memory() => match diffloom_aten::cuda_free_memory(i) {
@@ -286,7 +286,6 @@ impl SdVae {
         let s = samples.size();
         let per_item = self.decode_peak_per_item(s[2], s[3]);
         let note = |why: String| diffloom_core::exec::notes::note(why);
-        let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
         if let Some((limit, name)) = self.decode_limit() {
             if per_item > limit {
                 note(format!("decoded in tiles: one image's decode takes about {}, over {name}", gib(per_item)));
